@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh Debian/Ubuntu box:
+#   make serve   installs what is missing and starts Cube on port 3000
+#   make test    installs what is missing and runs every test
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+GUEST := $(wildcard guest/pyproject.toml)
+VENV_KEY := $(shell cat pyproject.toml $(PLUGINS) $(GUEST) | sha256sum | cut -c1-16)
+VENV_STAMP := $(VENV)/.cube-$(VENV_KEY)
+PYTEST_ARGS ?=
+
+.PHONY: install host venv kernel serve test lint clean-venv
+
+install: host venv kernel
+
+host:
+	@bash scripts/install-host.sh
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): host
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip==25.3
+	$(PY) -m pip install --progress-bar on -e '.[dev]' $(foreach p,$(PLUGINS),-e $(dir $(p))) \
+	  $(if $(GUEST),-e 'guest[test]')
+	@rm -f $(VENV)/.cube-*; touch $@
+
+kernel: venv
+	@$(VENV)/bin/cube kernel build
+
+serve: install
+	$(VENV)/bin/cube serve
+
+test: install
+	$(VENV)/bin/ruff check cube_core plugins $(if $(GUEST),guest)
+	$(VENV)/bin/mypy cube_core $(foreach p,$(PLUGINS),$(dir $(p))cube_*)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check cube_core plugins
+	$(VENV)/bin/mypy cube_core
+
+clean-venv:
+	rm -rf $(VENV)

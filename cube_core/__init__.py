@@ -1,0 +1,76 @@
+"""Cube's public plugin API: the hook marker, errors, models, driver contracts and Stash.
+
+Plugins import from here (and from ``cube_core.testing``) only; underscore modules are private.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from cube_core.errors import (
+    AbnormalShutdownError,
+    AdmissionRejectedError,
+    AuthError,
+    CapacityError,
+    ConfigError,
+    CubeError,
+    GuestTimeoutError,
+    InvalidStateError,
+    NetworkError,
+    NoCapacityError,
+    PluginConflictError,
+    PluginError,
+    PluginLoadError,
+    PluginMissingError,
+    PluginNotFoundError,
+    SandboxError,
+    SandboxNotFoundError,
+    SchedulingError,
+    SnapshotNotFoundError,
+    StorageError,
+    TemplateBuildError,
+    TemplateError,
+    TemplateNotFoundError,
+    UnsupportedOperation,
+    VmmError,
+)
+from cube_core.models import (
+    DiskHandle,
+    EgressRule,
+    Isolation,
+    NetworkPolicy,
+    NicHandle,
+    Node,
+    Rejection,
+    Sandbox,
+    SandboxSpec,
+    SnapshotRef,
+    StopReason,
+    Template,
+    TemplateStatus,
+    VmHandle,
+    VmSpec,
+    VmState,
+)
+from cube_core.network import NetworkDriver
+from cube_core.scheduler import Scheduler
+from cube_core.stash import Stash, StashKey
+from cube_core.state import SandboxState
+from cube_core.storage import Progress, RootfsImage, RootfsRecipe, StorageDriver
+from cube_core.vmm import CAP_PAUSE, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
+
+hookimpl = pluggy.HookimplMarker("cube")
+
+__all__ = [
+    "CAP_PAUSE", "CAP_REATTACH", "CAP_SNAPSHOT",
+    "AbnormalShutdownError", "AdmissionRejectedError", "AuthError", "CapacityError", "ConfigError",
+    "CubeError", "DiskHandle", "EgressRule", "GuestTimeoutError", "InvalidStateError", "Isolation",
+    "NetworkDriver", "NetworkError", "NetworkPolicy", "NicHandle", "NoCapacityError", "Node",
+    "PluginConflictError", "PluginError", "PluginLoadError", "PluginMissingError",
+    "PluginNotFoundError", "Progress", "Rejection", "RootfsImage", "RootfsRecipe", "Sandbox",
+    "SandboxError", "SandboxNotFoundError", "SandboxSpec", "SandboxState", "Scheduler",
+    "SchedulingError", "SnapshotNotFoundError", "SnapshotRef", "Stash", "StashKey", "StopReason",
+    "StorageDriver", "StorageError", "Template", "TemplateBuildError", "TemplateError",
+    "TemplateNotFoundError", "TemplateStatus", "UnsupportedOperation", "VmHandle", "VmSpec",
+    "VmState", "VmmDriver", "VmmError", "hookimpl",
+]

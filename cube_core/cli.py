@@ -1,0 +1,338 @@
+"""The ``cube`` command line.
+
+Errors that Cube raises on purpose (``CubeError``) print one clear message and exit with code 2;
+``--debug`` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cube_core.config import PluginsFile, load_config
+from cube_core.errors import CubeError
+
+T = TypeVar("T")
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Cube: fast, secure sandboxes for AI agents.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect and validate plugins.toml.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys (e2b_...) and teams.")
+template_app = typer.Typer(no_args_is_help=True, help="Template images and snapshots.")
+kernel_app = typer.Typer(no_args_is_help=True, help="The guest kernel.")
+sandbox_app = typer.Typer(no_args_is_help=True, help="Sandboxes on this machine.")
+app.add_typer(config_app, name="config")
+app.add_typer(keys_app, name="keys")
+app.add_typer(template_app, name="template")
+app.add_typer(kernel_app, name="kernel")
+app.add_typer(sandbox_app, name="sandbox")
+
+out = Console()
+err = Console(stderr=True)
+_state: dict[str, Any] = {"debug": False}
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="plugins.toml (default: $CUBE_CONFIG "
+                                                 "or the embedded default)")]
+
+
+@app.callback()
+def main_options(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+    _state["debug"] = debug
+
+
+def _guard(func: Callable[[], T]) -> T:
+    try:
+        return func()
+    except CubeError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _store(config: Path | None) -> Any:
+    from cube_core.store import SqliteStore
+
+    cfg = load_config(config)
+    return SqliteStore(Path(cfg.data.core.state_dir) / "cube.db")
+
+
+# -- serve --------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(config: ConfigOpt = None,
+          host: Annotated[str | None, typer.Option(help="listen address")] = None,
+          port: Annotated[int | None, typer.Option(help="API port (default 3000)")] = None,
+          no_build: Annotated[bool, typer.Option("--no-build", help="do not build templates")] = False) -> None:
+    """Run the whole system on this machine: API, edge proxy, scheduler and node agent."""
+    import uvicorn
+
+    from cube_core._host import PluginHost
+    from cube_core.app import create_app
+    from cube_core.log import configure_logging
+    from cube_core.progress import progress_reporter
+
+    configure_logging()
+
+    def build() -> tuple[Any, Any]:
+        cfg = load_config(config)
+        core = cfg.data.core
+        if host or port is not None:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"core": core.model_copy(
+                update={k: v for k, v in (("host", host), ("port", port)) if v is not None})})})
+        return cfg, PluginHost(cfg).load()
+
+    cfg, plugin_host = _guard(build)
+    core = cfg.data.core
+    with progress_reporter("templates") as progress:
+        application = _guard(lambda: create_app(plugin_host, build_templates=not no_build, progress=progress))
+        store = application.state.service.store
+        if not store.list_api_keys():
+            err.print("[yellow]No API keys yet.[/yellow] Create one with: "
+                      f"[bold]{sys.argv[0]} keys create --team default[/bold]", highlight=False)
+        err.print(f"Cube API on http://{core.host}:{core.port}  (E2B_API_URL=http://{core.host}:{core.port} "
+                  f"E2B_SANDBOX_URL=http://{core.host}:{core.port})", highlight=False)
+        uvicorn.Server(uvicorn.Config(application, host=core.host, port=core.port, log_config=None,
+                                      lifespan="on", timeout_graceful_shutdown=5)).run()
+
+
+# -- plugins and config ---------------------------------------------------------------------------
+
+
+@app.command()
+def plugins(config: ConfigOpt = None) -> None:
+    """List installed plugins and which ones plugins.toml enables."""
+    from cube_core._host import installed_plugins
+
+    cfg = _guard(lambda: load_config(config))
+    data = cfg.data
+    enabled = {(s, getattr(data, s).plugin) for s in ("vmm", "network", "storage", "scheduler")}
+    enabled |= {("api", a.plugin) for a in data.api} | {("extensions", e) for e in data.extensions.enabled}
+    table = Table("slot", "name", "distribution", "version", "enabled")
+    for p in installed_plugins():
+        table.add_row(p.slot, p.name, p.distribution, p.version, "yes" if (p.slot, p.name) in enabled else "")
+    out.print(table)
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of plugins.toml (core sections + installed plugins' options)."""
+    from cube_core._host import installed_plugins
+
+    schema = PluginsFile.model_json_schema()
+    options: dict[str, Any] = {}
+    for p in installed_plugins():
+        try:
+            cls = _load_class(p.value)
+        except Exception as exc:  # a broken plugin must not break the schema of the others
+            options[f"{p.namespace}:{p.name}"] = {"description": f"failed to import: {exc}"}
+            continue
+        model = getattr(cls, "Config", None)
+        if model is not None:
+            options[f"{p.namespace}:{p.name}"] = model.model_json_schema()
+    schema["x-plugin-options"] = options
+    out.print_json(json.dumps(schema))
+
+
+def _load_class(value: str) -> Any:
+    import importlib
+
+    module, _, attr = value.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@config_app.command("check")
+def config_check(config: ConfigOpt = None) -> None:
+    """Validate plugins.toml: syntax, slots, plugin names and every plugin's options."""
+    from cube_core._host import build_plugin
+
+    def check() -> None:
+        cfg = load_config(config)
+        data = cfg.data
+        for slot in ("vmm", "network", "storage", "scheduler"):
+            build_plugin(slot, getattr(data, slot), cfg)
+        for api in data.api:
+            build_plugin("api", api, cfg)
+        for ext in data.extensions.enabled:
+            from cube_core.config import SlotSection
+
+            build_plugin("extensions", SlotSection(plugin=ext), cfg)
+
+    _guard(check)
+    out.print(f"[green]ok[/green]: {config or os.environ.get('CUBE_CONFIG') or 'embedded default'}")
+
+
+# -- doctor -------------------------------------------------------------------------------------
+
+
+@app.command()
+def doctor(config: ConfigOpt = None) -> None:
+    """Check this host: Python, QEMU, KVM (incl. nested PVM), TCG, root, cgroups, tun, BPF, disk."""
+    from cube_core.doctor import run_checks
+
+    cfg = _guard(lambda: load_config(config))
+    checks = run_checks(Path(cfg.data.core.state_dir))
+    table = Table("check", "status", "detail", "fix")
+    colors = {"ok": "green", "warn": "yellow", "fail": "red"}
+    for c in checks:
+        table.add_row(c.name, f"[{colors[c.status]}]{c.status}[/]", c.detail, c.hint)
+    out.print(table)
+    kvm = next(c for c in checks if c.name == "kvm")
+    out.print("isolation: " + ("kvm" if kvm.status == "ok" else "tcg (emulation; not a security boundary)"))
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(1)
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(team: Annotated[str, typer.Option(help="team name (created if new)")],
+                config: ConfigOpt = None) -> None:
+    """Create an API key for a team and print it (shown once)."""
+    from cube_core import keys
+
+    key, secret = _guard(lambda: keys.create_key(_store(config), team))
+    err.print(f"created key {key.key_id} for team {team!r}; export E2B_API_KEY=...", highlight=False)
+    out.print(secret, highlight=False)
+
+
+@keys_app.command("ls")
+def keys_ls(config: ConfigOpt = None) -> None:
+    """List API keys (prefix only)."""
+    from cube_core import keys
+
+    table = Table("key id", "prefix", "team", "created", "revoked")
+    for key, team_rec in _guard(lambda: keys.list_keys(_store(config))):
+        table.add_row(key.key_id, key.prefix + "…", team_rec.name if team_rec else key.team_id,
+                      key.created_at.isoformat(timespec="seconds"), "yes" if key.revoked else "")
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="key id or prefix")], config: ConfigOpt = None) -> None:
+    """Revoke an API key."""
+    from cube_core import keys
+
+    revoked = _guard(lambda: keys.revoke_key(_store(config), key))
+    out.print(f"revoked {revoked.key_id}")
+
+
+# -- kernel and templates -------------------------------------------------------------------------
+
+
+@kernel_app.command("build")
+def kernel_build(config: ConfigOpt = None) -> None:
+    """Build (or reuse from the cache) the guest kernel; prints its path."""
+    from cube_core.progress import progress_reporter
+    from cube_core.templates import kernel_path
+
+    cfg = _guard(lambda: load_config(config))
+    with progress_reporter("kernel") as progress:
+        path = _guard(lambda: kernel_path(cfg.data.core.kernel, progress))
+    out.print(str(path))
+
+
+def _with_service(config: Path | None, action: Callable[[Any], Any]) -> Any:
+    from cube_core._host import PluginHost
+    from cube_core.log import configure_logging
+    from cube_core.service import SandboxService
+    from cube_core.store import SqliteStore
+
+    configure_logging()
+
+    async def run() -> Any:
+        cfg = load_config(config)
+        host = PluginHost(cfg).load()
+        service = SandboxService(host, SqliteStore(Path(cfg.data.core.state_dir) / "cube.db"))
+        for driver in (service.storage, service.network, service.vmm):
+            await driver.start()
+        try:
+            return await action(service)
+        finally:
+            for driver in (service.vmm, service.network, service.storage):
+                await driver.close()
+
+    return _guard(lambda: asyncio.run(run()))
+
+
+@template_app.command("build")
+def template_build(name: Annotated[str, typer.Argument(help="base, code-interpreter-v1, or a new name")],
+                   from_dir: Annotated[Path | None, typer.Option("--from-dir", help="rootfs directory")] = None,
+                   from_oci: Annotated[Path | None, typer.Option("--from-oci",
+                                                                 help="OCI image layout tarball")] = None,
+                   interpreter: Annotated[bool, typer.Option(help="start the code interpreter")] = False,
+                   rebuild: Annotated[bool, typer.Option(help="build even if cached")] = False,
+                   config: ConfigOpt = None) -> None:
+    """Build a template: rootfs image, guest kernel, booted and snapshotted."""
+    from cube_core.progress import progress_reporter
+    from cube_core.storage import RootfsRecipe
+
+    recipe = None
+    if from_dir and from_oci:
+        err.print("error: give --from-dir or --from-oci, not both")
+        raise typer.Exit(2)
+    if from_dir:
+        recipe = RootfsRecipe(name=name, source="dir", path=from_dir, interpreter=interpreter)
+    elif from_oci:
+        recipe = RootfsRecipe(name=name, source="oci", path=from_oci, interpreter=interpreter)
+
+    async def action(service: Any) -> Any:
+        with progress_reporter(f"template {name}") as progress:
+            return await service.templates.ensure(name, progress, rebuild=rebuild, recipe=recipe)
+
+    template = _with_service(config, action)
+    out.print(f"{template.template_id}: {template.status.value} "
+              f"(snapshot {template.snapshot.snapshot_id if template.snapshot else '-'})")
+
+
+@template_app.command("ls")
+def template_ls(config: ConfigOpt = None) -> None:
+    """List templates."""
+    table = Table("id", "aliases", "status", "image MiB", "snapshot", "created")
+    for t in _guard(lambda: _store(config).list_templates()):
+        table.add_row(t.template_id, ", ".join(t.aliases), t.status.value, f"{t.rootfs_bytes / 2**20:.0f}",
+                      t.snapshot.snapshot_id if t.snapshot else "-", t.created_at.isoformat(timespec="seconds"))
+    out.print(table)
+
+
+@template_app.command("rm")
+def template_rm(name: str, config: ConfigOpt = None) -> None:
+    """Remove a template record and its snapshot files (images stay cached by content hash)."""
+
+    async def action(service: Any) -> None:
+        template = service.get_template(name)
+        if template.snapshot:
+            await service.storage.delete_snapshot(template.snapshot.snapshot_id)
+        service.store.delete_template(template.template_id)
+
+    _with_service(config, action)
+    out.print(f"removed {name}")
+
+
+@sandbox_app.command("ls")
+def sandbox_ls(config: ConfigOpt = None) -> None:
+    """List live sandboxes on this machine (all teams)."""
+    from cube_core.service import LIVE_STATES
+
+    table = Table("id", "team", "template", "state", "isolation", "ends")
+    for s in _guard(lambda: _store(config).list_sandboxes(states=LIVE_STATES)):
+        table.add_row(s.sandbox_id, s.team_id, s.template_id, s.state.value, s.isolation,
+                      s.end_at.isoformat(timespec="seconds"))
+    out.print(table)
+
+
+def main() -> None:
+    app()

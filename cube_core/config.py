@@ -1,0 +1,174 @@
+"""plugins.toml: parsing, validation and secret references.
+
+The file names one plugin per slot (``[vmm]``, ``[network]``, ``[storage]``, ``[scheduler]``), one
+or more API plugins (``[[api]]``) and hook-only extensions. Options are validated later by each
+plugin's own ``Config`` model (see ``_host.py``); here we only check the shape and resolve
+``{ env = "NAME" }`` / ``{ file = "path" }`` secret references.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cube_core.errors import ConfigError
+
+SLOTS: tuple[str, ...] = ("vmm", "network", "storage", "scheduler")
+NAMESPACES: dict[str, str] = {
+    "vmm": "cube.vmm",
+    "network": "cube.network",
+    "storage": "cube.storage",
+    "scheduler": "cube.scheduler",
+    "api": "cube.api",
+    "extensions": "cube.extension",
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PoolSettings(_Model):
+    size: int = Field(default=2, ge=0, le=1000)
+    max_memory_mb: int = Field(default=4096, ge=0)
+
+
+class CoreSettings(_Model):
+    """The ``[core]`` section."""
+
+    state_dir: Path = Path("/var/lib/cube")
+    host: str = "127.0.0.1"
+    port: int = Field(default=3000, ge=0, le=65535)
+    admin_port: int = Field(default=3001, ge=0, le=65535)
+    domain: str | None = None
+    node_id: str = "local"
+    kernel: str = "auto"
+    """Path of the guest vmlinux, ``auto`` to build/reuse it with ``kernel/build.sh``, or ``none``
+    for VMM drivers that need no kernel (the fakes)."""
+    templates: tuple[str, ...] = ("base", "code-interpreter-v1")
+    """Templates ``cube serve`` builds on first start."""
+    default_timeout_s: int = Field(default=300, ge=1)
+    max_sandboxes: int = Field(default=200, ge=1)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
+
+
+class SlotSection(_Model):
+    plugin: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ApiSection(SlotSection):
+    prefix: str = "/"
+
+
+class ExtensionsSection(_Model):
+    enabled: tuple[str, ...] = ()
+
+
+class PluginsFile(_Model):
+    """The whole ``plugins.toml``."""
+
+    core: CoreSettings = Field(default_factory=CoreSettings)
+    vmm: SlotSection
+    network: SlotSection
+    storage: SlotSection
+    scheduler: SlotSection
+    api: tuple[ApiSection, ...] = ()
+    extensions: ExtensionsSection = Field(default_factory=ExtensionsSection)
+
+
+class LoadedConfig(_Model):
+    data: PluginsFile
+    path: Path | None = None
+    text: str = ""
+
+    def line_of(self, section: str, key: str | None = None) -> int | None:
+        """Best-effort 1-based line of ``key`` inside ``[section]`` (or of the section header)."""
+        return find_line(self.text, section, key)
+
+
+def find_line(text: str, section: str, key: str | None = None) -> int | None:
+    lines = text.splitlines()
+    header = re.compile(rf"^\s*\[\[?\s*{re.escape(section)}(\.options)?\s*\]\]?\s*$")
+    start = next((i for i, line in enumerate(lines) if header.match(line)), None)
+    if start is None:
+        return None
+    if key is None:
+        return start + 1
+    pattern = re.compile(rf"(^|[{{,\s]){re.escape(key)}\s*=")
+    for i in range(start, len(lines)):
+        if i > start and re.match(r"^\s*\[", lines[i]) and not lines[i].strip().startswith(
+                f"[{section}."):
+            break
+        if pattern.search(lines[i]):
+            return i + 1
+    return start + 1
+
+
+def default_config_text() -> str:
+    """The embedded default ``plugins.toml`` (real plugins; never the fakes)."""
+    return resources.files("cube_core").joinpath("default_plugins.toml").read_text()
+
+
+def resolve_secrets(value: Any, *, where: str = "options") -> Any:
+    """Replace ``{env = NAME}`` and ``{file = PATH}`` tables by the secret they point to."""
+    if isinstance(value, dict):
+        if set(value) == {"env"}:
+            name = value["env"]
+            if name not in os.environ:
+                raise ConfigError(f"{where}: environment variable {name!r} is not set")
+            return os.environ[name]
+        if set(value) == {"file"}:
+            path = Path(value["file"])
+            try:
+                return path.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"{where}: cannot read secret file {path}: {exc.strerror}") from exc
+        return {k: resolve_secrets(v, where=f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_secrets(v, where=where) for v in value]
+    return value
+
+
+def parse_config(text: str, path: Path | None = None) -> LoadedConfig:
+    where = str(path) if path else "<default plugins.toml>"
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: malformed TOML: {exc}") from exc
+    try:
+        data = PluginsFile.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"]]
+            line = find_line(text, loc[0], loc[-1] if len(loc) > 1 else None) if loc else None
+            at = f"{where}:{line}" if line else where
+            if err["type"] == "missing" and len(loc) == 1 and loc[0] in (*SLOTS, "api"):
+                problems.append(f"{where}: section [{loc[0]}] is missing; every slot needs one, e.g. "
+                                f"[{loc[0]}] plugin = \"<name>\" (see `cube plugins`)")
+            else:
+                problems.append(f"{at}: [{'.'.join(loc)}] {err['msg']}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from exc
+    return LoadedConfig(data=data, path=path, text=text)
+
+
+def load_config(path: Path | None = None) -> LoadedConfig:
+    """Read ``path`` (or ``$CUBE_CONFIG``, or the embedded default)."""
+    if path is None and os.environ.get("CUBE_CONFIG"):
+        path = Path(os.environ["CUBE_CONFIG"])
+    if path is None:
+        return parse_config(default_config_text())
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    return parse_config(text, path)

@@ -1,0 +1,139 @@
+"""The Cube error tree.
+
+Every failure that Cube reports on purpose is a :class:`CubeError`. Plugins translate their
+backend's exceptions at their boundary (``raise SomeCubeError(...) from exc``). HTTP status codes
+are chosen only by the API plugin, from this tree::
+
+    CubeError
+    ├── ConfigError
+    ├── PluginError ── PluginNotFoundError, PluginLoadError, PluginConflictError, PluginMissingError
+    ├── SandboxError ── SandboxNotFoundError, InvalidStateError, AdmissionRejectedError
+    ├── TemplateError ── TemplateNotFoundError, TemplateBuildError
+    ├── AuthError
+    ├── VmmError ── AbnormalShutdownError, GuestTimeoutError
+    ├── NetworkError
+    ├── StorageError ── SnapshotNotFoundError, CapacityError
+    ├── SchedulingError ── NoCapacityError
+    └── UnsupportedOperation
+
+Each class has a message template filled from keyword fields, which stay available as
+attributes (``err.sandbox_id``) [ironic ``_msg_fmt``].
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class CubeError(Exception):
+    """Base class of every error Cube raises on purpose."""
+
+    msg_fmt: ClassVar[str] = "{message}"
+
+    def __init__(self, message: str | None = None, **fields: Any) -> None:
+        self.fields = fields
+        for key, value in fields.items():
+            setattr(self, key, value)
+        if message is None:
+            try:
+                message = self.msg_fmt.format(**fields)
+            except (KeyError, IndexError):
+                message = f"{type(self).__name__}: {fields!r}"
+        self.message = message
+        super().__init__(message)
+
+
+class ConfigError(CubeError):
+    """plugins.toml (or another setting) is missing, malformed or invalid."""
+
+
+class PluginError(CubeError):
+    """A plugin could not be found, loaded or wired."""
+
+
+class PluginNotFoundError(PluginError):
+    msg_fmt = "no plugin {name!r} in {namespace} — installed: {installed}"
+
+
+class PluginLoadError(PluginError):
+    msg_fmt = "plugin {name!r} in {namespace} failed to load: {reason}"
+
+
+class PluginConflictError(PluginError):
+    msg_fmt = "slot {slot!r} has more than one provider: {providers}"
+
+
+class PluginMissingError(PluginError):
+    msg_fmt = "slot {slot!r} has no provider (hook {hook} returned nothing)"
+
+
+class SandboxError(CubeError):
+    """A sandbox operation failed."""
+
+
+class SandboxNotFoundError(SandboxError):
+    msg_fmt = "sandbox {sandbox_id} not found"
+
+
+class InvalidStateError(SandboxError):
+    msg_fmt = "sandbox {sandbox_id} is {state}, this needs it to be {required}"
+
+
+class AdmissionRejectedError(SandboxError):
+    msg_fmt = "sandbox rejected: {reason}"
+
+
+class TemplateError(CubeError):
+    """A template could not be found or built."""
+
+
+class TemplateNotFoundError(TemplateError):
+    msg_fmt = "template {template!r} not found"
+
+
+class TemplateBuildError(TemplateError):
+    msg_fmt = "template {template!r} failed to build: {reason}"
+
+
+class AuthError(CubeError):
+    """An API key is missing, malformed, unknown or revoked."""
+
+
+class VmmError(CubeError):
+    """The VMM failed to start, snapshot, restore or stop a VM."""
+
+
+class AbnormalShutdownError(VmmError):
+    msg_fmt = "VM {vm_id} did not shut down cleanly: {reason}"
+
+
+class GuestTimeoutError(VmmError):
+    msg_fmt = "guest of {vm_id} did not answer within {timeout}s"
+
+
+class NetworkError(CubeError):
+    """Network slot setup, policy or teardown failed."""
+
+
+class StorageError(CubeError):
+    """Disk layers, images or snapshot files failed."""
+
+
+class SnapshotNotFoundError(StorageError):
+    msg_fmt = "snapshot {snapshot_id} not found"
+
+
+class CapacityError(StorageError):
+    msg_fmt = "not enough {resource}: {detail}"
+
+
+class SchedulingError(CubeError):
+    """No node could be chosen."""
+
+
+class NoCapacityError(SchedulingError):
+    msg_fmt = "no node has capacity for {cpu} vCPU and {memory_mb} MiB"
+
+
+class UnsupportedOperation(CubeError):
+    msg_fmt = "{driver} does not support {operation}"

@@ -1,0 +1,202 @@
+"""Every hook Cube defines. Each docstring here is the reference documentation of its hook
+(docs/plugins/hooks.md is checked against this module by tests/docs/test_hooks_documented.py).
+
+Hooks are for wiring, notifications, contributions and decisions. Hot-path work goes through the
+typed driver objects that the provider hooks return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from cube_core.config import CoreSettings
+    from cube_core.models import EgressRule, Rejection, Sandbox, SandboxSpec, SnapshotRef, StopReason
+    from cube_core.network import NetworkDriver
+    from cube_core.scheduler import Scheduler
+    from cube_core.service import SandboxService
+    from cube_core.storage import StorageDriver
+    from cube_core.vmm import VmmDriver
+
+hookspec = pluggy.HookspecMarker("cube")
+
+# -- Bootstrapping (historic: late-registered plugins still receive them) ---------------------
+
+
+@hookspec(historic=True)
+def cube_addhooks(pluginmanager: pluggy.PluginManager) -> None:
+    """Add new hook specifications, so plugins can define hooks for other plugins.
+
+    Called once per plugin, right after the plugin is registered (historic: plugins registered
+    later still receive it). Many implementers. Returns nothing; may raise only for a programming
+    error, which aborts start-up.
+
+    :param pluginmanager: the pluggy manager; call ``pluginmanager.add_hookspecs(module)``.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec(historic=True)
+def cube_configure(settings: CoreSettings) -> None:
+    """Receive the validated core settings after every plugin is loaded.
+
+    Called once at start-up (historic). Many implementers. Returns nothing; should not raise.
+
+    :param settings: the parsed ``plugins.toml`` core section (state directory, ports, ...).
+
+    .. versionadded:: 0.1
+    """
+
+
+# -- Providers: exactly one implementation per slot; the core enforces it ----------------------
+
+
+@hookspec(firstresult=True)
+def cube_vmm_driver() -> VmmDriver | None:
+    """Provide the VMM driver of this node.
+
+    Called once at start-up. Exactly one implementer (the ``vmm`` slot); stops at the first
+    non-None result. Returns a :class:`cube_core.VmmDriver`; raising aborts start-up.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def cube_network_driver() -> NetworkDriver | None:
+    """Provide the network driver of this node.
+
+    Called once at start-up. Exactly one implementer (the ``network`` slot); stops at the first
+    non-None result. Returns a :class:`cube_core.NetworkDriver`; raising aborts start-up.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def cube_storage_driver() -> StorageDriver | None:
+    """Provide the storage driver of this node.
+
+    Called once at start-up. Exactly one implementer (the ``storage`` slot); stops at the first
+    non-None result. Returns a :class:`cube_core.StorageDriver`; raising aborts start-up.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def cube_scheduler() -> Scheduler | None:
+    """Provide the placement policy.
+
+    Called once at start-up. Exactly one implementer (the ``scheduler`` slot); stops at the first
+    non-None result. Returns a :class:`cube_core.Scheduler`; raising aborts start-up.
+
+    .. versionadded:: 0.1
+    """
+
+
+# -- Contributions: many implementations, results concatenated ---------------------------------
+
+
+@hookspec
+def cube_api_routers(service: SandboxService) -> Sequence[Any]:
+    """Contribute FastAPI ``APIRouter`` objects to the HTTP app.
+
+    Called once when the app is built. Many implementers (every ``[[api]]`` plugin and any
+    extension); the routers of all of them are mounted in registration order. Returns a sequence
+    of routers; raising aborts start-up.
+
+    :param service: the :class:`cube_core.SandboxService`, the only object routes may call.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def cube_asgi_middleware(service: SandboxService) -> Sequence[Any]:
+    """Contribute ASGI middleware that wraps the whole HTTP app (e.g. the edge proxy, which must
+    see sandbox traffic before routing).
+
+    Called once when the app is built. Many implementers; each returns a sequence of callables
+    ``factory(app) -> asgi_app``; the first one returned ends up outermost. Raising aborts start-up.
+
+    :param service: the :class:`cube_core.SandboxService`.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def cube_egress_rules(spec: SandboxSpec) -> Sequence[EgressRule]:
+    """Contribute egress rules for a new sandbox, on top of its own network policy.
+
+    Called once per sandbox create, before its network slot is allocated. Many implementers; the
+    rules are concatenated (a deny wins over an allow for the same target). Should not raise.
+
+    :param spec: the sandbox being created.
+
+    .. versionadded:: 0.1
+    """
+
+
+# -- Decisions: the first non-None result wins ------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def cube_admit_sandbox(spec: SandboxSpec) -> Rejection | None:
+    """Decide whether a sandbox may be created (quotas, policy).
+
+    Called once per create request, before placement. Many implementers; stops at the first
+    non-None result. Return a :class:`cube_core.Rejection` to refuse, or None to let it pass.
+
+    :param spec: the requested sandbox.
+
+    .. versionadded:: 0.1
+    """
+
+
+# -- Lifecycle notifications: return None or an awaitable --------------------------------------
+
+
+@hookspec
+def cube_sandbox_created(sandbox: Sandbox) -> Awaitable[None] | None:
+    """Notification: a sandbox is running and its guest answered.
+
+    Called once per sandbox, after the create answer is decided. Many implementers; each may
+    return an awaitable, which the core awaits. Must not raise (errors are logged and dropped).
+
+    :param sandbox: the new sandbox record.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def cube_sandbox_stopped(sandbox: Sandbox, reason: StopReason) -> Awaitable[None] | None:
+    """Notification: a sandbox is gone (killed, timed out, failed, or the node shut down).
+
+    Called once per sandbox, after its resources were freed. Many implementers; each may return
+    an awaitable. Must not raise (errors are logged and dropped).
+
+    :param sandbox: the final sandbox record.
+    :param reason: why it stopped.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def cube_snapshot_taken(sandbox: Sandbox, snapshot: SnapshotRef) -> Awaitable[None] | None:
+    """Notification: a snapshot of a sandbox was saved (pause, fork or explicit snapshot).
+
+    Called once per snapshot. Many implementers; each may return an awaitable. Must not raise.
+
+    :param sandbox: the sandbox the snapshot was taken from.
+    :param snapshot: the saved snapshot.
+
+    .. versionadded:: 0.1
+    """

@@ -1,0 +1,228 @@
+"""Pydantic models shared by the core and every plugin.
+
+Specs and records are frozen and reject unknown fields; change one with ``model_copy(update=...)``.
+Driver handles (``VmHandle``, ``DiskHandle``, ``NicHandle``, ``VmState``) carry a ``data`` dict for
+the driver's own persisted fields, so the core can store and hand them back without knowing them.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cube_core.state import SandboxState
+
+Isolation = Literal["kvm", "tcg", "none"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NetworkPolicy(Frozen):
+    """Egress policy of one sandbox (E2B ``allow_internet_access`` + ``network`` options)."""
+
+    allow_internet_access: bool = True
+    allow_out: tuple[str, ...] = ()
+    deny_out: tuple[str, ...] = ()
+    allow_public_traffic: bool = True
+
+
+class SandboxSpec(Frozen):
+    """What a client asked for; inert, no live resources."""
+
+    template_id: str
+    team_id: str
+    timeout_s: int = Field(default=300, ge=0, le=86_400 * 30)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    auto_pause: bool = False
+    secure: bool = False
+    network: NetworkPolicy = Field(default_factory=NetworkPolicy)
+    cpu_count: int = Field(default=1, ge=1, le=64)
+    memory_mb: int = Field(default=512, ge=64, le=1 << 20)
+    from_snapshot: str | None = None
+
+
+class Sandbox(Frozen):
+    """The record of one sandbox, as the state store keeps it."""
+
+    sandbox_id: str
+    template_id: str
+    alias: str | None = None
+    team_id: str
+    state: SandboxState
+    started_at: datetime
+    end_at: datetime
+    metadata: dict[str, str] = Field(default_factory=dict)
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    cpu_count: int = 1
+    memory_mb: int = 512
+    auto_pause: bool = False
+    secure: bool = False
+    envd_access_token: str | None = None
+    network: NetworkPolicy = Field(default_factory=NetworkPolicy)
+    node_id: str = "local"
+    isolation: Isolation = "none"
+    boot_id: str | None = None
+    error: str | None = None
+    runtime: dict[str, Any] = Field(default_factory=dict)
+    """Driver handles of the live sandbox (``vm``, ``disk``, ``nic``), as their ``model_dump()``."""
+
+
+class TemplateStatus(enum.StrEnum):
+    BUILDING = "building"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class SnapshotRef(Frozen):
+    """A memory + device state + disk layer set that a sandbox can be restored from."""
+
+    snapshot_id: str
+    template_id: str
+    sandbox_id: str | None = None
+    parent_id: str | None = None
+    team_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    vm_state: dict[str, Any] = Field(default_factory=dict)
+    disk: dict[str, Any] = Field(default_factory=dict)
+
+
+class Template(Frozen):
+    template_id: str
+    aliases: tuple[str, ...] = ()
+    status: TemplateStatus = TemplateStatus.BUILDING
+    kernel: str | None = None
+    rootfs: str | None = None
+    rootfs_bytes: int = 0
+    interpreter: bool = False
+    cpu_count: int = 1
+    memory_mb: int = 512
+    envd_version: str = "0.4.0"
+    build_log: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    snapshot: SnapshotRef | None = None
+
+
+class Node(Frozen):
+    node_id: str
+    address: str = "local"
+    cpu_total: int
+    memory_mb_total: int
+    cpu_used: int = 0
+    memory_mb_used: int = 0
+    sandboxes: int = 0
+    templates: tuple[str, ...] = ()
+    healthy: bool = True
+
+
+class Team(Frozen):
+    team_id: str
+    name: str
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiKey(Frozen):
+    key_id: str
+    team_id: str
+    key_hash: str
+    prefix: str
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked: bool = False
+
+
+class StopReason(enum.StrEnum):
+    KILLED = "killed"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+    SHUTDOWN = "shutdown"
+
+
+class Rejection(Frozen):
+    """A decision hook's reason to refuse a sandbox."""
+
+    reason: str
+    retryable: bool = False
+
+
+class EgressRule(Frozen):
+    """One egress rule contributed by a plugin (``cube_egress_rules``)."""
+
+    action: Literal["allow", "deny"]
+    target: str
+    """A CIDR (``198.18.0.0/15``), an address, or a domain name (``example.com``, ``*.example.com``)."""
+    protocol: Literal["tcp", "udp", "any"] = "any"
+    port: int | None = None
+
+
+# -- driver handles ----------------------------------------------------------------------------
+
+
+class VmSpec(Frozen):
+    """How to start one VM; the VMM driver turns it into a process."""
+
+    vm_id: str
+    kernel: Path
+    rootfs_disk: DiskHandle
+    memory_mb: int = 512
+    cpu_count: int = 1
+    interpreter: bool = False
+    cmdline_extra: tuple[str, ...] = ()
+
+
+class DiskHandle(Frozen):
+    """A sandbox's writable disk (owned by the storage driver)."""
+
+    disk_id: str
+    path: Path
+    format: Literal["raw", "qcow2"] = "qcow2"
+    readonly: bool = False
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class NicHandle(Frozen):
+    """A sandbox's network slot (owned by the network driver)."""
+
+    slot_id: str
+    netns: str | None = None
+    tap: str | None = None
+    guest_address: str
+    """Where the host reaches the guest (an address routable from the host's namespace)."""
+    guest_mac: str = "52:54:00:00:00:21"
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class VmHandle(Frozen):
+    """A live VM (owned by the VMM driver)."""
+
+    vm_id: str
+    pid: int | None = None
+    isolation: Isolation
+    workdir: Path
+    boot_id: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class VmState(Frozen):
+    """A saved VM: memory file + device state, enough to restore clones from."""
+
+    state_id: str
+    memory_file: Path
+    device_state: Path
+    memory_mb: int
+    cpu_count: int = 1
+    kernel: Path
+    isolation: Isolation
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+VmSpec.model_rebuild()

@@ -1,0 +1,436 @@
+"""SandboxService: the only object API plugins call.
+
+It records every sandbox in the state store, drives the slot drivers (scheduler → network →
+storage → vmm) and fires the lifecycle hooks. Team scoping lives here: a team never sees another
+team's sandboxes (they are reported as not found).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import builtins
+import contextlib
+import os
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cube_core import ids, keys
+from cube_core._host import PluginHost
+from cube_core.config import CoreSettings
+from cube_core.errors import (
+    AdmissionRejectedError,
+    CubeError,
+    InvalidStateError,
+    NoCapacityError,
+    SandboxNotFoundError,
+    TemplateError,
+    TemplateNotFoundError,
+)
+from cube_core.models import (
+    ApiKey,
+    DiskHandle,
+    NetworkPolicy,
+    NicHandle,
+    Node,
+    Sandbox,
+    SandboxSpec,
+    StopReason,
+    Team,
+    Template,
+    TemplateStatus,
+    VmHandle,
+    VmSpec,
+    VmState,
+    utcnow,
+)
+from cube_core.network import NetworkDriver
+from cube_core.scheduler import Scheduler
+from cube_core.state import SandboxState, check_transition, require
+from cube_core.storage import Progress, StorageDriver
+from cube_core.store import StateStore
+from cube_core.templates import TemplateBuilder
+from cube_core.vmm import CAP_PAUSE, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
+
+log = structlog.get_logger(__name__)
+
+LIVE_STATES = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED)
+
+
+@dataclass
+class Runtime:
+    """The live resources of one sandbox on this node."""
+
+    vm: VmHandle | None = None
+    disk: DiskHandle | None = None
+    nic: NicHandle | None = None
+
+    def dump(self) -> dict[str, Any]:
+        return {k: v.model_dump(mode="json") for k, v in
+                (("vm", self.vm), ("disk", self.disk), ("nic", self.nic)) if v is not None}
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> Runtime:
+        return cls(vm=VmHandle.model_validate(data["vm"]) if "vm" in data else None,
+                   disk=DiskHandle.model_validate(data["disk"]) if "disk" in data else None,
+                   nic=NicHandle.model_validate(data["nic"]) if "nic" in data else None)
+
+
+class SandboxService:
+    """Create, find, change and stop sandboxes; manage templates, teams and API keys."""
+
+    def __init__(self, host: PluginHost, store: StateStore) -> None:
+        self.host = host
+        self.store = store
+        self.settings: CoreSettings = host.config.data.core
+        self.vmm: VmmDriver = host.hooks.vmm_driver()
+        self.network: NetworkDriver = host.hooks.network_driver()
+        self.storage: StorageDriver = host.hooks.storage_driver()
+        self.scheduler: Scheduler = host.hooks.scheduler()
+        self.templates = TemplateBuilder(store=store, storage=self.storage, vmm=self.vmm,
+                                         network=self.network, kernel_setting=self.settings.kernel)
+        self._live: dict[str, Runtime] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+        self.create_latencies_ms: list[float] = []
+
+    # -- lifecycle of the service -------------------------------------------------------------
+
+    async def start(self) -> None:
+        for driver in (self.storage, self.network, self.vmm):
+            await driver.start()
+        self.store.put_node(Node(node_id=self.settings.node_id, cpu_total=os.cpu_count() or 1,
+                                 memory_mb_total=_mem_total_mb()))
+        await self._recover()
+        self._reaper = asyncio.create_task(self._reap_forever(), name="cube-timeout-reaper")
+
+    async def stop(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for driver in (self.vmm, self.network, self.storage):
+            await driver.close()
+
+    async def ensure_templates(self, names: tuple[str, ...], progress: Progress | None = None) -> None:
+        for name in names:
+            await self.templates.ensure(name, progress)
+        self.ready.set()
+
+    async def _recover(self) -> None:
+        """Re-attach to VMs of sandboxes recorded live; clean up the expired and the lost."""
+        now = utcnow()
+        for sb in self.store.list_sandboxes(states=LIVE_STATES):
+            runtime = Runtime.load(sb.runtime)
+            alive = False
+            if runtime.vm is not None and CAP_REATTACH in self.vmm.capabilities:
+                try:
+                    runtime.vm = await self.vmm.reattach(runtime.vm)
+                    alive = True
+                except CubeError as exc:
+                    log.warning("cannot re-attach sandbox", sandbox_id=sb.sandbox_id, error=str(exc))
+            elif runtime.vm is not None:
+                alive = await self.vmm.is_alive(runtime.vm)
+            self._live[sb.sandbox_id] = runtime
+            if not alive or sb.state == SandboxState.CREATING:
+                await self._destroy(sb, StopReason.ERROR)
+            elif sb.end_at <= now:
+                await self._expire(sb)
+        live_ids = {s.sandbox_id for s in self.store.list_sandboxes(states=LIVE_STATES)}
+        slots = {r.nic.slot_id for sid, r in self._live.items() if r.nic and sid in live_ids}
+        await self.network.sweep(slots)
+        snaps = {s.snapshot_id for s in self.store.list_snapshots()} | {
+            t.snapshot.snapshot_id for t in self.store.list_templates() if t.snapshot}
+        await self.storage.gc(live_ids, snaps)
+
+    # -- teams and keys ------------------------------------------------------------------------
+
+    def create_api_key(self, team_name: str) -> tuple[ApiKey, str]:
+        return keys.create_key(self.store, team_name)
+
+    def authenticate(self, secret: str | None) -> Team:
+        return keys.authenticate(self.store, secret)
+
+    def revoke_api_key(self, key_id_or_prefix: str) -> ApiKey:
+        return keys.revoke_key(self.store, key_id_or_prefix)
+
+    def list_api_keys(self) -> list[tuple[ApiKey, Team | None]]:
+        return keys.list_keys(self.store)
+
+    # -- templates -----------------------------------------------------------------------------
+
+    def list_templates(self) -> list[Template]:
+        return self.store.list_templates()
+
+    def get_template(self, template_id_or_alias: str) -> Template:
+        template = self.store.get_template(template_id_or_alias)
+        if template is None:
+            raise TemplateNotFoundError(template=template_id_or_alias)
+        return template
+
+    # -- sandboxes -----------------------------------------------------------------------------
+
+    async def current_state(self, sandbox_id: str) -> SandboxState:
+        return self._record(sandbox_id).state
+
+    def _record(self, sandbox_id: str, team_id: str | None = None) -> Sandbox:
+        sb = self.store.get_sandbox(sandbox_id)
+        if sb is None or (team_id is not None and sb.team_id != team_id) or sb.state == SandboxState.KILLED:
+            raise SandboxNotFoundError(sandbox_id=sandbox_id)
+        return sb
+
+    def get(self, team_id: str, sandbox_id: str) -> Sandbox:
+        return self._record(sandbox_id, team_id)
+
+    def list(self, team_id: str, *, states: tuple[SandboxState, ...] | None = None,
+             metadata: dict[str, str] | None = None) -> list[Sandbox]:
+        wanted = states or (SandboxState.RUNNING, SandboxState.PAUSED)
+        out = [s for s in self.store.list_sandboxes(team_id=team_id, states=wanted)]
+        if metadata:
+            out = [s for s in out if all(s.metadata.get(k) == v for k, v in metadata.items())]
+        return out
+
+    async def create(self, spec: SandboxSpec) -> Sandbox:
+        started = time.perf_counter()
+        template = self.get_template(spec.template_id)
+        if template.status != TemplateStatus.READY:
+            raise TemplateError(f"template {spec.template_id!r} is {template.status.value}, not ready")
+        rejection = self.host.hooks.admit_sandbox(spec)
+        if rejection is not None:
+            raise AdmissionRejectedError(reason=rejection.reason, retryable=rejection.retryable)
+        if len(self.store.list_sandboxes(states=LIVE_STATES)) >= self.settings.max_sandboxes:
+            raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
+        node = self.scheduler.place(spec, self.store.list_nodes())
+        now = utcnow()
+        sandbox = Sandbox(
+            sandbox_id=ids.sandbox_id(), template_id=template.template_id,
+            alias=template.aliases[0] if template.aliases else None, team_id=spec.team_id,
+            state=SandboxState.CREATING, started_at=now, end_at=now + timedelta(seconds=spec.timeout_s),
+            metadata=dict(spec.metadata), env_vars=dict(spec.env_vars), cpu_count=template.cpu_count,
+            memory_mb=template.memory_mb, auto_pause=spec.auto_pause, secure=spec.secure,
+            envd_access_token=ids.access_token() if spec.secure else None, network=spec.network,
+            node_id=node.node_id, isolation=self.vmm.isolation)
+        self.store.put_sandbox(sandbox)
+        runtime = Runtime()
+        self._live[sandbox.sandbox_id] = runtime
+        try:
+            await self._start_vm(sandbox, template, spec, runtime)
+            boot = await self._personalize(sandbox, runtime)
+            sandbox = sandbox.model_copy(update={
+                "state": SandboxState.RUNNING, "runtime": runtime.dump(),
+                "boot_id": boot.get("boot_id"),
+                "end_at": utcnow() + timedelta(seconds=spec.timeout_s)})
+            self.store.put_sandbox(sandbox)
+        except BaseException as exc:
+            log.warning("create failed", sandbox_id=sandbox.sandbox_id, error=repr(exc))
+            await self._destroy(sandbox.model_copy(update={"runtime": runtime.dump()}), StopReason.ERROR)
+            raise
+        self.create_latencies_ms.append((time.perf_counter() - started) * 1000)
+        del self.create_latencies_ms[:-1000]
+        await self.host.hooks.sandbox_created(sandbox)
+        return sandbox
+
+    async def _start_vm(self, sandbox: Sandbox, template: Template, spec: SandboxSpec,
+                        runtime: Runtime) -> None:
+        rules = self.host.hooks.egress_rules(spec)
+        runtime.nic = await self.network.allocate(sandbox.sandbox_id, spec.network, rules)
+        snap = template.snapshot
+        if snap is not None and CAP_SNAPSHOT in self.vmm.capabilities:
+            base = DiskHandle.model_validate(snap.disk)
+            runtime.disk = await self.storage.create_disk(sandbox.sandbox_id, base.path)
+            state = VmState.model_validate(snap.vm_state)
+            vm_spec = VmSpec(vm_id=sandbox.sandbox_id, kernel=state.kernel, rootfs_disk=runtime.disk,
+                             memory_mb=state.memory_mb, interpreter=template.interpreter)
+            runtime.vm = await self.vmm.restore(state, vm_spec, runtime.nic)
+        else:
+            if template.rootfs is None or template.kernel is None:
+                raise TemplateError(f"template {template.template_id!r} has no image")
+            runtime.disk = await self.storage.create_disk(sandbox.sandbox_id, Path(template.rootfs))
+            vm_spec = VmSpec(vm_id=sandbox.sandbox_id, kernel=Path(template.kernel),
+                             rootfs_disk=runtime.disk, memory_mb=template.memory_mb,
+                             interpreter=template.interpreter)
+            runtime.vm = await self.vmm.boot(vm_spec, runtime.nic)
+            await self.vmm.wait_ready(runtime.vm, timeout=300.0)
+
+    async def _personalize(self, sandbox: Sandbox, runtime: Runtime) -> dict[str, Any]:
+        assert runtime.vm is not None
+        return await self.vmm.guest_call(runtime.vm, "personalize", {
+            "sandbox_id": sandbox.sandbox_id, "template_id": sandbox.template_id,
+            "env_vars": sandbox.env_vars, "access_token": sandbox.envd_access_token,
+            "hostname": sandbox.sandbox_id[:16], "clock_ns": time.time_ns(),
+            "entropy": base64.b64encode(os.urandom(64)).decode(), "metadata": sandbox.metadata,
+        }, timeout=30.0)
+
+    async def kill(self, team_id: str, sandbox_id: str) -> None:
+        sb = self._record(sandbox_id, team_id)
+        async with self._lock(sandbox_id):
+            await self._destroy(sb, StopReason.KILLED)
+
+    async def _destroy(self, sb: Sandbox, reason: StopReason) -> None:
+        """Free everything a sandbox owns, in every case; idempotent."""
+        runtime = self._live.pop(sb.sandbox_id, None) or Runtime.load(sb.runtime)
+        errors: list[str] = []
+        steps: list[tuple[str, Awaitable[None]]] = []
+        if runtime.vm is not None:
+            steps.append(("vm", self.vmm.shutdown(runtime.vm)))
+        for step, awaitable in steps:
+            try:
+                await awaitable
+            except CubeError as exc:
+                errors.append(f"{step}: {exc}")
+                log.warning("cleanup step failed", sandbox_id=sb.sandbox_id, step=step, error=str(exc))
+        steps = []
+        if runtime.nic is not None:
+            steps.append(("nic", self.network.release(runtime.nic)))
+        if runtime.disk is not None:
+            steps.append(("disk", self.storage.delete_disk(runtime.disk)))
+        for step, awaitable in steps:
+            try:
+                await awaitable
+            except CubeError as exc:
+                errors.append(f"{step}: {exc}")
+                log.warning("cleanup step failed", sandbox_id=sb.sandbox_id, step=step, error=str(exc))
+        final = sb.model_copy(update={"state": SandboxState.KILLED, "runtime": {},
+                                      "error": "; ".join(errors) or sb.error})
+        self.store.put_sandbox(final)
+        await self.host.hooks.sandbox_stopped(final, reason)
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    def _runtime(self, sandbox_id: str) -> Runtime:
+        runtime = self._live.get(sandbox_id)
+        if runtime is None or runtime.vm is None:
+            raise SandboxNotFoundError(sandbox_id=sandbox_id)
+        return runtime
+
+    async def set_timeout(self, team_id: str, sandbox_id: str, timeout_s: int) -> Sandbox:
+        sb = self._record(sandbox_id, team_id)
+        updated = sb.model_copy(update={"end_at": utcnow() + timedelta(seconds=timeout_s)})
+        self.store.put_sandbox(updated)
+        return updated
+
+    async def pause(self, team_id: str, sandbox_id: str) -> Sandbox:
+        self._record(sandbox_id, team_id)
+        async with self._lock(sandbox_id):
+            return await self._pause(sandbox_id)
+
+    @require(SandboxState.RUNNING)
+    async def _pause(self, sandbox_id: str) -> Sandbox:
+        sb = self._record(sandbox_id)
+        if CAP_PAUSE not in self.vmm.capabilities:
+            raise InvalidStateError(sandbox_id=sandbox_id, state=sb.state.value, required="pausable")
+        await self.vmm.pause(self._runtime(sandbox_id).vm)  # type: ignore[arg-type]
+        return self._move(sb, SandboxState.PAUSED)
+
+    async def resume(self, team_id: str, sandbox_id: str, timeout_s: int | None = None) -> Sandbox:
+        """Resume a paused sandbox (``POST /sandboxes/{id}/resume``)."""
+        self._record(sandbox_id, team_id)
+        async with self._lock(sandbox_id):
+            return await self._resume(sandbox_id, timeout_s)
+
+    @require(SandboxState.PAUSED)
+    async def _resume(self, sandbox_id: str, timeout_s: int | None) -> Sandbox:
+        sb = self._record(sandbox_id)
+        await self.vmm.resume(self._runtime(sandbox_id).vm)  # type: ignore[arg-type]
+        sb = self._move(sb, SandboxState.RUNNING)
+        if timeout_s is not None:
+            sb = sb.model_copy(update={"end_at": utcnow() + timedelta(seconds=timeout_s)})
+            self.store.put_sandbox(sb)
+        return sb
+
+    async def connect(self, team_id: str, sandbox_id: str, timeout_s: int | None = None) -> Sandbox:
+        """Return a running sandbox, resuming it if paused; the deadline only moves later."""
+        sb = self._record(sandbox_id, team_id)
+        async with self._lock(sandbox_id):
+            sb = self._record(sandbox_id, team_id)
+            if sb.state == SandboxState.PAUSED:
+                sb = await self._resume(sandbox_id, None)
+            if timeout_s is not None:
+                end = utcnow() + timedelta(seconds=timeout_s)
+                if end > sb.end_at:
+                    sb = sb.model_copy(update={"end_at": end})
+                    self.store.put_sandbox(sb)
+            return sb
+
+    def _move(self, sb: Sandbox, target: SandboxState) -> Sandbox:
+        check_transition(sb.sandbox_id, sb.state, target)
+        moved = sb.model_copy(update={"state": target})
+        self.store.put_sandbox(moved)
+        return moved
+
+    async def update_network(self, team_id: str, sandbox_id: str, policy: NetworkPolicy) -> Sandbox:
+        sb = self._record(sandbox_id, team_id)
+        runtime = self._runtime(sandbox_id)
+        assert runtime.nic is not None
+        rules = self.host.hooks.egress_rules(SandboxSpec(template_id=sb.template_id, team_id=team_id,
+                                                         network=policy))
+        await self.network.update_policy(runtime.nic, policy, rules)
+        updated = sb.model_copy(update={"network": policy})
+        self.store.put_sandbox(updated)
+        return updated
+
+    async def network_audit(self, team_id: str, sandbox_id: str, limit: int = 1000) -> builtins.list[dict[str, Any]]:
+        self._record(sandbox_id, team_id)
+        nic = self._runtime(sandbox_id).nic
+        assert nic is not None
+        return await self.network.audit(nic, limit=limit)
+
+    def endpoint(self, sandbox_id: str, port: int) -> tuple[Sandbox, str, int]:
+        """Where the edge proxy reaches ``port`` of a sandbox: (record, host, port)."""
+        sb = self._record(sandbox_id)
+        runtime = self._live.get(sandbox_id)
+        if runtime is None or runtime.nic is None:
+            raise SandboxNotFoundError(sandbox_id=sandbox_id)
+        return sb, runtime.nic.guest_address, port
+
+    async def exec(self, sandbox_id: str, cmd: builtins.list[str], timeout: float = 60.0) -> dict[str, Any]:
+        """Run a command in the guest over the control channel (``cube sandbox exec``)."""
+        self._record(sandbox_id)
+        return await self.vmm.guest_call(self._runtime(sandbox_id).vm,  # type: ignore[arg-type]
+                                         "exec", {"cmd": cmd}, timeout=timeout)
+
+    # -- timeouts -----------------------------------------------------------------------------
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.reap_expired()
+            except Exception:
+                log.exception("timeout reaper failed")
+
+    async def reap_expired(self) -> int:
+        now = utcnow()
+        expired = [s for s in self.store.list_sandboxes(states=(SandboxState.RUNNING,)) if s.end_at <= now]
+        for sb in expired:
+            await self._expire(sb)
+        return len(expired)
+
+    async def _expire(self, sb: Sandbox) -> None:
+        async with self._lock(sb.sandbox_id):
+            current = self.store.get_sandbox(sb.sandbox_id)
+            if current is None or current.state != SandboxState.RUNNING:
+                return
+            if current.auto_pause and CAP_PAUSE in self.vmm.capabilities:
+                await self._pause(sb.sandbox_id)
+            else:
+                await self._destroy(current, StopReason.TIMEOUT)
+
+
+def _mem_total_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 1024

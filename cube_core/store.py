@@ -1,0 +1,246 @@
+"""The state store: a small repository interface and its SQLite (WAL) implementation.
+
+Records are pydantic models kept as JSON next to the columns that queries filter on. A
+PostgreSQL implementation for clusters satisfies the same :class:`StateStore` interface.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
+from cube_core.state import SandboxState
+
+SCHEMA_VERSION = 1
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class StateStore(abc.ABC):
+    """Everything the master records. Implementations must be safe to call from one event loop."""
+
+    @abc.abstractmethod
+    def put_sandbox(self, sandbox: Sandbox) -> None: ...
+    @abc.abstractmethod
+    def get_sandbox(self, sandbox_id: str) -> Sandbox | None: ...
+    @abc.abstractmethod
+    def list_sandboxes(self, *, team_id: str | None = None,
+                       states: tuple[SandboxState, ...] | None = None) -> list[Sandbox]: ...
+    @abc.abstractmethod
+    def delete_sandbox(self, sandbox_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def put_template(self, template: Template) -> None: ...
+    @abc.abstractmethod
+    def get_template(self, template_id_or_alias: str) -> Template | None: ...
+    @abc.abstractmethod
+    def list_templates(self) -> list[Template]: ...
+    @abc.abstractmethod
+    def delete_template(self, template_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def put_snapshot(self, snapshot: SnapshotRef) -> None: ...
+    @abc.abstractmethod
+    def get_snapshot(self, snapshot_id: str) -> SnapshotRef | None: ...
+    @abc.abstractmethod
+    def list_snapshots(self, *, team_id: str | None = None,
+                       sandbox_id: str | None = None) -> list[SnapshotRef]: ...
+    @abc.abstractmethod
+    def delete_snapshot(self, snapshot_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def put_node(self, node: Node) -> None: ...
+    @abc.abstractmethod
+    def list_nodes(self) -> list[Node]: ...
+
+    @abc.abstractmethod
+    def put_team(self, team: Team) -> None: ...
+    @abc.abstractmethod
+    def get_team(self, team_id: str) -> Team | None: ...
+    @abc.abstractmethod
+    def find_team(self, name: str) -> Team | None: ...
+
+    @abc.abstractmethod
+    def put_api_key(self, key: ApiKey) -> None: ...
+    @abc.abstractmethod
+    def find_api_key(self, key_hash: str) -> ApiKey | None: ...
+    @abc.abstractmethod
+    def list_api_keys(self, *, team_id: str | None = None) -> list[ApiKey]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release connections."""
+
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sandboxes (
+  id TEXT PRIMARY KEY, team_id TEXT NOT NULL, state TEXT NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS sandboxes_team ON sandboxes(team_id, state);
+CREATE TABLE IF NOT EXISTS templates (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS template_aliases (alias TEXT PRIMARY KEY, template_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS snapshots (
+  id TEXT PRIMARY KEY, team_id TEXT, sandbox_id TEXT, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS teams (id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS api_keys (
+  id TEXT PRIMARY KEY, team_id TEXT NOT NULL, key_hash TEXT UNIQUE NOT NULL, body TEXT NOT NULL);
+"""
+
+
+class SqliteStore(StateStore):
+    """SQLite in WAL mode: one file, survives restarts, readers never block the writer."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        with self._lock:
+            self._db.executescript(_DDL)
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                       (str(SCHEMA_VERSION),))
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute(sql, args).fetchall()]
+
+    # sandboxes
+    def put_sandbox(self, sandbox: Sandbox) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO sandboxes(id, team_id, state, body) VALUES (?,?,?,?)",
+                       (sandbox.sandbox_id, sandbox.team_id, sandbox.state.value,
+                        sandbox.model_dump_json()))
+
+    def get_sandbox(self, sandbox_id: str) -> Sandbox | None:
+        rows = self._rows("SELECT body FROM sandboxes WHERE id=?", (sandbox_id,))
+        return Sandbox.model_validate_json(rows[0]) if rows else None
+
+    def list_sandboxes(self, *, team_id: str | None = None,
+                       states: tuple[SandboxState, ...] | None = None) -> list[Sandbox]:
+        sql, args = "SELECT body FROM sandboxes WHERE 1=1", []
+        if team_id is not None:
+            sql += " AND team_id=?"
+            args.append(team_id)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(s.value for s in states)
+        return [Sandbox.model_validate_json(b) for b in self._rows(sql + " ORDER BY rowid", tuple(args))]
+
+    def delete_sandbox(self, sandbox_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
+
+    # templates
+    def put_template(self, template: Template) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO templates(id, body) VALUES (?,?)",
+                       (template.template_id, template.model_dump_json()))
+            db.execute("DELETE FROM template_aliases WHERE template_id=?", (template.template_id,))
+            for alias in template.aliases:
+                db.execute("INSERT OR REPLACE INTO template_aliases(alias, template_id) VALUES (?,?)",
+                           (alias, template.template_id))
+
+    def get_template(self, template_id_or_alias: str) -> Template | None:
+        rows = self._rows("SELECT body FROM templates WHERE id=? OR id=(SELECT template_id FROM "
+                          "template_aliases WHERE alias=?)", (template_id_or_alias, template_id_or_alias))
+        return Template.model_validate_json(rows[0]) if rows else None
+
+    def list_templates(self) -> list[Template]:
+        return [Template.model_validate_json(b) for b in self._rows("SELECT body FROM templates ORDER BY id")]
+
+    def delete_template(self, template_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM templates WHERE id=?", (template_id,))
+            db.execute("DELETE FROM template_aliases WHERE template_id=?", (template_id,))
+
+    # snapshots
+    def put_snapshot(self, snapshot: SnapshotRef) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO snapshots(id, team_id, sandbox_id, body) VALUES (?,?,?,?)",
+                       (snapshot.snapshot_id, snapshot.team_id, snapshot.sandbox_id,
+                        snapshot.model_dump_json()))
+
+    def get_snapshot(self, snapshot_id: str) -> SnapshotRef | None:
+        rows = self._rows("SELECT body FROM snapshots WHERE id=?", (snapshot_id,))
+        return SnapshotRef.model_validate_json(rows[0]) if rows else None
+
+    def list_snapshots(self, *, team_id: str | None = None,
+                       sandbox_id: str | None = None) -> list[SnapshotRef]:
+        sql, args = "SELECT body FROM snapshots WHERE 1=1", []
+        if team_id is not None:
+            sql += " AND team_id=?"
+            args.append(team_id)
+        if sandbox_id is not None:
+            sql += " AND sandbox_id=?"
+            args.append(sandbox_id)
+        return [SnapshotRef.model_validate_json(b) for b in self._rows(sql + " ORDER BY rowid", tuple(args))]
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
+
+    # nodes
+    def put_node(self, node: Node) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO nodes(id, body) VALUES (?,?)",
+                       (node.node_id, node.model_dump_json()))
+
+    def list_nodes(self) -> list[Node]:
+        return [Node.model_validate_json(b) for b in self._rows("SELECT body FROM nodes ORDER BY id")]
+
+    # teams and keys
+    def put_team(self, team: Team) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO teams(id, name, body) VALUES (?,?,?)",
+                       (team.team_id, team.name, team.model_dump_json()))
+
+    def get_team(self, team_id: str) -> Team | None:
+        rows = self._rows("SELECT body FROM teams WHERE id=?", (team_id,))
+        return Team.model_validate_json(rows[0]) if rows else None
+
+    def find_team(self, name: str) -> Team | None:
+        rows = self._rows("SELECT body FROM teams WHERE name=?", (name,))
+        return Team.model_validate_json(rows[0]) if rows else None
+
+    def put_api_key(self, key: ApiKey) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO api_keys(id, team_id, key_hash, body) VALUES (?,?,?,?)",
+                       (key.key_id, key.team_id, key.key_hash, key.model_dump_json()))
+
+    def find_api_key(self, key_hash: str) -> ApiKey | None:
+        rows = self._rows("SELECT body FROM api_keys WHERE key_hash=?", (key_hash,))
+        return ApiKey.model_validate_json(rows[0]) if rows else None
+
+    def list_api_keys(self, *, team_id: str | None = None) -> list[ApiKey]:
+        if team_id is None:
+            return [ApiKey.model_validate_json(b) for b in self._rows("SELECT body FROM api_keys ORDER BY rowid")]
+        return [ApiKey.model_validate_json(b)
+                for b in self._rows("SELECT body FROM api_keys WHERE team_id=? ORDER BY rowid", (team_id,))]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

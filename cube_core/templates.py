@@ -1,0 +1,145 @@
+"""Template builds: rootfs image (storage) + guest kernel + a booted, warmed, snapshotted VM."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import structlog
+
+from cube_core.errors import ConfigError, TemplateBuildError
+from cube_core.models import NetworkPolicy, SnapshotRef, Template, TemplateStatus, VmSpec
+from cube_core.network import NetworkDriver
+from cube_core.storage import Progress, RootfsRecipe, StorageDriver
+from cube_core.store import StateStore
+from cube_core.vmm import CAP_SNAPSHOT, VmmDriver
+
+log = structlog.get_logger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILTIN_RECIPES: dict[str, RootfsRecipe] = {
+    "base": RootfsRecipe(name="base"),
+    "code-interpreter-v1": RootfsRecipe(name="code-interpreter-v1", interpreter=True),
+}
+
+
+def kernel_path(setting: str, progress: Progress | None = None) -> Path:
+    """Resolve the ``kernel`` setting: a path, ``auto`` (build/reuse with kernel/build.sh), or
+    ``none`` for VMM drivers that boot no kernel (the fakes)."""
+    if setting == "none":
+        return Path("/dev/null")
+    if setting != "auto":
+        path = Path(setting)
+        if not path.is_file():
+            raise ConfigError(f"kernel {path} does not exist (set [core] kernel, or 'auto')")
+        return path
+    script = REPO_ROOT / "kernel" / "build.sh"
+    if not script.is_file():
+        raise ConfigError(f"kernel = 'auto' needs {script}; set [core] kernel to a vmlinux path")
+    last, compiled = "", 0
+    with subprocess.Popen([str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            last = line.strip()
+            if line.lstrip().startswith(("CC ", "LD ", "AR ", "AS ")):
+                compiled += 1
+                if progress:
+                    progress("building guest kernel", min(0.99, compiled / 900))
+    if proc.returncode != 0:
+        raise TemplateBuildError(template="kernel", reason=f"kernel/build.sh failed: {last}")
+    if progress:
+        progress("guest kernel ready", 1.0)
+    return Path(last)
+
+
+class TemplateBuilder:
+    def __init__(self, *, store: StateStore, storage: StorageDriver, vmm: VmmDriver,
+                 network: NetworkDriver, kernel_setting: str) -> None:
+        self.store = store
+        self.storage = storage
+        self.vmm = vmm
+        self.network = network
+        self.kernel_setting = kernel_setting
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def ensure(self, name: str, progress: Progress | None = None, *, rebuild: bool = False,
+                     recipe: RootfsRecipe | None = None) -> Template:
+        """Return the READY template ``name``, building it first if needed."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            current = self.store.get_template(name)
+            if current and current.status == TemplateStatus.READY and not rebuild and \
+                    self._files_present(current):
+                return current
+            return await self._build(name, recipe or self._recipe(name), progress)
+
+    def _recipe(self, name: str) -> RootfsRecipe:
+        if name not in BUILTIN_RECIPES:
+            raise TemplateBuildError(template=name, reason="no recipe; known: " + ", ".join(BUILTIN_RECIPES))
+        return BUILTIN_RECIPES[name]
+
+    @staticmethod
+    def _files_present(t: Template) -> bool:
+        if t.snapshot is None:
+            return t.rootfs is not None and Path(t.rootfs).exists()
+        paths = [t.snapshot.vm_state.get("memory_file"), t.snapshot.vm_state.get("device_state"),
+                 t.snapshot.disk.get("path")]
+        return all(p and Path(p).exists() for p in paths)
+
+    async def _build(self, name: str, recipe: RootfsRecipe, progress: Progress | None) -> Template:
+        template = Template(template_id=name, aliases=(name,), status=TemplateStatus.BUILDING,
+                            interpreter=recipe.interpreter, memory_mb=1024 if recipe.interpreter else 512)
+        self.store.put_template(template)
+        try:
+            kernel = await asyncio.to_thread(kernel_path, self.kernel_setting, progress)
+            image = await self.storage.build_rootfs(recipe, progress)
+            template = template.model_copy(update={
+                "kernel": str(kernel), "rootfs": str(image.path), "rootfs_bytes": image.bytes_allocated,
+                "build_log": image.build_log[-20_000:]})
+            snapshot = None
+            if CAP_SNAPSHOT in self.vmm.capabilities:
+                snapshot = await self._snapshot(template, kernel, image.path, image.content_hash, progress)
+            template = template.model_copy(update={"status": TemplateStatus.READY, "snapshot": snapshot})
+        except BaseException as exc:
+            self.store.put_template(template.model_copy(update={
+                "status": TemplateStatus.FAILED, "build_log": (template.build_log + f"\n{exc!r}")[-20_000:]}))
+            raise
+        self.store.put_template(template)
+        log.info("template ready", template=name, snapshot=snapshot.snapshot_id if snapshot else None)
+        return template
+
+    async def _snapshot(self, template: Template, kernel: Path, image: Path, content_hash: str,
+                        progress: Progress | None) -> SnapshotRef:
+        snapshot_id = f"tmpl-{template.template_id}-{content_hash[:12]}"
+        owner = f"build-{template.template_id}"
+        if progress:
+            progress("booting template VM", None)
+        disk = await self.storage.create_disk(owner, image)
+        nic = await self.network.allocate(owner, template_policy())
+        vm = None
+        try:
+            vm = await self.vmm.boot(VmSpec(vm_id=owner, kernel=kernel, rootfs_disk=disk,
+                                            memory_mb=template.memory_mb, interpreter=template.interpreter),
+                                     nic)
+            await self.vmm.wait_ready(vm, timeout=300.0)
+            if progress:
+                progress("saving template snapshot", None)
+            await self.storage.delete_snapshot(snapshot_id)
+            state = await self.vmm.snapshot(vm, self.storage.snapshot_dir(snapshot_id))
+            await self.vmm.shutdown(vm)
+            vm = None
+            frozen = await self.storage.freeze_disk(disk, snapshot_id)
+        finally:
+            if vm is not None:
+                await self.vmm.shutdown(vm)
+            await self.network.release(nic)
+            await self.storage.delete_disk(disk)
+        if progress:
+            progress("template ready", 1.0)
+        return SnapshotRef(snapshot_id=snapshot_id, template_id=template.template_id,
+                           vm_state=state.model_dump(mode="json"), disk=frozen.model_dump(mode="json"))
+
+
+def template_policy() -> NetworkPolicy:
+    """Template VMs never talk to the outside: nothing they could fetch may end up in a snapshot."""
+    return NetworkPolicy(allow_internet_access=False)

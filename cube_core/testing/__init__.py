@@ -1,0 +1,1 @@
+"""Public testing helpers for Cube and its plugin authors: fakes, contract suites, fixtures."""

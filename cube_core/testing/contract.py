@@ -1,0 +1,173 @@
+"""Contract test suites that fakes and real drivers both run [devpi, ironic].
+
+Subclass one in your plugin's tests and provide the fixtures it names::
+
+    class TestMyVmm(VmmContract):
+        @pytest.fixture
+        def driver(self): ...
+        @pytest.fixture
+        def vm_spec_factory(self): ...   # (vm_id) -> VmSpec that boots
+        @pytest.fixture
+        def nic_factory(self): ...       # async (owner_id) -> NicHandle | None
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from cube_core import (
+    CAP_PAUSE,
+    CAP_SNAPSHOT,
+    NetworkDriver,
+    NetworkPolicy,
+    NicHandle,
+    NoCapacityError,
+    Node,
+    SandboxSpec,
+    Scheduler,
+    StorageDriver,
+    VmmDriver,
+    VmSpec,
+)
+
+VmSpecFactory = Callable[[str], VmSpec]
+NicFactory = Callable[[str], Awaitable[NicHandle | None]]
+
+
+class VmmContract:
+    """What every VMM driver must do. Fixtures: ``driver``, ``vm_spec_factory``, ``nic_factory``."""
+
+    ready_timeout: float = 300.0
+
+    async def test_isolation_is_reported(self, driver: VmmDriver) -> None:
+        assert driver.isolation in ("kvm", "tcg", "none")
+
+    async def test_boot_call_shutdown(self, driver: VmmDriver, vm_spec_factory: VmSpecFactory,
+                                      nic_factory: NicFactory) -> None:
+        spec = vm_spec_factory("contract-boot")
+        vm = await driver.boot(spec, await nic_factory(spec.vm_id))
+        try:
+            ready = await driver.wait_ready(vm, timeout=self.ready_timeout)
+            assert isinstance(ready, dict)
+            assert await driver.is_alive(vm)
+            pong = await driver.guest_call(vm, "ping", {})
+            assert pong.get("boot_id")
+        finally:
+            await driver.shutdown(vm)
+        assert not await driver.is_alive(vm)
+        await driver.shutdown(vm)  # idempotent
+
+    async def test_pause_resume(self, driver: VmmDriver, vm_spec_factory: VmSpecFactory,
+                                nic_factory: NicFactory) -> None:
+        if CAP_PAUSE not in driver.capabilities:
+            pytest.skip(f"{type(driver).__name__} does not declare the pause capability")
+        spec = vm_spec_factory("contract-pause")
+        vm = await driver.boot(spec, await nic_factory(spec.vm_id))
+        try:
+            await driver.wait_ready(vm, timeout=self.ready_timeout)
+            await driver.pause(vm)
+            await driver.resume(vm)
+            assert (await driver.guest_call(vm, "ping", {})).get("boot_id")
+        finally:
+            await driver.shutdown(vm)
+
+    async def test_snapshot_restore(self, driver: VmmDriver, vm_spec_factory: VmSpecFactory,
+                                    nic_factory: NicFactory, tmp_path: Path) -> None:
+        if CAP_SNAPSHOT not in driver.capabilities:
+            pytest.skip(f"{type(driver).__name__} does not declare the snapshot capability")
+        spec = vm_spec_factory("contract-tmpl")
+        vm = await driver.boot(spec, await nic_factory(spec.vm_id))
+        try:
+            await driver.wait_ready(vm, timeout=self.ready_timeout)
+            state = await driver.snapshot(vm, tmp_path / "snap")
+        finally:
+            await driver.shutdown(vm)
+        assert state.memory_file.exists() and state.device_state.exists()
+        clone_spec = vm_spec_factory("contract-clone")
+        clone = await driver.restore(state, clone_spec, await nic_factory(clone_spec.vm_id))
+        try:
+            assert (await driver.guest_call(clone, "ping", {}, timeout=60)).get("boot_id")
+        finally:
+            await driver.shutdown(clone)
+
+
+class NetworkContract:
+    """What every network driver must do. Fixture: ``driver`` (started)."""
+
+    async def test_allocate_release(self, driver: NetworkDriver) -> None:
+        a = await driver.allocate("contract-a", NetworkPolicy())
+        b = await driver.allocate("contract-b", NetworkPolicy())
+        try:
+            assert a.slot_id != b.slot_id
+            assert a.guest_address and b.guest_address
+        finally:
+            await driver.release(a)
+            await driver.release(b)
+        await driver.release(a)  # idempotent
+
+    async def test_sweep_removes_orphans(self, driver: NetworkDriver) -> None:
+        keep = await driver.allocate("contract-keep", NetworkPolicy())
+        orphan = await driver.allocate("contract-orphan", NetworkPolicy())
+        try:
+            assert await driver.sweep({keep.slot_id}) >= 1
+        finally:
+            await driver.release(keep)
+            await driver.release(orphan)
+
+
+class StorageContract:
+    """What every storage driver must do. Fixtures: ``driver`` and ``base_image`` (a Path)."""
+
+    async def test_disk_lifecycle(self, driver: StorageDriver, base_image: Path) -> None:
+        disk = await driver.create_disk("contract-disk", base_image)
+        assert disk.path.exists()
+        await driver.delete_disk(disk)
+        assert not disk.path.exists()
+        await driver.delete_disk(disk)  # idempotent
+
+    async def test_freeze_and_layer(self, driver: StorageDriver, base_image: Path) -> None:
+        disk = await driver.create_disk("contract-freeze", base_image)
+        frozen = await driver.freeze_disk(disk, "contract-snap")
+        child = await driver.create_disk("contract-child", frozen.path)
+        try:
+            assert child.path.exists() and frozen.path.exists()
+        finally:
+            await driver.delete_disk(child)
+            await driver.delete_snapshot("contract-snap")
+
+    async def test_gc_frees_unowned(self, driver: StorageDriver, base_image: Path) -> None:
+        live = await driver.create_disk("contract-live", base_image)
+        dead = await driver.create_disk("contract-dead", base_image)
+        try:
+            assert await driver.gc({"contract-live"}, set()) >= 1
+            assert live.path.exists()
+            assert not dead.path.exists()
+        finally:
+            await driver.delete_disk(live)
+
+
+class SchedulerContract:
+    """What every scheduler must do. Fixture: ``driver``."""
+
+    def spec(self, memory_mb: int = 512) -> SandboxSpec:
+        return SandboxSpec(template_id="base", team_id="t", memory_mb=memory_mb)
+
+    def test_places_on_a_node_with_room(self, driver: Scheduler) -> None:
+        nodes = [Node(node_id="full", cpu_total=2, memory_mb_total=1024, memory_mb_used=1000),
+                 Node(node_id="free", cpu_total=2, memory_mb_total=4096)]
+        before = [n.model_copy() for n in nodes]
+        assert driver.place(self.spec(), nodes).node_id == "free"
+        assert nodes == before
+
+    def test_no_capacity(self, driver: Scheduler) -> None:
+        nodes = [Node(node_id="tiny", cpu_total=1, memory_mb_total=256)]
+        with pytest.raises(NoCapacityError):
+            driver.place(self.spec(memory_mb=512), nodes)
+
+    def test_skips_unhealthy(self, driver: Scheduler) -> None:
+        nodes = [Node(node_id="sick", cpu_total=8, memory_mb_total=65536, healthy=False),
+                 Node(node_id="ok", cpu_total=1, memory_mb_total=2048)]
+        assert driver.place(self.spec(), nodes).node_id == "ok"

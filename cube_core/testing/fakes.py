@@ -1,0 +1,321 @@
+"""Fake drivers for tests of the core, registered as entry point ``fake`` in every namespace.
+
+They keep everything in memory (and a temp directory for files) and never start a VM. Never
+enable them in a real deployment: ``cube doctor`` and ``/health`` report ``isolation: none``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from cube_core import (
+    CAP_PAUSE,
+    CAP_REATTACH,
+    CAP_SNAPSHOT,
+    DiskHandle,
+    EgressRule,
+    Isolation,
+    NetworkDriver,
+    NetworkPolicy,
+    NicHandle,
+    NoCapacityError,
+    Node,
+    Progress,
+    RootfsImage,
+    RootfsRecipe,
+    SandboxSpec,
+    Scheduler,
+    StorageDriver,
+    VmHandle,
+    VmmDriver,
+    VmmError,
+    VmSpec,
+    VmState,
+    hookimpl,
+)
+
+
+class FakeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    root: Path | None = None
+
+
+class FakeVmm(VmmDriver):
+    capabilities: ClassVar[frozenset[str]] = frozenset({CAP_SNAPSHOT, CAP_PAUSE, CAP_REATTACH})
+
+    def __init__(self) -> None:
+        self.vms: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    @property
+    def isolation(self) -> Isolation:
+        return "none"
+
+    def _new(self, vm_id: str, root: Path) -> VmHandle:
+        boot_id = str(uuid.uuid4())
+        self.vms[vm_id] = {"running": True, "boot_id": boot_id, "env": {}}
+        return VmHandle(vm_id=vm_id, pid=None, isolation="none", workdir=root, boot_id=boot_id)
+
+    async def boot(self, spec: VmSpec, nic: NicHandle | None) -> VmHandle:
+        self.calls.append(("boot", spec.vm_id))
+        return self._new(spec.vm_id, spec.rootfs_disk.path.parent)
+
+    async def wait_ready(self, vm: VmHandle, *, timeout: float) -> dict[str, Any]:
+        self._check(vm)
+        return {"event": "ready", "boot_id": self.vms[vm.vm_id]["boot_id"]}
+
+    def _check(self, vm: VmHandle) -> dict[str, Any]:
+        state = self.vms.get(vm.vm_id)
+        if state is None:
+            raise VmmError(f"fake VM {vm.vm_id} does not exist")
+        return state
+
+    async def guest_call(self, vm: VmHandle, op: str, params: dict[str, Any] | None = None, *,
+                         timeout: float = 10.0) -> dict[str, Any]:
+        state = self._check(vm)
+        self.calls.append((op, vm.vm_id))
+        if not state["running"]:
+            raise VmmError(f"fake VM {vm.vm_id} is paused")
+        if op == "personalize":
+            state["env"] = dict((params or {}).get("env_vars", {}))
+        if op == "exec":
+            return {"exit_code": 0, "stdout": " ".join((params or {}).get("cmd", [])), "stderr": ""}
+        return {"ok": True, "boot_id": state["boot_id"]}
+
+    async def shutdown(self, vm: VmHandle, *, timeout: float = 10.0) -> None:
+        self.calls.append(("shutdown", vm.vm_id))
+        self.vms.pop(vm.vm_id, None)
+
+    async def is_alive(self, vm: VmHandle) -> bool:
+        return vm.vm_id in self.vms
+
+    async def pause(self, vm: VmHandle) -> None:
+        self._check(vm)["running"] = False
+
+    async def resume(self, vm: VmHandle) -> None:
+        self._check(vm)["running"] = True
+
+    async def snapshot(self, vm: VmHandle, target_dir: Path) -> VmState:
+        self._check(vm)
+        target_dir.mkdir(parents=True, exist_ok=True)
+        mem, dev = target_dir / "memory.ram", target_dir / "device.state"
+        mem.write_bytes(b"fake-ram")
+        dev.write_bytes(b"fake-state")
+        return VmState(state_id=vm.vm_id, memory_file=mem, device_state=dev, memory_mb=512,
+                       kernel=Path("/dev/null"), isolation="none")
+
+    async def restore(self, state: VmState, spec: VmSpec, nic: NicHandle | None) -> VmHandle:
+        if not state.memory_file.exists():
+            raise VmmError(f"snapshot memory file {state.memory_file} is missing")
+        self.calls.append(("restore", spec.vm_id))
+        return self._new(spec.vm_id, spec.rootfs_disk.path.parent)
+
+    async def reattach(self, vm: VmHandle) -> VmHandle:
+        if vm.vm_id not in self.vms:
+            raise VmmError(f"fake VM {vm.vm_id} is gone")
+        return vm
+
+
+class FakeNetwork(NetworkDriver):
+    capabilities: ClassVar[frozenset[str]] = frozenset({"policy"})
+
+    def __init__(self) -> None:
+        self.slots: dict[str, NetworkPolicy] = {}
+
+    async def allocate(self, owner_id: str, policy: NetworkPolicy,
+                       extra_rules: Sequence[EgressRule] = ()) -> NicHandle:
+        slot = f"fake-{owner_id}"
+        self.slots[slot] = policy
+        return NicHandle(slot_id=slot, guest_address="127.0.0.1")
+
+    async def release(self, nic: NicHandle) -> None:
+        self.slots.pop(nic.slot_id, None)
+
+    async def sweep(self, live: Iterable[str]) -> int:
+        keep = set(live)
+        gone = [s for s in self.slots if s not in keep]
+        for s in gone:
+            del self.slots[s]
+        return len(gone)
+
+    async def update_policy(self, nic: NicHandle, policy: NetworkPolicy,
+                            extra_rules: Sequence[EgressRule] = ()) -> None:
+        if nic.slot_id not in self.slots:
+            raise VmmError(f"no slot {nic.slot_id}")
+        self.slots[nic.slot_id] = policy
+
+    async def audit(self, nic: NicHandle, *, limit: int = 1000) -> list[dict[str, Any]]:
+        return []
+
+
+class MemoryStorage(StorageDriver):
+    """Files in a temporary directory; 'images' are small marker files."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self._root = root or Path(tempfile.mkdtemp(prefix="cube-fake-storage-"))
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    async def build_rootfs(self, recipe: RootfsRecipe, progress: Progress | None = None) -> RootfsImage:
+        digest = hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()
+        path = self._root / "images" / f"{digest[:16]}.img"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(recipe.name)
+        if progress:
+            progress("fake image", 1.0)
+        return RootfsImage(path=path, content_hash=digest, bytes_allocated=path.stat().st_size)
+
+    async def create_disk(self, owner_id: str, base: Path) -> DiskHandle:
+        if not base.exists():
+            raise VmmError(f"base image {base} is missing")
+        path = self._root / "disks" / f"{owner_id}.qcow2"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(base))
+        return DiskHandle(disk_id=owner_id, path=path)
+
+    async def freeze_disk(self, disk: DiskHandle, snapshot_id: str) -> DiskHandle:
+        target = self.snapshot_dir(snapshot_id) / "disk.qcow2"
+        os.replace(disk.path, target)
+        return DiskHandle(disk_id=snapshot_id, path=target, readonly=True)
+
+    async def delete_disk(self, disk: DiskHandle) -> None:
+        disk.path.unlink(missing_ok=True)
+
+    def snapshot_dir(self, snapshot_id: str) -> Path:
+        path = self._root / "snapshots" / snapshot_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        path = self._root / "snapshots" / snapshot_id
+        if path.exists():
+            for f in path.iterdir():
+                f.unlink()
+            path.rmdir()
+
+    async def gc(self, live_owners: Iterable[str], live_snapshots: Iterable[str]) -> int:
+        owners, snaps, n = set(live_owners), set(live_snapshots), 0
+        for f in (self._root / "disks").glob("*.qcow2"):
+            if f.stem not in owners:
+                f.unlink()
+                n += 1
+        for d in (self._root / "snapshots").glob("*"):
+            if d.name not in snaps:
+                await self.delete_snapshot(d.name)
+                n += 1
+        return n
+
+
+class FirstFitScheduler(Scheduler):
+    def place(self, spec: SandboxSpec, nodes: Sequence[Node]) -> Node:
+        for node in nodes:
+            if node.healthy and node.memory_mb_total - node.memory_mb_used >= spec.memory_mb:
+                return node
+        raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
+
+
+class FakeVmmPlugin:
+    """Entry point ``cube.vmm: fake``."""
+
+    Config = FakeConfig
+
+    def __init__(self, config: FakeConfig) -> None:
+        self.driver = FakeVmm()
+
+    @hookimpl
+    def cube_vmm_driver(self) -> VmmDriver:
+        return self.driver
+
+
+class FakeNetworkPlugin:
+    """Entry point ``cube.network: fake``."""
+
+    Config = FakeConfig
+
+    def __init__(self, config: FakeConfig) -> None:
+        self.driver = FakeNetwork()
+
+    @hookimpl
+    def cube_network_driver(self) -> NetworkDriver:
+        return self.driver
+
+
+class FakeStoragePlugin:
+    """Entry point ``cube.storage: fake``."""
+
+    Config = FakeConfig
+
+    def __init__(self, config: FakeConfig) -> None:
+        self.driver = MemoryStorage(config.root)
+
+    @hookimpl
+    def cube_storage_driver(self) -> StorageDriver:
+        return self.driver
+
+
+class FakeSchedulerPlugin:
+    """Entry point ``cube.scheduler: fake``."""
+
+    Config = FakeConfig
+
+    def __init__(self, config: FakeConfig) -> None:
+        self.driver = FirstFitScheduler()
+
+    @hookimpl
+    def cube_scheduler(self) -> Scheduler:
+        return self.driver
+
+
+class FakeApiPlugin:
+    """Entry point ``cube.api: fake``: one route, ``GET /fake/sandboxes``, for tests of the app."""
+
+    Config = FakeConfig
+
+    def __init__(self, config: FakeConfig) -> None:
+        self.config = config
+
+    @hookimpl
+    def cube_api_routers(self, service: Any) -> list[Any]:
+        from fastapi import APIRouter
+
+        router = APIRouter()
+
+        @router.get("/fake/sandboxes")
+        async def sandboxes(team: str) -> list[str]:
+            return [s.sandbox_id for s in service.list(team)]
+
+        return [router]
+
+
+FAKE_CONFIG = """
+[core]
+state_dir = "{state_dir}"
+templates = []
+kernel = "none"
+
+[vmm]
+plugin = "fake"
+
+[network]
+plugin = "fake"
+
+[storage]
+plugin = "fake"
+options = {{ root = "{state_dir}/storage" }}
+
+[scheduler]
+plugin = "fake"
+
+[[api]]
+plugin = "fake"
+"""

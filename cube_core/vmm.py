@@ -1,0 +1,79 @@
+"""The VMM driver contract: boot, control, pause, snapshot, restore and stop VMs.
+
+A VMM plugin returns one :class:`VmmDriver` from ``cube_vmm_driver``. The core calls its async
+methods directly on the hot path. Optional capabilities raise :class:`UnsupportedOperation` unless
+the driver lists them in ``capabilities`` and overrides them.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar
+
+from cube_core.errors import UnsupportedOperation
+from cube_core.models import Isolation, NicHandle, VmHandle, VmSpec, VmState
+
+CAP_SNAPSHOT = "snapshot"
+CAP_PAUSE = "pause"
+CAP_REATTACH = "reattach"
+
+
+class VmmDriver(abc.ABC):
+    """Owns VMM processes on one node."""
+
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    @property
+    @abc.abstractmethod
+    def isolation(self) -> Isolation:
+        """What separates a guest from the host: ``kvm``, ``tcg`` (emulation; not a security
+        boundary) or ``none`` (fakes)."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Prepare the driver (find binaries, choose the accelerator). Called once."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Release driver-wide resources; running VMs are left running."""
+
+    @abc.abstractmethod
+    async def boot(self, spec: VmSpec, nic: NicHandle | None) -> VmHandle:
+        """Cold-boot a VM and return as soon as its process runs (not when the guest is up)."""
+
+    @abc.abstractmethod
+    async def wait_ready(self, vm: VmHandle, *, timeout: float) -> dict[str, Any]:
+        """Wait until the guest agent says it is ready; return its ready event."""
+
+    @abc.abstractmethod
+    async def guest_call(self, vm: VmHandle, op: str, params: dict[str, Any] | None = None, *,
+                         timeout: float = 10.0) -> dict[str, Any]:
+        """Call the guest agent over the control channel (independent of guest networking)."""
+
+    @abc.abstractmethod
+    async def shutdown(self, vm: VmHandle, *, timeout: float = 10.0) -> None:
+        """Stop the VM: soft then hard, idempotent, frees everything the VMM owns."""
+
+    @abc.abstractmethod
+    async def is_alive(self, vm: VmHandle) -> bool:
+        """Whether the VM's process still runs."""
+
+    async def pause(self, vm: VmHandle) -> None:
+        """Stop the vCPUs; memory and processes are kept."""
+        raise UnsupportedOperation(driver=type(self).__name__, operation="pause")
+
+    async def resume(self, vm: VmHandle) -> None:
+        """Continue a paused VM."""
+        raise UnsupportedOperation(driver=type(self).__name__, operation="resume")
+
+    async def snapshot(self, vm: VmHandle, target_dir: Path) -> VmState:
+        """Save memory and device state into ``target_dir``; the VM keeps running."""
+        raise UnsupportedOperation(driver=type(self).__name__, operation="snapshot")
+
+    async def restore(self, state: VmState, spec: VmSpec, nic: NicHandle | None) -> VmHandle:
+        """Start a copy-on-write clone of ``state`` with its own disk and NIC; it runs when this
+        returns (the guest may still need ``wait_ready``-free personalization)."""
+        raise UnsupportedOperation(driver=type(self).__name__, operation="restore")
+
+    async def reattach(self, vm: VmHandle) -> VmHandle:
+        """Take over a VM started by an earlier process of the node agent."""
+        raise UnsupportedOperation(driver=type(self).__name__, operation="reattach")

@@ -1,0 +1,1 @@
+"""Bin-packing scheduler plugin for Cube (entry point ``cube.scheduler: binpack``)."""

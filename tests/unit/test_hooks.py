@@ -1,0 +1,247 @@
+"""One test per hookspec (tests/docs/test_hooks_documented.py checks that each exists)."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import pytest
+
+from cube_core import (
+    AdmissionRejectedError,
+    EgressRule,
+    NetworkDriver,
+    Rejection,
+    Sandbox,
+    SandboxSpec,
+    Scheduler,
+    SnapshotRef,
+    StopReason,
+    StorageDriver,
+    VmmDriver,
+    hookimpl,
+)
+from cube_core._host import PluginHost
+from cube_core.app import create_app
+from cube_core.service import SandboxService
+from cube_core.store import SqliteStore
+
+
+@pytest.fixture
+async def service(plugin_host: Callable[..., PluginHost], tmp_path: Path):
+    svc = SandboxService(plugin_host(), SqliteStore(tmp_path / "db"))
+    await svc.start()
+    await svc.ensure_templates(("base",))
+    yield svc
+    await svc.stop()
+
+
+def test_hook_cube_addhooks(register_plugin: Callable[..., PluginHost]) -> None:
+    spec_module = types.ModuleType("extra_specs")
+    marker = pluggy.HookspecMarker("cube")
+
+    def cube_extra_thing(x: int) -> int:
+        """An extra hook added by a plugin."""
+
+    spec_module.cube_extra_thing = marker(cube_extra_thing)  # type: ignore[attr-defined]
+
+    class Adds:
+        @hookimpl
+        def cube_addhooks(self, pluginmanager: pluggy.PluginManager) -> None:
+            pluginmanager.add_hookspecs(spec_module)
+
+    class Uses:
+        @hookimpl
+        def cube_extra_thing(self, x: int) -> int:
+            return x * 2
+
+    host = register_plugin(Adds())
+    register_plugin(Uses(), host)
+    assert host.pm.hook.cube_extra_thing(x=21) == [42]
+
+
+def test_hook_cube_configure(register_plugin: Callable[..., PluginHost]) -> None:
+    seen: list[Any] = []
+
+    class Late:
+        @hookimpl
+        def cube_configure(self, settings: Any) -> None:
+            seen.append(settings)
+
+    host = register_plugin(Late())  # registered after load: historic call still reaches it
+    assert seen == [host.config.data.core]
+
+
+def test_hook_cube_vmm_driver(plugin_host: Callable[..., PluginHost]) -> None:
+    assert isinstance(plugin_host().hooks.vmm_driver(), VmmDriver)
+
+
+def test_hook_cube_network_driver(plugin_host: Callable[..., PluginHost]) -> None:
+    assert isinstance(plugin_host().hooks.network_driver(), NetworkDriver)
+
+
+def test_hook_cube_storage_driver(plugin_host: Callable[..., PluginHost]) -> None:
+    assert isinstance(plugin_host().hooks.storage_driver(), StorageDriver)
+
+
+def test_hook_cube_scheduler(plugin_host: Callable[..., PluginHost]) -> None:
+    assert isinstance(plugin_host().hooks.scheduler(), Scheduler)
+
+
+async def test_hook_cube_api_routers(register_plugin: Callable[..., PluginHost]) -> None:
+    from fastapi import APIRouter
+
+    class Routes:
+        @hookimpl
+        def cube_api_routers(self, service: Any) -> list[Any]:
+            router = APIRouter()
+
+            @router.get("/extra")
+            async def extra() -> dict[str, int]:
+                return {"templates": len(service.list_templates())}
+
+            return [router]
+
+    import httpx
+
+    app = create_app(register_plugin(Routes()), build_templates=False)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.get("/extra")).json() == {"templates": 0}
+        assert (await client.get("/fake/sandboxes", params={"team": "x"})).json() == []
+
+
+async def test_hook_cube_asgi_middleware(register_plugin: Callable[..., PluginHost]) -> None:
+    import httpx
+
+    def tagger(app: Any) -> Any:
+        async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            async def tag(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", []), (b"x-wrapped", b"yes")]
+                await send(message)
+
+            await app(scope, receive, tag)
+
+        return wrapped
+
+    class Mw:
+        @hookimpl
+        def cube_asgi_middleware(self, service: Any) -> list[Any]:
+            return [tagger]
+
+    app = create_app(register_plugin(Mw()), build_templates=False)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        response = await client.get("/health")
+    assert response.headers["x-wrapped"] == "yes"
+
+
+async def test_hook_cube_egress_rules(service: SandboxService) -> None:
+    seen: list[SandboxSpec] = []
+
+    class Rules:
+        @hookimpl
+        def cube_egress_rules(self, spec: SandboxSpec) -> list[EgressRule]:
+            seen.append(spec)
+            return [EgressRule(action="deny", target="198.18.0.0/15")]
+
+    service.host.register(Rules(), "rules")
+    try:
+        captured: dict[str, Any] = {}
+        original = service.network.allocate
+
+        async def spy(owner_id: str, policy: Any, extra_rules: Any = ()) -> Any:
+            captured["rules"] = list(extra_rules)
+            return await original(owner_id, policy, extra_rules)
+
+        service.network.allocate = spy  # type: ignore[method-assign]
+        await service.create(SandboxSpec(template_id="base", team_id="t"))
+        assert captured["rules"] == [EgressRule(action="deny", target="198.18.0.0/15")]
+        assert seen and seen[0].team_id == "t"
+    finally:
+        service.host.unregister("rules")
+
+
+async def test_hook_cube_admit_sandbox(service: SandboxService) -> None:
+    class Quota:
+        @hookimpl
+        def cube_admit_sandbox(self, spec: SandboxSpec) -> Rejection | None:
+            return Rejection(reason="quota exceeded") if spec.metadata.get("big") else None
+
+    service.host.register(Quota(), "quota")
+    try:
+        with pytest.raises(AdmissionRejectedError, match="quota exceeded"):
+            await service.create(SandboxSpec(template_id="base", team_id="t", metadata={"big": "1"}))
+        assert (await service.create(SandboxSpec(template_id="base", team_id="t"))).state.value == "running"
+    finally:
+        service.host.unregister("quota")
+
+
+async def test_hook_cube_sandbox_created(service: SandboxService) -> None:
+    seen: list[str] = []
+
+    class Watcher:
+        @hookimpl
+        def cube_sandbox_created(self, sandbox: Sandbox) -> Any:
+            async def later() -> None:
+                seen.append(sandbox.sandbox_id)
+            return later()
+
+    class Broken:
+        @hookimpl
+        def cube_sandbox_created(self, sandbox: Sandbox) -> None:
+            raise RuntimeError("notification hooks must not break creates")
+
+    service.host.register(Watcher(), "watcher")
+    service.host.register(Broken(), "broken")
+    try:
+        sb = await service.create(SandboxSpec(template_id="base", team_id="t"))
+        assert seen == [sb.sandbox_id]
+    finally:
+        service.host.unregister("watcher")
+        service.host.unregister("broken")
+
+
+async def test_hook_cube_sandbox_stopped(service: SandboxService) -> None:
+    seen: list[tuple[str, StopReason, str]] = []
+
+    class Watcher:
+        @hookimpl
+        def cube_sandbox_stopped(self, sandbox: Sandbox, reason: StopReason) -> None:
+            seen.append((sandbox.sandbox_id, reason, sandbox.state.value))
+
+    service.host.register(Watcher(), "watcher")
+    try:
+        sb = await service.create(SandboxSpec(template_id="base", team_id="t"))
+        await service.kill("t", sb.sandbox_id)
+        timed = await service.create(SandboxSpec(template_id="base", team_id="t", timeout_s=0))
+        await service.reap_expired()
+        assert seen == [(sb.sandbox_id, StopReason.KILLED, "killed"),
+                        (timed.sandbox_id, StopReason.TIMEOUT, "killed")]
+    finally:
+        service.host.unregister("watcher")
+
+
+async def test_hook_cube_snapshot_taken(plugin_host: Callable[..., PluginHost]) -> None:
+    host = plugin_host()
+    seen: list[str] = []
+
+    class Watcher:
+        @hookimpl
+        def cube_snapshot_taken(self, sandbox: Sandbox, snapshot: SnapshotRef) -> Any:
+            async def later() -> None:
+                seen.append(snapshot.snapshot_id)
+            return later()
+
+    host.register(Watcher(), "watcher")
+    from cube_core.models import utcnow
+    from cube_core.state import SandboxState
+
+    sb = Sandbox(sandbox_id="s", template_id="base", team_id="t", state=SandboxState.RUNNING,
+                 started_at=utcnow(), end_at=utcnow())
+    await host.hooks.snapshot_taken(sb, SnapshotRef(snapshot_id="snap1", template_id="base"))
+    assert seen == ["snap1"]

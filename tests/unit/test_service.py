@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cube_core._host import PluginHost
+from cube_core.errors import (
+    AuthError,
+    InvalidStateError,
+    SandboxNotFoundError,
+    TemplateNotFoundError,
+    VmmError,
+)
+from cube_core.models import SandboxSpec
+from cube_core.service import SandboxService
+from cube_core.state import SandboxState
+from cube_core.store import SqliteStore
+
+
+@pytest.fixture
+async def service(plugin_host: Callable[..., PluginHost], tmp_path: Path) -> AsyncIterator[SandboxService]:
+    svc = SandboxService(plugin_host(), SqliteStore(tmp_path / "cube.db"))
+    await svc.start()
+    await svc.ensure_templates(("base",))
+    yield svc
+    await svc.stop()
+
+
+def spec(team: str, **kw: Any) -> SandboxSpec:
+    return SandboxSpec(template_id="base", team_id=team, **kw)
+
+
+async def test_create_list_get_kill(service: SandboxService) -> None:
+    sb = await service.create(spec("t1", metadata={"who": "me"}, env_vars={"A": "1"}))
+    assert sb.state == SandboxState.RUNNING
+    assert sb.sandbox_id.isalnum() and sb.sandbox_id == sb.sandbox_id.lower() and len(sb.sandbox_id) == 20
+    assert sb.isolation == "none"
+    assert service.vmm.vms[sb.sandbox_id]["env"] == {"A": "1"}  # personalized through the guest call
+    assert [s.sandbox_id for s in service.list("t1")] == [sb.sandbox_id]
+    assert service.list("t1", metadata={"who": "other"}) == []
+    await service.kill("t1", sb.sandbox_id)
+    assert service.list("t1") == []
+    assert sb.sandbox_id not in service.vmm.vms
+    assert service.network.slots == {}
+    assert not any((service.storage.root / "disks").glob("*"))
+    with pytest.raises(SandboxNotFoundError):
+        service.get("t1", sb.sandbox_id)
+
+
+async def test_teams_do_not_see_each_other(service: SandboxService) -> None:
+    sb = await service.create(spec("t1"))
+    assert service.list("t2") == []
+    with pytest.raises(SandboxNotFoundError):
+        service.get("t2", sb.sandbox_id)
+    with pytest.raises(SandboxNotFoundError):
+        await service.kill("t2", sb.sandbox_id)
+    assert service.get("t1", sb.sandbox_id).state == SandboxState.RUNNING
+
+
+async def test_pause_resume_connect_guards(service: SandboxService) -> None:
+    sb = await service.create(spec("t1"))
+    with pytest.raises(InvalidStateError):
+        await service.resume("t1", sb.sandbox_id)
+    paused = await service.pause("t1", sb.sandbox_id)
+    assert paused.state == SandboxState.PAUSED
+    with pytest.raises(InvalidStateError):
+        await service.pause("t1", sb.sandbox_id)
+    connected = await service.connect("t1", sb.sandbox_id, timeout_s=600)
+    assert connected.state == SandboxState.RUNNING
+    assert connected.end_at > sb.end_at
+    shorter = await service.connect("t1", sb.sandbox_id, timeout_s=1)
+    assert shorter.end_at == connected.end_at  # connect never shortens the deadline
+
+
+async def test_unknown_template(service: SandboxService) -> None:
+    with pytest.raises(TemplateNotFoundError):
+        await service.create(SandboxSpec(template_id="nope", team_id="t1"))
+
+
+async def test_timeout_kills_or_pauses(service: SandboxService) -> None:
+    killed = await service.create(spec("t1", timeout_s=0))
+    paused = await service.create(spec("t1", timeout_s=0, auto_pause=True))
+    kept = await service.create(spec("t1", timeout_s=60))
+    await asyncio.sleep(0.01)
+    assert await service.reap_expired() == 2
+    assert service.store.get_sandbox(killed.sandbox_id).state == SandboxState.KILLED
+    assert service.get("t1", paused.sandbox_id).state == SandboxState.PAUSED
+    assert service.get("t1", kept.sandbox_id).state == SandboxState.RUNNING
+
+
+async def test_failed_create_leaves_nothing(service: SandboxService, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise VmmError("restore exploded")
+
+    monkeypatch.setattr(service.vmm, "restore", broken)
+    with pytest.raises(VmmError):
+        await service.create(spec("t1"))
+    assert service.network.slots == {}
+    assert not any((service.storage.root / "disks").glob("*"))
+    assert service.list("t1") == []
+
+
+async def test_restart_keeps_sandboxes(plugin_host: Callable[..., PluginHost], tmp_path: Path) -> None:
+    host = plugin_host()
+    first = SandboxService(host, SqliteStore(tmp_path / "cube.db"))
+    await first.start()
+    await first.ensure_templates(("base",))
+    sb = await first.create(spec("t1"))
+    gone = await first.create(spec("t1"))
+    await first.stop()
+    first.vmm.vms.pop(gone.sandbox_id)  # this VM died while the service was down
+    second = SandboxService(host, SqliteStore(tmp_path / "cube.db"))
+    await second.start()
+    try:
+        assert [s.sandbox_id for s in second.list("t1")] == [sb.sandbox_id]
+        assert second.store.get_sandbox(gone.sandbox_id).state == SandboxState.KILLED
+        await second.pause("t1", sb.sandbox_id)
+    finally:
+        await second.stop()
+
+
+async def test_api_keys(service: SandboxService) -> None:
+    key, secret = service.create_api_key("acme")
+    assert secret.startswith("e2b_") and len(secret) == 44
+    assert key.key_hash != secret and secret not in key.model_dump_json()
+    assert service.authenticate(secret).name == "acme"
+    _, other = service.create_api_key("acme")
+    assert service.authenticate(other).team_id == service.authenticate(secret).team_id
+    for bad in (None, "", "nope", "e2b_" + "0" * 40):
+        with pytest.raises(AuthError):
+            service.authenticate(bad)
+    service.revoke_api_key(key.key_id)
+    with pytest.raises(AuthError):
+        service.authenticate(secret)
