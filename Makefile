@@ -33,7 +33,7 @@ serve: install
 	$(VENV)/bin/cube serve
 
 test: install
-	$(VENV)/bin/ruff check cube_core plugins $(if $(GUEST),guest)
+	$(VENV)/bin/ruff check cube_core plugins tests docs $(if $(GUEST),guest)
 	$(VENV)/bin/mypy cube_core $(foreach p,$(PLUGINS),$(dir $(p))cube_*)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

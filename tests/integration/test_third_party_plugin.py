@@ -155,5 +155,3 @@ def test_import_error_of_a_plugin_is_reraised(tmp_path: Path) -> None:
     result = _run(target, str(Path(sys.executable).with_name("cube")), "config", "check", "--config", str(cfg))
     assert result.returncode == 2
     assert "ModuleNotFoundError" in result.stderr and "module_that_does_not_exist_anywhere" in result.stderr
-
-
