@@ -34,7 +34,7 @@ serve: install
 
 test: install
 	$(VENV)/bin/ruff check cube_core plugins tests docs $(if $(GUEST),guest)
-	$(VENV)/bin/mypy cube_core $(foreach p,$(PLUGINS),$(dir $(p))cube_*)
+	$(VENV)/bin/mypy cube_core $(dir $(wildcard plugins/*/cube_*/__init__.py))
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: venv
