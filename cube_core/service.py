@@ -32,6 +32,7 @@ from cube_core.errors import (
     SandboxNotFoundError,
     TemplateError,
     TemplateNotFoundError,
+    UnsupportedOperation,
 )
 from cube_core.models import (
     ApiKey,
@@ -51,6 +52,7 @@ from cube_core.models import (
     utcnow,
 )
 from cube_core.network import NetworkDriver
+from cube_core.pool import POOL_TEAM, WarmPool
 from cube_core.scheduler import Scheduler
 from cube_core.state import SandboxState, check_transition, require
 from cube_core.storage import Progress, StorageDriver
@@ -98,6 +100,8 @@ class SandboxService:
         self._live: dict[str, Runtime] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self.pool = WarmPool(settings=self.settings.pool, store=store, vmm=self.vmm, network=self.network,
+                             storage=self.storage, destroy=self._free)
         self.ready = asyncio.Event()
         self.create_latencies_ms: list[float] = []
 
@@ -109,9 +113,11 @@ class SandboxService:
         self.store.put_node(Node(node_id=self.settings.node_id, cpu_total=os.cpu_count() or 1,
                                  memory_mb_total=_mem_total_mb()))
         await self._recover()
+        await self.pool.start()
         self._reaper = asyncio.create_task(self._reap_forever(), name="cube-timeout-reaper")
 
     async def stop(self) -> None:
+        await self.pool.stop()
         if self._reaper:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -121,13 +127,15 @@ class SandboxService:
 
     async def ensure_templates(self, names: tuple[str, ...], progress: Progress | None = None) -> None:
         for name in names:
-            await self.templates.ensure(name, progress)
+            self.pool.watch(await self.templates.ensure(name, progress))
         self.ready.set()
 
     async def _recover(self) -> None:
         """Re-attach to VMs of sandboxes recorded live; clean up the expired and the lost."""
         now = utcnow()
         for sb in self.store.list_sandboxes(states=LIVE_STATES):
+            if sb.team_id == POOL_TEAM:
+                continue  # the pool destroys its own leftovers
             runtime = Runtime.load(sb.runtime)
             alive = False
             if runtime.vm is not None and CAP_REATTACH in self.vmm.capabilities:
@@ -143,12 +151,11 @@ class SandboxService:
                 await self._destroy(sb, StopReason.ERROR)
             elif sb.end_at <= now:
                 await self._expire(sb)
-        live_ids = {s.sandbox_id for s in self.store.list_sandboxes(states=LIVE_STATES)}
-        slots = {r.nic.slot_id for sid, r in self._live.items() if r.nic and sid in live_ids}
-        await self.network.sweep(slots)
+        live = [Runtime.load(s.runtime) for s in self.store.list_sandboxes(states=LIVE_STATES)]
+        await self.network.sweep({r.nic.slot_id for r in live if r.nic})
         snaps = {s.snapshot_id for s in self.store.list_snapshots()} | {
             t.snapshot.snapshot_id for t in self.store.list_templates() if t.snapshot}
-        await self.storage.gc(live_ids, snaps)
+        await self.storage.gc({r.disk.disk_id for r in live if r.disk}, snaps)
 
     # -- teams and keys ------------------------------------------------------------------------
 
@@ -217,11 +224,16 @@ class SandboxService:
             memory_mb=template.memory_mb, auto_pause=spec.auto_pause, secure=spec.secure,
             envd_access_token=ids.access_token() if spec.secure else None, network=spec.network,
             node_id=node.node_id, isolation=self.vmm.isolation)
+        member = self.pool.take(template.template_id) if self.pool.enabled else None
+        runtime = Runtime.load(member.runtime) if member else Runtime()
+        sandbox = sandbox.model_copy(update={"runtime": runtime.dump()})
         self.store.put_sandbox(sandbox)
-        runtime = Runtime()
         self._live[sandbox.sandbox_id] = runtime
         try:
-            await self._start_vm(sandbox, template, spec, runtime)
+            if member is not None:
+                await self._adopt(spec, runtime)
+            else:
+                await self._start_vm(sandbox, template, spec, runtime)
             boot = await self._personalize(sandbox, runtime)
             sandbox = sandbox.model_copy(update={
                 "state": SandboxState.RUNNING, "runtime": runtime.dump(),
@@ -259,6 +271,15 @@ class SandboxService:
             runtime.vm = await self.vmm.boot(vm_spec, runtime.nic)
             await self.vmm.wait_ready(runtime.vm, timeout=300.0)
 
+    async def _adopt(self, spec: SandboxSpec, runtime: Runtime) -> None:
+        """Make a warm-pool member this sandbox's: its egress policy, then let it run."""
+        assert runtime.vm is not None and runtime.nic is not None
+        try:
+            await self.network.update_policy(runtime.nic, spec.network, self.host.hooks.egress_rules(spec))
+        except UnsupportedOperation:
+            pass  # this network driver applies no policy at all, for pool members or others
+        await self.vmm.resume(runtime.vm)
+
     async def _personalize(self, sandbox: Sandbox, runtime: Runtime) -> dict[str, Any]:
         assert runtime.vm is not None
         return await self.vmm.guest_call(runtime.vm, "personalize", {
@@ -274,10 +295,21 @@ class SandboxService:
             await self._destroy(sb, StopReason.KILLED)
 
     async def _destroy(self, sb: Sandbox, reason: StopReason) -> None:
-        """Free everything a sandbox owns, in every case; idempotent."""
+        """Free everything a sandbox owns, record it as killed, tell the plugins; idempotent."""
+        errors = await self._release(sb)
+        final = sb.model_copy(update={"state": SandboxState.KILLED, "runtime": {},
+                                      "error": "; ".join(errors) or sb.error})
+        self.store.put_sandbox(final)
+        await self.host.hooks.sandbox_stopped(final, reason)
+
+    async def _free(self, sb: Sandbox) -> None:
+        await self._release(sb)
+
+    async def _release(self, sb: Sandbox) -> builtins.list[str]:
+        """Shut the VM down, then free its network slot and disk; every step runs."""
         runtime = self._live.pop(sb.sandbox_id, None) or Runtime.load(sb.runtime)
-        errors: list[str] = []
-        steps: list[tuple[str, Awaitable[None]]] = []
+        errors: builtins.list[str] = []
+        steps: builtins.list[tuple[str, Awaitable[None]]] = []
         if runtime.vm is not None:
             steps.append(("vm", self.vmm.shutdown(runtime.vm)))
         for step, awaitable in steps:
@@ -297,10 +329,7 @@ class SandboxService:
             except CubeError as exc:
                 errors.append(f"{step}: {exc}")
                 log.warning("cleanup step failed", sandbox_id=sb.sandbox_id, step=step, error=str(exc))
-        final = sb.model_copy(update={"state": SandboxState.KILLED, "runtime": {},
-                                      "error": "; ".join(errors) or sb.error})
-        self.store.put_sandbox(final)
-        await self.host.hooks.sandbox_stopped(final, reason)
+        return errors
 
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())

@@ -302,6 +302,7 @@ FAKE_CONFIG = """
 state_dir = "{state_dir}"
 templates = []
 kernel = "none"
+pool = {{ size = 0 }}
 
 [vmm]
 plugin = "fake"

@@ -1,0 +1,170 @@
+"""The warm pool: per template, restored and paused VMs with their disk and network slot ready.
+
+Creating a sandbox takes a member (``take``), and the service resumes and personalizes it; the
+pool refills in the background, one restore at a time, and stops refilling when host memory is
+short. Members are used once. They are recorded in the state store under the reserved team
+``POOL_TEAM`` so a crash leaves nothing unaccounted for: at start-up every recorded member is
+destroyed (the pool is rebuilt, never trusted across restarts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import structlog
+
+from cube_core import ids
+from cube_core.config import PoolSettings
+from cube_core.errors import CubeError
+from cube_core.models import DiskHandle, NetworkPolicy, Sandbox, Template, VmSpec, VmState, utcnow
+from cube_core.network import NetworkDriver
+from cube_core.state import SandboxState
+from cube_core.storage import StorageDriver
+from cube_core.store import StateStore
+from cube_core.vmm import CAP_PAUSE, CAP_SNAPSHOT, VmmDriver
+
+log = structlog.get_logger(__name__)
+
+POOL_TEAM = "__pool__"
+"""Reserved team id of pool members' records; no API key can belong to it."""
+
+
+def available_memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+class WarmPool:
+    def __init__(self, *, settings: PoolSettings, store: StateStore, vmm: VmmDriver, network: NetworkDriver,
+                 storage: StorageDriver, destroy: Callable[[Sandbox], Awaitable[None]],
+                 memory_probe: Callable[[], int] = available_memory_mb) -> None:
+        self.settings = settings
+        self.store = store
+        self.vmm = vmm
+        self.network = network
+        self.storage = storage
+        self._destroy = destroy
+        self._memory_probe = memory_probe
+        self._members: dict[str, deque[Sandbox]] = {}
+        self._templates: dict[str, Template] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def enabled(self) -> bool:
+        return (self.settings.size > 0 and CAP_SNAPSHOT in self.vmm.capabilities
+                and CAP_PAUSE in self.vmm.capabilities)
+
+    def sizes(self) -> dict[str, int]:
+        return {t: len(q) for t, q in self._members.items()}
+
+    async def start(self) -> None:
+        """Destroy members recorded by an earlier process, then start refilling."""
+        for stale in self.store.list_sandboxes(team_id=POOL_TEAM):
+            if stale.state != SandboxState.KILLED:
+                await self._destroy(stale)
+            self.store.delete_sandbox(stale.sandbox_id)
+        if self.enabled:
+            self._task = asyncio.create_task(self._refill_forever(), name="cube-warm-pool")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for queue in self._members.values():
+            while queue:
+                member = queue.popleft()
+                await self._destroy(member)
+                self.store.delete_sandbox(member.sandbox_id)
+
+    def watch(self, template: Template) -> None:
+        """Keep a pool for ``template`` (called when it becomes READY)."""
+        if template.snapshot is None:
+            return
+        self._templates[template.template_id] = template
+        self._members.setdefault(template.template_id, deque())
+        self._wake.set()
+
+    def take(self, template_id: str) -> Sandbox | None:
+        """A ready, paused member for ``template_id`` (its record says where its VM, disk and NIC
+        are), or None on a pool miss."""
+        queue = self._members.get(template_id)
+        if not queue:
+            self.misses += 1
+            self._wake.set()
+            return None
+        member = queue.popleft()
+        self.store.delete_sandbox(member.sandbox_id)
+        self.hits += 1
+        self._wake.set()
+        return member
+
+    async def _refill_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                template = self._most_needed()
+                if template is None:
+                    break
+                if self._memory_probe() < self.settings.max_memory_mb // 4 + template.memory_mb:
+                    log.info("warm pool paused: memory is short", available_mb=self._memory_probe())
+                    await asyncio.sleep(5)
+                    break
+                try:
+                    member = await self._restore(template)
+                except CubeError as exc:
+                    log.warning("warm pool restore failed", template=template.template_id, error=str(exc))
+                    await asyncio.sleep(2)
+                    break
+                self._members[template.template_id].append(member)
+
+    def _most_needed(self) -> Template | None:
+        budget = self.settings.max_memory_mb
+        used = sum(len(q) * self._templates[t].memory_mb // 8 for t, q in self._members.items())
+        wanting = [(len(q), t) for t, q in self._members.items() if len(q) < self.settings.size]
+        if not wanting or used >= budget:
+            return None
+        return self._templates[min(wanting)[1]]
+
+    async def _restore(self, template: Template) -> Sandbox:
+        assert template.snapshot is not None
+        owner = "pool" + ids.sandbox_id()[:16]
+        now = utcnow()
+        record = Sandbox(sandbox_id=owner, template_id=template.template_id, team_id=POOL_TEAM,
+                         state=SandboxState.CREATING, started_at=now, end_at=now + timedelta(days=3650),
+                         memory_mb=template.memory_mb, isolation=self.vmm.isolation)
+        self.store.put_sandbox(record)
+        runtime: dict[str, object] = {}
+        try:
+            nic = await self.network.allocate(owner, NetworkPolicy(allow_internet_access=False))
+            runtime["nic"] = nic.model_dump(mode="json")
+            base = DiskHandle.model_validate(template.snapshot.disk)
+            disk = await self.storage.create_disk(owner, base.path)
+            runtime["disk"] = disk.model_dump(mode="json")
+            state = VmState.model_validate(template.snapshot.vm_state)
+            spec = VmSpec(vm_id=owner, kernel=state.kernel, rootfs_disk=disk, memory_mb=state.memory_mb,
+                          interpreter=template.interpreter)
+            vm = await self.vmm.restore(state, spec, nic)
+            runtime["vm"] = vm.model_dump(mode="json")
+            await self.vmm.pause(vm)
+        except BaseException:
+            await self._destroy(record.model_copy(update={"runtime": runtime}))
+            self.store.delete_sandbox(owner)
+            raise
+        record = record.model_copy(update={"state": SandboxState.PAUSED, "runtime": runtime})
+        self.store.put_sandbox(record)
+        return record
