@@ -1,0 +1,272 @@
+"""Assembly and lifecycle of the agent: HTTP servers, interpreter, control channel, ops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from . import AGENT_VERSION, ENVD_VERSION
+from .control import ControlChannel, OpError, Reply, decode_entropy
+from .envd import Envd
+from .state import AgentState
+from .system import new_machine_id, reseed_kernel_rng, set_clock, set_hostname
+
+log = logging.getLogger(__name__)
+
+EXEC_OUTPUT_CAP = 64 << 10
+KEEPALIVE_TIMEOUT_S = 630.0
+SHUTDOWN_TIMEOUT_S = 2.0  # open streams (commands, watches) are cut after this on exit
+
+
+@dataclass
+class Options:
+    envd_port: int = 49983
+    interpreter_port: int | None = 49999
+    ctl: str | None = "/dev/virtio-ports/cube.ctl"
+    home: str | None = None
+    bind: str = "0.0.0.0"
+    default_user: str = "user"
+    state_dir: str = "/run/cube-guest"
+    system_root: str = "/"
+    system_calls: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _runner_kwargs() -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "access_log": None,
+        "keepalive_timeout": KEEPALIVE_TIMEOUT_S,
+        "auto_decompress": False,
+    }
+    major, minor = (int(x) for x in aiohttp.__version__.split(".")[:2])
+    if (major, minor) >= (3, 9):
+        kwargs["handler_cancellation"] = True  # 3.8 always cancels on disconnect
+        kwargs["shutdown_timeout"] = SHUTDOWN_TIMEOUT_S  # a TCPSite argument in 3.8
+    return kwargs
+
+
+def _site_kwargs() -> dict[str, Any]:
+    major, minor = (int(x) for x in aiohttp.__version__.split(".")[:2])
+    if (major, minor) < (3, 9):
+        return {"shutdown_timeout": SHUTDOWN_TIMEOUT_S}
+    return {}
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (max(hard, 65536), hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return
+        except (ValueError, OSError):
+            continue
+
+
+class Agent:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.state = AgentState(default_user=opts.default_user, home_override=opts.home)
+        self.envd = Envd(self.state, allow_clock=opts.system_calls)
+        self.interpreter: Any = None
+        self.runners: list[web.AppRunner] = []
+        self.control: ControlChannel | None = None
+        self.interpreter_ready = False
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        os.umask(0o022)
+        raise_fd_limit()
+        os.makedirs(self.opts.state_dir, mode=0o755, exist_ok=True)
+        await self._serve(self.envd.app(), self.opts.envd_port)
+        log.info("envd listening on %s:%d", self.opts.bind, self.opts.envd_port)
+        if self.opts.interpreter_port is not None:
+            await self._start_interpreter(self.opts.interpreter_port)
+        self.ready.set()
+        if self.opts.ctl:
+            self.control = ControlChannel(
+                self.opts.ctl, asyncio.get_running_loop(), self._ops(), self._ready_event
+            )
+            self.control.start()
+        print("CUBE_AGENT_READY", flush=True)
+
+    async def _start_interpreter(self, port: int) -> None:
+        scratch = os.path.join(self.opts.state_dir, "interpreter")
+        os.makedirs(scratch, mode=0o700, exist_ok=True)
+        os.environ.setdefault("JUPYTER_RUNTIME_DIR", os.path.join(scratch, "runtime"))
+        try:
+            from .interpreter import Interpreter
+        except ImportError as exc:
+            log.error("code interpreter unavailable: %s", exc)
+            return
+        self.interpreter = Interpreter(self.state, scratch)
+        await self._serve(self.interpreter.app(), port)
+        log.info("code interpreter listening on %s:%d", self.opts.bind, port)
+        started = time.monotonic()
+        try:
+            await self.interpreter.warm()
+            self.interpreter_ready = True
+            log.info("default python context ready in %.1fs", time.monotonic() - started)
+        except Exception:
+            log.exception("default python context failed to start")
+
+    async def _serve(self, app: web.Application, port: int) -> None:
+        runner = web.AppRunner(app, **_runner_kwargs())
+        await runner.setup()
+        site = web.TCPSite(runner, self.opts.bind, port, reuse_address=True, **_site_kwargs())
+        await site.start()
+        self.runners.append(runner)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.start()
+        await self._stop.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self.control is not None:
+            self.control.stop()
+        await self.envd.processes.shutdown()
+        for runner in reversed(self.runners):
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        self.runners.clear()
+
+    # -- control ops -------------------------------------------------------------------
+
+    def _ready_event(self) -> Reply:
+        return {
+            "event": "ready",
+            "boot_id": self.state.boot_id,
+            "agent_version": AGENT_VERSION,
+            "envd_version": ENVD_VERSION,
+            "envd_port": self.opts.envd_port,
+            "interpreter_port": self.opts.interpreter_port,
+            "interpreter": self.interpreter_ready,
+        }
+
+    def _ops(self) -> dict[str, Any]:
+        return {
+            "ping": self.op_ping,
+            "personalize": self.op_personalize,
+            "reseed": self.op_reseed,
+            "prepare_snapshot": self.op_prepare_snapshot,
+            "exec": self.op_exec,
+        }
+
+    async def op_ping(self, req: dict[str, Any]) -> Reply:
+        return {"boot_id": self.state.boot_id, "uptime_s": round(self.state.uptime(), 3)}
+
+    async def _reseed(self, entropy: bytes) -> list[str]:
+        applied = []
+        if self.opts.system_calls:
+            reseed_kernel_rng(entropy)
+            applied.append("kernel_rng")
+        random.seed(os.urandom(32) + entropy)
+        applied.append("agent_random")
+        if self.interpreter is not None:
+            await self.interpreter.contexts.reseed_all()
+            applied.append("kernels")
+        return applied
+
+    async def op_reseed(self, req: dict[str, Any]) -> Reply:
+        applied = await self._reseed(decode_entropy(req))
+        return {"applied": applied}
+
+    async def op_personalize(self, req: dict[str, Any]) -> Reply:
+        entropy = decode_entropy(req)
+        env_vars = req.get("env_vars") or {}
+        metadata = req.get("metadata") or {}
+        if not isinstance(env_vars, dict) or not isinstance(metadata, dict):
+            raise OpError("'env_vars' and 'metadata' must be objects")
+        token = req.get("access_token")
+        if token is not None and not isinstance(token, str):
+            raise OpError("'access_token' must be a string or null")
+        applied = await self._reseed(entropy)
+        clock_ns = req.get("clock_ns")
+        if isinstance(clock_ns, int) and self.opts.system_calls:
+            set_clock(clock_ns)
+            applied.append("clock")
+        hostname = req.get("hostname")
+        if isinstance(hostname, str) and hostname:
+            set_hostname(hostname, system_root=self.opts.system_root,
+                         syscall=self.opts.system_calls)
+            applied.append("hostname")
+        new_machine_id(system_root=self.opts.system_root)
+        applied.append("machine_id")
+        state = self.state
+        state.sandbox_id = req.get("sandbox_id") or state.sandbox_id
+        state.template_id = req.get("template_id") or state.template_id
+        state.metadata = dict(metadata)
+        env = {str(k): str(v) for k, v in env_vars.items()}
+        env.setdefault("E2B_SANDBOX", "true")
+        if state.sandbox_id:
+            env.setdefault("E2B_SANDBOX_ID", str(state.sandbox_id))
+        if state.template_id:
+            env.setdefault("E2B_TEMPLATE_ID", str(state.template_id))
+        state.update_env(env)
+        state.access_token = token or None
+        applied += ["env_vars", "access_token"]
+        log.info("personalized as sandbox %s", state.sandbox_id)
+        return {"boot_id": state.boot_id, "applied": applied}
+
+    async def op_prepare_snapshot(self, req: dict[str, Any]) -> Reply:
+        closed = 0
+        for runner in self.runners:
+            server = runner.server
+            if server is None:
+                continue
+            for handler in list(server.connections):
+                if getattr(handler, "_waiter", None) is not None:
+                    closed += 1
+                handler.close()  # idle: now; busy: after the current response
+        await asyncio.sleep(0)
+        for h in logging.getLogger().handlers:
+            h.flush()
+        await asyncio.get_running_loop().run_in_executor(None, os.sync)
+        return {"closed_idle": closed}
+
+    async def op_exec(self, req: dict[str, Any]) -> Reply:
+        cmd = req.get("cmd")
+        if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd):
+            raise OpError("'cmd' must be a non-empty list of strings")
+        timeout = float(req.get("timeout", 30))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise OpError(f"cannot run {cmd[0]!r}: {exc}") from exc
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = await proc.communicate()
+            raise OpError(f"timed out after {timeout}s") from None
+        return {
+            "exit_code": proc.returncode,
+            "stdout": out[:EXEC_OUTPUT_CAP].decode("utf-8", "replace"),
+            "stderr": err[:EXEC_OUTPUT_CAP].decode("utf-8", "replace"),
+            "truncated": len(out) > EXEC_OUTPUT_CAP or len(err) > EXEC_OUTPUT_CAP,
+        }
+

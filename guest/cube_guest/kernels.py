@@ -1,0 +1,621 @@
+"""Code-interpreter contexts: a Jupyter kernel per python context, a bash process per bash context.
+
+Python contexts run a real IPython kernel (ipykernel) driven through
+``jupyter_client.AsyncKernelManager``; outputs are mapped to the NDJSON lines of
+E2B_PROTOCOL.md §6. Debian packages no bash kernel, so a bash context is one
+persistent ``bash`` process: each cell is written to a file and ``source``d in that
+shell (state such as ``cd`` and variables persists), stdout/stderr stream back, and
+a sentinel line carries the exit status. A non-zero status becomes an ``error``
+line (name ``ExitCode``, value the status).
+
+Kernels run as root in the context's cwd, like upstream's Jupyter server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import signal
+import uuid
+from abc import ABC, abstractmethod
+from typing import Any
+
+from .state import AgentState
+
+log = logging.getLogger(__name__)
+
+KERNEL_START_TIMEOUT_S = 600.0
+SILENT_TIMEOUT_S = 30.0
+LIVENESS_CHECK_S = 2.0
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+Line = dict[str, Any]
+
+
+class UnsupportedLanguage(ValueError):
+    pass
+
+
+def normalize_language(language: str | None) -> str:
+    lang = (language or "python").strip().lower()
+    if lang in ("python", "python3", "py"):
+        return "python"
+    if lang in ("bash", "sh", "shell"):
+        return "bash"
+    raise UnsupportedLanguage(
+        f"language '{language}' is not supported by this sandbox (python and bash are)"
+    )
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
+def result_line(data: dict[str, Any], is_main: bool) -> Line:
+    """A ``result`` line from a Jupyter MIME bundle."""
+    bundle = dict(data)
+    out: Line = {"type": "result", "is_main_result": is_main}
+    text = bundle.pop("text/plain", None)
+    if isinstance(text, str) and len(text) >= 2 and text[0] == text[-1] == "'":
+        text = text[1:-1]
+    mapping = (
+        ("text/html", "html"),
+        ("text/markdown", "markdown"),
+        ("image/svg+xml", "svg"),
+        ("image/png", "png"),
+        ("image/jpeg", "jpeg"),
+        ("application/pdf", "pdf"),
+        ("text/latex", "latex"),
+        ("application/json", "json"),
+        ("application/javascript", "javascript"),
+        ("e2b/data", "data"),
+        ("e2b/chart", "chart"),
+    )
+    if text is not None:
+        out["text"] = text
+    for mime, key in mapping:
+        if mime in bundle:
+            value = bundle.pop(mime)
+            if isinstance(value, str) and key in ("png", "jpeg"):
+                value = value.replace("\n", "")
+            out[key] = value
+    if bundle:
+        out["extra"] = bundle
+    return out
+
+
+class Execution:
+    """One /execute request: lines flow from the context to the HTTP response."""
+
+    def __init__(self, code: str, env_vars: dict[str, str] | None) -> None:
+        self.code = code
+        self.env_vars = {k: str(v) for k, v in (env_vars or {}).items()}
+        self.lines: asyncio.Queue[Line | None] = asyncio.Queue()
+        self.abandoned = False
+        self.started = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def emit(self, line: Line) -> None:
+        if not self.abandoned:
+            self.lines.put_nowait(line)
+
+
+class Context(ABC):
+    language: str
+
+    def __init__(self, state: AgentState, cwd: str) -> None:
+        self.id = str(uuid.uuid4())
+        self.state = state
+        self.cwd = cwd
+        self.lock = asyncio.Lock()
+        self.env_generation = -1
+        self.current: Execution | None = None
+
+    def describe(self) -> dict[str, str]:
+        return {"id": self.id, "language": self.language, "cwd": self.cwd}
+
+    def kernel_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        pypath = [
+            p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if p and os.path.abspath(p) != _PACKAGE_DIR
+        ]
+        if pypath:
+            env["PYTHONPATH"] = os.pathsep.join(pypath)
+        env.update(self.state.env_vars)
+        return env
+
+    def submit(self, code: str, env_vars: dict[str, str] | None) -> Execution:
+        job = Execution(code, env_vars)
+        job.task = asyncio.get_running_loop().create_task(self._run_job(job))
+        return job
+
+    async def _run_job(self, job: Execution) -> None:
+        try:
+            async with self.lock:
+                if job.abandoned:
+                    return
+                self.current = job
+                job.started.set()
+                try:
+                    await self.run(job)
+                except Exception as exc:
+                    log.exception("execution in context %s failed", self.id)
+                    job.emit({"type": "error", "name": type(exc).__name__, "value": str(exc),
+                              "traceback": ""})
+                finally:
+                    self.current = None
+        finally:
+            job.emit({"type": "end_of_execution"})
+            job.lines.put_nowait(None)
+            job.finished.set()
+
+    async def abandon(self, job: Execution) -> None:
+        """The client went away (or timed out): drop its output and interrupt it."""
+        job.abandoned = True
+        if job.started.is_set() and not job.finished.is_set():
+            with contextlib.suppress(Exception):
+                await self.interrupt()
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def run(self, job: Execution) -> None: ...
+
+    @abstractmethod
+    async def interrupt(self) -> None: ...
+
+    @abstractmethod
+    async def restart(self) -> None: ...
+
+    @abstractmethod
+    async def shutdown(self) -> None: ...
+
+    @abstractmethod
+    async def reseed(self) -> None: ...
+
+
+# --- python (Jupyter) -------------------------------------------------------------
+
+
+def _charts_source() -> str:
+    with open(os.path.join(os.path.dirname(__file__), "kernel_charts.py")) as fh:
+        return fh.read()
+
+
+SETUP_CODE = """\
+def __cube_setup(src):
+    import sys, types
+    mod = types.ModuleType("_cube_charts")
+    exec(compile(src, "<cube charts>", "exec"), mod.__dict__)
+    sys.modules["_cube_charts"] = mod
+    mod.install(get_ipython())
+__cube_setup({src!r})
+del __cube_setup
+"""
+
+RESEED_CODE = """\
+def __cube_reseed():
+    import random, sys
+    random.seed()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed()
+__cube_reseed()
+del __cube_reseed
+"""
+
+
+def _env_code(values: dict[str, str]) -> str:
+    return f"import os as __cube_os\n__cube_os.environ.update({values!r})\ndel __cube_os\n"
+
+
+def _env_push_code(values: dict[str, str]) -> str:
+    return (
+        "import os as __cube_os\n"
+        f"__cube_saved_env = {{k: __cube_os.environ.get(k) for k in {list(values)!r}}}\n"
+        f"__cube_os.environ.update({values!r})\n"
+        "del __cube_os\n"
+    )
+
+
+ENV_POP_CODE = """\
+import os as __cube_os
+for __cube_k, __cube_v in __cube_saved_env.items():
+    if __cube_v is None:
+        __cube_os.environ.pop(__cube_k, None)
+    else:
+        __cube_os.environ[__cube_k] = __cube_v
+del __cube_os, __cube_k, __cube_v, __cube_saved_env
+"""
+
+
+class PythonContext(Context):
+    language = "python"
+
+    def __init__(self, state: AgentState, cwd: str) -> None:
+        super().__init__(state, cwd)
+        self.km: Any = None
+        self.kc: Any = None
+        self._listeners: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        from jupyter_client.manager import AsyncKernelManager
+
+        env = self.kernel_env()
+        env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
+        self.km = AsyncKernelManager(kernel_name="python3")  # type: ignore[no-untyped-call]
+        await self.km.start_kernel(cwd=self.cwd, env=env)
+        await self._connect()
+
+    async def _connect(self) -> None:
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        await self.kc.wait_for_ready(timeout=KERNEL_START_TIMEOUT_S)
+        self._tasks = [
+            asyncio.get_running_loop().create_task(self._route_iopub()),
+            asyncio.get_running_loop().create_task(self._drain_shell()),
+        ]
+        await self.silent(SETUP_CODE.format(src=_charts_source()))
+        self.env_generation = self.state.env_generation
+
+    async def _route_iopub(self) -> None:
+        while True:
+            try:
+                msg = await self.kc.get_iopub_msg()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("iopub read failed")
+                await asyncio.sleep(0.5)
+                continue
+            parent = (msg.get("parent_header") or {}).get("msg_id")
+            queue = self._listeners.get(parent) if parent else None
+            if queue is not None:
+                queue.put_nowait(msg)
+
+    async def _drain_shell(self) -> None:
+        while True:
+            try:
+                await self.kc.get_shell_msg()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(0.5)
+
+    def _send(self, code: str, *, silent: bool) -> tuple[str, asyncio.Queue[dict[str, Any]]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        msg_id: str = self.kc.execute(
+            code, silent=silent, store_history=not silent, allow_stdin=False
+        )
+        self._listeners[msg_id] = queue
+        return msg_id, queue
+
+    async def silent(self, code: str, timeout: float = SILENT_TIMEOUT_S) -> None:
+        msg_id, queue = self._send(code, silent=True)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    msg = await queue.get()
+                    mtype = msg["msg_type"]
+                    if mtype == "error":
+                        log.warning("silent code failed: %s", msg["content"].get("evalue"))
+                    if mtype == "status" and msg["content"].get("execution_state") == "idle":
+                        return
+        finally:
+            self._listeners.pop(msg_id, None)
+
+    async def _sync_env(self) -> None:
+        if self.env_generation != self.state.env_generation:
+            self.env_generation = self.state.env_generation
+            if self.state.env_vars:
+                await self.silent(_env_code(self.state.env_vars))
+
+    async def run(self, job: Execution) -> None:
+        await self._sync_env()
+        if job.env_vars:
+            await self.silent(_env_push_code(job.env_vars))
+        msg_id, queue = self._send(job.code, silent=False)
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), LIVENESS_CHECK_S)
+                except TimeoutError:
+                    if not await self.km.is_alive():
+                        job.emit({"type": "error", "name": "DeadKernelError",
+                                  "value": "the kernel died during the execution",
+                                  "traceback": ""})
+                        await self.restart()
+                        return
+                    continue
+                if self._handle(job, msg):
+                    break
+        finally:
+            self._listeners.pop(msg_id, None)
+        if job.env_vars:
+            await self.silent(ENV_POP_CODE)
+
+    def _handle(self, job: Execution, msg: dict[str, Any]) -> bool:
+        """Map one iopub message; True when the execution is over."""
+        mtype = msg["msg_type"]
+        content = msg.get("content") or {}
+        if mtype == "execute_input":
+            job.emit({"type": "number_of_executions",
+                      "execution_count": content.get("execution_count")})
+        elif mtype == "stream":
+            name = content.get("name")
+            if name in ("stdout", "stderr"):
+                date = (msg.get("header") or {}).get("date")
+                stamp = (
+                    date.isoformat() if isinstance(date, dt.datetime) else str(date or now_iso())
+                )
+                job.emit({"type": name, "text": content.get("text", ""), "timestamp": stamp})
+        elif mtype == "execute_result":
+            job.emit(result_line(content.get("data") or {}, True))
+        elif mtype == "display_data":
+            job.emit(result_line(content.get("data") or {}, False))
+        elif mtype == "error":
+            job.emit({
+                "type": "error",
+                "name": content.get("ename", ""),
+                "value": content.get("evalue", ""),
+                "traceback": "\n".join(content.get("traceback") or []),
+            })
+        elif mtype == "status" and content.get("execution_state") == "idle":
+            return True
+        return False
+
+    async def interrupt(self) -> None:
+        await self.km.interrupt_kernel()
+
+    async def restart(self) -> None:
+        if self.current is not None:
+            self.current.emit({"type": "error", "name": "ContextRestarted",
+                               "value": "the context was restarted", "traceback": ""})
+        for queue in self._listeners.values():  # end whatever is waiting for the old kernel
+            queue.put_nowait({"msg_type": "status", "content": {"execution_state": "idle"}})
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        self._listeners.clear()
+        if self.kc is not None:
+            self.kc.stop_channels()
+        await self.km.restart_kernel(now=True)
+        await self._connect()
+        self.env_generation = -1
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.kc is not None:
+            self.kc.stop_channels()
+        if self.km is not None:
+            with contextlib.suppress(Exception):
+                await self.km.shutdown_kernel(now=True)
+
+    async def reseed(self) -> None:
+        await self.silent(RESEED_CODE, timeout=5.0)
+
+
+# --- bash -------------------------------------------------------------------------------
+
+
+class BashContext(Context):
+    language = "bash"
+
+    def __init__(self, state: AgentState, cwd: str, scratch_dir: str) -> None:
+        super().__init__(state, cwd)
+        self.scratch_dir = scratch_dir
+        self.proc: asyncio.subprocess.Process | None = None
+        self.token = secrets.token_hex(12)
+        self.count = 0
+        self._write_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        env = self.kernel_env()
+        env.setdefault("TERM", "dumb")
+        self.proc = await asyncio.create_subprocess_exec(
+            "/bin/bash", "--noprofile", "--norc",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=self.cwd,
+            env=env,
+            start_new_session=True,
+        )
+        await self._write("trap ':' INT\n")
+        self.env_generation = self.state.env_generation
+
+    async def _write(self, text: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        async with self._write_lock:
+            self.proc.stdin.write(text.encode())
+            await self.proc.stdin.drain()
+
+    async def run(self, job: Execution) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            await self.start()
+        proc = self.proc
+        assert proc is not None and proc.stdout is not None and proc.stderr is not None
+        self.count += 1
+        job.emit({"type": "number_of_executions", "execution_count": self.count})
+        script = os.path.join(self.scratch_dir, f"cell-{self.id}.sh")
+        with open(script, "w") as fh:
+            fh.write(job.code + "\n")
+        lines: list[str] = []
+        if self.env_generation != self.state.env_generation:
+            self.env_generation = self.state.env_generation
+            lines += [f"export {k}={shlex.quote(v)}" for k, v in self.state.env_vars.items()
+                      if _ENV_NAME.match(k)]
+        restore: list[str] = []
+        for i, (key, value) in enumerate(job.env_vars.items()):
+            if not _ENV_NAME.match(key):
+                continue
+            lines.append(f'__cube_had{i}="${{{key}+1}}"; __cube_old{i}="${{{key}-}}"; '
+                         f"export {key}={shlex.quote(value)}")
+            restore.append(f'if [ -n "$__cube_had{i}" ]; then export {key}="$__cube_old{i}"; '
+                           f"else unset {key}; fi; unset __cube_had{i} __cube_old{i}")
+        lines.append(f"source {shlex.quote(script)} </dev/null")
+        lines.append("__cube_rc=$?")
+        lines += restore
+        lines.append(f"printf '\\n{self.token} %d\\n' \"$__cube_rc\"")
+        lines.append(f"printf '\\n{self.token}\\n' >&2")
+        await self._write("\n".join(lines) + "\n")
+        out_task = asyncio.create_task(self._relay(proc.stdout, "stdout", job))
+        err_task = asyncio.create_task(self._relay(proc.stderr, "stderr", job))
+        rc_text = await out_task
+        await err_task
+        if rc_text is None:  # the shell exited (`exit` in the cell, or a restart)
+            job.emit({"type": "error", "name": "ShellExited",
+                      "value": "the bash process exited; the next cell starts a new one",
+                      "traceback": ""})
+            if self.proc is proc:
+                await self._reap()
+            return
+        rc = int(rc_text or 0)
+        if rc != 0:
+            job.emit({"type": "error", "name": "ExitCode", "value": str(rc), "traceback": ""})
+
+    async def _relay(self, reader: asyncio.StreamReader, name: str, job: Execution) -> str | None:
+        """Forward output until the sentinel; return the text after it (stdout: status)."""
+        marker = f"\n{self.token}".encode()
+        buf = b""
+        while True:
+            chunk = await reader.read(32 << 10)
+            if not chunk:
+                if buf:
+                    job.emit({"type": name, "text": buf.decode("utf-8", "replace"),
+                              "timestamp": now_iso()})
+                return None
+            buf += chunk
+            idx = buf.find(marker)
+            if idx >= 0:
+                end = buf.find(b"\n", idx + len(marker))
+                if end < 0:
+                    continue
+                head = buf[:idx]
+                if head:
+                    job.emit({"type": name, "text": head.decode("utf-8", "replace"),
+                              "timestamp": now_iso()})
+                return buf[idx + len(marker) : end].decode().strip()
+            # Keep a tail that might be the start of the marker.
+            keep = len(marker)
+            if len(buf) > keep:
+                head, buf = buf[:-keep], buf[-keep:]
+                job.emit({"type": name, "text": head.decode("utf-8", "replace"),
+                          "timestamp": now_iso()})
+
+    async def _reap(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+            self.proc = None
+
+    async def interrupt(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGINT)
+
+    async def restart(self) -> None:
+        await self._reap()
+        self.count = 0
+        await self.start()
+
+    async def shutdown(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+            self.proc = None
+
+    async def reseed(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            await self._write(f"RANDOM={secrets.randbelow(32768)}\n")
+
+
+# --- the set of contexts ------------------------------------------------------------------
+
+
+class ContextManager:
+    def __init__(self, state: AgentState, scratch_dir: str) -> None:
+        self.state = state
+        self.scratch_dir = scratch_dir
+        self.contexts: dict[str, Context] = {}
+        self.defaults: dict[str, Context] = {}
+        self._default_locks: dict[str, asyncio.Lock] = {}
+
+    def default_cwd(self) -> str:
+        try:
+            return self.state.workdir(self.state.user())
+        except LookupError:
+            return "/"
+
+    async def create(self, language: str | None, cwd: str | None) -> Context:
+        lang = normalize_language(language)
+        cwd = cwd or self.default_cwd()
+        ctx: Context
+        if lang == "python":
+            ctx = PythonContext(self.state, cwd)
+        else:
+            ctx = BashContext(self.state, cwd, self.scratch_dir)
+        await ctx.start()
+        self.contexts[ctx.id] = ctx
+        log.info("context %s (%s) ready in %s", ctx.id, lang, cwd)
+        return ctx
+
+    async def default(self, language: str | None) -> Context:
+        lang = normalize_language(language)
+        lock = self._default_locks.setdefault(lang, asyncio.Lock())
+        async with lock:
+            ctx = self.defaults.get(lang)
+            if ctx is None or ctx.id not in self.contexts:
+                ctx = await self.create(lang, None)
+                self.defaults[lang] = ctx
+            return ctx
+
+    def get(self, context_id: str) -> Context | None:
+        return self.contexts.get(context_id)
+
+    async def remove(self, context_id: str) -> bool:
+        ctx = self.contexts.pop(context_id, None)
+        if ctx is None:
+            return False
+        for lang, dflt in list(self.defaults.items()):
+            if dflt is ctx:
+                del self.defaults[lang]
+        await ctx.shutdown()
+        return True
+
+    async def reseed_all(self) -> None:
+        async def one(ctx: Context) -> None:
+            try:
+                await ctx.reseed()
+            except Exception as exc:
+                log.warning("reseeding context %s: %s", ctx.id, exc)
+
+        await asyncio.gather(*(one(c) for c in list(self.contexts.values())))
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(
+            *(c.shutdown() for c in list(self.contexts.values())), return_exceptions=True
+        )
+        self.contexts.clear()
+
+
+def dumps_line(line: Line) -> bytes:
+    return (json.dumps(line, default=str, separators=(",", ":")) + "\n").encode()
+
+

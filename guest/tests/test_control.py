@@ -1,0 +1,239 @@
+"""The host control channel, with a Unix socket standing in for the virtio-serial port."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import AgentProc, http, start_agent
+from gateway import Gateway
+
+TOKEN = "tok-" + "5" * 20
+RANDOM_STATE = (
+    "import random, hashlib, numpy\n"
+    "hashlib.sha256(repr(random.getstate()).encode()"
+    " + repr(numpy.random.get_state()).encode()).hexdigest()"
+)
+
+
+class Port:
+    """The host side: listens where the agent's --ctl points, speaks JSON lines."""
+
+    def __init__(self, path: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+        self.conn: socket.socket | None = None
+        self.buf = b""
+        self.next_id = 0
+
+    def accept(self, timeout: float = 60) -> None:
+        self.listener.settimeout(timeout)
+        self.conn, _ = self.listener.accept()
+        self.conn.settimeout(timeout)
+        self.buf = b""
+
+    def read(self) -> dict[str, Any]:
+        assert self.conn is not None
+        while b"\n" not in self.buf:
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                raise EOFError("agent closed the control port")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return dict(json.loads(line))
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        assert self.conn is not None
+        self.next_id += 1
+        req_id = self.next_id
+        self.conn.sendall(json.dumps({"id": req_id, "op": op, **fields}).encode() + b"\n")
+        while True:
+            msg = self.read()
+            if msg.get("id") == req_id:
+                return msg
+
+    def close_conn(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+@pytest.fixture(scope="module")
+def ctl_agent(sandbox_user: Any, tmp_path_factory: Any) -> Iterator[tuple[AgentProc, Port]]:
+    sock_dir = tmp_path_factory.mktemp("ctl")
+    port = Port(str(sock_dir / "cube.ctl"))
+    agent = start_agent(sandbox_user, interpreter=True, ctl=str(sock_dir / "cube.ctl"))
+    port.accept()
+    yield agent, port
+    port.close_conn()
+    agent.stop()
+    shutil.rmtree(agent.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ctl_gateway(ctl_agent: tuple[AgentProc, Port]) -> Iterator[Gateway]:
+    agent, _ = ctl_agent
+    gw = Gateway(envd_port=agent.envd_port, interpreter_port=agent.interpreter_port)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def _conn(gw: Gateway) -> dict[str, str]:
+    return {"api_key": "e2b_0123456789abcdef", "api_url": gw.url, "sandbox_url": gw.url}
+
+
+def _entropy() -> str:
+    return base64.b64encode(os.urandom(48)).decode()
+
+
+def test_ready_and_ping(ctl_agent: tuple[AgentProc, Port]) -> None:
+    _, port = ctl_agent
+    ready = port.read()
+    assert ready["event"] == "ready"
+    with open("/proc/sys/kernel/random/boot_id") as fh:
+        assert ready["boot_id"] == fh.read().strip()
+    assert ready["interpreter"] is True
+    pong = port.call("ping")
+    assert pong["ok"] is True and pong["boot_id"] == ready["boot_id"]
+    assert pong["uptime_s"] > 0
+
+
+def test_errors(ctl_agent: tuple[AgentProc, Port]) -> None:
+    _, port = ctl_agent
+    bad = port.call("no_such_op")
+    assert bad["ok"] is False and "unknown op" in bad["error"]
+    short = port.call("reseed", entropy=base64.b64encode(b"x" * 8).decode())
+    assert short["ok"] is False and "32 bytes" in short["error"]
+
+
+def test_exec_and_prepare_snapshot(ctl_agent: tuple[AgentProc, Port]) -> None:
+    _, port = ctl_agent
+    r = port.call("exec", cmd=["sh", "-c", "echo out; echo err >&2; exit 4"])
+    assert r["ok"] and r["exit_code"] == 4
+    assert r["stdout"] == "out\n" and r["stderr"] == "err\n"
+    r = port.call("prepare_snapshot")
+    assert r["ok"] and isinstance(r["closed_idle"], int)
+
+
+def test_personalize(ctl_agent: tuple[AgentProc, Port], ctl_gateway: Gateway) -> None:
+    from e2b_code_interpreter import Sandbox
+
+    agent, port = ctl_agent
+    sbx = Sandbox.create(**_conn(ctl_gateway))
+    before = sbx.run_code(RANDOM_STATE).text
+    assert before and sbx.run_code(RANDOM_STATE).text == before  # reading does not change it
+    bash_before = sbx.run_code("echo $RANDOM $RANDOM", language="bash").logs.stdout
+    machine_id_before = (agent.sysroot / "etc/machine-id").read_text() \
+        if (agent.sysroot / "etc/machine-id").exists() else ""
+
+    reply = port.call(
+        "personalize",
+        sandbox_id="isbxtest",
+        template_id="code-interpreter-v1",
+        env_vars={"P_VAR": "personal"},
+        access_token=TOKEN,
+        hostname="sbx-test",
+        clock_ns=time.time_ns(),
+        entropy=_entropy(),
+        metadata={"k": "v"},
+    )
+    assert reply["ok"] is True, reply
+    assert reply["boot_id"]
+    assert {"agent_random", "kernels", "hostname", "machine_id"} <= set(reply["applied"])
+
+    # /execute now needs the token.
+    from e2b import SandboxException
+
+    with pytest.raises(SandboxException, match="401"):
+        sbx.run_code("1")
+    ctl_gateway.access_token = TOKEN
+    # Every running kernel was reseeded (same default context, new state).
+    after = Sandbox.create(**_conn(ctl_gateway)).run_code(RANDOM_STATE).text
+    ctl_gateway.access_token = None
+    assert after and after != before
+    # /etc files under the test system root.
+    assert (agent.sysroot / "etc/hostname").read_text() == "sbx-test\n"
+    assert "127.0.1.1\tsbx-test" in (agent.sysroot / "etc/hosts").read_text()
+    machine_id = (agent.sysroot / "etc/machine-id").read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", machine_id) and machine_id != machine_id_before.strip()
+
+    # The access token now protects envd.
+    status, body = http("POST", f"{agent.envd_url}/process.Process/List", body=b"{}",
+                        headers={"Content-Type": "application/json"})
+    assert status == 401 and json.loads(body)["code"] == 401
+    status, _ = http("POST", f"{agent.envd_url}/process.Process/List", body=b"{}",
+                     headers={"Content-Type": "application/json", "X-Access-Token": TOKEN})
+    assert status == 200
+    assert http("GET", f"{agent.envd_url}/health")[0] == 204  # health stays open
+    status, _ = http("GET", f"{agent.envd_url}/envs")
+    assert status == 401
+
+    # The SDK without the token is refused; with it, env vars are there.
+    from e2b import AuthenticationException
+    from e2b import Sandbox as BaseSandbox
+
+    with pytest.raises(AuthenticationException):
+        BaseSandbox.create(**_conn(ctl_gateway)).commands.run("true")
+    ctl_gateway.access_token = TOKEN
+    try:
+        s2 = BaseSandbox.create(**_conn(ctl_gateway))
+        r = s2.commands.run("echo $P_VAR $E2B_SANDBOX_ID")
+        assert r.stdout == "personal isbxtest\n"
+        # Interpreter contexts pick up the new sandbox env vars too.
+        s3 = Sandbox.create(**_conn(ctl_gateway))
+        assert s3.run_code("import os; os.environ['P_VAR']").text == "personal"
+        _check_signed_urls(agent, s2)
+    finally:
+        ctl_gateway.access_token = None
+        port.call("personalize", entropy=_entropy(), access_token=None, env_vars={})
+    assert bash_before  # the bash context existed and was reseeded without error
+
+
+def _check_signed_urls(agent: AgentProc, sbx: Any) -> None:
+    from e2b.sandbox.signature import get_signature
+
+    sbx.files.write("signed.txt", "secret content")
+
+    def url(op: str, expiration: int | None = None, user: str | None = None) -> str:
+        path = f"{agent.home}/signed.txt"
+        sig = get_signature(path, op, user, TOKEN, expiration)
+        q = {"path": path, "signature": sig["signature"]}
+        if user:
+            q["username"] = user
+        if sig.get("expiration"):
+            q["signature_expiration"] = str(sig["expiration"])
+        return f"{agent.envd_url}/files?{urllib.parse.urlencode(q)}"
+
+    assert http("GET", url("read")) == (200, b"secret content")
+    assert http("GET", url("read", expiration=60))[0] == 200
+    status, body = http("GET", url("read", expiration=-10))
+    assert status == 401
+    assert json.loads(body) == {"code": 401, "message": "signature is already expired"}
+    assert http("GET", url("write"))[0] == 401  # signed for another operation
+    assert http("GET", url("read", user="root"))[0] == 200
+    status, _ = http("POST", url("write"), body=b"via signed url",
+                     headers={"Content-Type": "application/octet-stream"})
+    assert status == 200
+    assert sbx.files.read("signed.txt") == "via signed url"
+    no_sig = f"{agent.envd_url}/files?path=signed.txt"
+    assert http("GET", no_sig)[0] == 401
+
+
+def test_reconnect_resends_ready(ctl_agent: tuple[AgentProc, Port]) -> None:
+    _, port = ctl_agent
+    port.close_conn()
+    port.accept(timeout=30)
+    ready = port.read()
+    assert ready["event"] == "ready"
+    assert port.call("ping")["ok"] is True
