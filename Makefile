@@ -22,7 +22,7 @@ venv: $(VENV_STAMP)
 $(VENV_STAMP): host
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip==25.3
-	$(PY) -m pip install --progress-bar on -e '.[dev]' $(foreach p,$(PLUGINS),-e $(dir $(p))) \
+	$(PY) -m pip install --progress-bar on -e '.[dev]' $(foreach p,$(PLUGINS),-e '$(dir $(p))[test]') \
 	  $(if $(GUEST),-e 'guest[test]')
 	@rm -f $(VENV)/.cube-*; touch $@
 

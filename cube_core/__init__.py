@@ -61,16 +61,21 @@ from cube_core.vmm import CAP_PAUSE, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
 
 hookimpl = pluggy.HookimplMarker("cube")
 
+# Imported last: these modules import the names above.
+from cube_core.config import CoreSettings  # noqa: E402
+from cube_core.models import Team  # noqa: E402
+from cube_core.service import SandboxService  # noqa: E402
+
 __all__ = [
     "CAP_PAUSE", "CAP_REATTACH", "CAP_SNAPSHOT",
     "AbnormalShutdownError", "AdmissionRejectedError", "AuthError", "CapacityError", "ConfigError",
-    "CubeError", "DiskHandle", "EgressRule", "GuestTimeoutError", "InvalidStateError", "Isolation",
+    "CoreSettings", "CubeError", "DiskHandle", "EgressRule", "GuestTimeoutError", "InvalidStateError", "Isolation",
     "NetworkDriver", "NetworkError", "NetworkPolicy", "NicHandle", "NoCapacityError", "Node",
     "PluginConflictError", "PluginError", "PluginLoadError", "PluginMissingError",
     "PluginNotFoundError", "Progress", "Rejection", "RootfsImage", "RootfsRecipe", "Sandbox",
-    "SandboxError", "SandboxNotFoundError", "SandboxSpec", "SandboxState", "Scheduler",
+    "SandboxError", "SandboxNotFoundError", "SandboxService", "SandboxSpec", "SandboxState", "Scheduler",
     "SchedulingError", "SnapshotNotFoundError", "SnapshotRef", "Stash", "StashKey", "StopReason",
-    "StorageDriver", "StorageError", "Template", "TemplateBuildError", "TemplateError",
+    "StorageDriver", "StorageError", "Team", "Template", "TemplateBuildError", "TemplateError",
     "TemplateNotFoundError", "TemplateStatus", "UnsupportedOperation", "VmHandle", "VmSpec",
     "VmState", "VmmDriver", "VmmError", "hookimpl",
 ]

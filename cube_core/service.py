@@ -196,6 +196,17 @@ class SandboxService:
     def get(self, team_id: str, sandbox_id: str) -> Sandbox:
         return self._record(sandbox_id, team_id)
 
+    def count_by_state(self) -> dict[str, int]:
+        """Live sandboxes of every team by state, and warm-pool members (for metrics)."""
+        counts = {s.value: 0 for s in LIVE_STATES}
+        for sb in self.store.list_sandboxes(states=LIVE_STATES):
+            if sb.team_id != POOL_TEAM:
+                counts[sb.state.value] += 1
+        return counts
+
+    def pool_sizes(self) -> dict[str, int]:
+        return self.pool.sizes()
+
     def list(self, team_id: str, *, states: tuple[SandboxState, ...] | None = None,
              metadata: dict[str, str] | None = None) -> list[Sandbox]:
         wanted = states or (SandboxState.RUNNING, SandboxState.PAUSED)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import structlog
 
+from cube_core import ids
 from cube_core.errors import ConfigError, TemplateBuildError
 from cube_core.models import NetworkPolicy, SnapshotRef, Template, TemplateStatus, VmSpec
 from cube_core.network import NetworkDriver
@@ -98,7 +99,9 @@ class TemplateBuilder:
                 "build_log": image.build_log[-20_000:]})
             snapshot = None
             if CAP_SNAPSHOT in self.vmm.capabilities:
-                snapshot = await self._snapshot(template, kernel, image.path, image.content_hash, progress)
+                envd_version, snapshot = await self._snapshot(template, kernel, image.path, image.content_hash,
+                                                              progress)
+                template = template.model_copy(update={"envd_version": envd_version})
             template = template.model_copy(update={"status": TemplateStatus.READY, "snapshot": snapshot})
         except BaseException as exc:
             self.store.put_template(template.model_copy(update={
@@ -109,8 +112,9 @@ class TemplateBuilder:
         return template
 
     async def _snapshot(self, template: Template, kernel: Path, image: Path, content_hash: str,
-                        progress: Progress | None) -> SnapshotRef:
-        snapshot_id = f"tmpl-{template.template_id}-{content_hash[:12]}"
+                        progress: Progress | None) -> tuple[str, SnapshotRef]:
+        # A fresh id per build: disks of live sandboxes may still sit on an earlier snapshot.
+        snapshot_id = f"tmpl-{template.template_id}-{content_hash[:12]}-{ids.short_id('')[:8]}"
         owner = f"build-{template.template_id}"
         if progress:
             progress("booting template VM", None)
@@ -121,10 +125,11 @@ class TemplateBuilder:
             vm = await self.vmm.boot(VmSpec(vm_id=owner, kernel=kernel, rootfs_disk=disk,
                                             memory_mb=template.memory_mb, interpreter=template.interpreter),
                                      nic)
-            await self.vmm.wait_ready(vm, timeout=300.0)
+            await self.vmm.wait_ready(vm, timeout=600.0)
+            pong = await self.vmm.guest_call(vm, "ping", {}, timeout=60.0)
+            envd_version = str(pong.get("envd_version") or template.envd_version)
             if progress:
                 progress("saving template snapshot", None)
-            await self.storage.delete_snapshot(snapshot_id)
             state = await self.vmm.snapshot(vm, self.storage.snapshot_dir(snapshot_id))
             await self.vmm.shutdown(vm)
             vm = None
@@ -136,8 +141,9 @@ class TemplateBuilder:
             await self.storage.delete_disk(disk)
         if progress:
             progress("template ready", 1.0)
-        return SnapshotRef(snapshot_id=snapshot_id, template_id=template.template_id,
-                           vm_state=state.model_dump(mode="json"), disk=frozen.model_dump(mode="json"))
+        return envd_version, SnapshotRef(snapshot_id=snapshot_id, template_id=template.template_id,
+                                         vm_state=state.model_dump(mode="json"),
+                                         disk=frozen.model_dump(mode="json"))
 
 
 def template_policy() -> NetworkPolicy:

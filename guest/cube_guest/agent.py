@@ -170,7 +170,8 @@ class Agent:
         }
 
     async def op_ping(self, req: dict[str, Any]) -> Reply:
-        return {"boot_id": self.state.boot_id, "uptime_s": round(self.state.uptime(), 3)}
+        return {"boot_id": self.state.boot_id, "uptime_s": round(self.state.uptime(), 3),
+                "envd_version": ENVD_VERSION, "interpreter": self.interpreter_ready}
 
     async def _reseed(self, entropy: bytes) -> list[str]:
         applied = []

@@ -1,0 +1,129 @@
+"""THE table from Cube errors to HTTP: status, E2B error body and the ``Should-Retry`` header.
+
+Every error the control plane answers has the E2B body ``{"code": int, "message": str}`` (plus
+``error_code`` where E2B defines one); the generated SDK client requires both keys. Every error also
+carries ``Should-Retry``: the SDK retries 429/502/503/504 *unless* the header says ``false``, and any
+status when it says ``true``. We answer ``true`` only where repeating the request is safe and may
+succeed (nothing was created and capacity may free up), with ``Retry-After``; ``false`` everywhere
+else, in particular on failed creates, because Cube does not implement ``Idempotency-Key``.
+
+The edge proxy's answers (502 "... was not found" / "... port is not open", E2B_PROTOCOL.md §4.4)
+are built here too, so this module is the only place that turns a Cube error into HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from cube_core import (
+    AdmissionRejectedError,
+    AuthError,
+    CapacityError,
+    ConfigError,
+    CubeError,
+    GuestTimeoutError,
+    InvalidStateError,
+    NetworkError,
+    NoCapacityError,
+    PluginError,
+    SandboxError,
+    SandboxNotFoundError,
+    SchedulingError,
+    SnapshotNotFoundError,
+    StorageError,
+    TemplateBuildError,
+    TemplateError,
+    TemplateNotFoundError,
+    UnsupportedOperation,
+    VmmError,
+)
+
+
+class InvalidRequestError(CubeError):
+    """A request field is missing, malformed or asks for something this server cannot do (HTTP 400)."""
+
+    msg_fmt = "{field}: {reason}"
+
+
+@dataclass(frozen=True)
+class HttpError:
+    """How one error is answered."""
+
+    status: int
+    retry: bool = False
+    error_code: str | None = None
+
+
+#: Cube error class -> answer. Looked up along the exception's MRO, so the most specific class wins.
+ERROR_TABLE: dict[type[CubeError], HttpError] = {
+    InvalidRequestError: HttpError(400),
+    AuthError: HttpError(401),
+    SandboxNotFoundError: HttpError(404),
+    TemplateNotFoundError: HttpError(404),
+    SnapshotNotFoundError: HttpError(404),
+    InvalidStateError: HttpError(409),
+    AdmissionRejectedError: HttpError(403),  # retryable rejections: 429, see http_error()
+    NoCapacityError: HttpError(503, retry=True, error_code="sandbox_capacity_unavailable"),
+    SchedulingError: HttpError(503, retry=True, error_code="sandbox_no_compatible_node"),
+    CapacityError: HttpError(503, error_code="sandbox_capacity_unavailable"),
+    GuestTimeoutError: HttpError(504, error_code="sandbox_create_failed"),
+    TemplateBuildError: HttpError(500),
+    TemplateError: HttpError(503),  # e.g. still building: come back later, not in a retry loop
+    UnsupportedOperation: HttpError(501),
+    VmmError: HttpError(500, error_code="sandbox_create_failed"),
+    NetworkError: HttpError(500),
+    StorageError: HttpError(500),
+    SandboxError: HttpError(500),
+    ConfigError: HttpError(500),
+    PluginError: HttpError(500),
+    CubeError: HttpError(500, error_code="internal_server_error"),
+}
+
+INTERNAL = HttpError(500, error_code="internal_server_error")
+
+
+def http_error(exc: CubeError) -> HttpError:
+    """The answer for ``exc``: the entry of its most specific class in :data:`ERROR_TABLE`."""
+    if isinstance(exc, AdmissionRejectedError) and getattr(exc, "retryable", False):
+        return HttpError(429, retry=True)
+    for cls in type(exc).__mro__:
+        found = ERROR_TABLE.get(cls)
+        if found is not None:
+            return found
+    return INTERNAL
+
+
+def error_body(status: int, message: str, error_code: str | None = None) -> dict[str, object]:
+    body: dict[str, object] = {"code": status, "message": message}
+    if error_code:
+        body["error_code"] = error_code
+    return body
+
+
+def error_headers(answer: HttpError, retry_after_s: int) -> dict[str, str]:
+    headers = {"Should-Retry": "true" if answer.retry else "false"}
+    if answer.retry and retry_after_s > 0:
+        headers["Retry-After"] = str(retry_after_s)
+    return headers
+
+
+# -- the edge proxy (E2B_PROTOCOL.md §4.4: the SDK matches these texts) -------------------------
+
+SANDBOX_NOT_FOUND = "The sandbox was not found"
+PORT_NOT_OPEN = "The sandbox is running but port is not open"
+SANDBOX_UNREACHABLE = "The sandbox could not be reached"
+
+
+def edge_error_body(status: int, message: str, sandbox_id: str | None = None) -> bytes:
+    body: dict[str, object] = {"code": status, "message": message}
+    if sandbox_id is not None:
+        body = {"sandboxId": sandbox_id, **body}
+    return json.dumps(body).encode()
+
+
+def edge_error_for(exc: CubeError) -> tuple[int, str]:
+    """(status, message) for a Cube error raised while routing edge traffic."""
+    if isinstance(exc, SandboxNotFoundError):
+        return 502, SANDBOX_NOT_FOUND
+    return 502, f"{SANDBOX_UNREACHABLE}: {exc.message}"

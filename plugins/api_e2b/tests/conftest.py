@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cube_core.app import create_app
+from cube_core.config import parse_config
+from e2b_helpers import OpenApi, Upstream, e2b_config_text, serve
+
+from cube_api_e2b.plugin import E2bApiPlugin
+
+
+@dataclass
+class Cube:
+    """One Cube app on the fakes with the e2b plugin, and handy accessors."""
+
+    app: Any
+    plugin: E2bApiPlugin
+    client: httpx.AsyncClient
+
+    @property
+    def service(self) -> Any:
+        return self.app.state.service
+
+    def key(self, team: str = "team-a") -> str:
+        return self.service.create_api_key(team)[1]
+
+    def headers(self, key: str) -> dict[str, str]:
+        return {"X-API-Key": key}
+
+
+@pytest.fixture(scope="session")
+def openapi() -> OpenApi:
+    return OpenApi()
+
+
+@pytest.fixture
+def cube_factory(plugin_host: Callable[..., Any], tmp_path: Path) -> Callable[..., Any]:
+    """``async with cube_factory(options={...}) as cube``: an app with lifespan running, templates ready."""
+
+    @contextlib.asynccontextmanager
+    async def make(options: dict[str, Any] | None = None, **kw: Any) -> AsyncIterator[Cube]:
+        state = tmp_path / f"state{len(list(tmp_path.iterdir()))}"
+        host = plugin_host(parse_config(e2b_config_text(state, options, **kw)))
+        app = create_app(host, build_templates=True)
+        plugin = host.plugins["api:e2b"]
+        async with app.router.lifespan_context(app):
+            await asyncio.wait_for(app.state.service.ready.wait(), timeout=30)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://cube.test") as client:
+                yield Cube(app=app, plugin=plugin, client=client)
+            if plugin.edge is not None:
+                await plugin.edge.aclose()
+
+    return make
+
+
+@pytest.fixture
+async def cube(cube_factory: Callable[..., Any]) -> AsyncIterator[Cube]:
+    async with cube_factory() as c:
+        yield c
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Upstream, int]]:
+    up = Upstream()
+    async with serve(up.app, lifespan="off") as port:
+        yield up, port

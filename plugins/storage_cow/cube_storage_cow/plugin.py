@@ -1,0 +1,24 @@
+"""The ``cow`` storage plugin (entry point ``cube.storage: cow``)."""
+
+from __future__ import annotations
+
+from cube_core import StorageDriver, hookimpl
+
+from cube_storage_cow.config import CowConfig
+from cube_storage_cow.driver import CowStorage
+
+
+class CowPlugin:
+    """Template images, copy-on-write sandbox disks and snapshot layers on a local filesystem."""
+
+    Config = CowConfig
+
+    def __init__(self, config: CowConfig) -> None:
+        self.config = config
+        self._driver: CowStorage | None = None
+
+    @hookimpl
+    def cube_storage_driver(self) -> StorageDriver:
+        if self._driver is None:
+            self._driver = CowStorage(self.config)
+        return self._driver
