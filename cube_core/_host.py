@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, cast
@@ -150,6 +150,10 @@ class Hooks:
 
     def scheduler(self) -> Scheduler:
         return cast(Scheduler, _provided(self._pm.hook.cube_scheduler(), Scheduler, "scheduler"))
+
+    def http_server(self, app: Any, settings: Any) -> Awaitable[None] | None:
+        result: Awaitable[None] | None = self._pm.hook.cube_http_server(app=app, settings=settings)
+        return result
 
     def api_routers(self, service: Any) -> list[Any]:
         return [r for routers in self._pm.hook.cube_api_routers(service=service) for r in routers]

@@ -101,8 +101,16 @@ def serve(config: ConfigOpt = None,
                       f"[bold]{sys.argv[0]} keys create --team default[/bold]", highlight=False)
         err.print(f"Cube API on http://{core.host}:{core.port}  (E2B_API_URL=http://{core.host}:{core.port} "
                   f"E2B_SANDBOX_URL=http://{core.host}:{core.port})", highlight=False)
+        custom = plugin_host.hooks.http_server(application, core)
+        if custom is not None:
+            asyncio.run(_await(custom))
+            return
         uvicorn.Server(uvicorn.Config(application, host=core.host, port=core.port, log_config=None,
                                       lifespan="on", timeout_graceful_shutdown=5)).run()
+
+
+async def _await(awaitable: Any) -> None:
+    await awaitable
 
 
 # -- plugins and config ---------------------------------------------------------------------------

@@ -99,6 +99,21 @@ def cube_scheduler() -> Scheduler | None:
     """
 
 
+@hookspec(firstresult=True)
+def cube_http_server(app: Any, settings: CoreSettings) -> Awaitable[None] | None:
+    """Serve the HTTP app (e.g. with TLS and HTTP/2 in the API plugin's domain mode).
+
+    Called once by ``cube serve`` after the app is built. At most one implementer should answer;
+    stops at the first non-None result. Return an awaitable that serves until SIGINT/SIGTERM, or
+    None to let the core serve plain HTTP/1.1 with uvicorn on ``settings.host:settings.port``.
+
+    :param app: the ASGI app from ``create_app``.
+    :param settings: the core settings (host, port, admin port, domain).
+
+    .. versionadded:: 0.1
+    """
+
+
 # -- Contributions: many implementations, results concatenated ---------------------------------
 
 

@@ -245,3 +245,25 @@ async def test_hook_cube_snapshot_taken(plugin_host: Callable[..., PluginHost]) 
                  started_at=utcnow(), end_at=utcnow())
     await host.hooks.snapshot_taken(sb, SnapshotRef(snapshot_id="snap1", template_id="base"))
     assert seen == ["snap1"]
+
+
+def test_hook_cube_http_server(register_plugin: Callable[..., PluginHost]) -> None:
+    host = register_plugin(object())  # a host on the fakes: nobody serves, the core uses uvicorn
+    assert host.hooks.http_server(app=None, settings=host.config.data.core) is None
+
+    served: list[tuple[Any, int]] = []
+
+    class Server:
+        @hookimpl
+        def cube_http_server(self, app: Any, settings: Any) -> Any:
+            async def serve() -> None:
+                served.append((app, settings.port))
+            return serve()
+
+    register_plugin(Server(), host)
+    awaitable = host.hooks.http_server(app="the-app", settings=host.config.data.core)
+    assert awaitable is not None
+    import asyncio
+
+    asyncio.run(awaitable)
+    assert served == [("the-app", host.config.data.core.port)]

@@ -16,7 +16,7 @@ from cube_api_e2b.context import E2bContext, split_host_port
 from cube_api_e2b.metrics import ApiMetrics, MetricsServer, start_metrics_server
 from cube_api_e2b.proxy import EdgeProxy, EdgeProxyMiddleware
 from cube_api_e2b.routes import build_routers
-from cube_api_e2b.server import HypercornConfig, hypercorn_config
+from cube_api_e2b.server import HypercornConfig, hypercorn_config, serve
 from cube_api_e2b.service import CoreSettingsLike, ServiceLike
 from cube_api_e2b.tls import TlsFiles, ensure_certificates
 
@@ -72,6 +72,12 @@ class E2bApiPlugin:
     @hookimpl
     def cube_sandbox_stopped(self, sandbox: Sandbox) -> Awaitable[None] | None:
         return self.edge.forget(sandbox.sandbox_id) if self.edge is not None else None
+
+    @hookimpl
+    def cube_http_server(self, app: Any, settings: Any) -> Awaitable[None] | None:
+        """Domain mode needs TLS and HTTP/2 (Hypercorn); otherwise let the core use uvicorn."""
+        config = self.domain_server_config(settings.host, settings.port)
+        return serve(app, config) if config is not None else None
 
     # -- for the CLI (`cube serve`) ---------------------------------------------------------------
 

@@ -1,0 +1,124 @@
+"""End-to-end fixtures: a real ``cube serve`` with the real plugins, real microVMs and the real
+E2B SDKs. Templates are built on first use and cached by content hash (images under
+/var/cache/cube); the server's state lives in a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+CUBE = str(Path(sys.executable).with_name("cube"))
+BOOT_TIMEOUT_S = float(os.environ.get("CUBE_E2E_BOOT_TIMEOUT", "1500"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class CubeServer:
+    url: str
+    config: Path
+    state_dir: Path
+    log: Path
+    key_a: str
+    key_b: str
+
+    def env(self, key: str | None = None) -> dict[str, str]:
+        return {"E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url, "E2B_API_KEY": key or self.key_a}
+
+    def keys(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CUBE, "keys", *args, "--config", str(self.config)], capture_output=True,
+                              text=True, timeout=60)
+
+
+CONFIG = """
+[core]
+state_dir = "{state}"
+host = "127.0.0.1"
+port = {port}
+admin_port = {admin_port}
+templates = ["base", "code-interpreter-v1"]
+pool = {{ size = 1 }}
+
+[vmm]
+plugin = "kvm"
+options = {{ run_dir = "{state}/vms", mem_dir = "/dev/shm/cube-e2e-{port}" }}
+
+[network]
+plugin = "ebpf"
+
+[storage]
+plugin = "cow"
+options = {{ root = "{state}/storage" }}
+
+[scheduler]
+plugin = "binpack"
+
+[[api]]
+plugin = "e2b"
+"""
+
+
+@pytest.fixture(scope="session")
+def cube_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CubeServer]:
+    state = tmp_path_factory.mktemp("cube-e2e")
+    port, admin_port = free_port(), free_port()
+    config = state / "plugins.toml"
+    config.write_text(CONFIG.format(state=state, port=port, admin_port=admin_port))
+    log = state / "serve.log"
+
+    def key(team: str) -> str:
+        out = subprocess.run([CUBE, "keys", "create", "--team", team, "--config", str(config)],
+                             capture_output=True, text=True, timeout=60, check=True)
+        return out.stdout.strip()
+
+    key_a, key_b = key("team-a"), key("team-b")
+    with log.open("w") as log_file:
+        proc = subprocess.Popen([CUBE, "serve", "--config", str(config)], stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"cube serve exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"cube serve not healthy after {BOOT_TIMEOUT_S}s:\n{log.read_text()[-5000:]}")
+            time.sleep(1)
+        yield CubeServer(url=url, config=config, state_dir=state, log=log, key_a=key_a, key_b=key_b)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(f"/dev/shm/cube-e2e-{port}", ignore_errors=True)
+
+
+@pytest.fixture
+def e2b_env(cube_server: CubeServer, monkeypatch: pytest.MonkeyPatch) -> CubeServer:
+    for name, value in cube_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    monkeypatch.delenv("E2B_ACCESS_TOKEN", raising=False)
+    return cube_server
