@@ -1,0 +1,470 @@
+"""``KvmVmm``: the VMM driver that runs every sandbox in its own QEMU ``microvm`` process.
+
+Life of a VM here: ``boot`` (cold, RAM in a ``share=on`` tmpfs file) → ``wait_ready`` → optionally
+``snapshot`` (the template) → ``restore`` many copy-on-write clones → ``pause``/``resume`` →
+``shutdown``. Every VM has a work directory ``<run_dir>/<vm_id>`` with its QMP and control
+sockets, console log and ``vm.json`` record, and its own cgroup. A new driver (after a node-agent
+restart) takes running VMs over with ``reattach`` from their ``VmHandle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+import structlog
+from cube_core import (
+    CAP_PAUSE,
+    CAP_REATTACH,
+    CAP_SNAPSHOT,
+    AbnormalShutdownError,
+    ConfigError,
+    Isolation,
+    NicHandle,
+    VmHandle,
+    VmmDriver,
+    VmmError,
+    VmSpec,
+    VmState,
+)
+
+from . import persist, qemu, snapshot
+from .accel import AccelReport, detect, host_tsc_khz
+from .cgroup import CgroupLayout, CgroupLimits, VmCgroup, detect_layout
+from .config import KvmConfig
+from .control import ControlChannel
+from .persist import SnapshotRecord, VmRecord
+from .qemu import MachineSpec, Qmp
+from .tap import open_tap
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+GUEST_IP = "169.254.0.21"
+GATEWAY_IP = "169.254.0.22"
+DEFAULT_GUEST_MAC = "52:54:00:00:00:21"
+
+
+@dataclass
+class _LiveVm:
+    """What this driver instance holds for one VM: its record and open connections."""
+
+    record: VmRecord
+    qmp: Qmp
+    ctl: ControlChannel
+    cgroup: VmCgroup | None
+
+    def handle(self) -> VmHandle:
+        return VmHandle(vm_id=self.record.vm_id, pid=self.record.pid, isolation=self.record.isolation,
+                        workdir=self.record.workdir, data=self.record.model_dump(mode="json"))
+
+
+class KvmVmm(VmmDriver):
+    """QEMU ``microvm`` VMs: KVM where the host can run a stock guest, else TCG."""
+
+    capabilities: ClassVar[frozenset[str]] = frozenset({CAP_SNAPSHOT, CAP_PAUSE, CAP_REATTACH})
+
+    def __init__(self, config: KvmConfig) -> None:
+        self.config = config
+        self._accel: AccelReport | None = None
+        self._qemu: str | None = None
+        self._cgroups: CgroupLayout | None = None
+        self._tsc_khz = 0
+        self._vms: dict[str, _LiveVm] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- driver-wide ---------------------------------------------------------------------------
+
+    @property
+    def accel(self) -> AccelReport:
+        if self._accel is None:
+            self._accel = detect(self.config.accel)
+        return self._accel
+
+    @property
+    def isolation(self) -> Isolation:
+        return self.accel.isolation
+
+    async def start(self) -> None:
+        """Find QEMU, choose the accelerator, prepare directories and cgroups."""
+        binary = shutil.which(self.config.qemu_binary)
+        if binary is None:
+            raise ConfigError(f"QEMU binary {self.config.qemu_binary!r} not found "
+                              "(install qemu-system-x86 or set [vmm.options] qemu_binary)")
+        self._qemu = binary
+        self._accel = detect(self.config.accel)
+        for directory in (self.config.run_dir, self.config.mem_dir):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.config.cgroups:
+            self._cgroups = detect_layout()
+            if self._cgroups is None:
+                log.warning("no cgroup hierarchy with cpu/memory/pids found; VMs run without limits")
+        self._tsc_khz = host_tsc_khz()
+        log.info("vmm started", qemu=binary, accel=self.accel.accel, isolation=self.accel.isolation,
+                 reason=self.accel.reason,
+                 cgroup_version=self._cgroups.version if self._cgroups else None)
+
+    async def close(self) -> None:
+        """Drop our QMP and control connections; the VMs keep running."""
+        vms, self._vms = self._vms, {}
+        for vm in vms.values():
+            await vm.ctl.close()
+            await vm.qmp.close()
+
+    def _binary(self) -> str:
+        if self._qemu is None:
+            raise VmmError("KvmVmm.start() was not called")
+        return self._qemu
+
+    def _lock(self, vm_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    # -- building blocks -----------------------------------------------------------------------
+
+    def _cpu_model(self) -> str:
+        if self.config.cpu_model:
+            return self.config.cpu_model
+        return "host" if self.accel.accel == "kvm" else "qemu64,+arat"
+
+    def _append(self, spec: VmSpec, nic: NicHandle | None) -> str:
+        parts = ["console=ttyS0", "root=/dev/vda", "rw", "rootfstype=ext4", "init=/sbin/cube-init",
+                 "panic=-1", "quiet"]
+        if self.accel.accel == "tcg":
+            parts += ["tsc=reliable", f"tsc_early_khz={self._tsc_khz}"] if self._tsc_khz else []
+        if nic is not None:
+            # Without a NIC the kernel's IP autoconfig would wait 12 s for a device: leave it out.
+            parts.append(f"ip={GUEST_IP}::{GATEWAY_IP}:255.255.255.252:cube:eth0:off")
+        parts.append(f"cube.interpreter={1 if spec.interpreter else 0}")
+        parts += list(spec.cmdline_extra)
+        return " ".join(parts)
+
+    def _limits(self, memory_mb: int, cpu_count: int) -> CgroupLimits:
+        cfg = self.config
+        period = 100_000
+        quota = None if cfg.cpu_cores_per_vcpu == 0 else max(1000, int(cpu_count * cfg.cpu_cores_per_vcpu * period))
+        return CgroupLimits(cpu_quota_us=quota, cpu_period_us=period,
+                            memory_bytes=(memory_mb + cfg.memory_overhead_mb) << 20, pids_max=cfg.pids_max)
+
+    def _workdir(self, vm_id: str) -> Path:
+        workdir = self.config.run_dir / qemu.check_vm_id(vm_id)
+        if workdir.exists():
+            try:
+                old = persist.restore(workdir)
+            except VmmError:
+                old = None
+            if old is not None and qemu.is_our_qemu(old.pid, old.vm_id, old.workdir):
+                raise VmmError(f"VM {vm_id} already runs (pid {old.pid})")
+            shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True, mode=0o700)
+        return workdir
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, func, *args)
+
+    async def _launch(self, machine: MachineSpec, record_fields: dict[str, Any],
+                      cpu_count: int) -> _LiveVm:
+        """Spawn QEMU for ``machine``, put it in its cgroup and connect QMP."""
+        tap_fd = machine.tap_fd
+        argv = qemu.build_argv(self._binary(), machine)
+        (machine.workdir / "argv").write_text("\0".join(argv))
+        group: VmCgroup | None = None
+        pid: int | None = None
+        try:
+            if self._cgroups is not None:
+                group = await self._run(VmCgroup.create, self._cgroups, self.config.cgroup_parent,
+                                        machine.vm_id, self._limits(machine.memory_mb, cpu_count))
+            pid = qemu.spawn(argv, log_path=machine.qemu_log, pass_fds=() if tap_fd is None else (tap_fd,))
+            if group is not None:
+                group.add_pid(pid)
+            record = VmRecord(
+                vm_id=machine.vm_id, pid=pid, workdir=machine.workdir, qmp_socket=machine.qmp_socket,
+                ctl_socket=machine.ctl_socket, console_log=machine.console_log, ram_file=machine.ram_file,
+                ram_shared=machine.ram_shared, accel=machine.accel, isolation=machine.accel,
+                memory_mb=machine.memory_mb, cpu_count=cpu_count, kernel=machine.kernel, append=machine.append,
+                cpu_model=machine.cpu_model, pic=machine.pic, has_nic=tap_fd is not None,
+                guest_mac=machine.guest_mac, cgroup_version=group.version if group else 0,
+                cgroup_paths=group.paths if group else {}, **record_fields)
+            persist.save(record)
+            qmp = Qmp(machine.vm_id, machine.qmp_socket)
+            await qmp.connect(timeout=self.config.qmp_timeout_s, pid=pid, qemu_log=machine.qemu_log)
+        except BaseException:
+            if pid is not None:
+                qemu.send_signal(pid, signal.SIGKILL)
+                await qemu.wait_exit(pid, 5.0)
+            if group is not None:
+                with contextlib.suppress(VmmError):
+                    group.remove()
+            raise
+        finally:
+            if tap_fd is not None:
+                os.close(tap_fd)
+        return _LiveVm(record, qmp, ControlChannel(machine.vm_id, machine.ctl_socket), group)
+
+    async def _open_tap(self, nic: NicHandle | None) -> int | None:
+        if nic is None:
+            return None
+        if not nic.tap:
+            raise VmmError(f"network slot {nic.slot_id} has no tap device")
+        return await self._run(lambda: open_tap(nic.netns, nic.tap or "", vnet_hdr=self.config.tap_vnet_hdr))
+
+    async def _get(self, vm: VmHandle) -> _LiveVm:
+        live = self._vms.get(vm.vm_id)
+        if live is None:
+            await self.reattach(vm)
+            live = self._vms[vm.vm_id]
+        return live
+
+    # -- VmmDriver -----------------------------------------------------------------------------
+
+    async def boot(self, spec: VmSpec, nic: NicHandle | None) -> VmHandle:
+        """Cold-boot ``spec``; returns once QEMU runs and answers QMP (the guest is still booting)."""
+        self._binary()
+        async with self._lock(spec.vm_id):
+            workdir = self._workdir(spec.vm_id)
+            ram_file = self.config.mem_dir / f"{spec.vm_id}.ram"
+            ram_file.unlink(missing_ok=True)
+            if spec.cpu_count > 1:
+                log.info("guest kernel is uniprocessor: booting 1 vCPU", vm_id=spec.vm_id,
+                         cpu_count=spec.cpu_count)
+            disk = spec.rootfs_disk
+            started = time.monotonic()
+            try:
+                tap_fd = await self._open_tap(nic)
+                machine = MachineSpec(
+                    vm_id=spec.vm_id, workdir=workdir, kernel=self.config.kernel or spec.kernel,
+                    append=self._append(spec, nic), memory_mb=spec.memory_mb, accel=self.accel.accel,
+                    cpu_model=self._cpu_model(), ram_file=ram_file, ram_shared=True, disk_path=disk.path,
+                    disk_format=disk.format, disk_readonly=disk.readonly, disk_cache=self.config.disk_cache,
+                    tb_size_mb=self.config.tb_size_mb, pic=self.config.pic, tap_fd=tap_fd,
+                    guest_mac=(nic.guest_mac if nic else None), incoming=False, seccomp=self.config.seccomp)
+                live = await self._launch(machine, {"ram_owned": True}, spec.cpu_count)
+            except BaseException:
+                shutil.rmtree(workdir, ignore_errors=True)
+                ram_file.unlink(missing_ok=True)
+                raise
+            self._vms[spec.vm_id] = live
+            log.info("vm booting", vm_id=spec.vm_id, pid=live.record.pid, accel=machine.accel,
+                     spawn_ms=round((time.monotonic() - started) * 1000, 1))
+            return live.handle()
+
+    async def wait_ready(self, vm: VmHandle, *, timeout: float) -> dict[str, Any]:
+        live = await self._get(vm)
+        try:
+            return await live.ctl.wait_ready(timeout=timeout)
+        except VmmError as exc:
+            if not qemu.is_running(live.record.pid):
+                tail = qemu.log_tail(live.record.console_log)
+                error = qemu.log_tail(live.record.workdir / "qemu.log")
+                raise VmmError(f"VM {vm.vm_id}: QEMU exited before the guest was ready: {error}; "
+                               f"console: {tail}") from exc
+            raise
+
+    async def guest_call(self, vm: VmHandle, op: str, params: dict[str, Any] | None = None, *,
+                         timeout: float = 10.0) -> dict[str, Any]:
+        live = await self._get(vm)
+        return await live.ctl.call(op, params, timeout=timeout)
+
+    async def pause(self, vm: VmHandle) -> None:
+        live = await self._get(vm)
+        await live.qmp.execute("stop", timeout=self.config.qmp_timeout_s)
+
+    async def resume(self, vm: VmHandle) -> None:
+        live = await self._get(vm)
+        await live.qmp.execute("cont", timeout=self.config.qmp_timeout_s)
+
+    async def is_alive(self, vm: VmHandle) -> bool:
+        record = self._vms[vm.vm_id].record if vm.vm_id in self._vms else persist.record_from_data(vm.data)
+        return qemu.is_our_qemu(record.pid, record.vm_id, record.workdir)
+
+    async def snapshot(self, vm: VmHandle, target_dir: Path) -> VmState:
+        """Save ``vm`` into ``target_dir`` (``memory.ram`` + ``device.state``); the VM keeps its run
+        state (a running VM runs again when this returns, a paused one stays paused).
+
+        A running guest is asked to ``prepare_snapshot`` first (sync disks, drop host connections).
+        A paused VM is saved as it is (memory, devices and disk are consistent at the pause); its
+        clones come up paused and ``restore`` continues them. To freeze the disk at the snapshot
+        point of a VM that keeps running, pause it first, snapshot, freeze the disk, resume.
+        """
+        live = await self._get(vm)
+        rec = live.record
+        async with self._lock(vm.vm_id):
+            was_running = await live.qmp.status() == "running"
+            if was_running:
+                await live.ctl.call("prepare_snapshot", timeout=self.config.snapshot_timeout_s)
+            target_dir.mkdir(parents=True, exist_ok=True)
+            state_path = target_dir / snapshot.STATE_FILE
+            started = time.monotonic()
+            fmt: Literal["shared", "full"] = "shared" if rec.ram_shared else "full"
+            save_ms = await snapshot.save_state(live.qmp, state_path, ignore_shared=rec.ram_shared,
+                                                timeout=self.config.snapshot_timeout_s)
+            try:
+                if rec.ram_shared:
+                    memory_file = target_dir / snapshot.MEMORY_FILE
+                    copied = await self._run(snapshot.copy_sparse, rec.ram_file, memory_file)
+                else:
+                    memory_file, copied = state_path, 0
+            finally:
+                if was_running:
+                    await live.qmp.execute("cont", timeout=self.config.qmp_timeout_s)
+            total_ms = (time.monotonic() - started) * 1000
+            log.info("vm snapshot saved", vm_id=vm.vm_id, format=fmt, save_ms=round(save_ms, 1),
+                     total_ms=round(total_ms, 1), ram_copied_mib=round(copied / 2**20, 1),
+                     state_bytes=state_path.stat().st_size)
+            data = SnapshotRecord(format=fmt, accel=rec.accel, append=rec.append, cpu_model=rec.cpu_model,
+                                  pic=rec.pic, has_nic=rec.has_nic, guest_mac=rec.guest_mac,
+                                  save_ms=round(save_ms, 2))
+            return VmState(state_id=target_dir.name, memory_file=memory_file, device_state=state_path,
+                           memory_mb=rec.memory_mb, cpu_count=rec.cpu_count, kernel=rec.kernel,
+                           isolation=rec.isolation, data=data.model_dump(mode="json"))
+
+    async def restore(self, state: VmState, spec: VmSpec, nic: NicHandle | None) -> VmHandle:
+        """Start a clone of ``state`` with ``spec``'s disk and ``nic``; it runs when this returns."""
+        self._binary()
+        saved = persist.snapshot_from_data(state.data)
+        if saved.accel != self.accel.accel:
+            raise VmmError(f"snapshot {state.state_id} was made under {saved.accel}, "
+                           f"this node runs {self.accel.accel}")
+        if saved.has_nic != (nic is not None):
+            raise VmmError(f"snapshot {state.state_id} was made {'with' if saved.has_nic else 'without'} a NIC; "
+                           "a clone must have the same devices")
+        if nic is not None and saved.guest_mac and nic.guest_mac != saved.guest_mac:
+            log.warning("clone NIC MAC differs from the snapshot's; the guest keeps the snapshot's",
+                        vm_id=spec.vm_id, snapshot_mac=saved.guest_mac, nic_mac=nic.guest_mac)
+        for path in (state.memory_file, state.device_state, state.kernel):
+            if not path.exists():
+                # The kernel must be the very file the snapshot booted: QEMU reads it at start-up
+                # and its ROM blobs are part of the saved machine.
+                raise VmmError(f"snapshot {state.state_id}: {path} is missing")
+        if spec.memory_mb != state.memory_mb:
+            log.info("clone memory size comes from the snapshot", vm_id=spec.vm_id,
+                     snapshot_mb=state.memory_mb, requested_mb=spec.memory_mb)
+        async with self._lock(spec.vm_id):
+            started = time.monotonic()
+            workdir = self._workdir(spec.vm_id)
+            shared = saved.format == "shared"
+            ram_file = state.memory_file if shared else self.config.mem_dir / f"{spec.vm_id}.ram"
+            if not shared:
+                ram_file.unlink(missing_ok=True)
+            disk = spec.rootfs_disk
+            live: _LiveVm | None = None
+            try:
+                tap_fd = await self._open_tap(nic)
+                machine = MachineSpec(
+                    vm_id=spec.vm_id, workdir=workdir, kernel=state.kernel, append=saved.append,
+                    memory_mb=state.memory_mb, accel=saved.accel, cpu_model=saved.cpu_model,
+                    ram_file=ram_file, ram_shared=not shared, disk_path=disk.path, disk_format=disk.format,
+                    disk_readonly=disk.readonly, disk_cache=self.config.disk_cache,
+                    tb_size_mb=self.config.tb_size_mb, pic=saved.pic, tap_fd=tap_fd,
+                    guest_mac=(nic.guest_mac if nic else None), incoming=True, seccomp=self.config.seccomp)
+                live = await self._launch(machine, {"ram_owned": not shared, "restored_from": state.state_id},
+                                          spec.cpu_count)
+                spawned = time.monotonic()
+                running = await snapshot.load_state(live.qmp, state.device_state, ignore_shared=shared,
+                                                    timeout=self.config.snapshot_timeout_s)
+                if not running:
+                    # Saved from a paused source: the clone comes up paused too.
+                    await live.qmp.execute("cont", timeout=self.config.qmp_timeout_s)
+            except BaseException:
+                if live is not None:
+                    self._vms[spec.vm_id] = live
+                    with contextlib.suppress(VmmError):
+                        await self._teardown(live, timeout=2.0)
+                shutil.rmtree(workdir, ignore_errors=True)
+                if not shared:
+                    ram_file.unlink(missing_ok=True)
+                raise
+            self._vms[spec.vm_id] = live
+            done = time.monotonic()
+            log.info("vm restored", vm_id=spec.vm_id, pid=live.record.pid, state_id=state.state_id,
+                     format=saved.format, spawn_ms=round((spawned - started) * 1000, 1),
+                     restore_ms=round((done - started) * 1000, 1))
+            return live.handle()
+
+    async def reattach(self, vm: VmHandle) -> VmHandle:
+        """Take over a VM started by an earlier driver (or node-agent process) from its handle."""
+        record = persist.record_from_data(vm.data)
+        if record.vm_id != vm.vm_id:
+            raise VmmError(f"handle of {vm.vm_id} carries the record of {record.vm_id}")
+        if not qemu.is_our_qemu(record.pid, record.vm_id, record.workdir):
+            raise VmmError(f"VM {vm.vm_id}: pid {record.pid} is not its QEMU any more (exited or reused)")
+        old = self._vms.pop(vm.vm_id, None)
+        if old is not None:
+            await old.ctl.close()
+            await old.qmp.close()
+        qmp = Qmp(record.vm_id, record.qmp_socket)
+        await qmp.connect(timeout=self.config.qmp_timeout_s, pid=record.pid)
+        group = VmCgroup(record.cgroup_version, record.cgroup_paths) if record.cgroup_version else None
+        live = _LiveVm(record, qmp, ControlChannel(record.vm_id, record.ctl_socket), group)
+        self._vms[vm.vm_id] = live
+        log.info("vm reattached", vm_id=vm.vm_id, pid=record.pid)
+        return live.handle()
+
+    async def shutdown(self, vm: VmHandle, *, timeout: float = 10.0) -> None:
+        """QMP ``quit``, then SIGTERM, then SIGKILL; then free the work directory, cgroup and the
+        VM's own RAM file (never a snapshot's files). Idempotent."""
+        async with self._lock(vm.vm_id):
+            live = self._vms.get(vm.vm_id)
+            if live is None:
+                try:
+                    record = persist.record_from_data(vm.data)
+                except VmmError:
+                    record = None
+                if record is None:
+                    return
+                group = VmCgroup(record.cgroup_version, record.cgroup_paths) if record.cgroup_version else None
+                live = _LiveVm(record, Qmp(record.vm_id, record.qmp_socket),
+                               ControlChannel(record.vm_id, record.ctl_socket), group)
+                self._vms[vm.vm_id] = live
+            await self._teardown(live, timeout=timeout)
+        self._locks.pop(vm.vm_id, None)
+
+    async def _teardown(self, live: _LiveVm, *, timeout: float) -> None:
+        rec = live.record
+        ours = qemu.is_our_qemu(rec.pid, rec.vm_id, rec.workdir)
+        errors: list[str] = []
+        try:
+            await live.ctl.close()
+            if ours:
+                await self._stop_process(live, timeout, errors)
+        finally:
+            await live.qmp.close()
+            self._vms.pop(rec.vm_id, None)
+            if live.cgroup is not None:
+                try:
+                    await self._run(live.cgroup.remove)
+                except VmmError as exc:
+                    errors.append(str(exc))
+            shutil.rmtree(rec.workdir, ignore_errors=True)
+            if rec.ram_owned:
+                rec.ram_file.unlink(missing_ok=True)
+        if errors:
+            raise AbnormalShutdownError(vm_id=rec.vm_id, reason="; ".join(errors))
+
+    async def _stop_process(self, live: _LiveVm, timeout: float, errors: list[str]) -> None:
+        rec = live.record
+        soft = max(0.5, timeout / 2)
+        try:
+            if not live.qmp.connected:
+                await live.qmp.connect(timeout=min(1.0, soft), pid=rec.pid)
+            with contextlib.suppress(VmmError):  # QEMU may close the socket before it answers
+                await live.qmp.execute("quit", timeout=soft)
+            if await qemu.wait_exit(rec.pid, soft):
+                log.info("vm stopped", vm_id=rec.vm_id)
+                return
+        except VmmError as exc:
+            log.warning("QMP quit failed; signalling", vm_id=rec.vm_id, error=str(exc))
+        for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+            qemu.send_signal(rec.pid, sig)
+            if await qemu.wait_exit(rec.pid, wait):
+                log.warning("vm stopped by signal", vm_id=rec.vm_id, signal=sig.name)
+                return
+        errors.append(f"pid {rec.pid} survived SIGKILL")

@@ -1,0 +1,22 @@
+"""The ``kvm`` VMM plugin (entry point ``cube.vmm: kvm``): configuration and hook wiring only."""
+
+from __future__ import annotations
+
+from cube_core import VmmDriver, hookimpl
+
+from .config import KvmConfig
+from .driver import KvmVmm
+
+
+class KvmPlugin:
+    """QEMU ``microvm`` backend: KVM where the host can run a stock guest, TCG emulation otherwise."""
+
+    Config = KvmConfig
+
+    def __init__(self, config: KvmConfig) -> None:
+        self.config = config
+        self.driver = KvmVmm(config)
+
+    @hookimpl
+    def cube_vmm_driver(self) -> VmmDriver:
+        return self.driver
