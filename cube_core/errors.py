@@ -12,7 +12,7 @@ are chosen only by the API plugin, from this tree::
     ├── AuthError
     ├── VmmError ── AbnormalShutdownError, GuestTimeoutError
     ├── NetworkError
-    ├── StorageError ── SnapshotNotFoundError, CapacityError
+    ├── StorageError ── SnapshotNotFoundError, SnapshotInUseError, CapacityError
     ├── SchedulingError ── NoCapacityError
     └── UnsupportedOperation
 
@@ -121,6 +121,10 @@ class StorageError(CubeError):
 
 class SnapshotNotFoundError(StorageError):
     msg_fmt = "snapshot {snapshot_id} not found"
+
+
+class SnapshotInUseError(StorageError):
+    msg_fmt = "snapshot {snapshot_id} is in use: {detail}"
 
 
 class CapacityError(StorageError):

@@ -50,6 +50,7 @@ class SandboxSpec(Frozen):
     cpu_count: int = Field(default=1, ge=1, le=64)
     memory_mb: int = Field(default=512, ge=64, le=1 << 20)
     from_snapshot: str | None = None
+    """Set by the service when ``template_id`` names a snapshot of the caller's team."""
 
 
 class Sandbox(Frozen):
@@ -95,6 +96,8 @@ class SnapshotRef(Frozen):
     created_at: datetime = Field(default_factory=utcnow)
     vm_state: dict[str, Any] = Field(default_factory=dict)
     disk: dict[str, Any] = Field(default_factory=dict)
+    names: tuple[str, ...] = ()
+    metadata: dict[str, str] = Field(default_factory=dict)
 
 
 class Template(Frozen):
@@ -177,6 +180,7 @@ class VmSpec(Frozen):
     cpu_count: int = 1
     interpreter: bool = False
     cmdline_extra: tuple[str, ...] = ()
+    """Extra kernel parameters. Never ``--``: QEMU appends its device list after them."""
 
 
 class DiskHandle(Frozen):
@@ -213,7 +217,8 @@ class VmHandle(Frozen):
 
 
 class VmState(Frozen):
-    """A saved VM: memory file + device state, enough to restore clones from."""
+    """A saved VM: memory file + device state, enough to restore clones from. ``memory_file``
+    equals ``device_state`` when the RAM is inside the state stream (snapshots of clones)."""
 
     state_id: str
     memory_file: Path

@@ -30,6 +30,8 @@ from cube_core.errors import (
     InvalidStateError,
     NoCapacityError,
     SandboxNotFoundError,
+    SnapshotInUseError,
+    SnapshotNotFoundError,
     TemplateError,
     TemplateNotFoundError,
     UnsupportedOperation,
@@ -42,6 +44,7 @@ from cube_core.models import (
     Node,
     Sandbox,
     SandboxSpec,
+    SnapshotRef,
     StopReason,
     Team,
     Template,
@@ -216,7 +219,11 @@ class SandboxService:
         return out
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
+        """Create a sandbox from a template (id or alias) or from one of the team's snapshots."""
         started = time.perf_counter()
+        snap = self.store.get_snapshot(spec.template_id)
+        if snap is not None and snap.team_id == spec.team_id:
+            spec = spec.model_copy(update={"from_snapshot": snap.snapshot_id, "template_id": snap.template_id})
         template = self.get_template(spec.template_id)
         if template.status != TemplateStatus.READY:
             raise TemplateError(f"template {spec.template_id!r} is {template.status.value}, not ready")
@@ -235,7 +242,7 @@ class SandboxService:
             memory_mb=template.memory_mb, auto_pause=spec.auto_pause, secure=spec.secure,
             envd_access_token=ids.access_token() if spec.secure else None, network=spec.network,
             node_id=node.node_id, isolation=self.vmm.isolation)
-        member = self.pool.take(template.template_id) if self.pool.enabled else None
+        member = self.pool.take(template.template_id) if self.pool.enabled and not spec.from_snapshot else None
         runtime = Runtime.load(member.runtime) if member else Runtime()
         sandbox = sandbox.model_copy(update={"runtime": runtime.dump()})
         self.store.put_sandbox(sandbox)
@@ -246,8 +253,9 @@ class SandboxService:
             else:
                 await self._start_vm(sandbox, template, spec, runtime)
             boot = await self._personalize(sandbox, runtime)
+            lineage = {"parent_snapshot": spec.from_snapshot} if spec.from_snapshot else {}
             sandbox = sandbox.model_copy(update={
-                "state": SandboxState.RUNNING, "runtime": runtime.dump(),
+                "state": SandboxState.RUNNING, "runtime": {**runtime.dump(), **lineage},
                 "boot_id": boot.get("boot_id"),
                 "end_at": utcnow() + timedelta(seconds=spec.timeout_s)})
             self.store.put_sandbox(sandbox)
@@ -264,7 +272,9 @@ class SandboxService:
                         runtime: Runtime) -> None:
         rules = self.host.hooks.egress_rules(spec)
         runtime.nic = await self.network.allocate(sandbox.sandbox_id, spec.network, rules)
-        snap = template.snapshot
+        snap = self.store.get_snapshot(spec.from_snapshot) if spec.from_snapshot else template.snapshot
+        if spec.from_snapshot and snap is None:
+            raise SnapshotNotFoundError(snapshot_id=spec.from_snapshot)
         if snap is not None and CAP_SNAPSHOT in self.vmm.capabilities:
             base = DiskHandle.model_validate(snap.disk)
             runtime.disk = await self.storage.create_disk(sandbox.sandbox_id, base.path)
@@ -436,6 +446,106 @@ class SandboxService:
         self._record(sandbox_id)
         return await self.vmm.guest_call(self._runtime(sandbox_id).vm,  # type: ignore[arg-type]
                                          "exec", {"cmd": cmd}, timeout=timeout)
+
+    # -- snapshots, fork, rollback ---------------------------------------------------------------
+
+    async def snapshot(self, team_id: str, sandbox_id: str, *, name: str | None = None,
+                       kind: str = "snapshot") -> SnapshotRef:
+        """Save a running or paused sandbox (memory, devices, disk layer); it keeps its state."""
+        self._record(sandbox_id, team_id)
+        async with self._lock(sandbox_id):
+            sb = self._record(sandbox_id, team_id)
+            if sb.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
+                raise InvalidStateError(sandbox_id=sandbox_id, state=sb.state.value, required="running or paused")
+            if CAP_SNAPSHOT not in self.vmm.capabilities:
+                raise UnsupportedOperation(driver=type(self.vmm).__name__, operation="snapshot")
+            runtime = self._runtime(sandbox_id)
+            assert runtime.vm is not None and runtime.disk is not None
+            snapshot_id = "snap" + ids.sandbox_id()[:16]
+            was_running = sb.state == SandboxState.RUNNING
+            if was_running:
+                await self.vmm.pause(runtime.vm)
+            try:
+                state = await self.vmm.snapshot(runtime.vm, self.storage.snapshot_dir(snapshot_id))
+                frozen = await self.storage.freeze_disk(runtime.disk, snapshot_id)
+            except BaseException:
+                await self.storage.delete_snapshot(snapshot_id)
+                raise
+            finally:
+                if was_running:
+                    await self.vmm.resume(runtime.vm)
+            ref = SnapshotRef(snapshot_id=snapshot_id, template_id=sb.template_id, sandbox_id=sandbox_id,
+                              parent_id=sb.runtime.get("parent_snapshot") or self._template_snapshot_id(sb),
+                              team_id=team_id, vm_state=state.model_dump(mode="json"),
+                              disk=frozen.model_dump(mode="json"), names=(name,) if name else (),
+                              metadata={"kind": kind})
+            self.store.put_snapshot(ref)
+        await self.host.hooks.snapshot_taken(sb, ref)
+        return ref
+
+    def _template_snapshot_id(self, sb: Sandbox) -> str | None:
+        template = self.store.get_template(sb.template_id)
+        return template.snapshot.snapshot_id if template and template.snapshot else None
+
+    def list_snapshots(self, team_id: str, sandbox_id: str | None = None) -> builtins.list[SnapshotRef]:
+        return self.store.list_snapshots(team_id=team_id, sandbox_id=sandbox_id)
+
+    def get_snapshot(self, team_id: str, snapshot_id: str) -> SnapshotRef:
+        ref = self.store.get_snapshot(snapshot_id)
+        if ref is None or ref.team_id != team_id:
+            raise SnapshotNotFoundError(snapshot_id=snapshot_id)
+        return ref
+
+    async def delete_snapshot(self, team_id: str, snapshot_id: str) -> None:
+        self.get_snapshot(team_id, snapshot_id)
+        children = [s.snapshot_id for s in self.store.list_snapshots() if s.parent_id == snapshot_id]
+        if children:
+            raise SnapshotInUseError(snapshot_id=snapshot_id, detail=f"snapshots {', '.join(children)} build on it")
+        self.store.delete_snapshot(snapshot_id)
+        await self.storage.delete_snapshot(snapshot_id)  # keeps a disk layer live sandboxes still use
+
+    async def fork(self, team_id: str, sandbox_id: str, count: int = 1,
+                   timeout_s: int | None = None) -> builtins.list[Sandbox]:
+        """``count`` independent copies of a sandbox as it is now, each with a fresh identity."""
+        sb = self._record(sandbox_id, team_id)
+        ref = await self.snapshot(team_id, sandbox_id, kind="fork")
+        spec = SandboxSpec(template_id=ref.snapshot_id, team_id=team_id, metadata=sb.metadata,
+                           env_vars=sb.env_vars, auto_pause=sb.auto_pause, secure=sb.secure, network=sb.network,
+                           timeout_s=timeout_s or max(1, int((sb.end_at - utcnow()).total_seconds())))
+        return [await self.create(spec) for _ in range(count)]
+
+    async def rollback(self, team_id: str, sandbox_id: str, snapshot_id: str) -> Sandbox:
+        """Put a sandbox back to one of its snapshots: same id, token and deadline."""
+        ref = self.get_snapshot(team_id, snapshot_id)
+        if ref.sandbox_id != sandbox_id:
+            raise SnapshotNotFoundError(snapshot_id=snapshot_id)
+        async with self._lock(sandbox_id):
+            sb = self._record(sandbox_id, team_id)
+            old = self._runtime(sandbox_id)
+            template = self.get_template(sb.template_id)
+            fresh = Runtime(nic=old.nic)
+            base = DiskHandle.model_validate(ref.disk)
+            fresh.disk = await self.storage.create_disk(f"{sandbox_id}-r{ids.short_id('')[:6]}", base.path)
+            state = VmState.model_validate(ref.vm_state)
+            assert old.vm is not None
+            await self.vmm.shutdown(old.vm)
+            try:
+                fresh.vm = await self.vmm.restore(state, VmSpec(
+                    vm_id=f"{sandbox_id}-r{ids.short_id('')[:6]}", kernel=state.kernel, rootfs_disk=fresh.disk,
+                    memory_mb=state.memory_mb, interpreter=template.interpreter), fresh.nic)
+            except BaseException:
+                await self.storage.delete_disk(fresh.disk)
+                raise
+            if old.disk is not None:
+                await self.storage.delete_disk(old.disk)
+            self._live[sandbox_id] = fresh
+            boot = await self._personalize(sb, fresh)
+            if sb.state == SandboxState.PAUSED:
+                await self.vmm.pause(fresh.vm)
+            sb = sb.model_copy(update={"runtime": {**fresh.dump(), "parent_snapshot": snapshot_id},
+                                       "boot_id": boot.get("boot_id")})
+            self.store.put_sandbox(sb)
+            return sb
 
     # -- timeouts -----------------------------------------------------------------------------
 

@@ -66,12 +66,16 @@ class VmmDriver(abc.ABC):
         raise UnsupportedOperation(driver=type(self).__name__, operation="resume")
 
     async def snapshot(self, vm: VmHandle, target_dir: Path) -> VmState:
-        """Save memory and device state into ``target_dir``; the VM keeps running."""
+        """Save memory and device state into ``target_dir``; the VM keeps its run state (a running
+        VM runs on, a paused one stays paused). To freeze a disk at the same point: pause,
+        snapshot, freeze the disk, resume. For a VM whose RAM is not a shared file (a clone), the
+        RAM goes into the state stream and ``memory_file`` equals ``device_state``."""
         raise UnsupportedOperation(driver=type(self).__name__, operation="snapshot")
 
     async def restore(self, state: VmState, spec: VmSpec, nic: NicHandle | None) -> VmHandle:
         """Start a copy-on-write clone of ``state`` with its own disk and NIC; it runs when this
-        returns (the guest may still need ``wait_ready``-free personalization)."""
+        returns. The first ``guest_call`` may include the control channel's handshake (tens of ms
+        under TCG while the guest retranslates its code)."""
         raise UnsupportedOperation(driver=type(self).__name__, operation="restore")
 
     async def reattach(self, vm: VmHandle) -> VmHandle:

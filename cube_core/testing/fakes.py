@@ -7,7 +7,7 @@ enable them in a real deployment: ``cube doctor`` and ``/health`` report ``isola
 from __future__ import annotations
 
 import hashlib
-import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable, Sequence
@@ -185,7 +185,7 @@ class MemoryStorage(StorageDriver):
 
     async def freeze_disk(self, disk: DiskHandle, snapshot_id: str) -> DiskHandle:
         target = self.snapshot_dir(snapshot_id) / "disk.qcow2"
-        os.replace(disk.path, target)
+        shutil.copyfile(disk.path, target)
         return DiskHandle(disk_id=snapshot_id, path=target, readonly=True)
 
     async def delete_disk(self, disk: DiskHandle) -> None:

@@ -30,6 +30,7 @@ from cube_core import (
     SandboxError,
     SandboxNotFoundError,
     SchedulingError,
+    SnapshotInUseError,
     SnapshotNotFoundError,
     StorageError,
     TemplateBuildError,
@@ -62,6 +63,7 @@ ERROR_TABLE: dict[type[CubeError], HttpError] = {
     SandboxNotFoundError: HttpError(404),
     TemplateNotFoundError: HttpError(404),
     SnapshotNotFoundError: HttpError(404),
+    SnapshotInUseError: HttpError(409),
     InvalidStateError: HttpError(409),
     AdmissionRejectedError: HttpError(403),  # retryable rejections: 429, see http_error()
     NoCapacityError: HttpError(503, retry=True, error_code="sandbox_capacity_unavailable"),

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import structlog
-from cube_core import CubeError, Sandbox, SandboxSpec, SandboxState, UnsupportedOperation
+from cube_core import CubeError, Sandbox, SandboxSpec, SandboxState
 from fastapi import APIRouter, Body, Depends, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -33,11 +33,15 @@ from cube_api_e2b.schemas import (
     ConnectSandbox,
     ConnectSandboxV2,
     ErrorBody,
+    ForkItemOut,
+    ForkSandbox,
     ListedSandboxOut,
     NetworkAuditOut,
     NewSandbox,
     NewSandboxV2,
+    NewSnapshot,
     ResumedSandbox,
+    RollbackSandbox,
     SandboxDetailOut,
     SandboxesWithMetricsOut,
     SandboxLogsOut,
@@ -48,10 +52,11 @@ from cube_api_e2b.schemas import (
     SandboxPauseRequest,
     SandboxRefreshRequest,
     SandboxTimeoutRequest,
+    SnapshotInfoOut,
     TemplateAliasOut,
     TemplateOut,
 )
-from cube_api_e2b.views import TemplateLookup, detail_out, listed_out, sandbox_out, template_out
+from cube_api_e2b.views import TemplateLookup, detail_out, listed_out, sandbox_out, snapshot_out, template_out
 
 log = structlog.get_logger(__name__)
 
@@ -379,15 +384,49 @@ def build_routers(ctx: E2bContext) -> list[APIRouter]:
         service.get(team.team_id, sandbox_id)
         return SandboxLogsV2Out(logs=[])
 
-    @router.post("/sandboxes/{sandbox_id}/fork", responses=_errors(404, 501), summary="Not supported yet (501)")
-    async def fork(sandbox_id: str, team: Team) -> None:
-        service.get(team.team_id, sandbox_id)
-        raise UnsupportedOperation(driver="this Cube server", operation="fork")
+    @router.post("/sandboxes/{sandbox_id}/fork", status_code=201, response_model=list[ForkItemOut],
+                 response_model_exclude_none=True, responses=_errors(400, 404, 409, 500),
+                 summary="Fork: independent copies of a sandbox as it is now, each with a fresh identity")
+    async def fork(sandbox_id: str, team: Team,
+                   body: Annotated[ForkSandbox | None, Body()] = None) -> list[ForkItemOut]:
+        body = body or ForkSandbox()
+        forks = await service.fork(team.team_id, sandbox_id, count=body.count, timeout_s=body.timeout)
+        return [ForkItemOut(sandbox=sandbox_out(ctx, sb)) for sb in forks]
 
-    @router.post("/sandboxes/{sandbox_id}/snapshots", responses=_errors(404, 501), summary="Not supported yet (501)")
-    async def snapshot(sandbox_id: str, team: Team) -> None:
-        service.get(team.team_id, sandbox_id)
-        raise UnsupportedOperation(driver="this Cube server", operation="snapshots")
+    @router.post("/sandboxes/{sandbox_id}/snapshots", status_code=201, response_model=SnapshotInfoOut,
+                 responses=_errors(400, 404, 409, 500), summary="Snapshot a sandbox (memory, processes, disk)")
+    async def snapshot(sandbox_id: str, team: Team,
+                       body: Annotated[NewSnapshot | None, Body()] = None) -> SnapshotInfoOut:
+        body = body or NewSnapshot()
+        if body.memory is False:
+            raise InvalidRequestError(field="memory", reason="filesystem-only snapshots are not supported")
+        ref = await service.snapshot(team.team_id, sandbox_id, name=body.name)
+        return snapshot_out(ref)
+
+    @router.post("/sandboxes/{sandbox_id}/rollback", response_model=SandboxOut, responses=_errors(400, 404, 500),
+                 summary="Cube extension: put a sandbox back to one of its snapshots (same id)")
+    async def rollback(sandbox_id: str, body: RollbackSandbox, team: Team) -> SandboxOut:
+        return sandbox_out(ctx, await service.rollback(team.team_id, sandbox_id, body.snapshot_id))
+
+    @templates.get("/snapshots", response_model=list[SnapshotInfoOut], responses=_errors(400, 500),
+                   summary="List the team's snapshots")
+    async def list_snapshots(team: Team, response: Response, sandbox_id: Annotated[str | None, Query(
+            alias="sandboxID")] = None, name: str | None = None,
+                             limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                             next_token: Annotated[str | None, Query(alias="nextToken")] = None
+                             ) -> list[SnapshotInfoOut]:
+        refs = [r for r in service.list_snapshots(team.team_id, sandbox_id)
+                if name is None or name in r.names or name == r.snapshot_id]
+        start = int(next_token) if next_token and next_token.isdigit() else 0
+        page = refs[start:start + limit]
+        if start + limit < len(refs):
+            response.headers["X-Next-Token"] = str(start + limit)
+        return [snapshot_out(r) for r in page]
+
+    @templates.delete("/templates/{template_id}", status_code=204, response_class=Response,
+                      responses=_errors(404, 409, 500), summary="Delete a snapshot (templates are managed by cube)")
+    async def delete_template(template_id: str, team: Team) -> None:
+        await service.delete_snapshot(team.team_id, template_id)
 
     # -- templates -------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ BuildStatus = Literal["building", "waiting", "ready", "error"]
 #: Wire names that plain camelCase would get wrong.
 SPECIAL_NAMES = {
     "template_id": "templateID", "sandbox_id": "sandboxID", "client_id": "clientID", "build_id": "buildID",
-    "memory_mb": "memoryMB", "disk_size_mb": "diskSizeMB", "error_code": "error_code",
+    "memory_mb": "memoryMB", "snapshot_id": "snapshotID", "disk_size_mb": "diskSizeMB", "error_code": "error_code",
 }
 
 
@@ -252,3 +252,27 @@ class NetworkAuditOut(Response):
 
     sandbox_id: str
     events: list[dict[str, Any]]
+
+
+class ForkSandbox(Request):
+    timeout: int | None = Field(default=None, ge=0, le=86_400 * 30)
+    count: int = Field(default=1, ge=1, le=20)
+
+
+class NewSnapshot(Request):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    memory: bool | None = None
+
+
+class RollbackSandbox(Request):
+    snapshot_id: str = Field(min_length=1)
+
+
+class ForkItemOut(Response):
+    sandbox: SandboxOut | None = None
+    error: dict[str, object] | None = None
+
+
+class SnapshotInfoOut(Response):
+    snapshot_id: str
+    names: list[str]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cube_core import CubeError, Sandbox, SandboxState, Template, TemplateStatus
+from cube_core import CubeError, Sandbox, SandboxState, SnapshotRef, Template, TemplateStatus
 
 from cube_api_e2b.context import E2bContext
 from cube_api_e2b.schemas import (
@@ -13,6 +13,7 @@ from cube_api_e2b.schemas import (
     NetworkConfigOut,
     SandboxDetailOut,
     SandboxOut,
+    SnapshotInfoOut,
     TemplateOut,
 )
 
@@ -92,3 +93,7 @@ def template_out(ctx: E2bContext, template: Template) -> TemplateOut:
         names=names, created_at=template.created_at, updated_at=template.created_at, created_by=None,
         last_spawned_at=None, spawn_count=0, build_count=1,
         envd_version=ctx.envd_version(template.envd_version), build_status=BUILD_STATUS[template.status])
+
+
+def snapshot_out(ref: SnapshotRef) -> SnapshotInfoOut:
+    return SnapshotInfoOut(snapshot_id=ref.snapshot_id, names=list(ref.names))

@@ -419,13 +419,41 @@ async def test_templates(cube, openapi) -> None:
     assert_error(r, 401)
 
 
-async def test_unsupported_endpoints_answer_501(cube, openapi) -> None:
+async def test_fork_snapshots_and_delete(cube, openapi) -> None:
     key = cube.key()
     sid = (await create(cube, key))["sandboxID"]
-    for path in (f"/sandboxes/{sid}/fork", f"/sandboxes/{sid}/snapshots"):
-        r = await cube.client.post(path, json={}, headers=cube.headers(key))
-        assert_error(r, 501, "not support", openapi=openapi)
+    r = await cube.client.post(f"/sandboxes/{sid}/snapshots", json={"name": "first"}, headers=cube.headers(key))
+    openapi.check("POST", "/sandboxes/{sandboxID}/snapshots", r)
+    assert r.status_code == 201, r.text
+    snap = r.json()
+    assert snap["names"] == ["first"] and snap["snapshotID"]
+    r = await cube.client.get("/snapshots", params={"sandboxID": sid}, headers=cube.headers(key))
+    openapi.check("GET", "/snapshots", r)
+    assert [s["snapshotID"] for s in r.json()] == [snap["snapshotID"]]
+    other = cube.key("other-team")
+    r = await cube.client.get("/snapshots", headers=cube.headers(other))
+    assert r.status_code == 200 and r.json() == []
+
+    r = await cube.client.post("/v2/sandboxes", json={"templateID": snap["snapshotID"]}, headers=cube.headers(key))
+    assert r.status_code == 201, r.text
+    r = await cube.client.post("/v2/sandboxes", json={"templateID": snap["snapshotID"]}, headers=cube.headers(other))
+    assert_error(r, 404)
+
+    r = await cube.client.post(f"/sandboxes/{sid}/fork", json={"count": 2}, headers=cube.headers(key))
+    openapi.check("POST", "/sandboxes/{sandboxID}/fork", r)
+    assert r.status_code == 201, r.text
+    forked = [item["sandbox"]["sandboxID"] for item in r.json()]
+    assert len(set(forked)) == 2 and sid not in forked
+    r = await cube.client.post(f"/sandboxes/{sid}/fork", json={"count": 21}, headers=cube.headers(key))
+    assert_error(r, 400, "count")
     r = await cube.client.post("/sandboxes/nope/fork", json={}, headers=cube.headers(key))
+    assert_error(r, 404)
+
+    r = await cube.client.delete(f"/templates/{snap['snapshotID']}", headers=cube.headers(other))
+    assert_error(r, 404)
+    r = await cube.client.delete(f"/templates/{snap['snapshotID']}", headers=cube.headers(key))
+    assert r.status_code == 204, r.text
+    r = await cube.client.delete(f"/templates/{snap['snapshotID']}", headers=cube.headers(key))
     assert_error(r, 404)
 
 

@@ -1,0 +1,627 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Cube sandbox egress filter: one object for all sandboxes (ARCHITECTURE.md §6).
+ *
+ * sandbox_egress: tc ingress (clsact, direct-action) of the HOST end of a sandbox's veth, i.e.
+ * every frame the sandbox sends. sandbox_ingress: tc egress of the same device, i.e. every
+ * frame sent towards the sandbox. Sandboxes are told apart by ifindex (map `sandboxes`); an
+ * interface that is not registered drops everything (fail closed). Only uapi headers are used.
+ *
+ * Verdict of a new IPv4 flow, in order:
+ *   1. to the slot's own host address: passed to the host, whose firewall admits only replies
+ *      (and Cube's resolver, which has its own allow rule);
+ *   2. an unexpired allow rule of the sandbox matches        -> allow   (allow beats deny)
+ *   3. a deny rule of the sandbox matches                     -> deny
+ *   4. the destination is in an always-denied range           -> deny
+ *   5. the sandbox's default (SBX_F_DEFAULT_ALLOW or not).
+ * Rules live in two LPM tries keyed by (sandbox, proto, port, prefix) and are looked up as
+ * (proto, port) -> (proto, any port) -> (any proto, any port). Allow rules may expire
+ * (CLOCK_BOOTTIME ns): that is how DNS-learned addresses follow their TTL.
+ * Allowed flows go into an LRU table; packets of known flows skip the rules, so established
+ * connections survive rule changes. New flows and denied attempts (at most 1/s per 5-tuple)
+ * are reported through a ring buffer. Denied TCP is answered with a RST, other denied IPv4
+ * with ICMP "administratively prohibited", so the sandbox fails fast instead of hanging.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/in.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define NSEC_PER_SEC 1000000000ULL
+#define ICMP_DEST_UNREACH 3
+#define ICMP_PKT_FILTERED 13
+struct icmphdr {
+	__u8 type;
+	__u8 code;
+	__u16 checksum;
+	__u32 unused;
+};
+
+enum verdict { V_DENY = 0, V_ALLOW = 1 };
+enum reason {
+	R_RULE = 0,       /* allowed by an allow rule */
+	R_FLOW = 1,       /* packet of a known flow (not reported) */
+	R_NO_RULE = 2,    /* default deny */
+	R_EXPIRED = 3,    /* only an expired (DNS TTL) allow rule matched */
+	R_UNKNOWN_IF = 4, /* interface not registered */
+	R_NOT_IPV4 = 5,   /* IPv6 / other ethertype */
+	R_MALFORMED = 6,
+	R_INBOUND = 7,    /* unsolicited packet towards the sandbox */
+	R_DENY_RULE = 8,  /* a deny rule matched */
+	R_BLOCKED = 9,    /* always-denied range */
+	R_DEFAULT = 10,   /* default allow */
+};
+
+enum stat_idx { S_ALLOW_PKTS = 0, S_DENY_PKTS, S_EVENTS_LOST, S_REJECTS, S_MAX = 8 };
+
+#define SBX_F_REJECT 1        /* answer denied TCP with RST, other denied IPv4 with ICMP */
+#define SBX_F_DEFAULT_ALLOW 2 /* default verdict of new flows */
+#define SBX_F_ALLOW_IPV6 4    /* pass IPv6 frames */
+#define REJECT_MARK 0x5b0c1d
+
+struct sbx_info {
+	__u32 sbx_id;
+	__u32 flags;
+	__u32 host_addr; /* network order: the slot's host-side veth address */
+	__u32 pad;
+};
+
+struct rule_key {
+	__u32 prefixlen; /* 64 + CIDR length */
+	__u32 sbx_id;
+	__u8 proto;      /* 0 = any */
+	__u8 pad;
+	__u16 dport;     /* network order, 0 = any */
+	__u32 daddr;     /* network order */
+};
+
+struct rule_val {
+	__u64 expires_ns; /* CLOCK_BOOTTIME, 0 = never */
+	__u32 rule_id;
+	__u32 flags;
+};
+
+struct block_key {
+	__u32 prefixlen;
+	__u32 daddr;
+};
+
+struct flow_key {
+	__u32 sbx_id;
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct flow_val {
+	__u64 last_seen_ns;
+	__u32 rule_id;
+	__u32 pad;
+};
+
+struct event {
+	__u64 ts_ns;
+	__u32 sbx_id;
+	__u32 ifindex;
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 verdict;
+	__u8 reason;
+	__u8 tcp_flags;
+	__u32 rule_id;
+	__u16 ethertype;
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32); /* ifindex of the host-side veth */
+	__type(value, struct sbx_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sandboxes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 262144);
+	__type(key, struct rule_key);
+	__type(value, struct rule_val);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} allow_rules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 262144);
+	__type(key, struct rule_key);
+	__type(value, struct rule_val);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} deny_rules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__type(key, struct block_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} blocked SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072); /* preallocated: ~10 MiB */
+	__type(key, struct flow_key);
+	__type(value, struct flow_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, __u64);
+} deny_seen SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, S_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} stats SEC(".maps");
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void emit(struct __sk_buff *skb, const struct flow_key *fk,
+				 __u8 verdict, __u8 reason, __u8 tcp_flags,
+				 __u32 rule_id, __u16 ethertype, __u64 now)
+{
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		stat_inc(S_EVENTS_LOST);
+		return;
+	}
+	e->ts_ns = now;
+	e->sbx_id = fk->sbx_id;
+	e->ifindex = skb->ifindex;
+	e->saddr = fk->saddr;
+	e->daddr = fk->daddr;
+	e->sport = fk->sport;
+	e->dport = fk->dport;
+	e->proto = fk->proto;
+	e->verdict = verdict;
+	e->reason = reason;
+	e->tcp_flags = tcp_flags;
+	e->rule_id = rule_id;
+	e->ethertype = ethertype;
+	e->pad = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* report a denied attempt at most once per second per 5-tuple */
+static __always_inline void emit_deny(struct __sk_buff *skb, const struct flow_key *fk,
+				      __u8 reason, __u8 tcp_flags, __u16 ethertype, __u64 now)
+{
+	__u64 *last = bpf_map_lookup_elem(&deny_seen, fk);
+	if (last && now - *last < NSEC_PER_SEC)
+		return;
+	bpf_map_update_elem(&deny_seen, fk, &now, BPF_ANY);
+	emit(skb, fk, V_DENY, reason, tcp_flags, 0, ethertype, now);
+}
+
+/* 1 if an unexpired rule of `map` matches (sets *rule_id); *expired set if only expired ones did */
+static __always_inline int lookup3(void *map, __u32 sbx, __u8 proto, __u16 dport, __u32 daddr,
+				   __u64 now, __u32 *rule_id, int *expired)
+{
+	struct rule_key k = {};
+	struct rule_val *v;
+
+	k.prefixlen = 96;
+	k.sbx_id = sbx;
+	k.daddr = daddr;
+
+	k.proto = proto;
+	k.dport = dport;
+	v = bpf_map_lookup_elem(map, &k);
+	if (v) {
+		if (!v->expires_ns || v->expires_ns > now) {
+			*rule_id = v->rule_id;
+			return 1;
+		}
+		*expired = 1;
+	}
+	if (dport) {
+		k.dport = 0;
+		v = bpf_map_lookup_elem(map, &k);
+		if (v) {
+			if (!v->expires_ns || v->expires_ns > now) {
+				*rule_id = v->rule_id;
+				return 1;
+			}
+			*expired = 1;
+		}
+	}
+	if (proto) {
+		k.proto = 0;
+		k.dport = 0;
+		v = bpf_map_lookup_elem(map, &k);
+		if (v) {
+			if (!v->expires_ns || v->expires_ns > now) {
+				*rule_id = v->rule_id;
+				return 1;
+			}
+			*expired = 1;
+		}
+	}
+	return 0;
+}
+
+/* returns V_ALLOW / V_DENY and the reason (R_EXPIRED for any deny where only an expired
+ * DNS-learned allow rule matched: the guest used an address past its TTL) */
+static __always_inline int decide(__u32 sbx, __u32 sbx_flags, __u8 proto, __u16 dport,
+				  __u32 daddr, __u64 now, __u32 *rule_id, __u8 *reason)
+{
+	int expired = 0;
+	struct block_key bk = { .prefixlen = 32, .daddr = daddr };
+
+	if (lookup3(&allow_rules, sbx, proto, dport, daddr, now, rule_id, &expired)) {
+		*reason = R_RULE;
+		return V_ALLOW;
+	}
+	if (lookup3(&deny_rules, sbx, proto, dport, daddr, now, rule_id, &expired))
+		*reason = R_DENY_RULE;
+	else if (bpf_map_lookup_elem(&blocked, &bk))
+		*reason = R_BLOCKED;
+	else if (sbx_flags & SBX_F_DEFAULT_ALLOW) {
+		*reason = R_DEFAULT;
+		return V_ALLOW;
+	} else
+		*reason = R_NO_RULE;
+	if (expired)
+		*reason = R_EXPIRED;
+	return V_DENY;
+}
+
+static __always_inline __u16 csum_fold(__s64 c)
+{
+	__u32 s = (__u32)c;
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+struct icmp_reject {
+	struct iphdr ip;
+	struct icmphdr icmp;
+	__u8 inner[40]; /* original IPv4 header (no options) + 20 bytes of L4 */
+} __attribute__((packed, aligned(4)));
+
+/*
+ * Turn the denied packet into ICMP dest-unreachable / admin-prohibited and send it back out of
+ * the same interface (towards the sandbox). The kernel refuses to trim a CHECKSUM_PARTIAL skb
+ * below its L4 checksum field, so 40 bytes (IP + 20 bytes of L4) are quoted.
+ */
+static __always_inline int reflect_reject(struct __sk_buff *skb)
+{
+	struct ethhdr eth, neweth;
+	struct icmp_reject r = {};
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+		return TC_ACT_SHOT;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r.inner), 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, r.inner, sizeof(r.inner)))
+		return TC_ACT_SHOT;
+	if (bpf_skb_adjust_room(skb, sizeof(struct iphdr) + sizeof(struct icmphdr),
+				BPF_ADJ_ROOM_MAC, 0))
+		return TC_ACT_SHOT;
+
+	struct iphdr *orig = (struct iphdr *)r.inner;
+	r.ip.version = 4;
+	r.ip.ihl = 5;
+	r.ip.tos = 0xc0;
+	r.ip.tot_len = bpf_htons(sizeof(r));
+	r.ip.ttl = 64;
+	r.ip.protocol = IPPROTO_ICMP;
+	r.ip.saddr = orig->daddr;
+	r.ip.daddr = orig->saddr;
+	r.icmp.type = ICMP_DEST_UNREACH;
+	r.icmp.code = ICMP_PKT_FILTERED;
+	r.icmp.checksum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.icmp,
+					      sizeof(r.icmp) + sizeof(r.inner), 0));
+	r.ip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0));
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+		return TC_ACT_SHOT;
+
+	__builtin_memcpy(neweth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(neweth.h_source, eth.h_dest, ETH_ALEN);
+	neweth.h_proto = bpf_htons(ETH_P_IP);
+	if (bpf_skb_store_bytes(skb, 0, &neweth, sizeof(neweth), 0))
+		return TC_ACT_SHOT;
+	stat_inc(S_REJECTS);
+	skb->mark = REJECT_MARK; /* lets sandbox_ingress pass it */
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+struct pseudo_tcp {
+	__u32 saddr;
+	__u32 daddr;
+	__u8 zero;
+	__u8 proto;
+	__u16 len;
+	struct tcphdr th;
+} __attribute__((packed, aligned(4)));
+
+/* Answer a denied TCP segment with a RST (RFC 793 reset generation), back out of the device. */
+static __always_inline int reflect_rst(struct __sk_buff *skb)
+{
+	struct ethhdr eth, neweth;
+	struct iphdr ip;
+	struct tcphdr th;
+	struct pseudo_tcp p = {};
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip), &th, sizeof(th)))
+		return TC_ACT_SHOT;
+
+	__u32 seg_len = bpf_ntohs(ip.tot_len) - sizeof(ip) - th.doff * 4;
+	seg_len += th.syn + th.fin;
+
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(ip) + sizeof(th), 0))
+		return TC_ACT_SHOT;
+
+	p.saddr = ip.daddr;
+	p.daddr = ip.saddr;
+	p.proto = IPPROTO_TCP;
+	p.len = bpf_htons(sizeof(th));
+	p.th.source = th.dest;
+	p.th.dest = th.source;
+	p.th.doff = 5;
+	p.th.rst = 1;
+	if (th.ack) {
+		p.th.seq = th.ack_seq;
+	} else {
+		p.th.ack = 1;
+		p.th.ack_seq = bpf_htonl(bpf_ntohl(th.seq) + seg_len);
+	}
+	p.th.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&p, sizeof(p), 0));
+
+	ip.tot_len = bpf_htons(sizeof(ip) + sizeof(th));
+	ip.daddr = p.daddr;
+	ip.saddr = p.saddr;
+	ip.ihl = 5;
+	ip.ttl = 64;
+	ip.id = 0;
+	ip.frag_off = bpf_htons(0x4000);
+	ip.tos = 0;
+	ip.check = 0;
+	ip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&ip, sizeof(ip), 0));
+
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip), &p.th, sizeof(p.th), 0))
+		return TC_ACT_SHOT;
+	__builtin_memcpy(neweth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(neweth.h_source, eth.h_dest, ETH_ALEN);
+	neweth.h_proto = bpf_htons(ETH_P_IP);
+	if (bpf_skb_store_bytes(skb, 0, &neweth, sizeof(neweth), 0))
+		return TC_ACT_SHOT;
+	stat_inc(S_REJECTS);
+	skb->mark = REJECT_MARK;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+SEC("tc")
+int sandbox_egress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct flow_key fk = {};
+	__u64 now = bpf_ktime_get_boot_ns();
+	__u8 tcp_flags = 0, reason = R_NO_RULE;
+	__u32 rule_id = 0;
+	int is_syn = 0, l4_ok = 0;
+
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_SHOT;
+
+	__u32 ifindex = skb->ifindex;
+	struct sbx_info *sbx = bpf_map_lookup_elem(&sandboxes, &ifindex);
+	if (!sbx) {
+		stat_inc(S_DENY_PKTS);
+		return TC_ACT_SHOT; /* unregistered interface: fail closed */
+	}
+	fk.sbx_id = sbx->sbx_id;
+	__u32 sbx_flags = sbx->flags;
+	__u32 host_addr = sbx->host_addr;
+
+	__u16 h_proto = eth->h_proto;
+	if (h_proto == bpf_htons(ETH_P_ARP)) {
+		stat_inc(S_ALLOW_PKTS);
+		return TC_ACT_OK;
+	}
+	if (h_proto != bpf_htons(ETH_P_IP)) {
+		if (h_proto == bpf_htons(ETH_P_IPV6) && (sbx_flags & SBX_F_ALLOW_IPV6)) {
+			stat_inc(S_ALLOW_PKTS);
+			return TC_ACT_OK;
+		}
+		fk.proto = 255;
+		fk.dport = h_proto;
+		emit_deny(skb, &fk, R_NOT_IPV4, 0, bpf_ntohs(h_proto), now);
+		stat_inc(S_DENY_PKTS);
+		return TC_ACT_SHOT;
+	}
+
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		goto malformed;
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		goto malformed;
+	fk.saddr = ip->saddr;
+	fk.daddr = ip->daddr;
+	fk.proto = ip->protocol;
+
+	if (fk.daddr == host_addr) {
+		/* the host's own end of this slot: its firewall admits only replies + the resolver */
+		stat_inc(S_ALLOW_PKTS);
+		return TC_ACT_OK;
+	}
+
+	/* non-first fragments carry no L4 header: only "any port" rules apply */
+	int frag = (ip->frag_off & bpf_htons(0x1fff)) != 0;
+	void *l4 = (void *)ip + ihl;
+
+	if (!frag && fk.proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) > data_end)
+			goto malformed;
+		fk.sport = th->source;
+		fk.dport = th->dest;
+		tcp_flags = ((__u8 *)th)[13];
+		is_syn = th->syn && !th->ack;
+		l4_ok = 1;
+	} else if (!frag && fk.proto == IPPROTO_UDP) {
+		struct udphdr *uh = l4;
+		if ((void *)(uh + 1) > data_end)
+			goto malformed;
+		fk.sport = uh->source;
+		fk.dport = uh->dest;
+		l4_ok = 1;
+	}
+
+	/* known flow? (not for a TCP SYN: a new SYN re-checks the rules) */
+	if (l4_ok && !is_syn) {
+		struct flow_val *fv = bpf_map_lookup_elem(&flows, &fk);
+		if (fv) {
+			if (now - fv->last_seen_ns > NSEC_PER_SEC)
+				fv->last_seen_ns = now;
+			stat_inc(S_ALLOW_PKTS);
+			return TC_ACT_OK;
+		}
+	}
+
+	if (decide(fk.sbx_id, sbx_flags, fk.proto, fk.dport, fk.daddr, now, &rule_id,
+		   &reason) == V_ALLOW) {
+		if (l4_ok) {
+			struct flow_val nv = { .last_seen_ns = now, .rule_id = rule_id };
+			/* report only when the flow is new (SYN retransmits are not) */
+			if (bpf_map_update_elem(&flows, &fk, &nv, BPF_NOEXIST) == 0)
+				emit(skb, &fk, V_ALLOW, reason, tcp_flags, rule_id, ETH_P_IP, now);
+		}
+		stat_inc(S_ALLOW_PKTS);
+		return TC_ACT_OK;
+	}
+
+	emit_deny(skb, &fk, reason, tcp_flags, ETH_P_IP, now);
+	stat_inc(S_DENY_PKTS);
+	if ((sbx_flags & SBX_F_REJECT) && l4_ok && ihl == sizeof(*ip)) {
+		if (fk.proto == IPPROTO_TCP)
+			return (tcp_flags & 0x04) ? TC_ACT_SHOT : reflect_rst(skb);
+		return reflect_reject(skb);
+	}
+	return TC_ACT_SHOT;
+
+malformed:
+	emit_deny(skb, &fk, R_MALFORMED, 0, ETH_P_IP, now);
+	stat_inc(S_DENY_PKTS);
+	return TC_ACT_SHOT;
+}
+
+/*
+ * tc egress of the host-side device (traffic towards the sandbox): only ARP, our own rejects,
+ * traffic from the slot's host address (the host talking to its guest, e.g. envd), replies of
+ * flows the sandbox opened and ICMP errors get in.
+ */
+SEC("tc")
+int sandbox_ingress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct flow_key fk = {};
+
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_SHOT;
+	if (eth->h_proto == bpf_htons(ETH_P_ARP) || skb->mark == REJECT_MARK)
+		return TC_ACT_OK;
+	__u32 ifindex = skb->ifindex;
+	struct sbx_info *sbx = bpf_map_lookup_elem(&sandboxes, &ifindex);
+	if (!sbx)
+		return TC_ACT_SHOT;
+	if (eth->h_proto != bpf_htons(ETH_P_IP)) {
+		if (eth->h_proto == bpf_htons(ETH_P_IPV6) && (sbx->flags & SBX_F_ALLOW_IPV6))
+			return TC_ACT_OK;
+		return TC_ACT_SHOT;
+	}
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return TC_ACT_SHOT;
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return TC_ACT_SHOT;
+	if (ip->saddr == sbx->host_addr)
+		return TC_ACT_OK;
+	void *l4 = (void *)ip + ihl;
+
+	fk.sbx_id = sbx->sbx_id;
+	fk.proto = ip->protocol;
+	fk.saddr = ip->daddr; /* reverse direction */
+	fk.daddr = ip->saddr;
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return TC_ACT_OK; /* non-first fragment of a reply; reassembly needs it */
+	if (fk.proto == IPPROTO_ICMP) {
+		__u8 *type = l4;
+		if ((void *)(type + 1) > data_end)
+			return TC_ACT_SHOT;
+		/* echo reply, dest unreachable, time exceeded */
+		if (*type == 0 || *type == 3 || *type == 11)
+			return TC_ACT_OK;
+		return TC_ACT_SHOT;
+	}
+	if (fk.proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) > data_end)
+			return TC_ACT_SHOT;
+		fk.sport = th->dest;
+		fk.dport = th->source;
+	} else if (fk.proto == IPPROTO_UDP) {
+		struct udphdr *uh = l4;
+		if ((void *)(uh + 1) > data_end)
+			return TC_ACT_SHOT;
+		fk.sport = uh->dest;
+		fk.dport = uh->source;
+	} else {
+		return TC_ACT_SHOT;
+	}
+	if (bpf_map_lookup_elem(&flows, &fk))
+		return TC_ACT_OK;
+	emit_deny(skb, &fk, R_INBOUND, 0, ETH_P_IP, bpf_ktime_get_boot_ns());
+	return TC_ACT_SHOT;
+}
+
+char LICENSE[] SEC("license") = "GPL";

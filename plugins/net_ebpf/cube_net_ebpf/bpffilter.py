@@ -1,0 +1,271 @@
+"""The loaded egress filter: one BPF object, its maps, and their user-space bookkeeping.
+
+Sandboxes are keyed by the ifindex of their host-side veth (an ifindex is not reused soon, so
+stale flows of a released slot can never match a new one). All methods are synchronous and
+thread-safe; map updates take microseconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cube_net_ebpf.libbpf import BPF_ANY, BpfMap, BpfObject, RingBuffer
+from cube_net_ebpf.policy import CidrRule, CompiledPolicy
+
+log = structlog.get_logger(__name__)
+
+SBX_F_REJECT = 1
+SBX_F_DEFAULT_ALLOW = 2
+SBX_F_ALLOW_IPV6 = 4
+
+SBX_VAL = struct.Struct("<II4sI")       # sbx_id, flags, host_addr, pad
+RULE_KEY = struct.Struct("<IIBB2s4s")   # prefixlen, sbx_id, proto, pad, dport(BE), daddr
+RULE_VAL = struct.Struct("<QII")        # expires_ns, rule_id, flags
+BLOCK_KEY = struct.Struct("<I4s")
+FLOW_KEY = struct.Struct("<I4s4s2s2sB3x")
+FLOW_VAL = struct.Struct("<QII")
+U32 = struct.Struct("<I")
+
+PROG_EGRESS = "sandbox_egress"
+PROG_INGRESS = "sandbox_ingress"
+TC_INGRESS = "ffff:fff2"
+TC_EGRESS = "ffff:fff3"
+DNS_RULE_BASE = 1 << 24
+
+
+def boottime_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def rule_key(sbx: int, rule: CidrRule) -> bytes:
+    net = ipaddress.IPv4Network(rule.cidr)
+    return RULE_KEY.pack(64 + net.prefixlen, sbx, rule.proto, 0, struct.pack("!H", rule.port),
+                         net.network_address.packed)
+
+
+def _possible_cpus() -> int:
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        count += int(last) - int(first) + 1 if last else 1
+    return count
+
+
+@dataclass
+class _Learned:
+    expires_ns: int
+    rule_id: int
+    domain: str
+
+
+class EgressFilter:
+    """One program pair + maps shared by every sandbox on this host."""
+
+    def __init__(self, obj_path: Path, pin_dir: Path | None) -> None:
+        self.obj = BpfObject(obj_path, pin_dir)
+        self.prog_egress = self.obj.prog_fd(PROG_EGRESS)
+        self.prog_ingress = self.obj.prog_fd(PROG_INGRESS)
+        self.sandboxes = BpfMap(self.obj.map_fd("sandboxes"), 4, SBX_VAL.size)
+        self.allow = BpfMap(self.obj.map_fd("allow_rules"), RULE_KEY.size, RULE_VAL.size)
+        self.deny = BpfMap(self.obj.map_fd("deny_rules"), RULE_KEY.size, RULE_VAL.size)
+        self.blocked = BpfMap(self.obj.map_fd("blocked"), BLOCK_KEY.size, 4)
+        self.flows = BpfMap(self.obj.map_fd("flows"), FLOW_KEY.size, FLOW_VAL.size)
+        self._ncpu = _possible_cpus()
+        self.stats_map = BpfMap(self.obj.map_fd("stats"), 4, 8 * self._ncpu)
+        self.events_fd = self.obj.map_fd("events")
+        self._lock = threading.RLock()
+        self._static: dict[int, dict[str, dict[bytes, bytes]]] = {}
+        """ifindex -> {"allow"/"deny": {key: value}} written from policies"""
+        self._learned: dict[int, dict[bytes, _Learned]] = {}
+        self._labels: dict[int, dict[int, str]] = {}
+        """ifindex -> rule id -> human label (for audit)"""
+        self._next_rule_id = 1
+        self._recover()
+
+    def _recover(self) -> None:
+        """Rebuild the bookkeeping from pinned maps written by an earlier process."""
+        for name, bpf_map in (("allow", self.allow), ("deny", self.deny)):
+            for key, value in bpf_map.items():
+                sbx = RULE_KEY.unpack(key)[1]
+                expires, rule_id, _flags = RULE_VAL.unpack(value)
+                if expires:
+                    self._learned.setdefault(sbx, {})[key] = _Learned(expires, rule_id, "")
+                else:
+                    self._static.setdefault(sbx, {"allow": {}, "deny": {}})[name][key] = value
+                self._next_rule_id = max(self._next_rule_id, (rule_id % DNS_RULE_BASE) + 1)
+
+    # -- host-wide ------------------------------------------------------------------------------
+
+    def set_blocked(self, cidrs: list[str]) -> None:
+        want = {}
+        for cidr in cidrs:
+            net = ipaddress.IPv4Network(cidr, strict=False)
+            want[BLOCK_KEY.pack(net.prefixlen, net.network_address.packed)] = U32.pack(1)
+        with self._lock:
+            for key in list(self.blocked.keys()):
+                if key not in want:
+                    self.blocked.delete(key)
+            for key, value in want.items():
+                self.blocked.update(key, value)
+
+    # -- sandboxes ------------------------------------------------------------------------------
+
+    def register(self, ifindex: int, host_addr: str, policy: CompiledPolicy) -> None:
+        """Write a sandbox's policy and then its interface entry (before the filter is attached
+        and the link goes up)."""
+        with self._lock:
+            self.apply(ifindex, policy)
+            flags = SBX_F_REJECT
+            if policy.default_allow:
+                flags |= SBX_F_DEFAULT_ALLOW
+            if policy.allow_ipv6:
+                flags |= SBX_F_ALLOW_IPV6
+            self.sandboxes.update(U32.pack(ifindex), SBX_VAL.pack(
+                ifindex, flags, ipaddress.IPv4Address(host_addr).packed, 0))
+
+    def set_flags(self, ifindex: int, policy: CompiledPolicy) -> None:
+        with self._lock:
+            raw = self.sandboxes.lookup(U32.pack(ifindex))
+            if raw is None:
+                return
+            sbx, _flags, host, pad = SBX_VAL.unpack(raw)
+            flags = SBX_F_REJECT | (SBX_F_DEFAULT_ALLOW if policy.default_allow else 0) | (
+                SBX_F_ALLOW_IPV6 if policy.allow_ipv6 else 0)
+            self.sandboxes.update(U32.pack(ifindex), SBX_VAL.pack(sbx, flags, host, pad))
+
+    def registered(self) -> list[int]:
+        return [U32.unpack(k)[0] for k in self.sandboxes.keys()]
+
+    def unregister(self, ifindex: int) -> None:
+        """Forget a sandbox: its interface entry, rules and learned addresses (flows age out of
+        the LRU table; they are keyed by this ifindex and can never match another slot)."""
+        with self._lock:
+            self.sandboxes.delete(U32.pack(ifindex))
+            for name, entries in self._static.pop(ifindex, {}).items():
+                bpf_map = self.allow if name == "allow" else self.deny
+                for key in entries:
+                    bpf_map.delete(key)
+            for key in self._learned.pop(ifindex, {}):
+                self.allow.delete(key)
+            self._labels.pop(ifindex, None)
+
+    def apply(self, ifindex: int, policy: CompiledPolicy) -> None:
+        """Make the sandbox's static rules equal to ``policy`` (a diff: only changes are written,
+        flows already allowed keep working)."""
+        with self._lock:
+            labels = self._labels.setdefault(ifindex, {})
+            current = self._static.setdefault(ifindex, {"allow": {}, "deny": {}})
+            for name, rules, bpf_map in (("allow", policy.allow, self.allow),
+                                         ("deny", policy.deny, self.deny)):
+                want: dict[bytes, CidrRule] = {rule_key(ifindex, r): r for r in rules}
+                have = current[name]
+                for key in [k for k in have if k not in want]:
+                    learned = self._learned.get(ifindex, {}).get(key) if name == "allow" else None
+                    if learned is not None:
+                        bpf_map.update(key, RULE_VAL.pack(learned.expires_ns, learned.rule_id, 0))
+                    else:
+                        bpf_map.delete(key)
+                    del have[key]
+                for key, rule in want.items():
+                    if key in have:
+                        continue
+                    rule_id = self._next_rule_id
+                    self._next_rule_id += 1
+                    value = RULE_VAL.pack(0, rule_id, 0)
+                    bpf_map.update(key, value, BPF_ANY)
+                    have[key] = value
+                    labels[rule_id] = policy.labels.get(rule, f"{name} {rule.cidr}")
+            self.set_flags(ifindex, policy)
+            # learned addresses of domains no longer allowed go away
+            domains = {d.pattern for d in policy.allow_domains}
+            learned_now = self._learned.get(ifindex, {})
+            for key in [k for k, v in learned_now.items() if v.domain and v.domain not in domains]:
+                if key not in current["allow"]:
+                    self.allow.delete(key)
+                del learned_now[key]
+
+    def learn(self, ifindex: int, address: str, proto: int, port: int, ttl_s: float,
+              domain: str) -> int:
+        """Allow ``address`` for ``ttl_s`` seconds (a DNS answer for an allowed domain)."""
+        rule = CidrRule(f"{address}/32", proto, port)
+        key = rule_key(ifindex, rule)
+        expires = boottime_ns() + int(ttl_s * 1e9)
+        with self._lock:
+            if key in self._static.get(ifindex, {}).get("allow", {}):
+                return int(RULE_VAL.unpack(self._static[ifindex]["allow"][key])[1])
+            learned = self._learned.setdefault(ifindex, {})
+            old = learned.get(key)
+            rule_id = old.rule_id if old else DNS_RULE_BASE + self._next_rule_id
+            if not old:
+                self._next_rule_id += 1
+            if old and old.expires_ns > expires:
+                return rule_id
+            self.allow.update(key, RULE_VAL.pack(expires, rule_id, 0))
+            learned[key] = _Learned(expires, rule_id, domain)
+            self._labels.setdefault(ifindex, {})[rule_id] = f"allow {domain} ({address})"
+            return rule_id
+
+    def expire_learned(self, keep_s: float = 60.0) -> int:
+        """Delete DNS-learned entries expired more than ``keep_s`` ago (the kernel already
+        ignores them; until then a denied attempt is reported as "expired")."""
+        now = boottime_ns() - int(keep_s * 1e9)
+        removed = 0
+        with self._lock:
+            for ifindex, learned in self._learned.items():
+                static = self._static.get(ifindex, {}).get("allow", {})
+                for key in [k for k, v in learned.items() if v.expires_ns < now]:
+                    if key not in static:
+                        self.allow.delete(key)
+                    del learned[key]
+                    removed += 1
+        return removed
+
+    def label(self, ifindex: int, rule_id: int) -> str | None:
+        return self._labels.get(ifindex, {}).get(rule_id)
+
+    def kill_flows(self, ifindex: int) -> int:
+        count = 0
+        for key in list(self.flows.keys()):
+            if FLOW_KEY.unpack(key)[0] == ifindex:
+                count += self.flows.delete(key)
+        return count
+
+    def stats(self) -> dict[str, int]:
+        names = ("allow_pkts", "deny_pkts", "events_lost", "rejects")
+        out = {}
+        for i, name in enumerate(names):
+            raw = self.stats_map.lookup(U32.pack(i))
+            out[name] = sum(struct.unpack(f"<{self._ncpu}Q", raw)) if raw else 0
+        return out
+
+    def ring_buffer(self, callback: Callable[[bytes], None]) -> RingBuffer:
+        return RingBuffer(self.events_fd, callback)
+
+    # -- attach ---------------------------------------------------------------------------------
+
+    def attach(self, ipr: IPRoute, ifindex: int) -> None:
+        """clsact + the two direct-action filters on the host end of a sandbox's veth. They stay
+        attached if Cube dies, so the sandbox stays filtered (fail closed)."""
+        try:
+            ipr.tc("add", "clsact", ifindex)
+        except NetlinkError as exc:
+            if exc.code != 17:  # EEXIST
+                raise
+        ipr.tc("add-filter", "bpf", ifindex, ":1", fd=self.prog_egress, name=PROG_EGRESS,
+               parent=TC_INGRESS, classid=1, direct_action=True)
+        ipr.tc("add-filter", "bpf", ifindex, ":1", fd=self.prog_ingress, name=PROG_INGRESS,
+               parent=TC_EGRESS, classid=1, direct_action=True)
+
+    def close(self) -> None:
+        self.obj.close()

@@ -1,0 +1,67 @@
+"""Options of the ``ebpf`` network plugin (``[network.options]`` in plugins.toml)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cube_net_ebpf.policy import ALWAYS_DENIED
+
+_PRIVATE = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+
+
+class EbpfNetConfig(BaseModel):
+    """Per-sandbox namespaces, tap, veth, NAT and the eBPF egress filter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subnet: str = "100.64.0.0/10"
+    """IPv4 range the per-slot /30 host links are cut from (never 10/8, 172.16/12, 192.168/16).
+    Its first /30 is Cube's: the resolver listens on its ``.1``."""
+    workers: int = Field(default=2, ge=1, le=16)
+    """Threads doing netlink work (each enters sandbox namespaces on its own)."""
+    pool_size: int = Field(default=2, ge=0, le=256)
+    """Slots built ahead (filtered, deny-all) so ``allocate`` only renames one and writes its
+    policy."""
+    manage_forwarding: bool = True
+    """Turn IPv4 forwarding on for sandbox traffic; if Cube turns it on, only sandbox traffic is
+    forwarded (the host's ``inet cube`` table drops the rest)."""
+    state_dir: Path = Path("/run/cube/net")
+    """Per-slot policy files, so a restarted Cube can keep enforcing domain rules."""
+
+    ebpf: bool = True
+    """Attach the egress filter. Without it sandboxes have plain NAT (no policy, no audit)."""
+    bpf_object: Path | None = None
+    """A prebuilt ``egress.bpf.o``; default: the content-hashed build in ``bpf_cache_dir``
+    (built by ``plugins/net_ebpf/bpf/build.sh``; built on first start when clang is present)."""
+    bpf_cache_dir: Path = Path("/var/cache/cube/bpf")
+    bpf_pin_dir: Path = Path("/sys/fs/bpf/cube")
+    """Maps are pinned under ``<bpf_pin_dir>/<object hash>/`` and shared across restarts."""
+    always_denied: tuple[str, ...] = ALWAYS_DENIED
+    """Destinations denied unless a sandbox's allow rule names them (the host's own addresses
+    and ``subnet`` are always added)."""
+
+    dns: bool = True
+    """Run Cube's resolver (needed for domain rules)."""
+    dns_upstreams: tuple[str, ...] = ()
+    """Upstream DNS servers; default: the nameservers of the host's /etc/resolv.conf."""
+    dns_min_ttl: int = Field(default=5, ge=1)
+    dns_max_ttl: int = Field(default=300, ge=1)
+    dns_grace_s: float = Field(default=2.0, ge=0)
+
+    audit_max_events: int = Field(default=10_000, ge=0)
+    """Events kept in memory per sandbox for ``audit()``."""
+    audit_dir: Path | None = None
+    """If set, every event is also appended to ``<audit_dir>/<slot_id>.jsonl``."""
+
+    @field_validator("subnet")
+    @classmethod
+    def _check_subnet(cls, value: str) -> str:
+        net = ipaddress.IPv4Network(value)
+        if net.prefixlen > 28:
+            raise ValueError("subnet must hold at least a few /30 links (prefix length <= 28)")
+        if any(net.overlaps(p) for p in _PRIVATE):
+            raise ValueError("subnet must not overlap 10/8, 172.16/12 or 192.168/16")
+        return str(net)

@@ -1,0 +1,539 @@
+"""``EbpfNetwork``: the network driver (one namespace + tap + veth + NAT per sandbox, and one
+eBPF egress filter shared by all of them)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import json
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import structlog
+from cube_core import EgressRule, NetworkDriver, NetworkError, NetworkPolicy, NicHandle
+from pyroute2 import IPRoute
+
+from cube_net_ebpf import bpfobject, host, libbpf, netns, slot
+from cube_net_ebpf.addressing import (
+    GUEST_MAC,
+    TAP_NAME,
+    AddressPlan,
+    SlotAddress,
+    SlotIndexes,
+    host_if_name,
+    index_of_slot,
+    netns_name,
+    slot_id_for,
+)
+from cube_net_ebpf.audit import AuditLog, AuditReader
+from cube_net_ebpf.bpffilter import EgressFilter
+from cube_net_ebpf.config import EbpfNetConfig
+from cube_net_ebpf.dns import Client, Resolver, system_upstreams
+from cube_net_ebpf.errors import map_network_errors
+from cube_net_ebpf.policy import CompiledPolicy, compile_policy
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+POOL_PREFIX = ".pool-"
+DENY_ALL = NetworkPolicy(allow_internet_access=False)
+
+GuestNetnsFactory = Callable[[int], str]
+"""Test only: slot index -> name of an existing namespace that plays the guest (see SlotSpec)."""
+
+
+def _link_exists(ifname: str) -> bool:
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class _Slot:
+    slot_id: str
+    addr: SlotAddress
+    ifindex: int
+    policy: CompiledPolicy
+    source: dict[str, Any]
+    """The policy as given (NetworkPolicy + extra rules), persisted for a restarted Cube."""
+
+    def nic(self) -> NicHandle:
+        return NicHandle(slot_id=self.slot_id, netns=netns_name(self.slot_id), tap=TAP_NAME,
+                         guest_address=self.addr.ns_addr, guest_mac=GUEST_MAC,
+                         data={"index": self.addr.index, "host_if": self.addr.host_if,
+                               "host_addr": self.addr.host_addr, "ns_addr": self.addr.ns_addr,
+                               "ifindex": self.ifindex})
+
+
+class EbpfNetwork(NetworkDriver):
+    """Network slots for sandboxes; see ARCHITECTURE.md §6.
+
+    Each slot is a namespace ``cube-<slot_id>`` holding ``tap0`` (169.254.0.22/30, the guest's
+    gateway) and ``vg0``, the namespace end of a veth pair whose host end is ``vh<index>``. The
+    host reaches guest TCP port P at ``NicHandle.guest_address:P``. The egress filter sits on
+    ``vh<index>``; the sandbox's DNS goes to Cube's resolver.
+    """
+
+    capabilities: ClassVar[frozenset[str]] = frozenset({"update_policy", "audit"})
+
+    def __init__(self, config: EbpfNetConfig, *,
+                 test_guest_netns: GuestNetnsFactory | None = None) -> None:
+        self.config = config
+        self.plan = AddressPlan(config.subnet)
+        self.indexes = SlotIndexes(self.plan.max_index)
+        self.setup_ms: list[float] = []
+        """Wall time of the last slot builds (namespace + tap + veth + NAT + filter)."""
+        self.filter: EgressFilter | None = None
+        self.audit_log = AuditLog(config.audit_max_events, config.audit_dir)
+        self._test_guest_netns = test_guest_netns
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.RLock()
+        self._slots: dict[str, _Slot] = {}
+        self._by_ifindex: dict[int, str] = {}
+        self._by_index: dict[int, str] = {}
+        self._pool: collections.deque[_Slot] = collections.deque()
+        self._pool_building = 0
+        self._draining: set[int] = set()
+        """Indexes released by this process whose host link may still be going away."""
+        self._host_netlink = slot.HostNetlink()
+        self._reader: AuditReader | None = None
+        self._resolver: Resolver | None = None
+        self._started = False
+        self._closing = False
+        self._start_lock = asyncio.Lock()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _pool_executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=self.config.workers,
+                                                thread_name_prefix="cube-net")
+        return self._executor
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool_executor(), functools.partial(func, *args))
+
+    @property
+    def resolver(self) -> str | None:
+        return self.plan.resolver_addr if self.config.dns else None
+
+    def _state_file(self, slot_id: str) -> Path:
+        return self.config.state_dir / f"{slot_id}.json"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if not self._started:
+                await self._run(self._start_sync)
+                self._started = True
+
+    def _start_sync(self) -> None:
+        with map_network_errors("network start"):
+            host.prepare(self.config.subnet, self.resolver, self.config.manage_forwarding)
+            self.config.state_dir.mkdir(parents=True, exist_ok=True)
+            if self.config.ebpf:
+                self._start_filter()
+            inv = host.inventory()
+            for index in inv.indexes():
+                self.indexes.mark_used(index)
+            removed = self._remove_incomplete(inv)
+            recovered = self._recover(host.inventory())
+            if self.config.dns:
+                self._start_resolver()
+        log.info("network driver started", slots_recovered=recovered, incomplete_removed=removed,
+                 ebpf=self.filter is not None, dns=self._resolver is not None)
+        self._schedule_pool_fill()
+
+    def _start_filter(self) -> None:
+        obj = bpfobject.find_or_build(self.config.bpf_cache_dir, self.config.bpf_object)
+        libbpf.ensure_bpffs(self.config.bpf_pin_dir.parent)
+        pin_dir = self.config.bpf_pin_dir / obj.stem
+        _unpin_other_objects(self.config.bpf_pin_dir, keep=pin_dir)
+        self.filter = EgressFilter(obj, pin_dir)
+        blocked = [*self.config.always_denied, self.config.subnet,
+                   *host.own_addresses(self.config.subnet)]
+        self.filter.set_blocked(blocked)
+        self._reader = AuditReader(self.filter, self.audit_log, self._by_ifindex.get)
+        self._reader.start()
+
+    def _start_resolver(self) -> None:
+        assert self.resolver is not None
+        host.ensure_local_address(self.resolver)
+        upstreams = self.config.dns_upstreams or system_upstreams()
+        self._resolver = Resolver(
+            self.resolver, self._dns_client, self._dns_learn, self.audit_log.add,
+            upstreams=upstreams, min_ttl=self.config.dns_min_ttl, max_ttl=self.config.dns_max_ttl,
+            grace_s=self.config.dns_grace_s)
+        self._resolver.start()
+
+    def _remove_incomplete(self, inv: host.Inventory) -> int:
+        """Remove what a crash left half-built (a namespace without its host link, a host link
+        without its namespace) and unused pool slots. Complete slots stay: their sandboxes may
+        still be live, and the service's ``sweep(live)`` decides about those."""
+        removed = 0
+        ns_indexes = {index_of_slot(s) for s in inv.namespaces}
+        for slot_id, name in inv.namespaces.items():
+            index = index_of_slot(slot_id)
+            if index is None:
+                continue
+            if index not in inv.host_links or slot_id.startswith(POOL_PREFIX):
+                netns.remove(name)
+                removed += 1
+        with IPRoute() as ipr:
+            for index, ifname in inv.host_links.items():
+                if index not in ns_indexes:
+                    slot.delete_link(ipr, ifname)
+                    removed += 1
+        return removed
+
+    def _recover(self, inv: host.Inventory) -> int:
+        """Take back the complete slots of an earlier run (policy from their state files)."""
+        recovered = 0
+        for slot_id in inv.namespaces:
+            index = index_of_slot(slot_id)
+            if index is None or index not in inv.host_links:
+                continue
+            addr = self.plan.slot(index)
+            try:
+                ifindex = socket.if_nametoindex(addr.host_if)
+                source = json.loads(self._state_file(slot_id).read_text())
+                policy = NetworkPolicy.model_validate(source["policy"])
+                rules = [EgressRule.model_validate(r) for r in source.get("extra_rules", ())]
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("slot without usable state; its filter entries stay as they are",
+                            slot_id=slot_id, error=str(exc))
+                continue
+            compiled = compile_policy(policy, rules, resolver=self.resolver)
+            rec = _Slot(slot_id, addr, ifindex, compiled, source)
+            if self.filter is not None:
+                self.filter.register(ifindex, addr.host_addr, compiled)
+            self._remember(rec)
+            recovered += 1
+        if self.filter is not None:
+            alive = set(self._by_ifindex)
+            for ifindex in self.filter.registered():
+                if ifindex not in alive and not _ifindex_exists(ifindex):
+                    self.filter.unregister(ifindex)
+        return recovered
+
+    async def close(self) -> None:
+        """Stop the resolver and the audit reader and drop the pool; slots of live sandboxes
+        and their filters stay (they keep enforcing policy while Cube is down)."""
+        if self._executor is not None:
+            self._closing = True
+            try:
+                await self._run(self._close_sync)
+                await self._close_worker_sockets()
+                self._executor.shutdown(wait=True)  # pool builds still running release themselves
+                self._host_netlink.close()
+            finally:
+                self._executor = None
+                self._closing = False
+        self._started = False
+
+    async def _close_worker_sockets(self) -> None:
+        """Run one task on every worker thread (a barrier keeps them on distinct threads) so each
+        closes its own netlink socket."""
+        workers = self.config.workers
+        barrier = threading.Barrier(workers)
+
+        def close_own() -> None:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(timeout=5)
+            self._host_netlink.close_current()
+
+        await asyncio.gather(*(self._run(close_own) for _ in range(workers)))
+
+    def _close_sync(self) -> None:
+        with self._lock:
+            pool = list(self._pool)
+            self._pool.clear()
+        for rec in pool:
+            self._release_sync(rec.slot_id)
+        if self._resolver is not None:
+            self._resolver.stop()
+            self._resolver = None
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
+        if self.filter is not None:
+            self.filter.close()
+            self.filter = None
+
+    # -- records --------------------------------------------------------------------------------
+
+    def _remember(self, rec: _Slot) -> None:
+        with self._lock:
+            self._slots[rec.slot_id] = rec
+            self._by_ifindex[rec.ifindex] = rec.slot_id
+            self._by_index[rec.addr.index] = rec.slot_id
+        self.indexes.mark_used(rec.addr.index)
+        self.audit_log.open(rec.slot_id)
+
+    def _forget(self, slot_id: str) -> _Slot | None:
+        with self._lock:
+            rec = self._slots.pop(slot_id, None)
+            if rec is not None:
+                self._by_ifindex.pop(rec.ifindex, None)
+                self._by_index.pop(rec.addr.index, None)
+        self.audit_log.close(slot_id)
+        return rec
+
+    def _persist(self, rec: _Slot) -> None:
+        path = self._state_file(rec.slot_id)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec.source))
+        tmp.replace(path)
+
+    # -- DNS callbacks (resolver threads) --------------------------------------------------------
+
+    def _dns_client(self, peer_ip: str) -> Client | None:
+        index = self.plan.index_of_addr(peer_ip)
+        with self._lock:
+            slot_id = self._by_index.get(index) if index is not None else None
+            rec = self._slots.get(slot_id) if slot_id else None
+            if rec is None or rec.addr.ns_addr != peer_ip:
+                return None
+            return Client(slot_id=rec.slot_id, ifindex=rec.ifindex, policy=rec.policy)
+
+    def _dns_learn(self, ifindex: int, address: str, proto: int, port: int, ttl_s: float,
+                   domain: str) -> int:
+        if self.filter is None:
+            return 0
+        return self.filter.learn(ifindex, address, proto, port, ttl_s, domain)
+
+    # -- slots ----------------------------------------------------------------------------------
+
+    def _index_is_free(self, index: int) -> bool:
+        return not _link_exists(host_if_name(index))
+
+    def _build(self, owner_id: str | None, policy: CompiledPolicy, source: dict[str, Any]) -> _Slot:
+        """Build a slot for ``owner_id`` (None: a pool slot)."""
+        try:
+            index = self.indexes.take(self._index_is_free)
+        except LookupError as exc:
+            raise NetworkError("no free network slot", owner_id=owner_id) from exc
+        addr = self.plan.slot(index)
+        slot_id = slot_id_for(owner_id, index) if owner_id is not None else f"{POOL_PREFIX}{index}"
+        guest_ns = self._test_guest_netns(index) if self._test_guest_netns else None
+        spec = slot.SlotSpec(netns=netns_name(slot_id), addr=addr, resolver=self.resolver,
+                             guest_veth_netns=guest_ns)
+        filt = self.filter
+
+        def before_up(ipr: IPRoute, ifindex: int) -> None:
+            if filt is not None:
+                filt.register(ifindex, addr.host_addr, policy)
+                filt.attach(ipr, ifindex)
+
+        started = time.perf_counter()
+        try:
+            with map_network_errors("slot setup", owner_id=owner_id, slot_id=slot_id):
+                ifindex = slot.build(spec, before_up, self._host_netlink)
+        except BaseException:
+            self.indexes.free(index)
+            raise
+        elapsed = (time.perf_counter() - started) * 1000
+        with self._lock:
+            self.setup_ms.append(elapsed)
+            del self.setup_ms[:-1000]
+        log.debug("slot built", slot_id=slot_id, ms=round(elapsed, 2))
+        return _Slot(slot_id, addr, ifindex, policy, source)
+
+    async def allocate(self, owner_id: str, policy: NetworkPolicy,
+                       extra_rules: Sequence[EgressRule] = ()) -> NicHandle:
+        await self.start()
+        return await self._run(self._allocate_sync, owner_id, policy, tuple(extra_rules))
+
+    def _allocate_sync(self, owner_id: str, policy: NetworkPolicy,
+                       extra_rules: tuple[EgressRule, ...]) -> NicHandle:
+        compiled = compile_policy(policy, extra_rules, resolver=self.resolver)
+        source = {"policy": policy.model_dump(mode="json"),
+                  "extra_rules": [r.model_dump(mode="json") for r in extra_rules]}
+        rec = self._take_from_pool(owner_id, compiled, source)
+        if rec is None:
+            rec = self._build(owner_id, compiled, source)
+        self._persist(rec)
+        self._remember(rec)
+        self._schedule_pool_fill()
+        return rec.nic()
+
+    def _take_from_pool(self, owner_id: str, policy: CompiledPolicy,
+                        source: dict[str, Any]) -> _Slot | None:
+        with self._lock:
+            if not self._pool:
+                return None
+            pooled = self._pool.popleft()
+        slot_id = slot_id_for(owner_id, pooled.addr.index)
+        try:
+            with map_network_errors("slot from pool", owner_id=owner_id, slot_id=slot_id):
+                netns.rename(netns_name(pooled.slot_id), netns_name(slot_id))
+                if self.filter is not None:
+                    self.filter.register(pooled.ifindex, pooled.addr.host_addr, policy)
+        except NetworkError:
+            self._forget(pooled.slot_id)
+            self._release_sync(pooled.slot_id)
+            return None
+        self._forget(pooled.slot_id)
+        return _Slot(slot_id, pooled.addr, pooled.ifindex, policy, source)
+
+    def _schedule_pool_fill(self) -> None:
+        if self._executor is None or self._closing:
+            return
+        with self._lock:
+            missing = self.config.pool_size - len(self._pool) - self._pool_building
+            self._pool_building += max(missing, 0)
+        for _ in range(max(missing, 0)):
+            future: Future[None] = self._executor.submit(self._fill_one)
+            future.add_done_callback(_log_failure)
+
+    def _fill_one(self) -> None:
+        try:
+            compiled = compile_policy(DENY_ALL)
+            rec = self._build(None, compiled, {"policy": DENY_ALL.model_dump(mode="json")})
+            self._remember(rec)
+            with self._lock:
+                if not self._closing:
+                    self._pool.append(rec)
+                    return
+            self._release_sync(rec.slot_id)
+        finally:
+            with self._lock:
+                self._pool_building -= 1
+
+    async def update_policy(self, nic: NicHandle, policy: NetworkPolicy,
+                            extra_rules: Sequence[EgressRule] = ()) -> None:
+        await self._run(self._update_sync, nic.slot_id, policy, tuple(extra_rules))
+
+    def _update_sync(self, slot_id: str, policy: NetworkPolicy,
+                     extra_rules: tuple[EgressRule, ...]) -> None:
+        """Rewrite the slot's rules in place (map writes, no reload); established flows stay."""
+        compiled = compile_policy(policy, extra_rules, resolver=self.resolver)
+        with self._lock:
+            rec = self._slots.get(slot_id)
+            if rec is None:
+                raise NetworkError(f"unknown network slot {slot_id}", slot_id=slot_id)
+            if self.filter is not None:
+                with map_network_errors("policy update", slot_id=slot_id):
+                    self.filter.apply(rec.ifindex, compiled)
+            rec.policy = compiled
+            rec.source = {"policy": policy.model_dump(mode="json"),
+                          "extra_rules": [r.model_dump(mode="json") for r in extra_rules]}
+        self._persist(rec)
+        self.audit_log.add(slot_id, {"kind": "policy", "ts": _now_iso(),
+                                     "policy": rec.source["policy"],
+                                     "extra_rules": rec.source["extra_rules"]})
+
+    async def audit(self, nic: NicHandle, *, limit: int = 1000) -> list[dict[str, Any]]:
+        if self._reader is not None:
+            await self._run(self._reader.drain)
+        return self.audit_log.recent(nic.slot_id, limit)
+
+    async def release(self, nic: NicHandle) -> None:
+        await self._run(self._release_sync, nic.slot_id)
+
+    def _release_sync(self, slot_id: str) -> None:
+        """Unregister the filter entries and unmount the namespace; the kernel then deletes
+        tap0 and both veth ends by itself (an explicit veth delete waits for an RCU grace period,
+        about 25 ms). Idempotent."""
+        index = index_of_slot(slot_id)
+        rec = self._forget(slot_id)
+        with map_network_errors("slot release", slot_id=slot_id):
+            if rec is not None and self.filter is not None:
+                self.filter.unregister(rec.ifindex)
+            netns.remove(netns_name(slot_id))
+            self._state_file(slot_id).unlink(missing_ok=True)
+        if index is not None:
+            self._draining.add(index)
+            self.indexes.free(index)  # reused only once vh<index> is gone (see _index_is_free)
+
+    async def sweep(self, live: Iterable[str]) -> int:
+        return await self._run(self._sweep_sync, frozenset(live))
+
+    def _sweep_sync(self, live: frozenset[str]) -> int:
+        with self._lock:
+            keep = set(live) | {p.slot_id for p in self._pool}
+        keep_indexes = {i for i in map(index_of_slot, keep) if i is not None}
+        removed: set[int] = set()
+        with map_network_errors("sweep"):
+            inv = host.inventory()
+            for slot_id in inv.namespaces:
+                if slot_id in keep:
+                    continue
+                self._release_sync(slot_id)
+                index = index_of_slot(slot_id)
+                if index is not None:
+                    removed.add(index)
+            for slot_id in [s for s in list(self._slots) if s not in keep]:
+                self._release_sync(slot_id)
+            stale_links = {i: n for i, n in inv.host_links.items() if i not in keep_indexes}
+            if stale_links:
+                with IPRoute() as ipr:
+                    for index, ifname in stale_links.items():
+                        if slot.delete_link(ipr, ifname) and index not in self._draining:
+                            removed.add(index)
+            if self.filter is not None:
+                alive = set(self._by_ifindex)
+                for ifindex in self.filter.registered():
+                    if ifindex not in alive:
+                        self.filter.unregister(ifindex)
+            for path in self.config.state_dir.glob("*.json"):
+                if path.stem not in keep:
+                    path.unlink(missing_ok=True)
+        self._draining.clear()
+        for index in removed:
+            self.indexes.free(index)
+        for index in keep_indexes:
+            self.indexes.mark_used(index)
+        if removed:
+            log.info("swept orphan network slots", count=len(removed))
+        return len(removed)
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Filter packet counters (allowed, denied, rejects sent, events lost)."""
+        return self.filter.stats() if self.filter is not None else {}
+
+
+def _unpin_other_objects(pin_root: Path, keep: Path) -> None:
+    """Unpin the maps of other builds of the filter. Filters still attached to older slots keep
+    their maps alive (and keep enforcing); only the names go, so the memory is freed once those
+    slots are gone."""
+    if pin_root.is_dir():
+        for entry in pin_root.iterdir():
+            if entry != keep and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _ifindex_exists(ifindex: int) -> bool:
+    try:
+        socket.if_indextoname(ifindex)
+    except OSError:
+        return False
+    return True
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _log_failure(future: Future[None]) -> None:
+    with contextlib.suppress(Exception):
+        exc = future.exception()
+        if exc is not None:
+            log.warning("building a pool slot failed", error=str(exc))

@@ -1,0 +1,24 @@
+"""The ``ebpf`` network plugin (entry point ``cube.network: ebpf``)."""
+
+from __future__ import annotations
+
+from cube_core import NetworkDriver, hookimpl
+
+from cube_net_ebpf.config import EbpfNetConfig
+from cube_net_ebpf.driver import EbpfNetwork
+
+
+class EbpfNetPlugin:
+    """Per-sandbox namespace + tap + veth + NAT, with the eBPF egress filter."""
+
+    Config = EbpfNetConfig
+
+    def __init__(self, config: EbpfNetConfig) -> None:
+        self.config = config
+        self._driver: EbpfNetwork | None = None
+
+    @hookimpl
+    def cube_network_driver(self) -> NetworkDriver:
+        if self._driver is None:
+            self._driver = EbpfNetwork(self.config)
+        return self._driver

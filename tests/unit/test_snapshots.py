@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from cube_core._host import PluginHost
+from cube_core.errors import SnapshotInUseError, SnapshotNotFoundError
+from cube_core.models import SandboxSpec
+from cube_core.service import SandboxService
+from cube_core.state import SandboxState
+from cube_core.store import SqliteStore
+
+
+@pytest.fixture
+async def service(plugin_host: Callable[..., PluginHost], tmp_path: Path) -> AsyncIterator[SandboxService]:
+    svc = SandboxService(plugin_host(), SqliteStore(tmp_path / "cube.db"))
+    await svc.start()
+    await svc.ensure_templates(("base",))
+    yield svc
+    await svc.stop()
+
+
+async def test_snapshot_tree_and_create_from_snapshot(service: SandboxService) -> None:
+    sb = await service.create(SandboxSpec(template_id="base", team_id="t", metadata={"m": "1"}))
+    first = await service.snapshot("t", sb.sandbox_id, name="first")
+    second = await service.snapshot("t", sb.sandbox_id)
+    template_snap = service.get_template("base").snapshot
+    # the tree follows what a snapshot is built on: both derive from the template's snapshot
+    assert first.parent_id == second.parent_id == template_snap.snapshot_id
+    assert first.names == ("first",)
+    assert service.get("t", sb.sandbox_id).state == SandboxState.RUNNING  # keeps running
+    assert [s.snapshot_id for s in service.list_snapshots("t")] == [first.snapshot_id, second.snapshot_id]
+    rolled = await service.rollback("t", sb.sandbox_id, first.snapshot_id)
+    assert (await service.snapshot("t", rolled.sandbox_id)).parent_id == first.snapshot_id
+    for extra in service.list_snapshots("t")[2:]:
+        await service.delete_snapshot("t", extra.snapshot_id)
+    assert service.list_snapshots("other") == []
+
+    child = await service.create(SandboxSpec(template_id=first.snapshot_id, team_id="t"))
+    assert child.template_id == "base" and child.state == SandboxState.RUNNING
+    grandchild = await service.snapshot("t", child.sandbox_id)
+    assert grandchild.parent_id == first.snapshot_id
+    assert ("restore", child.runtime["vm"]["vm_id"]) in service.vmm.calls
+    with pytest.raises(Exception, match="not found"):  # another team cannot use the snapshot
+        await service.create(SandboxSpec(template_id=first.snapshot_id, team_id="other"))
+
+    with pytest.raises(SnapshotInUseError):
+        await service.delete_snapshot("t", first.snapshot_id)  # the grandchild builds on it
+    await service.delete_snapshot("t", grandchild.snapshot_id)
+    await service.delete_snapshot("t", first.snapshot_id)
+    await service.delete_snapshot("t", second.snapshot_id)
+    with pytest.raises(SnapshotNotFoundError):
+        service.get_snapshot("t", first.snapshot_id)
+
+
+async def test_fork_gives_fresh_identities(service: SandboxService) -> None:
+    parent = await service.create(SandboxSpec(template_id="base", team_id="t", env_vars={"A": "1"}))
+    forks = await service.fork("t", parent.sandbox_id, count=3)
+    ids = {f.sandbox_id for f in forks}
+    assert len(ids) == 3 and parent.sandbox_id not in ids
+    assert all(f.env_vars == {"A": "1"} and f.state == SandboxState.RUNNING for f in forks)
+    boot_ids = {service.vmm.vms[f.runtime["vm"]["vm_id"]]["boot_id"] for f in forks}
+    assert len(boot_ids) == 3
+    with pytest.raises(Exception, match="not found"):
+        await service.fork("other", parent.sandbox_id)
+
+
+async def test_rollback_keeps_id_and_replaces_vm(service: SandboxService) -> None:
+    sb = await service.create(SandboxSpec(template_id="base", team_id="t"))
+    snap = await service.snapshot("t", sb.sandbox_id)
+    old_vm = service.get("t", sb.sandbox_id).runtime["vm"]["vm_id"]
+    rolled = await service.rollback("t", sb.sandbox_id, snap.snapshot_id)
+    assert rolled.sandbox_id == sb.sandbox_id and rolled.state == SandboxState.RUNNING
+    assert rolled.runtime["vm"]["vm_id"] != old_vm and old_vm not in service.vmm.vms
+    other = await service.create(SandboxSpec(template_id="base", team_id="t"))
+    with pytest.raises(SnapshotNotFoundError):
+        await service.rollback("t", other.sandbox_id, snap.snapshot_id)
