@@ -34,7 +34,7 @@ def test_stdout_and_streaming(ci: Sandbox) -> None:
     seen: list[str] = []
     execution = ci.run_code("print('out-1'); print('out-2')", on_stdout=lambda m: seen.append(m.line))
     assert "".join(execution.logs.stdout).split() == ["out-1", "out-2"]
-    assert [s.strip() for s in seen] == ["out-1", "out-2"]
+    assert "".join(seen).split() == ["out-1", "out-2"]
 
 
 def test_png_chart(ci: Sandbox) -> None:
@@ -47,7 +47,7 @@ def test_png_chart(ci: Sandbox) -> None:
 def test_contexts(ci: Sandbox) -> None:
     ctx = ci.create_code_context()
     ci.run_code("y = 'in-context'", context=ctx)
-    assert ci.run_code("y", context=ctx).text == "'in-context'"
+    assert ci.run_code("y", context=ctx).text == "in-context"  # E2B strips a str repr's quotes
     assert ci.run_code("'y' in globals()").text == "False"
 
 

@@ -41,7 +41,8 @@ def test_guest_cannot_see_host_files_or_processes(sandbox: Sandbox, tmp_path) ->
     assert sandbox.commands.run(f"test -e {marker} && echo visible || echo absent").stdout.strip() == "absent"
     procs = sandbox.commands.run("ps -eo comm= | sort -u").stdout
     assert "pytest" not in procs and "qemu-system-x86" not in procs
-    host_pid1 = open("/proc/1/comm").read().strip()
+    with open("/proc/1/comm") as f:
+        host_pid1 = f.read().strip()
     guest_pid1 = sandbox.commands.run("cat /proc/1/comm").stdout.strip()
     assert guest_pid1 != host_pid1 or host_pid1 not in ("systemd", "init", "bash")
 
@@ -88,11 +89,13 @@ def test_commands(sandbox: Sandbox) -> None:
 def test_pty(sandbox: Sandbox) -> None:
     from e2b import PtySize
 
-    chunks: list[bytes] = []
-    pty = sandbox.pty.create(PtySize(rows=24, cols=80), on_data=chunks.append)
-    sandbox.pty.send_stdin(pty.pid, b"echo pty-$((6*7))\nexit\n")
-    pty.wait()
-    assert b"pty-42" in b"".join(chunks)
+    out = bytearray()
+    pty = sandbox.pty.create(PtySize(rows=24, cols=80))
+    sandbox.pty.send_stdin(pty.pid, b"stty size; echo pty-$((6*7)); exit\n")
+    for _, _, data in pty:
+        out.extend(data or b"")
+    assert pty.wait().exit_code == 0
+    assert b"pty-42" in out and b"24 80" in out
 
 
 def test_files(sandbox: Sandbox) -> None:
@@ -109,14 +112,18 @@ def test_files(sandbox: Sandbox) -> None:
     big = os.urandom(3 * 1024 * 1024)
     sandbox.files.write("/home/user/big.bin", big)
     assert sandbox.files.read("/home/user/big.bin", format="bytes") == big
-    events = []
-    watcher = sandbox.files.watch_dir("/home/user/d1", on_event=events.append)
+    watcher = sandbox.files.watch_dir("/home/user/d1")
     sandbox.files.write("/home/user/d1/new.txt", "x")
+    events = []
     deadline = time.time() + 10
     while not any(e.name == "new.txt" for e in events) and time.time() < deadline:
         time.sleep(0.2)
+        events += watcher.get_new_events()
     watcher.stop()
     assert any(e.name == "new.txt" for e in events)
+    packed = sandbox.files.read("/home/user/big.bin", format="bytes", gzip=True) if "gzip" in \
+        sandbox.files.read.__code__.co_varnames else big
+    assert packed == big
     sandbox.files.remove("/home/user/d1")
     assert not sandbox.files.exists("/home/user/d1")
 
