@@ -29,11 +29,13 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys (e2b_...) and teams.
 template_app = typer.Typer(no_args_is_help=True, help="Template images and snapshots.")
 kernel_app = typer.Typer(no_args_is_help=True, help="The guest kernel.")
 sandbox_app = typer.Typer(no_args_is_help=True, help="Sandboxes on this machine.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: medians and p95 against a baseline in the same run.")
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
 app.add_typer(template_app, name="template")
 app.add_typer(kernel_app, name="kernel")
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(bench_app, name="bench")
 
 out = Console()
 err = Console(stderr=True)
@@ -340,6 +342,59 @@ def sandbox_ls(config: ConfigOpt = None) -> None:
         table.add_row(s.sandbox_id, s.team_id, s.template_id, s.state.value, s.isolation,
                       s.end_at.isoformat(timespec="seconds"))
     out.print(table)
+
+
+@bench_app.command("restore")
+def bench_restore(n: Annotated[int, typer.Option("--n", help="clones to restore (kept running together)")] = 20,
+                  cold: Annotated[int, typer.Option(help="cold boots for the baseline")] = 1,
+                  template: Annotated[str, typer.Option(help="template to clone")] = "base",
+                  as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line")] = False,
+                  config: ConfigOpt = None) -> None:
+    """Restore N clones of a template snapshot; latency p50/p95 and memory per idle clone, next to
+    the cold-boot baseline."""
+    from cube_core.bench import cold_boot_bench, restore_bench
+    from cube_core.models import DiskHandle, NetworkPolicy, VmSpec, VmState
+
+    async def action(service: Any) -> dict[str, Any]:
+        tmpl = await service.templates.ensure(template)
+        if tmpl.snapshot is None:
+            raise CubeError(f"the {type(service.vmm).__name__} driver keeps no snapshots")
+        state = VmState.model_validate(tmpl.snapshot.vm_state)
+        layer = DiskHandle.model_validate(tmpl.snapshot.disk)
+        disks: dict[str, Any] = {}
+        nics: dict[str, Any] = {}
+
+        async def spec_for(base: Path, vm_id: str) -> VmSpec:
+            disks[vm_id] = await service.storage.create_disk(vm_id, base)
+            return VmSpec(vm_id=vm_id, kernel=state.kernel, rootfs_disk=disks[vm_id],
+                          memory_mb=state.memory_mb, interpreter=tmpl.interpreter)
+
+        async def nic_for(vm_id: str) -> Any:
+            nics[vm_id] = await service.network.allocate(vm_id, NetworkPolicy(allow_internet_access=False))
+            return nics[vm_id]
+
+        async def cleanup(vm_id: str) -> None:
+            if vm_id in nics:
+                await service.network.release(nics.pop(vm_id))
+            if vm_id in disks:
+                await service.storage.delete_disk(disks.pop(vm_id))
+
+        baseline = await cold_boot_bench(service.vmm, cold, nic_factory=nic_for, cleanup=cleanup,
+                                         spec_factory=lambda vm_id: spec_for(Path(str(tmpl.rootfs)), vm_id))
+        result = await restore_bench(service.vmm, state, n, nic_factory=nic_for, cleanup=cleanup,
+                                     spec_factory=lambda vm_id: spec_for(layer.path, vm_id))
+        result["cold_boot_ms_p50"] = baseline["cold_boot_ms_p50"]
+        result["cold_boot_ms_p95"] = baseline["cold_boot_ms_p95"]
+        result["speedup_p50"] = round(baseline["cold_boot_ms_p50"] / max(result["answer_ms_p50"], 0.1), 1)
+        return result
+
+    result = _with_service(config, action)
+    table = Table("measure", "value")
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    (err if as_json else out).print(table)
+    if as_json:
+        print(json.dumps(result))
 
 
 def main() -> None:

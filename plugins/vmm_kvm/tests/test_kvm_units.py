@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from cube_vmm_kvm import KvmConfig, KvmPlugin, KvmVmm, detect
 from cube_vmm_kvm.accel import host_tsc_khz, probe_kvm
-from cube_vmm_kvm.bench import percentile
+from cube_core.bench import percentile
 from cube_vmm_kvm.cgroup import CgroupLayout, CgroupLimits, VmCgroup, detect_layout
 from cube_vmm_kvm.control import ControlChannel, GuestCallError
 from cube_vmm_kvm.persist import SnapshotRecord, VmRecord, record_from_data, restore, save, snapshot_from_data

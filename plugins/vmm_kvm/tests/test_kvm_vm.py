@@ -27,7 +27,7 @@ from kvm_helpers import (
 )
 
 from cube_vmm_kvm import KvmVmm
-from cube_vmm_kvm.bench import restore_bench
+from cube_core.bench import restore_bench
 from cube_vmm_kvm.cgroup import detect_layout
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.asyncio(loop_scope="session")]

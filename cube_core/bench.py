@@ -1,4 +1,4 @@
-"""``cube bench restore``: how fast clones come up and what each one costs in host memory.
+"""Benchmarks (``cube bench restore``): how fast clones come up and what each one costs in host memory.
 
 Measures, for ``n`` clones of one saved VM started one after another and kept running together:
 restore latency (``restore()`` returned) and restore→first guest answer (``ping``), p50/p95;
@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from cube_core import NicHandle, VmHandle, VmmDriver, VmSpec, VmState
+
+from cube_core.models import NicHandle, VmHandle, VmSpec, VmState
+from cube_core.vmm import VmmDriver
 
 log = structlog.get_logger(__name__)
 
@@ -114,6 +116,7 @@ async def restore_bench(driver: VmmDriver, state: VmState, n: int, *, spec_facto
         "answer_ms_p95": round(percentile(answer_ms, 95), 1),
         "answer_ms_max": round(max(answer_ms), 1),
         "memavailable_drop_mib_per_clone": round((available_before - available_after) / 1024 / n, 1),
+        "idle_mib_per_sandbox": round((available_before - available_after) / 1024 / n, 1),
         "pss_mib_median": round(statistics.median(r["Pss"] for r in rollups) / 1024, 1) if rollups else None,
         "uss_mib_median": round(statistics.median(r["Uss"] for r in rollups) / 1024, 1) if rollups else None,
         "idle_cpu_pct_per_clone": round((ticks_after - ticks_before) / os.sysconf("SC_CLK_TCK")
@@ -121,3 +124,31 @@ async def restore_bench(driver: VmmDriver, state: VmState, n: int, *, spec_facto
     }
     log.info("restore bench", **result)
     return result
+
+
+async def cold_boot_bench(driver: VmmDriver, n: int, *, spec_factory: SpecFactory,
+                          nic_factory: NicFactory | None = None, cleanup: Cleanup | None = None,
+                          ready_timeout: float = 600.0, prefix: str = "coldboot") -> dict[str, Any]:
+    """The baseline for ``restore_bench``: ``n`` cold boots, process start to guest agent ready."""
+    boot_ms: list[float] = []
+    for i in range(n):
+        vm_id = f"{prefix}-{i}"
+        spec = spec_factory(vm_id)
+        if inspect.isawaitable(spec):
+            spec = await spec
+        assert isinstance(spec, VmSpec)
+        nic = await nic_factory(vm_id) if nic_factory is not None else None
+        started = time.monotonic()
+        vm = await driver.boot(spec, nic)
+        try:
+            await driver.wait_ready(vm, timeout=ready_timeout)
+            await driver.guest_call(vm, "ping", timeout=ready_timeout)
+            boot_ms.append((time.monotonic() - started) * 1000)
+        finally:
+            try:
+                await driver.shutdown(vm)
+            finally:
+                if cleanup is not None:
+                    await cleanup(vm_id)
+    return {"n": n, "cold_boot_ms_p50": round(percentile(boot_ms, 50), 1),
+            "cold_boot_ms_p95": round(percentile(boot_ms, 95), 1)}
