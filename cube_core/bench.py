@@ -55,6 +55,15 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+async def _prepare(vm_id: str, spec_factory: SpecFactory,
+                   nic_factory: NicFactory | None) -> tuple[VmSpec, NicHandle | None]:
+    spec = spec_factory(vm_id)
+    if inspect.isawaitable(spec):
+        spec = await spec
+    assert isinstance(spec, VmSpec)
+    return spec, (await nic_factory(vm_id) if nic_factory is not None else None)
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     ordered = sorted(values)
@@ -80,12 +89,7 @@ async def restore_bench(driver: VmmDriver, state: VmState, n: int, *, spec_facto
     vms: list[VmHandle] = []
     try:
         for i in range(n):
-            vm_id = f"{prefix}-{i}"
-            spec = spec_factory(vm_id)
-            if inspect.isawaitable(spec):
-                spec = await spec
-            assert isinstance(spec, VmSpec)
-            nic = await nic_factory(vm_id) if nic_factory is not None else None
+            spec, nic = await _prepare(f"{prefix}-{i}", spec_factory, nic_factory)
             started = time.monotonic()
             vm = await driver.restore(state, spec, nic)
             restored = time.monotonic()
@@ -133,11 +137,7 @@ async def cold_boot_bench(driver: VmmDriver, n: int, *, spec_factory: SpecFactor
     boot_ms: list[float] = []
     for i in range(n):
         vm_id = f"{prefix}-{i}"
-        spec = spec_factory(vm_id)
-        if inspect.isawaitable(spec):
-            spec = await spec
-        assert isinstance(spec, VmSpec)
-        nic = await nic_factory(vm_id) if nic_factory is not None else None
+        spec, nic = await _prepare(vm_id, spec_factory, nic_factory)
         started = time.monotonic()
         vm = await driver.boot(spec, nic)
         try:

@@ -11,9 +11,10 @@ import asyncio
 import base64
 import builtins
 import contextlib
+import functools
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -330,27 +331,23 @@ class SandboxService:
         """Shut the VM down, then free its network slot and disk; every step runs."""
         runtime = self._live.pop(sb.sandbox_id, None) or Runtime.load(sb.runtime)
         errors: builtins.list[str] = []
-        steps: builtins.list[tuple[str, Awaitable[None]]] = []
+        # The VM goes first (it holds the tap and the disk open), then its slot and disk.
         if runtime.vm is not None:
-            steps.append(("vm", self.vmm.shutdown(runtime.vm)))
-        for step, awaitable in steps:
-            try:
-                await awaitable
-            except CubeError as exc:
-                errors.append(f"{step}: {exc}")
-                log.warning("cleanup step failed", sandbox_id=sb.sandbox_id, step=step, error=str(exc))
-        steps = []
+            await self._step(sb, "vm", functools.partial(self.vmm.shutdown, runtime.vm), errors)
         if runtime.nic is not None:
-            steps.append(("nic", self.network.release(runtime.nic)))
+            await self._step(sb, "nic", functools.partial(self.network.release, runtime.nic), errors)
         if runtime.disk is not None:
-            steps.append(("disk", self.storage.delete_disk(runtime.disk)))
-        for step, awaitable in steps:
-            try:
-                await awaitable
-            except CubeError as exc:
-                errors.append(f"{step}: {exc}")
-                log.warning("cleanup step failed", sandbox_id=sb.sandbox_id, step=step, error=str(exc))
+            await self._step(sb, "disk", functools.partial(self.storage.delete_disk, runtime.disk), errors)
         return errors
+
+    @staticmethod
+    async def _step(sb: Sandbox, step: str, action: Callable[[], Awaitable[None]],
+                    errors: builtins.list[str]) -> None:
+        try:
+            await action()
+        except CubeError as exc:
+            errors.append(f"{step}: {exc}")
+            log.warning("cleanup step failed", sandbox_id=sb.sandbox_id, step=step, error=str(exc))
 
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())

@@ -247,7 +247,7 @@ async def test_hook_cube_snapshot_taken(plugin_host: Callable[..., PluginHost]) 
     assert seen == ["snap1"]
 
 
-def test_hook_cube_http_server(register_plugin: Callable[..., PluginHost]) -> None:
+async def test_hook_cube_http_server(register_plugin: Callable[..., PluginHost]) -> None:
     host = register_plugin(object())  # a host on the fakes: nobody serves, the core uses uvicorn
     assert host.hooks.http_server(app=None, settings=host.config.data.core) is None
 
@@ -263,7 +263,5 @@ def test_hook_cube_http_server(register_plugin: Callable[..., PluginHost]) -> No
     register_plugin(Server(), host)
     awaitable = host.hooks.http_server(app="the-app", settings=host.config.data.core)
     assert awaitable is not None
-    import asyncio
-
-    asyncio.run(awaitable)
+    await awaitable
     assert served == [("the-app", host.config.data.core.port)]
