@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -36,6 +36,38 @@ class CubeServer:
     log: Path
     key_a: str
     key_b: str
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    """The running ``cube serve`` (one at a time: only one Cube node may run on a host)."""
+
+    def start(self, timeout: float = BOOT_TIMEOUT_S) -> None:
+        with self.log.open("a") as log_file:
+            proc = subprocess.Popen([CUBE, "serve", "--config", str(self.config)], stdout=log_file,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[:] = [proc]
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"cube serve exited with {proc.returncode}:\n{self.log.read_text()[-5000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"cube serve not healthy after {timeout}s:\n{self.log.read_text()[-5000:]}")
+            time.sleep(0.5)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server process (its sandboxes' VMs keep running; pool members go)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        self.procs.clear()
 
     def env(self, key: str | None = None) -> dict[str, str]:
         return {"E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url, "E2B_API_KEY": key or self.key_a}
@@ -87,31 +119,16 @@ def cube_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CubeServer
         return out.stdout.strip()
 
     key_a, key_b = key("team-a"), key("team-b")
-    with log.open("w") as log_file:
-        proc = subprocess.Popen([CUBE, "serve", "--config", str(config)], stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    server = CubeServer(url=f"http://127.0.0.1:{port}", config=config, state_dir=state, log=log,
+                        key_a=key_a, key_b=key_b)
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"cube serve exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"cube serve not healthy after {BOOT_TIMEOUT_S}s:\n{log.read_text()[-5000:]}")
-            time.sleep(1)
-        yield CubeServer(url=url, config=config, state_dir=state, log=log, key_a=key_a, key_b=key_b)
+        server.start()
+        yield server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        server.stop()
+        # QEMU processes a failed test left behind (their run dir is under the state dir); their
+        # network slots are swept by the next Cube start.
+        subprocess.run(["pkill", "-f", f"{state}/vms"], check=False)
         shutil.rmtree(f"/dev/shm/cube-e2e-{port}", ignore_errors=True)
 
 
