@@ -36,7 +36,8 @@ test: install
 	$(VENV)/bin/ruff check cube_core plugins tests docs $(if $(GUEST),guest)
 	$(VENV)/bin/mypy cube_core $(dir $(wildcard plugins/*/cube_*/__init__.py))
 	$(if $(GUEST),cd guest && ../$(VENV)/bin/mypy)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest --ignore=tests/e2e $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/e2e $(PYTEST_ARGS)
 	$(if $(GUEST),cd guest && ../$(VENV)/bin/pytest $(PYTEST_ARGS))
 
 lint: venv
