@@ -105,6 +105,7 @@ class Template(Frozen):
     aliases: tuple[str, ...] = ()
     status: TemplateStatus = TemplateStatus.BUILDING
     kernel: str | None = None
+    initrd: str | None = None
     rootfs: str | None = None
     rootfs_bytes: int = 0
     interpreter: bool = False
@@ -175,6 +176,8 @@ class VmSpec(Frozen):
 
     vm_id: str
     kernel: Path
+    initrd: Path | None = None
+    """Only for kernels that need one (the stock-kernel fallback); the Cube kernel boots without."""
     rootfs_disk: DiskHandle
     memory_mb: int = 512
     cpu_count: int = 1
@@ -226,8 +229,14 @@ class VmState(Frozen):
     memory_mb: int
     cpu_count: int = 1
     kernel: Path
+    initrd: Path | None = None
     isolation: Isolation
     data: dict[str, Any] = Field(default_factory=dict)
+
+    def clone_spec(self, vm_id: str, disk: DiskHandle, *, interpreter: bool) -> VmSpec:
+        """The spec of a VM restored from this state onto ``disk``."""
+        return VmSpec(vm_id=vm_id, kernel=self.kernel, initrd=self.initrd, rootfs_disk=disk,
+                      memory_mb=self.memory_mb, cpu_count=self.cpu_count, interpreter=interpreter)
 
 
 VmSpec.model_rebuild()

@@ -20,7 +20,7 @@ import structlog
 from cube_core import ids
 from cube_core.config import PoolSettings
 from cube_core.errors import CubeError
-from cube_core.models import DiskHandle, NetworkPolicy, Sandbox, Template, VmSpec, VmState, utcnow
+from cube_core.models import DiskHandle, NetworkPolicy, Sandbox, Template, VmState, utcnow
 from cube_core.network import NetworkDriver
 from cube_core.state import SandboxState
 from cube_core.storage import StorageDriver
@@ -156,8 +156,7 @@ class WarmPool:
             disk = await self.storage.create_disk(owner, base.path)
             runtime["disk"] = disk.model_dump(mode="json")
             state = VmState.model_validate(template.snapshot.vm_state)
-            spec = VmSpec(vm_id=owner, kernel=state.kernel, rootfs_disk=disk, memory_mb=state.memory_mb,
-                          interpreter=template.interpreter)
+            spec = state.clone_spec(owner, disk, interpreter=template.interpreter)
             vm = await self.vmm.restore(state, spec, nic)
             runtime["vm"] = vm.model_dump(mode="json")
             await self.vmm.pause(vm)

@@ -25,16 +25,40 @@ BUILTIN_RECIPES: dict[str, RootfsRecipe] = {
 }
 
 
-def kernel_path(setting: str, progress: Progress | None = None) -> Path:
-    """Resolve the ``kernel`` setting: a path, ``auto`` (build/reuse with kernel/build.sh), or
-    ``none`` for VMM drivers that boot no kernel (the fakes)."""
+def guest_kernel(setting: str, progress: Progress | None = None) -> tuple[Path, Path | None]:
+    """Resolve the ``kernel`` setting to (vmlinux, initrd or None): a path; ``auto`` (build/reuse
+    the Cube kernel with kernel/build.sh, and if that build is impossible fall back to Debian's stock
+    kernel + a generated initramfs); ``stock`` (that fallback only); ``none`` (fakes boot nothing)."""
     if setting == "none":
-        return Path("/dev/null")
+        return Path("/dev/null"), None
+    if setting == "stock":
+        return stock_kernel(progress)
     if setting != "auto":
         path = Path(setting)
         if not path.is_file():
             raise ConfigError(f"kernel {path} does not exist (set [core] kernel, or 'auto')")
-        return path
+        return path, None
+    try:
+        return kernel_path(progress), None
+    except TemplateBuildError as exc:
+        log.warning("guest kernel build impossible; falling back to the stock kernel", error=str(exc))
+        return stock_kernel(progress)
+
+
+def stock_kernel(progress: Progress | None = None) -> tuple[Path, Path]:
+    """Debian's stock kernel (extracted vmlinux) + a generated initramfs, by kernel/stock.sh."""
+    script = REPO_ROOT / "kernel" / "stock.sh"
+    if progress:
+        progress("preparing the stock kernel + initramfs", None)
+    result = subprocess.run([str(script)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise TemplateBuildError(template="kernel", reason=f"kernel/stock.sh failed: {result.stderr[-2000:]}")
+    vmlinux, initrd = result.stdout.strip().splitlines()[-1].split()
+    return Path(vmlinux), Path(initrd)
+
+
+def kernel_path(progress: Progress | None = None) -> Path:
+    """The Cube guest kernel, built (or reused from the cache) by kernel/build.sh."""
     script = REPO_ROOT / "kernel" / "build.sh"
     if not script.is_file():
         raise ConfigError(f"kernel = 'auto' needs {script}; set [core] kernel to a vmlinux path")
@@ -92,15 +116,16 @@ class TemplateBuilder:
                             interpreter=recipe.interpreter, memory_mb=1024 if recipe.interpreter else 512)
         self.store.put_template(template)
         try:
-            kernel = await asyncio.to_thread(kernel_path, self.kernel_setting, progress)
+            kernel, initrd = await asyncio.to_thread(guest_kernel, self.kernel_setting, progress)
             image = await self.storage.build_rootfs(recipe, progress)
             template = template.model_copy(update={
-                "kernel": str(kernel), "rootfs": str(image.path), "rootfs_bytes": image.bytes_allocated,
+                "kernel": str(kernel), "initrd": str(initrd) if initrd else None, "rootfs": str(image.path),
+                "rootfs_bytes": image.bytes_allocated,
                 "build_log": image.build_log[-20_000:]})
             snapshot = None
             if CAP_SNAPSHOT in self.vmm.capabilities:
-                envd_version, snapshot = await self._snapshot(template, kernel, image.path, image.content_hash,
-                                                              progress)
+                envd_version, snapshot = await self._snapshot(template, kernel, initrd, image.path,
+                                                              image.content_hash, progress)
                 template = template.model_copy(update={"envd_version": envd_version})
             template = template.model_copy(update={"status": TemplateStatus.READY, "snapshot": snapshot})
         except BaseException as exc:
@@ -111,7 +136,8 @@ class TemplateBuilder:
         log.info("template ready", template=name, snapshot=snapshot.snapshot_id if snapshot else None)
         return template
 
-    async def _snapshot(self, template: Template, kernel: Path, image: Path, content_hash: str,
+    async def _snapshot(self, template: Template, kernel: Path, initrd: Path | None, image: Path,
+                        content_hash: str,
                         progress: Progress | None) -> tuple[str, SnapshotRef]:
         # A fresh id per build: disks of live sandboxes may still sit on an earlier snapshot.
         snapshot_id = f"tmpl-{template.template_id}-{content_hash[:12]}-{ids.short_id('')[:8]}"
@@ -122,7 +148,7 @@ class TemplateBuilder:
         nic = await self.network.allocate(owner, template_policy())
         vm = None
         try:
-            vm = await self.vmm.boot(VmSpec(vm_id=owner, kernel=kernel, rootfs_disk=disk,
+            vm = await self.vmm.boot(VmSpec(vm_id=owner, kernel=kernel, initrd=initrd, rootfs_disk=disk,
                                             memory_mb=template.memory_mb, interpreter=template.interpreter),
                                      nic)
             await self.vmm.wait_ready(vm, timeout=600.0)
