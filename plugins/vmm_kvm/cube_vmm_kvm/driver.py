@@ -189,7 +189,8 @@ class KvmVmm(VmmDriver):
                 vm_id=machine.vm_id, pid=pid, workdir=machine.workdir, qmp_socket=machine.qmp_socket,
                 ctl_socket=machine.ctl_socket, console_log=machine.console_log, ram_file=machine.ram_file,
                 ram_shared=machine.ram_shared, accel=machine.accel, isolation=machine.accel,
-                memory_mb=machine.memory_mb, cpu_count=cpu_count, kernel=machine.kernel, append=machine.append,
+                memory_mb=machine.memory_mb, cpu_count=cpu_count, kernel=machine.kernel, initrd=machine.initrd,
+                append=machine.append,
                 cpu_model=machine.cpu_model, pic=machine.pic, has_nic=tap_fd is not None,
                 guest_mac=machine.guest_mac, cgroup_version=group.version if group else 0,
                 cgroup_paths=group.paths if group else {}, **record_fields)
@@ -245,7 +246,8 @@ class KvmVmm(VmmDriver):
                     cpu_model=self._cpu_model(), ram_file=ram_file, ram_shared=True, disk_path=disk.path,
                     disk_format=disk.format, disk_readonly=disk.readonly, disk_cache=self.config.disk_cache,
                     tb_size_mb=self.config.tb_size_mb, pic=self.config.pic, tap_fd=tap_fd,
-                    guest_mac=(nic.guest_mac if nic else None), incoming=False, seccomp=self.config.seccomp)
+                    guest_mac=(nic.guest_mac if nic else None), incoming=False, seccomp=self.config.seccomp,
+                    initrd=spec.initrd)
                 live = await self._launch(machine, {"ram_owned": True}, spec.cpu_count)
             except BaseException:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -324,7 +326,7 @@ class KvmVmm(VmmDriver):
                                   save_ms=round(save_ms, 2))
             return VmState(state_id=target_dir.name, memory_file=memory_file, device_state=state_path,
                            memory_mb=rec.memory_mb, cpu_count=rec.cpu_count, kernel=rec.kernel,
-                           isolation=rec.isolation, data=data.model_dump(mode="json"))
+                           initrd=rec.initrd, isolation=rec.isolation, data=data.model_dump(mode="json"))
 
     async def restore(self, state: VmState, spec: VmSpec, nic: NicHandle | None) -> VmHandle:
         """Start a clone of ``state`` with ``spec``'s disk and ``nic``; it runs when this returns."""
@@ -333,16 +335,19 @@ class KvmVmm(VmmDriver):
         if saved.accel != self.accel.accel:
             raise VmmError(f"snapshot {state.state_id} was made under {saved.accel}, "
                            f"this node runs {self.accel.accel}")
+        if spec.initrd is not None and spec.initrd != state.initrd:
+            raise VmmError(f"snapshot {state.state_id} was booted with initrd {state.initrd}; "
+                           f"a clone cannot use {spec.initrd}")
         if saved.has_nic != (nic is not None):
             raise VmmError(f"snapshot {state.state_id} was made {'with' if saved.has_nic else 'without'} a NIC; "
                            "a clone must have the same devices")
         if nic is not None and saved.guest_mac and nic.guest_mac != saved.guest_mac:
             log.warning("clone NIC MAC differs from the snapshot's; the guest keeps the snapshot's",
                         vm_id=spec.vm_id, snapshot_mac=saved.guest_mac, nic_mac=nic.guest_mac)
-        for path in (state.memory_file, state.device_state, state.kernel):
-            if not path.exists():
-                # The kernel must be the very file the snapshot booted: QEMU reads it at start-up
-                # and its ROM blobs are part of the saved machine.
+        for path in (state.memory_file, state.device_state, state.kernel, state.initrd):
+            if path is not None and not path.exists():
+                # The kernel (and initrd) must be the very files the snapshot booted: QEMU reads
+                # them at start-up and its ROM blobs are part of the saved machine.
                 raise VmmError(f"snapshot {state.state_id}: {path} is missing")
         if spec.memory_mb != state.memory_mb:
             log.info("clone memory size comes from the snapshot", vm_id=spec.vm_id,
@@ -364,7 +369,8 @@ class KvmVmm(VmmDriver):
                     ram_file=ram_file, ram_shared=not shared, disk_path=disk.path, disk_format=disk.format,
                     disk_readonly=disk.readonly, disk_cache=self.config.disk_cache,
                     tb_size_mb=self.config.tb_size_mb, pic=saved.pic, tap_fd=tap_fd,
-                    guest_mac=(nic.guest_mac if nic else None), incoming=True, seccomp=self.config.seccomp)
+                    guest_mac=(nic.guest_mac if nic else None), incoming=True, seccomp=self.config.seccomp,
+                    initrd=state.initrd)
                 live = await self._launch(machine, {"ram_owned": not shared, "restored_from": state.state_id},
                                           spec.cpu_count)
                 spawned = time.monotonic()

@@ -45,6 +45,7 @@ class VmRecord(_Model):
     memory_mb: int
     cpu_count: int
     kernel: Path
+    initrd: Path | None = None
     append: str
     cpu_model: str
     pic: bool

@@ -66,6 +66,15 @@ class MachineSpec:
     guest_mac: str | None = None
     incoming: bool = False
     seccomp: bool = True
+    initrd: Path | None = None
+    """Only for kernels that need one (Debian's stock kernel); implies ``acpi``."""
+
+    @property
+    def acpi(self) -> bool:
+        """ACPI on the microvm machine: needed by kernels without ``VIRTIO_MMIO_CMDLINE_DEVICES``
+        (Debian's), which find the virtio-mmio devices through the DSDT. The Cube kernel has no
+        ACPI and takes its devices from the command line that QEMU appends."""
+        return self.initrd is not None
 
     @property
     def qmp_socket(self) -> Path:
@@ -91,7 +100,8 @@ class MachineSpec:
 def build_argv(qemu_binary: str, m: MachineSpec) -> list[str]:
     """The full ``qemu-system-x86_64`` argv for ``m`` (the same for a boot and its clones, apart
     from ``share=`` and ``-incoming``)."""
-    machine = f"microvm,x-option-roms=off,acpi=off,memory-backend=mem,pic={'on' if m.pic else 'off'}"
+    machine = (f"microvm,x-option-roms=off,acpi={'on' if m.acpi else 'off'},memory-backend=mem,"
+               f"pic={'on' if m.pic else 'off'}")
     accel = f"tcg,tb-size={m.tb_size_mb}" if m.accel == "tcg" else "kvm"
     drive = (f"if=none,id=root,file={_opt(m.disk_path)},format={m.disk_format},cache={m.disk_cache}"
              + (",readonly=on" if m.disk_readonly else ""))
@@ -111,6 +121,10 @@ def build_argv(qemu_binary: str, m: MachineSpec) -> list[str]:
     argv += [
         "-serial", f"file:{_opt(m.console_log)}",
         "-kernel", str(m.kernel),
+    ]
+    if m.initrd is not None:
+        argv += ["-initrd", str(m.initrd)]
+    argv += [
         "-append", m.append,
         "-object", (f"memory-backend-file,id=mem,size={m.memory_mb}M,mem-path={_opt(m.ram_file)},"
                     f"share={'on' if m.ram_shared else 'off'}"),

@@ -42,6 +42,7 @@ class VmFactory:
     storage: CowStorage
     base_image: Path
     kernel: Path
+    initrd: Path | None = None
     vms: list[VmHandle] = field(default_factory=list)
     disks: dict[str, DiskHandle] = field(default_factory=dict)
 
@@ -52,7 +53,7 @@ class VmFactory:
         vm_id = self.vm_id(name)
         disk = await self.storage.create_disk(vm_id, base or self.base_image)
         self.disks[vm_id] = disk
-        return VmSpec(vm_id=vm_id, kernel=self.kernel, rootfs_disk=disk, memory_mb=memory_mb)
+        return VmSpec(vm_id=vm_id, kernel=self.kernel, initrd=self.initrd, rootfs_disk=disk, memory_mb=memory_mb)
 
     async def boot(self, name: str, nic: NicHandle | None = None) -> VmHandle:
         vm = await self.driver.boot(await self.spec(name), nic)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from cube_core import GuestTimeoutError, VmmError
+from cube_core.bench import percentile
 from pydantic import ValidationError
 
 from cube_vmm_kvm import KvmConfig, KvmPlugin, KvmVmm, detect
 from cube_vmm_kvm.accel import host_tsc_khz, probe_kvm
-from cube_core.bench import percentile
 from cube_vmm_kvm.cgroup import CgroupLayout, CgroupLimits, VmCgroup, detect_layout
 from cube_vmm_kvm.control import ControlChannel, GuestCallError
 from cube_vmm_kvm.persist import SnapshotRecord, VmRecord, record_from_data, restore, save, snapshot_from_data
@@ -82,6 +82,17 @@ def test_argv_clone_with_nic(tmp_path: Path) -> None:
     assert _opt(argv, "-device")[-1] == "virtio-net-device,netdev=n0,mac=52:54:00:00:00:21"
     assert _opt(argv, "-accel") == ["kvm"]
     assert _opt(argv, "-M")[0].endswith("pic=off")
+
+
+def test_argv_stock_kernel_has_initrd_and_acpi(tmp_path: Path) -> None:
+    plain = build_argv("qemu", _machine(tmp_path))
+    assert "-initrd" not in plain and "acpi=off" in _opt(plain, "-M")[0]
+    argv = build_argv("qemu", _machine(tmp_path, initrd=Path("/k/initrd.cpio.gz")))
+    assert _opt(argv, "-initrd") == ["/k/initrd.cpio.gz"]
+    assert _opt(argv, "-M") == ["microvm,x-option-roms=off,acpi=on,memory-backend=mem,pic=on"]
+    assert argv.index("-initrd") == argv.index("-kernel") + 2
+    rest = [a.replace("acpi=on", "acpi=off") for a in argv if a not in ("-initrd", "/k/initrd.cpio.gz")]
+    assert rest == plain  # nothing else changes
 
 
 def test_argv_escapes_commas(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from cube_core import GuestTimeoutError, NicHandle, VmmError
+from cube_core.bench import restore_bench
 from kvm_helpers import (
     CGROUP_PARENT,
     RUN_TOKEN,
@@ -27,7 +28,6 @@ from kvm_helpers import (
 )
 
 from cube_vmm_kvm import KvmVmm
-from cube_core.bench import restore_bench
 from cube_vmm_kvm.cgroup import detect_layout
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.asyncio(loop_scope="session")]
