@@ -40,7 +40,7 @@ def guest_kernel(setting: str, progress: Progress | None = None) -> tuple[Path, 
         return path, None
     try:
         return kernel_path(progress), None
-    except TemplateBuildError as exc:
+    except (TemplateBuildError, ConfigError) as exc:
         log.warning("guest kernel build impossible; falling back to the stock kernel", error=str(exc))
         return stock_kernel(progress)
 
