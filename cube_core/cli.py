@@ -247,12 +247,12 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="key id or prefix")], co
 def kernel_build(config: ConfigOpt = None) -> None:
     """Build (or reuse from the cache) the guest kernel; prints its path."""
     from cube_core.progress import progress_reporter
-    from cube_core.templates import kernel_path
+    from cube_core.templates import guest_kernel
 
     cfg = _guard(lambda: load_config(config))
     with progress_reporter("kernel") as progress:
-        path = _guard(lambda: kernel_path(cfg.data.core.kernel, progress))
-    out.print(str(path))
+        kernel, initrd = _guard(lambda: guest_kernel(cfg.data.core.kernel, progress))
+    out.print(str(kernel) + (f" (initrd {initrd})" if initrd else ""))
 
 
 def _with_service(config: Path | None, action: Callable[[Any], Any]) -> Any:
@@ -366,8 +366,7 @@ def bench_restore(n: Annotated[int, typer.Option("--n", help="clones to restore 
 
         async def spec_for(base: Path, vm_id: str) -> VmSpec:
             disks[vm_id] = await service.storage.create_disk(vm_id, base)
-            return VmSpec(vm_id=vm_id, kernel=state.kernel, rootfs_disk=disks[vm_id],
-                          memory_mb=state.memory_mb, interpreter=tmpl.interpreter)
+            return state.clone_spec(vm_id, disks[vm_id], interpreter=tmpl.interpreter)
 
         async def nic_for(vm_id: str) -> Any:
             nics[vm_id] = await service.network.allocate(vm_id, NetworkPolicy(allow_internet_access=False))
