@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 STD_CHUNK = 32 << 10
 PTY_CHUNK = 16 << 10
 SUBSCRIBER_QUEUE = 16
-FINISHED_KEEP = 256
+FINISHED_KEEP = 1024  # finished processes kept for Connect replay (each is a few hundred bytes)
 FINISHED_TTL_S = 600.0
 # After the main process exits, keep reading output that is still in flight
 # (grandchildren, the tty flush work) for this long without new data.
