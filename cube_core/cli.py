@@ -344,6 +344,45 @@ def sandbox_ls(config: ConfigOpt = None) -> None:
     out.print(table)
 
 
+@sandbox_app.command("audit")
+def sandbox_audit(sandbox_id: str,
+                  key: Annotated[str, typer.Option("--key", envvar="E2B_API_KEY",
+                                                   help="an API key of the sandbox's team")],
+                  url: Annotated[str | None, typer.Option(
+                      "--url", help="default: host and port from plugins.toml")] = None,
+                  limit: Annotated[int, typer.Option("--limit")] = 100,
+                  as_json: Annotated[bool, typer.Option("--json", help="one JSON event per line")] = False,
+                  config: ConfigOpt = None) -> None:
+    """Recent egress decisions of a sandbox (from the running server's network audit log)."""
+    import httpx
+
+    if url is None:
+        core = _guard(lambda: load_config(config)).data.core
+        url = f"http://{'127.0.0.1' if core.host in ('0.0.0.0', '::') else core.host}:{core.port}"
+    try:
+        resp = httpx.get(f"{url}/sandboxes/{sandbox_id}/network/audit", params={"limit": limit},
+                         headers={"X-API-Key": key}, timeout=30)
+    except httpx.HTTPError as exc:
+        err.print(f"[red]cannot reach {escape(url)}: {escape(str(exc))}[/red]")
+        raise typer.Exit(2) from None
+    if resp.status_code != 200:
+        err.print(f"[red]{resp.status_code}: {escape(resp.text)}[/red]")
+        raise typer.Exit(2)
+    events: list[dict[str, Any]] = resp.json()["events"]
+    if as_json:
+        for event in events:
+            print(json.dumps(event))
+        return
+    table = Table("time", "kind", "verdict", "what", "reason / rule")
+    for e in events:
+        what = e.get("dst") or e.get("name") or json.dumps(e.get("policy", ""))
+        if e["kind"] == "flow":
+            what = f"{e.get('proto', e.get('ethertype', '?'))} {what}"
+        reason = e.get("rule") or e.get("reason") or ", ".join(e.get("answers", []))
+        table.add_row(str(e.get("ts", "")), e["kind"], e.get("verdict", ""), escape(str(what)), escape(str(reason)))
+    out.print(table)
+
+
 @bench_app.command("restore")
 def bench_restore(n: Annotated[int, typer.Option("--n", help="clones to restore (kept running together)")] = 20,
                   cold: Annotated[int, typer.Option(help="cold boots for the baseline")] = 1,

@@ -17,4 +17,5 @@ with Sandbox.create() as sandbox:
     png = next(r.png for r in execution.results if r.png)
     with open("chart.png", "wb") as f:
         f.write(base64.b64decode(png))
-    print("wrote chart.png;", "chart type:", next((r.chart.type for r in execution.results if r.chart), None))
+    chart = next((r.chart for r in execution.results if r.chart), None)
+    print("wrote chart.png;", "chart type:", chart.type.value if chart else None)

@@ -59,6 +59,8 @@ class AuditLog:
                 self._events[new] = events
 
     def add(self, slot_id: str, event: dict[str, Any]) -> None:
+        if "ts" not in event:
+            event = {"ts": _iso(time.time_ns()), **event}
         with self._lock:
             events = self._events.get(slot_id)
             if events is None:
@@ -137,6 +139,7 @@ class AuditReader(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
-        self.join(timeout=2)
+        if self.ident is not None:  # started
+            self.join(timeout=2)
         with self._poll_lock:
             self._rb.close()

@@ -153,6 +153,9 @@ class EbpfNetwork(NetworkDriver):
                 self.indexes.mark_used(index)
             removed = self._remove_incomplete(inv)
             recovered = self._recover(host.inventory())
+            if self._reader is not None:
+                # only now: events the filter queued while no Cube ran belong to recovered slots
+                self._reader.start()
             if self.config.dns:
                 self._start_resolver()
         log.info("network driver started", slots_recovered=recovered, incomplete_removed=removed,
@@ -169,7 +172,6 @@ class EbpfNetwork(NetworkDriver):
                    *host.own_addresses(self.config.subnet)]
         self.filter.set_blocked(blocked)
         self._reader = AuditReader(self.filter, self.audit_log, self._by_ifindex.get)
-        self._reader.start()
 
     def _start_resolver(self) -> None:
         assert self.resolver is not None

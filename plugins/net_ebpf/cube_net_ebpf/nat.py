@@ -5,7 +5,8 @@ Inside a slot's namespace (table ``ip cube``):
   the host reaches the guest (``NicHandle.guest_address``);
 - the guest's outbound traffic is masqueraded to the namespace-side veth address;
 - DNS to the gateway (169.254.0.22:53) goes to Cube's resolver, when there is one;
-- nothing else may reach the namespace itself, and only those paths are forwarded.
+- nothing else may reach the namespace itself (the guest gets a RST or an ICMP error, so it fails
+  at once), and only those paths are forwarded.
 
 On the host (table ``inet cube``):
 - sandboxes may not reach the host (except replies and Cube's resolver; the rest is rejected,
@@ -51,6 +52,8 @@ def slot_ruleset(ns_addr: str, resolver: str | None) -> str:
     type filter hook input priority filter; policy drop;
     ct state established,related accept
     iifname "lo" accept
+    iifname "{TAP_NAME}" meta l4proto tcp reject with tcp reset
+    iifname "{TAP_NAME}" reject with icmp type admin-prohibited
   }}
 }}
 """

@@ -104,6 +104,8 @@ def test_guest_cannot_reach_host_services(two_slots, guests):
         res = nettools.probe(guests.of(nic), f"169.254.0.22:{PORT}",
                              f"{nic.guest_address}:{PORT}")
         assert not any(r["ok"] for r in res.values()), res
+        gateway = res[f"169.254.0.22:{PORT}"]
+        assert gateway["errno"] == 111 and gateway["s"] < 0.5, gateway  # rejected, not dropped
     finally:
         nettools.stop(everywhere)
 
