@@ -177,6 +177,9 @@ class Hooks:
     async def snapshot_taken(self, sandbox: Sandbox, snapshot: SnapshotRef) -> None:
         await _notify(self._pm.hook.cube_snapshot_taken, sandbox=sandbox, snapshot=snapshot)
 
+    async def sandbox_restored(self, sandbox: Sandbox, snapshot: SnapshotRef) -> None:
+        await _notify(self._pm.hook.cube_sandbox_restored, sandbox=sandbox, snapshot=snapshot)
+
 
 def _provided(value: object, kind: Any, slot: str) -> Any:
     if value is None:

@@ -435,5 +435,43 @@ def bench_restore(n: Annotated[int, typer.Option("--n", help="clones to restore 
         print(json.dumps(result))
 
 
+@bench_app.command("create")
+def bench_create(
+        concurrency: Annotated[str, typer.Option(help="comma-separated concurrency levels")] = "1,10,50",
+        n: Annotated[int, typer.Option("--n", help="creates per concurrency level")] = 200,
+        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line")] = False,
+        url: Annotated[str | None, typer.Option(help="measure this server as it is (default: start one "
+                                                     "per mode on free ports)")] = None,
+        out_dir: Annotated[Path, typer.Option("--out", help="where the JSON, PNG and serve logs go")] = Path(
+            "bench-results"),
+        idle: Annotated[int, typer.Option(help="idle sandboxes for the memory/CPU cost (at most --n)")] = 100,
+        cold_n: Annotated[int, typer.Option("--cold-n", help="cold boots (concurrency 1 only)")] = 4,
+        modes: Annotated[str, typer.Option(help="pool_hit,pool_miss,cold (ignored with --url)")] = (
+            "pool_hit,pool_miss,cold"),
+        api_key: Annotated[str | None, typer.Option(help="with --url (default: $E2B_API_KEY)")] = None,
+        admin_url: Annotated[str | None, typer.Option(help="with --url: its metrics server, to wait "
+                                                           "for the warm pool")] = None) -> None:
+    """Create sandboxes through the E2B SDK: create→201 and create→first command p50/p95/p99 at each
+    concurrency, memory and CPU per idle sandbox; pool hit vs pool miss vs cold boot, side by side."""
+    from cube_core.bench_create import Options, run, tables
+    from cube_core.log import configure_logging
+
+    configure_logging()
+    try:
+        levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
+    except ValueError:
+        err.print(f"error: --concurrency wants numbers like 1,10,50, not {concurrency!r}")
+        raise typer.Exit(2) from None
+    opts = Options(concurrency=levels, n=n, idle=idle, cold_n=cold_n, url=url, api_key=api_key,
+                   admin_url=admin_url, out=out_dir,
+                   modes=tuple(m.strip().replace("-", "_") for m in modes.split(",") if m.strip()))
+    result = _guard(lambda: run(opts, lambda message: err.print(message, highlight=False)))
+    for table in tables(result):
+        (err if as_json else out).print(table)
+    (err if as_json else out).print(f"written: {result['files']['json']}  {result['files']['plot'] or '(no plot)'}")
+    if as_json:
+        print(json.dumps(result))
+
+
 def main() -> None:
     app()

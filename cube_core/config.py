@@ -13,7 +13,7 @@ import re
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -49,13 +49,24 @@ class CoreSettings(_Model):
     domain: str | None = None
     node_id: str = "local"
     kernel: str = "auto"
-    """Path of the guest vmlinux, ``auto`` to build/reuse it with ``kernel/build.sh``, or ``none``
-    for VMM drivers that need no kernel (the fakes)."""
+    """Path of the guest vmlinux; ``auto`` to build/reuse it with ``kernel/build.sh`` (falling back to
+    Debian's stock kernel + initramfs when the build is impossible); ``stock`` for that fallback
+    only; ``none`` for VMM drivers that need no kernel (the fakes)."""
     templates: tuple[str, ...] = ("base", "code-interpreter-v1")
     """Templates ``cube serve`` builds on first start."""
     default_timeout_s: int = Field(default=300, ge=1)
     max_sandboxes: int = Field(default=200, ge=1)
+    max_parallel_starts: int = Field(default=4, ge=1)
+    """Creates that miss the warm pool start their VM (restore or boot, then personalize) at most
+    this many at a time; the others wait their turn in arrival order (first come, first served),
+    so a burst of creates on a small host queues instead of starving every guest of CPU."""
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    boot_mode: Literal["snapshot", "cold"] = "snapshot"
+    """How a sandbox's VM starts when it does not come from the warm pool: ``snapshot`` restores
+    the template's snapshot; ``cold`` boots the template image from scratch (seconds under TCG:
+    the baseline of ``cube bench create``; set ``pool = { size = 0 }`` too, or pool members, which
+    are restored from the snapshot, still serve creates). Creates from a sandbox snapshot always
+    restore it."""
 
 
 class SlotSection(_Model):

@@ -215,3 +215,19 @@ def cube_snapshot_taken(sandbox: Sandbox, snapshot: SnapshotRef) -> Awaitable[No
 
     .. versionadded:: 0.1
     """
+
+
+@hookspec
+def cube_sandbox_restored(sandbox: Sandbox, snapshot: SnapshotRef) -> Awaitable[None] | None:
+    """Notification: a sandbox's VM was replaced by a restore of one of its snapshots (rollback).
+
+    The sandbox keeps its id, token and address, but the guest is the one of the snapshot: its
+    network connections from after the snapshot are gone (a proxy must drop the connections it
+    keeps open to the sandbox). Called once per rollback, after the new VM answered. Many
+    implementers; each may return an awaitable. Must not raise.
+
+    :param sandbox: the sandbox record after the rollback.
+    :param snapshot: the snapshot it was put back to.
+
+    .. versionadded:: 0.2
+    """

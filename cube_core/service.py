@@ -108,6 +108,8 @@ class SandboxService:
                              storage=self.storage, destroy=self._free)
         self.ready = asyncio.Event()
         self.create_latencies_ms: list[float] = []
+        self._start_gate = asyncio.Semaphore(self.settings.max_parallel_starts)
+        """FIFO: asyncio wakes a semaphore's waiters in the order they came."""
 
     # -- lifecycle of the service -------------------------------------------------------------
 
@@ -249,11 +251,13 @@ class SandboxService:
         self.store.put_sandbox(sandbox)
         self._live[sandbox.sandbox_id] = runtime
         try:
-            if member is not None:
-                await self._adopt(spec, runtime)
-            else:
-                await self._start_vm(sandbox, template, spec, runtime)
-            boot = await self._personalize(sandbox, runtime)
+            # a pool miss waits its turn (FIFO) for one of max_parallel_starts VM starts
+            async with self._start_gate if member is None else contextlib.nullcontext():
+                if member is not None:
+                    await self._adopt(spec, runtime)
+                else:
+                    await self._start_vm(sandbox, template, spec, runtime)
+                boot = await self._personalize(sandbox, runtime)
             lineage = {"parent_snapshot": spec.from_snapshot} if spec.from_snapshot else {}
             sandbox = sandbox.model_copy(update={
                 "state": SandboxState.RUNNING, "runtime": {**runtime.dump(), **lineage},
@@ -276,18 +280,19 @@ class SandboxService:
         snap = self.store.get_snapshot(spec.from_snapshot) if spec.from_snapshot else template.snapshot
         if spec.from_snapshot and snap is None:
             raise SnapshotNotFoundError(snapshot_id=spec.from_snapshot)
-        if snap is not None and CAP_SNAPSHOT in self.vmm.capabilities:
+        if snap is not None and CAP_SNAPSHOT in self.vmm.capabilities and (
+                spec.from_snapshot or self.settings.boot_mode == "snapshot"):
             base = DiskHandle.model_validate(snap.disk)
             runtime.disk = await self.storage.create_disk(sandbox.sandbox_id, base.path)
             state = VmState.model_validate(snap.vm_state)
-            vm_spec = VmSpec(vm_id=sandbox.sandbox_id, kernel=state.kernel, rootfs_disk=runtime.disk,
-                             memory_mb=state.memory_mb, interpreter=template.interpreter)
+            vm_spec = state.clone_spec(sandbox.sandbox_id, runtime.disk, interpreter=template.interpreter)
             runtime.vm = await self.vmm.restore(state, vm_spec, runtime.nic)
         else:
             if template.rootfs is None or template.kernel is None:
                 raise TemplateError(f"template {template.template_id!r} has no image")
             runtime.disk = await self.storage.create_disk(sandbox.sandbox_id, Path(template.rootfs))
             vm_spec = VmSpec(vm_id=sandbox.sandbox_id, kernel=Path(template.kernel),
+                             initrd=Path(template.initrd) if template.initrd else None,
                              rootfs_disk=runtime.disk, memory_mb=template.memory_mb,
                              interpreter=template.interpreter)
             runtime.vm = await self.vmm.boot(vm_spec, runtime.nic)
@@ -386,12 +391,25 @@ class SandboxService:
     @require(SandboxState.PAUSED)
     async def _resume(self, sandbox_id: str, timeout_s: int | None) -> Sandbox:
         sb = self._record(sandbox_id)
-        await self.vmm.resume(self._runtime(sandbox_id).vm)  # type: ignore[arg-type]
+        vm = self._runtime(sandbox_id).vm
+        assert vm is not None
+        await self.vmm.resume(vm)
+        await self._sync_clock(sandbox_id, vm)
         sb = self._move(sb, SandboxState.RUNNING)
         if timeout_s is not None:
             sb = sb.model_copy(update={"end_at": utcnow() + timedelta(seconds=timeout_s)})
             self.store.put_sandbox(sb)
         return sb
+
+    async def _sync_clock(self, sandbox_id: str, vm: VmHandle) -> None:
+        """A stopped VM's clock stands still: after a resume, give the guest the time again. Best
+        effort (the sandbox runs either way; its clock is only behind by the pause)."""
+        try:
+            reply = await self.vmm.guest_call(vm, "sync_clock", {"clock_ns": time.time_ns()}, timeout=5.0)
+        except CubeError as exc:
+            log.warning("clock sync after resume failed", sandbox_id=sandbox_id, error=str(exc))
+            return
+        log.debug("clock synced after resume", sandbox_id=sandbox_id, behind_ms=reply.get("behind_ms"))
 
     async def connect(self, team_id: str, sandbox_id: str, timeout_s: int | None = None) -> Sandbox:
         """Return a running sandbox, resuming it if paused; the deadline only moves later."""
@@ -527,9 +545,8 @@ class SandboxService:
             assert old.vm is not None
             await self.vmm.shutdown(old.vm)
             try:
-                fresh.vm = await self.vmm.restore(state, VmSpec(
-                    vm_id=f"{sandbox_id}-r{ids.short_id('')[:6]}", kernel=state.kernel, rootfs_disk=fresh.disk,
-                    memory_mb=state.memory_mb, interpreter=template.interpreter), fresh.nic)
+                fresh.vm = await self.vmm.restore(state, state.clone_spec(
+                    f"{sandbox_id}-r{ids.short_id('')[:6]}", fresh.disk, interpreter=template.interpreter), fresh.nic)
             except BaseException:
                 await self.storage.delete_disk(fresh.disk)
                 raise
@@ -542,7 +559,8 @@ class SandboxService:
             sb = sb.model_copy(update={"runtime": {**fresh.dump(), "parent_snapshot": snapshot_id},
                                        "boot_id": boot.get("boot_id")})
             self.store.put_sandbox(sb)
-            return sb
+        await self.host.hooks.sandbox_restored(sb, ref)
+        return sb
 
     # -- timeouts -----------------------------------------------------------------------------
 

@@ -165,6 +165,7 @@ class Agent:
             "ping": self.op_ping,
             "personalize": self.op_personalize,
             "reseed": self.op_reseed,
+            "sync_clock": self.op_sync_clock,
             "prepare_snapshot": self.op_prepare_snapshot,
             "exec": self.op_exec,
         }
@@ -188,6 +189,17 @@ class Agent:
     async def op_reseed(self, req: dict[str, Any]) -> Reply:
         applied = await self._reseed(decode_entropy(req))
         return {"applied": applied}
+
+    async def op_sync_clock(self, req: dict[str, Any]) -> Reply:
+        """Set the wall clock (after a resume: a stopped VM's clock stood still while paused)."""
+        clock_ns = req.get("clock_ns")
+        if not isinstance(clock_ns, int) or isinstance(clock_ns, bool):
+            raise OpError("'clock_ns' must be an integer (ns since the epoch)")
+        if not self.opts.system_calls:
+            return {"applied": []}
+        behind_ns = clock_ns - time.time_ns()
+        set_clock(clock_ns)
+        return {"applied": ["clock"], "behind_ms": round(behind_ns / 1e6, 1)}
 
     async def op_personalize(self, req: dict[str, Any]) -> Reply:
         entropy = decode_entropy(req)

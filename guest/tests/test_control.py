@@ -115,6 +115,15 @@ def test_errors(ctl_agent: tuple[AgentProc, Port]) -> None:
     assert bad["ok"] is False and "unknown op" in bad["error"]
     short = port.call("reseed", entropy=base64.b64encode(b"x" * 8).decode())
     assert short["ok"] is False and "32 bytes" in short["error"]
+    for bad_clock in ("now", None, 1.5, True):
+        r = port.call("sync_clock", clock_ns=bad_clock)
+        assert r["ok"] is False and "clock_ns" in r["error"], r
+
+
+def test_sync_clock_without_system_calls(ctl_agent: tuple[AgentProc, Port]) -> None:
+    _, port = ctl_agent  # the test agent runs on the host: it must not touch the host's clock
+    r = port.call("sync_clock", clock_ns=1)
+    assert r["ok"] is True and r["applied"] == [], r
 
 
 def test_exec_and_prepare_snapshot(ctl_agent: tuple[AgentProc, Port]) -> None:

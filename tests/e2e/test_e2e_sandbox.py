@@ -161,7 +161,10 @@ def test_pause_resume_keeps_memory_and_processes(e2b_env: CubeServer) -> None:
         sbx.pause()
         info = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
         assert sbx.sandbox_id in [s.sandbox_id for s in info]
+        time.sleep(3)  # the paused guest's clock stands still meanwhile
         resumed = Sandbox.connect(sbx.sandbox_id)
+        guest_now = float(resumed.commands.run("date +%s.%N").stdout)
+        assert abs(guest_now - time.time()) < 1.0, "the guest's clock was not set again after the resume"
         assert resumed.commands.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() == boot_id
         assert resumed.files.read("/tmp/in-memory.txt") == "kept"
         assert sleeper.pid in [p.pid for p in resumed.commands.list()]

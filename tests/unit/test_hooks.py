@@ -247,6 +247,33 @@ async def test_hook_cube_snapshot_taken(plugin_host: Callable[..., PluginHost]) 
     assert seen == ["snap1"]
 
 
+async def test_hook_cube_sandbox_restored(plugin_host: Callable[..., PluginHost]) -> None:
+    host = plugin_host()
+    seen: list[tuple[str, str]] = []
+
+    class Watcher:
+        @hookimpl
+        def cube_sandbox_restored(self, sandbox: Sandbox, snapshot: SnapshotRef) -> Any:
+            async def later() -> None:
+                seen.append((sandbox.sandbox_id, snapshot.snapshot_id))
+            return later()
+
+    class Broken:
+        @hookimpl
+        def cube_sandbox_restored(self) -> Any:
+            raise RuntimeError("a notification must not break the rollback")
+
+    host.register(Watcher(), "watcher")
+    host.register(Broken(), "broken")
+    from cube_core.models import utcnow
+    from cube_core.state import SandboxState
+
+    sb = Sandbox(sandbox_id="s", template_id="base", team_id="t", state=SandboxState.RUNNING,
+                 started_at=utcnow(), end_at=utcnow())
+    await host.hooks.sandbox_restored(sb, SnapshotRef(snapshot_id="snap1", template_id="base"))
+    assert seen == [("s", "snap1")]
+
+
 async def test_hook_cube_http_server(register_plugin: Callable[..., PluginHost]) -> None:
     host = register_plugin(object())  # a host on the fakes: nobody serves, the core uses uvicorn
     assert host.hooks.http_server(app=None, settings=host.config.data.core) is None

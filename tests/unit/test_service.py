@@ -69,8 +69,11 @@ async def test_pause_resume_connect_guards(service: SandboxService) -> None:
     assert paused.state == SandboxState.PAUSED
     with pytest.raises(InvalidStateError):
         await service.pause("t1", sb.sandbox_id)
+    vm_id = sb.runtime["vm"]["vm_id"]
+    assert ("sync_clock", vm_id) not in service.vmm.calls
     connected = await service.connect("t1", sb.sandbox_id, timeout_s=600)
     assert connected.state == SandboxState.RUNNING
+    assert service.vmm.calls[-1] == ("sync_clock", vm_id)  # the guest's clock stood still while paused
     assert connected.end_at > sb.end_at
     shorter = await service.connect("t1", sb.sandbox_id, timeout_s=1)
     assert shorter.end_at == connected.end_at  # connect never shortens the deadline
@@ -136,3 +139,33 @@ async def test_api_keys(service: SandboxService) -> None:
     service.revoke_api_key(key.key_id)
     with pytest.raises(AuthError):
         service.authenticate(secret)
+
+
+async def test_pool_misses_queue_for_vm_starts_in_arrival_order(
+        plugin_host: Callable[..., PluginHost], cube_config_factory: Callable[..., Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = cube_config_factory()
+    text = cfg.text.replace("pool = { size = 0 }", "pool = { size = 0 }\nmax_parallel_starts = 2")
+    svc = SandboxService(plugin_host(cube_config_factory(text)), SqliteStore(tmp_path / "gate.db"))
+    await svc.start()
+    await svc.ensure_templates(("base",))
+    running, peak, order = 0, 0, []
+    real_start = svc._start_vm
+
+    async def slow_start(sandbox: Any, *args: Any) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        order.append(sandbox.metadata["n"])
+        await asyncio.sleep(0.02)
+        await real_start(sandbox, *args)
+        running -= 1
+
+    monkeypatch.setattr(svc, "_start_vm", slow_start)
+    try:
+        made = await asyncio.gather(*(svc.create(spec("t1", metadata={"n": str(i)})) for i in range(8)))
+        assert all(sb.state == SandboxState.RUNNING for sb in made)
+        assert peak == 2  # never more than max_parallel_starts at once, and the gate was used
+        assert order == [str(i) for i in range(8)]  # first come, first served
+    finally:
+        await svc.stop()

@@ -74,6 +74,11 @@ class E2bApiPlugin:
         return self.edge.forget(sandbox.sandbox_id) if self.edge is not None else None
 
     @hookimpl
+    def cube_sandbox_restored(self, sandbox: Sandbox) -> Awaitable[None] | None:
+        """Rolled back: connections kept open to the old guest would fail on first use."""
+        return self.edge.forget(sandbox.sandbox_id) if self.edge is not None else None
+
+    @hookimpl
     def cube_http_server(self, app: Any, settings: Any) -> Awaitable[None] | None:
         """Domain mode needs TLS and HTTP/2 (Hypercorn); otherwise let the core use uvicorn."""
         config = self.domain_server_config(settings.host, settings.port)

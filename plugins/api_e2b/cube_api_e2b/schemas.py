@@ -20,7 +20,8 @@ BuildStatus = Literal["building", "waiting", "ready", "error"]
 #: Wire names that plain camelCase would get wrong.
 SPECIAL_NAMES = {
     "template_id": "templateID", "sandbox_id": "sandboxID", "client_id": "clientID", "build_id": "buildID",
-    "memory_mb": "memoryMB", "snapshot_id": "snapshotID", "disk_size_mb": "diskSizeMB", "error_code": "error_code",
+    "memory_mb": "memoryMB", "snapshot_id": "snapshotID", "parent_id": "parentID", "disk_size_mb": "diskSizeMB",
+    "error_code": "error_code",
 }
 
 
@@ -276,3 +277,9 @@ class ForkItemOut(Response):
 class SnapshotInfoOut(Response):
     snapshot_id: str
     names: list[str]
+    # Cube extensions (the SDK ignores them): where the snapshot comes from, so snapshots form a tree
+    sandbox_id: str | None = None
+    parent_id: str | None = None
+    """The snapshot this one builds on: the one its sandbox was created from or last rolled back
+    to, else the template's own snapshot."""
+    created_at: datetime | None = None

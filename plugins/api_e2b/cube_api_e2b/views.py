@@ -96,4 +96,5 @@ def template_out(ctx: E2bContext, template: Template) -> TemplateOut:
 
 
 def snapshot_out(ref: SnapshotRef) -> SnapshotInfoOut:
-    return SnapshotInfoOut(snapshot_id=ref.snapshot_id, names=list(ref.names))
+    return SnapshotInfoOut(snapshot_id=ref.snapshot_id, names=list(ref.names), sandbox_id=ref.sandbox_id,
+                           parent_id=ref.parent_id, created_at=ref.created_at)

@@ -153,13 +153,15 @@ async def test_established_flow_survives_rule_change(net_driver, sandbox):
          "import socket,sys\n"
          f"s=socket.create_connection(('{WEB}',80),timeout=5)\n"
          "s.sendall(b'GET /slow/2 HTTP/1.0\\r\\n\\r\\n')\n"
-         "d=b''\n"
+         "d=s.recv(4096)\n"
+         "print('flowing', flush=True)\n"
          "while True:\n"
          "    c=s.recv(4096)\n"
          "    if not c: break\n"
          "    d+=c\n"
          "print(d.count(b'tick'))\n"], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.6)
+    # change the rules only once the flow is established and data is moving
+    assert slow.stdout is not None and slow.stdout.readline() == "flowing\n"
     started = time.perf_counter()
     await net_driver.update_policy(nic, NetworkPolicy(deny_out=(f"{WEB}/32",)))
     update_ms = (time.perf_counter() - started) * 1000

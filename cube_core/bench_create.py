@@ -1,0 +1,804 @@
+"""``cube bench create``: sandbox create latency and idle cost, through the real E2B SDK.
+
+Three modes, measured one after another in the same run so their ratios mean something:
+
+* ``pool_hit``: the default configuration; the warm pool holds ``max(concurrency)`` members and is
+  refilled before every wave, so each create of a wave can take one (resume + personalize);
+* ``pool_miss``: ``[core] pool = { size = 0 }``: every create restores the template snapshot;
+* ``cold``: ``[core] boot_mode = "cold"`` and no pool: every create boots the template image
+  from scratch (seconds under TCG, so only ``cold_n`` creates at concurrency 1).
+
+Each mode gets its own ``cube serve`` (free ports, a temporary state directory, template
+``base`` only), started and stopped under the host lock; never two at once. With ``url`` the
+server there is measured as it is configured (one mode, ``url``).
+
+Per concurrency ``c``: ``n`` creates in waves of ``c`` simultaneous ``AsyncSandbox.create``
+calls; for each, create→201 (the SDK call returned) and create→first ``commands.run("true")``
+answered, as p50/p95/p99 (nearest rank) and a failure count. The serve log tells, per sandbox,
+whether a pool member, a snapshot restore or a cold boot served it (``served_by``).
+
+Idle cost: ``idle_n`` sandboxes created and left alone: the drop of ``MemAvailable`` per sandbox
+(the pool is full both before and after, so its members cancel out), the median PSS/USS/RSS of
+their QEMU processes (``/proc/<pid>/smaps_rollup``; pids from the sandboxes' records, or a /proc
+scan for QEMU processes started after the baseline when the server is not ours), their CPU use
+while idle; then the same after each ran ``true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import structlog
+
+from cube_core import keys
+from cube_core.bench import cpu_ticks, meminfo_kib, percentile, smaps_rollup_kib
+from cube_core.errors import CubeError
+from cube_core.pool import POOL_TEAM
+from cube_core.state import SandboxState
+from cube_core.store import SqliteStore
+
+log = structlog.get_logger(__name__)
+
+HOST_LOCK = Path("/tmp/cube-host.lock")
+"""Only one Cube node may run on a host (the network plugin sweeps what it does not know)."""
+MODES: tuple[str, ...] = ("pool_hit", "pool_miss", "cold")
+TARGETS: dict[str, float] = {"create_ms_p50": 25.0, "create_ms_p95_at_max_c": 150.0,
+                             "first_cmd_ms_p50": 80.0, "idle_mib_per_sandbox": 12.0}
+"""Issue 5's goals for a pool hit on a 2-core box under TCG."""
+
+Note = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ModePlan:
+    """What to measure in one mode, and how its server is configured."""
+
+    name: str
+    concurrency: tuple[int, ...]
+    n: int
+    idle_n: int
+    pool_size: int
+    boot_mode: str = "snapshot"
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A running server to measure; the optional fields exist only for a server we started."""
+
+    url: str
+    api_key: str
+    admin_url: str | None = None
+    state_dir: Path | None = None
+    log: Path | None = None
+    team_id: str | None = None
+
+
+@dataclass
+class Sample:
+    create_ms: float | None = None
+    first_cmd_ms: float | None = None
+    sandbox_id: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Options:
+    concurrency: tuple[int, ...] = (1, 10, 50)
+    n: int = 200
+    idle: int = 100
+    cold_n: int = 4
+    modes: tuple[str, ...] = MODES
+    url: str | None = None
+    api_key: str | None = None
+    admin_url: str | None = None
+    out: Path = Path("bench-results")
+    template: str = "base"
+    settle_s: float = 2.0
+    boot_timeout_s: float = 1500.0
+    lock: Path = HOST_LOCK
+
+
+def plans(opts: Options) -> list[ModePlan]:
+    """The modes to run, in order (pool hit first: it is the reference of the ratios)."""
+    if opts.n < 1 or not opts.concurrency or min(opts.concurrency) < 1:
+        raise CubeError("--n and every --concurrency value must be at least 1")
+    idle_n = max(0, min(opts.idle, opts.n))
+    if opts.url:
+        return [ModePlan("url", opts.concurrency, opts.n, idle_n, pool_size=0, note="the server at --url, as is")]
+    unknown = set(opts.modes) - set(MODES)
+    if unknown:
+        raise CubeError(f"unknown mode(s) {', '.join(sorted(unknown))}; known: {', '.join(MODES)}")
+    cold_n = max(1, min(opts.n, opts.cold_n))
+    every = {
+        "pool_hit": ModePlan("pool_hit", opts.concurrency, opts.n, idle_n, pool_size=max(opts.concurrency),
+                             note=f"warm pool of {max(opts.concurrency)}, refilled before every wave"),
+        "pool_miss": ModePlan("pool_miss", opts.concurrency, opts.n, idle_n, pool_size=0,
+                              note="pool size 0: every create restores the template snapshot"),
+        "cold": ModePlan("cold", (1,), cold_n, min(idle_n, cold_n), pool_size=0, boot_mode="cold",
+                         note=f"cold boot, no snapshot; n={cold_n} at concurrency 1 only (slow under TCG)"),
+    }
+    return [every[m] for m in MODES if m in opts.modes]
+
+
+# -- the host lock -------------------------------------------------------------------------------
+
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return pids
+
+
+def held_by_ancestor(path: Path) -> bool:
+    """Whether an ancestor of this process (``flock <path> cube bench ...``) holds ``path``."""
+    try:
+        inode = os.stat(path).st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    mine = _ancestors()
+    for line in lines:
+        parts = line.split()
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+            continue  # "->" marks a waiter, not a holder
+        if parts[5].rsplit(":", 1)[-1] == str(inode) and int(parts[4]) in mine:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def host_lock(path: Path = HOST_LOCK, note: Note | None = None) -> Iterator[None]:
+    """Hold the host lock (``flock``) for a while, unless an ancestor process holds it already."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if held_by_ancestor(path):
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if note:
+                note(f"waiting for the host lock {path} (another Cube node runs)")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+# -- our own server ------------------------------------------------------------------------------
+
+SERVER_CONFIG = """\
+[core]
+state_dir = "{state}"
+host = "127.0.0.1"
+port = {port}
+admin_port = {admin_port}
+templates = ["{template}"]
+pool = {{ size = {pool_size}, max_memory_mb = {pool_memory_mb} }}
+boot_mode = "{boot_mode}"
+max_sandboxes = {max_sandboxes}
+
+[vmm]
+plugin = "kvm"
+options = {{ run_dir = "{state}/vms", mem_dir = "{mem_dir}" }}
+
+[network]
+plugin = "ebpf"
+
+[storage]
+plugin = "cow"
+options = {{ root = "{state}/storage" }}
+
+[scheduler]
+plugin = "binpack"
+
+[[api]]
+plugin = "e2b"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cube_executable() -> str:
+    beside = Path(sys.executable).with_name("cube")
+    return str(beside) if beside.exists() else (shutil.which("cube") or "cube")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    secret: str
+    team_id: str
+
+
+def bench_credentials(state: Path) -> Credentials:
+    """An API key of team ``bench`` in the state store under ``state`` (before any server runs)."""
+    store = SqliteStore(state / "cube.db")
+    try:
+        key, secret = keys.create_key(store, "bench")
+    finally:
+        store.close()
+    return Credentials(secret=secret, team_id=key.team_id)
+
+
+@contextlib.contextmanager
+def local_server(plan: ModePlan, state: Path, credentials: Credentials, *, template: str,
+                 boot_timeout_s: float, log_path: Path) -> Iterator[Target]:
+    """``cube serve`` configured for ``plan`` on free ports, with its state in ``state``; stopped
+    (SIGTERM, then SIGKILL) on exit. Servers run one after another on the same state, so only
+    the first one builds the template (boots it and saves its snapshot)."""
+    port, admin_port = free_port(), free_port()
+    mem_dir = Path(f"/dev/shm/cube-bench-{port}")
+    config = state / f"plugins-{plan.name}.toml"
+    pool_memory_mb = max(4096, plan.pool_size * 128 + 1024)  # the pool counts 1/8 of guest RAM per member
+    config.write_text(SERVER_CONFIG.format(
+        state=state, port=port, admin_port=admin_port, template=template, pool_size=plan.pool_size,
+        pool_memory_mb=pool_memory_mb, boot_mode=plan.boot_mode, mem_dir=mem_dir,
+        max_sandboxes=max(200, plan.idle_n + plan.pool_size + max(plan.concurrency) + 10)))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen([cube_executable(), "serve", "--config", str(config)], stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, url, log_path, boot_timeout_s)
+        yield Target(url=url, api_key=credentials.secret, admin_url=f"http://127.0.0.1:{admin_port}",
+                     state_dir=state, log=log_path, team_id=credentials.team_id)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(mem_dir, ignore_errors=True)
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise CubeError(f"cube serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        failed = next((e for e in serve_log_events(log_path) if e.get("event", "").startswith("template build failed")),
+                      None)
+        if failed is not None:  # /health would stay 503 for ever
+            raise CubeError(f"cube serve could not build its template:\n{str(failed.get('exception'))[-3000:]}")
+        if time.monotonic() > deadline:
+            raise CubeError(f"cube serve not healthy after {timeout_s:.0f}s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def serve_log_events(path: Path | None) -> list[dict[str, Any]]:
+    """The JSON events of a serve log (other lines are skipped)."""
+    if path is None or not path.exists():
+        return []
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+    return events
+
+
+def served_by(events: list[dict[str, Any]], sandbox_ids: list[str]) -> dict[str, int]:
+    """How each sandbox's VM came up: ``cold`` (booted for it), ``restore`` (restored for it) or
+    ``pool`` (neither: it took a warm-pool member, whose VM carries the member's id)."""
+    booted = {e.get("vm_id") for e in events if e.get("event") == "vm booting"}
+    restored = {e.get("vm_id") for e in events if e.get("event") == "vm restored"}
+    counts = Counter("cold" if s in booted else "restore" if s in restored else "pool" for s in sandbox_ids)
+    return {k: counts.get(k, 0) for k in ("pool", "restore", "cold")}
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+
+class Client:
+    """The E2B SDK (``e2b.AsyncSandbox``) pointed at one server."""
+
+    def __init__(self, target: Target, template: str, request_timeout_s: float = 300.0) -> None:
+        try:
+            from e2b import AsyncSandbox
+        except ImportError as exc:
+            raise CubeError("cube bench create needs the E2B SDK: pip install e2b") from exc
+        self.sandbox_cls = AsyncSandbox
+        self.template = template
+        # retries=0: a refused create counts as a failure, it is not hidden in the latency.
+        self.params: dict[str, Any] = {"api_key": target.api_key, "api_url": target.url,
+                                       "sandbox_url": target.url, "request_timeout": request_timeout_s,
+                                       "retries": 0}
+
+    async def create(self) -> tuple[Sample, Any]:
+        sample = Sample()
+        started = time.perf_counter()
+        try:
+            sbx = await self.sandbox_cls.create(template=self.template, timeout=1800, **self.params)
+        except Exception as exc:
+            sample.error = f"create: {type(exc).__name__}: {exc}"[:300]
+            return sample, None
+        sample.create_ms = (time.perf_counter() - started) * 1000
+        sample.sandbox_id = sbx.sandbox_id
+        try:
+            await sbx.commands.run("true")
+            sample.first_cmd_ms = (time.perf_counter() - started) * 1000
+        except Exception as exc:
+            sample.error = f"first command: {type(exc).__name__}: {exc}"[:300]
+        return sample, sbx
+
+    async def create_only(self) -> Any:
+        """A sandbox, or None if the create failed (logged)."""
+        try:
+            return await self.sandbox_cls.create(template=self.template, timeout=1800, **self.params)
+        except Exception as exc:
+            log.warning("bench: create failed", error=f"{type(exc).__name__}: {exc}")
+            return None
+
+    async def kill(self, sandboxes: list[Any], concurrency: int = 10) -> None:
+        async def one(sbx: Any) -> None:
+            try:
+                await sbx.kill()
+            except Exception as exc:
+                log.warning("bench: kill failed", sandbox_id=sbx.sandbox_id, error=str(exc))
+
+        await _bounded([functools.partial(one, s) for s in sandboxes], concurrency)
+
+
+async def _bounded(jobs: list[Callable[[], Awaitable[Any]]], concurrency: int) -> list[Any]:
+    gate = asyncio.Semaphore(max(1, concurrency))
+
+    async def run(job: Callable[[], Awaitable[Any]]) -> Any:
+        async with gate:
+            return await job()
+
+    return list(await asyncio.gather(*(run(j) for j in jobs)))
+
+
+class PoolWatch:
+    """How many warm-pool members are ready (paused): from the state store of a server we run,
+    else from the ``cube_warm_pool_members`` metric (which also counts members being restored)."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.store = SqliteStore(target.state_dir / "cube.db") if target.state_dir else None
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    async def ready(self) -> int | None:
+        if self.store is not None:
+            return len(self.store.list_sandboxes(team_id=POOL_TEAM, states=(SandboxState.PAUSED,)))
+        if self.target.admin_url:
+            try:
+                async with httpx.AsyncClient(timeout=5) as http:
+                    text = (await http.get(f"{self.target.admin_url}/metrics")).text
+            except httpx.HTTPError:
+                return None
+            for line in text.splitlines():
+                if line.startswith("cube_warm_pool_members "):
+                    return int(float(line.split()[1]))
+        return None
+
+    async def wait_full(self, size: int, timeout_s: float = 300.0) -> bool:
+        """Wait until ``size`` members are ready; False on timeout or when it cannot be known."""
+        if size <= 0:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            count = await self.ready()
+            if count is None:
+                await asyncio.sleep(min(5.0, timeout_s))  # unknown: give the pool time to refill
+                return False
+            if count >= size:
+                if self.store is None:
+                    await asyncio.sleep(1.0)  # the metric counts a member still being restored
+                return True
+            await asyncio.sleep(0.1)
+        log.warning("bench: warm pool not refilled in time", wanted=size)
+        return False
+
+
+async def latency_run(client: Client, pool: PoolWatch, *, concurrency: int, n: int, pool_size: int,
+                      note: Note) -> list[Sample]:
+    """``n`` creates in waves of ``concurrency``; every sandbox is killed after its wave."""
+    samples: list[Sample] = []
+    for start in range(0, n, concurrency):
+        await pool.wait_full(pool_size)
+        made = await asyncio.gather(*(client.create() for _ in range(min(concurrency, n - start))))
+        samples.extend(s for s, _ in made)
+        await client.kill([sbx for _, sbx in made if sbx is not None])
+        if concurrency > 1 or (start + 1) % 25 == 0 or start + 1 >= n:
+            note(f"  c={concurrency}: {len(samples)}/{n} created")
+    return samples
+
+
+def summarize(samples: list[Sample], events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    create = [s.create_ms for s in samples if s.create_ms is not None]
+    first = [s.first_cmd_ms for s in samples if s.first_cmd_ms is not None]
+
+    def pct(values: list[float], q: float) -> float | None:
+        return round(percentile(values, q), 1) if values else None
+
+    out: dict[str, Any] = {
+        "n": len(samples),
+        "create_ms_p50": pct(create, 50), "create_ms_p95": pct(create, 95), "create_ms_p99": pct(create, 99),
+        "first_cmd_ms_p50": pct(first, 50), "first_cmd_ms_p95": pct(first, 95), "first_cmd_ms_p99": pct(first, 99),
+        "failures": sum(1 for s in samples if s.error is not None),
+    }
+    errors = sorted({s.error for s in samples if s.error})
+    if errors:
+        out["errors"] = errors[:5]
+    if events:
+        out["served_by"] = served_by(events, [s.sandbox_id for s in samples if s.sandbox_id])
+    return out
+
+
+def qemu_processes() -> dict[int, int]:
+    """pid → start time (clock ticks after boot) of every ``qemu-system-*`` process."""
+    found: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if not (entry / "comm").read_text().startswith("qemu-system"):
+                continue
+            found[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[19])
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _sandbox_pids(target: Target, sandbox_ids: set[str], before: dict[int, int]) -> tuple[list[int], str]:
+    if target.state_dir is not None:
+        store = SqliteStore(target.state_dir / "cube.db")
+        try:
+            pids = [int(sb.runtime["vm"]["pid"]) for sb in store.list_sandboxes(states=(SandboxState.RUNNING,))
+                    if sb.sandbox_id in sandbox_ids and sb.runtime.get("vm", {}).get("pid")]
+        finally:
+            store.close()
+        return pids, "records"
+    return [pid for pid in qemu_processes() if pid not in before], "proc-scan (may include refilled pool members)"
+
+
+def _host_busy_ticks() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+async def _footprint(pids: list[int], n: int, available_before_kib: int, settle_s: float) -> dict[str, Any]:
+    """Memory per sandbox against the baseline, and CPU use over ``settle_s``."""
+    alive = [p for p in pids if Path(f"/proc/{p}").exists()]
+    ticks_before = sum(cpu_ticks(p) for p in alive)
+    busy_before, total_before = _host_busy_ticks()
+    await asyncio.sleep(settle_s)
+    alive = [p for p in alive if Path(f"/proc/{p}").exists()]
+    ticks_after = sum(cpu_ticks(p) for p in alive)
+    busy_after, total_after = _host_busy_ticks()
+    rollups = [smaps_rollup_kib(p) for p in alive]
+
+    def median_mib(key: str) -> float | None:
+        return round(statistics.median(r.get(key, 0) for r in rollups) / 1024, 1) if rollups else None
+
+    return {
+        "mib_per_sandbox": round((available_before_kib - meminfo_kib()) / 1024 / max(1, n), 1),
+        "pss_mib_median": median_mib("Pss"), "uss_mib_median": median_mib("Uss"),
+        "rss_mib_median": median_mib("Rss"),
+        "cpu_pct_per_sandbox": round((ticks_after - ticks_before) / os.sysconf("SC_CLK_TCK") / settle_s * 100
+                                     / max(1, len(alive)), 2),
+        "host_cpu_busy_pct": round(100 * (busy_after - busy_before) / max(1, total_after - total_before), 1),
+        "processes": len(alive),
+    }
+
+
+async def idle_run(client: Client, pool: PoolWatch, target: Target, *, n: int, pool_size: int,
+                   concurrency: int, settle_s: float, note: Note) -> dict[str, Any]:
+    """Create ``n`` sandboxes, leave them idle, measure; run ``true`` in each, measure again."""
+    await pool.wait_full(pool_size)
+    await asyncio.sleep(settle_s / 2)
+    before = qemu_processes()
+    available_before = meminfo_kib()
+    made = await _bounded([client.create_only for _ in range(n)], concurrency)
+    sandboxes = [sbx for sbx in made if sbx is not None]
+    try:
+        note(f"  idle: {len(sandboxes)}/{n} sandboxes up; measuring")
+        await pool.wait_full(pool_size)
+        await asyncio.sleep(settle_s)
+        pids, source = _sandbox_pids(target, {s.sandbox_id for s in sandboxes}, before)
+        idle = await _footprint(pids, len(sandboxes), available_before, settle_s)
+        ran = await _bounded([functools.partial(_run_true, s) for s in sandboxes], concurrency)
+        await asyncio.sleep(settle_s)
+        after = await _footprint(pids, len(sandboxes), available_before, settle_s)
+        paused = await pause_run(sandboxes, pids, available_before, concurrency=concurrency, settle_s=settle_s)
+    finally:
+        await client.kill(sandboxes)
+    return {
+        "n": n, "failures": n - len(sandboxes) + ran.count(False) + paused.pop("failures"), "pids_from": source,
+        "idle_mib_per_sandbox": idle["mib_per_sandbox"], **{k: v for k, v in idle.items() if k != "mib_per_sandbox"},
+        "after_first_cmd": after, "pause": paused,
+    }
+
+
+async def pause_run(sandboxes: list[Any], pids: list[int], available_before_kib: int, *, concurrency: int,
+                    settle_s: float) -> dict[str, Any]:
+    """Pause every sandbox through the SDK (``pause()``: POST /sandboxes/{id}/pause), measure what
+    the paused ones cost, then resume them (``connect()``) and check each still answers."""
+
+    async def timed(call: Callable[[], Awaitable[Any]]) -> float | None:
+        started = time.perf_counter()
+        try:
+            await call()
+        except Exception as exc:
+            log.warning("bench: pause/resume failed", error=f"{type(exc).__name__}: {exc}")
+            return None
+        return (time.perf_counter() - started) * 1000
+
+    pause_ms = await _bounded([functools.partial(timed, s.pause) for s in sandboxes], concurrency)
+    await asyncio.sleep(settle_s / 2)
+    cost = await _footprint(pids, len(sandboxes), available_before_kib, settle_s)
+    resume_ms = await _bounded([functools.partial(timed, s.connect) for s in sandboxes], concurrency)
+    answered = await _bounded([functools.partial(_run_true, s) for s in sandboxes], concurrency)
+    ok_pause = [v for v in pause_ms if v is not None]
+    ok_resume = [v for v in resume_ms if v is not None]
+
+    def pct(values: list[float], q: float) -> float | None:
+        return round(percentile(values, q), 1) if values else None
+
+    return {"pause_ms_p50": pct(ok_pause, 50), "pause_ms_p95": pct(ok_pause, 95),
+            "resume_ms_p50": pct(ok_resume, 50), "resume_ms_p95": pct(ok_resume, 95),
+            "paused_cpu_pct_per_sandbox": cost["cpu_pct_per_sandbox"],
+            "paused_mib_per_sandbox": cost["mib_per_sandbox"], "paused_pss_mib_median": cost["pss_mib_median"],
+            "failures": (len(pause_ms) - len(ok_pause)) + (len(resume_ms) - len(ok_resume)) + answered.count(False)}
+
+
+async def _run_true(sbx: Any) -> bool:
+    try:
+        await sbx.commands.run("true")
+    except Exception as exc:
+        log.warning("bench: command failed", sandbox_id=sbx.sandbox_id, error=str(exc))
+        return False
+    return True
+
+
+async def measure(plan: ModePlan, target: Target, *, template: str, settle_s: float, note: Note) -> dict[str, Any]:
+    """Every measurement of one mode against ``target``."""
+    client = Client(target, template)
+    pool = PoolWatch(target)
+    pool_size = plan.pool_size
+    if target.state_dir is None:  # not our server: keep its pool at the size it has now
+        await asyncio.sleep(settle_s)
+        pool_size = await pool.ready() or 0
+    try:
+        raw: dict[int, list[Sample]] = {}
+        for c in plan.concurrency:
+            note(f"{plan.name}: {plan.n} creates at concurrency {c}")
+            raw[c] = await latency_run(client, pool, concurrency=c, n=plan.n, pool_size=pool_size, note=note)
+        idle: dict[str, Any] | None = None
+        if plan.idle_n > 0:
+            note(f"{plan.name}: {plan.idle_n} idle sandboxes")
+            idle = await idle_run(client, pool, target, n=plan.idle_n, pool_size=pool_size,
+                                  concurrency=min(plan.idle_n, 10), settle_s=settle_s, note=note)
+    finally:
+        pool.close()
+    events = serve_log_events(target.log)
+    started = next((e for e in events if e.get("event") == "vmm started"), {})
+    return {
+        "note": plan.note, "pool_size": pool_size, "boot_mode": plan.boot_mode,
+        "isolation": started.get("isolation"),
+        "by_concurrency": {str(c): summarize(s, events) for c, s in raw.items()},
+        "idle_mib_per_sandbox": idle["idle_mib_per_sandbox"] if idle else None,
+        "idle": idle,
+        "samples": {str(c): [[s.create_ms, s.first_cmd_ms] for s in samples] for c, samples in raw.items()},
+    }
+
+
+# -- the whole run -------------------------------------------------------------------------------
+
+
+def run(opts: Options, note: Note) -> dict[str, Any]:
+    """Measure every planned mode (one server at a time) and write JSON + PNG into ``opts.out``."""
+    began = time.monotonic()
+    modes: dict[str, dict[str, Any]] = {}
+    opts.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    partial = opts.out / f"bench-create-{stamp}.partial.json"
+    if opts.url:
+        key = opts.api_key or os.environ.get("E2B_API_KEY")
+        if not key:
+            raise CubeError("--url needs an API key: --api-key or E2B_API_KEY")
+        target = Target(url=opts.url.rstrip("/"), api_key=key, admin_url=opts.admin_url)
+        for plan in plans(opts):
+            modes[plan.name] = asyncio.run(measure(plan, target, template=opts.template, settle_s=opts.settle_s,
+                                                   note=note))
+    else:
+        with tempfile.TemporaryDirectory(prefix="cube-bench-") as tmp:
+            state = Path(tmp)
+            credentials = bench_credentials(state)
+            for plan in plans(opts):
+                with host_lock(opts.lock, note):
+                    note(f"{plan.name}: starting cube serve ({plan.note})")
+                    with local_server(plan, state, credentials, template=opts.template,
+                                      boot_timeout_s=opts.boot_timeout_s,
+                                      log_path=opts.out / f"serve-{plan.name}.log") as target:
+                        modes[plan.name] = asyncio.run(measure(plan, target, template=opts.template,
+                                                               settle_s=opts.settle_s, note=note))
+                partial.write_text(json.dumps(modes))  # what is measured survives a later failure
+    reference = modes.get("pool_hit") or next(iter(modes.values()))
+    result: dict[str, Any] = {
+        "by_concurrency": reference["by_concurrency"],
+        "idle_mib_per_sandbox": reference["idle_mib_per_sandbox"],
+        "host": {"cpus": os.cpu_count(), "mem_total_mib": meminfo_kib("MemTotal") // 1024},
+        "n": opts.n, "concurrency": list(opts.concurrency),
+        "modes": {name: {k: v for k, v in m.items() if k != "samples"} for name, m in modes.items()},
+        "ratios": ratios(modes),
+        "targets": targets(modes),
+        "duration_s": round(time.monotonic() - began, 1),
+    }
+    json_path = opts.out / f"bench-create-{stamp}.json"
+    result["files"] = {"json": str(json_path), "plot": plot(modes, opts.out / f"bench-create-{stamp}.png")}
+    json_path.write_text(json.dumps({**result, "samples": {k: m["samples"] for k, m in modes.items()}}, indent=1))
+    partial.unlink(missing_ok=True)
+    return result
+
+
+def _get(modes: dict[str, dict[str, Any]], mode: str, c: str, key: str) -> float | None:
+    value = modes.get(mode, {}).get("by_concurrency", {}).get(c, {}).get(key)
+    return float(value) if value is not None else None
+
+
+def ratios(modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Slower mode over faster mode, per metric at concurrency 1 (cold runs only there), and
+    pool miss over pool hit at every concurrency both ran."""
+    pairs = (("pool_miss", "pool_hit"), ("cold", "pool_hit"), ("cold", "pool_miss"))
+    out: dict[str, Any] = {}
+    for metric in ("create_ms_p50", "create_ms_p95", "first_cmd_ms_p50", "first_cmd_ms_p95"):
+        for slow, fast in pairs:
+            a, b = _get(modes, slow, "1", metric), _get(modes, fast, "1", metric)
+            if a is not None and b:
+                out.setdefault(f"c1_{metric}", {})[f"{slow}/{fast}"] = round(a / b, 1)
+    for c in modes.get("pool_hit", {}).get("by_concurrency", {}):
+        for metric in ("create_ms_p50", "create_ms_p95"):
+            a, b = _get(modes, "pool_miss", c, metric), _get(modes, "pool_hit", c, metric)
+            if a is not None and b:
+                out.setdefault(f"pool_miss/pool_hit_{metric}", {})[c] = round(a / b, 1)
+    return out
+
+
+def targets(modes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pool-hit numbers next to issue 5's goals (met or not, as measured)."""
+    hit = modes.get("pool_hit")
+    if hit is None:
+        return []
+    levels = sorted(hit["by_concurrency"], key=int)
+    checks = [("create_ms_p50", levels[0], "create_ms_p50", TARGETS["create_ms_p50"]),
+              ("create_ms_p50", levels[-1], "create_ms_p50", TARGETS["create_ms_p50"]),
+              ("create_ms_p95", levels[-1], "create_ms_p95_at_max_c", TARGETS["create_ms_p95_at_max_c"]),
+              ("first_cmd_ms_p50", levels[0], "first_cmd_ms_p50", TARGETS["first_cmd_ms_p50"])]
+    out = []
+    for metric, c, name, goal in dict.fromkeys(checks):
+        measured = _get(modes, "pool_hit", c, metric)
+        out.append({"metric": metric, "concurrency": int(c), "target": goal, "measured": measured,
+                    "met": measured is not None and measured <= goal, "name": name})
+    idle = hit.get("idle_mib_per_sandbox")
+    out.append({"metric": "idle_mib_per_sandbox", "n": (hit.get("idle") or {}).get("n"),
+                "target": TARGETS["idle_mib_per_sandbox"], "measured": idle,
+                "met": idle is not None and idle <= TARGETS["idle_mib_per_sandbox"], "name": "idle_mib_per_sandbox"})
+    return out
+
+
+def plot(modes: dict[str, dict[str, Any]], path: Path) -> str | None:
+    """ECDFs of create→201 and create→first command per mode and concurrency (log x); None when
+    matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("bench: matplotlib is not installed; no plot")
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    panels = ((axes[0], 0, "create → 201", TARGETS["create_ms_p50"]),
+              (axes[1], 1, "create → first commands.run('true')", TARGETS["first_cmd_ms_p50"]))
+    for ax, column, title, goal in panels:
+        for name, mode in modes.items():
+            for c, samples in mode["samples"].items():
+                values = sorted(v[column] for v in samples if v[column] is not None)
+                if not values:
+                    continue
+                ys = [0.0] + [(i + 1) / len(values) for i in range(len(values))]
+                ax.step([values[0], *values], ys, where="post", label=f"{name} c={c} (n={len(values)})")
+        ax.axvline(goal, color="grey", linestyle="--", linewidth=1)
+        ax.text(goal, 1.01, f" p50 goal {goal:g} ms", color="grey", fontsize="small")
+        ax.set_ylim(0, 1.06)
+        ax.set_xscale("log")
+        ax.set_xlabel("ms (log scale)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("fraction of creates")
+    axes[1].legend(fontsize="small", loc="lower right")
+    fig.suptitle(f"cube bench create ({os.cpu_count()} cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def tables(result: dict[str, Any]) -> list[Any]:
+    """Rich tables of a result: latencies, idle cost, ratios, targets."""
+    from rich.table import Table
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else str(value)
+
+    latency = Table("mode", "c", "n", "fail", "create p50", "p95", "p99", "first cmd p50", "p95", "p99",
+                    "served by", title="latency (ms)")
+    for name, mode in result["modes"].items():
+        for c, s in mode["by_concurrency"].items():
+            served = s.get("served_by")
+            latency.add_row(name, c, str(s["n"]), str(s["failures"]), fmt(s["create_ms_p50"]),
+                            fmt(s["create_ms_p95"]), fmt(s["create_ms_p99"]), fmt(s["first_cmd_ms_p50"]),
+                            fmt(s["first_cmd_ms_p95"]), fmt(s["first_cmd_ms_p99"]),
+                            " ".join(f"{k}={v}" for k, v in served.items() if v) if served else "-")
+    idle = Table("mode", "N", "MemAvail drop MiB/sbx", "PSS med", "USS med", "CPU %/sbx",
+                 "after cmd: MiB/sbx", "PSS med", "paused: CPU %/sbx", "pause p50/p95", "resume p50/p95",
+                 title="idle sandboxes")
+    for name, mode in result["modes"].items():
+        i = mode.get("idle")
+        if i:
+            p = i.get("pause") or {}
+            idle.add_row(name, str(i["n"]), fmt(i["idle_mib_per_sandbox"]), fmt(i["pss_mib_median"]),
+                         fmt(i["uss_mib_median"]), fmt(i["cpu_pct_per_sandbox"]),
+                         fmt(i["after_first_cmd"]["mib_per_sandbox"]), fmt(i["after_first_cmd"]["pss_mib_median"]),
+                         fmt(p.get("paused_cpu_pct_per_sandbox")),
+                         f"{fmt(p.get('pause_ms_p50'))} / {fmt(p.get('pause_ms_p95'))}",
+                         f"{fmt(p.get('resume_ms_p50'))} / {fmt(p.get('resume_ms_p95'))}")
+    ratio = Table("metric", "ratio", "value", title="ratios")
+    for metric, values in result["ratios"].items():
+        for pair, value in values.items():
+            ratio.add_row(metric, pair, f"{value}x")
+    goals = Table("pool hit", "c / N", "target", "measured", "met", title="targets")
+    for t in result["targets"]:
+        goals.add_row(t["metric"], fmt(t.get("concurrency", t.get("n"))), f"≤ {t['target']}", fmt(t["measured"]),
+                      "[green]yes[/]" if t["met"] else "[red]no[/]")
+    notes = Table("mode", "note", title="modes")
+    for name, mode in result["modes"].items():
+        notes.add_row(name, mode["note"])
+    return [notes, latency, idle, ratio, goals]
