@@ -36,7 +36,14 @@ class _Model(BaseModel):
 
 class PoolSettings(_Model):
     size: int = Field(default=2, ge=0, le=1000)
+    """Restored, paused VMs kept ready per template (0: no pool)."""
     max_memory_mb: int = Field(default=4096, ge=0)
+    """Memory the pool may hold (an eighth of each member's guest RAM counts: what a clone
+    privately owns); the pool also stops refilling while host memory is short."""
+    warm_up: bool = True
+    """Before a member is paused, its guest runs once what a new sandbox's first requests run
+    (a command through envd, a file stat), so those paths are loaded (under TCG: translated)
+    when a user arrives."""
 
 
 class CoreSettings(_Model):

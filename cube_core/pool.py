@@ -10,17 +10,21 @@ destroyed (the pool is rebuilt, never trusted across restarts).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
+import httpx
 import structlog
 
 from cube_core import ids
 from cube_core.config import PoolSettings
 from cube_core.errors import CubeError
-from cube_core.models import DiskHandle, NetworkPolicy, Sandbox, Template, VmState, utcnow
+from cube_core.models import DiskHandle, NetworkPolicy, NicHandle, Sandbox, Template, VmHandle, VmState, utcnow
 from cube_core.network import NetworkDriver
 from cube_core.state import SandboxState
 from cube_core.storage import StorageDriver
@@ -132,6 +136,26 @@ class WarmPool:
                     break
                 self._members[template.template_id].append(member)
 
+    async def _warm_up(self, vm: VmHandle, nic: NicHandle, owner: str, template_id: str) -> None:
+        """Personalize the member as itself, run a command through envd in the guest, and reach
+        envd over the sandbox's network path: what a create and a first request will do, done
+        once ahead (the sandbox's own personalization replaces every field later). Best effort:
+        a member that cannot warm up still serves."""
+        try:
+            await self.vmm.guest_call(vm, "personalize", {
+                "sandbox_id": owner, "template_id": template_id, "env_vars": {}, "access_token": None,
+                "hostname": owner[:16], "clock_ns": time.time_ns(), "metadata": {},
+                "entropy": base64.b64encode(os.urandom(64)).decode()}, timeout=60.0)
+            reply = await self.vmm.guest_call(vm, "warm_up", {}, timeout=60.0)
+            port = reply.get("envd_port")
+            if isinstance(port, int):
+                async with httpx.AsyncClient(timeout=30.0, trust_env=False) as http:
+                    await http.get(f"http://{nic.guest_address}:{port}/health")
+        except (CubeError, httpx.HTTPError) as exc:
+            log.warning("warm pool: warm-up failed", vm_id=vm.vm_id, error=str(exc))
+            return
+        log.debug("warm pool: member warmed up", vm_id=vm.vm_id, ms=reply.get("ms"))
+
     def _most_needed(self) -> Template | None:
         budget = self.settings.max_memory_mb
         used = sum(len(q) * self._templates[t].memory_mb // 8 for t, q in self._members.items())
@@ -159,6 +183,8 @@ class WarmPool:
             spec = state.clone_spec(owner, disk, interpreter=template.interpreter)
             vm = await self.vmm.restore(state, spec, nic)
             runtime["vm"] = vm.model_dump(mode="json")
+            if self.settings.warm_up:
+                await self._warm_up(vm, nic, owner, template.template_id)
             await self.vmm.pause(vm)
         except BaseException:
             await self._destroy(record.model_copy(update={"runtime": runtime}))

@@ -253,11 +253,14 @@ class SandboxService:
         try:
             # a pool miss waits its turn (FIFO) for one of max_parallel_starts VM starts
             async with self._start_gate if member is None else contextlib.nullcontext():
+                vm_started = time.perf_counter()
                 if member is not None:
                     await self._adopt(spec, runtime)
                 else:
                     await self._start_vm(sandbox, template, spec, runtime)
+                personalize_started = time.perf_counter()
                 boot = await self._personalize(sandbox, runtime)
+                done = time.perf_counter()
             lineage = {"parent_snapshot": spec.from_snapshot} if spec.from_snapshot else {}
             sandbox = sandbox.model_copy(update={
                 "state": SandboxState.RUNNING, "runtime": {**runtime.dump(), **lineage},
@@ -269,6 +272,12 @@ class SandboxService:
             await self._destroy(sandbox.model_copy(update={"runtime": runtime.dump()}), StopReason.ERROR)
             raise
         self.create_latencies_ms.append((time.perf_counter() - started) * 1000)
+        log.info("sandbox ready", sandbox_id=sandbox.sandbox_id, vm_id=runtime.vm.vm_id if runtime.vm else None,
+                 served_by="pool" if member is not None else "start",
+                 queued_ms=round((vm_started - started) * 1000, 1),
+                 vm_ms=round((personalize_started - vm_started) * 1000, 1),
+                 personalize_ms=round((done - personalize_started) * 1000, 1), guest_ms=boot.get("timings_ms"),
+                 total_ms=round((time.perf_counter() - started) * 1000, 1))
         del self.create_latencies_ms[:-1000]
         await self.host.hooks.sandbox_created(sandbox)
         return sandbox

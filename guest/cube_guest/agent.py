@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from . import AGENT_VERSION, ENVD_VERSION
+from .connect import FLAG_END_STREAM, decode_envelopes, encode_envelope
 from .control import ControlChannel, OpError, Reply, decode_entropy
 from .envd import Envd
 from .state import AgentState
@@ -166,6 +167,7 @@ class Agent:
             "personalize": self.op_personalize,
             "reseed": self.op_reseed,
             "sync_clock": self.op_sync_clock,
+            "warm_up": self.op_warm_up,
             "prepare_snapshot": self.op_prepare_snapshot,
             "exec": self.op_exec,
         }
@@ -201,6 +203,33 @@ class Agent:
         set_clock(clock_ns)
         return {"applied": ["clock"], "behind_ms": round(behind_ns / 1e6, 1)}
 
+    async def op_warm_up(self, req: dict[str, Any]) -> Reply:
+        """Run, once, what a new sandbox's first requests run: a command through envd's own
+        Connect endpoint (as the SDK's ``commands.run`` does) and a file stat, over loopback.
+
+        A warm-pool member does this before it is paused, so those code paths are already
+        loaded (and, under TCG emulation, already translated) when a user's first request
+        arrives. It leaves nothing behind: the finished process is forgotten."""
+        started = time.monotonic()
+        url = f"http://127.0.0.1:{self.opts.envd_port}"
+        body = encode_envelope({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "true"]}})
+        headers = {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
+                   "Authorization": "Basic dXNlcjo="}  # user "user", as the SDK sends it
+        timeout = aiohttp.ClientTimeout(total=float(req.get("timeout", 20)))
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            start = f"{url}/process.Process/Start"
+            async with http.post(start, data=body, headers=headers) as resp:
+                raw = await resp.read()
+            if resp.status != 200:
+                raise OpError(f"warm-up command failed: HTTP {resp.status}")
+            async with http.post(f"{url}/filesystem.Filesystem/Stat", json={"path": "/tmp"},
+                                 headers={**headers, "Content-Type": "application/json"}) as resp:
+                await resp.read()
+        events = [m for flags, m in decode_envelopes(raw) if not flags & FLAG_END_STREAM]
+        self.envd.processes.forget_finished()
+        return {"ms": round((time.monotonic() - started) * 1000, 1), "events": len(events),
+                "envd_port": self.opts.envd_port}
+
     async def op_personalize(self, req: dict[str, Any]) -> Reply:
         entropy = decode_entropy(req)
         env_vars = req.get("env_vars") or {}
@@ -210,7 +239,9 @@ class Agent:
         token = req.get("access_token")
         if token is not None and not isinstance(token, str):
             raise OpError("'access_token' must be a string or null")
+        marks = [time.monotonic()]
         applied = await self._reseed(entropy)
+        marks.append(time.monotonic())
         clock_ns = req.get("clock_ns")
         if isinstance(clock_ns, int) and self.opts.system_calls:
             set_clock(clock_ns)
@@ -220,8 +251,10 @@ class Agent:
             set_hostname(hostname, system_root=self.opts.system_root,
                          syscall=self.opts.system_calls)
             applied.append("hostname")
+        marks.append(time.monotonic())
         new_machine_id(system_root=self.opts.system_root)
         applied.append("machine_id")
+        marks.append(time.monotonic())
         state = self.state
         state.sandbox_id = req.get("sandbox_id") or state.sandbox_id
         state.template_id = req.get("template_id") or state.template_id
@@ -235,8 +268,12 @@ class Agent:
         state.update_env(env)
         state.access_token = token or None
         applied += ["env_vars", "access_token"]
+        marks.append(time.monotonic())
         log.info("personalized as sandbox %s", state.sandbox_id)
-        return {"boot_id": state.boot_id, "applied": applied}
+        steps = ("reseed", "clock_hostname", "machine_id", "identity_env")
+        timings = {k: round((b - a) * 1000, 2)
+                   for k, a, b in zip(steps, marks[:-1], marks[1:], strict=True)}
+        return {"boot_id": state.boot_id, "applied": applied, "timings_ms": timings}
 
     async def op_prepare_snapshot(self, req: dict[str, Any]) -> Reply:
         closed = 0

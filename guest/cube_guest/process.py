@@ -587,6 +587,10 @@ class ProcessService:
             proc.resize(as_int(size.get("cols")), as_int(size.get("rows")))
         return {}
 
+    def forget_finished(self) -> None:
+        """Drop the records of finished processes (kept for Connect replay)."""
+        self.finished.clear()
+
     async def shutdown(self) -> None:
         for proc in list(self.running.values()):
             proc.signal(signal.SIGKILL)

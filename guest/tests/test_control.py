@@ -126,6 +126,15 @@ def test_sync_clock_without_system_calls(ctl_agent: tuple[AgentProc, Port]) -> N
     assert r["ok"] is True and r["applied"] == [], r
 
 
+def test_warm_up_runs_a_command_through_envd(ctl_agent: tuple[AgentProc, Port]) -> None:
+    _, port = ctl_agent
+    r = port.call("warm_up")
+    assert r["ok"] is True, r
+    assert r["events"] >= 2 and r["ms"] > 0, r  # the process's start and end events came back
+    again = port.call("warm_up")  # and it can run again (nothing left in the way)
+    assert again["ok"] is True, again
+
+
 def test_exec_and_prepare_snapshot(ctl_agent: tuple[AgentProc, Port]) -> None:
     _, port = ctl_agent
     r = port.call("exec", cmd=["sh", "-c", "echo out; echo err >&2; exit 4"])

@@ -36,6 +36,9 @@ async def test_pool_fills_serves_and_refills(cube_config_factory: Callable[..., 
         members = service.store.list_sandboxes(team_id=POOL_TEAM)
         assert len(members) == 2 and all(m.state == SandboxState.PAUSED for m in members)
         assert all(not service.vmm.vms[m.sandbox_id]["running"] for m in members)
+        for m in members:  # warmed up while running, then paused
+            ops = [op for op, vm in service.vmm.calls if vm == m.sandbox_id]
+            assert ops == ["restore", "personalize", "warm_up"], ops
 
         sb = await service.create(SandboxSpec(template_id="base", team_id="t", env_vars={"X": "1"}))
         assert service.pool.hits == 1
@@ -69,3 +72,18 @@ async def test_pool_members_of_a_crashed_run_are_destroyed(cube_config_factory: 
         assert not (second.storage.root / "disks" / f"{leftover.sandbox_id}.qcow2").exists()
     finally:
         await second.stop()
+
+
+async def test_pool_warm_up_can_be_turned_off(cube_config_factory: Callable[..., LoadedConfig],
+                                              tmp_path: Path) -> None:
+    cfg = cube_config_factory()
+    host = PluginHost(cube_config_factory(cfg.text.replace(
+        "pool = { size = 0 }", "pool = { size = 1, warm_up = false }"))).load()
+    service = SandboxService(host, SqliteStore(tmp_path / "db"))
+    await service.start()
+    try:
+        await service.ensure_templates(("base",))
+        await _wait_for(lambda: service.pool.sizes() == {"base": 1})
+        assert not [op for op, _ in service.vmm.calls if op == "warm_up"]
+    finally:
+        await service.stop()
