@@ -55,6 +55,16 @@ dns_grace_s = 0.5
 """
 FAST_S = 1.0
 """A denied connection must fail within this (a RST or an ICMP error, not a timeout)."""
+UDP6_PROBE = (
+    "import json, socket, sys, time\n"
+    "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(3); t = time.monotonic()\n"
+    "try:\n"
+    "    s.connect((sys.argv[1], int(sys.argv[2]))); s.send(b\"x\"); s.recv(64); r = {\"ok\": True}\n"
+    "except OSError as e:\n"
+    "    r = {\"ok\": False, \"errno\": e.errno}\n"
+    "r[\"s\"] = round(time.monotonic() - t, 3); print(json.dumps(r))\n"
+)
+"""Connected UDP over IPv6 from inside a guest (networld's ``udp`` probe is IPv4 only)."""
 MEASURED: dict[str, Any] = {}
 
 
@@ -377,10 +387,18 @@ def test_ipv6_is_denied(make: Callable[..., Sandbox], internet: Internet) -> Non
         "ip -6 addr add 2001:db8:ffff:5::2/64 dev eth0 nodad && "
         "ip -6 route add default via fe80::5a:ff:fe00:1 dev eth0 && ip -6 route show", user="root")
     assert "default via" in setup.stdout, setup
+    # the filter answers its neighbour solicitation for the gateway (no ~3 s discovery timeout)
+    # and refuses what follows: TCP with a RST, UDP with ICMPv6 "administratively prohibited"
     (v6,) = guest(sbx, f"http=[{WEB6}]:80/{tok}-guest", timeout=3)
-    assert not v6["ok"], v6
-    MEASURED["ipv6_guest_attempt"] = f"{v6['error']} after {v6['s']} s"
+    assert_denied_fast(v6, "self-configured IPv6 (TCP)")
+    assert v6["errno"] == 111, v6  # ECONNREFUSED
+    udp6 = sbx.commands.run(f"python3 -c '{UDP6_PROBE}' {WEB6} {UDP_ECHO_PORT}", user="root")
+    u6 = json.loads(udp6.stdout)
+    assert not u6["ok"] and u6["errno"] == 13 and u6["s"] < FAST_S, u6  # EACCES: admin-prohibited
+    MEASURED["ipv6_guest_attempt"] = f"tcp {v6['error']} after {v6['s']} s, udp errno {u6['errno']} after {u6['s']} s"
     assert [h["path"] for h in internet.events(path=tok)] == [f"/{tok}-host"]
+    neigh = sbx.commands.run("ip -6 neigh show fe80::5a:ff:fe00:1", user="root").stdout
+    assert "lladdr 02:5a:00:00:00:01" in neigh, neigh  # the tap's MAC, from the filter's answer
 
 
 def test_sandboxes_cannot_reach_each_other(make: Callable[..., Sandbox], net_server: CubeServer) -> None:

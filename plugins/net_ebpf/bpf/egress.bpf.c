@@ -21,11 +21,30 @@
  * connections survive rule changes. New flows and denied attempts (at most 1/s per 5-tuple)
  * are reported through a ring buffer. Denied TCP is answered with a RST, other denied IPv4
  * with ICMP "administratively prohibited", so the sandbox fails fast instead of hanging.
+ *
+ * IPv6. The slot namespace has no IPv6 stack; slot_ipv6_relay (tc ingress of tap0 and of vg0
+ * inside it, IPv6 frames only) hands the guest's IPv6 frames unchanged to the host end, where
+ * sandbox_egress decides, and hands its answers back to tap0. Without SBX_F_ALLOW_IPV6 no IPv6
+ * frame is ever passed. With SBX_F_REJECT a guest that configured IPv6 itself fails at once:
+ *   - a Neighbor Solicitation (any target; not duplicate address detection, source ::) gets a
+ *     Neighbor Advertisement whose link-layer address is the guest's gateway MAC (tap0's, from
+ *     `sandboxes`), so the guest sends its packets instead of waiting ~3 s for neighbour
+ *     discovery to time out;
+ *   - any other packet to a unicast address from a unicast source is answered: TCP with a RST
+ *     (connect() fails with ECONNREFUSED), the rest with ICMPv6 destination unreachable /
+ *     administratively prohibited quoting its start (a connected UDP socket gets EACCES);
+ *     packets to wider-than-link multicast are dropped;
+ *   - the link's own plumbing (other neighbour discovery, MLD, ICMPv6 errors, link-local
+ *     multicast) is dropped without an answer or an audit event.
+ * Denied IPv6 packets are reported (reason R_NOT_IPV4, with next header and ports).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/in.h>
+#include <linux/in6.h>
+#include <linux/icmpv6.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
 #include <linux/pkt_cls.h>
@@ -35,6 +54,10 @@
 #define NSEC_PER_SEC 1000000000ULL
 #define ICMP_DEST_UNREACH 3
 #define ICMP_PKT_FILTERED 13
+#define ND_NEIGHBOR_SOLICIT 135 /* RFC 4861 (the kernel's ndisc.h is not uapi) */
+#define ND_NEIGHBOR_ADVERT 136
+#define ND_OPT_TARGET_LL_ADDR 2
+#define ND_NA_FLAGS 0xe0000000 /* router, solicited, override */
 struct icmphdr {
 	__u8 type;
 	__u8 code;
@@ -57,9 +80,9 @@ enum reason {
 	R_DEFAULT = 10,   /* default allow */
 };
 
-enum stat_idx { S_ALLOW_PKTS = 0, S_DENY_PKTS, S_EVENTS_LOST, S_REJECTS, S_MAX = 8 };
+enum stat_idx { S_ALLOW_PKTS = 0, S_DENY_PKTS, S_EVENTS_LOST, S_REJECTS, S_ND_ANSWERS, S_MAX = 8 };
 
-#define SBX_F_REJECT 1        /* answer denied TCP with RST, other denied IPv4 with ICMP */
+#define SBX_F_REJECT 1        /* answer denied TCP with RST, other denied IP with ICMP(v6) */
 #define SBX_F_DEFAULT_ALLOW 2 /* default verdict of new flows */
 #define SBX_F_ALLOW_IPV6 4    /* pass IPv6 frames */
 #define REJECT_MARK 0x5b0c1d
@@ -69,6 +92,8 @@ struct sbx_info {
 	__u32 flags;
 	__u32 host_addr; /* network order: the slot's host-side veth address */
 	__u32 pad;
+	__u8 gw_mac[ETH_ALEN]; /* the guest's gateway (tap0) MAC: source of answers to IPv6 */
+	__u16 pad2;
 };
 
 struct rule_key {
@@ -434,6 +459,252 @@ static __always_inline int reflect_rst(struct __sk_buff *skb)
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* -- IPv6 (only ever answered, never passed without SBX_F_ALLOW_IPV6) ----------------------- */
+
+struct ip6_pseudo {
+	struct in6_addr saddr;
+	struct in6_addr daddr;
+	__be32 len;
+	__be32 nexthdr; /* three zero bytes and the next header */
+};
+
+struct nd_ns {
+	__u8 type;
+	__u8 code;
+	__u16 checksum;
+	__u32 reserved;
+	struct in6_addr target;
+};
+
+struct nd_na {
+	__u8 type;
+	__u8 code;
+	__u16 checksum;
+	__be32 flags;
+	struct in6_addr target;
+	__u8 opt_type; /* target link-layer address option (RFC 4861 4.6.1) */
+	__u8 opt_len;  /* in units of 8 bytes */
+	__u8 opt_mac[ETH_ALEN];
+};
+
+struct nd_reply {
+	struct ipv6hdr ip6;
+	struct nd_na na;
+};
+
+#define V6_QUOTE 60 /* IPv6 header + 20 bytes of L4: keeps a TCP checksum field (see reflect_reject) */
+
+struct icmp6_reject {
+	struct ipv6hdr ip6;
+	struct icmp6hdr icmp6;
+	__u8 inner[V6_QUOTE];
+};
+
+static __always_inline int in6_is_unspecified(const struct in6_addr *a)
+{
+	return !(a->in6_u.u6_addr32[0] | a->in6_u.u6_addr32[1] | a->in6_u.u6_addr32[2] |
+		 a->in6_u.u6_addr32[3]);
+}
+
+static __always_inline int in6_equal(const struct in6_addr *a, const struct in6_addr *b)
+{
+	return a->in6_u.u6_addr32[0] == b->in6_u.u6_addr32[0] &&
+	       a->in6_u.u6_addr32[1] == b->in6_u.u6_addr32[1] &&
+	       a->in6_u.u6_addr32[2] == b->in6_u.u6_addr32[2] &&
+	       a->in6_u.u6_addr32[3] == b->in6_u.u6_addr32[3];
+}
+
+/* upper-layer checksum over IPv6: the pseudo-header (RFC 8200 8.1), then the message itself */
+static __always_inline __u16 csum6(const struct ipv6hdr *ip6, void *msg, __u32 msg_len)
+{
+	struct ip6_pseudo ph = {};
+
+	ph.saddr = ip6->saddr;
+	ph.daddr = ip6->daddr;
+	ph.len = bpf_htonl(msg_len);
+	ph.nexthdr = bpf_htonl(ip6->nexthdr);
+	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
+	return csum_fold(bpf_csum_diff(0, 0, msg, msg_len, (__u32)sum));
+}
+
+static __always_inline int reflect_out(struct __sk_buff *skb, const struct ethhdr *orig,
+				       const __u8 *gw_mac, __u16 proto)
+{
+	struct ethhdr neweth;
+
+	__builtin_memcpy(neweth.h_dest, orig->h_source, ETH_ALEN);
+	__builtin_memcpy(neweth.h_source, gw_mac, ETH_ALEN);
+	neweth.h_proto = bpf_htons(proto);
+	if (bpf_skb_store_bytes(skb, 0, &neweth, sizeof(neweth), 0))
+		return TC_ACT_SHOT;
+	skb->mark = REJECT_MARK; /* lets sandbox_ingress pass it */
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/*
+ * Answer a Neighbor Solicitation for any target with a Neighbor Advertisement carrying the
+ * gateway's MAC (RFC 4861 7.2.4): whatever address the guest uses as its IPv6 gateway, or as
+ * an on-link peer, resolves to tap0, so its packets come here and are refused at once. NS
+ * that are not valid (7.1.1) and duplicate address detection (source ::) are dropped.
+ */
+static __always_inline int answer_ns(struct __sk_buff *skb, const struct ipv6hdr *ip6,
+				     const __u8 *gw_mac)
+{
+	struct ethhdr eth;
+	struct nd_ns ns;
+	struct nd_reply r = {};
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(*ip6), &ns, sizeof(ns)))
+		return TC_ACT_SHOT;
+	if (ip6->hop_limit != 255 || ns.code != 0 || bpf_ntohs(ip6->payload_len) < sizeof(ns) ||
+	    in6_is_unspecified(&ip6->saddr) || ip6->saddr.in6_u.u6_addr8[0] == 0xff ||
+	    ns.target.in6_u.u6_addr8[0] == 0xff || in6_equal(&ns.target, &ip6->saddr))
+		return TC_ACT_SHOT;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0))
+		return TC_ACT_SHOT;
+
+	r.ip6.version = 6;
+	r.ip6.payload_len = bpf_htons(sizeof(r.na));
+	r.ip6.nexthdr = IPPROTO_ICMPV6;
+	r.ip6.hop_limit = 255;
+	r.ip6.saddr = ns.target;
+	r.ip6.daddr = ip6->saddr;
+	r.na.type = ND_NEIGHBOR_ADVERT;
+	r.na.flags = bpf_htonl(ND_NA_FLAGS);
+	r.na.target = ns.target;
+	r.na.opt_type = ND_OPT_TARGET_LL_ADDR;
+	r.na.opt_len = 1;
+	__builtin_memcpy(r.na.opt_mac, gw_mac, ETH_ALEN);
+	r.na.checksum = csum6(&r.ip6, &r.na, sizeof(r.na));
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+		return TC_ACT_SHOT;
+	stat_inc(S_ND_ANSWERS);
+	return reflect_out(skb, &eth, gw_mac, ETH_P_IPV6);
+}
+
+/* Turn a denied IPv6 packet into ICMPv6 destination unreachable / administratively prohibited
+ * (RFC 4443 3.1) quoting its first V6_QUOTE bytes, and send it back towards the sandbox. */
+static __always_inline int reflect_reject6(struct __sk_buff *skb, const struct ipv6hdr *orig,
+					   const __u8 *gw_mac)
+{
+	struct ethhdr eth;
+	struct icmp6_reject r = {};
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+		return TC_ACT_SHOT;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + V6_QUOTE, 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, r.inner, V6_QUOTE))
+		return TC_ACT_SHOT;
+	if (bpf_skb_adjust_room(skb, sizeof(r.ip6) + sizeof(r.icmp6), BPF_ADJ_ROOM_MAC, 0))
+		return TC_ACT_SHOT;
+
+	r.ip6.version = 6;
+	r.ip6.payload_len = bpf_htons(sizeof(r.icmp6) + V6_QUOTE);
+	r.ip6.nexthdr = IPPROTO_ICMPV6;
+	r.ip6.hop_limit = 64;
+	r.ip6.saddr = orig->daddr;
+	r.ip6.daddr = orig->saddr;
+	r.icmp6.icmp6_type = ICMPV6_DEST_UNREACH;
+	r.icmp6.icmp6_code = ICMPV6_ADM_PROHIBITED;
+	r.icmp6.icmp6_cksum = csum6(&r.ip6, &r.icmp6, sizeof(r.icmp6) + V6_QUOTE);
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+		return TC_ACT_SHOT;
+	stat_inc(S_REJECTS);
+	return reflect_out(skb, &eth, gw_mac, ETH_P_IPV6);
+}
+
+struct rst6 {
+	struct ipv6hdr ip6;
+	struct tcphdr th;
+};
+
+/*
+ * Answer a denied TCP segment over IPv6 with a RST, like reflect_rst. Not ICMPv6: Linux treats
+ * an ICMPv6 error for a socket that connect() still holds locked as a soft error and fails the
+ * connect only at the next SYN retransmit (1 s later); a RST waits in the socket's backlog.
+ */
+static __always_inline int reflect_rst6(struct __sk_buff *skb, const struct ipv6hdr *orig,
+					const __u8 *gw_mac)
+{
+	struct ethhdr eth;
+	struct tcphdr th;
+	struct rst6 r = {};
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(*orig), &th, sizeof(th)))
+		return TC_ACT_SHOT;
+	__u32 seg_len = bpf_ntohs(orig->payload_len) - th.doff * 4 + th.syn + th.fin;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0))
+		return TC_ACT_SHOT;
+
+	r.ip6.version = 6;
+	r.ip6.payload_len = bpf_htons(sizeof(r.th));
+	r.ip6.nexthdr = IPPROTO_TCP;
+	r.ip6.hop_limit = 64;
+	r.ip6.saddr = orig->daddr;
+	r.ip6.daddr = orig->saddr;
+	r.th.source = th.dest;
+	r.th.dest = th.source;
+	r.th.doff = 5;
+	r.th.rst = 1;
+	if (th.ack) {
+		r.th.seq = th.ack_seq;
+	} else {
+		r.th.ack = 1;
+		r.th.ack_seq = bpf_htonl(bpf_ntohl(th.seq) + seg_len);
+	}
+	r.th.check = csum6(&r.ip6, &r.th, sizeof(r.th));
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+		return TC_ACT_SHOT;
+	stat_inc(S_REJECTS);
+	return reflect_out(skb, &eth, gw_mac, ETH_P_IPV6);
+}
+
+/* An IPv6 frame of a sandbox without SBX_F_ALLOW_IPV6: answered or dropped, never passed. */
+static __always_inline int deny_ipv6(struct __sk_buff *skb, struct flow_key *fk, __u32 sbx_flags,
+				     const __u8 *gw_mac, __u64 now)
+{
+	struct ipv6hdr ip6;
+	__u8 l4[14] = {}; /* ICMPv6 type + code, or TCP/UDP ports (+ TCP flags at 13) */
+
+	stat_inc(S_DENY_PKTS);
+	fk->proto = 255;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) || ip6.version != 6) {
+		emit_deny(skb, fk, R_MALFORMED, 0, ETH_P_IPV6, now);
+		return TC_ACT_SHOT;
+	}
+	int has_l4 = !bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip6), l4, 4);
+	int is_tcp = ip6.nexthdr == IPPROTO_TCP &&
+		     !bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip6), l4, sizeof(l4));
+
+	if (ip6.nexthdr == IPPROTO_ICMPV6 && !(has_l4 && l4[0] == ICMPV6_ECHO_REQUEST)) {
+		/* the link's plumbing: neighbour discovery, MLD, errors */
+		if (has_l4 && l4[0] == ND_NEIGHBOR_SOLICIT && (sbx_flags & SBX_F_REJECT))
+			return answer_ns(skb, &ip6, gw_mac);
+		return TC_ACT_SHOT;
+	}
+	__u8 mcast = ip6.daddr.in6_u.u6_addr8[0] == 0xff;
+	if (mcast && (ip6.daddr.in6_u.u6_addr8[1] & 0x0f) <= 2)
+		return TC_ACT_SHOT; /* interface- or link-local multicast never leaves the link */
+
+	fk->proto = ip6.nexthdr;
+	if (has_l4 && (ip6.nexthdr == IPPROTO_TCP || ip6.nexthdr == IPPROTO_UDP)) {
+		__builtin_memcpy(&fk->sport, &l4[0], 2);
+		__builtin_memcpy(&fk->dport, &l4[2], 2);
+	}
+	__u8 tcp_flags = is_tcp ? l4[13] : 0;
+	emit_deny(skb, fk, R_NOT_IPV4, tcp_flags, ETH_P_IPV6, now);
+	/* RFC 4443 2.4 (e): no error for a multicast destination or a non-unicast source */
+	if (!(sbx_flags & SBX_F_REJECT) || mcast || in6_is_unspecified(&ip6.saddr) ||
+	    ip6.saddr.in6_u.u6_addr8[0] == 0xff)
+		return TC_ACT_SHOT;
+	if (is_tcp)
+		return (tcp_flags & 0x04) ? TC_ACT_SHOT : reflect_rst6(skb, &ip6, gw_mac);
+	return reflect_reject6(skb, &ip6, gw_mac);
+}
+
 SEC("tc")
 int sandbox_egress(struct __sk_buff *skb)
 {
@@ -464,11 +735,16 @@ int sandbox_egress(struct __sk_buff *skb)
 		stat_inc(S_ALLOW_PKTS);
 		return TC_ACT_OK;
 	}
-	if (h_proto != bpf_htons(ETH_P_IP)) {
-		if (h_proto == bpf_htons(ETH_P_IPV6) && (sbx_flags & SBX_F_ALLOW_IPV6)) {
+	if (h_proto == bpf_htons(ETH_P_IPV6)) {
+		if (sbx_flags & SBX_F_ALLOW_IPV6) {
 			stat_inc(S_ALLOW_PKTS);
 			return TC_ACT_OK;
 		}
+		__u8 gw_mac[ETH_ALEN];
+		__builtin_memcpy(gw_mac, sbx->gw_mac, ETH_ALEN);
+		return deny_ipv6(skb, &fk, sbx_flags, gw_mac, now);
+	}
+	if (h_proto != bpf_htons(ETH_P_IP)) {
 		fk.proto = 255;
 		fk.dport = h_proto;
 		emit_deny(skb, &fk, R_NOT_IPV4, 0, bpf_ntohs(h_proto), now);
@@ -622,6 +898,26 @@ int sandbox_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	emit_deny(skb, &fk, R_INBOUND, 0, ETH_P_IP, bpf_ktime_get_boot_ns());
 	return TC_ACT_SHOT;
+}
+
+/*
+ * tc ingress of tap0 and of vg0 inside a slot's namespace, added for IPv6 frames only. The
+ * namespace has no IPv6 stack: this hands the guest's IPv6 frames, unchanged, from tap0 to vg0
+ * (so sandbox_egress on the host end sees them) and that program's answers from vg0 back to
+ * tap0. The filter's classid minor, which cls_bpf puts into skb->tc_classid before the program
+ * runs, is the ifindex (in this namespace) to send to.
+ */
+SEC("tc")
+int slot_ipv6_relay(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	__u32 to = skb->tc_classid;
+
+	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IPV6) || !to)
+		return TC_ACT_SHOT;
+	return bpf_redirect(to, 0);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -27,6 +27,8 @@ REASONS = {0: "rule", 1: "flow", 2: "default_deny", 3: "expired", 4: "unknown_in
            5: "not_ipv4", 6: "malformed", 7: "inbound", 8: "deny_rule", 9: "always_denied",
            10: "default_allow"}
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+IPV6_NEXT_HEADERS = {**PROTO_NAMES, 58: "icmpv6"}
 
 
 def _iso(wall_ns: int) -> str:
@@ -94,6 +96,10 @@ def decode_event(raw: bytes, label: Callable[[int, int], str | None]) -> tuple[i
                      tcp_flags=tcp_flags)
     else:
         event["ethertype"] = f"0x{ethertype:04x}"
+        if ethertype == ETH_P_IPV6 and proto != 255:  # the filter reports no IPv6 addresses
+            event["proto"] = IPV6_NEXT_HEADERS.get(proto, str(proto))
+            if proto in (6, 17):
+                event["dst_port"] = struct.unpack("!H", dport)[0]
     if rule_id:
         event["rule"] = label(sbx, rule_id) or rule_id
     return sbx, event

@@ -19,6 +19,7 @@ import structlog
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cube_net_ebpf.addressing import TAP_MAC
 from cube_net_ebpf.libbpf import BPF_ANY, BpfMap, BpfObject, RingBuffer
 from cube_net_ebpf.policy import CidrRule, CompiledPolicy
 
@@ -28,7 +29,7 @@ SBX_F_REJECT = 1
 SBX_F_DEFAULT_ALLOW = 2
 SBX_F_ALLOW_IPV6 = 4
 
-SBX_VAL = struct.Struct("<II4sI")       # sbx_id, flags, host_addr, pad
+SBX_VAL = struct.Struct("<II4sI6s2x")   # sbx_id, flags, host_addr, pad, gw_mac
 RULE_KEY = struct.Struct("<IIBB2s4s")   # prefixlen, sbx_id, proto, pad, dport(BE), daddr
 RULE_VAL = struct.Struct("<QII")        # expires_ns, rule_id, flags
 BLOCK_KEY = struct.Struct("<I4s")
@@ -38,8 +39,10 @@ U32 = struct.Struct("<I")
 
 PROG_EGRESS = "sandbox_egress"
 PROG_INGRESS = "sandbox_ingress"
+PROG_RELAY = "slot_ipv6_relay"
 TC_INGRESS = "ffff:fff2"
 TC_EGRESS = "ffff:fff3"
+ETH_P_IPV6 = 0x86DD
 DNS_RULE_BASE = 1 << 24
 
 
@@ -76,6 +79,7 @@ class EgressFilter:
         self.obj = BpfObject(obj_path, pin_dir)
         self.prog_egress = self.obj.prog_fd(PROG_EGRESS)
         self.prog_ingress = self.obj.prog_fd(PROG_INGRESS)
+        self.prog_relay = self.obj.prog_fd(PROG_RELAY)
         self.sandboxes = BpfMap(self.obj.map_fd("sandboxes"), 4, SBX_VAL.size)
         self.allow = BpfMap(self.obj.map_fd("allow_rules"), RULE_KEY.size, RULE_VAL.size)
         self.deny = BpfMap(self.obj.map_fd("deny_rules"), RULE_KEY.size, RULE_VAL.size)
@@ -121,9 +125,11 @@ class EgressFilter:
 
     # -- sandboxes ------------------------------------------------------------------------------
 
-    def register(self, ifindex: int, host_addr: str, policy: CompiledPolicy) -> None:
+    def register(self, ifindex: int, host_addr: str, policy: CompiledPolicy,
+                 gateway_mac: str = TAP_MAC) -> None:
         """Write a sandbox's policy and then its interface entry (before the filter is attached
-        and the link goes up)."""
+        and the link goes up). ``gateway_mac`` is the MAC the guest sees as its gateway (tap0's):
+        the filter's answers to the guest's IPv6 frames come from it."""
         with self._lock:
             self.apply(ifindex, policy)
             flags = SBX_F_REJECT
@@ -132,17 +138,18 @@ class EgressFilter:
             if policy.allow_ipv6:
                 flags |= SBX_F_ALLOW_IPV6
             self.sandboxes.update(U32.pack(ifindex), SBX_VAL.pack(
-                ifindex, flags, ipaddress.IPv4Address(host_addr).packed, 0))
+                ifindex, flags, ipaddress.IPv4Address(host_addr).packed, 0,
+                bytes.fromhex(gateway_mac.replace(":", ""))))
 
     def set_flags(self, ifindex: int, policy: CompiledPolicy) -> None:
         with self._lock:
             raw = self.sandboxes.lookup(U32.pack(ifindex))
             if raw is None:
                 return
-            sbx, _flags, host, pad = SBX_VAL.unpack(raw)
+            sbx, _flags, host, pad, gw_mac = SBX_VAL.unpack(raw)
             flags = SBX_F_REJECT | (SBX_F_DEFAULT_ALLOW if policy.default_allow else 0) | (
                 SBX_F_ALLOW_IPV6 if policy.allow_ipv6 else 0)
-            self.sandboxes.update(U32.pack(ifindex), SBX_VAL.pack(sbx, flags, host, pad))
+            self.sandboxes.update(U32.pack(ifindex), SBX_VAL.pack(sbx, flags, host, pad, gw_mac))
 
     def registered(self) -> list[int]:
         return [U32.unpack(k)[0] for k in self.sandboxes.keys()]
@@ -242,7 +249,7 @@ class EgressFilter:
         return count
 
     def stats(self) -> dict[str, int]:
-        names = ("allow_pkts", "deny_pkts", "events_lost", "rejects")
+        names = ("allow_pkts", "deny_pkts", "events_lost", "rejects", "nd_answers")
         out = {}
         for i, name in enumerate(names):
             raw = self.stats_map.lookup(U32.pack(i))
@@ -266,6 +273,33 @@ class EgressFilter:
                parent=TC_INGRESS, classid=1, direct_action=True)
         ipr.tc("add-filter", "bpf", ifindex, ":1", fd=self.prog_ingress, name=PROG_INGRESS,
                parent=TC_EGRESS, classid=1, direct_action=True)
+
+    @staticmethod
+    def detach(ipr: IPRoute, ifindex: int) -> None:
+        """Remove the clsact qdisc of ``ifindex`` and every filter on it (benchmarks only: a
+        sandbox link must never be left without its filter)."""
+        try:
+            ipr.tc("del", "clsact", ifindex)
+        except NetlinkError as exc:
+            if exc.code not in (2, 22):  # ENOENT, EINVAL: no clsact there
+                raise
+
+    def attach_ipv6_relay(self, ipr: IPRoute, tap_index: int, veth_index: int) -> None:
+        """Inside a slot's namespace (``ipr`` opened there): relay IPv6 frames between tap0 and
+        the namespace end of the veth, so that the host-side filter sees the guest's IPv6 and
+        its answers get back (the namespace itself has no IPv6 stack). The relay's target
+        ifindex travels in the filter's classid (its minor, 16 bits)."""
+        for dev, to in ((tap_index, veth_index), (veth_index, tap_index)):
+            if not 0 < to <= 0xFFFF:
+                raise ValueError(f"ifindex {to} does not fit a classid minor")
+            try:
+                ipr.tc("add", "clsact", dev)
+            except NetlinkError as exc:
+                if exc.code != 17:  # EEXIST
+                    raise
+            ipr.tc("add-filter", "bpf", dev, ":1", fd=self.prog_relay, name=PROG_RELAY,
+                   parent=TC_INGRESS, classid=(1 << 16) | to, direct_action=True,
+                   protocol=ETH_P_IPV6)
 
     def close(self) -> None:
         self.obj.close()

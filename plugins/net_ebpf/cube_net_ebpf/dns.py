@@ -71,10 +71,15 @@ class Resolver:
         self.min_ttl, self.max_ttl, self.grace_s, self.timeout_s = min_ttl, max_ttl, grace_s, timeout_s
         self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        for sock in (self._udp, self._tcp):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((bind, port))
-        self._tcp.listen(64)
+        try:
+            for sock in (self._udp, self._tcp):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((bind, port))
+            self._tcp.listen(64)
+        except OSError:  # e.g. the port is taken: leave no open socket behind
+            self._udp.close()
+            self._tcp.close()
+            raise
         self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cube-dns")
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()

@@ -345,7 +345,8 @@ class EbpfNetwork(NetworkDriver):
         started = time.perf_counter()
         try:
             with map_network_errors("slot setup", owner_id=owner_id, slot_id=slot_id):
-                ifindex = slot.build(spec, before_up, self._host_netlink)
+                ifindex = slot.build(spec, before_up, self._host_netlink,
+                                     filt.attach_ipv6_relay if filt is not None else None)
         except BaseException:
             self.indexes.free(index)
             raise

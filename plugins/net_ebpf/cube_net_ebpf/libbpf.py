@@ -237,6 +237,17 @@ def prog_test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0,
 
     ``ifindex`` sets ``skb->ifindex`` (kernels >= 5.11). Used by tests and benchmarks only.
     """
+    retval, duration, _ = _test_run(prog_fd, packet, ifindex, repeat)
+    return retval, duration
+
+
+def prog_test_output(prog_fd: int, packet: bytes, *, ifindex: int = 0) -> tuple[int, bytes]:
+    """Like :func:`prog_test_run` (one run): (return code, the packet as the program left it)."""
+    retval, _, out = _test_run(prog_fd, packet, ifindex, 1)
+    return retval, out
+
+
+def _test_run(prog_fd: int, packet: bytes, ifindex: int, repeat: int) -> tuple[int, int, bytes]:
     lib = _library()
     opts = _ffi.new("struct bpf_test_run_opts *")
     opts.sz = _ffi.sizeof("struct bpf_test_run_opts")
@@ -253,4 +264,4 @@ def prog_test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0,
     opts.ctx_size_in = len(ctx)
     opts.repeat = repeat
     _check(lib.bpf_prog_test_run_opts(prog_fd, opts), "bpf_prog_test_run_opts")
-    return int(opts.retval), int(opts.duration)
+    return int(opts.retval), int(opts.duration), bytes(_ffi.buffer(data_out, opts.data_size_out))

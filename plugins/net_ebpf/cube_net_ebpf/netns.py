@@ -92,6 +92,24 @@ def created(name: str) -> Iterator[int]:
         os.close(origin)
 
 
+@contextlib.contextmanager
+def entered(name: str) -> Iterator[None]:
+    """Keep the calling thread inside existing namespace ``name`` for the block."""
+    origin = current_fd()
+    try:
+        target = open_fd(name)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(origin)
+    finally:
+        os.close(origin)
+
+
 def remove(name: str) -> bool:
     """Unmount and delete ``/run/netns/<name>``; True if it existed. Idempotent."""
     path = path_of(name)

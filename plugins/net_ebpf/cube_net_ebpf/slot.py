@@ -3,10 +3,12 @@
 Everything here runs on one of the driver's worker threads: the thread enters the new namespace
 to configure it and comes back. The host side of the veth is brought up last, after
 ``before_up`` (the egress filter attach) has run, so a slot never has unfiltered connectivity.
+``in_namespace`` runs inside the new namespace once tap0 and vg0 exist (the filter's IPv6 relay).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import socket
@@ -34,6 +36,8 @@ log = structlog.get_logger(__name__)
 
 BeforeUp = Callable[[IPRoute, int], None]
 """Called with the host's IPRoute and the host-side ifindex before the link goes up."""
+InNamespace = Callable[[IPRoute, int, int], None]
+"""Called inside the slot's namespace with its IPRoute and the ifindexes of tap0 and vg0."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +57,8 @@ def _link_index(ifname: str) -> int:
         raise NetlinkError(errno.ENODEV, f"no link {ifname}") from exc
 
 
-def _configure_namespace(spec: SlotSpec, origin_fd: int) -> None:
+def _configure_namespace(spec: SlotSpec, origin_fd: int,
+                         in_namespace: InNamespace | None = None) -> None:
     for key in ("net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6",
                 "net/ipv4/ip_forward"):
         netns.write_sysctl(key, "1")
@@ -74,9 +79,11 @@ def _configure_namespace(spec: SlotSpec, origin_fd: int) -> None:
         ipr.addr("add", index=tap, address=GATEWAY_ADDR, prefixlen=GUEST_PREFIXLEN)
         ipr.link("add", ifname=NS_VETH, kind="veth", state="up",
                  peer={"ifname": spec.addr.host_if, "net_ns_fd": origin_fd})
-        ipr.addr("add", index=_link_index(NS_VETH), address=spec.addr.ns_addr,
-                 prefixlen=LINK_PREFIXLEN)
+        veth = _link_index(NS_VETH)
+        ipr.addr("add", index=veth, address=spec.addr.ns_addr, prefixlen=LINK_PREFIXLEN)
         ipr.route("add", dst="0.0.0.0/0", gateway=spec.addr.host_addr)
+        if in_namespace is not None:
+            in_namespace(ipr, tap, veth)
     nat.apply_slot(spec.addr.ns_addr, spec.resolver)
 
 
@@ -87,7 +94,7 @@ class HostNetlink:
 
     def __init__(self) -> None:
         self._local = threading.local()
-        self._all: list[IPRoute] = []
+        self._all: list[tuple[IPRoute, asyncio.AbstractEventLoop, asyncio.DatagramTransport]] = []
         self._lock = threading.Lock()
 
     def get(self) -> IPRoute:
@@ -95,8 +102,12 @@ class HostNetlink:
         if ipr is None:
             ipr = IPRoute()
             self._local.ipr = ipr
+            # pyroute2 keeps the event loop and transport of a sync socket in the opening
+            # thread's locals, out of reach of a close() from another thread: keep them at hand
+            loop: asyncio.AbstractEventLoop = ipr.asyncore.event_loop
+            transport: asyncio.DatagramTransport = ipr.asyncore.transport
             with self._lock:
-                self._all.append(ipr)
+                self._all.append((ipr, loop, transport))
         return ipr
 
     def close_current(self) -> None:
@@ -106,15 +117,22 @@ class HostNetlink:
         if ipr is not None:
             self._local.ipr = None
             with self._lock:
-                self._all = [s for s in self._all if s is not ipr]
+                self._all = [entry for entry in self._all if entry[0] is not ipr]
             ipr.close()
 
     def close(self) -> None:
-        """Close whatever sockets are left, from this thread."""
+        """Close whatever sockets are left, from this thread. pyroute2 cannot reach another
+        thread's event loop and transport when it closes a socket, so they are closed here. Call
+        it when the threads that opened them are done (their loops run only during a call)."""
         with self._lock:
             sockets, self._all = self._all, []
-        for ipr in sockets:
+        for ipr, loop, transport in sockets:
             ipr.close()
+            if loop.is_closed():
+                continue
+            transport.abort()
+            loop.run_until_complete(asyncio.sleep(0))  # runs the abort's connection_lost: closes the socket
+            loop.close()
 
 
 @contextlib.contextmanager
@@ -126,10 +144,11 @@ def _host_ipr(host: HostNetlink | None) -> Iterator[IPRoute]:
             yield ipr
 
 
-def build(spec: SlotSpec, before_up: BeforeUp | None = None, host: HostNetlink | None = None) -> int:
+def build(spec: SlotSpec, before_up: BeforeUp | None = None, host: HostNetlink | None = None,
+          in_namespace: InNamespace | None = None) -> int:
     """Create the slot; return the host-side ifindex. On failure nothing is left behind."""
     with netns.created(spec.netns) as origin_fd:  # removes the namespace if the block fails
-        _configure_namespace(spec, origin_fd)
+        _configure_namespace(spec, origin_fd, in_namespace)
     try:
         with _host_ipr(host) as ipr:
             ifindex = _link_index(spec.addr.host_if)

@@ -11,6 +11,7 @@ import pytest
 from cube_core import NetworkPolicy
 
 from cube_net_ebpf import bpfobject, libbpf
+from cube_net_ebpf.addressing import TAP_MAC
 from cube_net_ebpf.bpffilter import EgressFilter
 from cube_net_ebpf.policy import compile_policy
 
@@ -43,6 +44,55 @@ def ipv6_frame() -> bytes:
                       socket.inet_pton(socket.AF_INET6, "fe80::1"),
                       socket.inet_pton(socket.AF_INET6, "2001:db8::1"))
     return DST_MAC + SRC_MAC + b"\x86\xdd" + ip6 + payload
+
+
+GUEST6, GATEWAY6, TARGET6 = "2001:db8:ffff:5::2", "fe80::5a:ff:fe00:1", "2001:db8:18::10"
+GW_MAC = bytes.fromhex(TAP_MAC.replace(":", ""))
+
+
+def _a6(addr: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, addr)
+
+
+def _pseudo6(src: bytes, dst: bytes, length: int, nexthdr: int) -> bytes:
+    return src + dst + struct.pack("!IxxxB", length, nexthdr)
+
+
+def ipv6_packet(src: str, dst: str, nexthdr: int, l4: bytes, hop_limit: int = 64,
+                dst_mac: bytes = DST_MAC) -> bytes:
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(l4), nexthdr, hop_limit, _a6(src), _a6(dst))
+    return dst_mac + SRC_MAC + b"\x86\xdd" + ip6 + l4
+
+
+def icmp6(src: str, dst: str, body: bytes) -> bytes:
+    """An ICMPv6 message (``body`` starts with type and code) with its checksum filled in."""
+    msg = body[:2] + b"\0\0" + body[4:]
+    check = _csum(_pseudo6(_a6(src), _a6(dst), len(msg), 58) + msg)
+    return msg[:2] + struct.pack("!H", check) + msg[4:]
+
+
+def solicited_node(addr: str) -> str:
+    return socket.inet_ntop(socket.AF_INET6, _a6("ff02::1:ff00:0")[:13] + _a6(addr)[13:])
+
+
+def neighbor_solicitation(src: str, target: str, hop_limit: int = 255) -> bytes:
+    dst = solicited_node(target)
+    body = struct.pack("!BBHI16s", 135, 0, 0, 0, _a6(target)) + b"\x01\x01" + SRC_MAC
+    return ipv6_packet(src, dst, 58, icmp6(src, dst, body), hop_limit,
+                       dst_mac=b"\x33\x33" + _a6(dst)[12:])
+
+
+def ipv6_tcp_syn(src: str, dst: str, dport: int) -> bytes:
+    opts = bytes.fromhex("020405a0") + b"\x01" * 16  # MSS + padding: a 40-byte header as Linux sends
+    tcp = struct.pack("!HHIIBBHHH", 40000, dport, 1, 0, 10 << 4, 0x02, 64240, 0, 0) + opts
+    check = _csum(_pseudo6(_a6(src), _a6(dst), len(tcp), 6) + tcp)
+    return ipv6_packet(src, dst, 6, tcp[:16] + struct.pack("!H", check) + tcp[18:])
+
+
+def ipv6_udp(src: str, dst: str, dport: int, payload: bytes = b"hi") -> bytes:
+    udp = struct.pack("!HHHH", 40001, dport, 8 + len(payload), 0) + payload
+    check = _csum(_pseudo6(_a6(src), _a6(dst), len(udp), 17) + udp)
+    return ipv6_packet(src, dst, 17, udp[:6] + struct.pack("!H", check) + udp[8:])
 
 
 def arp_frame() -> bytes:
@@ -90,9 +140,125 @@ def test_verdicts_by_policy(filt):
 
 def test_ipv6_denied_unless_allowed(filt):
     filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy()))
-    assert run(filt, ipv6_frame()) == TC_ACT_SHOT
+    assert run(filt, ipv6_frame()) == TC_ACT_REDIRECT  # answered with an ICMPv6 error (below)
     filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy(allow_out=("::/0",))))
     assert run(filt, ipv6_frame()) == TC_ACT_OK
+
+
+def _split6(frame: bytes) -> tuple[bytes, bytes, bytes]:
+    """(Ethernet header, IPv6 header, payload as long as the IPv6 header says)."""
+    plen = struct.unpack("!H", frame[18:20])[0]
+    return frame[:14], frame[14:54], frame[54:54 + plen]
+
+
+def _icmp6_checksum_ok(ip6: bytes, msg: bytes) -> bool:
+    return _csum(_pseudo6(ip6[8:24], ip6[24:40], len(msg), 58) + msg) == 0
+
+
+def test_neighbor_solicitation_is_answered_with_the_gateway_mac(filt):
+    filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy()))
+    rc, out = libbpf.prog_test_output(filt.prog_egress, neighbor_solicitation(GUEST6, GATEWAY6),
+                                      ifindex=LO)
+    assert rc == TC_ACT_REDIRECT
+    eth, ip6, na = _split6(out)
+    assert len(out) == 14 + 40 + 32
+    assert eth == SRC_MAC + GW_MAC + b"\x86\xdd"  # to the guest, from its gateway (tap0)
+    version, plen, nexthdr, hop_limit = struct.unpack("!IHBB", ip6[:8])
+    assert (version >> 28, plen, nexthdr, hop_limit) == (6, 32, 58, 255)
+    assert ip6[8:24] == _a6(GATEWAY6) and ip6[24:40] == _a6(GUEST6)
+    na_type, code, _check, flags, target = struct.unpack("!BBHI16s", na[:24])
+    assert (na_type, code, flags, target) == (136, 0, 0xE0000000, _a6(GATEWAY6))
+    assert na[24:32] == b"\x02\x01" + GW_MAC  # target link-layer address option
+    assert _icmp6_checksum_ok(ip6, na)
+    # any target (an on-link peer of the guest's own prefix too): tap0 is every neighbour
+    rc, out = libbpf.prog_test_output(
+        filt.prog_egress, neighbor_solicitation(GUEST6, "2001:db8:ffff:5::99"), ifindex=LO)
+    assert rc == TC_ACT_REDIRECT and out[14 + 40 + 8:14 + 40 + 24] == _a6("2001:db8:ffff:5::99")
+    assert _icmp6_checksum_ok(out[14:54], out[54:86])
+
+
+def test_invalid_and_dad_solicitations_are_not_answered(filt):
+    filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy()))
+    dad = neighbor_solicitation("::", GUEST6)  # would make the guest drop its own address
+    assert run(filt, dad) == TC_ACT_SHOT
+    assert run(filt, neighbor_solicitation(GUEST6, GATEWAY6, hop_limit=64)) == TC_ACT_SHOT
+    assert run(filt, neighbor_solicitation(GUEST6, GUEST6)) == TC_ACT_SHOT
+    # other link plumbing: router solicitation, MLDv2 report, link-local multicast (mDNS)
+    rs = ipv6_packet(GATEWAY6, "ff02::2", 58, icmp6(GATEWAY6, "ff02::2", b"\x85\0\0\0\0\0\0\0"),
+                     255)
+    mld = ipv6_packet(GATEWAY6, "ff02::16", 58, icmp6(GATEWAY6, "ff02::16", b"\x8f" + b"\0" * 7), 1)
+    assert run(filt, rs) == TC_ACT_SHOT
+    assert run(filt, mld) == TC_ACT_SHOT
+    assert run(filt, ipv6_udp(GUEST6, "ff02::fb", 5353)) == TC_ACT_SHOT
+    # without SBX_F_REJECT nothing is answered
+    raw = filt.sandboxes.lookup(struct.pack("<I", LO))
+    sbx, flags, *rest = struct.unpack("<II4sI6s2x", raw)
+    filt.sandboxes.update(struct.pack("<I", LO), struct.pack("<II4sI6s2x", sbx, 0, *rest))
+    try:
+        assert run(filt, neighbor_solicitation(GUEST6, GATEWAY6)) == TC_ACT_SHOT
+        assert run(filt, ipv6_tcp_syn(GUEST6, TARGET6, 80)) == TC_ACT_SHOT
+    finally:
+        filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy()))
+
+
+@pytest.mark.parametrize("kind", ["udp", "udp-short", "echo"])
+def test_ipv6_packets_get_icmpv6_admin_prohibited(filt, kind):
+    filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy()))
+    packet = {
+        "udp": lambda: ipv6_udp(GUEST6, TARGET6, 7777, b"x" * 100),
+        "udp-short": lambda: ipv6_udp(GUEST6, TARGET6, 7777, b""),
+        "echo": lambda: ipv6_packet(GUEST6, TARGET6, 58,
+                                    icmp6(GUEST6, TARGET6, b"\x80\0\0\0\0\1\0\1" + b"ping")),
+    }[kind]()
+    rc, out = libbpf.prog_test_output(filt.prog_egress, packet, ifindex=LO)
+    assert rc == TC_ACT_REDIRECT
+    eth, ip6, msg = _split6(out)
+    assert len(out) == 14 + 40 + 8 + 60
+    assert eth == SRC_MAC + GW_MAC + b"\x86\xdd"
+    version, plen, nexthdr, _hop = struct.unpack("!IHBB", ip6[:8])
+    assert (version >> 28, plen, nexthdr) == (6, 68, 58)
+    assert ip6[8:24] == _a6(TARGET6) and ip6[24:40] == _a6(GUEST6)
+    assert msg[:2] == b"\x01\x01"  # destination unreachable, administratively prohibited
+    quoted = packet[14:14 + 60]
+    assert msg[8:] == quoted + b"\0" * (60 - len(quoted))  # the offending packet's start
+    assert _icmp6_checksum_ok(ip6, msg)
+
+
+def test_ipv6_tcp_gets_a_rst(filt):
+    filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy()))
+    syn = ipv6_tcp_syn(GUEST6, TARGET6, 443)
+    rc, out = libbpf.prog_test_output(filt.prog_egress, syn, ifindex=LO)
+    assert rc == TC_ACT_REDIRECT
+    eth, ip6, tcp = _split6(out)
+    assert len(out) == 14 + 40 + 20
+    assert eth == SRC_MAC + GW_MAC + b"\x86\xdd"
+    version, plen, nexthdr, _hop = struct.unpack("!IHBB", ip6[:8])
+    assert (version >> 28, plen, nexthdr) == (6, 20, 6)
+    assert ip6[8:24] == _a6(TARGET6) and ip6[24:40] == _a6(GUEST6)
+    sport, dport, seq, ack, off, flags = struct.unpack("!HHIIBB", tcp[:14])
+    # RFC 9293 3.10.7.1: no ACK in the SYN -> <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>
+    assert (sport, dport, seq, ack, off >> 4, flags) == (443, 40000, 0, 2, 5, 0x14)
+    assert _csum(_pseudo6(ip6[8:24], ip6[24:40], 20, 6) + tcp) == 0
+    # a segment with ACK gets <SEQ=SEG.ACK><CTL=RST>; a RST is never answered
+    with_ack = bytearray(syn)
+    with_ack[14 + 40 + 8:14 + 40 + 12] = struct.pack("!I", 777)
+    with_ack[14 + 40 + 13] = 0x10
+    rc, out = libbpf.prog_test_output(filt.prog_egress, bytes(with_ack), ifindex=LO)
+    assert rc == TC_ACT_REDIRECT
+    assert struct.unpack("!IIxB", out[54 + 4:54 + 14]) == (777, 0, 0x04)
+    with_ack[14 + 40 + 13] = 0x04
+    assert run(filt, bytes(with_ack)) == TC_ACT_SHOT
+
+
+def test_allowed_ipv6_passes_unchanged(filt):
+    filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy(allow_out=("::/0",))))
+    try:
+        for frame in (neighbor_solicitation(GUEST6, GATEWAY6), ipv6_tcp_syn(GUEST6, TARGET6, 80),
+                      ipv6_udp(GUEST6, TARGET6, 7777)):
+            rc, out = libbpf.prog_test_output(filt.prog_egress, frame, ifindex=LO)
+            assert rc == TC_ACT_OK and out == frame
+    finally:
+        filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy()))
 
 
 def test_cost_per_packet(filt):
