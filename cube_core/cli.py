@@ -324,7 +324,10 @@ def template_rm(name: str, config: ConfigOpt = None) -> None:
 
     async def action(service: Any) -> None:
         template = service.get_template(name)
-        if template.snapshot:
+        if template.snapshot and template.snapshot.snapshot_id in service.snapshot_bases():
+            out.print(f"keeping the files of snapshot {template.snapshot.snapshot_id}: sandbox snapshots "
+                      "are saved as differences from it (garbage collection frees them later)")
+        elif template.snapshot:
             await service.storage.delete_snapshot(template.snapshot.snapshot_id)
         service.store.delete_template(template.template_id)
 

@@ -221,7 +221,9 @@ class VmHandle(Frozen):
 
 class VmState(Frozen):
     """A saved VM: memory file + device state, enough to restore clones from. ``memory_file``
-    equals ``device_state`` when the RAM is inside the state stream (snapshots of clones)."""
+    equals ``device_state`` when the RAM is inside the state stream. A state may also need the
+    files of another one (``base_state_id``): an incremental snapshot of a clone holds only what
+    changed since its template."""
 
     state_id: str
     memory_file: Path
@@ -232,6 +234,9 @@ class VmState(Frozen):
     initrd: Path | None = None
     isolation: Isolation
     data: dict[str, Any] = Field(default_factory=dict)
+    base_state_id: str | None = None
+    """The state (snapshot id) whose files this one needs to be restored, e.g. the template of an
+    incremental snapshot; keep that snapshot as long as this one exists. None: self-contained."""
 
     def clone_spec(self, vm_id: str, disk: DiskHandle, *, interpreter: bool) -> VmSpec:
         """The spec of a VM restored from this state onto ``disk``."""

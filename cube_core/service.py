@@ -160,7 +160,7 @@ class SandboxService:
         live = [Runtime.load(s.runtime) for s in self.store.list_sandboxes(states=LIVE_STATES)]
         await self.network.sweep({r.nic.slot_id for r in live if r.nic})
         snaps = {s.snapshot_id for s in self.store.list_snapshots()} | {
-            t.snapshot.snapshot_id for t in self.store.list_templates() if t.snapshot}
+            t.snapshot.snapshot_id for t in self.store.list_templates() if t.snapshot} | self.snapshot_bases()
         await self.storage.gc({r.disk.disk_id for r in live if r.disk}, snaps)
 
     # -- teams and keys ------------------------------------------------------------------------
@@ -519,6 +519,12 @@ class SandboxService:
         if ref is None or ref.team_id != team_id:
             raise SnapshotNotFoundError(snapshot_id=snapshot_id)
         return ref
+
+    def snapshot_bases(self) -> set[str]:
+        """Snapshots whose files other snapshots need: a VMM may save a clone as the difference
+        from the template snapshot it was restored from (``VmState.base_state_id``)."""
+        return {str(s.vm_state["base_state_id"]) for s in self.store.list_snapshots()
+                if s.vm_state.get("base_state_id")}
 
     async def delete_snapshot(self, team_id: str, snapshot_id: str) -> None:
         self.get_snapshot(team_id, snapshot_id)

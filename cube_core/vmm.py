@@ -68,8 +68,9 @@ class VmmDriver(abc.ABC):
     async def snapshot(self, vm: VmHandle, target_dir: Path) -> VmState:
         """Save memory and device state into ``target_dir``; the VM keeps its run state (a running
         VM runs on, a paused one stays paused). To freeze a disk at the same point: pause,
-        snapshot, freeze the disk, resume. For a VM whose RAM is not a shared file (a clone), the
-        RAM goes into the state stream and ``memory_file`` equals ``device_state``."""
+        snapshot, freeze the disk, resume. How RAM is saved is the driver's choice; a driver may
+        save a clone incrementally, relative to its template (``VmState.base_state_id`` then names
+        the snapshot it needs)."""
         raise UnsupportedOperation(driver=type(self).__name__, operation="snapshot")
 
     async def restore(self, state: VmState, spec: VmSpec, nic: NicHandle | None) -> VmHandle:

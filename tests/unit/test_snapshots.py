@@ -77,3 +77,22 @@ async def test_rollback_keeps_id_and_replaces_vm(service: SandboxService) -> Non
     other = await service.create(SandboxSpec(template_id="base", team_id="t"))
     with pytest.raises(SnapshotNotFoundError):
         await service.rollback("t", other.sandbox_id, snap.snapshot_id)
+
+
+async def test_snapshot_bases_are_kept_by_gc(service: SandboxService) -> None:
+    """A VMM may save a clone as a difference from its template snapshot: that base must outlive
+    garbage collection even when no template record names it any more."""
+    from cube_core.models import SnapshotRef
+
+    service.store.put_snapshot(SnapshotRef(snapshot_id="snap-diff", template_id="base", team_id="t",
+                                           vm_state={"base_state_id": "tmpl-old"}))
+    service.store.put_snapshot(SnapshotRef(snapshot_id="snap-full", template_id="base", team_id="t"))
+    assert service.snapshot_bases() == {"tmpl-old"}
+    kept: list[set[str]] = []
+
+    async def gc(live_disks: set[str], snapshots: set[str]) -> None:
+        kept.append(snapshots)
+
+    service.storage.gc = gc  # type: ignore[method-assign]
+    await service._recover()
+    assert {"tmpl-old", "snap-diff", "snap-full"} <= kept[0]

@@ -47,3 +47,7 @@ class KvmConfig(BaseModel):
     qmp_timeout_s: float = Field(default=10.0, gt=0)
     """How long to wait for QMP to answer after spawn, and for most QMP commands."""
     snapshot_timeout_s: float = Field(default=60.0, gt=0)
+    clone_snapshot: Literal["diff", "full"] = "diff"
+    """How a clone is saved: ``diff`` (the pages it changed since its template + device state,
+    proportional to what the guest wrote) or ``full`` (all guest RAM in the migration stream, as
+    before; also the fallback when the template's RAM file is gone)."""

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import structlog
 from cube_core import (
@@ -36,7 +36,7 @@ from cube_core import (
     VmState,
 )
 
-from . import persist, qemu, snapshot
+from . import memdiff, persist, qemu, snapshot
 from .accel import AccelReport, detect, host_tsc_khz
 from .cgroup import CgroupLayout, CgroupLimits, VmCgroup, detect_layout
 from .config import KvmConfig
@@ -54,6 +54,10 @@ GATEWAY_IP = "169.254.0.22"
 DEFAULT_GUEST_MAC = "52:54:00:00:00:21"
 
 
+_Saved = tuple[Path, Path, dict[str, Any], dict[str, Any]]
+"""What a ``_save_*`` method made: memory file, device state, ``SnapshotRecord`` fields, log fields."""
+
+
 @dataclass
 class _LiveVm:
     """What this driver instance holds for one VM: its record and open connections."""
@@ -62,6 +66,8 @@ class _LiveVm:
     qmp: Qmp
     ctl: ControlChannel
     cgroup: VmCgroup | None
+    ram_extras: list[tuple[memdiff.ExtraBlock, int]] | None = None
+    """Guest RAM outside the RAM file and its host addresses (fixed for the process's life)."""
 
     def handle(self) -> VmHandle:
         return VmHandle(vm_id=self.record.vm_id, pid=self.record.pid, isolation=self.record.isolation,
@@ -192,7 +198,8 @@ class KvmVmm(VmmDriver):
                 memory_mb=machine.memory_mb, cpu_count=cpu_count, kernel=machine.kernel, initrd=machine.initrd,
                 append=machine.append,
                 cpu_model=machine.cpu_model, pic=machine.pic, has_nic=tap_fd is not None,
-                guest_mac=machine.guest_mac, cgroup_version=group.version if group else 0,
+                guest_mac=machine.guest_mac, send_configuration=machine.send_configuration,
+                cgroup_version=group.version if group else 0,
                 cgroup_paths=group.paths if group else {}, **record_fields)
             persist.save(record)
             qmp = Qmp(machine.vm_id, machine.qmp_socket)
@@ -288,13 +295,19 @@ class KvmVmm(VmmDriver):
         return qemu.is_our_qemu(record.pid, record.vm_id, record.workdir)
 
     async def snapshot(self, vm: VmHandle, target_dir: Path) -> VmState:
-        """Save ``vm`` into ``target_dir`` (``memory.ram`` + ``device.state``); the VM keeps its run
-        state (a running VM runs again when this returns, a paused one stays paused).
+        """Save ``vm`` into ``target_dir``; the VM keeps its run state (a running VM runs again
+        when this returns, a paused one stays paused).
+
+        A cold-booted VM (RAM in a ``share=on`` file) is saved ``shared``: ``memory.ram`` +
+        ``device.state``. A clone is saved ``diff``: ``memory.diff`` (the pages it changed since
+        its template, whose RAM file it maps copy-on-write) + ``device.state``; the returned
+        state's ``base_state_id`` names that template snapshot. Only when the template's RAM file
+        is gone (or ``clone_snapshot = "full"``) is a clone saved ``full`` (RAM in the stream).
 
         A running guest is asked to ``prepare_snapshot`` first (sync disks, drop host connections).
-        A paused VM is saved as it is (memory, devices and disk are consistent at the pause); its
-        clones come up paused and ``restore`` continues them. To freeze the disk at the snapshot
-        point of a VM that keeps running, pause it first, snapshot, freeze the disk, resume.
+        A paused VM is saved as it is (memory, devices and disk are consistent at the pause). To
+        freeze the disk at the snapshot point of a VM that keeps running, pause it first, snapshot,
+        freeze the disk, resume.
         """
         live = await self._get(vm)
         rec = live.record
@@ -303,33 +316,114 @@ class KvmVmm(VmmDriver):
             if was_running:
                 await live.ctl.call("prepare_snapshot", timeout=self.config.snapshot_timeout_s)
             target_dir.mkdir(parents=True, exist_ok=True)
-            state_path = target_dir / snapshot.STATE_FILE
             started = time.monotonic()
-            fmt: Literal["shared", "full"] = "shared" if rec.ram_shared else "full"
-            save_ms = await snapshot.save_state(live.qmp, state_path, ignore_shared=rec.ram_shared,
-                                                timeout=self.config.snapshot_timeout_s)
-            try:
-                if rec.ram_shared:
-                    memory_file = target_dir / snapshot.MEMORY_FILE
-                    copied = await self._run(snapshot.copy_sparse, rec.ram_file, memory_file)
-                else:
-                    memory_file, copied = state_path, 0
-            finally:
-                if was_running:
-                    await live.qmp.execute("cont", timeout=self.config.qmp_timeout_s)
+            if rec.ram_shared:
+                saved = await self._save_shared(live, target_dir, was_running)
+            elif self._diff_base(rec) is not None:
+                saved = await self._save_diff(live, target_dir, was_running)
+            else:
+                saved = await self._save_full(live, target_dir, was_running)
+            memory_file, state_path, fields, details = saved
             total_ms = (time.monotonic() - started) * 1000
-            log.info("vm snapshot saved", vm_id=vm.vm_id, format=fmt, save_ms=round(save_ms, 1),
-                     total_ms=round(total_ms, 1), ram_copied_mib=round(copied / 2**20, 1),
-                     state_bytes=state_path.stat().st_size)
-            data = SnapshotRecord(format=fmt, accel=rec.accel, append=rec.append, cpu_model=rec.cpu_model,
-                                  pic=rec.pic, has_nic=rec.has_nic, guest_mac=rec.guest_mac,
-                                  save_ms=round(save_ms, 2))
+            data = SnapshotRecord(accel=rec.accel, append=rec.append, cpu_model=rec.cpu_model, pic=rec.pic,
+                                  has_nic=rec.has_nic, guest_mac=rec.guest_mac, **fields)
+            log.info("vm snapshot saved", vm_id=vm.vm_id, format=data.format, save_ms=round(data.save_ms, 1),
+                     total_ms=round(total_ms, 1), state_bytes=state_path.stat().st_size, **details)
             return VmState(state_id=target_dir.name, memory_file=memory_file, device_state=state_path,
                            memory_mb=rec.memory_mb, cpu_count=rec.cpu_count, kernel=rec.kernel,
-                           initrd=rec.initrd, isolation=rec.isolation, data=data.model_dump(mode="json"))
+                           initrd=rec.initrd, isolation=rec.isolation, data=data.model_dump(mode="json"),
+                           base_state_id=data.base_state_id)
+
+    def _diff_base(self, rec: VmRecord) -> Path | None:
+        """The RAM file a clone maps copy-on-write, when a ``diff`` against it is possible: the
+        file at that path must still be the one QEMU mapped."""
+        if rec.ram_shared or rec.ram_owned or self.config.clone_snapshot != "diff":
+            return None
+        if not memdiff.base_mappings(rec.pid, rec.ram_file):
+            log.warning("the clone's base RAM file is gone or replaced: saving all its RAM",
+                        vm_id=rec.vm_id, base=str(rec.ram_file))
+            return None
+        return rec.ram_file
+
+    async def _save_shared(self, live: _LiveVm, target_dir: Path, was_running: bool) -> _Saved:
+        """Device state (x-ignore-shared migration) + a sparse copy of the ``share=on`` RAM file."""
+        rec = live.record
+        state_path = target_dir / snapshot.STATE_FILE
+        save_ms = await snapshot.save_state(live.qmp, state_path, ignore_shared=True,
+                                            timeout=self.config.snapshot_timeout_s)
+        try:
+            memory_file = target_dir / snapshot.MEMORY_FILE
+            copied = await self._run(snapshot.copy_sparse, rec.ram_file, memory_file)
+        finally:
+            if was_running:
+                await live.qmp.execute("cont", timeout=self.config.qmp_timeout_s)
+        return memory_file, state_path, {"format": "shared", "save_ms": round(save_ms, 2),
+                                         "config_section": rec.send_configuration}, {
+            "ram_copied_mib": round(copied / 2**20, 1)}
+
+    async def _save_full(self, live: _LiveVm, target_dir: Path, was_running: bool) -> _Saved:
+        """All of guest RAM and the device state in one migration stream."""
+        rec = live.record
+        state_path = target_dir / snapshot.STATE_FILE
+        try:
+            save_ms = await snapshot.save_state(live.qmp, state_path, ignore_shared=False,
+                                                timeout=self.config.snapshot_timeout_s)
+        finally:
+            if was_running:
+                await live.qmp.execute("cont", timeout=self.config.qmp_timeout_s)
+        return state_path, state_path, {"format": "full", "save_ms": round(save_ms, 2),
+                                        "config_section": rec.send_configuration}, {}
+
+    async def _save_diff(self, live: _LiveVm, target_dir: Path, was_running: bool) -> _Saved:
+        """Device state without RAM + the pages changed since the base RAM file + the BIOS block,
+        all taken while the VM is stopped; the files are synced after it continues."""
+        rec = live.record
+        state_path = target_dir / snapshot.STATE_FILE
+        diff_path = target_dir / snapshot.DIFF_FILE
+        base = os.stat(rec.ram_file)
+        started = time.monotonic()
+        if was_running:
+            await live.qmp.execute("stop", timeout=self.config.qmp_timeout_s)
+        try:
+            await snapshot.save_devices(live.qmp, state_path, timeout=self.config.snapshot_timeout_s)
+            if live.ram_extras is None:
+                live.ram_extras = await snapshot.ram_extras(live.qmp, skip=qemu.RAM_ID)
+            extras = live.ram_extras
+            stats = await self._run(memdiff.save, rec.pid, rec.ram_file, diff_path, extras)
+            save_ms = (time.monotonic() - started) * 1000
+        finally:
+            if was_running:
+                await live.qmp.execute("cont", timeout=self.config.qmp_timeout_s)
+        await self._run(snapshot.fsync_paths, state_path, diff_path)
+        base_state_id = rec.base_state_id or rec.restored_from
+        return diff_path, state_path, {
+            "format": "diff", "save_ms": round(save_ms, 2), "config_section": False,
+            "base_memory_file": rec.ram_file, "base_state_id": base_state_id,
+            "base_bytes": base.st_size, "base_mtime_ns": base.st_mtime_ns, "dirty_bytes": stats.data_bytes}, {
+            "dirty_mib": round(stats.data_bytes / 2**20, 1), "runs": stats.runs, "scan_ms": round(stats.scan_ms, 1),
+            "copy_ms": round(stats.copy_ms, 1), "extras": [e.name for e, _ in extras], "base": base_state_id}
+
+    def _check_base(self, state: VmState, saved: SnapshotRecord) -> Path:
+        """The base RAM file of a ``diff`` snapshot, unchanged since the snapshot was taken."""
+        base = saved.base_memory_file
+        if base is None:
+            raise VmmError(f"snapshot {state.state_id}: diff without a base RAM file")
+        try:
+            st = os.stat(base)
+        except OSError as exc:
+            raise VmmError(f"snapshot {state.state_id} needs the RAM file {base} of snapshot "
+                           f"{saved.base_state_id}, which is gone: {exc.strerror}") from exc
+        if (st.st_size, st.st_mtime_ns) != (saved.base_bytes, saved.base_mtime_ns):
+            raise VmmError(f"snapshot {state.state_id}: its base RAM file {base} changed since it was taken")
+        return base
 
     async def restore(self, state: VmState, spec: VmSpec, nic: NicHandle | None) -> VmHandle:
-        """Start a clone of ``state`` with ``spec``'s disk and ``nic``; it runs when this returns."""
+        """Start a clone of ``state`` with ``spec``'s disk and ``nic``; it runs when this returns.
+
+        ``shared`` and ``diff`` snapshots: the clone maps the (template's) RAM file ``share=off``;
+        for a ``diff`` the changed pages are written into it before the device state is loaded.
+        ``full``: the clone gets its own RAM file, filled from the stream.
+        """
         self._binary()
         saved = persist.snapshot_from_data(state.data)
         if saved.accel != self.accel.accel:
@@ -349,32 +443,51 @@ class KvmVmm(VmmDriver):
                 # The kernel (and initrd) must be the very files the snapshot booted: QEMU reads
                 # them at start-up and its ROM blobs are part of the saved machine.
                 raise VmmError(f"snapshot {state.state_id}: {path} is missing")
+        diff: memdiff.DiffIndex | None = None
+        diff_base: Path | None = None
+        if saved.format == "diff":
+            diff_base = self._check_base(state, saved)
+            diff = await self._run(memdiff.read_index, state.memory_file)
+            if diff.base_bytes != saved.base_bytes:
+                raise VmmError(f"snapshot {state.state_id}: {state.memory_file} does not match its base RAM file")
         if spec.memory_mb != state.memory_mb:
             log.info("clone memory size comes from the snapshot", vm_id=spec.vm_id,
                      snapshot_mb=state.memory_mb, requested_mb=spec.memory_mb)
         async with self._lock(spec.vm_id):
             started = time.monotonic()
             workdir = self._workdir(spec.vm_id)
-            shared = saved.format == "shared"
-            ram_file = state.memory_file if shared else self.config.mem_dir / f"{spec.vm_id}.ram"
-            if not shared:
+            owned = saved.format == "full"
+            if saved.format == "shared":
+                ram_file = state.memory_file
+                base_state_id: str | None = state.state_id
+            elif diff_base is not None:
+                ram_file, base_state_id = diff_base, saved.base_state_id
+            else:
+                ram_file = self.config.mem_dir / f"{spec.vm_id}.ram"
                 ram_file.unlink(missing_ok=True)
+                base_state_id = None
             disk = spec.rootfs_disk
             live: _LiveVm | None = None
+            applied: memdiff.DiffStats | None = None
             try:
                 tap_fd = await self._open_tap(nic)
                 machine = MachineSpec(
                     vm_id=spec.vm_id, workdir=workdir, kernel=state.kernel, append=saved.append,
                     memory_mb=state.memory_mb, accel=saved.accel, cpu_model=saved.cpu_model,
-                    ram_file=ram_file, ram_shared=not shared, disk_path=disk.path, disk_format=disk.format,
+                    ram_file=ram_file, ram_shared=owned, disk_path=disk.path, disk_format=disk.format,
                     disk_readonly=disk.readonly, disk_cache=self.config.disk_cache,
                     tb_size_mb=self.config.tb_size_mb, pic=saved.pic, tap_fd=tap_fd,
                     guest_mac=(nic.guest_mac if nic else None), incoming=True, seccomp=self.config.seccomp,
-                    initrd=state.initrd)
-                live = await self._launch(machine, {"ram_owned": not shared, "restored_from": state.state_id},
-                                          spec.cpu_count)
+                    initrd=state.initrd, send_configuration=saved.config_section)
+                live = await self._launch(machine, {"ram_owned": owned, "restored_from": state.state_id,
+                                                    "base_state_id": base_state_id}, spec.cpu_count)
                 spawned = time.monotonic()
-                running = await snapshot.load_state(live.qmp, state.device_state, ignore_shared=shared,
+                if diff is not None:
+                    addresses = await snapshot.extra_addresses(live.qmp, diff.extras)
+                    applied = await self._run(memdiff.apply, live.record.pid, ram_file, state.memory_file,
+                                              diff, addresses)
+                running = await snapshot.load_state(live.qmp, state.device_state,
+                                                    ignore_shared=saved.format == "shared",
                                                     timeout=self.config.snapshot_timeout_s)
                 if not running:
                     # Saved from a paused source: the clone comes up paused too.
@@ -385,14 +498,16 @@ class KvmVmm(VmmDriver):
                     with contextlib.suppress(VmmError):
                         await self._teardown(live, timeout=2.0)
                 shutil.rmtree(workdir, ignore_errors=True)
-                if not shared:
+                if owned:
                     ram_file.unlink(missing_ok=True)
                 raise
             self._vms[spec.vm_id] = live
             done = time.monotonic()
             log.info("vm restored", vm_id=spec.vm_id, pid=live.record.pid, state_id=state.state_id,
                      format=saved.format, spawn_ms=round((spawned - started) * 1000, 1),
-                     restore_ms=round((done - started) * 1000, 1))
+                     restore_ms=round((done - started) * 1000, 1),
+                     **({"dirty_mib": round(applied.data_bytes / 2**20, 1), "apply_ms": round(
+                         applied.scan_ms + applied.copy_ms, 1)} if applied is not None else {}))
             return live.handle()
 
     async def reattach(self, vm: VmHandle) -> VmHandle:

@@ -54,15 +54,22 @@ class VmRecord(_Model):
     cgroup_version: Literal[0, 1, 2] = 0
     cgroup_paths: dict[str, Path] = {}
     restored_from: str | None = None
+    base_state_id: str | None = None
+    """The snapshot whose RAM file a clone maps ``share=off`` (its template, also for a clone of a
+    ``diff`` snapshot); None when the VM owns its RAM file."""
+    send_configuration: bool = True
+    """QEMU's ``migration.send-configuration`` (off for clones of ``diff`` snapshots)."""
 
 
 class SnapshotRecord(_Model):
     """How a saved VM ran: a clone must use the same machine, devices and RAM size."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    format: Literal["shared", "full"]
-    """``shared``: RAM in ``memory_file`` + device state only (x-ignore-shared);
-    ``full``: RAM inside the device-state stream (snapshot of a clone)."""
+    format: Literal["shared", "full", "diff"]
+    """``shared``: RAM in ``memory_file`` + device state only (x-ignore-shared; cold-booted VMs);
+    ``diff``: the pages a clone changed since its base RAM file, in ``memory_file``, + device state
+    without RAM (snapshots of clones); ``full``: RAM inside the device-state stream (a clone whose
+    base RAM file is gone, or ``clone_snapshot = "full"``)."""
     accel: Literal["kvm", "tcg"]
     append: str
     cpu_model: str
@@ -70,6 +77,17 @@ class SnapshotRecord(_Model):
     has_nic: bool
     guest_mac: str | None = None
     save_ms: float = 0.0
+    config_section: bool = True
+    """Whether ``device_state`` carries QEMU's configuration section (never for ``diff``)."""
+    base_memory_file: Path | None = None
+    """``diff`` only: the RAM file the diff is relative to (the template snapshot's ``memory.ram``)."""
+    base_state_id: str | None = None
+    """``diff`` only: the snapshot that owns ``base_memory_file``."""
+    base_bytes: int = 0
+    base_mtime_ns: int = 0
+    """``diff`` only: size and mtime of ``base_memory_file`` when saved (a changed base is refused)."""
+    dirty_bytes: int = 0
+    """``diff`` only: bytes of guest RAM in the diff."""
 
 
 def _parse(model: type[M], data: dict[str, Any], what: str) -> M:

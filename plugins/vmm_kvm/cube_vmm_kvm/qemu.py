@@ -28,6 +28,8 @@ log = structlog.get_logger(__name__)
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 VM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CTL_PORT_NAME = "cube.ctl"
+RAM_ID = "mem"
+"""Id of the guest-RAM memory backend, and so the name of its RAM block."""
 _spawn_lock = threading.Lock()
 
 
@@ -68,6 +70,10 @@ class MachineSpec:
     seccomp: bool = True
     initrd: Path | None = None
     """Only for kernels that need one (Debian's stock kernel); implies ``acpi``."""
+    send_configuration: bool = True
+    """Whether migration streams carry QEMU's configuration section (and one is expected on
+    load). Off for a clone restored from a ``diff`` snapshot, whose device state (saved with
+    ``xen-save-devices-state``) has none."""
 
     @property
     def acpi(self) -> bool:
@@ -100,7 +106,7 @@ class MachineSpec:
 def build_argv(qemu_binary: str, m: MachineSpec) -> list[str]:
     """The full ``qemu-system-x86_64`` argv for ``m`` (the same for a boot and its clones, apart
     from ``share=`` and ``-incoming``)."""
-    machine = (f"microvm,x-option-roms=off,acpi={'on' if m.acpi else 'off'},memory-backend=mem,"
+    machine = (f"microvm,x-option-roms=off,acpi={'on' if m.acpi else 'off'},memory-backend={RAM_ID},"
                f"pic={'on' if m.pic else 'off'}")
     accel = f"tcg,tb-size={m.tb_size_mb}" if m.accel == "tcg" else "kvm"
     drive = (f"if=none,id=root,file={_opt(m.disk_path)},format={m.disk_format},cache={m.disk_cache}"
@@ -126,7 +132,7 @@ def build_argv(qemu_binary: str, m: MachineSpec) -> list[str]:
         argv += ["-initrd", str(m.initrd)]
     argv += [
         "-append", m.append,
-        "-object", (f"memory-backend-file,id=mem,size={m.memory_mb}M,mem-path={_opt(m.ram_file)},"
+        "-object", (f"memory-backend-file,id={RAM_ID},size={m.memory_mb}M,mem-path={_opt(m.ram_file)},"
                     f"share={'on' if m.ram_shared else 'off'}"),
         "-drive", drive,
         "-device", "virtio-blk-device,drive=root",
@@ -142,6 +148,8 @@ def build_argv(qemu_binary: str, m: MachineSpec) -> list[str]:
         "-qmp", f"unix:{_opt(m.qmp_socket)},server=on,wait=off",
         "-pidfile", str(m.pidfile),
     ]
+    if not m.send_configuration:
+        argv += ["-global", "migration.send-configuration=off"]
     if m.incoming:
         argv += ["-incoming", "defer"]
     return argv
@@ -310,10 +318,15 @@ class Qmp:
             error: Exception | None = None
             if self.path.exists():  # QEMU creates it early in start-up; avoid failed connects before
                 try:
-                    await self.client.connect(str(self.path))
+                    # Bounded: a socket that already has a client accepts but never greets.
+                    await asyncio.wait_for(self.client.connect(str(self.path)),
+                                           max(0.05, deadline - time.monotonic()))
                     return
                 except QMPError as exc:
                     error = exc
+                except TimeoutError as exc:
+                    raise VmmError(f"VM {self.vm_id}: QMP on {self.path} did not answer within {timeout}s "
+                                   "(is another client connected?)") from exc
             if pid is not None and not is_running(pid):
                 tail = log_tail(qemu_log) if qemu_log else ""
                 raise VmmError(f"VM {self.vm_id}: QEMU exited during start-up: {tail}") from error
@@ -334,6 +347,18 @@ class Qmp:
         with map_qmp_errors(self.vm_id, "getfd"):
             self.client.send_fd_scm(fd)
         await self.execute("getfd", {"fdname": name})
+
+    async def add_fd(self, fd: int) -> int:
+        """Add ``fd`` to a new fd set (SCM_RIGHTS + ``add-fd``); return its id, for paths
+        ``/dev/fdset/<id>`` in commands that take a file name. Our copy stays open."""
+        with map_qmp_errors(self.vm_id, "add-fd"):
+            self.client.send_fd_scm(fd)
+        result = await self.execute("add-fd")
+        return int(result["fdset-id"])
+
+    async def hmp(self, command: str, *, timeout: float = 10.0) -> str:
+        """Run a human-monitor command (for what QMP lacks, such as ``gpa2hva``)."""
+        return str(await self.execute("human-monitor-command", {"command-line": command}, timeout=timeout))
 
     @contextlib.asynccontextmanager
     async def listening(self, *names: str) -> AsyncIterator[EventListener]:

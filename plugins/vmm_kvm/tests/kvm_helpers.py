@@ -45,12 +45,15 @@ class VmFactory:
     initrd: Path | None = None
     vms: list[VmHandle] = field(default_factory=list)
     disks: dict[str, DiskHandle] = field(default_factory=dict)
+    snapshots: list[str] = field(default_factory=list)
+    memory_mb: int = 256
 
     def vm_id(self, name: str) -> str:
         return f"{name}-{RUN_TOKEN}"
 
-    async def spec(self, name: str, base: Path | None = None, memory_mb: int = 256) -> VmSpec:
+    async def spec(self, name: str, base: Path | None = None, memory_mb: int | None = None) -> VmSpec:
         vm_id = self.vm_id(name)
+        memory_mb = memory_mb or self.memory_mb
         disk = await self.storage.create_disk(vm_id, base or self.base_image)
         self.disks[vm_id] = disk
         return VmSpec(vm_id=vm_id, kernel=self.kernel, initrd=self.initrd, rootfs_disk=disk, memory_mb=memory_mb)
@@ -65,13 +68,41 @@ class VmFactory:
         self.vms.append(vm)
         return vm
 
+    async def snapshot(self, vm: VmHandle, name: str, *, resume: bool = True) -> tuple[VmState, Path]:
+        """What the service does: pause, snapshot, freeze the disk, resume (unless ``resume`` is
+        false); returns the state and the frozen disk."""
+        snapshot_id = self.vm_id(name)
+        self.snapshots.append(snapshot_id)
+        await self.driver.pause(vm)
+        state = await self.driver.snapshot(vm, self.storage.snapshot_dir(snapshot_id))
+        disk = await self.storage.freeze_disk(self.disks[vm.vm_id], snapshot_id)
+        if resume:
+            await self.driver.resume(vm)
+        return state, disk.path
+
     async def cleanup(self, driver: KvmVmm | None = None) -> None:
         for vm in self.vms:
             await (driver or self.driver).shutdown(vm)
         for disk in self.disks.values():
             await self.storage.delete_disk(disk)
+        for snapshot_id in self.snapshots:
+            await self.storage.delete_snapshot(snapshot_id)
         self.vms.clear()
         self.disks.clear()
+        self.snapshots.clear()
+
+
+def private_bytes(pid: int, ram_file: Path) -> int:
+    """Bytes of ``ram_file`` that QEMU ``pid`` holds as private copies (the kernel's own count:
+    ``Anonymous`` of that mapping in /proc/<pid>/smaps)."""
+    total, inside = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = line.rstrip().endswith(" " + str(ram_file))
+        elif inside and head and head[0] == "Anonymous:":
+            total += int(head[1]) * 1024
+    return total
 
 
 WAIT_TSC = ("import time\n"
@@ -96,14 +127,18 @@ class TemplateSnapshot:
 
 
 async def make_template(driver: KvmVmm, factory: VmFactory, name: str,
-                        nic: NicHandle | None = None) -> TemplateSnapshot:
-    """Boot, wait for the guest and its ``tsc`` clocksource, pause, snapshot, freeze the disk, resume."""
+                        nic: NicHandle | None = None, before_snapshot: str | None = None) -> TemplateSnapshot:
+    """Boot, wait for the guest and its ``tsc`` clocksource, (run ``before_snapshot`` in the guest,)
+    pause, snapshot, freeze the disk, resume."""
     snapshot_id = factory.vm_id(f"{name}-snap")
     snap_dir = factory.storage.snapshot_dir(snapshot_id)
     vm = await factory.boot(name, nic)
     ready = await driver.wait_ready(vm, timeout=300)
     clock = await driver.guest_call(vm, "exec", {"cmd": ["python3", "-c", WAIT_TSC]}, timeout=60)
     assert clock["stdout"].strip() == "tsc", clock
+    if before_snapshot is not None:
+        out = await driver.guest_call(vm, "exec", {"cmd": ["sh", "-c", before_snapshot]}, timeout=120)
+        assert out["exit_code"] == 0, out
     await driver.guest_call(vm, "prepare_snapshot", timeout=60)
     await driver.pause(vm)
     state = await driver.snapshot(vm, snap_dir)

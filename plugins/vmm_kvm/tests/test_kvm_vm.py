@@ -157,17 +157,26 @@ async def test_pause_stops_the_guest_and_resume_continues(kvm: KvmVmm, template:
 
 async def test_snapshot_of_a_clone_restores(kvm: KvmVmm, template: TemplateSnapshot, vm_factory: VmFactory,
                                             tmp_path: Path) -> None:
-    """A clone's RAM is a private mapping: its snapshot carries the RAM in the stream (``full``)."""
+    """A clone is saved ``diff`` (its changed pages, see test_kvm_diff_snapshot.py); with
+    ``clone_snapshot = "full"`` its whole RAM goes into the migration stream instead."""
     clone = await vm_factory.restore(template.state, "src", template.disk)
     await sh(kvm, clone, "echo from-src > /tmp/carried")
     await kvm.pause(clone)
     state = await kvm.snapshot(clone, tmp_path / "snap")
     disk = await vm_factory.storage.freeze_disk(vm_factory.disks[clone.vm_id], f"src-{RUN_TOKEN}")
+    config = kvm.config
+    kvm.config = config.model_copy(update={"clone_snapshot": "full"})
+    try:
+        full = await kvm.snapshot(clone, tmp_path / "full")
+    finally:
+        kvm.config = config
     await kvm.resume(clone)
-    assert state.data["format"] == "full"
-    child = await vm_factory.restore(state, "child", disk.path)
-    out = await sh(kvm, child, "cat /tmp/carried")
-    assert out["stdout"].strip() == "from-src"
+    assert state.data["format"] == "diff" and state.base_state_id == template.state.state_id
+    assert full.data["format"] == "full" and full.memory_file == full.device_state and full.base_state_id is None
+    for name, saved in (("child", state), ("fullchild", full)):
+        child = await vm_factory.restore(saved, name, disk.path)
+        out = await sh(kvm, child, "cat /tmp/carried")
+        assert out["stdout"].strip() == "from-src"
     await vm_factory.storage.delete_snapshot(f"src-{RUN_TOKEN}")
 
 
