@@ -107,8 +107,11 @@ def serve(config: ConfigOpt = None,
         if custom is not None:
             asyncio.run(_await(custom))
             return
+        # SDK clients keep connections open between calls; uvicorn's default 5 s idle keep-alive
+        # races a client that reuses its connection just then (a reset on write). 620 s as E2B.
         uvicorn.Server(uvicorn.Config(application, host=core.host, port=core.port, log_config=None,
-                                      lifespan="on", timeout_graceful_shutdown=5)).run()
+                                      lifespan="on", timeout_graceful_shutdown=5,
+                                      timeout_keep_alive=620)).run()
 
 
 async def _await(awaitable: Any) -> None:
