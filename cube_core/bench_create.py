@@ -337,7 +337,7 @@ class Client:
         try:
             from e2b import AsyncSandbox
         except ImportError as exc:
-            raise CubeError("cube bench create needs the E2B SDK: pip install e2b") from exc
+            raise CubeError("cube bench create needs the E2B SDK: pip install 'cube-core[bench]'") from exc
         self.sandbox_cls = AsyncSandbox
         self.template = template
         # retries=0: a refused create counts as a failure, it is not hidden in the latency.
