@@ -76,6 +76,35 @@ class CoreSettings(_Model):
     restore it."""
 
 
+class TeamQuota(_Model):
+    """Limits of one team; ``None`` means no limit of that kind (the host-wide ``[core]
+    max_sandboxes`` still applies)."""
+
+    max_sandboxes: int | None = Field(default=None, ge=0)
+    """Sandboxes the team may hold at once: starting, running **and paused** (a paused sandbox
+    keeps its memory image and disk, so it counts)."""
+    max_running: int | None = Field(default=None, ge=0)
+    """Of those, how many may be starting or running; resuming a paused sandbox needs a free slot."""
+    max_snapshots: int | None = Field(default=None, ge=0)
+    """Snapshots the team may keep (forks take one too); deleting one frees its slot."""
+    max_network_rules: int | None = Field(default=None, ge=0)
+    """Entries of one sandbox's egress policy (``allowOut`` + ``denyOut``)."""
+
+
+class QuotaSettings(TeamQuota):
+    """The ``[quotas]`` section: limits for every team, and ``[quotas.teams.<name>]`` overrides.
+
+    A team's own table replaces only the limits it names; the others come from ``[quotas]``.
+    """
+
+    teams: dict[str, TeamQuota] = Field(default_factory=dict)
+
+    def for_team(self, name: str) -> TeamQuota:
+        base = TeamQuota(**{k: getattr(self, k) for k in TeamQuota.model_fields})
+        own = self.teams.get(name)
+        return base.model_copy(update=own.model_dump(exclude_unset=True)) if own is not None else base
+
+
 class SlotSection(_Model):
     plugin: str
     options: dict[str, Any] = Field(default_factory=dict)
@@ -98,6 +127,7 @@ class PluginsFile(_Model):
     storage: SlotSection
     scheduler: SlotSection
     api: tuple[ApiSection, ...] = ()
+    quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     extensions: ExtensionsSection = Field(default_factory=ExtensionsSection)
 
 

@@ -7,10 +7,11 @@ are chosen only by the API plugin, from this tree::
     CubeError
     ├── ConfigError
     ├── PluginError ── PluginNotFoundError, PluginLoadError, PluginConflictError, PluginMissingError
-    ├── SandboxError ── SandboxNotFoundError, InvalidStateError, AdmissionRejectedError
+    ├── SandboxError ── SandboxNotFoundError (── SandboxFailedError), InvalidStateError, AdmissionRejectedError
     ├── TemplateError ── TemplateNotFoundError, TemplateBuildError
     ├── AuthError
-    ├── VmmError ── AbnormalShutdownError, GuestTimeoutError
+    ├── QuotaExceededError
+    ├── VmmError ── AbnormalShutdownError, GuestTimeoutError, GuestProtocolError
     ├── NetworkError
     ├── StorageError ── SnapshotNotFoundError, SnapshotInUseError, CapacityError
     ├── SchedulingError ── NoCapacityError
@@ -75,6 +76,12 @@ class SandboxNotFoundError(SandboxError):
     msg_fmt = "sandbox {sandbox_id} not found"
 
 
+class SandboxFailedError(SandboxNotFoundError):
+    """The sandbox is gone because something went wrong (state ``error``); ``reason`` says what."""
+
+    msg_fmt = "sandbox {sandbox_id} was stopped: {reason}"
+
+
 class InvalidStateError(SandboxError):
     msg_fmt = "sandbox {sandbox_id} is {state}, this needs it to be {required}"
 
@@ -99,6 +106,12 @@ class AuthError(CubeError):
     """An API key is missing, malformed, unknown or revoked."""
 
 
+class QuotaExceededError(CubeError):
+    """A team is at one of its quotas (``[quotas]`` in plugins.toml); freeing something lets it go on."""
+
+    msg_fmt = "team {team!r} is at its quota of {limit} {resource}"
+
+
 class VmmError(CubeError):
     """The VMM failed to start, snapshot, restore or stop a VM."""
 
@@ -109,6 +122,13 @@ class AbnormalShutdownError(VmmError):
 
 class GuestTimeoutError(VmmError):
     msg_fmt = "guest of {vm_id} did not answer within {timeout}s"
+
+
+class GuestProtocolError(VmmError):
+    """The guest answered something the host does not accept (malformed, oversized, wrong
+    types, a flood): the guest is treated as hostile and its sandbox is stopped."""
+
+    msg_fmt = "guest of {vm_id} broke the control protocol: {reason}"
 
 
 class NetworkError(CubeError):

@@ -57,6 +57,7 @@ from cube_core.models import (
 )
 from cube_core.network import NetworkDriver
 from cube_core.pool import POOL_TEAM, WarmPool
+from cube_core.quotas import Quotas
 from cube_core.scheduler import Scheduler
 from cube_core.state import SandboxState, check_transition, require
 from cube_core.storage import Progress, StorageDriver
@@ -99,6 +100,7 @@ class SandboxService:
         self.network: NetworkDriver = host.hooks.network_driver()
         self.storage: StorageDriver = host.hooks.storage_driver()
         self.scheduler: Scheduler = host.hooks.scheduler()
+        self.quotas = Quotas(host.config.data.quotas, store)
         self.templates = TemplateBuilder(store=store, storage=self.storage, vmm=self.vmm,
                                          network=self.network, kernel_setting=self.settings.kernel)
         self._live: dict[str, Runtime] = {}
@@ -131,10 +133,26 @@ class SandboxService:
         for driver in (self.vmm, self.network, self.storage):
             await driver.close()
 
-    async def ensure_templates(self, names: tuple[str, ...], progress: Progress | None = None) -> None:
-        for name in names:
-            self.pool.watch(await self.templates.ensure(name, progress))
-        self.ready.set()
+    async def ensure_templates(self, names: tuple[str, ...],
+                               lanes: Callable[[str], Progress] | None = None) -> None:
+        """Build (or reuse) ``names`` at once: the kernel beside the first root filesystem, root
+        filesystems one after the other in this order. The service is ready (``/health`` 200) as
+        soon as the first template serves; the others keep building (creates from them get 503
+        until they are ready)."""
+
+        async def one(name: str) -> None:
+            template = await self.templates.ensure(name, lanes(name) if lanes else None,
+                                                   kernel_progress=kernel_lane)
+            self.pool.watch(template)
+            self.ready.set()
+
+        kernel_lane = lanes("kernel") if lanes else None
+        results = await asyncio.gather(*(one(name) for name in names), return_exceptions=True)
+        failed = [(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, BaseException)]
+        for name, exc in failed:
+            log.error("template build failed", template=name, error=str(exc))
+        if failed:
+            raise failed[0][1]
 
     async def _recover(self) -> None:
         """Re-attach to VMs of sandboxes recorded live; clean up the expired and the lost."""
@@ -233,6 +251,7 @@ class SandboxService:
         rejection = self.host.hooks.admit_sandbox(spec)
         if rejection is not None:
             raise AdmissionRejectedError(reason=rejection.reason, retryable=rejection.retryable)
+        self.quotas.check_create(spec.team_id, spec.network)  # no await from here to put_sandbox: atomic
         if len(self.store.list_sandboxes(states=LIVE_STATES)) >= self.settings.max_sandboxes:
             raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
         node = self.scheduler.place(spec, self.store.list_nodes())
@@ -402,6 +421,7 @@ class SandboxService:
         sb = self._record(sandbox_id)
         vm = self._runtime(sandbox_id).vm
         assert vm is not None
+        self.quotas.check_resume(sb.team_id)
         await self.vmm.resume(vm)
         await self._sync_clock(sandbox_id, vm)
         sb = self._move(sb, SandboxState.RUNNING)
@@ -444,6 +464,7 @@ class SandboxService:
         sb = self._record(sandbox_id, team_id)
         runtime = self._runtime(sandbox_id)
         assert runtime.nic is not None
+        self.quotas.check_policy(team_id, policy)
         rules = self.host.hooks.egress_rules(SandboxSpec(template_id=sb.template_id, team_id=team_id,
                                                          network=policy))
         await self.network.update_policy(runtime.nic, policy, rules)
@@ -483,6 +504,7 @@ class SandboxService:
                 raise InvalidStateError(sandbox_id=sandbox_id, state=sb.state.value, required="running or paused")
             if CAP_SNAPSHOT not in self.vmm.capabilities:
                 raise UnsupportedOperation(driver=type(self.vmm).__name__, operation="snapshot")
+            self.quotas.check_snapshot(team_id)
             runtime = self._runtime(sandbox_id)
             assert runtime.vm is not None and runtime.disk is not None
             snapshot_id = "snap" + ids.sandbox_id()[:16]
@@ -538,6 +560,7 @@ class SandboxService:
                    timeout_s: int | None = None) -> builtins.list[Sandbox]:
         """``count`` independent copies of a sandbox as it is now, each with a fresh identity."""
         sb = self._record(sandbox_id, team_id)
+        self.quotas.check_fork(team_id, count)
         ref = await self.snapshot(team_id, sandbox_id, kind="fork")
         spec = SandboxSpec(template_id=ref.snapshot_id, team_id=team_id, metadata=sb.metadata,
                            env_vars=sb.env_vars, auto_pause=sb.auto_pause, secure=sb.secure, network=sb.network,

@@ -27,6 +27,7 @@ from cube_core import (
     NetworkError,
     NoCapacityError,
     PluginError,
+    QuotaExceededError,
     SandboxError,
     SandboxNotFoundError,
     SchedulingError,
@@ -65,6 +66,7 @@ ERROR_TABLE: dict[type[CubeError], HttpError] = {
     SnapshotNotFoundError: HttpError(404),
     SnapshotInUseError: HttpError(409),
     InvalidStateError: HttpError(409),
+    QuotaExceededError: HttpError(429),  # Should-Retry false: only freeing a slot helps, not waiting
     AdmissionRejectedError: HttpError(403),  # retryable rejections: 429, see http_error()
     NoCapacityError: HttpError(503, retry=True, error_code="sandbox_capacity_unavailable"),
     SchedulingError: HttpError(503, retry=True, error_code="sandbox_no_compatible_node"),
