@@ -49,6 +49,6 @@ class E2bContext:
 def split_host_port(value: str) -> tuple[str, int | None]:
     """``"a.b:8443"`` -> ``("a.b", 8443)``; ``"a.b"`` -> ``("a.b", None)`` (lower-cased, no trailing dot)."""
     host, sep, port = value.strip().rpartition(":")
-    if sep and port.isdigit() and "]" not in port:
+    if sep and port.isascii() and port.isdigit() and len(port) <= 5 and "]" not in port:
         return host.lower().rstrip("."), int(port)
     return value.strip().lower().rstrip("."), None

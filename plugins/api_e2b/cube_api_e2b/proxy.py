@@ -13,13 +13,19 @@ every SDK request in domain mode too), or when its ``Host`` is ``<port>-<sandbox
   ``E2B-Traffic-Access-Token``; on the envd port a secured sandbox requires ``X-Access-Token`` except
   where envd itself allows otherwise (``GET /health``, signed ``/files``); control-plane-only envd
   routes (``/init``) are refused.
+* The client's credentials for Cube never reach a guest: ``X-API-Key``, ``Cookie`` and
+  ``Authorization`` are removed (on the envd port only the SDK's user selector
+  ``Authorization: Basic base64("<user>:")``, which carries no secret, is passed on).
 * When a sandbox stops, its connections are closed (requests still open fail, as upstream).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hmac
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -54,6 +60,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 SANDBOX_ID_HEADER = b"e2b-sandbox-id"
 SANDBOX_PORT_HEADER = b"e2b-sandbox-port"
 SANDBOX_ID_RE = re.compile(r"^[a-z0-9]+$")
+PORT_RE = re.compile(r"^[0-9]{1,5}$")  # ASCII only: str.isdigit() also accepts '²', which int() refuses
+#: Request headers that carry the client's Cube credentials (API key, browser session): never forwarded.
+CREDENTIALS = frozenset({"x-api-key", "authorization", "cookie"})
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
     "trailer", "transfer-encoding", "upgrade", "http2-settings",
@@ -78,9 +87,21 @@ class Target:
 
 
 def _parse_port(raw: str) -> int:
-    if not raw.isdigit() or not 0 < int(raw) < 65536:
-        raise EdgeRequestError(f"invalid sandbox port {raw!r}")
+    if not PORT_RE.match(raw) or not 0 < int(raw) < 65536:
+        raise EdgeRequestError(f"invalid sandbox port {raw[:16]!r}: expected 1-65535")
     return int(raw)
+
+
+def is_user_selector(value: str) -> bool:
+    """``Basic base64("<user>:")`` with an empty password: how the SDK tells envd which user acts."""
+    scheme, _, encoded = value.strip().partition(" ")
+    if scheme.lower() != "basic" or not encoded.strip():
+        return False
+    try:
+        user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return bool(sep and user and not password)
 
 
 def target_of(headers: list[tuple[bytes, bytes]], domain_host: str | None) -> Target | None:
@@ -108,7 +129,7 @@ def target_of(headers: list[tuple[bytes, bytes]], domain_host: str | None) -> Ta
             label = name_only[: -len(suffix)]
             if "." not in label and "-" in label:
                 raw_port, _, sandbox = label.partition("-")
-                if raw_port.isdigit() and SANDBOX_ID_RE.match(sandbox):
+                if PORT_RE.match(raw_port) and SANDBOX_ID_RE.match(sandbox):
                     return Target(sandbox, _parse_port(raw_port))
     return None
 
@@ -120,14 +141,19 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def forwarded_headers(scope: Scope, drop: frozenset[str] = HOP_BY_HOP) -> list[tuple[bytes, bytes]]:
-    """The client's headers minus hop-by-hop ones, plus X-Forwarded-*; ``Host`` is kept."""
+def forwarded_headers(scope: Scope, drop: frozenset[str] = HOP_BY_HOP, *,
+                      envd: bool = False) -> list[tuple[bytes, bytes]]:
+    """The client's headers minus hop-by-hop ones and Cube credentials, plus X-Forwarded-*;
+    ``Host`` is kept. ``envd``: the envd port, where the SDK's user selector is kept."""
     connection_tokens = {t.strip().lower() for t in (_header(scope, b"connection") or "").split(",") if t.strip()}
     out: list[tuple[bytes, bytes]] = []
     has_host = False
     for key, value in scope.get("headers", []):
         name = key.decode("latin-1").lower()
         if name in drop or name in connection_tokens or name.startswith(":"):
+            continue
+        if name in CREDENTIALS and not (envd and name == "authorization"
+                                        and is_user_selector(value.decode("latin-1"))):
             continue
         if name == "host":
             has_host = True
@@ -215,7 +241,7 @@ class EdgeProxy:
             token = sb.envd_access_token
             if token and (method, path) not in ENVD_OPEN and path not in ENVD_SIGNABLE:
                 presented = _header(scope, ACCESS_TOKEN_HEADER.encode())
-                if presented != token:
+                if presented is None or not hmac.compare_digest(presented.encode("latin-1"), token.encode()):
                     return "", 0, 401, "unauthorized access, please provide a valid access token"
         elif not sb.network.allow_public_traffic:
             presented = _header(scope, TRAFFIC_TOKEN_HEADER.encode())
@@ -241,7 +267,7 @@ class EdgeProxy:
         query = scope.get("query_string") or b""
         url = httpx.URL(scheme="http", host=host, port=port,
                         raw_path=raw_path + (b"?" + query if query else b""))
-        headers = forwarded_headers(scope)
+        headers = forwarded_headers(scope, envd=target.port == self.ctx.config.envd_port)
         length = _header(scope, b"content-length")
         chunked = "chunked" in (_header(scope, b"transfer-encoding") or "").lower()
         # HTTP/2 bodies come without Content-Length or chunked framing: treat them as streamed
@@ -359,7 +385,8 @@ class EdgeProxy:
         query = (scope.get("query_string") or b"").decode("latin-1")
         uri = f"ws://{host}:{port}{path}" + (f"?{query}" if query else "")
         headers = [(k.decode("latin-1"), v.decode("latin-1"))
-                   for k, v in forwarded_headers(scope, HOP_BY_HOP | WS_HANDSHAKE)]
+                   for k, v in forwarded_headers(scope, HOP_BY_HOP | WS_HANDSHAKE,
+                                                 envd=target.port == self.ctx.config.envd_port)]
         subprotocols: Any = list(scope.get("subprotocols") or []) or None
         try:
             upstream = await ws_connect(

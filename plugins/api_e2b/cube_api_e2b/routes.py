@@ -417,7 +417,9 @@ def build_routers(ctx: E2bContext) -> list[APIRouter]:
                              ) -> list[SnapshotInfoOut]:
         refs = [r for r in service.list_snapshots(team.team_id, sandbox_id)
                 if name is None or name in r.names or name == r.snapshot_id]
-        start = int(next_token) if next_token and next_token.isdigit() else 0
+        if next_token and not (next_token.isascii() and next_token.isdigit() and len(next_token) <= 9):
+            raise InvalidRequestError(field="nextToken", reason="invalid pagination token")
+        start = int(next_token) if next_token else 0
         page = refs[start:start + limit]
         if start + limit < len(refs):
             response.headers["X-Next-Token"] = str(start + limit)

@@ -6,6 +6,8 @@ include "now" is empty.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import UTC, datetime
 
 import httpx
@@ -19,6 +21,7 @@ from cube_api_e2b.schemas import SandboxMetricOut
 log = structlog.get_logger(__name__)
 
 SAMPLE_TIMEOUT_S = 3.0
+MAX_SAMPLE_BYTES = 64 * 1024
 
 
 async def sample(ctx: E2bContext, sb: Sandbox) -> SandboxMetricOut | None:
@@ -31,17 +34,26 @@ async def sample(ctx: E2bContext, sb: Sandbox) -> SandboxMetricOut | None:
         return None
     headers = {ACCESS_TOKEN_HEADER: sb.envd_access_token} if sb.envd_access_token else {}
     try:
-        async with httpx.AsyncClient(timeout=SAMPLE_TIMEOUT_S) as client:
-            response = await client.get(f"http://{host}:{port}/metrics", headers=headers)
+        async with asyncio.timeout(SAMPLE_TIMEOUT_S), httpx.AsyncClient(  # total, not per read
+                timeout=SAMPLE_TIMEOUT_S, trust_env=False) as client, client.stream(
+                "GET", f"http://{host}:{port}/metrics", headers=headers) as response:
             response.raise_for_status()
-            data = response.json()
+            body = b""
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_SAMPLE_BYTES:
+                    raise ValueError(f"metrics answer larger than {MAX_SAMPLE_BYTES} bytes")
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise TypeError("metrics answer is not a JSON object")
         ts = int(data.get("ts") or datetime.now(UTC).timestamp())
         return SandboxMetricOut(
             timestamp=datetime.fromtimestamp(ts, UTC), timestamp_unix=ts,
             cpu_count=int(data.get("cpu_count", sb.cpu_count)), cpu_used_pct=float(data.get("cpu_used_pct", 0.0)),
             mem_used=int(data["mem_used"]), mem_total=int(data["mem_total"]), mem_cache=int(data.get("mem_cache", 0)),
             disk_used=int(data.get("disk_used", 0)), disk_total=int(data.get("disk_total", 0)))
-    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError, OverflowError, OSError) as exc:
+        # whatever the guest answered (it is hostile input), it is not a sample
         log.info("no metrics from envd", sandbox_id=sb.sandbox_id, error=repr(exc))
         return None
 

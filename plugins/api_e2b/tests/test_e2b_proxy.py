@@ -7,6 +7,7 @@ The fake network gives every sandbox the guest address 127.0.0.1, so "port P of 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import os
@@ -107,13 +108,72 @@ async def test_headers_and_status_pass_through(cube, upstream) -> None:
         seen = r.json()
         assert r.status_code == 200 and r.headers["x-upstream"] == "yes" and r.headers["set-cookie"] == "a=1"
         assert seen["host"] == f"127.0.0.1:{port}"  # the client's Host is kept
-        assert seen["x-custom"] == "v" and seen["cookie"] == "c=1" and seen["e2b-sandbox-id"] == sid
+        assert seen["x-custom"] == "v" and seen["e2b-sandbox-id"] == sid
+        assert "cookie" not in seen  # a Cube credential (see test_client_credentials_never_reach_the_guest)
         assert seen["x-forwarded-for"] == "127.0.0.1" and seen["x-forwarded-proto"] == "http"
         assert "keep-alive" not in seen and "x-drop" not in seen
         r = await client.get("/status/418", headers=to(sid, up_port))
         assert r.status_code == 418 and r.text == "status 418"
         r = await client.get("/does-not-exist", headers=to(sid, up_port))
         assert r.status_code == 404  # the upstream's own 404, not the API's
+
+
+async def test_client_credentials_never_reach_the_guest(cube_factory, upstream) -> None:
+    """The attacker runs the sandbox's server: it must not learn the caller's API key or cookies."""
+    up, up_port = upstream
+    user_port = free_port()
+    selector = "Basic " + base64.b64encode(b"root:").decode()  # the SDK's envd user: no secret in it
+    async with cube_factory({"envd_port": up_port}) as cube, serve(up.app, lifespan="off", port=user_port):
+        key = cube.key()
+        sb = await new_sandbox(cube, key)
+        sid, token = sb["sandboxID"], sb["envdAccessToken"]
+        creds = {"X-API-Key": key, "Cookie": f"session={key}", "X-Custom": "kept"}
+        async with edge(cube) as (client, _):
+            for auth in (f"Bearer {key}", selector):  # user port: no Authorization of any kind
+                r = await client.get("/headers", headers=to(sid, user_port, Authorization=auth, **creds))
+                seen = r.json()
+                assert r.status_code == 200 and seen["x-custom"] == "kept"
+                assert not {"x-api-key", "cookie", "authorization"} & set(seen), seen
+                assert key not in str(seen)
+            envd = to(sid, up_port, **{"X-Access-Token": token}, **creds)
+            seen = (await client.get("/headers", headers={**envd, "Authorization": selector})).json()
+            assert seen["authorization"] == selector and seen["x-access-token"] == token
+            assert not {"x-api-key", "cookie"} & set(seen), seen
+            for auth in (f"Bearer {key}", "Basic " + base64.b64encode(f"root:{key}".encode()).decode(),
+                         f"Basic {key}"):
+                seen = (await client.get("/headers", headers={**envd, "Authorization": auth})).json()
+                assert "authorization" not in seen and key not in str(seen), (auth, seen)
+
+
+async def test_malformed_ports_are_400_without_a_key(cube, upstream) -> None:
+    _, up_port = upstream
+    sid = (await new_sandbox(cube, cube.key()))["sandboxID"]
+    async with edge(cube) as (client, port):
+        # the single byte 0xB2 ('²' in latin-1): str.isdigit() says yes, int() says no
+        for raw in (b"\xb2", b"1\xb2", "\u0663".encode(), b"-1", b"+80", b"0x50", b"1e3", b"65536",
+                    b"0", b"9" * 5000, b"80 80", b"\xff\xfe"):
+            r = await client.get("/health", headers=[(b"E2b-Sandbox-Id", sid.encode()), (b"E2b-Sandbox-Port", raw)])
+            assert r.status_code == 400, (raw, r.text)
+            assert r.json()["code"] == 400 and "port" in r.json()["message"]
+        r = await client.get("/health", headers=to(sid, up_port))
+        assert r.status_code == 204  # a good port still goes through
+
+
+async def test_malformed_host_ports_in_domain_mode(cube_factory, upstream) -> None:
+    _, up_port = upstream
+    async with cube_factory({"domain": "cube.test"}) as cube:
+        sid = (await new_sandbox(cube, cube.key()))["sandboxID"]
+        async with edge(cube) as (client, _):
+            r = await client.get("/health", headers={"Host": f"{up_port}-{sid}.cube.test"})
+            assert r.status_code == 204
+            for host in (f"\xb2-{sid}.cube.test", f"99999-{sid}.cube.test", f"0-{sid}.cube.test",
+                         f"{'9' * 5000}-{sid}.cube.test"):
+                r = await client.get("/health", headers=[(b"Host", host.encode("latin-1"))])
+                assert r.status_code in (400, 200), (host, r.text)  # refused, or not a sandbox host: the app
+                assert r.status_code != 200 or r.json()["status"] == "ok"
+            for host in ("cube.test:\xb2", "api.cube.test:\xb2", f"{up_port}-{sid}.cube.test:\xb2", "x:" + "9" * 5000):
+                r = await client.get("/health", headers=[(b"Host", host.encode("latin-1"))])
+                assert r.status_code < 500, (host, r.text)
 
 
 async def test_websocket_relay(cube, upstream) -> None:
