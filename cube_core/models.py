@@ -1,6 +1,8 @@
 """Pydantic models shared by the core and every plugin.
 
-Specs and records are frozen and reject unknown fields; change one with ``model_copy(update=...)``.
+Specs and records are frozen and reject unknown fields; change one with ``evolve(...)``, which
+validates the result like a new object (``model_copy(update=...)`` does not validate: never use it
+for a record). What a guest sends is validated with the ``*Reply`` models before it is used.
 Driver handles (``VmHandle``, ``DiskHandle``, ``NicHandle``, ``VmState``) carry a ``data`` dict for
 the driver's own persisted fields, so the core can store and hand them back without knowing them.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +27,10 @@ def utcnow() -> datetime:
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def evolve(self, **changes: Any) -> Self:
+        """A copy with ``changes``, validated like a new object (unlike ``model_copy(update=)``)."""
+        return self.model_validate({**self.model_dump(), **changes})
 
 
 class NetworkPolicy(Frozen):
@@ -166,6 +172,43 @@ class EgressRule(Frozen):
     """A CIDR (``198.18.0.0/15``), an address, or a domain name (``example.com``, ``*.example.com``)."""
     protocol: Literal["tcp", "udp", "any"] = "any"
     port: int | None = None
+
+
+# -- what a guest answers (hostile input: typed, bounded, extra fields ignored) ----------------
+
+
+class GuestReply(BaseModel):
+    """Base of the models a guest agent's replies are validated with before the host uses them."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+GuestId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+GuestNumber = Annotated[float, Field(ge=-1e12, le=1e12, allow_inf_nan=False)]
+
+
+class PersonalizeReply(GuestReply):
+    """``personalize``: the guest's boot id (recorded on the sandbox) and how long each step took."""
+
+    boot_id: GuestId
+    timings_ms: dict[Annotated[str, Field(max_length=64)], GuestNumber] = Field(default_factory=dict,
+                                                                               max_length=32)
+
+
+class SyncClockReply(GuestReply):
+    behind_ms: GuestNumber | None = None
+
+
+class WarmUpReply(GuestReply):
+    envd_port: int | None = Field(default=None, ge=1, le=65535)
+    ms: GuestNumber | None = None
+
+
+class ExecReply(GuestReply):
+    exit_code: int | None = Field(default=None, ge=-255, le=255)
+    stdout: str = Field(default="", max_length=1 << 20)
+    stderr: str = Field(default="", max_length=1 << 20)
+    truncated: bool = False
 
 
 # -- driver handles ----------------------------------------------------------------------------

@@ -23,8 +23,20 @@ import structlog
 
 from cube_core import ids
 from cube_core.config import PoolSettings
-from cube_core.errors import CubeError
-from cube_core.models import DiskHandle, NetworkPolicy, NicHandle, Sandbox, Template, VmHandle, VmState, utcnow
+from cube_core.errors import CubeError, GuestProtocolError
+from cube_core.guest import guest_call
+from cube_core.models import (
+    DiskHandle,
+    GuestReply,
+    NetworkPolicy,
+    NicHandle,
+    Sandbox,
+    Template,
+    VmHandle,
+    VmState,
+    WarmUpReply,
+    utcnow,
+)
 from cube_core.network import NetworkDriver
 from cube_core.state import SandboxState
 from cube_core.storage import StorageDriver
@@ -130,8 +142,8 @@ class WarmPool:
                     break
                 try:
                     member = await self._restore(template)
-                except CubeError as exc:
-                    log.warning("warm pool restore failed", template=template.template_id, error=str(exc))
+                except Exception as exc:  # the pool keeps refilling whatever one restore did
+                    log.warning("warm pool restore failed", template=template.template_id, error=repr(exc))
                     await asyncio.sleep(2)
                     break
                 self._members[template.template_id].append(member)
@@ -140,21 +152,23 @@ class WarmPool:
         """Personalize the member as itself, run a command through envd in the guest, and reach
         envd over the sandbox's network path: what a create and a first request will do, done
         once ahead (the sandbox's own personalization replaces every field later). Best effort:
-        a member that cannot warm up still serves."""
+        a member that cannot warm up still serves, but one whose guest breaks the protocol is
+        destroyed (:class:`GuestProtocolError` propagates)."""
         try:
-            await self.vmm.guest_call(vm, "personalize", {
+            await guest_call(self.vmm, vm, "personalize", {
                 "sandbox_id": owner, "template_id": template_id, "env_vars": {}, "access_token": None,
                 "hostname": owner[:16], "clock_ns": time.time_ns(), "metadata": {},
-                "entropy": base64.b64encode(os.urandom(64)).decode()}, timeout=60.0)
-            reply = await self.vmm.guest_call(vm, "warm_up", {}, timeout=60.0)
-            port = reply.get("envd_port")
-            if isinstance(port, int):
+                "entropy": base64.b64encode(os.urandom(64)).decode()}, GuestReply, timeout=60.0)
+            reply = await guest_call(self.vmm, vm, "warm_up", {}, WarmUpReply, timeout=60.0)
+            if reply.envd_port is not None:
                 async with httpx.AsyncClient(timeout=30.0, trust_env=False) as http:
-                    await http.get(f"http://{nic.guest_address}:{port}/health")
+                    await http.get(f"http://{nic.guest_address}:{reply.envd_port}/health")
+        except GuestProtocolError:
+            raise
         except (CubeError, httpx.HTTPError) as exc:
             log.warning("warm pool: warm-up failed", vm_id=vm.vm_id, error=str(exc))
             return
-        log.debug("warm pool: member warmed up", vm_id=vm.vm_id, ms=reply.get("ms"))
+        log.debug("warm pool: member warmed up", vm_id=vm.vm_id, ms=reply.ms)
 
     def _most_needed(self) -> Template | None:
         budget = self.settings.max_memory_mb
@@ -187,9 +201,9 @@ class WarmPool:
                 await self._warm_up(vm, nic, owner, template.template_id)
             await self.vmm.pause(vm)
         except BaseException:
-            await self._destroy(record.model_copy(update={"runtime": runtime}))
+            await self._destroy(record.evolve(runtime=runtime))
             self.store.delete_sandbox(owner)
             raise
-        record = record.model_copy(update={"state": SandboxState.PAUSED, "runtime": runtime})
+        record = record.evolve(state=SandboxState.PAUSED, runtime=runtime)
         self.store.put_sandbox(record)
         return record

@@ -28,8 +28,10 @@ from cube_core.config import CoreSettings
 from cube_core.errors import (
     AdmissionRejectedError,
     CubeError,
+    GuestProtocolError,
     InvalidStateError,
     NoCapacityError,
+    SandboxFailedError,
     SandboxNotFoundError,
     SnapshotInUseError,
     SnapshotNotFoundError,
@@ -37,16 +39,20 @@ from cube_core.errors import (
     TemplateNotFoundError,
     UnsupportedOperation,
 )
+from cube_core.guest import guest_call
 from cube_core.models import (
     ApiKey,
     DiskHandle,
+    ExecReply,
     NetworkPolicy,
     NicHandle,
     Node,
+    PersonalizeReply,
     Sandbox,
     SandboxSpec,
     SnapshotRef,
     StopReason,
+    SyncClockReply,
     Team,
     Template,
     TemplateStatus,
@@ -172,7 +178,8 @@ class SandboxService:
                 alive = await self.vmm.is_alive(runtime.vm)
             self._live[sb.sandbox_id] = runtime
             if not alive or sb.state == SandboxState.CREATING:
-                await self._destroy(sb, StopReason.ERROR)
+                await self._destroy(sb, StopReason.ERROR, error="its VM was lost while the node agent was down"
+                                    if not alive else "the node agent stopped while it was being created")
             elif sb.end_at <= now:
                 await self._expire(sb)
         live = [Runtime.load(s.runtime) for s in self.store.list_sandboxes(states=LIVE_STATES)]
@@ -215,6 +222,8 @@ class SandboxService:
         sb = self.store.get_sandbox(sandbox_id)
         if sb is None or (team_id is not None and sb.team_id != team_id) or sb.state == SandboxState.KILLED:
             raise SandboxNotFoundError(sandbox_id=sandbox_id)
+        if sb.state == SandboxState.ERROR:
+            raise SandboxFailedError(sandbox_id=sandbox_id, reason=sb.error or "unknown error")
         return sb
 
     def get(self, team_id: str, sandbox_id: str) -> Sandbox:
@@ -244,7 +253,7 @@ class SandboxService:
         started = time.perf_counter()
         snap = self.store.get_snapshot(spec.template_id)
         if snap is not None and snap.team_id == spec.team_id:
-            spec = spec.model_copy(update={"from_snapshot": snap.snapshot_id, "template_id": snap.template_id})
+            spec = spec.evolve(from_snapshot=snap.snapshot_id, template_id=snap.template_id)
         template = self.get_template(spec.template_id)
         if template.status != TemplateStatus.READY:
             raise TemplateError(f"template {spec.template_id!r} is {template.status.value}, not ready")
@@ -266,7 +275,7 @@ class SandboxService:
             node_id=node.node_id, isolation=self.vmm.isolation)
         member = self.pool.take(template.template_id) if self.pool.enabled and not spec.from_snapshot else None
         runtime = Runtime.load(member.runtime) if member else Runtime()
-        sandbox = sandbox.model_copy(update={"runtime": runtime.dump()})
+        sandbox = sandbox.evolve(runtime=runtime.dump())
         self.store.put_sandbox(sandbox)
         self._live[sandbox.sandbox_id] = runtime
         try:
@@ -281,21 +290,19 @@ class SandboxService:
                 boot = await self._personalize(sandbox, runtime)
                 done = time.perf_counter()
             lineage = {"parent_snapshot": spec.from_snapshot} if spec.from_snapshot else {}
-            sandbox = sandbox.model_copy(update={
-                "state": SandboxState.RUNNING, "runtime": {**runtime.dump(), **lineage},
-                "boot_id": boot.get("boot_id"),
-                "end_at": utcnow() + timedelta(seconds=spec.timeout_s)})
+            sandbox = sandbox.evolve(state=SandboxState.RUNNING, runtime={**runtime.dump(), **lineage},
+                                     boot_id=boot.boot_id, end_at=utcnow() + timedelta(seconds=spec.timeout_s))
             self.store.put_sandbox(sandbox)
         except BaseException as exc:
             log.warning("create failed", sandbox_id=sandbox.sandbox_id, error=repr(exc))
-            await self._destroy(sandbox.model_copy(update={"runtime": runtime.dump()}), StopReason.ERROR)
+            await self._destroy(sandbox.evolve(runtime=runtime.dump()), StopReason.ERROR, error=_reason(exc))
             raise
         self.create_latencies_ms.append((time.perf_counter() - started) * 1000)
         log.info("sandbox ready", sandbox_id=sandbox.sandbox_id, vm_id=runtime.vm.vm_id if runtime.vm else None,
                  served_by="pool" if member is not None else "start",
                  queued_ms=round((vm_started - started) * 1000, 1),
                  vm_ms=round((personalize_started - vm_started) * 1000, 1),
-                 personalize_ms=round((done - personalize_started) * 1000, 1), guest_ms=boot.get("timings_ms"),
+                 personalize_ms=round((done - personalize_started) * 1000, 1), guest_ms=boot.timings_ms,
                  total_ms=round((time.perf_counter() - started) * 1000, 1))
         del self.create_latencies_ms[:-1000]
         await self.host.hooks.sandbox_created(sandbox)
@@ -335,27 +342,40 @@ class SandboxService:
             pass  # this network driver applies no policy at all, for pool members or others
         await self.vmm.resume(runtime.vm)
 
-    async def _personalize(self, sandbox: Sandbox, runtime: Runtime) -> dict[str, Any]:
+    async def _personalize(self, sandbox: Sandbox, runtime: Runtime) -> PersonalizeReply:
         assert runtime.vm is not None
-        return await self.vmm.guest_call(runtime.vm, "personalize", {
+        return await guest_call(self.vmm, runtime.vm, "personalize", {
             "sandbox_id": sandbox.sandbox_id, "template_id": sandbox.template_id,
             "env_vars": sandbox.env_vars, "access_token": sandbox.envd_access_token,
             "hostname": sandbox.sandbox_id[:16], "clock_ns": time.time_ns(),
             "entropy": base64.b64encode(os.urandom(64)).decode(), "metadata": sandbox.metadata,
-        }, timeout=30.0)
+        }, PersonalizeReply, timeout=30.0)
 
     async def kill(self, team_id: str, sandbox_id: str) -> None:
         sb = self._record(sandbox_id, team_id)
         async with self._lock(sandbox_id):
             await self._destroy(sb, StopReason.KILLED)
 
-    async def _destroy(self, sb: Sandbox, reason: StopReason) -> None:
-        """Free everything a sandbox owns, record it as killed, tell the plugins; idempotent."""
+    async def _destroy(self, sb: Sandbox, reason: StopReason, *, error: str | None = None) -> None:
+        """Free everything a sandbox owns, record it as stopped, tell the plugins; idempotent.
+
+        Stopped for a failure (``StopReason.ERROR``, e.g. a failed create or a guest that broke the
+        control protocol) it is recorded in state ``error`` with ``error`` saying why, and later
+        look-ups answer :class:`SandboxFailedError`; otherwise in state ``killed``."""
         errors = await self._release(sb)
-        final = sb.model_copy(update={"state": SandboxState.KILLED, "runtime": {},
-                                      "error": "; ".join(errors) or sb.error})
+        state = SandboxState.ERROR if reason == StopReason.ERROR else SandboxState.KILLED
+        message = "; ".join(m for m in (error, *errors) if m) or sb.error
+        final = sb.evolve(state=state, runtime={}, error=message[:2000] if message else None)
         self.store.put_sandbox(final)
         await self.host.hooks.sandbox_stopped(final, reason)
+
+    async def _fail(self, sandbox_id: str, exc: GuestProtocolError) -> None:
+        """Stop a sandbox whose guest broke the protocol (caller holds its lock); record why."""
+        sb = self.store.get_sandbox(sandbox_id)
+        log.warning("stopping sandbox: its guest broke the control protocol", sandbox_id=sandbox_id,
+                    error=str(exc))
+        if sb is not None and sb.state in LIVE_STATES:
+            await self._destroy(sb, StopReason.ERROR, error=_reason(exc))
 
     async def _free(self, sb: Sandbox) -> None:
         await self._release(sb)
@@ -378,9 +398,9 @@ class SandboxService:
                     errors: builtins.list[str]) -> None:
         try:
             await action()
-        except CubeError as exc:
-            errors.append(f"{step}: {exc}")
-            log.warning("cleanup step failed", sandbox_id=sb.sandbox_id, step=step, error=str(exc))
+        except Exception as exc:  # any failure of one step: the others still run (cancellation passes)
+            errors.append(f"{step}: {_reason(exc)}")
+            log.warning("cleanup step failed", sandbox_id=sb.sandbox_id, step=step, error=repr(exc))
 
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
@@ -393,7 +413,7 @@ class SandboxService:
 
     async def set_timeout(self, team_id: str, sandbox_id: str, timeout_s: int) -> Sandbox:
         sb = self._record(sandbox_id, team_id)
-        updated = sb.model_copy(update={"end_at": utcnow() + timedelta(seconds=timeout_s)})
+        updated = sb.evolve(end_at=utcnow() + timedelta(seconds=timeout_s))
         self.store.put_sandbox(updated)
         return updated
 
@@ -426,19 +446,24 @@ class SandboxService:
         await self._sync_clock(sandbox_id, vm)
         sb = self._move(sb, SandboxState.RUNNING)
         if timeout_s is not None:
-            sb = sb.model_copy(update={"end_at": utcnow() + timedelta(seconds=timeout_s)})
+            sb = sb.evolve(end_at=utcnow() + timedelta(seconds=timeout_s))
             self.store.put_sandbox(sb)
         return sb
 
     async def _sync_clock(self, sandbox_id: str, vm: VmHandle) -> None:
         """A stopped VM's clock stands still: after a resume, give the guest the time again. Best
-        effort (the sandbox runs either way; its clock is only behind by the pause)."""
+        effort (the sandbox runs either way; its clock is only behind by the pause), except that a
+        guest that breaks the protocol gets its sandbox stopped (:meth:`_fail`)."""
         try:
-            reply = await self.vmm.guest_call(vm, "sync_clock", {"clock_ns": time.time_ns()}, timeout=5.0)
+            reply = await guest_call(self.vmm, vm, "sync_clock", {"clock_ns": time.time_ns()}, SyncClockReply,
+                                     timeout=5.0)
+        except GuestProtocolError as exc:
+            await self._fail(sandbox_id, exc)
+            raise
         except CubeError as exc:
             log.warning("clock sync after resume failed", sandbox_id=sandbox_id, error=str(exc))
             return
-        log.debug("clock synced after resume", sandbox_id=sandbox_id, behind_ms=reply.get("behind_ms"))
+        log.debug("clock synced after resume", sandbox_id=sandbox_id, behind_ms=reply.behind_ms)
 
     async def connect(self, team_id: str, sandbox_id: str, timeout_s: int | None = None) -> Sandbox:
         """Return a running sandbox, resuming it if paused; the deadline only moves later."""
@@ -450,13 +475,13 @@ class SandboxService:
             if timeout_s is not None:
                 end = utcnow() + timedelta(seconds=timeout_s)
                 if end > sb.end_at:
-                    sb = sb.model_copy(update={"end_at": end})
+                    sb = sb.evolve(end_at=end)
                     self.store.put_sandbox(sb)
             return sb
 
     def _move(self, sb: Sandbox, target: SandboxState) -> Sandbox:
         check_transition(sb.sandbox_id, sb.state, target)
-        moved = sb.model_copy(update={"state": target})
+        moved = sb.evolve(state=target)
         self.store.put_sandbox(moved)
         return moved
 
@@ -468,7 +493,7 @@ class SandboxService:
         rules = self.host.hooks.egress_rules(SandboxSpec(template_id=sb.template_id, team_id=team_id,
                                                          network=policy))
         await self.network.update_policy(runtime.nic, policy, rules)
-        updated = sb.model_copy(update={"network": policy})
+        updated = sb.evolve(network=policy)
         self.store.put_sandbox(updated)
         return updated
 
@@ -489,8 +514,9 @@ class SandboxService:
     async def exec(self, sandbox_id: str, cmd: builtins.list[str], timeout: float = 60.0) -> dict[str, Any]:
         """Run a command in the guest over the control channel (``cube sandbox exec``)."""
         self._record(sandbox_id)
-        return await self.vmm.guest_call(self._runtime(sandbox_id).vm,  # type: ignore[arg-type]
-                                         "exec", {"cmd": cmd}, timeout=timeout)
+        reply = await guest_call(self.vmm, self._runtime(sandbox_id).vm,  # type: ignore[arg-type]
+                                 "exec", {"cmd": cmd}, ExecReply, timeout=timeout)
+        return reply.model_dump()
 
     # -- snapshots, fork, rollback ---------------------------------------------------------------
 
@@ -591,11 +617,16 @@ class SandboxService:
             if old.disk is not None:
                 await self.storage.delete_disk(old.disk)
             self._live[sandbox_id] = fresh
-            boot = await self._personalize(sb, fresh)
+            sb = sb.evolve(runtime=fresh.dump())
+            self.store.put_sandbox(sb)
+            try:
+                boot = await self._personalize(sb, fresh)
+            except GuestProtocolError as exc:
+                await self._fail(sandbox_id, exc)
+                raise
             if sb.state == SandboxState.PAUSED:
                 await self.vmm.pause(fresh.vm)
-            sb = sb.model_copy(update={"runtime": {**fresh.dump(), "parent_snapshot": snapshot_id},
-                                       "boot_id": boot.get("boot_id")})
+            sb = sb.evolve(runtime={**fresh.dump(), "parent_snapshot": snapshot_id}, boot_id=boot.boot_id)
             self.store.put_sandbox(sb)
         await self.host.hooks.sandbox_restored(sb, ref)
         return sb
@@ -626,6 +657,12 @@ class SandboxService:
                 await self._pause(sb.sandbox_id)
             else:
                 await self._destroy(current, StopReason.TIMEOUT)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, log-safe description of why something failed."""
+    text = exc.message if isinstance(exc, CubeError) else f"{type(exc).__name__}: {exc}"
+    return text[:500]
 
 
 def _mem_total_mb() -> int:

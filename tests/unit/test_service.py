@@ -120,7 +120,9 @@ async def test_restart_keeps_sandboxes(plugin_host: Callable[..., PluginHost], t
     await second.start()
     try:
         assert [s.sandbox_id for s in second.list("t1")] == [sb.sandbox_id]
-        assert second.store.get_sandbox(gone.sandbox_id).state == SandboxState.KILLED
+        lost = second.store.get_sandbox(gone.sandbox_id)
+        assert lost is not None and lost.state == SandboxState.ERROR
+        assert lost.error == "its VM was lost while the node agent was down"
         await second.pause("t1", sb.sandbox_id)
     finally:
         await second.stop()

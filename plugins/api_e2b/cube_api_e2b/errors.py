@@ -22,6 +22,7 @@ from cube_core import (
     CapacityError,
     ConfigError,
     CubeError,
+    GuestProtocolError,
     GuestTimeoutError,
     InvalidStateError,
     NetworkError,
@@ -72,6 +73,7 @@ ERROR_TABLE: dict[type[CubeError], HttpError] = {
     SchedulingError: HttpError(503, retry=True, error_code="sandbox_no_compatible_node"),
     CapacityError: HttpError(503, error_code="sandbox_capacity_unavailable"),
     GuestTimeoutError: HttpError(504, error_code="sandbox_create_failed"),
+    GuestProtocolError: HttpError(502),  # the guest answered garbage; its sandbox is stopped: no retry
     TemplateBuildError: HttpError(500),
     TemplateError: HttpError(503),  # e.g. still building: come back later, not in a retry loop
     UnsupportedOperation: HttpError(501),

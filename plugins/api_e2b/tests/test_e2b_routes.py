@@ -502,7 +502,9 @@ async def test_failed_create_is_500_should_not_retry(cube, openapi, monkeypatch)
     openapi.check("POST", "/v2/sandboxes", r)
     assert_error(r, 500, "personalize")
     assert r.headers["should-retry"] == "false" and r.json()["error_code"] == "sandbox_create_failed"
-    assert cube.service.store.list_sandboxes(states=None)[0].state.value == "killed"  # cleaned up
+    failed = cube.service.store.list_sandboxes(states=None)[0]  # cleaned up, recorded as failed with why
+    assert failed.state.value == "error" and failed.runtime == {}
+    assert failed.error is not None and "personalize" in failed.error
 
 
 # -- OpenAPI and metrics -----------------------------------------------------------------------------
