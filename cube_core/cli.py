@@ -235,8 +235,9 @@ def keys_ls(config: ConfigOpt = None) -> None:
 
 
 @keys_app.command("revoke")
-def keys_revoke(key: Annotated[str, typer.Argument(help="key id or prefix")], config: ConfigOpt = None) -> None:
-    """Revoke an API key."""
+def keys_revoke(key: Annotated[str, typer.Argument(help="the full key id (key_...), as `keys ls` shows it")],
+                config: ConfigOpt = None) -> None:
+    """Revoke an API key by its full id (never by the secret's prefix)."""
     from cube_core import keys
 
     revoked = _guard(lambda: keys.revoke_key(_store(config), key))

@@ -37,13 +37,22 @@ def authenticate(store: StateStore, secret: str | None) -> Team:
     return team
 
 
-def revoke_key(store: StateStore, key_id_or_prefix: str) -> ApiKey:
+def revoke_key(store: StateStore, key_id: str) -> ApiKey:
+    """Revoke the key whose id is exactly ``key_id`` (``key_...``, as ``cube keys ls`` shows it).
+
+    Never by the secret's visible prefix (``e2b_`` + 6 hex digits: 24 bits, shared by chance
+    between keys): revoking the wrong key, or a key one only guessed at, must not be possible.
+    """
+    wanted = key_id.strip()
     for key in store.list_api_keys():
-        if key_id_or_prefix in (key.key_id, key.prefix):
+        if wanted == key.key_id:
             revoked = key.model_copy(update={"revoked": True})
             store.put_api_key(revoked)
             return revoked
-    raise AuthError(f"no API key {key_id_or_prefix!r}")
+    if wanted.startswith("e2b_"):
+        raise AuthError(f"{wanted[:10]!r}... is (part of) a key's secret, not its id: revoke by the full key id "
+                        "(key_...) that `cube keys ls` shows")
+    raise AuthError(f"no API key with id {wanted!r}: give the full key id (key_...) that `cube keys ls` shows")
 
 
 def list_keys(store: StateStore) -> list[tuple[ApiKey, Team | None]]:

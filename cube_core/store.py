@@ -2,22 +2,47 @@
 
 Records are pydantic models kept as JSON next to the columns that queries filter on. A
 PostgreSQL implementation for clusters satisfies the same :class:`StateStore` interface.
+
+The database holds secrets (envd access tokens, sandboxes' env vars, API key hashes): the file
+and its WAL/SHM companions are mode 0600, the directory that holds them 0700.
 """
 
 from __future__ import annotations
 
 import abc
 import hashlib
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cube_core.errors import ConfigError
 from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
 from cube_core.state import SandboxState
 
 SCHEMA_VERSION = 1
+
+
+def private_dir(path: Path) -> None:
+    """Create ``path`` as 0700, or take group and other access away from an existing one.
+
+    A sticky, shared directory (``/tmp``) is refused: its other users could not be shut out.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = path.stat().st_mode
+    if stat.S_IMODE(mode) & 0o077:
+        if mode & stat.S_ISVTX:
+            raise ConfigError(f"{path} is a shared directory (sticky bit): give Cube a state_dir of its own")
+        os.chmod(path, 0o700)
+
+
+def private_file(path: Path) -> None:
+    """Create ``path`` as 0600 if missing, and make an existing one 0600."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
 
 
 def hash_key(secret: str) -> str:
@@ -100,13 +125,19 @@ class SqliteStore(StateStore):
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        on_disk = str(path) != ":memory:"
+        if on_disk:
+            private_dir(self.path.parent)
+            private_file(self.path)  # SQLite gives the -wal and -shm files the database's mode
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        if on_disk:  # files made by an older Cube (or another umask)
+            for companion in (Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                if companion.exists():
+                    os.chmod(companion, 0o600)
         with self._lock:
             self._db.executescript(_DDL)
         with self._tx() as db:

@@ -113,9 +113,13 @@ def test_keys_lifecycle(run_cube, good_config: Path) -> None:
     assert secret.startswith("e2b_") and len(secret) == 44
     listed = run_cube("keys", "ls", "--config", str(good_config))
     assert secret[:10] in listed.stdout and "acme" in listed.stdout and secret not in listed.stdout
-    assert run_cube("keys", "revoke", secret[:10], "--config", str(good_config)).returncode == 0
+    key_id = next(word for word in listed.stdout.split() if word.startswith("key_"))
+    for not_an_id in (secret[:10], secret, key_id[:-1], "e2b_nope"):  # prefixes never revoke a key
+        refused = run_cube("keys", "revoke", not_an_id, "--config", str(good_config))
+        assert refused.returncode == 2 and "full key id" in refused.stderr, refused.stderr
+    assert "yes" not in run_cube("keys", "ls", "--config", str(good_config)).stdout
+    assert run_cube("keys", "revoke", key_id, "--config", str(good_config)).returncode == 0
     assert "yes" in run_cube("keys", "ls", "--config", str(good_config)).stdout
-    assert run_cube("keys", "revoke", "e2b_nope", "--config", str(good_config)).returncode == 2
 
 
 def test_plugins_and_schema(run_cube, good_config: Path) -> None:

@@ -7,6 +7,7 @@ import re
 import urllib.parse
 from datetime import UTC, datetime, timedelta
 
+import cube_core
 import pytest
 from cube_core import Rejection, VmmError, hookimpl
 from e2b_helpers import serve
@@ -143,7 +144,12 @@ async def test_auth_missing_bad_revoked_bearer(cube, openapi) -> None:
     # auth comes before body validation: no key + bad body is still 401
     r = await cube.client.post("/v2/sandboxes", json={"timeout": "x"})
     assert_error(r, 401)
-    cube.service.revoke_api_key(key[:10])
+    with pytest.raises(cube_core.AuthError, match="full key id"):
+        cube.service.revoke_api_key(key[:10])  # never by the secret's 24-bit prefix
+    r = await cube.client.get("/v2/sandboxes", headers=cube.headers(key))
+    assert r.status_code == 200
+    key_id = next(k.key_id for k, _ in cube.service.list_api_keys() if key.startswith(k.prefix))
+    cube.service.revoke_api_key(key_id)
     r = await cube.client.get("/v2/sandboxes", headers=cube.headers(key))
     assert_error(r, 401, "invalid", openapi=openapi)
 
