@@ -14,12 +14,17 @@ PYTEST_ARGS ?=
 
 install: host venv kernel
 
+# Each step is a no-op when its inputs did not change: apt (a stamp keyed by the package list),
+# the venv (a stamp keyed by every pyproject.toml), the kernel (cached by the hash of its inputs).
 host:
-	@bash scripts/install-host.sh
+	@start=$$(date +%s); echo "[set-up] Debian packages (scripts/apt-packages.txt)"; \
+	  bash scripts/install-host.sh && echo "[set-up] Debian packages ready ($$(( $$(date +%s) - start )) s)"
 
 venv: $(VENV_STAMP)
 
-$(VENV_STAMP): host
+# order-only on host: the packages must be there, but installing them does not make the venv stale
+$(VENV_STAMP): | host
+	@echo "[set-up] Python venv $(VENV) (pyproject.toml changed or new; ~1 min)"
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip==25.3
 	$(PY) -m pip install --progress-bar on -e '.[dev]' $(foreach p,$(PLUGINS),-e '$(dir $(p))[test]') \
@@ -29,7 +34,9 @@ $(VENV_STAMP): host
 kernel: venv
 	@$(VENV)/bin/cube kernel build
 
-serve: install
+# cube serve builds the guest kernel itself, beside the first template's root filesystem, and
+# serves `base` as soon as it is ready while `code-interpreter-v1` still builds.
+serve: host venv
 	$(VENV)/bin/cube serve
 
 test: install

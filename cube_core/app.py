@@ -15,15 +15,16 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from cube_core._host import PluginHost
+from cube_core.progress import LaneFactory
 from cube_core.service import SandboxService
-from cube_core.storage import Progress
 from cube_core.store import SqliteStore, StateStore
 
 log = structlog.get_logger(__name__)
 
 
 def create_app(host: PluginHost, *, store: StateStore | None = None, build_templates: bool = True,
-               progress: Progress | None = None) -> FastAPI:
+               progress: LaneFactory | None = None) -> FastAPI:
+    """``progress(name)``: the progress lane of the kernel or template ``name`` being built."""
     settings = host.config.data.core
     store = store or SqliteStore(Path(settings.state_dir) / "cube.db")
     service = SandboxService(host, store)
@@ -51,9 +52,12 @@ def create_app(host: PluginHost, *, store: StateStore | None = None, build_templ
 
     @app.get("/health", include_in_schema=False)
     async def health() -> JSONResponse:
+        """200 once a template serves (others may still build: ``templates`` tells), else 503."""
+        templates = {t.template_id: t.status.value for t in service.list_templates()
+                     if t.template_id in settings.templates}
         if service.ready.is_set():
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "starting"}, status_code=503)
+            return JSONResponse({"status": "ok", "templates": templates})
+        return JSONResponse({"status": "starting", "templates": templates}, status_code=503)
 
     for router in host.hooks.api_routers(service):
         app.include_router(router)
@@ -62,9 +66,9 @@ def create_app(host: PluginHost, *, store: StateStore | None = None, build_templ
     return app
 
 
-async def _build(service: SandboxService, names: tuple[str, ...], progress: Progress | None) -> None:
+async def _build(service: SandboxService, names: tuple[str, ...], progress: LaneFactory | None) -> None:
     try:
         await service.ensure_templates(names, progress)
         log.info("ready", templates=list(names))
     except Exception:
-        log.exception("template build failed; /health stays 503")
+        log.exception("template build failed; /health stays 503 unless another template serves")

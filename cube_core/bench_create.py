@@ -293,7 +293,9 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeo
         if proc.poll() is not None:
             raise CubeError(f"cube serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            health = httpx.get(f"{url}/health", timeout=2)
+            # 200 once one template serves; wait until every configured template is ready
+            if health.status_code == 200 and all(v == "ready" for v in health.json().get("templates", {}).values()):
                 return
         except httpx.HTTPError:
             pass

@@ -81,7 +81,7 @@ def serve(config: ConfigOpt = None,
     from cube_core._host import PluginHost
     from cube_core.app import create_app
     from cube_core.log import configure_logging
-    from cube_core.progress import progress_reporter
+    from cube_core.progress import progress_board
 
     configure_logging()
 
@@ -95,7 +95,7 @@ def serve(config: ConfigOpt = None,
 
     cfg, plugin_host = _guard(build)
     core = cfg.data.core
-    with progress_reporter("templates") as progress:
+    with progress_board("build") as progress:
         application = _guard(lambda: create_app(plugin_host, build_templates=not no_build, progress=progress))
         store = application.state.service.store
         if not store.list_api_keys():

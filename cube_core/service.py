@@ -151,6 +151,7 @@ class SandboxService:
                                                    kernel_progress=kernel_lane)
             self.pool.watch(template)
             self.ready.set()
+            log.info("template serving", template=name)
 
         kernel_lane = lanes("kernel") if lanes else None
         results = await asyncio.gather(*(one(name) for name in names), return_exceptions=True)

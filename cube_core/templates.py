@@ -70,7 +70,7 @@ def kernel_path(progress: Progress | None = None) -> Path:
             if line.lstrip().startswith(("CC ", "LD ", "AR ", "AS ")):
                 compiled += 1
                 if progress:
-                    progress("building guest kernel", min(0.99, compiled / 900))
+                    progress("building guest kernel", min(0.99, compiled / 1400))
     if proc.returncode != 0:
         raise TemplateBuildError(template="kernel", reason=f"kernel/build.sh failed: {last}")
     if progress:
@@ -87,16 +87,30 @@ class TemplateBuilder:
         self.network = network
         self.kernel_setting = kernel_setting
         self._locks: dict[str, asyncio.Lock] = {}
+        self._kernel: asyncio.Task[tuple[Path, Path | None]] | None = None
+        # Root filesystems are built one at a time, in the order asked for (the first template a
+        # user needs is not slowed by the next one's debootstrap); the kernel builds beside them.
+        self._rootfs_gate = asyncio.Semaphore(1)
+
+    def kernel(self, progress: Progress | None = None) -> asyncio.Task[tuple[Path, Path | None]]:
+        """The guest kernel (built or reused once per process, shared by every template build)."""
+        if self._kernel is None or (self._kernel.done() and (self._kernel.cancelled()
+                                                             or self._kernel.exception() is not None)):
+            self._kernel = asyncio.ensure_future(asyncio.to_thread(guest_kernel, self.kernel_setting, progress))
+            self._kernel.add_done_callback(_retrieve)  # a failure is raised to the builds awaiting it
+        return self._kernel
 
     async def ensure(self, name: str, progress: Progress | None = None, *, rebuild: bool = False,
-                     recipe: RootfsRecipe | None = None) -> Template:
-        """Return the READY template ``name``, building it first if needed."""
+                     recipe: RootfsRecipe | None = None, kernel_progress: Progress | None = None) -> Template:
+        """Return the READY template ``name``, building it first if needed (the kernel build, with
+        ``kernel_progress``, overlaps the root filesystem's)."""
         async with self._locks.setdefault(name, asyncio.Lock()):
             current = self.store.get_template(name)
             if current and current.status == TemplateStatus.READY and not rebuild and \
                     self._files_present(current):
                 return current
-            return await self._build(name, recipe or self._recipe(name), progress)
+            return await self._build(name, recipe or self._recipe(name), progress,
+                                     kernel_progress if kernel_progress is not None else progress)
 
     def _recipe(self, name: str) -> RootfsRecipe:
         if name not in BUILTIN_RECIPES:
@@ -111,13 +125,18 @@ class TemplateBuilder:
                  t.snapshot.disk.get("path")]
         return all(p and Path(p).exists() for p in paths)
 
-    async def _build(self, name: str, recipe: RootfsRecipe, progress: Progress | None) -> Template:
+    async def _build(self, name: str, recipe: RootfsRecipe, progress: Progress | None,
+                     kernel_progress: Progress | None) -> Template:
         template = Template(template_id=name, aliases=(name,), status=TemplateStatus.BUILDING,
                             interpreter=recipe.interpreter, memory_mb=1024 if recipe.interpreter else 512)
         self.store.put_template(template)
         try:
-            kernel, initrd = await asyncio.to_thread(guest_kernel, self.kernel_setting, progress)
-            image = await self.storage.build_rootfs(recipe, progress)
+            kernel_task = self.kernel(kernel_progress)
+            async with self._rootfs_gate:
+                image = await self.storage.build_rootfs(recipe, progress)
+            if not kernel_task.done() and progress:
+                progress("waiting for the guest kernel", None)
+            kernel, initrd = await asyncio.shield(kernel_task)
             template = template.model_copy(update={
                 "kernel": str(kernel), "initrd": str(initrd) if initrd else None, "rootfs": str(image.path),
                 "rootfs_bytes": image.bytes_allocated,
@@ -170,6 +189,11 @@ class TemplateBuilder:
         return envd_version, SnapshotRef(snapshot_id=snapshot_id, template_id=template.template_id,
                                          vm_state=state.model_dump(mode="json"),
                                          disk=frozen.model_dump(mode="json"))
+
+
+def _retrieve(task: asyncio.Task[tuple[Path, Path | None]]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def template_policy() -> NetworkPolicy:

@@ -7,6 +7,9 @@
 # Environment: CUBE_CACHE (default /var/cache/cube), CUBE_KERNEL_FRAGMENTS (space-separated names
 # from configs/fragments/, default "ci"), JOBS (default: nproc).
 set -euo pipefail
+need() { command -v "$1" >/dev/null 2>&1 || { echo "kernel/build.sh: $1 not found (install $2)" >&2; exit 3; }; }
+need make make; need gcc gcc; need flex flex; need bison bison; need bc bc
+need strip binutils; need tar tar; need flock util-linux; need dpkg-query dpkg
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${CUBE_CACHE:-/var/cache/cube}/kernel
 fragments=${CUBE_KERNEL_FRAGMENTS:-ci}
@@ -19,9 +22,15 @@ fi
 src_ver=$(dpkg-query -W -f='${Version}' "$(basename "$src_tar" .tar.xz)" 2>/dev/null || stat -c %s "$src_tar")
 frag_files=("$here/configs/microvm-x86_64.config")
 for f in $fragments; do frag_files+=("$here/configs/fragments/$f.config"); done
-key=$( { echo "$src_tar $src_ver"; cat "$0" "${frag_files[@]}"; } | sha256sum | cut -c1-16)
+# Comments and the tool checks do not change the kernel: they stay out of the key.
+key=$( { echo "$src_tar $src_ver"; grep -v -e '^#' -e '^need ' "$0"; cat "${frag_files[@]}"; } | sha256sum | cut -c1-16)
 if [[ "${1:-}" == "--print-key" ]]; then echo "$key"; exit 0; fi
 out="$cache/$key"
+if [[ -s "$out/vmlinux" ]]; then echo "$out/vmlinux"; exit 0; fi
+# One build per key at a time (cube serve and `cube kernel build` may start together).
+mkdir -p "$cache"
+exec 9>"$cache/.build-$key.lock"
+flock 9
 if [[ -s "$out/vmlinux" ]]; then echo "$out/vmlinux"; exit 0; fi
 
 work="$cache/build-$key"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian packages Cube needs, once per machine (stamp keyed by the package list).
+# Install the Debian packages Cube needs (scripts/apt-packages.txt: the first word of each line),
+# once per machine: a stamp keyed by the list skips even the dpkg query when nothing changed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 list="$here/apt-packages.txt"
@@ -7,7 +8,7 @@ stamp_dir=${CUBE_CACHE:-/var/cache/cube}/stamps
 key=$(grep -v '^#' "$list" | sha256sum | cut -c1-16)
 stamp="$stamp_dir/apt-$key"
 [[ -f "$stamp" ]] && exit 0
-mapfile -t pkgs < <(grep -v '^#' "$list" | grep -v '^$')
+mapfile -t pkgs < <(awk '!/^#/ && NF {print $1}' "$list")
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,5 +21,11 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q -o Dpkg::Progress-Fancy=1 --no-install-recommends "${missing[@]}"
+fi
+# Every command the list names must now be on PATH (a package that no longer ships one fails here).
+absent=$(awk '!/^#/ && NF > 1 {for (i = 2; i <= NF; i++) print $i}' "$list" \
+  | while read -r cmd; do command -v "$cmd" >/dev/null 2>&1 || echo "$cmd"; done | tr '\n' ' ')
+if [[ -n "$absent" ]]; then
+  echo "install-host: commands still missing after install: $absent" >&2; exit 1
 fi
 mkdir -p "$stamp_dir"; touch "$stamp"

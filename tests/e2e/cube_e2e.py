@@ -49,7 +49,10 @@ class CubeServer:
             if proc.poll() is not None:
                 pytest.fail(f"cube serve exited with {proc.returncode}:\n{self.log.read_text()[-5000:]}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                health = httpx.get(f"{self.url}/health", timeout=2)
+                # 200 once one template serves: the suite needs all of them
+                if health.status_code == 200 and all(
+                        v == "ready" for v in health.json().get("templates", {}).values()):
                     return
             except httpx.HTTPError:
                 pass
