@@ -42,13 +42,15 @@ def toml_value(value: Any) -> str:
 
 
 def e2b_config_text(state_dir: Path, options: dict[str, Any] | None = None, *, max_sandboxes: int = 200,
-                    pool_size: int = 0) -> str:
+                    pool_size: int = 0, extra: str = "") -> str:
+    """The fake config with the e2b API plugin; ``extra``: more TOML appended (e.g. ``[quotas]``)."""
     text = "\n".join(line for line in FAKE_CONFIG.format(state_dir=state_dir).splitlines()
                      if not line.startswith("pool ="))
     text = text.replace("templates = []", f'templates = ["base"]\nmax_sandboxes = {max_sandboxes}\n'
                                           f"pool = {{ size = {pool_size} }}")
     opts = ", ".join(f"{k} = {toml_value(v)}" for k, v in (options or {}).items())
-    return text.replace('[[api]]\nplugin = "fake"', f'[[api]]\nplugin = "e2b"\noptions = {{ {opts} }}')
+    text = text.replace('[[api]]\nplugin = "fake"', f'[[api]]\nplugin = "e2b"\noptions = {{ {opts} }}')
+    return text + ("\n" + extra if extra else "")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
