@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cube_storage_cow.layertar import LayerPolicy
+
 Reflink = Literal["auto", "always", "never"]
 
 FALLBACK_GUEST_SRC = Path("/opt/cube/guest-src")
@@ -31,6 +33,29 @@ class CowConfig(BaseModel):
     the filesystem of ``root`` supports it (``auto``)."""
     image_size_mb: int = Field(default=2048, ge=64)
     """ext4 image size (sparse) when a recipe does not set ``size_mb`` itself."""
+
+    # OCI images are untrusted input (docs/templates.md, "Untrusted images")
+    oci_allow_devices: bool = False
+    """Keep device nodes of OCI layers (default: dropped; the guest's /dev is a devtmpfs anyway)."""
+    oci_allow_setuid: bool = False
+    """Keep setuid/setgid bits of files in OCI layers (default: cleared, so ``sudo``/``su``/``ping``
+    from the image will not gain privileges in the guest)."""
+    oci_allow_capabilities: bool = False
+    """Keep ``security.capability`` xattrs (file capabilities) of OCI layers (default: dropped)."""
+    oci_max_file_mb: int = Field(default=4096, ge=1)
+    """Largest single file an OCI layer may unpack."""
+    oci_max_total_mb: int | None = Field(default=None, ge=1)
+    """File data all layers of one image may unpack together (files later deleted or replaced
+    count too); default: twice the image size."""
+    oci_max_entries: int = Field(default=500_000, ge=1)
+    """Entries (files, directories, links) all layers of one image may hold together."""
+
+    def layer_policy(self) -> LayerPolicy:
+        return LayerPolicy(
+            allow_devices=self.oci_allow_devices, allow_setuid=self.oci_allow_setuid,
+            allow_capabilities=self.oci_allow_capabilities, max_file_bytes=self.oci_max_file_mb << 20,
+            max_total_bytes=None if self.oci_max_total_mb is None else self.oci_max_total_mb << 20,
+            max_entries=self.oci_max_entries)
 
 
 def default_guest_src() -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import structlog
 from cube_core import RootfsRecipe, StorageError
 
-from cube_storage_cow import commands
+from cube_storage_cow import commands, hostfiles
 from cube_storage_cow.locks import exclusive, is_held
 
 log = structlog.get_logger(__name__)
@@ -133,7 +133,7 @@ def populate(tree: Path, *, suite: str, packages: tuple[str, ...], mirror: str, 
     """
     arch = host_arch()
     store = cache_dir / "debootstrap"
-    store.mkdir(parents=True, exist_ok=True)
+    hostfiles.private_dir(store)  # Debian trees: device nodes, setuid files
     base = tuple(sorted(BASE_PACKAGES))
     extras = tuple(sorted(set(packages) - set(base)))
     base_tar = _tarball(store, suite, arch, base)

@@ -18,7 +18,7 @@ from typing import ClassVar, TypeVar
 import structlog
 from cube_core import DiskHandle, Progress, RootfsImage, RootfsRecipe, StorageDriver, StorageError
 
-from cube_storage_cow import rootfs
+from cube_storage_cow import hostfiles, rootfs
 from cube_storage_cow.commands import Cancelled
 from cube_storage_cow.config import CowConfig, default_guest_src
 from cube_storage_cow.layers import DiskLayers
@@ -40,7 +40,7 @@ class CowStorage(StorageDriver):
         self.settings = rootfs.BuildSettings(
             images=root / "images", work=root / "build", cache=self.config.cache,
             guest_src=self.config.guest_src or default_guest_src(), mirror=self.config.mirror,
-            default_size_mb=self.config.image_size_mb)
+            default_size_mb=self.config.image_size_mb, oci_policy=self.config.layer_policy())
         self.layers = DiskLayers(root, self.config.reflink)
 
     @property
@@ -49,8 +49,12 @@ class CowStorage(StorageDriver):
 
     async def start(self) -> None:
         def prepare() -> None:
-            for directory in (self.settings.images, self.settings.work, self.settings.cache):
-                directory.mkdir(parents=True, exist_ok=True)
+            hostfiles.make_dir(self.root)
+            hostfiles.make_dir(self.settings.images)
+            hostfiles.private_dir(self.settings.work)
+            self.settings.cache.mkdir(parents=True, exist_ok=True)
+            for path in [*self.settings.images.glob("*.ext4"), *self.settings.images.glob("*.json")]:
+                hostfiles.close_to_others(path)  # images made before they were 0440
             self.layers.prepare()
 
         await _in_thread(prepare)

@@ -5,7 +5,7 @@ On-disk layout under ``root`` (everything named for its owner, so GC needs no da
     disks/<owner_id>.qcow2            writable overlay of one sandbox (or <owner_id>.raw: reflink copy)
     disks/.<owner_id>.<fmt>.tmp-<r>   being created (renamed into place when complete)
     snapshots/<snapshot_id>/          memory + device state files (written by the VMM)
-    snapshots/<snapshot_id>/disk.qcow2   the frozen disk layer, 0444, never modified again
+    snapshots/<snapshot_id>/disk.qcow2   the frozen disk layer, 0440, never modified again
     snapshots/<snapshot_id>/.deleted     deleted, but the disk layer still backs other layers
 
 Formats are never guessed from file content (a guest controls its disk's bytes): a ``.qcow2``
@@ -28,7 +28,7 @@ from typing import Literal
 import structlog
 from cube_core import DiskHandle, SnapshotNotFoundError, StorageError
 
-from cube_storage_cow import commands
+from cube_storage_cow import commands, hostfiles
 from cube_storage_cow.config import Reflink
 
 log = structlog.get_logger(__name__)
@@ -107,7 +107,9 @@ class DiskLayers:
     def prepare(self) -> None:
         """Create the directories and decide reflink vs qcow2 (``always`` fails if unsupported)."""
         for directory in (self.root, self.disks, self.snapshots):
-            directory.mkdir(parents=True, exist_ok=True)
+            hostfiles.make_dir(directory)
+        for path in [*self.disks.iterdir(), *self.snapshots.iterdir(), *self.snapshots.glob("*/disk.*")]:
+            hostfiles.close_to_others(path)  # made before these modes
         commands.require_tool("qemu-img", "qemu-utils")
         supported = self.reflink_mode != "never" and reflink_supported(self.disks)
         if self.reflink_mode == "always" and not supported:
@@ -134,7 +136,7 @@ class DiskLayers:
                     commands.run(["cp", "--reflink=always", base, tmp])
                 else:
                     commands.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_fmt, "-b", base, tmp])
-                os.chmod(tmp, 0o600)
+                os.chmod(tmp, hostfiles.PRIVATE_FILE_MODE)
                 for ext in ("qcow2", "raw"):
                     stale = self.disks / f"{owner_id}.{ext}"
                     if stale != final:
@@ -172,8 +174,7 @@ class DiskLayers:
         if (path / TOMBSTONE).exists():
             raise StorageError(f"snapshot {snapshot_id} was deleted but its disk layer still backs "
                                "other disks; use a new snapshot id")
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return hostfiles.make_dir(path)
 
     def freeze(self, disk: DiskHandle, snapshot_id: str) -> DiskHandle:
         """Copy the (stopped, flushed) disk to ``snapshots/<id>/disk.<fmt>``, read-only forever.
@@ -195,7 +196,7 @@ class DiskLayers:
                 commands.run(["cp", "--reflink=auto", "--sparse=always", disk.path, tmp])
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())
-                os.chmod(tmp, 0o444)
+                os.chmod(tmp, hostfiles.SHARED_FILE_MODE)
                 os.replace(tmp, target)
                 _fsync_dir(directory)
             except BaseException:

@@ -2,7 +2,8 @@
 
 Layers are applied in order with the OCI whiteouts (``.wh.<name>`` deletes a lower entry,
 ``.wh..wh..opq`` hides a lower directory's content). Pure stdlib ``tarfile``, no container runtime.
-Every path goes through :mod:`cube_storage_cow.inroot`, so an image cannot write outside its tree.
+The image is untrusted: :mod:`cube_storage_cow.layertar` applies each layer without following a
+symlink, refuses unsafe paths, caps sizes and drops privileged content (devices, setuid, caps).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import os
 import platform
 import shutil
-import stat
+import subprocess
 import tarfile
 import tempfile
 import threading
@@ -24,7 +25,8 @@ from typing import IO, Any
 import structlog
 from cube_core import StorageError
 
-from cube_storage_cow import commands, inroot
+from cube_storage_cow import commands
+from cube_storage_cow.layertar import BoundedTarInfo, Budget, LayerPolicy, OciLayerError, apply_layer, copy_capped
 
 log = structlog.get_logger(__name__)
 
@@ -32,8 +34,6 @@ INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json")
-WHITEOUT = ".wh."
-OPAQUE = ".wh..wh..opq"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
 CHUNK = 1 << 20
@@ -51,10 +51,10 @@ class Layout:
                 raise StorageError(f"{path} is not an OCI image layout (no index.json)")
         else:
             try:
-                self._tar = tarfile.open(path, "r:*")
+                self._tar = tarfile.open(path, "r:*", tarinfo=BoundedTarInfo)
                 for member in self._tar.getmembers():
                     self._names[_norm(member.name)] = member
-            except (OSError, tarfile.TarError) as exc:
+            except (OSError, tarfile.TarError, StorageError) as exc:
                 self.close()
                 raise StorageError(f"cannot read OCI layout tarball {path}: {exc}") from exc
             if "index.json" not in self._names:
@@ -131,121 +131,84 @@ def _pick_manifest(layout: Layout, index: dict[str, Any], arch: str, depth: int)
     raise StorageError(f"{layout.path}: no image manifest for linux/{arch}")
 
 
-def populate(tree: Path, source: Path, *, cancel: threading.Event, log_lines: list[str]) -> None:
-    """Apply every layer of the OCI layout ``source`` to the empty directory ``tree``."""
+def populate(tree: Path, source: Path, *, policy: LayerPolicy, cancel: threading.Event,
+             log_lines: list[str]) -> None:
+    """Apply every layer of the OCI layout ``source`` to the empty directory ``tree``
+    (see :mod:`cube_storage_cow.layertar` for what an untrusted layer may and may not do)."""
     layout = Layout(source)
+    root_fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    budget = Budget()
     try:
         descs = layers(layout)
         for number, desc in enumerate(descs, 1):
             if cancel.is_set():
                 raise commands.Cancelled("oci")
-            with _layer_tar(layout, desc, scratch=tree.parent) as tf:
-                count = apply_layer(tree, tf)
-            log_lines.append(f"oci layer {number}/{len(descs)} {desc.get('digest')}: {count} entries")
+            digest = str(desc.get("digest"))
+            with _layer_tar(layout, desc, number, policy, scratch=tree.parent) as tf:
+                count = apply_layer(root_fd, tf, layer=number, digest=digest, policy=policy, budget=budget,
+                                    log_lines=log_lines)
+            log_lines.append(f"oci layer {number}/{len(descs)} {digest}: {count} entries")
+        log_lines.append(f"oci: {budget.entries} entries, {budget.bytes >> 20} MiB of file data")
     finally:
+        os.close(root_fd)
         layout.close()
 
 
 @contextlib.contextmanager
-def _layer_tar(layout: Layout, desc: dict[str, Any], *, scratch: Path) -> Iterator[tarfile.TarFile]:
-    with layout.blob(str(desc.get("digest"))) as blob:
+def _layer_tar(layout: Layout, desc: dict[str, Any], number: int, policy: LayerPolicy, *,
+               scratch: Path) -> Iterator[tarfile.TarFile]:
+    digest = str(desc.get("digest"))
+    with layout.blob(digest) as blob:
         media = str(desc.get("mediaType", ""))
         magic = blob.read(4)
         blob.seek(0)
-        with _open_layer(blob, media, magic, desc, scratch) as tf:
+        if media.endswith("+zstd") or magic == ZSTD_MAGIC:
+            with _zstd_layer(blob, number, digest, policy, scratch) as tf:
+                yield tf
+            return
+        try:
+            tf = tarfile.open(fileobj=blob, mode="r:*", tarinfo=BoundedTarInfo)
+        except (tarfile.TarError, StorageError) as exc:
+            raise OciLayerError(layer=number, digest=digest, member="(start)",
+                                reason=f"not a (gzip) tar: {exc}") from exc
+        with tf:
             yield tf
 
 
 @contextlib.contextmanager
-def _open_layer(blob: IO[bytes], media: str, magic: bytes, desc: dict[str, Any],
+def _zstd_layer(blob: IO[bytes], number: int, digest: str, policy: LayerPolicy,
                 scratch: Path) -> Iterator[tarfile.TarFile]:
-    if media.endswith("+zstd") or magic == ZSTD_MAGIC:
-        commands.require_tool("zstd", "zstd")
-        with tempfile.TemporaryDirectory(prefix=".oci-", dir=scratch) as tmp:
-            packed, plain = Path(tmp, "layer.tar.zst"), Path(tmp, "layer.tar")
-            with open(packed, "wb") as fh:
-                shutil.copyfileobj(blob, fh, CHUNK)
-            commands.run(["zstd", "-d", "-q", "-f", "-o", plain, packed])
-            packed.unlink()
-            with tarfile.open(plain, mode="r:") as tf:
-                yield tf
-        return
-    try:
-        tf = tarfile.open(fileobj=blob, mode="r:*")
-    except tarfile.TarError as exc:
-        raise StorageError(f"layer {desc.get('digest')} is not a (gzip) tar: {exc}") from exc
-    with tf:
-        yield tf
-
-
-def apply_layer(tree: Path, tf: tarfile.TarFile) -> int:
-    """Apply one layer: whiteouts first (they only hide lower layers), then the entries."""
-    try:
-        members = tf.getmembers()
-    except (OSError, tarfile.TarError) as exc:
-        raise StorageError(f"unreadable layer: {exc}") from exc
-    entries: list[tuple[PurePosixPath, tarfile.TarInfo]] = []
-    for member in members:
-        path = PurePosixPath("/", _norm(member.name))
-        if path == PurePosixPath("/"):
-            continue
-        if path.name == OPAQUE:
-            inroot.clear_dir(tree, str(path.parent))
-        elif path.name.startswith(WHITEOUT + WHITEOUT):
-            continue  # other AUFS metadata (.wh..wh.plnk etc.)
-        elif path.name.startswith(WHITEOUT):
-            inroot.remove(tree, str(path.parent / path.name[len(WHITEOUT):]))
-        else:
-            entries.append((path, member))
-    for path, member in entries:
-        _extract(tree, tf, path, member)
-    return len(entries)
-
-
-def _extract(tree: Path, tf: tarfile.TarFile, path: PurePosixPath, member: tarfile.TarInfo) -> None:
-    parent = inroot.ensure_dir(tree, str(path.parent))
-    target = parent / path.name
-    if member.isdir():
-        if not (target.is_dir() and not target.is_symlink()):
-            inroot.remove_host_path(target)
-            target.mkdir()
-    else:
-        inroot.remove_host_path(target)
-        if member.isreg():
-            src = tf.extractfile(member)
-            if src is None:
-                raise StorageError(f"layer entry {path} has no data")
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as dst:
-                shutil.copyfileobj(src, dst, CHUNK)
-        elif member.issym():
-            os.symlink(member.linkname, target)
-        elif member.islnk():
-            source = inroot.resolve_in_root(tree, "/" + _norm(member.linkname), follow_final=False)
-            if not inroot.lexists(source) or (source.is_dir() and not source.is_symlink()):
-                raise StorageError(f"layer hard link {path} -> {member.linkname}: target missing")
-            os.link(source, target, follow_symlinks=False)
-            return  # a hard link shares its target's inode: attributes are the target's
-        elif member.ischr() or member.isblk():
-            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-            os.mknod(target, kind | (member.mode & 0o7777), os.makedev(member.devmajor, member.devminor))
-        elif member.isfifo():
-            os.mkfifo(target, member.mode & 0o7777)
-        else:
-            log.warning("skipping unsupported layer entry", path=str(path), type=member.type)
-            return
-    os.chown(target, member.uid, member.gid, follow_symlinks=False)
-    if not member.issym():
-        os.chmod(target, member.mode & 0o7777)  # after chown, which clears setuid bits
-    for key, value in member.pax_headers.items():
-        if key.startswith("SCHILY.xattr."):
+    """A zstd layer, decompressed by the ``zstd`` tool into a scratch file of capped size."""
+    zstd = commands.require_tool("zstd", "zstd")
+    cap = policy.total_cap + policy.total_cap // 4 + (64 << 20)  # file data + tar headers
+    too_big = OciLayerError(layer=number, digest=digest, member="(start)",
+                            reason=f"decompresses past {cap >> 20} MiB (option oci_max_total_mb; "
+                                   "a decompression bomb?)")
+    with tempfile.TemporaryDirectory(prefix=".oci-", dir=scratch) as tmp:
+        plain = Path(tmp, "layer.tar")
+        with subprocess.Popen([zstd, "-d", "-q", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL) as proc:
+            assert proc.stdin is not None and proc.stdout is not None
+            feeder = threading.Thread(target=_feed, args=(blob, proc.stdin), daemon=True)
+            feeder.start()
             try:
-                os.setxattr(target, key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape"),
-                            follow_symlinks=False)
-            except OSError as exc:
-                log.debug("xattr not set", path=str(path), xattr=key, error=str(exc))
-    with contextlib.suppress(OSError, NotImplementedError):
-        os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
+                with open(plain, "wb") as out:
+                    copy_capped(proc.stdout, out, cap, too_big)
+            except BaseException:
+                proc.kill()  # the feeder then fails on a broken pipe and stops
+                raise
+            finally:
+                feeder.join()
+            if proc.wait() != 0:
+                raise OciLayerError(layer=number, digest=digest, member="(start)",
+                                    reason=f"zstd -d failed (exit {proc.returncode})")
+        with tarfile.open(plain, mode="r:", tarinfo=BoundedTarInfo) as tf:
+            yield tf
+
+
+def _feed(src: IO[bytes], dst: IO[bytes]) -> None:
+    with contextlib.suppress(OSError), dst:
+        shutil.copyfileobj(src, dst, CHUNK)
 
 
 def _norm(name: str) -> str:

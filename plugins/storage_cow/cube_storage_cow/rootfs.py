@@ -7,7 +7,7 @@
    copied with ``cp -a``, or an ``oci`` image layout (see :mod:`.oci`);
 2. the ``user`` account, the guest agent + init, /etc/hostname, hosts, machine-id, resolv.conf;
 3. slimming (apt caches and lists, docs, man, info, locales);
-4. ``mkfs.ext4 -d`` into ``<root>/images/<sha256-prefix>.ext4`` (temp name, fsync, rename, 0444).
+4. ``mkfs.ext4 -d`` into ``<root>/images/<sha256-prefix>.ext4`` (temp name, fsync, rename, 0440).
 
 The hash covers the recipe (not its name), the effective size, a fingerprint of the source, the
 guest agent + init contents and :data:`BUILDER_VERSION`; an existing image is reused as is.
@@ -16,6 +16,7 @@ guest agent + init contents and :data:`BUILDER_VERSION`; an existing image is re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,8 +31,9 @@ from typing import Any
 import structlog
 from cube_core import RootfsImage, RootfsRecipe, StorageError, TemplateBuildError
 
-from cube_storage_cow import accounts, commands, debootstrap, inroot, oci
+from cube_storage_cow import accounts, commands, debootstrap, hostfiles, inroot, oci
 from cube_storage_cow.guest import GuestFiles
+from cube_storage_cow.layertar import LayerPolicy
 from cube_storage_cow.locks import exclusive, is_held
 
 log = structlog.get_logger(__name__)
@@ -65,6 +67,8 @@ class BuildSettings:
     guest_src: Path
     mirror: str | None = None
     default_size_mb: int = 2048
+    oci_policy: LayerPolicy = LayerPolicy()
+    """What OCI layers may contain (devices, setuid, capabilities) and size caps."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,8 @@ def plan(recipe: RootfsRecipe, settings: BuildSettings) -> Plan:
         else:
             if not path.exists():
                 raise StorageError(f"OCI image layout {path} does not exist")
-            source = {"oci": oci_fingerprint(path)}
+            source = {"oci": oci_fingerprint(path),
+                      "policy": dataclasses.asdict(settings.oci_policy.for_image(size_mb))}
     guest = GuestFiles.load(settings.guest_src)
     recipe_part = recipe.model_dump(mode="json", exclude={"name", "path", "size_mb"})
     blob = json.dumps({"builder": BUILDER_VERSION, "recipe": recipe_part, "size_mb": size_mb,
@@ -122,7 +127,7 @@ def build(recipe: RootfsRecipe, settings: BuildSettings, progress: ProgressFn,
         if cached is not None:
             progress("rootfs image up to date", 1.0)
             return cached
-        settings.images.mkdir(parents=True, exist_ok=True)
+        hostfiles.make_dir(settings.images)
         with exclusive(settings.images / f".{p.prefix}.lock", cancel):
             cached = _existing(p)  # another process may have built it while we waited
             if cached is not None:
@@ -147,8 +152,10 @@ def _build_locked(p: Plan, settings: BuildSettings, progress: ProgressFn,
     lines: list[str] = [f"recipe {p.recipe.model_dump_json()}", f"content hash {p.content_hash}"]
     work = settings.work / p.prefix
     inroot.remove_host_path(work)  # leftovers of a crashed build (we hold the lock)
+    hostfiles.private_dir(settings.work)
+    hostfiles.private_dir(work)  # nobody else may reach an untrusted tree
     tree = work / "tree"
-    tree.mkdir(parents=True, mode=0o755)
+    tree.mkdir(mode=0o755)
     tmp_image = p.image.with_name(f".{p.image.name}.tmp")
     log.info("building rootfs", recipe=p.recipe.name, source=p.recipe.source, hash=p.prefix)
     try:
@@ -195,7 +202,8 @@ def _populate(p: Plan, tree: Path, settings: BuildSettings, progress: ProgressFn
     else:
         assert recipe.path is not None
         progress("applying OCI layers", 0.1)
-        oci.populate(tree, recipe.path.resolve(), cancel=cancel, log_lines=lines)
+        oci.populate(tree, recipe.path.resolve(), policy=settings.oci_policy.for_image(p.size_mb), cancel=cancel,
+                     log_lines=lines)
 
 
 def customize(tree: Path, guest: GuestFiles) -> None:
@@ -258,7 +266,7 @@ def make_ext4(tree: Path, image: Path, size_mb: int, cancel: threading.Event | N
 def _seal(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
-    os.chmod(tmp, 0o444)
+    os.chmod(tmp, hostfiles.SHARED_FILE_MODE)
     os.replace(tmp, final)
     fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -277,7 +285,7 @@ def _write_meta(p: Plan, lines: list[str]) -> None:
     path = meta_path(p.image)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(meta, indent=1))
-    os.chmod(tmp, 0o444)
+    os.chmod(tmp, hostfiles.SHARED_FILE_MODE)
     os.replace(tmp, path)
 
 

@@ -84,7 +84,7 @@ async def test_freeze_then_layer_new_disks_on_the_frozen_one(driver, base: Path)
     freeze_s = time.monotonic() - started
     assert frozen.path == driver.root / "snapshots" / "snap-1" / "disk.qcow2"
     assert frozen.readonly and frozen.format == "qcow2" and frozen.disk_id == "snap-1"
-    assert stat.S_IMODE(frozen.path.stat().st_mode) == 0o444
+    assert stat.S_IMODE(frozen.path.stat().st_mode) == 0o440
     assert backing_file(frozen.path) == base
     assert freeze_s < 2.0
     frozen_sum = sha256_file(frozen.path)

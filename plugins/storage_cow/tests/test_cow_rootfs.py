@@ -52,7 +52,7 @@ def test_image_is_content_addressed_clean_and_immutable(built: Built):
     assert img.parent == built.driver.root / "images"
     assert img.name == built.image.content_hash[:32] + ".ext4"
     assert len(built.image.content_hash) == 64
-    assert stat.S_IMODE(img.stat().st_mode) == 0o444
+    assert stat.S_IMODE(img.stat().st_mode) == 0o440
     assert img.stat().st_size == 64 << 20
     assert 0 < built.image.bytes_allocated < img.stat().st_size  # sparse
     fsck_clean(img)
