@@ -76,6 +76,13 @@ ENVD_OPEN = (("GET", "/health"),)
 ENVD_SIGNABLE = ("/files",)
 
 
+#: A ``/files`` URL (``download_url()``/``upload_url()``) that names no sandbox: single-URL mode.
+BARE_FILES_URL = (
+    "this /files URL names no sandbox: in single-URL mode (E2B_SANDBOX_URL) send it with the "
+    "E2b-Sandbox-Id and E2b-Sandbox-Port: 49983 headers, or use domain mode (E2B_DOMAIN), whose "
+    "signed URLs work as they are")
+
+
 class EdgeRequestError(Exception):
     """A request addressed to a sandbox that cannot be routed as given (answered 400)."""
 
@@ -495,6 +502,9 @@ class EdgeProxyMiddleware:
                 await send({"type": "websocket.close", "code": 1008, "reason": str(exc)[:120]})
             return
         if target is None:
+            if kind == "http" and scope.get("path") == "/files":  # envd's route: never the control plane's
+                await _send_error(send, 400, BARE_FILES_URL)
+                return
             await self.app(scope, receive, send)
         elif kind == "http":
             await self.edge.http(target, scope, receive, send)

@@ -159,6 +159,15 @@ async def test_malformed_ports_are_400_without_a_key(cube, upstream) -> None:
         assert r.status_code == 204  # a good port still goes through
 
 
+async def test_bare_files_url_is_a_clear_400(cube, upstream) -> None:
+    """A signed /files URL made in single-URL mode names no sandbox: 400 saying how to route it."""
+    async with edge(cube) as (client, _):
+        for method in ("GET", "POST"):
+            r = await client.request(method, "/files", params={"path": "/tmp/x", "signature": "v1_abc"})
+            assert r.status_code == 400, (method, r.text)
+            assert "E2b-Sandbox-Id" in r.json()["message"] and "E2B_DOMAIN" in r.json()["message"]
+
+
 async def test_malformed_host_ports_in_domain_mode(cube_factory, upstream) -> None:
     _, up_port = upstream
     async with cube_factory({"domain": "cube.test"}) as cube:
