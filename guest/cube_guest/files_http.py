@@ -220,8 +220,8 @@ class FilesHandler:
                     n = await loop.run_in_executor(None, os.write, fd, view)
                     view = view[n:]
             chown_quiet(path, user)
-            if metadata is not None:
-                write_metadata(path, metadata)
+            # every upload replaces the whole set: one without metadata clears an earlier write's
+            write_metadata(path, metadata or {})
         except OSError as exc:
             raise _os_error(exc, path) from exc
         finally:

@@ -165,6 +165,31 @@ def test_pty(sbx: Any) -> None:
     assert "xterm-256color" in text
 
 
+def _pty_until(handle: Any, marker: bytes) -> bytes:
+    out = bytearray()
+    for _, _, pty in handle:
+        out.extend(pty or b"")
+        if marker in out:
+            break
+    return bytes(out)
+
+
+@pytest.mark.parametrize("first_stays", [False, True], ids=["after-disconnect", "second-viewer"])
+def test_pty_connect_gets_what_follows(sbx: Any, first_stays: bool) -> None:
+    h = sbx.pty.create(PtySize(rows=24, cols=80), timeout=60)
+    sbx.pty.send_stdin(h.pid, b"echo first-$((6*7))\n")
+    assert b"first-42" in _pty_until(h, b"first-42")
+    if not first_stays:
+        h.disconnect()
+    again = sbx.pty.connect(h.pid, timeout=30)
+    sbx.pty.send_stdin(h.pid, b"echo second-$((6*8))\n")
+    assert b"second-48" in _pty_until(again, b"second-48")
+    if first_stays:  # the first viewer still sees everything too
+        assert b"second-48" in _pty_until(h, b"second-48")
+    sbx.pty.send_stdin(h.pid, b"exit\n")
+    assert again.wait().exit_code == 0
+
+
 def test_pty_kill(sbx: Any) -> None:
     h = sbx.pty.create(PtySize(rows=10, cols=40))
     assert sbx.pty.kill(h.pid)

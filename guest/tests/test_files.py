@@ -123,6 +123,18 @@ def test_metadata(sbx: Any) -> None:
     assert listed["meta.txt"].metadata == {"only": "this"}
 
 
+def test_write_without_metadata_clears_it(sbx: Any) -> None:
+    sbx.files.write("meta-clear.txt", "1", metadata={"owner": "alice"})
+    info = sbx.files.write("meta-clear.txt", "2")
+    assert not info.metadata
+    assert not sbx.files.get_info("meta-clear.txt").metadata
+    assert sbx.files.read("meta-clear.txt") == "2"
+    sbx.files.write_files([{"path": "meta-clear.txt", "data": "3"}], metadata={"k": "v"})
+    assert sbx.files.get_info("meta-clear.txt").metadata == {"k": "v"}
+    sbx.files.write_files([{"path": "meta-clear.txt", "data": "4"}])
+    assert not sbx.files.get_info("meta-clear.txt").metadata
+
+
 def test_watch_dir_sync(sbx: Any) -> None:
     sbx.files.make_dir("w1")
     handle = sbx.files.watch_dir("w1", recursive=True, include_entry=True)
