@@ -515,8 +515,13 @@ class SandboxService:
     async def exec(self, sandbox_id: str, cmd: builtins.list[str], timeout: float = 60.0) -> dict[str, Any]:
         """Run a command in the guest over the control channel (``cube sandbox exec``)."""
         self._record(sandbox_id)
-        reply = await guest_call(self.vmm, self._runtime(sandbox_id).vm,  # type: ignore[arg-type]
-                                 "exec", {"cmd": cmd}, ExecReply, timeout=timeout)
+        try:
+            reply = await guest_call(self.vmm, self._runtime(sandbox_id).vm,  # type: ignore[arg-type]
+                                     "exec", {"cmd": cmd}, ExecReply, timeout=timeout)
+        except GuestProtocolError as exc:
+            async with self._lock(sandbox_id):
+                await self._fail(sandbox_id, exc)
+            raise
         return reply.model_dump()
 
     # -- snapshots, fork, rollback ---------------------------------------------------------------

@@ -158,6 +158,9 @@ async def test_bad_exec_reply(service: SandboxService, monkeypatch: pytest.Monke
     hostile(service, monkeypatch, "exec", {"exit_code": "zero", "stdout": 1}).append("*")
     with pytest.raises(GuestProtocolError, match="invalid exec reply"):
         await service.exec(sb.sandbox_id, ["true"])
+    with pytest.raises(SandboxFailedError, match="invalid exec reply"):  # its sandbox was stopped
+        service.get("t1", sb.sandbox_id)
+    assert_nothing_left(service)
 
 
 @pytest.mark.parametrize("broken", ["vm", "nic", "disk"])
