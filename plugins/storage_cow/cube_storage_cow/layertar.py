@@ -170,6 +170,8 @@ class LayerWriter:
                         count += 1
                 except OSError as exc:
                     raise self.error(entry.member.name, exc.strerror or str(exc)) from exc
+                except (OverflowError, ValueError) as exc:  # ids or device numbers out of range, NUL in a name
+                    raise self.error(entry.member.name, f"invalid entry: {exc}") from exc
         return count
 
     # -- headers: names and caps, before anything is written ---------------------------------------
@@ -262,7 +264,7 @@ class LayerWriter:
                     _remove_at(parent, name)
                 os.symlink(member.linkname, name, dir_fd=parent)
                 os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
-                with contextlib.suppress(OSError, NotImplementedError):
+                with contextlib.suppress(OSError, OverflowError, NotImplementedError):
                     os.utime(name, (member.mtime, member.mtime), dir_fd=parent, follow_symlinks=False)
             elif member.islnk():
                 self._hardlink(entry, parent, name, existing)
@@ -348,7 +350,7 @@ class LayerWriter:
                 os.setxattr(fd, name, value)
             except OSError as exc:
                 log.debug("xattr not set", path=entry.path, xattr=name, error=str(exc))
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, OverflowError):  # an mtime out of range is not worth a refusal
             os.utime(fd, (member.mtime, member.mtime))
 
     def _set_attrs_at(self, entry: Entry, parent: int, name: str, kind: int) -> None:
@@ -356,7 +358,7 @@ class LayerWriter:
         member = entry.member
         os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
         os.chmod(name, self._mode(entry, kind), dir_fd=parent)  # we just made it: not a symlink
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, OverflowError):  # an mtime out of range is not worth a refusal
             os.utime(name, (member.mtime, member.mtime), dir_fd=parent, follow_symlinks=False)
 
     # -- walking ------------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ symlink, refuses unsafe paths, caps sizes and drops privileged content (devices,
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -37,6 +39,7 @@ MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
 CHUNK = 1 << 20
+MAX_JSON_BYTES = 4 << 20
 
 
 class Layout:
@@ -67,7 +70,17 @@ class Layout:
 
     def open(self, rel: str) -> IO[bytes]:
         if self._tar is None:
-            return open(self.path / rel, "rb")
+            # a regular file, not a symlink (to /dev/zero, say) nor a fifo that would block
+            try:
+                fd = os.open(self.path / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise StorageError(f"{self.path}: {rel} is not a regular file (a symlink)") from exc
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise StorageError(f"{self.path}: {rel} is not a regular file")
+            return os.fdopen(fd, "rb")
         member = self._names.get(rel)
         fh = self._tar.extractfile(member) if member is not None and member.isfile() else None
         if fh is None:
@@ -92,7 +105,10 @@ class Layout:
     def json(self, digest: str | None = None) -> dict[str, Any]:
         try:
             with self.open("index.json") if digest is None else self.blob(digest) as fh:
-                data = json.load(fh)
+                raw = fh.read(MAX_JSON_BYTES + 1)
+            if len(raw) > MAX_JSON_BYTES:
+                raise StorageError(f"{self.path}: {digest or 'index.json'} is larger than {MAX_JSON_BYTES} bytes")
+            data = json.loads(raw)
         except ValueError as exc:
             raise StorageError(f"{self.path}: invalid JSON in {digest or 'index.json'}: {exc}") from exc
         if not isinstance(data, dict):
@@ -103,9 +119,12 @@ class Layout:
 def layers(layout: Layout) -> list[dict[str, Any]]:
     """The layer descriptors of the layout's image for this host's platform, bottom first."""
     arch = ARCHES.get(platform.machine(), platform.machine())
-    manifest = _pick_manifest(layout, layout.json(), arch, depth=0)
+    try:
+        manifest = _pick_manifest(layout, layout.json(), arch, depth=0)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise StorageError(f"{layout.path}: malformed image index or manifest ({exc!r})") from exc
     found = manifest.get("layers")
-    if not isinstance(found, list):
+    if not isinstance(found, list) or not all(isinstance(d, dict) for d in found):
         raise StorageError(f"{layout.path}: image manifest has no layers")
     return found
 

@@ -123,6 +123,9 @@ ATTACKS = {
                                                 E("x", kind=tarfile.LNKTYPE, link="s/passwd")]], 1, "x",
                              "hard link target parent 's' is a symlink"),
     "whiteout-dotdot": (lambda d: [BASE, [E("etc/.wh...", b"")]], 2, "etc/.wh...", "whiteout of '..'"),
+    "uid-out-of-range": (lambda d: [BASE + [E("f", b"x", uid=1 << 40)]], 1, "f", "invalid entry"),
+    "nul-in-name": (lambda d: [BASE + [E("n" * 120 + "\0/passwd", b"x")]], 1, "n" * 120 + "\0/passwd",
+                    "invalid entry"),
     "huge-pax-header": (lambda d: [BASE + [E("big", b"x", pax={"comment": "y" * (2 << 20)})]], 1, "(start)",
                         "tar header of"),
 }
@@ -142,6 +145,27 @@ async def test_attack_is_refused_and_host_untouched(attack: str, tmp_path: Path,
     assert reason in err.reason
     assert f"OCI layer {number}" in str(err)
     decoy.assert_untouched()
+
+
+async def test_layout_with_special_blob_or_malformed_index_is_refused(tmp_path: Path, make_driver):
+    """A layout directory whose blob is a symlink to /dev/zero (hashing would never end) or whose
+    index is not what the spec says gives a clear error, not a hang or a traceback."""
+    layout = _layout(tmp_path, BASE)
+    blob = max((layout / "blobs/sha256").iterdir(), key=lambda p: p.stat().st_size)
+    blob.unlink()
+    blob.symlink_to("/dev/zero")
+    driver = make_driver()
+    await driver.start()
+    with pytest.raises(TemplateBuildError) as info:
+        await driver.build_rootfs(RootfsRecipe(name="zero", source="oci", path=layout))
+    assert "is not a regular file" in info.value.message
+    (layout / "index.json").write_text('{"schemaVersion": 2, "manifests": ["not an object"]}')
+    with pytest.raises(TemplateBuildError, match="malformed image index"):
+        await driver.build_rootfs(RootfsRecipe(name="bad", source="oci", path=layout))
+    (layout / "index.json").write_bytes(b" " * (5 << 20) + b"{}")
+    with pytest.raises(TemplateBuildError, match="larger than"):
+        await driver.build_rootfs(RootfsRecipe(name="big", source="oci", path=layout))
+    assert driver.images() == []
 
 
 async def test_privileged_content_is_neutralised_by_default(tmp_path: Path, make_driver, decoy: Decoy):
