@@ -64,7 +64,9 @@ Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody, "description": "E2B error body"} for code in (401, *codes)}
+    """The error answers of a route, each with the E2B body: always 400 (a malformed parameter,
+    header or body; FastAPI's own 422 is never sent) and 401, plus ``codes``."""
+    return {code: {"model": ErrorBody, "description": "E2B error body"} for code in sorted({400, 401, *codes})}
 
 
 def _field(loc: tuple[Any, ...]) -> str:
