@@ -327,7 +327,8 @@ def build_routers(ctx: E2bContext) -> list[APIRouter]:
         await service.pause(team.team_id, sandbox_id)
 
     @router.post("/sandboxes/{sandbox_id}/resume", status_code=201, **sandbox_response,
-                 responses=_errors(400, 404, 409, 500), summary="Resume a paused sandbox (deprecated; use connect)")
+                 responses=_errors(400, 404, 409, 429, 500),
+                 summary="Resume a paused sandbox (deprecated; use connect)")
     async def resume(sandbox_id: str, team: Team,
                      body: Annotated[ResumedSandbox | None, Body()] = None) -> SandboxOut:
         timeout = body.timeout if body is not None else None
@@ -337,7 +338,7 @@ def build_routers(ctx: E2bContext) -> list[APIRouter]:
 
     @router.post("/v2/sandboxes/{sandbox_id}/connect", **sandbox_response,
                  responses={201: {"model": SandboxOut, "description": "The sandbox was resumed"},
-                            **_errors(400, 404, 409, 500)},
+                            **_errors(400, 404, 409, 429, 500)},
                  summary="Connect (resume if paused; the timeout only grows), SDK >= 2.51")
     async def connect_v2(sandbox_id: str, team: Team, response: Response,
                          body: Annotated[ConnectSandboxV2 | None, Body()] = None) -> SandboxOut:
@@ -346,13 +347,13 @@ def build_routers(ctx: E2bContext) -> list[APIRouter]:
 
     @router.post("/sandboxes/{sandbox_id}/connect", **sandbox_response,
                  responses={201: {"model": SandboxOut, "description": "The sandbox was resumed"},
-                            **_errors(400, 404, 409, 500)},
+                            **_errors(400, 404, 409, 429, 500)},
                  summary="Connect (resume if paused; the timeout only grows), SDK 2.10-2.50")
     async def connect_v1(sandbox_id: str, body: ConnectSandbox, team: Team, response: Response) -> SandboxOut:
         return await connect(team, sandbox_id, body.timeout, None, response)
 
     @router.put("/sandboxes/{sandbox_id}/network", status_code=204, response_class=Response,
-                responses=_errors(400, 404, 409, 500), summary="Replace the egress rules of a sandbox")
+                responses=_errors(400, 404, 409, 429, 500), summary="Replace the egress rules of a sandbox")
     async def update_network(sandbox_id: str, body: SandboxNetworkUpdateConfig, team: Team) -> None:
         sb = service.get(team.team_id, sandbox_id)
         await service.update_network(team.team_id, sandbox_id, updated_policy(sb.network, body))
@@ -387,7 +388,7 @@ def build_routers(ctx: E2bContext) -> list[APIRouter]:
         return SandboxLogsV2Out(logs=[])
 
     @router.post("/sandboxes/{sandbox_id}/fork", status_code=201, response_model=list[ForkItemOut],
-                 response_model_exclude_none=True, responses=_errors(400, 404, 409, 500),
+                 response_model_exclude_none=True, responses=_errors(400, 404, 409, 429, 500),
                  summary="Fork: independent copies of a sandbox as it is now, each with a fresh identity")
     async def fork(sandbox_id: str, team: Team,
                    body: Annotated[ForkSandbox | None, Body()] = None) -> list[ForkItemOut]:
@@ -396,7 +397,7 @@ def build_routers(ctx: E2bContext) -> list[APIRouter]:
         return [ForkItemOut(sandbox=sandbox_out(ctx, sb)) for sb in forks]
 
     @router.post("/sandboxes/{sandbox_id}/snapshots", status_code=201, response_model=SnapshotInfoOut,
-                 responses=_errors(400, 404, 409, 500), summary="Snapshot a sandbox (memory, processes, disk)")
+                 responses=_errors(400, 404, 409, 429, 500), summary="Snapshot a sandbox (memory, processes, disk)")
     async def snapshot(sandbox_id: str, team: Team,
                        body: Annotated[NewSnapshot | None, Body()] = None) -> SnapshotInfoOut:
         body = body or NewSnapshot()

@@ -135,3 +135,12 @@ async def test_quotas_answer_429_with_the_e2b_body(cube_factory, openapi, tmp_pa
             "allowOut": ["1.1.1.1", "2.2.2.2"], "denyOut": ["0.0.0.0/0"]}, headers=ha)
         check(openapi, "PUT", "/sandboxes/{sandboxID}/network", r)
         assert_error(r, 429, "egress rules", openapi=openapi)
+
+
+async def test_served_schema_documents_the_quota_answers(cube) -> None:
+    paths = cube.app.openapi()["paths"]
+    for method, path in [("post", "/v2/sandboxes"), ("post", "/sandboxes"), ("post", "/sandboxes/{sandbox_id}/resume"),
+                         ("post", "/v2/sandboxes/{sandbox_id}/connect"), ("post", "/sandboxes/{sandbox_id}/connect"),
+                         ("put", "/sandboxes/{sandbox_id}/network"), ("post", "/sandboxes/{sandbox_id}/fork"),
+                         ("post", "/sandboxes/{sandbox_id}/snapshots")]:
+        assert "429" in paths[path][method]["responses"], (method, path)
