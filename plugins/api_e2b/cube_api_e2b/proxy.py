@@ -73,6 +73,7 @@ WS_HANDSHAKE = frozenset({
 })
 RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 ENVD_OPEN = (("GET", "/health"),)
+WS_MAX_MESSAGE_BYTES = 16 << 20  # a guest's websocket message above this closes the socket (1009)
 ENVD_SIGNABLE = ("/files",)
 
 
@@ -398,8 +399,8 @@ class EdgeProxy:
         try:
             upstream = await ws_connect(
                 uri, additional_headers=headers, subprotocols=subprotocols, compression=None,
-                open_timeout=self.ctx.config.proxy_connect_timeout_s, ping_interval=None, max_size=None,
-                user_agent_header=None)
+                open_timeout=self.ctx.config.proxy_connect_timeout_s, ping_interval=None,
+                max_size=WS_MAX_MESSAGE_BYTES, max_queue=4, user_agent_header=None)
         except (OSError, TimeoutError):
             metrics.labels("websocket", "port_not_open").inc()
             await self._deny_websocket(scope, send, 502, PORT_NOT_OPEN, target.sandbox_id)
@@ -444,7 +445,8 @@ class EdgeProxy:
                         await send({"type": "websocket.send", "text": data})
             except ConnectionClosed:
                 pass
-            code = upstream.close_code or 1000
+            sent = upstream.protocol.close_sent  # 1009: we closed it, the guest's message was too big
+            code = 1009 if sent is not None and sent.code == 1009 else upstream.close_code or 1000
             with contextlib.suppress(Exception):
                 await send({"type": "websocket.close", "code": 1000 if code in (1005, 1006) else code,
                             "reason": upstream.close_reason or ""})

@@ -7,12 +7,12 @@ include "now" is empty.
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import UTC, datetime
 
 import httpx
 import structlog
 from cube_core import CubeError, Sandbox, SandboxState
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cube_api_e2b.auth import ACCESS_TOKEN_HEADER
 from cube_api_e2b.context import E2bContext
@@ -22,6 +22,22 @@ log = structlog.get_logger(__name__)
 
 SAMPLE_TIMEOUT_S = 3.0
 MAX_SAMPLE_BYTES = 64 * 1024
+_BIG = 1 << 62  # bytes: more than any guest has
+
+
+class EnvdMetrics(BaseModel):
+    """envd's ``GET /metrics`` answer, as far as Cube uses it (hostile input: bounded, typed)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    ts: int | None = Field(default=None, ge=0, le=1 << 33)
+    cpu_count: int | None = Field(default=None, ge=1, le=4096)
+    cpu_used_pct: float = Field(default=0.0, ge=0, le=100 * 4096, allow_inf_nan=False)
+    mem_used: int = Field(ge=0, le=_BIG)
+    mem_total: int = Field(ge=0, le=_BIG)
+    mem_cache: int = Field(default=0, ge=0, le=_BIG)
+    disk_used: int = Field(default=0, ge=0, le=_BIG)
+    disk_total: int = Field(default=0, ge=0, le=_BIG)
 
 
 async def sample(ctx: E2bContext, sb: Sandbox) -> SandboxMetricOut | None:
@@ -43,15 +59,15 @@ async def sample(ctx: E2bContext, sb: Sandbox) -> SandboxMetricOut | None:
                 body += chunk
                 if len(body) > MAX_SAMPLE_BYTES:
                     raise ValueError(f"metrics answer larger than {MAX_SAMPLE_BYTES} bytes")
-        data = json.loads(body)
-        if not isinstance(data, dict):
-            raise TypeError("metrics answer is not a JSON object")
-        ts = int(data.get("ts") or datetime.now(UTC).timestamp())
+        data = EnvdMetrics.model_validate_json(body)
+        ts = data.ts or int(datetime.now(UTC).timestamp())
         return SandboxMetricOut(
-            timestamp=datetime.fromtimestamp(ts, UTC), timestamp_unix=ts,
-            cpu_count=int(data.get("cpu_count", sb.cpu_count)), cpu_used_pct=float(data.get("cpu_used_pct", 0.0)),
-            mem_used=int(data["mem_used"]), mem_total=int(data["mem_total"]), mem_cache=int(data.get("mem_cache", 0)),
-            disk_used=int(data.get("disk_used", 0)), disk_total=int(data.get("disk_total", 0)))
+            timestamp=datetime.fromtimestamp(ts, UTC), timestamp_unix=ts, cpu_count=data.cpu_count or sb.cpu_count,
+            cpu_used_pct=data.cpu_used_pct, mem_used=data.mem_used, mem_total=data.mem_total,
+            mem_cache=data.mem_cache, disk_used=data.disk_used, disk_total=data.disk_total)
+    except ValidationError as exc:
+        log.info("no metrics from envd: invalid answer", sandbox_id=sb.sandbox_id, errors=exc.error_count())
+        return None
     except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError, OverflowError, OSError) as exc:
         # whatever the guest answered (it is hostile input), it is not a sample
         log.info("no metrics from envd", sandbox_id=sb.sandbox_id, error=repr(exc))
