@@ -62,12 +62,13 @@ def progress_board(title: str) -> Iterator[LaneFactory]:
 
     def log_lane(name: str) -> ProgressFn:
         started = time.monotonic()
-        last_step, last_pct = [""], [-10]
+        last_phase, last_pct, last_at = [""], [-10], [0.0]
 
         def report(step: str, fraction: float | None) -> None:
-            pct = int((fraction or 0) * 100)
-            if step != last_step[0] or pct >= last_pct[0] + 10:
-                last_step[0], last_pct[0] = step, pct
+            # a line per phase ("debootstrap", not each package it unpacks), per 10 %, or per 30 s
+            pct, phase, now = int((fraction or 0) * 100), step.split(":", 1)[0], time.monotonic()
+            if phase != last_phase[0] or pct >= last_pct[0] + 10 or now - last_at[0] >= 30 or pct >= 100:
+                last_phase[0], last_pct[0], last_at[0] = phase, pct, now
                 log.info(title, **({"job": name} if name else {}), step=step,
                          percent=pct if fraction is not None else None,
                          elapsed_s=round(time.monotonic() - started), eta_s=seconds_left(started, fraction))
