@@ -172,6 +172,8 @@ class LayerWriter:
                     raise self.error(entry.member.name, exc.strerror or str(exc)) from exc
                 except (OverflowError, ValueError) as exc:  # ids or device numbers out of range, NUL in a name
                     raise self.error(entry.member.name, f"invalid entry: {exc}") from exc
+                except (tarfile.TarError, EOFError) as exc:  # data cut short (headers were complete)
+                    raise self.error(entry.member.name, f"unreadable data: {exc}") from exc
         return count
 
     # -- headers: names and caps, before anything is written ---------------------------------------

@@ -168,6 +168,19 @@ async def test_layout_with_special_blob_or_malformed_index_is_refused(tmp_path: 
     assert driver.images() == []
 
 
+@pytest.mark.parametrize("compress", [False, "gzip"])
+async def test_truncated_layer_is_refused(compress: str | bool, tmp_path: Path, make_driver):
+    whole = layer(BASE + [E("data.bin", os.urandom(256 << 10))], compress)
+    cut = whole[:len(whole) // 2]
+    path = tmp_path / "layout"
+    path.mkdir()
+    layout = make_layout(path, [(cut, TAR_GZ if compress else TAR)], as_dir=True)
+    driver = make_driver()
+    await driver.start()
+    err = await _refused(driver, layout)
+    assert err.layer == 1 and "unreadable" in err.reason
+
+
 async def test_privileged_content_is_neutralised_by_default(tmp_path: Path, make_driver, decoy: Decoy):
     """Device nodes (even one aimed at the host's disk), setuid/setgid bits, file capabilities and
     trusted.* xattrs do not reach the image; a hard link to a dropped device goes too."""
