@@ -16,7 +16,8 @@ every SDK request in domain mode too), or when its ``Host`` is ``<port>-<sandbox
 * The client's credentials for Cube never reach a guest: ``X-API-Key``, ``Cookie`` and
   ``Authorization`` are removed (on the envd port only the SDK's user selector
   ``Authorization: Basic base64("<user>:")``, which carries no secret, is passed on).
-* When a sandbox stops, its connections are closed (requests still open fail, as upstream).
+* When a sandbox stops, its connections are closed (requests still open fail, as upstream); a Connect
+  stream still open ends with an ``unavailable`` end-of-stream error (as E2B's edge ends it).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from cube_api_e2b.auth import ACCESS_TOKEN_HEADER, TRAFFIC_TOKEN_HEADER
+from cube_api_e2b.connect_stream import EnvelopeTracker, end_of_stream_error, is_connect_stream
 from cube_api_e2b.context import E2bContext, split_host_port
 from cube_api_e2b.errors import (
     PORT_NOT_OPEN,
@@ -318,15 +320,29 @@ class EdgeProxy:
             out_headers = [(k, v) for k, v in response.headers.raw if k.decode("latin-1").lower() not in RESPONSE_DROP]
             await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
             metrics.labels("http", "forwarded").inc()
-            await self._pump_response(response, receive, send, body_done)
+            await self._pump_response(response, receive, send, body_done, target.sandbox_id)
         finally:
             await response.aclose()
 
     async def _pump_response(self, response: httpx.Response, receive: Receive, send: Send,
-                             body_done: asyncio.Event) -> None:
-        """Copy the body as it arrives; stop early (and close upstream) if the client goes away."""
+                             body_done: asyncio.Event, sandbox_id: str) -> None:
+        """Copy the body as it arrives; stop early (and close upstream) if the client goes away.
+
+        A Connect stream the sandbox leaves unfinished (it stopped) ends with an ``unavailable``
+        end-of-stream error, as E2B's edge ends it; any other body is aborted.
+        """
 
         client_failed = False
+        envelopes = EnvelopeTracker() if is_connect_stream(response.headers.get("content-type")) else None
+
+        async def end_connect_stream() -> bool:
+            if envelopes is None or envelopes.ended or not envelopes.at_boundary:
+                return False
+            message = f"the connection to sandbox {sandbox_id} ended before the stream completed"
+            with contextlib.suppress(OSError):
+                await send({"type": "http.response.body", "body": end_of_stream_error("unavailable", message),
+                            "more_body": False})
+            return True
 
         async def to_client(message: Message) -> None:
             nonlocal client_failed
@@ -339,6 +355,8 @@ class EdgeProxy:
         async def pump() -> None:
             async for chunk in response.aiter_raw():
                 if chunk:
+                    if envelopes is not None:
+                        envelopes.feed(chunk)
                     await to_client({"type": "http.response.body", "body": chunk, "more_body": True})
             await to_client({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -354,7 +372,7 @@ class EdgeProxy:
             try:
                 await pump()
             except Exception as exc:
-                if client_failed:
+                if client_failed or await end_connect_stream():
                     return
                 raise ConnectionAbortedError(f"upstream stream failed: {exc!r}") from exc
             return
@@ -370,7 +388,7 @@ class EdgeProxy:
                 await gone_task
         if pump_task in done:
             failure = pump_task.exception()
-            if failure is not None and not client_failed:
+            if failure is not None and not client_failed and not await end_connect_stream():
                 # upstream broke mid-body: abort the client connection rather than end the body cleanly
                 raise ConnectionAbortedError(f"upstream stream failed: {failure!r}") from failure
         else:
