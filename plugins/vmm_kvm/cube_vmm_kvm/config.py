@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class KvmConfig(BaseModel):
@@ -35,8 +35,37 @@ class KvmConfig(BaseModel):
     """Run QEMU under ``-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,...``."""
     tap_vnet_hdr: bool = False
     """Open taps with IFF_VNET_HDR (must be the same for a template and its clones)."""
+    jail: bool = True
+    """Run every QEMU in its jail (own uid/gid, no capabilities, ``no_new_privs``, own mount/PID/
+    IPC/UTS namespaces, a root holding only the VM's files). Off only for debugging and for the
+    ``cube bench --jail off`` comparison."""
+    uid_range: tuple[int, int] = (400000, 409999)
+    """Inclusive range of uids for jailed QEMUs, one per running VM (gid = uid). Must not overlap
+    real users; 0 is refused."""
+    jail_group: int = 399999
+    """Supplementary gid of every jailed QEMU: shared template files (the RAM file of a template
+    snapshot) are given this group. Must not be a real group."""
+    jail_root: Path = Path("/run/cube/jail")
+    """Empty directory over which each jailer mounts its VM's tmpfs root (in its own namespace)."""
+    uid_lease_dir: Path = Path("/run/cube/uids")
+    """One lease file per uid in use (survives a node-agent restart; shared by drivers on the host)."""
+    console_ring_kb: int = Field(default=128, ge=4, le=16384)
+    """Size of the serial console ring buffer kept inside QEMU (rounded down to a power of two).
+    Nothing is written to disk, so a guest flooding ``/dev/ttyS0`` cannot fill the host."""
     cgroups: bool = True
-    """Put every VM in its own cgroup (v2 or v1) with CPU, memory and pids limits."""
+    """Put every VM in its own cgroup (v2 or v1) with CPU, memory (+swap), pids and IO limits.
+    Mandatory when on: a VM whose limits cannot be set does not start, and a host without the
+    controllers fails ``start()``. Off only for debugging."""
+    cpu_weight: int = Field(default=100, ge=1, le=10000)
+    """Relative CPU weight of a VM (cgroup v2 ``cpu.weight``; v1 ``cpu.shares`` = weight * 1024 / 100)."""
+    swap_mb: int = Field(default=0, ge=0)
+    """Swap a VM may use on top of its memory limit (v2 ``memory.swap.max``, v1 ``memsw``)."""
+    io_read_bps: int = Field(default=256 << 20, ge=0)
+    io_write_bps: int = Field(default=128 << 20, ge=0)
+    io_read_iops: int = Field(default=8000, ge=0)
+    io_write_iops: int = Field(default=4000, ge=0)
+    """Per-VM IO limits on the block device that holds its disk (0: unlimited). Disks on a file
+    system without a block device (tmpfs) have no device to throttle."""
     cgroup_parent: str = "cube"
     memory_overhead_mb: int = Field(default=256, ge=0)
     """Allowed on top of guest RAM before the cgroup OOM-kills QEMU (device model, TCG cache)."""
@@ -51,3 +80,12 @@ class KvmConfig(BaseModel):
     """How a clone is saved: ``diff`` (the pages it changed since its template + device state,
     proportional to what the guest wrote) or ``full`` (all guest RAM in the migration stream, as
     before; also the fallback when the template's RAM file is gone)."""
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> KvmConfig:
+        lo, hi = self.uid_range
+        if lo <= 0 or hi < lo:
+            raise ValueError(f"uid_range {lo}-{hi}: must be above 0 and not empty")
+        if self.jail_group <= 0 or lo <= self.jail_group <= hi:
+            raise ValueError(f"jail_group {self.jail_group}: must be above 0 and outside uid_range")
+        return self

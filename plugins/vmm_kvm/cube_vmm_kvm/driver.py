@@ -36,9 +36,9 @@ from cube_core import (
     VmState,
 )
 
-from . import memdiff, persist, qemu, snapshot
+from . import jail, memdiff, persist, qemu, snapshot
 from .accel import AccelReport, detect, host_tsc_khz
-from .cgroup import CgroupLayout, CgroupLimits, VmCgroup, detect_layout
+from .cgroup import CgroupLayout, CgroupLimits, VmCgroup, block_device, detect_layout
 from .config import KvmConfig
 from .control import ControlChannel
 from .persist import SnapshotRecord, VmRecord
@@ -85,6 +85,8 @@ class KvmVmm(VmmDriver):
         self._qemu: str | None = None
         self._cgroups: CgroupLayout | None = None
         self._tsc_khz = 0
+        self._uids: jail.UidLeases | None = None
+        self._ram_readonly = False
         self._vms: dict[str, _LiveVm] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -113,10 +115,18 @@ class KvmVmm(VmmDriver):
         if self.config.cgroups:
             self._cgroups = detect_layout()
             if self._cgroups is None:
-                log.warning("no cgroup hierarchy with cpu/memory/pids found; VMs run without limits")
+                raise ConfigError("no cgroup hierarchy with the cpu, memory and pids controllers: VMs cannot "
+                                  "be limited (mount cgroup v2 or v1; [vmm.options] cgroups = false only "
+                                  "for debugging)")
+        self._uids = jail.UidLeases(self.config.uid_lease_dir, *self.config.uid_range)
+        if self.config.jail:
+            self.config.jail_root.mkdir(parents=True, exist_ok=True, mode=0o755)
+            self._ram_readonly = await self._run(qemu.supports_readonly_private_ram, binary)
+            # A jailer exits right after forking QEMU: its orphan comes back to us, so we can reap it.
+            qemu.set_child_subreaper()
         self._tsc_khz = host_tsc_khz()
         log.info("vmm started", qemu=binary, accel=self.accel.accel, isolation=self.accel.isolation,
-                 reason=self.accel.reason,
+                 reason=self.accel.reason, jail=self.config.jail, readonly_template_ram=self._ram_readonly,
                  cgroup_version=self._cgroups.version if self._cgroups else None)
 
     async def close(self) -> None:
@@ -153,12 +163,16 @@ class KvmVmm(VmmDriver):
         parts += list(spec.cmdline_extra)
         return " ".join(parts)
 
-    def _limits(self, memory_mb: int, cpu_count: int) -> CgroupLimits:
+    def _limits(self, memory_mb: int, cpu_count: int, disk: Path | None = None) -> CgroupLimits:
         cfg = self.config
         period = 100_000
         quota = None if cfg.cpu_cores_per_vcpu == 0 else max(1000, int(cpu_count * cfg.cpu_cores_per_vcpu * period))
         return CgroupLimits(cpu_quota_us=quota, cpu_period_us=period,
-                            memory_bytes=(memory_mb + cfg.memory_overhead_mb) << 20, pids_max=cfg.pids_max)
+                            memory_bytes=(memory_mb + cfg.memory_overhead_mb) << 20, pids_max=cfg.pids_max,
+                            swap_bytes=cfg.swap_mb << 20, cpu_weight=cfg.cpu_weight,
+                            io_device=block_device(disk) if disk is not None else None,
+                            io_read_bps=cfg.io_read_bps, io_write_bps=cfg.io_write_bps,
+                            io_read_iops=cfg.io_read_iops, io_write_iops=cfg.io_write_iops)
 
     def _workdir(self, vm_id: str) -> Path:
         workdir = self.config.run_dir / qemu.check_vm_id(vm_id)
@@ -170,27 +184,88 @@ class KvmVmm(VmmDriver):
             if old is not None and qemu.is_our_qemu(old.pid, old.vm_id, old.workdir):
                 raise VmmError(f"VM {vm_id} already runs (pid {old.pid})")
             shutil.rmtree(workdir, ignore_errors=True)
+            if old is not None and old.jail_uid is not None and self._uids is not None:
+                self._uids.release(old.jail_uid, old.vm_id)
         workdir.mkdir(parents=True, mode=0o700)
         return workdir
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, func, *args)
 
+    def _prepare_jail(self, machine: MachineSpec, uid: int, group: VmCgroup | None) -> jail.JailSpec:
+        """Give the VM's uid what it must write (its socket directory, own RAM file, disk) and the
+        jail group what clones share (a template's RAM file); return its jail."""
+        cfg = self.config
+        machine.sock_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chown(machine.sock_dir, uid, uid)
+        if machine.ram_shared:
+            fd = os.open(machine.ram_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchown(fd, uid, uid)
+            finally:
+                os.close(fd)
+        else:
+            # Shared by clones of many uids: readable through the jail group. QEMU 7.2 opens a
+            # share=off RAM file read-write, so there the group may write it too (see README).
+            os.chown(machine.ram_file, -1, cfg.jail_group)
+            os.chmod(machine.ram_file, 0o640 if machine.ram_readonly else 0o660)
+        if not machine.disk_readonly:
+            os.chown(machine.disk_path, uid, uid)
+        for path in jail.read_only_inputs(machine):
+            jail.grant_read(path, uid, (cfg.jail_group,), cfg.jail_group)
+        procs = tuple(d / "cgroup.procs" for d in group.dirs) if group is not None else ()
+        return jail.plan(machine, qemu_binary=self._binary(), uid=uid, gid=uid, groups=(cfg.jail_group,),
+                         root=cfg.jail_root, cgroup_procs=procs)
+
+    def _spawn_jailed(self, spec: jail.JailSpec, argv: list[str], log_path: Path, pass_fds: tuple[int, ...]) -> int:
+        """Run the jailer; return QEMU's pid in our PID namespace (the jailer reports it and exits)."""
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            launcher = jail.launcher_argv(spec, argv, pass_fds=pass_fds, pid_fd=write_fd)
+            jailer_pid = qemu.spawn(launcher, log_path=log_path, env={}, pass_fds=(*pass_fds, write_fd))
+            os.close(write_fd)
+            write_fd = -1
+            data = b""
+            while chunk := os.read(read_fd, 64):
+                data += chunk
+            os.waitpid(jailer_pid, 0)
+        finally:
+            os.close(read_fd)
+            if write_fd >= 0:
+                os.close(write_fd)
+        try:
+            return int(data)
+        except ValueError:
+            raise VmmError(f"VM {spec.hostname}: the jailer failed: {qemu.log_tail(log_path)}") from None
+
     async def _launch(self, machine: MachineSpec, record_fields: dict[str, Any],
                       cpu_count: int) -> _LiveVm:
-        """Spawn QEMU for ``machine``, put it in its cgroup and connect QMP."""
+        """Spawn QEMU for ``machine`` (in its jail and cgroup) and connect QMP."""
         tap_fd = machine.tap_fd
         argv = qemu.build_argv(self._binary(), machine)
         (machine.workdir / "argv").write_text("\0".join(argv))
+        pass_fds = () if tap_fd is None else (tap_fd,)
         group: VmCgroup | None = None
         pid: int | None = None
+        uid: int | None = None
         try:
             if self._cgroups is not None:
+                limits = self._limits(machine.memory_mb, cpu_count, machine.disk_path)
                 group = await self._run(VmCgroup.create, self._cgroups, self.config.cgroup_parent,
-                                        machine.vm_id, self._limits(machine.memory_mb, cpu_count))
-            pid = qemu.spawn(argv, log_path=machine.qemu_log, pass_fds=() if tap_fd is None else (tap_fd,))
-            if group is not None:
-                group.add_pid(pid)
+                                        machine.vm_id, limits)
+            if self.config.jail and self._uids is not None:
+                uid = self._uids.allocate(machine.vm_id, machine.workdir)
+                try:
+                    spec = await self._run(self._prepare_jail, machine, uid, group)
+                except OSError as exc:
+                    raise VmmError(f"VM {machine.vm_id}: cannot prepare its jail: {exc.filename}: "
+                                   f"{exc.strerror}") from exc
+                pid = await self._run(self._spawn_jailed, spec, argv, machine.qemu_log, pass_fds)
+            else:
+                machine.sock_dir.mkdir(mode=0o700, exist_ok=True)
+                pid = qemu.spawn(argv, log_path=machine.qemu_log, env=qemu.QEMU_ENV, pass_fds=pass_fds)
+                if group is not None:
+                    group.add_pid(pid)
             record = VmRecord(
                 vm_id=machine.vm_id, pid=pid, workdir=machine.workdir, qmp_socket=machine.qmp_socket,
                 ctl_socket=machine.ctl_socket, console_log=machine.console_log, ram_file=machine.ram_file,
@@ -200,7 +275,7 @@ class KvmVmm(VmmDriver):
                 cpu_model=machine.cpu_model, pic=machine.pic, has_nic=tap_fd is not None,
                 guest_mac=machine.guest_mac, send_configuration=machine.send_configuration,
                 cgroup_version=group.version if group else 0,
-                cgroup_paths=group.paths if group else {}, **record_fields)
+                cgroup_paths=group.paths if group else {}, jail_uid=uid, **record_fields)
             persist.save(record)
             qmp = Qmp(machine.vm_id, machine.qmp_socket)
             await qmp.connect(timeout=self.config.qmp_timeout_s, pid=pid, qemu_log=machine.qemu_log)
@@ -211,11 +286,17 @@ class KvmVmm(VmmDriver):
             if group is not None:
                 with contextlib.suppress(VmmError):
                     group.remove()
+            if uid is not None and self._uids is not None:
+                self._uids.release(uid, machine.vm_id)
             raise
         finally:
             if tap_fd is not None:
                 os.close(tap_fd)
         return _LiveVm(record, qmp, ControlChannel(machine.vm_id, machine.ctl_socket), group)
+
+    def _machine_extras(self) -> dict[str, Any]:
+        return {"ram_readonly": self._ram_readonly and self.config.jail,
+                "console_ring_bytes": 1 << (self.config.console_ring_kb * 1024).bit_length() - 1}
 
     async def _open_tap(self, nic: NicHandle | None) -> int | None:
         if nic is None:
@@ -254,7 +335,7 @@ class KvmVmm(VmmDriver):
                     disk_format=disk.format, disk_readonly=disk.readonly, disk_cache=self.config.disk_cache,
                     tb_size_mb=self.config.tb_size_mb, pic=self.config.pic, tap_fd=tap_fd,
                     guest_mac=(nic.guest_mac if nic else None), incoming=False, seccomp=self.config.seccomp,
-                    initrd=spec.initrd)
+                    initrd=spec.initrd, **self._machine_extras())
                 live = await self._launch(machine, {"ram_owned": True}, spec.cpu_count)
             except BaseException:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -271,11 +352,23 @@ class KvmVmm(VmmDriver):
             return await live.ctl.wait_ready(timeout=timeout)
         except VmmError as exc:
             if not qemu.is_running(live.record.pid):
-                tail = qemu.log_tail(live.record.console_log)
                 error = qemu.log_tail(live.record.workdir / "qemu.log")
-                raise VmmError(f"VM {vm.vm_id}: QEMU exited before the guest was ready: {error}; "
-                               f"console: {tail}") from exc
-            raise
+                raise VmmError(f"VM {vm.vm_id}: QEMU exited before the guest was ready: {error}") from exc
+            tail = await self.console(vm)
+            raise VmmError(f"{exc}; console: {tail[-2000:]}") from exc
+
+    async def console(self, vm: VmHandle, *, size: int = 1 << 20) -> str:
+        """Take what the guest wrote to its serial console since the last call (at most the ring's
+        size: older output is gone), and append it to ``console.log`` in the work directory for
+        debugging. Empty when QEMU does not answer."""
+        live = await self._get(vm)
+        try:
+            text = await live.qmp.console(size)
+        except VmmError:
+            return ""
+        with contextlib.suppress(OSError), open(live.record.console_log, "a") as f:
+            f.write(text)
+        return text
 
     async def guest_call(self, vm: VmHandle, op: str, params: dict[str, Any] | None = None, *,
                          timeout: float = 10.0) -> dict[str, Any]:
@@ -478,7 +571,7 @@ class KvmVmm(VmmDriver):
                     disk_readonly=disk.readonly, disk_cache=self.config.disk_cache,
                     tb_size_mb=self.config.tb_size_mb, pic=saved.pic, tap_fd=tap_fd,
                     guest_mac=(nic.guest_mac if nic else None), incoming=True, seccomp=self.config.seccomp,
-                    initrd=state.initrd, send_configuration=saved.config_section)
+                    initrd=state.initrd, send_configuration=saved.config_section, **self._machine_extras())
                 live = await self._launch(machine, {"ram_owned": owned, "restored_from": state.state_id,
                                                     "base_state_id": base_state_id}, spec.cpu_count)
                 spawned = time.monotonic()
@@ -567,6 +660,8 @@ class KvmVmm(VmmDriver):
             shutil.rmtree(rec.workdir, ignore_errors=True)
             if rec.ram_owned:
                 rec.ram_file.unlink(missing_ok=True)
+            if rec.jail_uid is not None and self._uids is not None and not qemu.is_running(rec.pid):
+                self._uids.release(rec.jail_uid, rec.vm_id)
         if errors:
             raise AbnormalShutdownError(vm_id=rec.vm_id, reason="; ".join(errors))
 

@@ -59,6 +59,8 @@ class VmRecord(_Model):
     ``diff`` snapshot); None when the VM owns its RAM file."""
     send_configuration: bool = True
     """QEMU's ``migration.send-configuration`` (off for clones of ``diff`` snapshots)."""
+    jail_uid: int | None = None
+    """The uid (and gid) the VM's jailed QEMU runs as (leased; freed at shutdown); None unjailed."""
 
 
 class SnapshotRecord(_Model):

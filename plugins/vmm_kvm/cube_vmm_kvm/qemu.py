@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -28,8 +30,13 @@ log = structlog.get_logger(__name__)
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 VM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CTL_PORT_NAME = "cube.ctl"
+PR_SET_CHILD_SUBREAPER = 36
+CONSOLE_ID = "console"
 RAM_ID = "mem"
 """Id of the guest-RAM memory backend, and so the name of its RAM block."""
+QEMU_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
+"""The whole environment of a QEMU (jailed or not): nothing of the node agent's is inherited
+(its environment may hold the secrets that ``{env=...}`` references in plugins.toml point at)."""
 _spawn_lock = threading.Lock()
 
 
@@ -70,6 +77,13 @@ class MachineSpec:
     seccomp: bool = True
     initrd: Path | None = None
     """Only for kernels that need one (Debian's stock kernel); implies ``acpi``."""
+    ram_readonly: bool = False
+    """Open a ``share=off`` RAM file read-only (``readonly=on,rom=off``, QEMU >= 8.2): a jailed
+    clone then cannot write its template's RAM file. QEMU 7.2 opens it read-write even for a
+    private mapping."""
+    console_ring_bytes: int = 1 << 17
+    """The serial console is a ring buffer of this size inside QEMU (a power of two); nothing of
+    it is written to disk unless the driver reads it (QMP ``ringbuf-read``)."""
     send_configuration: bool = True
     """Whether migration streams carry QEMU's configuration section (and one is expected on
     load). Off for a clone restored from a ``diff`` snapshot, whose device state (saved with
@@ -83,12 +97,17 @@ class MachineSpec:
         return self.initrd is not None
 
     @property
+    def sock_dir(self) -> Path:
+        """The only part of the work directory a jailed QEMU can write: its two sockets."""
+        return self.workdir / "sock"
+
+    @property
     def qmp_socket(self) -> Path:
-        return self.workdir / "qmp.sock"
+        return self.sock_dir / "qmp.sock"
 
     @property
     def ctl_socket(self) -> Path:
-        return self.workdir / "ctl.sock"
+        return self.sock_dir / "ctl.sock"
 
     @property
     def console_log(self) -> Path:
@@ -97,10 +116,6 @@ class MachineSpec:
     @property
     def qemu_log(self) -> Path:
         return self.workdir / "qemu.log"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.workdir / "qemu.pid"
 
 
 def build_argv(qemu_binary: str, m: MachineSpec) -> list[str]:
@@ -125,7 +140,8 @@ def build_argv(qemu_binary: str, m: MachineSpec) -> list[str]:
     if m.seccomp:
         argv += ["-sandbox", SANDBOX]
     argv += [
-        "-serial", f"file:{_opt(m.console_log)}",
+        "-chardev", f"ringbuf,id={CONSOLE_ID},size={m.console_ring_bytes}",
+        "-serial", f"chardev:{CONSOLE_ID}",
         "-kernel", str(m.kernel),
     ]
     if m.initrd is not None:
@@ -133,7 +149,8 @@ def build_argv(qemu_binary: str, m: MachineSpec) -> list[str]:
     argv += [
         "-append", m.append,
         "-object", (f"memory-backend-file,id={RAM_ID},size={m.memory_mb}M,mem-path={_opt(m.ram_file)},"
-                    f"share={'on' if m.ram_shared else 'off'}"),
+                    f"share={'on' if m.ram_shared else 'off'}"
+                    + (",readonly=on,rom=off" if m.ram_readonly and not m.ram_shared else "")),
         "-drive", drive,
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-rng-device",
@@ -146,7 +163,6 @@ def build_argv(qemu_binary: str, m: MachineSpec) -> list[str]:
                  "-device", f"virtio-net-device,netdev=n0,mac={m.guest_mac or '52:54:00:00:00:21'}"]
     argv += [
         "-qmp", f"unix:{_opt(m.qmp_socket)},server=on,wait=off",
-        "-pidfile", str(m.pidfile),
     ]
     if not m.send_configuration:
         argv += ["-global", "migration.send-configuration=off"]
@@ -158,8 +174,8 @@ def build_argv(qemu_binary: str, m: MachineSpec) -> list[str]:
 # -- the process -------------------------------------------------------------------------------
 
 
-def spawn(argv: Sequence[str], *, log_path: Path, pass_fds: Sequence[int] = ()) -> int:
-    """Start ``argv`` in a new session with stdio on ``log_path``; return its pid.
+def spawn(argv: Sequence[str], *, log_path: Path, env: dict[str, str], pass_fds: Sequence[int] = ()) -> int:
+    """Start ``argv`` in a new session with stdio on ``log_path`` and exactly ``env``; return its pid.
 
     Only ``pass_fds`` are inherited (they are made inheritable for the duration of the spawn,
     under a lock, so two spawns never leak each other's fds).
@@ -170,7 +186,7 @@ def spawn(argv: Sequence[str], *, log_path: Path, pass_fds: Sequence[int] = ()) 
             for fd in pass_fds:
                 os.set_inheritable(fd, True)
             return os.posix_spawnp(
-                argv[0], list(argv), dict(os.environ),
+                argv[0], list(argv), dict(env),
                 setsid=True,
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
@@ -184,6 +200,25 @@ def spawn(argv: Sequence[str], *, log_path: Path, pass_fds: Sequence[int] = ()) 
             for fd, inheritable in restore:
                 with contextlib.suppress(OSError):
                     os.set_inheritable(fd, inheritable)
+
+
+def supports_readonly_private_ram(binary: str) -> bool:
+    """Whether ``memory-backend-file`` has ``rom`` (QEMU >= 8.2), so ``readonly=on,rom=off`` maps a
+    read-only file privately and writably."""
+    try:
+        out = subprocess.run([binary, "-object", "memory-backend-file,help"], capture_output=True,
+                             text=True, timeout=10, env=QEMU_ENV, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return re.search(r"^\s*rom=", out, re.MULTILINE) is not None
+
+
+def set_child_subreaper() -> None:
+    """Make this process the reaper of its orphaned descendants (a jailed QEMU, whose jailer
+    parent exits at once), so ``wait_exit`` can collect them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise VmmError(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
 
 
 def reap(pid: int) -> int | None:
@@ -366,6 +401,10 @@ class Qmp:
         listener = EventListener(names)
         with self.client.listen(listener):
             yield listener
+
+    async def console(self, size: int) -> str:
+        """Take up to ``size`` bytes from the console ring (they are removed from it)."""
+        return str(await self.execute("ringbuf-read", {"device": CONSOLE_ID, "size": size, "format": "utf8"}))
 
     async def status(self) -> str:
         result = await self.execute("query-status")
