@@ -190,6 +190,43 @@ def test_pty_connect_gets_what_follows(sbx: Any, first_stays: bool) -> None:
     assert again.wait().exit_code == 0
 
 
+def test_pty_connect_right_after_create(sbx: Any) -> None:
+    """E2B's own pattern: the first handle is never read while the second one waits."""
+    out: list[bytes] = []
+    terminal = sbx.pty.create(PtySize(80, 24), envs={"ABC": "123"}, cwd="/")
+    connected = sbx.pty.connect(terminal.pid)
+    assert connected.pid == terminal.pid
+    sbx.pty.send_stdin(terminal.pid, b"echo $ABC\nexit\n")
+    assert connected.wait(on_pty=out.append).exit_code == 0
+    assert b"123" in b"".join(out)
+
+
+def test_pty_reconnect_async(gateway: Any) -> None:
+    async def main() -> tuple[int, bytes, bytes]:
+        s = await AsyncSandbox.create()
+        first: list[bytes] = []
+        again: list[bytes] = []
+        try:
+            t = await s.pty.create(PtySize(80, 24), on_data=first.append, envs={"FOO": "bar"})
+            await s.pty.send_stdin(t.pid, b"echo $FOO-1\n")
+            for _ in range(100):
+                if b"bar-1" in b"".join(first):
+                    break
+                await asyncio.sleep(0.05)
+            await t.disconnect()
+            r = await s.pty.connect(t.pid, on_data=again.append)
+            await s.pty.send_stdin(t.pid, b"echo $FOO-2\nexit\n")
+            code = (await r.wait()).exit_code
+        finally:
+            await s.kill()
+        return code, b"".join(first), b"".join(again)
+
+    code, first, again = asyncio.run(main())
+    assert code == 0
+    assert b"bar-1" in first and b"bar-2" in again
+    assert b"bar-2" not in first  # the first viewer was gone
+
+
 def test_pty_kill(sbx: Any) -> None:
     h = sbx.pty.create(PtySize(rows=10, cols=40))
     assert sbx.pty.kill(h.pid)
