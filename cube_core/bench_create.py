@@ -61,6 +61,11 @@ log = structlog.get_logger(__name__)
 HOST_LOCK = Path("/tmp/cube-host.lock")
 """Only one Cube node may run on a host (the network plugin sweeps what it does not know)."""
 MODES: tuple[str, ...] = ("pool_hit", "pool_miss", "cold")
+"""The default modes."""
+NOJAIL_MODES: tuple[str, ...] = ("pool_hit_nojail", "pool_miss_nojail")
+"""The same as ``pool_hit``/``pool_miss`` with ``[vmm.options] jail = false``: the cost of the
+QEMU jail (uid, namespaces, pivot_root) is ``pool_miss`` against ``pool_miss_nojail``."""
+ALL_MODES: tuple[str, ...] = MODES + NOJAIL_MODES
 TARGETS: dict[str, float] = {"create_ms_p50": 25.0, "create_ms_p95_at_max_c": 150.0,
                              "first_cmd_ms_p50": 80.0, "idle_mib_per_sandbox": 12.0}
 """Issue 5's goals for a pool hit on a 2-core box under TCG."""
@@ -79,6 +84,7 @@ class ModePlan:
     pool_size: int
     boot_mode: str = "snapshot"
     note: str = ""
+    jail: bool = True
 
 
 @dataclass(frozen=True)
@@ -125,9 +131,9 @@ def plans(opts: Options) -> list[ModePlan]:
     idle_n = max(0, min(opts.idle, opts.n))
     if opts.url:
         return [ModePlan("url", opts.concurrency, opts.n, idle_n, pool_size=0, note="the server at --url, as is")]
-    unknown = set(opts.modes) - set(MODES)
+    unknown = set(opts.modes) - set(ALL_MODES)
     if unknown:
-        raise CubeError(f"unknown mode(s) {', '.join(sorted(unknown))}; known: {', '.join(MODES)}")
+        raise CubeError(f"unknown mode(s) {', '.join(sorted(unknown))}; known: {', '.join(ALL_MODES)}")
     cold_n = max(1, min(opts.n, opts.cold_n))
     every = {
         "pool_hit": ModePlan("pool_hit", opts.concurrency, opts.n, idle_n, pool_size=max(opts.concurrency),
@@ -136,8 +142,13 @@ def plans(opts: Options) -> list[ModePlan]:
                               note="pool size 0: every create restores the template snapshot"),
         "cold": ModePlan("cold", (1,), cold_n, min(idle_n, cold_n), pool_size=0, boot_mode="cold",
                          note=f"cold boot, no snapshot; n={cold_n} at concurrency 1 only (slow under TCG)"),
+        "pool_hit_nojail": ModePlan("pool_hit_nojail", opts.concurrency, opts.n, idle_n,
+                                    pool_size=max(opts.concurrency), jail=False,
+                                    note="pool_hit with [vmm.options] jail = false"),
+        "pool_miss_nojail": ModePlan("pool_miss_nojail", opts.concurrency, opts.n, idle_n, pool_size=0,
+                                     jail=False, note="pool_miss with [vmm.options] jail = false"),
     }
-    return [every[m] for m in MODES if m in opts.modes]
+    return [every[m] for m in ALL_MODES if m in opts.modes]
 
 
 # -- the host lock -------------------------------------------------------------------------------
@@ -209,7 +220,7 @@ max_sandboxes = {max_sandboxes}
 
 [vmm]
 plugin = "kvm"
-options = {{ run_dir = "{state}/vms", mem_dir = "{mem_dir}" }}
+options = {{ run_dir = "{state}/vms", mem_dir = "{mem_dir}", jail = {jail} }}
 
 [network]
 plugin = "ebpf"
@@ -266,6 +277,7 @@ def local_server(plan: ModePlan, state: Path, credentials: Credentials, *, templ
     config.write_text(SERVER_CONFIG.format(
         state=state, port=port, admin_port=admin_port, template=template, pool_size=plan.pool_size,
         pool_memory_mb=pool_memory_mb, boot_mode=plan.boot_mode, mem_dir=mem_dir,
+        jail="true" if plan.jail else "false",
         max_sandboxes=max(200, plan.idle_n + plan.pool_size + max(plan.concurrency) + 10)))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log_file:
@@ -468,7 +480,13 @@ def summarize(samples: list[Sample], events: list[dict[str, Any]] | None = None)
     if errors:
         out["errors"] = errors[:5]
     if events:
-        out["served_by"] = served_by(events, [s.sandbox_id for s in samples if s.sandbox_id])
+        ids = [s.sandbox_id for s in samples if s.sandbox_id]
+        out["served_by"] = served_by(events, ids)
+        wanted = set(ids)
+        restore = [float(e["restore_ms"]) for e in events
+                   if e.get("event") == "vm restored" and e.get("vm_id") in wanted and "restore_ms" in e]
+        # The driver's own restore time (spawn -> QMP RESUME) of the sandboxes restored for a create.
+        out["restore_ms_p50"], out["restore_ms_p95"] = pct(restore, 50), pct(restore, 95)
     return out
 
 
@@ -688,9 +706,10 @@ def _get(modes: dict[str, dict[str, Any]], mode: str, c: str, key: str) -> float
 def ratios(modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Slower mode over faster mode, per metric at concurrency 1 (cold runs only there), and
     pool miss over pool hit at every concurrency both ran."""
-    pairs = (("pool_miss", "pool_hit"), ("cold", "pool_hit"), ("cold", "pool_miss"))
+    pairs = (("pool_miss", "pool_hit"), ("cold", "pool_hit"), ("cold", "pool_miss"),
+             ("pool_miss", "pool_miss_nojail"), ("pool_hit", "pool_hit_nojail"))
     out: dict[str, Any] = {}
-    for metric in ("create_ms_p50", "create_ms_p95", "first_cmd_ms_p50", "first_cmd_ms_p95"):
+    for metric in ("create_ms_p50", "create_ms_p95", "first_cmd_ms_p50", "first_cmd_ms_p95", "restore_ms_p50"):
         for slow, fast in pairs:
             a, b = _get(modes, slow, "1", metric), _get(modes, fast, "1", metric)
             if a is not None and b:
@@ -771,13 +790,13 @@ def tables(result: dict[str, Any]) -> list[Any]:
         return "-" if value is None else str(value)
 
     latency = Table("mode", "c", "n", "fail", "create p50", "p95", "p99", "first cmd p50", "p95", "p99",
-                    "served by", title="latency (ms)")
+                    "restore p50", "served by", title="latency (ms)")
     for name, mode in result["modes"].items():
         for c, s in mode["by_concurrency"].items():
             served = s.get("served_by")
             latency.add_row(name, c, str(s["n"]), str(s["failures"]), fmt(s["create_ms_p50"]),
                             fmt(s["create_ms_p95"]), fmt(s["create_ms_p99"]), fmt(s["first_cmd_ms_p50"]),
-                            fmt(s["first_cmd_ms_p95"]), fmt(s["first_cmd_ms_p99"]),
+                            fmt(s["first_cmd_ms_p95"]), fmt(s["first_cmd_ms_p99"]), fmt(s.get("restore_ms_p50")),
                             " ".join(f"{k}={v}" for k, v in served.items() if v) if served else "-")
     idle = Table("mode", "N", "MemAvail drop MiB/sbx", "PSS med", "USS med", "CPU %/sbx",
                  "after cmd: MiB/sbx", "PSS med", "paused: CPU %/sbx", "pause p50/p95", "resume p50/p95",

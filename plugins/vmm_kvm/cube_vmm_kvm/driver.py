@@ -217,27 +217,6 @@ class KvmVmm(VmmDriver):
         return jail.plan(machine, qemu_binary=self._binary(), uid=uid, gid=uid, groups=(cfg.jail_group,),
                          root=cfg.jail_root, cgroup_procs=procs)
 
-    def _spawn_jailed(self, spec: jail.JailSpec, argv: list[str], log_path: Path, pass_fds: tuple[int, ...]) -> int:
-        """Run the jailer; return QEMU's pid in our PID namespace (the jailer reports it and exits)."""
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        try:
-            launcher = jail.launcher_argv(spec, argv, pass_fds=pass_fds, pid_fd=write_fd)
-            jailer_pid = qemu.spawn(launcher, log_path=log_path, env={}, pass_fds=(*pass_fds, write_fd))
-            os.close(write_fd)
-            write_fd = -1
-            data = b""
-            while chunk := os.read(read_fd, 64):
-                data += chunk
-            os.waitpid(jailer_pid, 0)
-        finally:
-            os.close(read_fd)
-            if write_fd >= 0:
-                os.close(write_fd)
-        try:
-            return int(data)
-        except ValueError:
-            raise VmmError(f"VM {spec.hostname}: the jailer failed: {qemu.log_tail(log_path)}") from None
-
     async def _launch(self, machine: MachineSpec, record_fields: dict[str, Any],
                       cpu_count: int) -> _LiveVm:
         """Spawn QEMU for ``machine`` (in its jail and cgroup) and connect QMP."""
@@ -260,7 +239,7 @@ class KvmVmm(VmmDriver):
                 except OSError as exc:
                     raise VmmError(f"VM {machine.vm_id}: cannot prepare its jail: {exc.filename}: "
                                    f"{exc.strerror}") from exc
-                pid = await self._run(self._spawn_jailed, spec, argv, machine.qemu_log, pass_fds)
+                pid = await self._run(jail.spawn, spec, argv, machine.qemu_log, pass_fds)
             else:
                 machine.sock_dir.mkdir(mode=0o700, exist_ok=True)
                 pid = qemu.spawn(argv, log_path=machine.qemu_log, env=qemu.QEMU_ENV, pass_fds=pass_fds)

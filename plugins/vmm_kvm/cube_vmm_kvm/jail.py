@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cube_core import VmmError
 
-from . import jailer
+from . import jailer, qemu
 from .qemu import QEMU_ENV, MachineSpec
 
 SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -82,6 +82,29 @@ class JailSpec:
 def launcher_argv(spec: JailSpec, argv: Sequence[str], *, pass_fds: Sequence[int], pid_fd: int) -> list[str]:
     """The command that runs :mod:`.jailer` for ``argv`` (isolated mode: no site, no env)."""
     return [sys.executable, "-I", "-S", jailer.__file__, spec.to_json(argv, pass_fds=pass_fds, pid_fd=pid_fd)]
+
+
+def spawn(spec: JailSpec, argv: Sequence[str], log_path: Path, pass_fds: Sequence[int] = ()) -> int:
+    """Run the jailer for ``argv`` (stdio on ``log_path``); return the jailed process's pid in
+    *our* PID namespace (the jailer reports it through a pipe, then exits and is reaped here)."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    try:
+        launcher = launcher_argv(spec, argv, pass_fds=pass_fds, pid_fd=write_fd)
+        jailer_pid = qemu.spawn(launcher, log_path=log_path, env={}, pass_fds=(*pass_fds, write_fd))
+        os.close(write_fd)
+        write_fd = -1
+        data = b""
+        while chunk := os.read(read_fd, 64):
+            data += chunk
+        os.waitpid(jailer_pid, 0)
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+    try:
+        return int(data)
+    except ValueError:
+        raise VmmError(f"{spec.hostname}: the jailer failed: {qemu.log_tail(log_path)}") from None
 
 
 def backing_chain(disk: Path, disk_format: str) -> list[Path]:
