@@ -9,23 +9,32 @@
  *
  * Verdict of a new IPv4 flow, in order:
  *   1. to the slot's own host address: passed to the host, whose firewall admits only replies
- *      (and Cube's resolver, which has its own allow rule);
- *   2. an unexpired allow rule of the sandbox matches        -> allow   (allow beats deny)
- *   3. a deny rule of the sandbox matches                     -> deny
- *   4. the destination is in an always-denied range           -> deny
- *   5. the sandbox's default (SBX_F_DEFAULT_ALLOW or not).
+ *      (and Cube's resolver);
+ *   2. the destination's most specific `blocked` entry is BLOCK_ALWAYS -> deny, unless the
+ *      matching allow rule is Cube's own (RULE_F_SYSTEM: the resolver). A sandbox's allow rule,
+ *      static or DNS-learned, never opens such a range;
+ *   3. an unexpired allow rule of the sandbox matches        -> allow   (allow beats deny)
+ *   4. a deny rule of the sandbox matches                     -> deny
+ *   5. the destination is in a range the operator opened (BLOCK_OPENABLE) -> deny
+ *   6. the sandbox's default (SBX_F_DEFAULT_ALLOW or not).
  * Rules live in two LPM tries keyed by (sandbox, proto, port, prefix) and are looked up as
  * (proto, port) -> (proto, any port) -> (any proto, any port). Allow rules may expire
  * (CLOCK_BOOTTIME ns): that is how DNS-learned addresses follow their TTL.
- * Allowed flows go into an LRU table; packets of known flows skip the rules, so established
- * connections survive rule changes. New flows and denied attempts (at most 1/s per 5-tuple)
+ * Allowed flows go into an LRU table; packets of known flows skip the rules while the flow's
+ * policy generation equals the sandbox's (`sbx_info.gen`, bumped by every policy change) and
+ * the allow rule it was admitted by has not expired (DNS TTL). Otherwise the packet is decided
+ * again: a flow the rules still allow is refreshed, one they deny is revoked (deleted, the
+ * packet rejected, reason R_REVOKED). TCP is decided on the sandbox's packets (a reply still
+ * gets in, and the guest's ACK of it is answered with a RST); UDP in both directions. New flows and denied attempts (at most 1/s per 5-tuple)
  * are reported through a ring buffer. Denied TCP is answered with a RST, other denied IPv4
  * with ICMP "administratively prohibited", so the sandbox fails fast instead of hanging.
  *
  * IPv6. The slot namespace has no IPv6 stack; slot_ipv6_relay (tc ingress of tap0 and of vg0
  * inside it, IPv6 frames only) hands the guest's IPv6 frames unchanged to the host end, where
- * sandbox_egress decides, and hands its answers back to tap0. Without SBX_F_ALLOW_IPV6 no IPv6
- * frame is ever passed. With SBX_F_REJECT a guest that configured IPv6 itself fails at once:
+ * sandbox_egress decides, and hands its answers back to tap0. An IPv6 frame is passed only if
+ * the sandbox has IPv6 allow rules (SBX_F_ALLOW_IPV6) and decide6() allows its destination:
+ * always-denied (blocked6) first, then the sandbox's IPv6 allow rules, then its IPv6 deny rules,
+ * else denied. With SBX_F_REJECT a guest that configured IPv6 itself fails at once:
  *   - a Neighbor Solicitation (any target; not duplicate address detection, source ::) gets a
  *     Neighbor Advertisement whose link-layer address is the guest's gateway MAC (tap0's, from
  *     `sandboxes`), so the guest sends its packets instead of waiting ~3 s for neighbour
@@ -78,6 +87,7 @@ enum reason {
 	R_DENY_RULE = 8,  /* a deny rule matched */
 	R_BLOCKED = 9,    /* always-denied range */
 	R_DEFAULT = 10,   /* default allow */
+	R_REVOKED = 11,   /* an established flow the current policy denies */
 };
 
 enum stat_idx { S_ALLOW_PKTS = 0, S_DENY_PKTS, S_EVENTS_LOST, S_REJECTS, S_ND_ANSWERS, S_MAX = 8 };
@@ -86,12 +96,15 @@ enum stat_idx { S_ALLOW_PKTS = 0, S_DENY_PKTS, S_EVENTS_LOST, S_REJECTS, S_ND_AN
 #define SBX_F_DEFAULT_ALLOW 2 /* default verdict of new flows */
 #define SBX_F_ALLOW_IPV6 4    /* pass IPv6 frames */
 #define REJECT_MARK 0x5b0c1d
+#define RULE_F_SYSTEM 1       /* Cube's own allow rule (the resolver): may reach BLOCK_ALWAYS */
+#define BLOCK_ALWAYS 1        /* `blocked` value: no sandbox rule opens it */
+#define BLOCK_OPENABLE 2      /* `blocked` value: denied unless a sandbox's allow rule names it */
 
 struct sbx_info {
 	__u32 sbx_id;
 	__u32 flags;
 	__u32 host_addr; /* network order: the slot's host-side veth address */
-	__u32 pad;
+	__u32 gen;       /* policy generation: flows admitted under another one are decided again */
 	__u8 gw_mac[ETH_ALEN]; /* the guest's gateway (tap0) MAC: source of answers to IPv6 */
 	__u16 pad2;
 };
@@ -116,6 +129,20 @@ struct block_key {
 	__u32 daddr;
 };
 
+struct rule6_key {
+	__u32 prefixlen; /* 64 + CIDR length */
+	__u32 sbx_id;
+	__u8 proto;      /* 0 = any */
+	__u8 pad;
+	__u16 dport;     /* network order, 0 = any */
+	__u8 daddr[16];
+};
+
+struct block6_key {
+	__u32 prefixlen;
+	__u8 daddr[16];
+};
+
 struct flow_key {
 	__u32 sbx_id;
 	__u32 saddr;
@@ -128,8 +155,15 @@ struct flow_key {
 
 struct flow_val {
 	__u64 last_seen_ns;
+	__u64 expires_ns; /* of the allow rule that admitted the flow (CLOCK_BOOTTIME), 0 = never */
 	__u32 rule_id;
-	__u32 pad;
+	__u32 gen;        /* sbx_info.gen when the flow was (last) decided */
+};
+
+struct decision {
+	__u64 expires_ns;
+	__u32 rule_id;
+	__u8 reason;
 };
 
 struct event {
@@ -183,6 +217,33 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } blocked SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__type(key, struct rule6_key);
+	__type(value, struct rule_val);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} allow6_rules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__type(key, struct rule6_key);
+	__type(value, struct rule_val);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} deny6_rules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__type(key, struct block6_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} blocked6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -247,19 +308,27 @@ static __always_inline void emit(struct __sk_buff *skb, const struct flow_key *f
 }
 
 /* report a denied attempt at most once per second per 5-tuple */
-static __always_inline void emit_deny(struct __sk_buff *skb, const struct flow_key *fk,
-				      __u8 reason, __u8 tcp_flags, __u16 ethertype, __u64 now)
+static __always_inline void emit_deny_rule(struct __sk_buff *skb, const struct flow_key *fk,
+					   __u8 reason, __u8 tcp_flags, __u32 rule_id,
+					   __u16 ethertype, __u64 now)
 {
 	__u64 *last = bpf_map_lookup_elem(&deny_seen, fk);
 	if (last && now - *last < NSEC_PER_SEC)
 		return;
 	bpf_map_update_elem(&deny_seen, fk, &now, BPF_ANY);
-	emit(skb, fk, V_DENY, reason, tcp_flags, 0, ethertype, now);
+	emit(skb, fk, V_DENY, reason, tcp_flags, rule_id, ethertype, now);
 }
 
-/* 1 if an unexpired rule of `map` matches (sets *rule_id); *expired set if only expired ones did */
-static __always_inline int lookup3(void *map, __u32 sbx, __u8 proto, __u16 dport, __u32 daddr,
-				   __u64 now, __u32 *rule_id, int *expired)
+static __always_inline void emit_deny(struct __sk_buff *skb, const struct flow_key *fk,
+				      __u8 reason, __u8 tcp_flags, __u16 ethertype, __u64 now)
+{
+	emit_deny_rule(skb, fk, reason, tcp_flags, 0, ethertype, now);
+}
+
+/* the most specific unexpired rule of `map` matching (proto, port) -> (proto, any port) ->
+ * (any proto, any port), or NULL; *expired set if an expired one matched on the way */
+static __always_inline struct rule_val *lookup3(void *map, __u32 sbx, __u8 proto, __u16 dport,
+						__u32 daddr, __u64 now, int *expired)
 {
 	struct rule_key k = {};
 	struct rule_val *v;
@@ -272,20 +341,16 @@ static __always_inline int lookup3(void *map, __u32 sbx, __u8 proto, __u16 dport
 	k.dport = dport;
 	v = bpf_map_lookup_elem(map, &k);
 	if (v) {
-		if (!v->expires_ns || v->expires_ns > now) {
-			*rule_id = v->rule_id;
-			return 1;
-		}
+		if (!v->expires_ns || v->expires_ns > now)
+			return v;
 		*expired = 1;
 	}
 	if (dport) {
 		k.dport = 0;
 		v = bpf_map_lookup_elem(map, &k);
 		if (v) {
-			if (!v->expires_ns || v->expires_ns > now) {
-				*rule_id = v->rule_id;
-				return 1;
-			}
+			if (!v->expires_ns || v->expires_ns > now)
+				return v;
 			*expired = 1;
 		}
 	}
@@ -294,39 +359,129 @@ static __always_inline int lookup3(void *map, __u32 sbx, __u8 proto, __u16 dport
 		k.dport = 0;
 		v = bpf_map_lookup_elem(map, &k);
 		if (v) {
-			if (!v->expires_ns || v->expires_ns > now) {
-				*rule_id = v->rule_id;
-				return 1;
-			}
+			if (!v->expires_ns || v->expires_ns > now)
+				return v;
 			*expired = 1;
 		}
 	}
-	return 0;
+	return NULL;
 }
 
-/* returns V_ALLOW / V_DENY and the reason (R_EXPIRED for any deny where only an expired
- * DNS-learned allow rule matched: the guest used an address past its TTL) */
+/* V_ALLOW / V_DENY with the reason, rule and (for an allow) the rule's expiry. R_EXPIRED is a
+ * deny where only an expired DNS-learned allow rule matched: the guest used an address past
+ * its TTL. */
 static __always_inline int decide(__u32 sbx, __u32 sbx_flags, __u8 proto, __u16 dport,
-				  __u32 daddr, __u64 now, __u32 *rule_id, __u8 *reason)
+				  __u32 daddr, __u64 now, struct decision *d)
 {
 	int expired = 0;
 	struct block_key bk = { .prefixlen = 32, .daddr = daddr };
+	__u32 *blk = bpf_map_lookup_elem(&blocked, &bk);
+	int always = blk && *blk == BLOCK_ALWAYS;
+	struct rule_val *rv;
 
-	if (lookup3(&allow_rules, sbx, proto, dport, daddr, now, rule_id, &expired)) {
-		*reason = R_RULE;
+	d->rule_id = 0;
+	d->expires_ns = 0;
+	rv = lookup3(&allow_rules, sbx, proto, dport, daddr, now, &expired);
+	if (rv && (!always || (rv->flags & RULE_F_SYSTEM))) {
+		d->rule_id = rv->rule_id;
+		d->expires_ns = rv->expires_ns;
+		d->reason = R_RULE;
 		return V_ALLOW;
 	}
-	if (lookup3(&deny_rules, sbx, proto, dport, daddr, now, rule_id, &expired))
-		*reason = R_DENY_RULE;
-	else if (bpf_map_lookup_elem(&blocked, &bk))
-		*reason = R_BLOCKED;
-	else if (sbx_flags & SBX_F_DEFAULT_ALLOW) {
-		*reason = R_DEFAULT;
+	rv = lookup3(&deny_rules, sbx, proto, dport, daddr, now, &expired);
+	if (rv) {
+		d->rule_id = rv->rule_id;
+		d->reason = R_DENY_RULE;
+	} else if (blk) {
+		d->reason = R_BLOCKED;
+	} else if (sbx_flags & SBX_F_DEFAULT_ALLOW) {
+		d->reason = R_DEFAULT;
 		return V_ALLOW;
-	} else
-		*reason = R_NO_RULE;
-	if (expired)
-		*reason = R_EXPIRED;
+	} else {
+		d->reason = R_NO_RULE;
+	}
+	if (expired && !always)
+		d->reason = R_EXPIRED;
+	return V_DENY;
+}
+
+/* A packet of a known flow: still allowed? (decided again after a policy change or once the
+ * rule that admitted it expired; a flow now denied is deleted) */
+static __always_inline int flow_still_allowed(struct flow_val *fv, const struct flow_key *fk,
+					      const struct sbx_info *sbx, __u64 now,
+					      struct decision *d)
+{
+	if (fv->gen == sbx->gen && (!fv->expires_ns || fv->expires_ns > now)) {
+		if (now - fv->last_seen_ns > NSEC_PER_SEC)
+			fv->last_seen_ns = now;
+		return 1;
+	}
+	if (decide(fk->sbx_id, sbx->flags, fk->proto, fk->dport, fk->daddr, now, d) == V_ALLOW) {
+		fv->gen = sbx->gen;
+		fv->expires_ns = d->expires_ns;
+		fv->rule_id = d->rule_id;
+		fv->last_seen_ns = now;
+		return 1;
+	}
+	bpf_map_delete_elem(&flows, fk);
+	return 0;
+}
+
+static __always_inline struct rule_val *lookup3_6(void *map, __u32 sbx, __u8 proto, __u16 dport,
+						  const struct in6_addr *daddr)
+{
+	struct rule6_key k = {};
+	struct rule_val *v;
+
+	k.prefixlen = 64 + 128;
+	k.sbx_id = sbx;
+	__builtin_memcpy(k.daddr, daddr, 16);
+	k.proto = proto;
+	k.dport = dport;
+	v = bpf_map_lookup_elem(map, &k);
+	if (v)
+		return v;
+	if (dport) {
+		k.dport = 0;
+		v = bpf_map_lookup_elem(map, &k);
+		if (v)
+			return v;
+	}
+	if (proto) {
+		k.proto = 0;
+		k.dport = 0;
+		v = bpf_map_lookup_elem(map, &k);
+	}
+	return v;
+}
+
+/* IPv6: always-denied (blocked6) -> allow rule -> deny rule -> openable range -> deny. There is
+ * no default allow: slots have no IPv6 datapath, so IPv6 goes only where an allow rule says. */
+static __always_inline int decide6(__u32 sbx, __u8 proto, __u16 dport,
+				   const struct in6_addr *daddr, struct decision *d)
+{
+	struct block6_key bk = { .prefixlen = 128 };
+	struct rule_val *rv;
+
+	__builtin_memcpy(bk.daddr, daddr, 16);
+	__u32 *blk = bpf_map_lookup_elem(&blocked6, &bk);
+	d->rule_id = 0;
+	d->expires_ns = 0;
+	rv = lookup3_6(&allow6_rules, sbx, proto, dport, daddr);
+	if (rv && !(blk && *blk == BLOCK_ALWAYS)) {
+		d->rule_id = rv->rule_id;
+		d->reason = R_RULE;
+		return V_ALLOW;
+	}
+	rv = lookup3_6(&deny6_rules, sbx, proto, dport, daddr);
+	if (rv) {
+		d->rule_id = rv->rule_id;
+		d->reason = R_DENY_RULE;
+	} else if (blk) {
+		d->reason = R_BLOCKED;
+	} else {
+		d->reason = R_NOT_IPV4;
+	}
 	return V_DENY;
 }
 
@@ -662,16 +817,21 @@ static __always_inline int reflect_rst6(struct __sk_buff *skb, const struct ipv6
 	return reflect_out(skb, &eth, gw_mac, ETH_P_IPV6);
 }
 
-/* An IPv6 frame of a sandbox without SBX_F_ALLOW_IPV6: answered or dropped, never passed. */
-static __always_inline int deny_ipv6(struct __sk_buff *skb, struct flow_key *fk, __u32 sbx_flags,
-				     const __u8 *gw_mac, __u64 now)
+/*
+ * An IPv6 frame from the sandbox. Passed only when SBX_F_ALLOW_IPV6 is set and decide6()
+ * allows its destination (allowed packets are reported at most once a second per next header
+ * and ports, like denials); otherwise answered or dropped.
+ */
+static __always_inline int sandbox_ipv6(struct __sk_buff *skb, struct flow_key *fk,
+					__u32 sbx_flags, const __u8 *gw_mac, __u64 now)
 {
 	struct ipv6hdr ip6;
+	struct decision d = { .reason = R_NOT_IPV4 };
 	__u8 l4[14] = {}; /* ICMPv6 type + code, or TCP/UDP ports (+ TCP flags at 13) */
 
-	stat_inc(S_DENY_PKTS);
 	fk->proto = 255;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) || ip6.version != 6) {
+		stat_inc(S_DENY_PKTS);
 		emit_deny(skb, fk, R_MALFORMED, 0, ETH_P_IPV6, now);
 		return TC_ACT_SHOT;
 	}
@@ -681,13 +841,16 @@ static __always_inline int deny_ipv6(struct __sk_buff *skb, struct flow_key *fk,
 
 	if (ip6.nexthdr == IPPROTO_ICMPV6 && !(has_l4 && l4[0] == ICMPV6_ECHO_REQUEST)) {
 		/* the link's plumbing: neighbour discovery, MLD, errors */
+		stat_inc(S_DENY_PKTS);
 		if (has_l4 && l4[0] == ND_NEIGHBOR_SOLICIT && (sbx_flags & SBX_F_REJECT))
 			return answer_ns(skb, &ip6, gw_mac);
 		return TC_ACT_SHOT;
 	}
 	__u8 mcast = ip6.daddr.in6_u.u6_addr8[0] == 0xff;
-	if (mcast && (ip6.daddr.in6_u.u6_addr8[1] & 0x0f) <= 2)
+	if (mcast && (ip6.daddr.in6_u.u6_addr8[1] & 0x0f) <= 2) {
+		stat_inc(S_DENY_PKTS);
 		return TC_ACT_SHOT; /* interface- or link-local multicast never leaves the link */
+	}
 
 	fk->proto = ip6.nexthdr;
 	if (has_l4 && (ip6.nexthdr == IPPROTO_TCP || ip6.nexthdr == IPPROTO_UDP)) {
@@ -695,7 +858,19 @@ static __always_inline int deny_ipv6(struct __sk_buff *skb, struct flow_key *fk,
 		__builtin_memcpy(&fk->dport, &l4[2], 2);
 	}
 	__u8 tcp_flags = is_tcp ? l4[13] : 0;
-	emit_deny(skb, fk, R_NOT_IPV4, tcp_flags, ETH_P_IPV6, now);
+	if ((sbx_flags & SBX_F_ALLOW_IPV6) &&
+	    decide6(fk->sbx_id, fk->proto, fk->dport, &ip6.daddr, &d) == V_ALLOW) {
+		fk->pad[0] = 1; /* rate-limit allow reports apart from denials */
+		__u64 *last = bpf_map_lookup_elem(&deny_seen, fk);
+		if (!last || now - *last >= NSEC_PER_SEC) {
+			bpf_map_update_elem(&deny_seen, fk, &now, BPF_ANY);
+			emit(skb, fk, V_ALLOW, R_RULE, tcp_flags, d.rule_id, ETH_P_IPV6, now);
+		}
+		stat_inc(S_ALLOW_PKTS);
+		return TC_ACT_OK;
+	}
+	stat_inc(S_DENY_PKTS);
+	emit_deny_rule(skb, fk, d.reason, tcp_flags, d.rule_id, ETH_P_IPV6, now);
 	/* RFC 4443 2.4 (e): no error for a multicast destination or a non-unicast source */
 	if (!(sbx_flags & SBX_F_REJECT) || mcast || in6_is_unspecified(&ip6.saddr) ||
 	    ip6.saddr.in6_u.u6_addr8[0] == 0xff)
@@ -712,9 +887,9 @@ int sandbox_egress(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct flow_key fk = {};
+	struct decision d = { .reason = R_NO_RULE };
 	__u64 now = bpf_ktime_get_boot_ns();
-	__u8 tcp_flags = 0, reason = R_NO_RULE;
-	__u32 rule_id = 0;
+	__u8 tcp_flags = 0;
 	int is_syn = 0, l4_ok = 0;
 
 	if ((void *)(eth + 1) > data_end)
@@ -736,13 +911,9 @@ int sandbox_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	if (h_proto == bpf_htons(ETH_P_IPV6)) {
-		if (sbx_flags & SBX_F_ALLOW_IPV6) {
-			stat_inc(S_ALLOW_PKTS);
-			return TC_ACT_OK;
-		}
 		__u8 gw_mac[ETH_ALEN];
 		__builtin_memcpy(gw_mac, sbx->gw_mac, ETH_ALEN);
-		return deny_ipv6(skb, &fk, sbx_flags, gw_mac, now);
+		return sandbox_ipv6(skb, &fk, sbx_flags, gw_mac, now);
 	}
 	if (h_proto != bpf_htons(ETH_P_IP)) {
 		fk.proto = 255;
@@ -794,26 +965,29 @@ int sandbox_egress(struct __sk_buff *skb)
 	if (l4_ok && !is_syn) {
 		struct flow_val *fv = bpf_map_lookup_elem(&flows, &fk);
 		if (fv) {
-			if (now - fv->last_seen_ns > NSEC_PER_SEC)
-				fv->last_seen_ns = now;
-			stat_inc(S_ALLOW_PKTS);
-			return TC_ACT_OK;
+			if (flow_still_allowed(fv, &fk, sbx, now, &d)) {
+				stat_inc(S_ALLOW_PKTS);
+				return TC_ACT_OK;
+			}
+			d.reason = R_REVOKED;
+			goto deny;
 		}
 	}
 
-	if (decide(fk.sbx_id, sbx_flags, fk.proto, fk.dport, fk.daddr, now, &rule_id,
-		   &reason) == V_ALLOW) {
+	if (decide(fk.sbx_id, sbx_flags, fk.proto, fk.dport, fk.daddr, now, &d) == V_ALLOW) {
 		if (l4_ok) {
-			struct flow_val nv = { .last_seen_ns = now, .rule_id = rule_id };
+			struct flow_val nv = { .last_seen_ns = now, .expires_ns = d.expires_ns,
+					       .rule_id = d.rule_id, .gen = sbx->gen };
 			/* report only when the flow is new (SYN retransmits are not) */
 			if (bpf_map_update_elem(&flows, &fk, &nv, BPF_NOEXIST) == 0)
-				emit(skb, &fk, V_ALLOW, reason, tcp_flags, rule_id, ETH_P_IP, now);
+				emit(skb, &fk, V_ALLOW, d.reason, tcp_flags, d.rule_id, ETH_P_IP, now);
 		}
 		stat_inc(S_ALLOW_PKTS);
 		return TC_ACT_OK;
 	}
 
-	emit_deny(skb, &fk, reason, tcp_flags, ETH_P_IP, now);
+deny:
+	emit_deny_rule(skb, &fk, d.reason, tcp_flags, d.rule_id, ETH_P_IP, now);
 	stat_inc(S_DENY_PKTS);
 	if ((sbx_flags & SBX_F_REJECT) && l4_ok && ihl == sizeof(*ip)) {
 		if (fk.proto == IPPROTO_TCP)
@@ -826,6 +1000,28 @@ malformed:
 	emit_deny(skb, &fk, R_MALFORMED, 0, ETH_P_IP, now);
 	stat_inc(S_DENY_PKTS);
 	return TC_ACT_SHOT;
+}
+
+/* IPv6 towards a sandbox with IPv6 allow rules (stateless): TCP/UDP only from a source port
+ * and address its allow rules name, ICMPv6 errors, echo replies and neighbour discovery. */
+static __always_inline int ipv6_towards_sandbox(struct __sk_buff *skb, __u32 sbx_id)
+{
+	struct ipv6hdr ip6;
+	struct decision d = {};
+	__u8 l4[4];
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip6), l4, sizeof(l4)))
+		return TC_ACT_SHOT;
+	if (ip6.nexthdr == IPPROTO_ICMPV6)
+		return (l4[0] < 128 || l4[0] == ICMPV6_ECHO_REPLY || l4[0] == ND_NEIGHBOR_SOLICIT ||
+			l4[0] == ND_NEIGHBOR_ADVERT) ? TC_ACT_OK : TC_ACT_SHOT;
+	if (ip6.nexthdr != IPPROTO_TCP && ip6.nexthdr != IPPROTO_UDP)
+		return TC_ACT_SHOT;
+	__u16 sport;
+	__builtin_memcpy(&sport, &l4[0], 2);
+	return decide6(sbx_id, ip6.nexthdr, sport, &ip6.saddr, &d) == V_ALLOW ? TC_ACT_OK
+									       : TC_ACT_SHOT;
 }
 
 /*
@@ -851,7 +1047,7 @@ int sandbox_ingress(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	if (eth->h_proto != bpf_htons(ETH_P_IP)) {
 		if (eth->h_proto == bpf_htons(ETH_P_IPV6) && (sbx->flags & SBX_F_ALLOW_IPV6))
-			return TC_ACT_OK;
+			return ipv6_towards_sandbox(skb, sbx->sbx_id);
 		return TC_ACT_SHOT;
 	}
 	struct iphdr *ip = (void *)(eth + 1);
@@ -894,9 +1090,18 @@ int sandbox_ingress(struct __sk_buff *skb)
 	} else {
 		return TC_ACT_SHOT;
 	}
-	if (bpf_map_lookup_elem(&flows, &fk))
-		return TC_ACT_OK;
-	emit_deny(skb, &fk, R_INBOUND, 0, ETH_P_IP, bpf_ktime_get_boot_ns());
+	__u64 now = bpf_ktime_get_boot_ns();
+	struct flow_val *fv = bpf_map_lookup_elem(&flows, &fk);
+	if (fv) {
+		struct decision d = {};
+		/* TCP is decided again on the sandbox's side: its ACK of this segment gets the RST
+		 * that ends a revoked connection (dropping here would leave the guest waiting) */
+		if (fk.proto == IPPROTO_TCP || flow_still_allowed(fv, &fk, sbx, now, &d))
+			return TC_ACT_OK;
+		emit_deny_rule(skb, &fk, R_REVOKED, 0, d.rule_id, ETH_P_IP, now);
+		return TC_ACT_SHOT;
+	}
+	emit_deny(skb, &fk, R_INBOUND, 0, ETH_P_IP, now);
 	return TC_ACT_SHOT;
 }
 

@@ -25,7 +25,7 @@ log = structlog.get_logger(__name__)
 EVENT = struct.Struct("<QII4s4s2s2sBBBBIHH")
 REASONS = {0: "rule", 1: "flow", 2: "default_deny", 3: "expired", 4: "unknown_interface",
            5: "not_ipv4", 6: "malformed", 7: "inbound", 8: "deny_rule", 9: "always_denied",
-           10: "default_allow"}
+           10: "default_allow", 11: "revoked"}
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 IPV6_NEXT_HEADERS = {**PROTO_NAMES, 58: "icmpv6"}

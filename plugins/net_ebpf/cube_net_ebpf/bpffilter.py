@@ -22,6 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from cube_net_ebpf.addressing import TAP_MAC
 from cube_net_ebpf.libbpf import BPF_ANY, BpfMap, BpfObject, RingBuffer
 from cube_net_ebpf.policy import CidrRule, CompiledPolicy
+from cube_net_ebpf.ranges import DeniedRanges
 
 log = structlog.get_logger(__name__)
 
@@ -29,12 +30,15 @@ SBX_F_REJECT = 1
 SBX_F_DEFAULT_ALLOW = 2
 SBX_F_ALLOW_IPV6 = 4
 
-SBX_VAL = struct.Struct("<II4sI6s2x")   # sbx_id, flags, host_addr, pad, gw_mac
+SBX_VAL = struct.Struct("<II4sI6s2x")   # sbx_id, flags, host_addr, gen, gw_mac
 RULE_KEY = struct.Struct("<IIBB2s4s")   # prefixlen, sbx_id, proto, pad, dport(BE), daddr
+RULE6_KEY = struct.Struct("<IIBB2s16s")
 RULE_VAL = struct.Struct("<QII")        # expires_ns, rule_id, flags
+RULE_F_SYSTEM = 1
 BLOCK_KEY = struct.Struct("<I4s")
+BLOCK6_KEY = struct.Struct("<I16s")
 FLOW_KEY = struct.Struct("<I4s4s2s2sB3x")
-FLOW_VAL = struct.Struct("<QII")
+FLOW_VAL = struct.Struct("<QQII")       # last_seen_ns, expires_ns, rule_id, gen
 U32 = struct.Struct("<I")
 
 PROG_EGRESS = "sandbox_egress"
@@ -51,9 +55,23 @@ def boottime_ns() -> int:
 
 
 def rule_key(sbx: int, rule: CidrRule) -> bytes:
-    net = ipaddress.IPv4Network(rule.cidr)
-    return RULE_KEY.pack(64 + net.prefixlen, sbx, rule.proto, 0, struct.pack("!H", rule.port),
-                         net.network_address.packed)
+    net = ipaddress.ip_network(rule.cidr)
+    key = RULE6_KEY if net.version == 6 else RULE_KEY
+    return key.pack(64 + net.prefixlen, sbx, rule.proto, 0, struct.pack("!H", rule.port),
+                    net.network_address.packed)
+
+
+def _empty_tables() -> dict[str, dict[bytes, bytes]]:
+    return {"allow": {}, "deny": {}, "allow6": {}, "deny6": {}}
+
+
+def _flags(policy: CompiledPolicy) -> int:
+    flags = SBX_F_REJECT
+    if policy.default_allow:
+        flags |= SBX_F_DEFAULT_ALLOW
+    if policy.allow_ipv6:
+        flags |= SBX_F_ALLOW_IPV6
+    return flags
 
 
 def _possible_cpus() -> int:
@@ -84,6 +102,9 @@ class EgressFilter:
         self.allow = BpfMap(self.obj.map_fd("allow_rules"), RULE_KEY.size, RULE_VAL.size)
         self.deny = BpfMap(self.obj.map_fd("deny_rules"), RULE_KEY.size, RULE_VAL.size)
         self.blocked = BpfMap(self.obj.map_fd("blocked"), BLOCK_KEY.size, 4)
+        self.allow6 = BpfMap(self.obj.map_fd("allow6_rules"), RULE6_KEY.size, RULE_VAL.size)
+        self.deny6 = BpfMap(self.obj.map_fd("deny6_rules"), RULE6_KEY.size, RULE_VAL.size)
+        self.blocked6 = BpfMap(self.obj.map_fd("blocked6"), BLOCK6_KEY.size, 4)
         self.flows = BpfMap(self.obj.map_fd("flows"), FLOW_KEY.size, FLOW_VAL.size)
         self._ncpu = _possible_cpus()
         self.stats_map = BpfMap(self.obj.map_fd("stats"), 4, 8 * self._ncpu)
@@ -95,33 +116,44 @@ class EgressFilter:
         self._labels: dict[int, dict[int, str]] = {}
         """ifindex -> rule id -> human label (for audit)"""
         self._next_rule_id = 1
+        self._gen = (boottime_ns() >> 20) & 0xFFFFFFFF
+        """Policy generations: every policy write takes the next one (flows decided under an
+        older generation are decided again). Started from the clock so that a restarted Cube
+        does not reuse the numbers of the last one."""
         self._recover()
+
+    def _tables(self) -> tuple[tuple[str, BpfMap], ...]:
+        return (("allow", self.allow), ("deny", self.deny), ("allow6", self.allow6),
+                ("deny6", self.deny6))
 
     def _recover(self) -> None:
         """Rebuild the bookkeeping from pinned maps written by an earlier process."""
-        for name, bpf_map in (("allow", self.allow), ("deny", self.deny)):
+        for name, bpf_map in self._tables():
             for key, value in bpf_map.items():
-                sbx = RULE_KEY.unpack(key)[1]
+                sbx = U32.unpack(key[4:8])[0]
                 expires, rule_id, _flags = RULE_VAL.unpack(value)
                 if expires:
                     self._learned.setdefault(sbx, {})[key] = _Learned(expires, rule_id, "")
                 else:
-                    self._static.setdefault(sbx, {"allow": {}, "deny": {}})[name][key] = value
+                    self._static.setdefault(sbx, _empty_tables())[name][key] = value
                 self._next_rule_id = max(self._next_rule_id, (rule_id % DNS_RULE_BASE) + 1)
 
     # -- host-wide ------------------------------------------------------------------------------
 
-    def set_blocked(self, cidrs: list[str]) -> None:
-        want = {}
-        for cidr in cidrs:
-            net = ipaddress.IPv4Network(cidr, strict=False)
-            want[BLOCK_KEY.pack(net.prefixlen, net.network_address.packed)] = U32.pack(1)
+    def set_blocked(self, ranges: DeniedRanges) -> None:
+        """Write the always-denied ranges and the operator's openings (value: ranges.KIND_*)."""
+        want: dict[str, dict[bytes, bytes]] = {"4": {}, "6": {}}
+        for net, kind in ranges.entries():
+            key_fmt = BLOCK6_KEY if net.version == 6 else BLOCK_KEY
+            key = key_fmt.pack(net.prefixlen, net.network_address.packed)
+            want[str(net.version)][key] = U32.pack(kind)
         with self._lock:
-            for key in list(self.blocked.keys()):
-                if key not in want:
-                    self.blocked.delete(key)
-            for key, value in want.items():
-                self.blocked.update(key, value)
+            for version, bpf_map in (("4", self.blocked), ("6", self.blocked6)):
+                for key in list(bpf_map.keys()):
+                    if key not in want[version]:
+                        bpf_map.delete(key)
+                for key, value in want[version].items():
+                    bpf_map.update(key, value)
 
     # -- sandboxes ------------------------------------------------------------------------------
 
@@ -132,24 +164,24 @@ class EgressFilter:
         the filter's answers to the guest's IPv6 frames come from it."""
         with self._lock:
             self.apply(ifindex, policy)
-            flags = SBX_F_REJECT
-            if policy.default_allow:
-                flags |= SBX_F_DEFAULT_ALLOW
-            if policy.allow_ipv6:
-                flags |= SBX_F_ALLOW_IPV6
             self.sandboxes.update(U32.pack(ifindex), SBX_VAL.pack(
-                ifindex, flags, ipaddress.IPv4Address(host_addr).packed, 0,
-                bytes.fromhex(gateway_mac.replace(":", ""))))
+                ifindex, _flags(policy), ipaddress.IPv4Address(host_addr).packed,
+                self._next_gen(), bytes.fromhex(gateway_mac.replace(":", ""))))
+
+    def _next_gen(self) -> int:
+        self._gen = (self._gen + 1) & 0xFFFFFFFF
+        return self._gen
 
     def set_flags(self, ifindex: int, policy: CompiledPolicy) -> None:
+        """Write the sandbox's flags with a new policy generation: its established flows are
+        decided again by their next packet, and those the policy now denies are revoked."""
         with self._lock:
             raw = self.sandboxes.lookup(U32.pack(ifindex))
             if raw is None:
                 return
-            sbx, _flags, host, pad, gw_mac = SBX_VAL.unpack(raw)
-            flags = SBX_F_REJECT | (SBX_F_DEFAULT_ALLOW if policy.default_allow else 0) | (
-                SBX_F_ALLOW_IPV6 if policy.allow_ipv6 else 0)
-            self.sandboxes.update(U32.pack(ifindex), SBX_VAL.pack(sbx, flags, host, pad, gw_mac))
+            sbx, _old, host, _gen, gw_mac = SBX_VAL.unpack(raw)
+            self.sandboxes.update(U32.pack(ifindex), SBX_VAL.pack(
+                sbx, _flags(policy), host, self._next_gen(), gw_mac))
 
     def registered(self) -> list[int]:
         return [U32.unpack(k)[0] for k in self.sandboxes.keys()]
@@ -159,8 +191,9 @@ class EgressFilter:
         the LRU table; they are keyed by this ifindex and can never match another slot)."""
         with self._lock:
             self.sandboxes.delete(U32.pack(ifindex))
+            maps = dict(self._tables())
             for name, entries in self._static.pop(ifindex, {}).items():
-                bpf_map = self.allow if name == "allow" else self.deny
+                bpf_map = maps[name]
                 for key in entries:
                     bpf_map.delete(key)
             for key in self._learned.pop(ifindex, {}):
@@ -168,15 +201,17 @@ class EgressFilter:
             self._labels.pop(ifindex, None)
 
     def apply(self, ifindex: int, policy: CompiledPolicy) -> None:
-        """Make the sandbox's static rules equal to ``policy`` (a diff: only changes are written,
-        flows already allowed keep working)."""
+        """Make the sandbox's static rules equal to ``policy`` (a diff: only changes are written)
+        and start a new policy generation: established flows the new rules deny are revoked."""
         with self._lock:
             labels = self._labels.setdefault(ifindex, {})
-            current = self._static.setdefault(ifindex, {"allow": {}, "deny": {}})
+            current = self._static.setdefault(ifindex, _empty_tables())
             for name, rules, bpf_map in (("allow", policy.allow, self.allow),
-                                         ("deny", policy.deny, self.deny)):
+                                         ("deny", policy.deny, self.deny),
+                                         ("allow6", policy.allow6, self.allow6),
+                                         ("deny6", policy.deny6, self.deny6)):
                 want: dict[bytes, CidrRule] = {rule_key(ifindex, r): r for r in rules}
-                have = current[name]
+                have = current.setdefault(name, {})
                 for key in [k for k in have if k not in want]:
                     learned = self._learned.get(ifindex, {}).get(key) if name == "allow" else None
                     if learned is not None:
@@ -185,15 +220,15 @@ class EgressFilter:
                         bpf_map.delete(key)
                     del have[key]
                 for key, rule in want.items():
-                    if key in have:
+                    flags = RULE_F_SYSTEM if rule in policy.system and name == "allow" else 0
+                    if key in have and RULE_VAL.unpack(have[key])[2] == flags:
                         continue
                     rule_id = self._next_rule_id
                     self._next_rule_id += 1
-                    value = RULE_VAL.pack(0, rule_id, 0)
+                    value = RULE_VAL.pack(0, rule_id, flags)
                     bpf_map.update(key, value, BPF_ANY)
                     have[key] = value
                     labels[rule_id] = policy.labels.get(rule, f"{name} {rule.cidr}")
-            self.set_flags(ifindex, policy)
             # learned addresses of domains no longer allowed go away
             domains = {d.pattern for d in policy.allow_domains}
             learned_now = self._learned.get(ifindex, {})
@@ -201,6 +236,7 @@ class EgressFilter:
                 if key not in current["allow"]:
                     self.allow.delete(key)
                 del learned_now[key]
+            self.set_flags(ifindex, policy)  # last: flows are decided again on the final rules
 
     def learn(self, ifindex: int, address: str, proto: int, port: int, ttl_s: float,
               domain: str) -> int:
@@ -240,6 +276,9 @@ class EgressFilter:
 
     def label(self, ifindex: int, rule_id: int) -> str | None:
         return self._labels.get(ifindex, {}).get(rule_id)
+
+    def flow_count(self, ifindex: int) -> int:
+        return sum(1 for key in self.flows.keys() if FLOW_KEY.unpack(key)[0] == ifindex)
 
     def kill_flows(self, ifindex: int) -> int:
         count = 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cube_net_ebpf.policy import ALWAYS_DENIED
+from cube_net_ebpf.ranges import ALWAYS_DENIED, ALWAYS_DENIED6
 
 _PRIVATE = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 
@@ -40,8 +40,16 @@ class EbpfNetConfig(BaseModel):
     bpf_pin_dir: Path = Path("/sys/fs/bpf/cube")
     """Maps are pinned under ``<bpf_pin_dir>/<object hash>/`` and shared across restarts."""
     always_denied: tuple[str, ...] = ALWAYS_DENIED
-    """Destinations denied unless a sandbox's allow rule names them (the host's own addresses
-    and ``subnet`` are always added)."""
+    """IPv4 destinations no sandbox rule (``allow_out``, plugin egress rules, DNS-learned
+    addresses) can open: an allow rule wholly inside one is refused. The host's own addresses
+    and ``subnet`` are always added."""
+    always_denied6: tuple[str, ...] = ALWAYS_DENIED6
+    """The same for IPv6."""
+    openable_ranges: tuple[str, ...] = ()
+    """Parts of the always-denied ranges the operator opens to sandbox rules (IPv4 or IPv6
+    CIDRs, e.g. ``["10.20.0.5/32"]`` for an internal mirror). Still denied by default: only a
+    sandbox whose allow rule names the destination reaches it. Never ``subnet`` (other
+    sandboxes) nor the host's own addresses."""
 
     dns: bool = True
     """Run Cube's resolver (needed for domain rules)."""
@@ -50,11 +58,35 @@ class EbpfNetConfig(BaseModel):
     dns_min_ttl: int = Field(default=5, ge=1)
     dns_max_ttl: int = Field(default=300, ge=1)
     dns_grace_s: float = Field(default=2.0, ge=0)
+    dns_rate: float = Field(default=50.0, gt=0)
+    """Queries per second one sandbox may send to the resolver (token bucket)."""
+    dns_burst: int = Field(default=100, ge=1)
+    dns_in_flight: int = Field(default=4, ge=1)
+    """Queries of one sandbox being answered at once."""
+    dns_queue: int = Field(default=256, ge=1)
+    """Queries of all sandboxes waiting or being answered; beyond it they are dropped."""
+    dns_tcp_per_sandbox: int = Field(default=4, ge=1)
+    """Open TCP connections to the resolver per sandbox (each must send its query within 2 s)."""
 
     audit_max_events: int = Field(default=10_000, ge=0)
     """Events kept in memory per sandbox for ``audit()``."""
     audit_dir: Path | None = None
     """If set, every event is also appended to ``<audit_dir>/<slot_id>.jsonl``."""
+
+    @field_validator("always_denied", "always_denied6", "openable_ranges")
+    @classmethod
+    def _check_cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(ipaddress.ip_network(v, strict=False)) for v in value)
+
+    @model_validator(mode="after")
+    def _check_openable(self) -> EbpfNetConfig:
+        subnet = ipaddress.IPv4Network(self.subnet)
+        for cidr in self.openable_ranges:
+            net = ipaddress.ip_network(cidr)
+            if net.version == 4 and net.overlaps(subnet):
+                raise ValueError(f"openable_ranges: {cidr} overlaps the slot subnet {subnet} "
+                                 "(other sandboxes are never openable)")
+        return self
 
     @field_validator("subnet")
     @classmethod

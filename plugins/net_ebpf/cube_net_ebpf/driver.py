@@ -39,8 +39,10 @@ from cube_net_ebpf.audit import AuditLog, AuditReader
 from cube_net_ebpf.bpffilter import EgressFilter
 from cube_net_ebpf.config import EbpfNetConfig
 from cube_net_ebpf.dns import Client, Resolver, system_upstreams
+from cube_net_ebpf.dnslimits import DnsLimits
 from cube_net_ebpf.errors import map_network_errors
 from cube_net_ebpf.policy import CompiledPolicy, compile_policy
+from cube_net_ebpf.ranges import DeniedRanges, parse_networks
 
 log = structlog.get_logger(__name__)
 
@@ -97,6 +99,11 @@ class EbpfNetwork(NetworkDriver):
         self.setup_ms: list[float] = []
         """Wall time of the last slot builds (namespace + tap + veth + NAT + filter)."""
         self.filter: EgressFilter | None = None
+        self._configured_denied = DeniedRanges(
+            always=parse_networks((*config.always_denied, *config.always_denied6, config.subnet)),
+            openable=parse_networks(config.openable_ranges))
+        self.denied = self._configured_denied
+        """What no sandbox rule opens; the host's own addresses are added at start."""
         self.audit_log = AuditLog(config.audit_max_events, config.audit_dir)
         self._test_guest_netns = test_guest_netns
         self._executor: ThreadPoolExecutor | None = None
@@ -145,6 +152,9 @@ class EbpfNetwork(NetworkDriver):
     def _start_sync(self) -> None:
         with map_network_errors("network start"):
             host.prepare(self.config.subnet, self.resolver, self.config.manage_forwarding)
+            own = parse_networks(host.own_addresses(self.config.subnet))
+            self.denied = DeniedRanges(always=(*self._configured_denied.always, *own),
+                                       openable=self._configured_denied.openable)
             self.config.state_dir.mkdir(parents=True, exist_ok=True)
             if self.config.ebpf:
                 self._start_filter()
@@ -168,9 +178,7 @@ class EbpfNetwork(NetworkDriver):
         pin_dir = self.config.bpf_pin_dir / obj.stem
         _unpin_other_objects(self.config.bpf_pin_dir, keep=pin_dir)
         self.filter = EgressFilter(obj, pin_dir)
-        blocked = [*self.config.always_denied, self.config.subnet,
-                   *host.own_addresses(self.config.subnet)]
-        self.filter.set_blocked(blocked)
+        self.filter.set_blocked(self.denied)
         self._reader = AuditReader(self.filter, self.audit_log, self._by_ifindex.get)
 
     def _start_resolver(self) -> None:
@@ -180,7 +188,10 @@ class EbpfNetwork(NetworkDriver):
         self._resolver = Resolver(
             self.resolver, self._dns_client, self._dns_learn, self.audit_log.add,
             upstreams=upstreams, min_ttl=self.config.dns_min_ttl, max_ttl=self.config.dns_max_ttl,
-            grace_s=self.config.dns_grace_s)
+            grace_s=self.config.dns_grace_s, always_denied=self.denied.always_denied,
+            limits=DnsLimits(rate=self.config.dns_rate, burst=self.config.dns_burst,
+                             in_flight=self.config.dns_in_flight, queue=self.config.dns_queue,
+                             tcp_per_sandbox=self.config.dns_tcp_per_sandbox))
         self._resolver.start()
 
     def _remove_incomplete(self, inv: host.Inventory) -> int:
@@ -220,6 +231,8 @@ class EbpfNetwork(NetworkDriver):
                 log.warning("slot without usable state; its filter entries stay as they are",
                             slot_id=slot_id, error=str(exc))
                 continue
+            # not checked against the always-denied ranges: a rule the operator no longer allows
+            # is kept (the filter ignores it) rather than leaving the slot unmanaged
             compiled = compile_policy(policy, rules, resolver=self.resolver)
             rec = _Slot(slot_id, addr, ifindex, compiled, source)
             if self.filter is not None:
@@ -364,7 +377,7 @@ class EbpfNetwork(NetworkDriver):
 
     def _allocate_sync(self, owner_id: str, policy: NetworkPolicy,
                        extra_rules: tuple[EgressRule, ...]) -> NicHandle:
-        compiled = compile_policy(policy, extra_rules, resolver=self.resolver)
+        compiled = compile_policy(policy, extra_rules, resolver=self.resolver, denied=self.denied)
         source = {"policy": policy.model_dump(mode="json"),
                   "extra_rules": [r.model_dump(mode="json") for r in extra_rules]}
         rec = self._take_from_pool(owner_id, compiled, source)
@@ -424,8 +437,9 @@ class EbpfNetwork(NetworkDriver):
 
     def _update_sync(self, slot_id: str, policy: NetworkPolicy,
                      extra_rules: tuple[EgressRule, ...]) -> None:
-        """Rewrite the slot's rules in place (map writes, no reload); established flows stay."""
-        compiled = compile_policy(policy, extra_rules, resolver=self.resolver)
+        """Rewrite the slot's rules in place (map writes, no reload); established flows the new
+        rules deny are revoked by the filter (their next packet is rejected)."""
+        compiled = compile_policy(policy, extra_rules, resolver=self.resolver, denied=self.denied)
         with self._lock:
             rec = self._slots.get(slot_id)
             if rec is None:

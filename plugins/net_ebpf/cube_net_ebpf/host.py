@@ -79,7 +79,8 @@ def ensure_local_address(address: str) -> None:
 
 
 def own_addresses(exclude_subnet: str) -> list[str]:
-    """The host's IPv4 addresses outside Cube's subnet and loopback (denied to sandboxes)."""
+    """The host's IPv4 and IPv6 addresses outside Cube's subnet and loopback (always denied to
+    sandboxes)."""
     subnet = ipaddress.IPv4Network(exclude_subnet)
     out = []
     with IPRoute() as ipr:
@@ -87,4 +88,8 @@ def own_addresses(exclude_subnet: str) -> list[str]:
             addr = ipaddress.IPv4Address(msg.get_attr("IFA_ADDRESS"))
             if addr not in subnet and not addr.is_loopback:
                 out.append(f"{addr}/32")
+        for msg in ipr.get_addr(family=10):
+            addr6 = ipaddress.IPv6Address(msg.get_attr("IFA_ADDRESS").split("%")[0])
+            if not addr6.is_loopback:
+                out.append(f"{addr6}/128")
     return out

@@ -4,10 +4,13 @@
 Semantics, as in E2B: internet access is on by default; ``allow_internet_access=False`` means
 deny everything not explicitly allowed; an allow always wins over a deny; domains in
 ``allow_out`` are allowed through Cube's resolver (their resolved addresses are allowed for the
-answer's TTL), domains denied get NXDOMAIN. On top of that, always-denied ranges (private,
-link-local, loopback, CGNAT incl. other sandboxes, multicast) are denied unless an allow rule
-names them, IPv6 is denied unless an IPv6 range is allowed, and DNS may only go to Cube's
-resolver.
+answer's TTL), domains denied get NXDOMAIN. On top of that, always-denied ranges (``ranges.py``:
+metadata/link-local, private, loopback, CGNAT incl. other sandboxes, multicast, the host's own
+addresses, their IPv6 equivalents) are never opened by a sandbox's rule: an allow rule that
+lies wholly inside one is refused (``NetworkError`` with ``field``/``reason``), a wider one
+(``0.0.0.0/0``) leaves them shut. Only ranges the operator made openable are opened by an allow
+rule naming them. IPv6 is denied unless an IPv6 allow rule names the destination, and DNS may
+only go to Cube's resolver.
 """
 
 from __future__ import annotations
@@ -21,23 +24,18 @@ from typing import Literal
 
 from cube_core import EgressRule, NetworkError, NetworkPolicy
 
+from cube_net_ebpf.ranges import DeniedRanges
+
 Proto = Literal["tcp", "udp", "any"]
 PROTO_NUMBERS: dict[str, int] = {"any": 0, "icmp": 1, "tcp": 6, "udp": 17}
 PROTO_NAMES: dict[int, str] = {v: k for k, v in PROTO_NUMBERS.items()}
-
-ALWAYS_DENIED: tuple[str, ...] = (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-    "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-)
-"""Denied unless an allow rule names them (169.254.169.254, the cloud metadata address, is in
-the link-local range). 198.18.0.0/15 is deliberately absent: tests use it as "the internet"."""
 
 _DOMAIN_RE = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_-]{1,63}\.?$")
 
 
 @dataclass(frozen=True, slots=True, order=True)
 class CidrRule:
-    """One entry of the allow or deny trie (IPv4)."""
+    """One entry of the allow or deny trie (IPv4, or IPv6 in the ``*6`` tuples)."""
 
     cidr: str
     proto: int = 0
@@ -66,6 +64,10 @@ class CompiledPolicy:
     allow_domains: tuple[DomainRule, ...] = ()
     deny_domains: tuple[DomainRule, ...] = ()
     labels: dict[CidrRule | DomainRule, str] = field(default_factory=dict, compare=False)
+    system: frozenset[CidrRule] = frozenset()
+    """Cube's own allow rules (the resolver): the only ones that reach an always-denied range."""
+    allow6: tuple[CidrRule, ...] = ()
+    deny6: tuple[CidrRule, ...] = ()
 
     @property
     def names_default_allow(self) -> bool:
@@ -88,7 +90,7 @@ def _is_domain(target: str) -> bool:
 
 
 def _parse(target: str, proto: str, port: int | None, action: str
-           ) -> CidrRule | DomainRule | Literal["ipv6"]:
+           ) -> CidrRule | DomainRule | tuple[Literal["ipv6"], CidrRule]:
     target = target.strip()
     if proto not in PROTO_NUMBERS or proto == "icmp":
         raise NetworkError(f"unknown protocol {proto!r} in egress rule")
@@ -104,44 +106,63 @@ def _parse(target: str, proto: str, port: int | None, action: str
             raise NetworkError(f"egress {action} target {target!r} is not an address, CIDR or "
                                "domain name") from None
         return DomainRule(pattern=target.lower().rstrip("."), proto=pnum, port=port or 0)
+    rule = CidrRule(cidr=str(net), proto=pnum, port=port or 0)
     if net.version == 6:
-        return "ipv6"
-    return CidrRule(cidr=str(net), proto=pnum, port=port or 0)
+        return ("ipv6", rule)
+    return rule
 
 
 def compile_policy(policy: NetworkPolicy, extra_rules: Sequence[EgressRule] = (),
-                   *, resolver: str | None = None) -> CompiledPolicy:
-    """Turn a policy into filter entries; raises NetworkError for a malformed target."""
+                   *, resolver: str | None = None, denied: DeniedRanges | None = None
+                   ) -> CompiledPolicy:
+    """Turn a policy into filter entries. Raises NetworkError for a malformed target and, when
+    ``denied`` is given, for an allow rule that lies wholly inside an always-denied range (the
+    error's ``field`` names the rule, e.g. ``allow_out[0]``)."""
     allow: dict[CidrRule, str] = {}
     deny: dict[CidrRule, str] = {}
+    allow6: dict[CidrRule, str] = {}
+    deny6: dict[CidrRule, str] = {}
     allow_domains: dict[DomainRule, str] = {}
     deny_domains: dict[DomainRule, str] = {}
-    allow_ipv6 = False
-    entries: Iterable[tuple[str, str, str, int | None]] = [
-        *(("allow", t, "any", None) for t in policy.allow_out),
-        *(("deny", t, "any", None) for t in policy.deny_out),
-        *((r.action, r.target, r.protocol, r.port) for r in extra_rules),
+    entries: Iterable[tuple[str, str, str, str, int | None]] = [
+        *((f"allow_out[{i}]", "allow", t, "any", None) for i, t in enumerate(policy.allow_out)),
+        *((f"deny_out[{i}]", "deny", t, "any", None) for i, t in enumerate(policy.deny_out)),
+        *((f"egress rule {r.action} {r.target}", r.action, r.target, r.protocol, r.port)
+          for r in extra_rules),
     ]
-    for action, target, proto, port in entries:
+    for where, action, target, proto, port in entries:
         parsed = _parse(target, proto, port, action)
         label = f"{action} {target}" + (f" {proto}" if proto != "any" else "") + (
             f":{port}" if port else "")
-        if parsed == "ipv6":
-            allow_ipv6 = allow_ipv6 or action == "allow"
-        elif isinstance(parsed, DomainRule):
+        if isinstance(parsed, DomainRule):
             (allow_domains if action == "allow" else deny_domains).setdefault(parsed, label)
+            continue
+        rule = parsed[1] if isinstance(parsed, tuple) else parsed
+        if action == "allow" and denied is not None:
+            swallowed_by = denied.refusal(ipaddress.ip_network(rule.cidr))
+            if swallowed_by is not None:
+                reason = (f"{target} is in the always-denied range {swallowed_by}, which no "
+                          "sandbox rule can open (only the operator's network option "
+                          "openable_ranges can)")
+                raise NetworkError(f"{where}: {reason}", field=where, reason=reason)
+        if isinstance(parsed, tuple):
+            (allow6 if action == "allow" else deny6).setdefault(rule, label)
         else:
-            (allow if action == "allow" else deny).setdefault(parsed, label)
+            (allow if action == "allow" else deny).setdefault(rule, label)
+    system: set[CidrRule] = set()
     if resolver is not None:
         for pnum in (PROTO_NUMBERS["udp"], PROTO_NUMBERS["tcp"]):
-            allow.setdefault(CidrRule(f"{resolver}/32", pnum, 53), "cube resolver")
+            own = CidrRule(f"{resolver}/32", pnum, 53)
+            allow[own] = "cube resolver"
+            system.add(own)
             deny.setdefault(CidrRule("0.0.0.0/0", pnum, 53), "dns only through cube resolver")
     labels: dict[CidrRule | DomainRule, str] = {}
-    for cidr_table in (allow, deny):
+    for cidr_table in (allow, deny, allow6, deny6):
         labels.update(cidr_table.items())
     for domain_table in (allow_domains, deny_domains):
         labels.update(domain_table.items())
-    return CompiledPolicy(default_allow=policy.allow_internet_access, allow_ipv6=allow_ipv6,
+    return CompiledPolicy(default_allow=policy.allow_internet_access, allow_ipv6=bool(allow6),
                           allow=tuple(sorted(allow)), deny=tuple(sorted(deny)),
                           allow_domains=tuple(allow_domains), deny_domains=tuple(deny_domains),
-                          labels=labels)
+                          labels=labels, system=frozenset(system), allow6=tuple(sorted(allow6)),
+                          deny6=tuple(sorted(deny6)))

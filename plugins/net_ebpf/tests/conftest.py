@@ -63,7 +63,7 @@ def internet() -> Iterator[str]:
 
 def make_config(**overrides) -> EbpfNetConfig:
     base = {"pool_size": 1, "dns_upstreams": ("198.18.0.53",), "dns_min_ttl": 1,
-            "dns_grace_s": 0.5}
+            "dns_grace_s": 0.5, "openable_ranges": ("10.255.255.10/32",)}
     return EbpfNetConfig(**{**base, **overrides})
 
 

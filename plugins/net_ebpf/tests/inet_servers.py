@@ -18,6 +18,7 @@ ZONE = {
     "api.example.test.": ("198.18.1.30", 2),
     "evil.example.test.": ("198.18.1.31", 60),
     "cdn.example.test.": ("198.18.0.20", 60),
+    "meta.example.test.": ("169.254.169.254", 60),  # a name of the sandbox's choosing
 }
 
 

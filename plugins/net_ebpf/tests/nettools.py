@@ -109,8 +109,25 @@ def wait_until(pred: object, timeout: float = 5.0) -> bool:
     return bool(pred())  # type: ignore[operator]
 
 
+METADATA = "169.254.169.254"
+"""A fake cloud metadata server in the test internet: the host's route to the real one is
+replaced for the session and put back after (:func:`hijack_route`)."""
 INET_ADDRS = ("198.18.0.10", "198.18.0.20", "198.18.0.53", "198.18.1.30", "198.18.1.31",
-              "10.255.255.10")
+              "10.255.255.10", "10.255.255.11", METADATA)
+
+
+@contextlib.contextmanager
+def hijack_route(prefix: str, via: str, dev: str):
+    """Route ``prefix`` to ``via`` while the block runs, then restore the host's own route to it
+    (if it had one): test traffic to ``prefix`` never reaches a real service."""
+    saved = sh("ip", "route", "show", "exact", prefix).stdout.split()
+    sh("ip", "route", "replace", prefix, "via", via, "dev", dev)
+    try:
+        yield
+    finally:
+        sh("ip", "route", "del", prefix, check=False)
+        if saved:
+            sh("ip", "route", "replace", prefix, *saved[1:], check=False)
 
 
 @contextlib.contextmanager
@@ -131,18 +148,19 @@ def internet(name: str = "ctinet", host_if: str = "ctinet0"):
         for addr in INET_ADDRS:
             sh("ip", "-n", name, "addr", "add", f"{addr}/32", "dev", "lo")
         sh("ip", "route", "replace", "198.18.0.0/16", "via", "198.19.255.254", "dev", host_if)
-        sh("ip", "route", "replace", "10.255.255.10/32", "via", "198.19.255.254", "dev", host_if)
+        sh("ip", "route", "replace", "10.255.255.10/31", "via", "198.19.255.254", "dev", host_if)
         server = subprocess.Popen(["ip", "netns", "exec", name, sys.executable,
                                    str(Path(__file__).with_name("inet_servers.py"))],
                                   stdout=subprocess.PIPE, text=True)
         assert server.stdout is not None
         assert server.stdout.readline().strip() == "ready"
-        yield name
+        with hijack_route(f"{METADATA}/32", "198.19.255.254", host_if):
+            yield name
     finally:
         if server is not None:
             stop(server)
         sh("ip", "route", "del", "198.18.0.0/16", check=False)
-        sh("ip", "route", "del", "10.255.255.10/32", check=False)
+        sh("ip", "route", "del", "10.255.255.10/31", check=False)
         sh("ip", "link", "del", host_if, check=False)
         del_netns(name)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ from cube_core import NetworkPolicy
 
 from cube_net_ebpf import bpfobject, libbpf
 from cube_net_ebpf.addressing import TAP_MAC
-from cube_net_ebpf.bpffilter import EgressFilter
+from cube_net_ebpf.bpffilter import FLOW_KEY, FLOW_VAL, EgressFilter
 from cube_net_ebpf.policy import compile_policy
+from cube_net_ebpf.ranges import ALWAYS_DENIED, ALWAYS_DENIED6, DeniedRanges, parse_networks
 
 pytestmark = [pytest.mark.root, pytest.mark.ebpf]
 
@@ -30,8 +32,8 @@ def _csum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def ipv4_tcp_syn(src: str, dst: str, dport: int) -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", 40000, dport, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+def ipv4_tcp_syn(src: str, dst: str, dport: int, flags: int = 0x02, ack: int = 0) -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", 40000, dport, 1, ack, 5 << 4, flags, 64240, 0, 0)
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0,
                      socket.inet_aton(src), socket.inet_aton(dst))
     ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
@@ -128,14 +130,94 @@ def test_verdicts_by_policy(filt):
     assert run(filt, arp_frame()) == TC_ACT_OK
     assert run(filt, ipv4_tcp_syn("100.64.0.6", "198.18.0.10", 80)) == TC_ACT_OK
     assert run(filt, ipv4_tcp_syn("100.64.0.6", "100.64.0.5", 22)) == TC_ACT_OK  # own host end
-    filt.set_blocked(["10.0.0.0/8"])
+    filt.set_blocked(DeniedRanges(always=parse_networks(["10.0.0.0/8"])))
     # denied TCP is turned into a RST and redirected back out of the interface
     assert run(filt, ipv4_tcp_syn("100.64.0.6", "10.1.2.3", 80)) == TC_ACT_REDIRECT
-    filt.apply(LO, compile_policy(NetworkPolicy(allow_out=("10.1.2.3",))))
-    assert run(filt, ipv4_tcp_syn("100.64.0.6", "10.1.2.3", 80)) == TC_ACT_OK
     filt.apply(LO, compile_policy(NetworkPolicy(deny_out=("198.18.0.0/15",))))
     assert run(filt, ipv4_tcp_syn("100.64.0.6", "198.18.0.10", 80)) == TC_ACT_REDIRECT
     assert run(filt, ipv4_tcp_syn("100.64.0.6", "10.1.2.3", 80)) == TC_ACT_REDIRECT
+
+
+def test_allow_rules_never_open_always_denied_ranges(filt):
+    """An allow rule inside an always-denied range (compiled without the check, as a restarted
+    Cube does with an old policy) opens nothing; one in a range the operator made openable
+    does; Cube's own resolver rule reaches its always-denied address."""
+    filt.set_blocked(DeniedRanges(always=parse_networks([*ALWAYS_DENIED, "100.64.0.0/10"]),
+                                  openable=parse_networks(["10.20.0.0/16"])))
+    try:
+        filt.register(LO, "100.64.0.5", compile_policy(
+            NetworkPolicy(allow_out=("169.254.169.254", "10.0.0.0/8", "0.0.0.0/0")),
+            resolver="100.64.0.1"))
+        for dst in ("169.254.169.254", "10.1.2.3", "192.168.1.1", "100.64.0.9", "127.0.0.1"):
+            assert run(filt, ipv4_tcp_syn("100.64.0.6", dst, 80)) == TC_ACT_REDIRECT, dst
+        assert run(filt, ipv4_tcp_syn("100.64.0.6", "10.20.3.4", 80)) == TC_ACT_OK  # openable
+        assert run(filt, ipv4_tcp_syn("100.64.0.6", "198.18.0.10", 80)) == TC_ACT_OK
+        assert run(filt, ipv4_tcp_syn("100.64.0.6", "100.64.0.1", 53)) == TC_ACT_OK  # resolver
+        assert run(filt, ipv4_tcp_syn("100.64.0.6", "100.64.0.1", 80)) == TC_ACT_REDIRECT
+        # openable is still denied by default: only an allow rule naming it opens it
+        filt.apply(LO, compile_policy(NetworkPolicy(), resolver="100.64.0.1"))
+        assert run(filt, ipv4_tcp_syn("100.64.0.6", "10.20.3.4", 80)) == TC_ACT_REDIRECT
+        # a DNS-learned address is a rule like any other: never in an always-denied range
+        filt.learn(LO, "169.254.169.254", 0, 0, 30, "meta.example.test")
+        assert run(filt, ipv4_tcp_syn("100.64.0.6", "169.254.169.254", 80)) == TC_ACT_REDIRECT
+    finally:
+        filt.set_blocked(DeniedRanges(always=parse_networks(["10.0.0.0/8"])))
+
+
+def _flow_of(filt, dst: str, dport: int):
+    for key in filt.flows.keys():
+        _sbx, _src, daddr, _sport, port, _proto = FLOW_KEY.unpack(key)
+        if daddr == socket.inet_aton(dst) and port == struct.pack("!H", dport):
+            return FLOW_VAL.unpack(filt.flows.lookup(key))
+    return None
+
+
+def test_policy_change_revokes_established_flows_it_denies(filt):
+    filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy()))
+    filt.kill_flows(LO)
+    syn = ipv4_tcp_syn("100.64.0.6", "198.18.0.10", 80)
+    ack = ipv4_tcp_syn("100.64.0.6", "198.18.0.10", 80, flags=0x10, ack=1000)
+    ack2 = ipv4_tcp_syn("100.64.0.6", "198.18.0.20", 80, flags=0x10, ack=1000)
+    assert run(filt, syn) == TC_ACT_OK and run(filt, ack) == TC_ACT_OK
+    assert run(filt, ipv4_tcp_syn("100.64.0.6", "198.18.0.20", 80)) == TC_ACT_OK
+    assert _flow_of(filt, "198.18.0.10", 80) is not None
+    # a change that still allows the flow keeps it; one that denies it revokes it
+    filt.apply(LO, compile_policy(NetworkPolicy(deny_out=("198.18.0.10/32",))))
+    assert run(filt, ack2) == TC_ACT_OK
+    rc, out = libbpf.prog_test_output(filt.prog_egress, ack, ifindex=LO)
+    assert rc == TC_ACT_REDIRECT  # answered with a RST: the guest's connection is reset
+    assert struct.unpack("!IIxB", out[34 + 4:34 + 14]) == (1000, 0, 0x04)
+    assert _flow_of(filt, "198.18.0.10", 80) is None
+    assert _flow_of(filt, "198.18.0.20", 80) is not None
+    # a TCP reply still gets in (the guest's ACK of it gets the RST); after that it is dropped
+    filt.apply(LO, compile_policy(NetworkPolicy(deny_out=("198.18.0.0/15",))))
+    reply = ipv4_tcp_syn("198.18.0.20", "100.64.0.6", 40000, flags=0x10, ack=5)
+    reply = reply[:34] + struct.pack("!HH", 80, 40000) + reply[38:]
+    assert libbpf.prog_test_run(filt.prog_ingress, reply, ifindex=LO)[0] == TC_ACT_OK
+    assert run(filt, ack2) == TC_ACT_REDIRECT
+    assert libbpf.prog_test_run(filt.prog_ingress, reply, ifindex=LO)[0] == TC_ACT_SHOT
+    assert _flow_of(filt, "198.18.0.20", 80) is None
+
+
+def test_dns_ttl_expiry_revokes_established_flows(filt):
+    filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy(
+        allow_out=("api.example.test",), deny_out=("0.0.0.0/0",))))
+    filt.kill_flows(LO)
+    filt.learn(LO, "198.18.1.30", 0, 0, 0.3, "api.example.test")
+    ack = ipv4_tcp_syn("100.64.0.6", "198.18.1.30", 80, flags=0x10, ack=7)
+    assert run(filt, ipv4_tcp_syn("100.64.0.6", "198.18.1.30", 80)) == TC_ACT_OK
+    assert run(filt, ack) == TC_ACT_OK
+    time.sleep(0.35)
+    assert run(filt, ack) == TC_ACT_REDIRECT  # the rule that admitted it expired: revoked
+    assert _flow_of(filt, "198.18.1.30", 80) is None
+    # re-resolved in time: the flow lives on with the new expiry
+    filt.learn(LO, "198.18.1.30", 0, 0, 0.3, "api.example.test")
+    assert run(filt, ipv4_tcp_syn("100.64.0.6", "198.18.1.30", 80)) == TC_ACT_OK
+    time.sleep(0.2)
+    filt.learn(LO, "198.18.1.30", 0, 0, 5, "api.example.test")
+    time.sleep(0.15)
+    assert run(filt, ack) == TC_ACT_OK
+    assert _flow_of(filt, "198.18.1.30", 80)[1] > 0  # its expiry moved with the rule's
 
 
 def test_ipv6_denied_unless_allowed(filt):
@@ -253,11 +335,41 @@ def test_ipv6_tcp_gets_a_rst(filt):
 def test_allowed_ipv6_passes_unchanged(filt):
     filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy(allow_out=("::/0",))))
     try:
-        for frame in (neighbor_solicitation(GUEST6, GATEWAY6), ipv6_tcp_syn(GUEST6, TARGET6, 80),
-                      ipv6_udp(GUEST6, TARGET6, 7777)):
+        for frame in (ipv6_tcp_syn(GUEST6, TARGET6, 80), ipv6_udp(GUEST6, TARGET6, 7777)):
             rc, out = libbpf.prog_test_output(filt.prog_egress, frame, ifindex=LO)
             assert rc == TC_ACT_OK and out == frame
+        # the link's own plumbing is still the filter's: the gateway resolves to tap0
+        assert run(filt, neighbor_solicitation(GUEST6, GATEWAY6)) == TC_ACT_REDIRECT
     finally:
+        filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy()))
+
+
+def test_ipv6_rules_open_only_what_they_name(filt):
+    other = "2001:db8:18::20"
+    filt.set_blocked(DeniedRanges(always=parse_networks([*ALWAYS_DENIED, *ALWAYS_DENIED6])))
+    try:
+        filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy(
+            allow_out=(TARGET6, "2001:db8:19::/48"), deny_out=("2001:db8:19::5", other))))
+        assert run(filt, ipv6_tcp_syn(GUEST6, TARGET6, 80)) == TC_ACT_OK
+        assert run(filt, ipv6_udp(GUEST6, TARGET6, 7777)) == TC_ACT_OK
+        assert run(filt, ipv6_tcp_syn(GUEST6, other, 80)) == TC_ACT_REDIRECT  # deny rule: RST
+        assert run(filt, ipv6_tcp_syn(GUEST6, "2001:db8:18::30", 80)) == TC_ACT_REDIRECT  # unnamed
+        assert run(filt, ipv6_tcp_syn(GUEST6, "2001:db8:19::7", 80)) == TC_ACT_OK
+        assert run(filt, ipv6_tcp_syn(GUEST6, "2001:db8:19::5", 80)) == TC_ACT_OK  # allow wins
+        # replies get in only from what the rules name
+        reply_ok = ipv6_packet(TARGET6, GUEST6, 6, struct.pack("!HHIIBBHHH", 80, 40000, 1, 2,
+                                                                5 << 4, 0x12, 1000, 0, 0))
+        reply_other = ipv6_packet(other, GUEST6, 6, reply_ok[54:])
+        assert libbpf.prog_test_run(filt.prog_ingress, reply_ok, ifindex=LO)[0] == TC_ACT_OK
+        assert libbpf.prog_test_run(filt.prog_ingress, reply_other, ifindex=LO)[0] == TC_ACT_SHOT
+        # ::/0 opens the internet, never the always-denied IPv6 ranges
+        filt.apply(LO, compile_policy(NetworkPolicy(allow_out=("::/0",))))
+        assert run(filt, ipv6_tcp_syn(GUEST6, other, 80)) == TC_ACT_OK
+        for dst in ("fd00:ec2::254", "fe80::1", "::1", "::ffff:169.254.169.254", "2002:a9fe:a9fe::1",
+                    "64:ff9b::a9fe:a9fe"):
+            assert run(filt, ipv6_tcp_syn(GUEST6, dst, 80)) == TC_ACT_REDIRECT, dst
+    finally:
+        filt.set_blocked(DeniedRanges(always=parse_networks(["10.0.0.0/8"])))
         filt.register(LO, "100.64.0.5", compile_policy(NetworkPolicy()))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -91,19 +92,70 @@ async def test_allow_list_with_deny_all(sandbox):
     assert _refused_fast(denied), denied
 
 
-async def test_always_denied_ranges_unless_explicitly_allowed(net_driver, sandbox, two_other):
+async def test_always_denied_ranges_stay_shut_whatever_the_rules_say(net_driver, sandbox,
+                                                                     two_other):
+    """No allow rule opens cloud metadata, private ranges, other sandboxes or loopback: one that
+    lies inside such a range is refused, a wider one leaves them shut. The fake metadata server
+    answers the host, so a way out would reach it."""
+    with socket.create_connection((nettools.METADATA, 80), timeout=5) as conn:
+        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert b"hello from 169.254.169.254:80" in b"".join(iter(lambda: conn.recv(200), b""))
     nic, ns = await sandbox()
     other = two_other
-    results = nettools.guest(ns, f"tcp={PRIVATE}:80", "tcp=169.254.169.254:80",
-                             f"tcp={other.guest_address}:18080", "tcp=127.0.0.1:80")
+    targets = (f"tcp={PRIVATE}:80", f"tcp={nettools.METADATA}:80",
+               f"tcp={other.guest_address}:18080", "tcp=127.0.0.1:80")
+    results = nettools.guest(ns, *targets)
     for r in results[:3]:
         assert _refused_fast(r), results
     assert not results[3]["ok"]
     events = await _events(net_driver, nic)
     assert any(e["reason"] == "always_denied" and e["dst"] == f"{PRIVATE}:80" for e in events)
-    await net_driver.update_policy(nic, NetworkPolicy(allow_out=(f"{PRIVATE}/32",)))
+    for allow_out, bad in ((("169.254.169.254", "10.0.0.0/8"), 0), (("8.8.8.8", "192.168.0.0/16"), 1),
+                           ((f"{other.guest_address}/32",), 0), (("fe80::/64",), 0)):
+        with pytest.raises(NetworkError) as refused:
+            await net_driver.update_policy(nic, NetworkPolicy(allow_out=allow_out))
+        assert refused.value.fields["field"] == f"allow_out[{bad}]", refused.value
+        assert "always-denied" in refused.value.message
+        with pytest.raises(NetworkError):
+            await net_driver.allocate("bad", NetworkPolicy(allow_out=allow_out))
+    # the whole internet: the always-denied parts stay shut (10.255.255.10 is openable in this
+    # session, its neighbour is not)
+    await net_driver.update_policy(nic, NetworkPolicy(allow_out=("0.0.0.0/0", "0.0.0.0/1")))
+    results = nettools.guest(ns, "tcp=10.255.255.11:80", *targets[1:3], f"tcp={WEB}:80")
+    for r in results[:3]:
+        assert _refused_fast(r), results
+    assert results[3]["ok"], results
+
+
+async def test_operator_opens_a_range_then_allow_out_reaches_it(net_driver, sandbox):
+    """The session's driver has ``openable_ranges = ["10.255.255.10/32"]``: still denied by
+    default, open to an allow rule naming it; its neighbour 10.255.255.11 is not."""
+    assert net_driver.config.openable_ranges == (f"{PRIVATE}/32",)
+    nic, ns = await sandbox()
     [r] = nettools.guest(ns, f"tcp={PRIVATE}:80")
-    assert r["ok"] and r["body"] == f"hello from {PRIVATE}:80", r
+    assert _refused_fast(r), r
+    await net_driver.update_policy(nic, NetworkPolicy(allow_out=(f"{PRIVATE}/32",)))
+    ok, neighbour = nettools.guest(ns, f"tcp={PRIVATE}:80", "tcp=10.255.255.11:80")
+    assert ok["ok"] and ok["body"] == f"hello from {PRIVATE}:80", ok
+    assert _refused_fast(neighbour), neighbour
+    # a wider rule opens only the openable part of it
+    await net_driver.update_policy(nic, NetworkPolicy(allow_out=("10.255.255.0/24",)))
+    ok, neighbour = nettools.guest(ns, f"tcp={PRIVATE}:80", "tcp=10.255.255.11:80")
+    assert ok["ok"] and _refused_fast(neighbour), (ok, neighbour)
+    with pytest.raises(NetworkError):
+        await net_driver.update_policy(nic, NetworkPolicy(allow_out=("10.255.255.11",)))
+
+
+async def test_dns_answers_never_open_always_denied_ranges(net_driver, sandbox):
+    """A name whose A record is the metadata address (DNS rebinding): the address is removed
+    from the answer and never learned."""
+    policy = NetworkPolicy(allow_out=("meta.example.test",), deny_out=("0.0.0.0/0",))
+    nic, ns = await sandbox(policy)
+    meta, direct = nettools.guest(ns, "dns=meta.example.test", f"tcp={nettools.METADATA}:80")
+    assert meta["rcode"] == "NOERROR" and meta["ips"] == [], meta
+    assert _refused_fast(direct), direct
+    dns_events = await _events(net_driver, nic, kind="dns")
+    assert any(e.get("removed_always_denied") == [nettools.METADATA] for e in dns_events), dns_events
 
 
 @pytest.fixture
@@ -146,30 +198,72 @@ async def test_names_resolve_by_default_and_denied_domain_gets_nxdomain(sandbox)
     assert api["rcode"] == "NXDOMAIN", api
 
 
-async def test_established_flow_survives_rule_change(net_driver, sandbox):
+SLOW_DOWNLOAD = (
+    "import socket,sys,time\n"
+    "s=socket.create_connection((sys.argv[1],80),timeout=8)\n"
+    "s.sendall(('GET /slow/'+sys.argv[2]+' HTTP/1.0\\r\\n\\r\\n').encode())\n"
+    "d=s.recv(4096)\n"
+    "print('flowing', flush=True)\n"
+    "end='eof'\n"
+    "try:\n"
+    "    while True:\n"
+    "        c=s.recv(4096)\n"
+    "        if not c: break\n"
+    "        d+=c\n"
+    "except OSError as e:\n"
+    "    end=type(e).__name__\n"
+    "print(d.count(b'tick'), end, flush=True)\n")
+
+
+def _slow_download(ns: str, host: str, seconds: float) -> subprocess.Popen[str]:
+    """A download streaming a line every 0.2 s for ``seconds``; returns once it is flowing."""
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SLOW_DOWNLOAD, host,
+                             str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "flowing\n"
+    return proc
+
+
+def _finished(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=15)
+    ticks, end = out.split()
+    return int(ticks), end
+
+
+async def test_policy_change_revokes_only_the_flows_it_denies(net_driver, sandbox):
     nic, ns = await sandbox()
-    slow = subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-c",
-         "import socket,sys\n"
-         f"s=socket.create_connection(('{WEB}',80),timeout=5)\n"
-         "s.sendall(b'GET /slow/2 HTTP/1.0\\r\\n\\r\\n')\n"
-         "d=s.recv(4096)\n"
-         "print('flowing', flush=True)\n"
-         "while True:\n"
-         "    c=s.recv(4096)\n"
-         "    if not c: break\n"
-         "    d+=c\n"
-         "print(d.count(b'tick'))\n"], stdout=subprocess.PIPE, text=True)
-    # change the rules only once the flow is established and data is moving
-    assert slow.stdout is not None and slow.stdout.readline() == "flowing\n"
+    # both flows are established and moving when the rules change
+    denied, kept = _slow_download(ns, WEB, 2), _slow_download(ns, WEB2, 2)
     started = time.perf_counter()
     await net_driver.update_policy(nic, NetworkPolicy(deny_out=(f"{WEB}/32",)))
     update_ms = (time.perf_counter() - started) * 1000
     [new] = nettools.guest(ns, f"tcp={WEB}:80")
     assert _refused_fast(new), new
-    out, _ = slow.communicate(timeout=10)
-    assert slow.returncode == 0 and int(out.strip()) >= 9, out  # ~10 ticks in 2 s
+    ticks, end = _finished(denied)
+    assert end == "ConnectionResetError" and ticks < 6, (ticks, end)  # cut at its next packet
+    ticks, end = _finished(kept)
+    assert end == "eof" and ticks >= 9, (ticks, end)  # ~10 ticks in 2 s: untouched
+    events = await _events(net_driver, nic)
+    revoked = [e for e in events if e["reason"] == "revoked"]
+    assert revoked and {e["dst"] for e in revoked} == {f"{WEB}:80"}, events
+    assert revoked[0]["rule"] == f"deny {WEB}/32", revoked
     print(f"update_policy took {update_ms:.2f} ms")
+
+
+async def test_dns_ttl_expiry_revokes_established_flows(net_driver, sandbox):
+    """api.example.test has a 2 s TTL (+0.5 s grace): a download from its address started
+    within the TTL is cut when the learned entry expires and nobody resolved the name again."""
+    nic, ns = await sandbox(NetworkPolicy(allow_out=("api.example.test",),
+                                          deny_out=("0.0.0.0/0",)))
+    [api] = nettools.guest(ns, "dns=api.example.test")
+    assert api["ok"] and api["ttls"] == [2], api
+    resolved = time.monotonic()
+    download = _slow_download(ns, "198.18.1.30", 6)
+    ticks, end = _finished(download)
+    lasted = time.monotonic() - resolved
+    assert end == "ConnectionResetError", (ticks, end)
+    assert 2.3 < lasted < 4.0 and 8 <= ticks <= 20, (lasted, ticks)  # not the full 30 ticks
+    events = await _events(net_driver, nic)
+    assert any(e["reason"] == "revoked" and e["dst"] == "198.18.1.30:80" for e in events), events
 
 
 async def test_unsolicited_inbound_is_dropped(net_driver, sandbox):
