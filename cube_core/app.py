@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import structlog
 from fastapi import FastAPI
@@ -17,7 +16,7 @@ from fastapi.responses import JSONResponse
 from cube_core._host import PluginHost
 from cube_core.progress import LaneFactory
 from cube_core.service import SandboxService
-from cube_core.store import SqliteStore, StateStore
+from cube_core.store import StateStore, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -26,7 +25,7 @@ def create_app(host: PluginHost, *, store: StateStore | None = None, build_templ
                progress: LaneFactory | None = None) -> FastAPI:
     """``progress(name)``: the progress lane of the kernel or template ``name`` being built."""
     settings = host.config.data.core
-    store = store or SqliteStore(Path(settings.state_dir) / "cube.db")
+    store = store or open_store(settings)
     service = SandboxService(host, store)
 
     @contextlib.asynccontextmanager

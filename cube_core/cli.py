@@ -61,10 +61,9 @@ def _guard(func: Callable[[], T]) -> T:
 
 
 def _store(config: Path | None) -> Any:
-    from cube_core.store import SqliteStore
+    from cube_core.store import open_store
 
-    cfg = load_config(config)
-    return SqliteStore(Path(cfg.data.core.state_dir) / "cube.db")
+    return open_store(load_config(config).data.core)
 
 
 # -- serve --------------------------------------------------------------------------------------
@@ -263,14 +262,14 @@ def _with_service(config: Path | None, action: Callable[[Any], Any]) -> Any:
     from cube_core._host import PluginHost
     from cube_core.log import configure_logging
     from cube_core.service import SandboxService
-    from cube_core.store import SqliteStore
+    from cube_core.store import open_store
 
     configure_logging()
 
     async def run() -> Any:
         cfg = load_config(config)
         host = PluginHost(cfg).load()
-        service = SandboxService(host, SqliteStore(Path(cfg.data.core.state_dir) / "cube.db"))
+        service = SandboxService(host, open_store(cfg.data.core))
         for driver in (service.storage, service.network, service.vmm):
             await driver.start()
         try:

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cube_core.errors import ConfigError
 
@@ -50,6 +50,10 @@ class CoreSettings(_Model):
     """The ``[core]`` section."""
 
     state_dir: Path = Path("/var/lib/cube")
+    state: str | dict[str, str] | None = None
+    """Where the master keeps its records: unset for SQLite at ``<state_dir>/cube.db`` (nothing to
+    install), or a PostgreSQL URL ``postgresql://user@host:5432/db`` (several masters share it). A
+    URL with a password can be a secret reference: ``{ env = "NAME" }`` or ``{ file = "/path" }``."""
     host: str = "127.0.0.1"
     port: int = Field(default=3000, ge=0, le=65535)
     admin_port: int = Field(default=3001, ge=0, le=65535)
@@ -74,6 +78,41 @@ class CoreSettings(_Model):
     the baseline of ``cube bench create``; set ``pool = { size = 0 }`` too, or pool members, which
     are restored from the snapshot, still serve creates). Creates from a sandbox snapshot always
     restore it."""
+
+    @field_validator("state")
+    @classmethod
+    def _state_shape(cls, value: str | dict[str, str] | None) -> str | dict[str, str] | None:
+        if isinstance(value, dict) and set(value) not in ({"env"}, {"file"}):
+            raise ValueError('a secret reference is { env = "NAME" } or { file = "/path" }')
+        problem = _state_problem(value) if isinstance(value, str) else None
+        if problem:  # the value itself is never echoed: it may hold a password
+            raise ValueError(problem)
+        return value
+
+
+STATE_SCHEMES = ("postgresql://", "postgres://")
+
+
+def state_url(value: str | dict[str, str] | None) -> str | None:
+    """``[core] state`` with its secret reference resolved and its scheme checked (``None``: SQLite)."""
+    if value is None:
+        return None
+    url = resolve_secrets(value, where="[core] state")
+    if not isinstance(url, str):
+        raise ConfigError('[core] state: expected a postgresql:// URL or a secret reference '
+                          '{ env = "NAME" } / { file = "/path" }')
+    problem = _state_problem(url)
+    if problem:
+        raise ConfigError(f"[core] state: {problem}")
+    return url
+
+
+def _state_problem(url: str) -> str | None:
+    if url.startswith(STATE_SCHEMES):
+        return None
+    shown = url.split("://", 1)[0] + "://..." if "://" in url else "a value without a scheme"
+    return (f"{shown} is not a PostgreSQL URL (postgresql://user@host:5432/db); "
+            "leave state unset for SQLite at <state_dir>/cube.db")
 
 
 class TeamQuota(_Model):

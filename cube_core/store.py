@@ -1,7 +1,8 @@
 """The state store: a small repository interface and its SQLite (WAL) implementation.
 
-Records are pydantic models kept as JSON next to the columns that queries filter on. A
-PostgreSQL implementation for clusters satisfies the same :class:`StateStore` interface.
+Records are pydantic models kept as JSON next to the columns that queries filter on. The
+PostgreSQL implementation for clusters (``cube_core.store_postgres``) satisfies the same
+:class:`StateStore` interface and contract suite; :func:`open_store` picks one from ``[core]``.
 
 The database holds secrets (envd access tokens, sandboxes' env vars, API key hashes): the file
 and its WAL/SHM companions are mode 0600, the directory that holds them 0700.
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cube_core.config import CoreSettings, state_url
 from cube_core.errors import ConfigError
 from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
 from cube_core.state import SandboxState
@@ -275,3 +277,13 @@ class SqliteStore(StateStore):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def open_store(settings: CoreSettings) -> StateStore:
+    """The store ``[core] state`` names: PostgreSQL for a URL, else SQLite at ``<state_dir>/cube.db``."""
+    url = state_url(settings.state)
+    if url is None:
+        return SqliteStore(Path(settings.state_dir) / "cube.db")
+    from cube_core.store_postgres import PostgresStore  # psycopg is imported only when configured
+
+    return PostgresStore(url)

@@ -23,6 +23,8 @@ if ((${#missing[@]})); then
   apt-get install -y -q -o Dpkg::Progress-Fancy=1 --no-install-recommends "${missing[@]}"
 fi
 # Every command the list names must now be on PATH (a package that no longer ships one fails here).
+# PostgreSQL's server programs (initdb, pg_ctl) live in /usr/lib/postgresql/<version>/bin, off PATH.
+PATH="$PATH$(printf ':%s' /usr/lib/postgresql/*/bin)"
 absent=$(awk '!/^#/ && NF > 1 {for (i = 2; i <= NF; i++) print $i}' "$list" \
   | while read -r cmd; do command -v "$cmd" >/dev/null 2>&1 || echo "$cmd"; done | tr '\n' ' ')
 if [[ -n "$absent" ]]; then

@@ -4,7 +4,10 @@ Fixtures:
 - ``cube_config_factory(text=None, **slots)`` -> LoadedConfig built from the fake config;
 - ``plugin_host(config=None)`` factory -> a loaded PluginHost with a fresh PluginManager;
 - ``register_plugin(obj)`` -> registers ``obj`` on the current host; unregistered on teardown;
-- ``cube_app`` -> the FastAPI app on fakes (lifespan running); ``api_client`` -> httpx client.
+- ``cube_app`` -> the FastAPI app on fakes (lifespan running); ``api_client`` -> httpx client;
+- ``postgres_server`` (session) -> a throwaway PostgreSQL server (``cube_core.testing.postgres``);
+  it fails, never skips, where PostgreSQL is not installed; ``postgres_url`` -> the URL of a
+  fresh, empty database on it, dropped after the test.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 from cube_core._host import PluginHost  # noqa: PLC2701 - the testing package is part of the core
 from cube_core.config import LoadedConfig, parse_config
 from cube_core.testing.fakes import FAKE_CONFIG
+from cube_core.testing.postgres import PostgresMissingError, PostgresServer
 
 
 @pytest.fixture
@@ -81,3 +85,23 @@ async def api_client(cube_app: Any) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=cube_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://cube.test") as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    try:
+        server.start()
+    except PostgresMissingError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)

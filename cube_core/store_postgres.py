@@ -1,0 +1,274 @@
+"""The state store on PostgreSQL, for a cluster: several masters share one database.
+
+Selected by ``[core] state = "postgresql://user@host/db"`` (see :func:`cube_core.store.open_store`).
+It keeps the same records as :class:`~cube_core.store.SqliteStore` (pydantic JSON next to the
+columns queries filter on) and passes the same contract suite
+(:class:`cube_core.testing.store_contract.StoreContract`).
+
+Concurrency: every write is one statement or one transaction, so two masters never interleave
+half a record; a re-put of an id is an upsert (``ON CONFLICT DO UPDATE``), never a read followed
+by a write. A template's aliases are written in sorted order, so two transactions that share
+aliases lock them in the same order and cannot deadlock.
+
+Schema: numbered migrations, recorded in ``cube_schema_migrations``. A starting store applies the
+missing ones in one transaction under a PostgreSQL advisory lock (masters starting together apply
+each migration once); a database whose schema is newer than this Cube knows is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import conninfo
+from psycopg_pool import ConnectionPool
+
+from cube_core.errors import ConfigError
+from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
+from cube_core.state import SandboxState
+from cube_core.store import StateStore
+
+MIGRATIONS_TABLE = "cube_schema_migrations"
+# (version, what it does, SQL). Append only: a released migration is never edited.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "records: sandboxes, templates + aliases, snapshots, nodes, teams, api keys", """
+CREATE SEQUENCE records_put_order;
+CREATE TABLE sandboxes (
+  id text PRIMARY KEY, team_id text NOT NULL, state text NOT NULL,
+  put_order bigint NOT NULL DEFAULT nextval('records_put_order'), body text NOT NULL);
+CREATE INDEX sandboxes_team_state ON sandboxes (team_id, state);
+CREATE TABLE templates (id text PRIMARY KEY, body text NOT NULL);
+CREATE TABLE template_aliases (alias text PRIMARY KEY, template_id text NOT NULL);
+CREATE INDEX template_aliases_template ON template_aliases (template_id);
+CREATE TABLE snapshots (
+  id text PRIMARY KEY, team_id text, sandbox_id text,
+  put_order bigint NOT NULL DEFAULT nextval('records_put_order'), body text NOT NULL);
+CREATE INDEX snapshots_team ON snapshots (team_id);
+CREATE INDEX snapshots_sandbox ON snapshots (sandbox_id);
+CREATE TABLE nodes (id text PRIMARY KEY, body text NOT NULL);
+CREATE TABLE teams (id text PRIMARY KEY, name text UNIQUE NOT NULL, body text NOT NULL);
+CREATE TABLE api_keys (
+  id text PRIMARY KEY, team_id text NOT NULL, key_hash text UNIQUE NOT NULL,
+  put_order bigint NOT NULL DEFAULT nextval('records_put_order'), body text NOT NULL);
+CREATE INDEX api_keys_team ON api_keys (team_id);
+"""),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+# pg_advisory_xact_lock key: one 64-bit number for "Cube migrates this database"
+MIGRATION_LOCK = int.from_bytes(hashlib.sha256(b"cube state schema").digest()[:8], "big", signed=True)
+# pg_advisory_xact_lock(class, hashtext(value)) keys: "a write gives this unique value to a record"
+TEAM_NAME_LOCK, KEY_HASH_LOCK = 0x63756201, 0x63756202
+
+
+def describe_dsn(dsn: str) -> str:
+    """``dsn`` for messages and logs: user, host, port and database, never the password."""
+    try:
+        parts = conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparsable PostgreSQL connection string>"
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    host = str(parts.get("host") or "localhost")
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"postgresql://{user}{host}{port}/{parts.get('dbname') or ''}"
+
+
+def migrate(conn: psycopg.Connection[Any]) -> int:
+    """Bring the schema to :data:`SCHEMA_VERSION`; return the version found before.
+
+    One transaction, serialized by an advisory lock: of several masters starting at once, one
+    applies the migrations and the others then find them applied.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (version integer PRIMARY KEY, "
+                     "description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        row = conn.execute(f"SELECT max(version) FROM {MIGRATIONS_TABLE}").fetchone()
+        found = int(row[0]) if row and row[0] is not None else 0
+        if found > SCHEMA_VERSION:
+            raise ConfigError(
+                f"[core] state: the database {describe_dsn(conn.info.dsn)} has Cube schema version {found}, "
+                f"newer than this Cube knows ({SCHEMA_VERSION}): a newer Cube migrated it; run that version "
+                "(or restore a backup from before the upgrade)")
+        for version, description, sql in MIGRATIONS:
+            if version > found:
+                conn.execute(sql)  # several statements: allowed without parameters
+                conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (version, description) VALUES (%s, %s)",
+                             (version, description))
+    return found
+
+
+class PostgresStore(StateStore):
+    """PostgreSQL through a psycopg 3 connection pool; the schema is migrated on start."""
+
+    def __init__(self, dsn: str, *, min_connections: int = 1, max_connections: int = 8,
+                 connect_timeout: float = 10.0) -> None:
+        self.where = describe_dsn(dsn)
+        try:  # one plain connection first: its error says why (refused, auth, no such database)
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, round(connect_timeout))) as conn:
+                migrate(conn)
+        except psycopg.Error as exc:
+            raise ConfigError(f"[core] state: cannot use the PostgreSQL database {self.where}: "
+                              f"{str(exc).strip()}") from exc
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            dsn, min_size=min_connections, max_size=max_connections, open=False, name="cube-state",
+            kwargs={"autocommit": True}, check=ConnectionPool.check_connection)
+        self._pool.open(wait=True, timeout=connect_timeout)
+
+    @contextmanager
+    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._pool.connection() as conn:
+            yield conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._pool.connection() as conn, conn.transaction():
+            yield conn
+
+    def _bodies(self, sql: str, args: tuple[object, ...] = ()) -> list[str]:
+        with self._conn() as conn:
+            return [row[0] for row in conn.execute(sql, args).fetchall()]
+
+    def _write(self, sql: str, args: tuple[object, ...]) -> None:
+        with self._conn() as conn:
+            conn.execute(sql, args)
+
+    def _replace_unique(self, lock: int, value: str, delete: str, upsert: str,
+                        upsert_args: tuple[object, ...]) -> None:
+        """Give the unique ``value`` to this record: delete the other record holding it, then upsert.
+
+        One transaction under an advisory lock on ``value`` (``lock`` names the column): a
+        concurrent writer of the same value waits for this one to commit, then its delete sees
+        this record (each statement reads what is committed when it starts), so neither fails
+        on the unique index.
+        """
+        with self._tx() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (lock, value))
+            conn.execute(delete, (value, upsert_args[0]))
+            conn.execute(upsert, upsert_args)
+
+    # sandboxes (a re-put moves the record to the end of list order, as in SqliteStore)
+    def put_sandbox(self, sandbox: Sandbox) -> None:
+        self._write("INSERT INTO sandboxes (id, team_id, state, body) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET team_id = EXCLUDED.team_id, state = EXCLUDED.state, "
+                    "body = EXCLUDED.body, put_order = nextval('records_put_order')",
+                    (sandbox.sandbox_id, sandbox.team_id, sandbox.state.value, sandbox.model_dump_json()))
+
+    def get_sandbox(self, sandbox_id: str) -> Sandbox | None:
+        rows = self._bodies("SELECT body FROM sandboxes WHERE id = %s", (sandbox_id,))
+        return Sandbox.model_validate_json(rows[0]) if rows else None
+
+    def list_sandboxes(self, *, team_id: str | None = None,
+                       states: tuple[SandboxState, ...] | None = None) -> list[Sandbox]:
+        sql, args = "SELECT body FROM sandboxes WHERE true", list[object]()
+        if team_id is not None:
+            sql += " AND team_id = %s"
+            args.append(team_id)
+        if states:
+            sql += " AND state = ANY(%s)"
+            args.append([s.value for s in states])
+        return [Sandbox.model_validate_json(b) for b in self._bodies(sql + " ORDER BY put_order", tuple(args))]
+
+    def delete_sandbox(self, sandbox_id: str) -> None:
+        self._write("DELETE FROM sandboxes WHERE id = %s", (sandbox_id,))
+
+    # templates: an alias names one template, the one last put with it
+    def put_template(self, template: Template) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT INTO templates (id, body) VALUES (%s, %s) "
+                         "ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+                         (template.template_id, template.model_dump_json()))
+            conn.execute("DELETE FROM template_aliases WHERE template_id = %s", (template.template_id,))
+            for alias in sorted(set(template.aliases)):
+                conn.execute("INSERT INTO template_aliases (alias, template_id) VALUES (%s, %s) "
+                             "ON CONFLICT (alias) DO UPDATE SET template_id = EXCLUDED.template_id",
+                             (alias, template.template_id))
+
+    def get_template(self, template_id_or_alias: str) -> Template | None:
+        rows = self._bodies(
+            "SELECT body FROM templates WHERE id = %s OR id = (SELECT template_id FROM template_aliases "
+            "WHERE alias = %s) ORDER BY id = %s DESC LIMIT 1",
+            (template_id_or_alias, template_id_or_alias, template_id_or_alias))
+        return Template.model_validate_json(rows[0]) if rows else None
+
+    def list_templates(self) -> list[Template]:
+        return [Template.model_validate_json(b)
+                for b in self._bodies("SELECT body FROM templates ORDER BY id COLLATE \"C\"")]
+
+    def delete_template(self, template_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM templates WHERE id = %s", (template_id,))
+            conn.execute("DELETE FROM template_aliases WHERE template_id = %s", (template_id,))
+
+    # snapshots
+    def put_snapshot(self, snapshot: SnapshotRef) -> None:
+        self._write("INSERT INTO snapshots (id, team_id, sandbox_id, body) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET team_id = EXCLUDED.team_id, sandbox_id = EXCLUDED.sandbox_id, "
+                    "body = EXCLUDED.body, put_order = nextval('records_put_order')",
+                    (snapshot.snapshot_id, snapshot.team_id, snapshot.sandbox_id, snapshot.model_dump_json()))
+
+    def get_snapshot(self, snapshot_id: str) -> SnapshotRef | None:
+        rows = self._bodies("SELECT body FROM snapshots WHERE id = %s", (snapshot_id,))
+        return SnapshotRef.model_validate_json(rows[0]) if rows else None
+
+    def list_snapshots(self, *, team_id: str | None = None,
+                       sandbox_id: str | None = None) -> list[SnapshotRef]:
+        sql, args = "SELECT body FROM snapshots WHERE true", []
+        if team_id is not None:
+            sql += " AND team_id = %s"
+            args.append(team_id)
+        if sandbox_id is not None:
+            sql += " AND sandbox_id = %s"
+            args.append(sandbox_id)
+        return [SnapshotRef.model_validate_json(b)
+                for b in self._bodies(sql + " ORDER BY put_order", tuple(args))]
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self._write("DELETE FROM snapshots WHERE id = %s", (snapshot_id,))
+
+    # nodes
+    def put_node(self, node: Node) -> None:
+        self._write("INSERT INTO nodes (id, body) VALUES (%s, %s) ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+                    (node.node_id, node.model_dump_json()))
+
+    def list_nodes(self) -> list[Node]:
+        return [Node.model_validate_json(b) for b in self._bodies("SELECT body FROM nodes ORDER BY id COLLATE \"C\"")]
+
+    # teams and keys: a name (a key hash) belongs to one record, the one last put with it
+    def put_team(self, team: Team) -> None:
+        self._replace_unique(
+            TEAM_NAME_LOCK, team.name, "DELETE FROM teams WHERE name = %s AND id <> %s",
+            "INSERT INTO teams (id, name, body) VALUES (%s, %s, %s) "
+            "ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, body = EXCLUDED.body",
+            (team.team_id, team.name, team.model_dump_json()))
+
+    def get_team(self, team_id: str) -> Team | None:
+        rows = self._bodies("SELECT body FROM teams WHERE id = %s", (team_id,))
+        return Team.model_validate_json(rows[0]) if rows else None
+
+    def find_team(self, name: str) -> Team | None:
+        rows = self._bodies("SELECT body FROM teams WHERE name = %s", (name,))
+        return Team.model_validate_json(rows[0]) if rows else None
+
+    def put_api_key(self, key: ApiKey) -> None:
+        self._replace_unique(
+            KEY_HASH_LOCK, key.key_hash, "DELETE FROM api_keys WHERE key_hash = %s AND id <> %s",
+            "INSERT INTO api_keys (id, team_id, key_hash, body) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (id) DO UPDATE SET team_id = EXCLUDED.team_id, key_hash = EXCLUDED.key_hash, "
+            "body = EXCLUDED.body, put_order = nextval('records_put_order')",
+            (key.key_id, key.team_id, key.key_hash, key.model_dump_json()))
+
+    def find_api_key(self, key_hash: str) -> ApiKey | None:
+        rows = self._bodies("SELECT body FROM api_keys WHERE key_hash = %s", (key_hash,))
+        return ApiKey.model_validate_json(rows[0]) if rows else None
+
+    def list_api_keys(self, *, team_id: str | None = None) -> list[ApiKey]:
+        if team_id is None:
+            return [ApiKey.model_validate_json(b) for b in self._bodies("SELECT body FROM api_keys ORDER BY put_order")]
+        return [ApiKey.model_validate_json(b) for b in
+                self._bodies("SELECT body FROM api_keys WHERE team_id = %s ORDER BY put_order", (team_id,))]
+
+    def close(self) -> None:
+        self._pool.close()

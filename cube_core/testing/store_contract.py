@@ -1,0 +1,363 @@
+"""The contract every :class:`~cube_core.store.StateStore` passes: SQLite, PostgreSQL, yours.
+
+Subclass it and provide ``store_factory``: a callable that opens a store on one backing database
+each time it is called (the first call finds it empty; later calls, like a restarted or a second
+master, see what the others wrote)::
+
+    class TestMyStore(StoreContract):
+        @pytest.fixture
+        def store_factory(self, tmp_path): return lambda: MyStore(tmp_path / "db")
+
+The suite closes every store it opens. What it pins down, beyond "what is put comes back":
+every model field round-trips exactly; a missing id reads as ``None`` and deleting it is a no-op;
+a re-put replaces the record (lists hold it once, at the position of its last put); sandboxes,
+snapshots and API keys are listed in the order of their last put, templates and nodes by id; an
+alias, a team name and a key hash each belong to the one record last put with it; writes from one
+open store are seen by another, also when they write at the same time from several threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import BaseModel
+
+from cube_core.models import ApiKey, NetworkPolicy, Node, Sandbox, SnapshotRef, Team, Template, TemplateStatus
+from cube_core.state import SandboxState
+from cube_core.store import StateStore
+
+StoreFactory = Callable[[], StateStore]
+T0 = datetime(2026, 12, 7, 1, 2, 3, 456789, tzinfo=UTC)
+
+
+def full_sandbox(sandbox_id: str = "sbx-full", team_id: str = "team-a",
+                 state: SandboxState = SandboxState.PAUSED) -> Sandbox:
+    """A sandbox with every field away from its default (text that stresses encodings too)."""
+    return Sandbox(
+        sandbox_id=sandbox_id, template_id="tpl-code", alias="code-interpreter-v1", team_id=team_id, state=state,
+        started_at=T0, end_at=T0 + timedelta(seconds=300, microseconds=1),
+        metadata={"user": "Zoë ✓", "quote": "it's \"fine\"; DROP TABLE x; --", "nul": "a\x00b", "empty": ""},
+        env_vars={"PATH": "/usr/bin", "MULTI": "line1\nline2", "EMOJI": "🦀"},
+        cpu_count=4, memory_mb=2048, auto_pause=True, secure=True, envd_access_token="tok-\u00e9-123",
+        network=NetworkPolicy(allow_internet_access=False, allow_out=("10.0.0.0/8", "example.com"),
+                              deny_out=("0.0.0.0/0",), allow_public_traffic=False),
+        node_id="node-7", isolation="tcg", boot_id="boot-42", error="guest said: \u2603",
+        runtime={"vm": {"pid": 1234, "ratio": 0.1, "big": 2**62, "flags": [True, None, "x"]}, "n": -1.5e-7})
+
+
+def full_snapshot(snapshot_id: str = "snap-full", team_id: str | None = "team-a",
+                  sandbox_id: str | None = "sbx-full") -> SnapshotRef:
+    return SnapshotRef(
+        snapshot_id=snapshot_id, template_id="tpl-code", sandbox_id=sandbox_id, parent_id="snap-parent",
+        team_id=team_id, created_at=T0, vm_state={"ram": "/var/lib/cube/ram", "bytes": 1 << 33},
+        disk={"layers": ["a", "b"], "format": "qcow2"}, names=("team-a/my-snap", "latest"),
+        metadata={"k": "v ✓"})
+
+
+def full_template(template_id: str = "tpl-code", aliases: tuple[str, ...] = ("code-interpreter-v1", "ci")) -> Template:
+    return Template(
+        template_id=template_id, aliases=aliases, status=TemplateStatus.READY, kernel="/k/vmlinux",
+        initrd="/k/initrd", rootfs="/r/rootfs.img", rootfs_bytes=3 << 30, interpreter=True, cpu_count=2,
+        memory_mb=1024, envd_version="0.5.1", build_log="step 1\nstep 2 ✓\n", created_at=T0,
+        snapshot=full_snapshot("snap-tpl", team_id=None, sandbox_id=None))
+
+
+def full_node(node_id: str = "node-7") -> Node:
+    return Node(node_id=node_id, address="10.1.2.3:3002", cpu_total=16, memory_mb_total=65536, cpu_used=3,
+                memory_mb_used=4096, sandboxes=5, templates=("tpl-code", "base"), healthy=False)
+
+
+def full_team(team_id: str = "team-a", name: str = "Team A ✓") -> Team:
+    return Team(team_id=team_id, name=name, created_at=T0)
+
+
+def full_key(key_id: str = "key-1", team_id: str = "team-a", key_hash: str = "h" * 64) -> ApiKey:
+    return ApiKey(key_id=key_id, team_id=team_id, key_hash=key_hash, prefix="e2b_abcdef", created_at=T0,
+                  revoked=True)
+
+
+def sandbox(sandbox_id: str, team_id: str = "team-a", state: SandboxState = SandboxState.RUNNING) -> Sandbox:
+    return Sandbox(sandbox_id=sandbox_id, template_id="base", team_id=team_id, state=state, started_at=T0,
+                   end_at=T0 + timedelta(seconds=60))
+
+
+ID_FIELDS: dict[type[BaseModel], str] = {Sandbox: "sandbox_id", SnapshotRef: "snapshot_id", ApiKey: "key_id",
+                                         Template: "template_id", Node: "node_id", Team: "team_id"}
+
+
+def ids(records: Sequence[BaseModel]) -> list[str]:
+    return [str(getattr(r, ID_FIELDS[type(r)])) for r in records]
+
+
+def assert_every_field_set(record: BaseModel) -> None:
+    """The round-trip records must set every field: a field added later is then covered too."""
+    unset = set(type(record).model_fields) - record.model_fields_set
+    assert not unset, f"{type(record).__name__} round-trip record leaves {unset} at the default: set them"
+
+
+class StoreContract:
+    """What every StateStore must do. Fixture: ``store_factory`` (see the module docstring)."""
+
+    @pytest.fixture
+    def open_store(self, store_factory: StoreFactory) -> Iterator[StoreFactory]:
+        opened: list[StateStore] = []
+
+        def open_one() -> StateStore:
+            opened.append(store_factory())
+            return opened[-1]
+
+        yield open_one
+        for store in reversed(opened):
+            store.close()
+
+    @pytest.fixture
+    def store(self, open_store: StoreFactory) -> StateStore:
+        return open_store()
+
+    # -- sandboxes ------------------------------------------------------------------------------
+
+    def test_sandbox_round_trips_every_field(self, store: StateStore) -> None:
+        record = full_sandbox()
+        assert_every_field_set(record)
+        store.put_sandbox(record)
+        assert store.get_sandbox(record.sandbox_id) == record
+        assert store.list_sandboxes() == [record]
+
+    def test_missing_sandbox_is_none_and_deleting_it_is_a_no_op(self, store: StateStore) -> None:
+        assert store.get_sandbox("nope") is None
+        store.delete_sandbox("nope")
+        store.put_sandbox(sandbox("a"))
+        store.delete_sandbox("nope")
+        assert ids(store.list_sandboxes()) == ["a"]
+
+    def test_sandbox_put_replaces_and_delete_removes_only_it(self, store: StateStore) -> None:
+        for sid in ("a", "b", "c"):
+            store.put_sandbox(sandbox(sid))
+        store.put_sandbox(sandbox("a", team_id="team-b", state=SandboxState.PAUSED))
+        assert ids(store.list_sandboxes()) == ["b", "c", "a"]  # order of last put
+        moved = store.get_sandbox("a")
+        assert moved is not None and (moved.team_id, moved.state) == ("team-b", SandboxState.PAUSED)
+        assert ids(store.list_sandboxes(team_id="team-a")) == ["b", "c"]  # filters follow the new columns
+        store.delete_sandbox("b")
+        assert store.get_sandbox("b") is None
+        assert ids(store.list_sandboxes()) == ["c", "a"]
+
+    def test_sandbox_filters(self, store: StateStore) -> None:
+        store.put_sandbox(sandbox("a1", "team-a", SandboxState.RUNNING))
+        store.put_sandbox(sandbox("b1", "team-b", SandboxState.PAUSED))
+        store.put_sandbox(sandbox("a2", "team-a", SandboxState.KILLED))
+        store.put_sandbox(sandbox("a3", "team-a", SandboxState.PAUSED))
+        assert ids(store.list_sandboxes()) == ["a1", "b1", "a2", "a3"]
+        assert ids(store.list_sandboxes(team_id="team-a")) == ["a1", "a2", "a3"]
+        assert ids(store.list_sandboxes(states=(SandboxState.PAUSED,))) == ["b1", "a3"]
+        assert ids(store.list_sandboxes(states=(SandboxState.RUNNING, SandboxState.KILLED))) == ["a1", "a2"]
+        assert ids(store.list_sandboxes(team_id="team-a", states=(SandboxState.PAUSED,))) == ["a3"]
+        assert store.list_sandboxes(team_id="team-c") == []
+        assert store.list_sandboxes(states=(SandboxState.ERROR,)) == []
+        assert ids(store.list_sandboxes(team_id="team-b", states=None)) == ["b1"]
+
+    # -- templates ------------------------------------------------------------------------------
+
+    def test_template_round_trips_every_field(self, store: StateStore) -> None:
+        record = full_template()
+        assert_every_field_set(record)
+        assert record.snapshot is not None
+        assert_every_field_set(record.snapshot)
+        store.put_template(record)
+        assert store.get_template("tpl-code") == record
+        assert store.get_template("code-interpreter-v1") == record
+        assert store.get_template("ci") == record
+        assert store.list_templates() == [record]
+
+    def test_missing_template_is_none_and_deleting_it_is_a_no_op(self, store: StateStore) -> None:
+        assert store.get_template("nope") is None
+        store.delete_template("nope")
+        assert store.list_templates() == []
+
+    def test_template_aliases_follow_the_last_put(self, store: StateStore) -> None:
+        store.put_template(Template(template_id="t1", aliases=("old", "shared")))
+        store.put_template(Template(template_id="t1", aliases=("new", "shared")))
+        assert store.get_template("old") is None
+        assert ids([t for t in [store.get_template("new"), store.get_template("shared")] if t]) == ["t1", "t1"]
+        store.put_template(Template(template_id="t2", aliases=("shared",)))  # the alias moves to t2
+        found = store.get_template("shared")
+        assert found is not None and found.template_id == "t2"
+        store.delete_template("t2")
+        assert store.get_template("shared") is None and store.get_template("t2") is None
+        found = store.get_template("new")
+        assert found is not None and found.template_id == "t1"
+
+    def test_an_id_wins_over_another_templates_alias(self, store: StateStore) -> None:
+        store.put_template(Template(template_id="base", aliases=("b",)))
+        store.put_template(Template(template_id="other", aliases=("base",)))
+        found = store.get_template("base")
+        assert found is not None and found.template_id == "base"
+
+    def test_templates_are_listed_by_id_and_delete_removes_only_one(self, store: StateStore) -> None:
+        for tid in ("zeta", "Alpha", "beta", "alpha"):
+            store.put_template(Template(template_id=tid, aliases=(f"{tid}-alias",)))
+        assert ids(store.list_templates()) == ["Alpha", "alpha", "beta", "zeta"]  # bytewise
+        store.delete_template("beta")
+        assert ids(store.list_templates()) == ["Alpha", "alpha", "zeta"]
+        assert store.get_template("beta-alias") is None
+        found = store.get_template("zeta-alias")
+        assert found is not None and found.template_id == "zeta"
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def test_snapshot_round_trips_every_field(self, store: StateStore) -> None:
+        record = full_snapshot()
+        assert_every_field_set(record)
+        store.put_snapshot(record)
+        assert store.get_snapshot(record.snapshot_id) == record
+        assert store.list_snapshots() == [record]
+
+    def test_missing_snapshot_is_none_and_deleting_it_is_a_no_op(self, store: StateStore) -> None:
+        assert store.get_snapshot("nope") is None
+        store.delete_snapshot("nope")
+        assert store.list_snapshots() == []
+
+    def test_snapshot_filters_put_and_delete(self, store: StateStore) -> None:
+        store.put_snapshot(SnapshotRef(snapshot_id="s1", template_id="t", team_id="team-a", sandbox_id="x"))
+        store.put_snapshot(SnapshotRef(snapshot_id="s2", template_id="t", team_id="team-b", sandbox_id="x"))
+        store.put_snapshot(SnapshotRef(snapshot_id="s3", template_id="t"))  # a template's: no team, no sandbox
+        store.put_snapshot(SnapshotRef(snapshot_id="s4", template_id="t", team_id="team-a", sandbox_id="y"))
+        assert ids(store.list_snapshots()) == ["s1", "s2", "s3", "s4"]
+        assert ids(store.list_snapshots(team_id="team-a")) == ["s1", "s4"]
+        assert ids(store.list_snapshots(sandbox_id="x")) == ["s1", "s2"]
+        assert ids(store.list_snapshots(team_id="team-a", sandbox_id="x")) == ["s1"]
+        assert store.list_snapshots(team_id="team-c") == []
+        store.put_snapshot(SnapshotRef(snapshot_id="s1", template_id="t", team_id="team-b", sandbox_id="y"))
+        assert ids(store.list_snapshots()) == ["s2", "s3", "s4", "s1"]
+        assert ids(store.list_snapshots(team_id="team-b")) == ["s2", "s1"]
+        store.delete_snapshot("s2")
+        assert store.get_snapshot("s2") is None
+        assert ids(store.list_snapshots(sandbox_id="x")) == []
+
+    # -- nodes ----------------------------------------------------------------------------------
+
+    def test_node_round_trips_every_field_and_put_replaces(self, store: StateStore) -> None:
+        assert store.list_nodes() == []
+        record = full_node()
+        assert_every_field_set(record)
+        store.put_node(record)
+        store.put_node(Node(node_id="node-1", cpu_total=2, memory_mb_total=1024))
+        assert store.list_nodes() == [Node(node_id="node-1", cpu_total=2, memory_mb_total=1024), record]
+        updated = record.evolve(cpu_used=9, healthy=True)
+        store.put_node(updated)
+        assert store.list_nodes()[1] == updated and len(store.list_nodes()) == 2
+
+    # -- teams and API keys ---------------------------------------------------------------------
+
+    def test_team_round_trips_every_field(self, store: StateStore) -> None:
+        record = full_team()
+        assert_every_field_set(record)
+        store.put_team(record)
+        assert store.get_team("team-a") == record
+        assert store.find_team("Team A ✓") == record
+
+    def test_missing_team_is_none(self, store: StateStore) -> None:
+        assert store.get_team("nope") is None and store.find_team("nope") is None
+        store.put_team(full_team())
+        assert store.find_team("team a ✓") is None  # names match exactly
+
+    def test_team_name_belongs_to_one_team(self, store: StateStore) -> None:
+        store.put_team(full_team("team-a", "alpha"))
+        store.put_team(full_team("team-a", "alpha2"))  # a rename frees the old name
+        assert store.find_team("alpha") is None
+        store.put_team(full_team("team-b", "alpha"))
+        store.put_team(full_team("team-c", "alpha2"))  # the name's last put wins; the other team goes
+        found = store.find_team("alpha2")
+        assert found is not None and found.team_id == "team-c"
+        assert store.get_team("team-a") is None
+        found = store.get_team("team-b")
+        assert found is not None and found.name == "alpha"
+
+    def test_api_key_round_trips_every_field(self, store: StateStore) -> None:
+        record = full_key()
+        assert_every_field_set(record)
+        store.put_api_key(record)
+        assert store.find_api_key("h" * 64) == record
+        assert store.list_api_keys() == [record]
+        assert store.list_api_keys(team_id="team-a") == [record]
+
+    def test_missing_api_key_is_none(self, store: StateStore) -> None:
+        assert store.find_api_key("nope") is None
+        assert store.list_api_keys() == [] and store.list_api_keys(team_id="team-a") == []
+
+    def test_api_keys_list_by_team_and_a_re_put_revokes(self, store: StateStore) -> None:
+        first = ApiKey(key_id="k1", team_id="team-a", key_hash="h1", prefix="e2b_111111")
+        store.put_api_key(first)
+        store.put_api_key(ApiKey(key_id="k2", team_id="team-b", key_hash="h2", prefix="e2b_222222"))
+        store.put_api_key(ApiKey(key_id="k3", team_id="team-a", key_hash="h3", prefix="e2b_333333"))
+        assert ids(store.list_api_keys()) == ["k1", "k2", "k3"]
+        assert ids(store.list_api_keys(team_id="team-a")) == ["k1", "k3"]
+        assert store.list_api_keys(team_id="team-c") == []
+        store.put_api_key(first.evolve(revoked=True))
+        found = store.find_api_key("h1")
+        assert found is not None and found.revoked
+        assert ids(store.list_api_keys()) == ["k2", "k3", "k1"]
+        store.put_api_key(ApiKey(key_id="k4", team_id="team-b", key_hash="h2", prefix="e2b_222222"))
+        found = store.find_api_key("h2")  # a hash names one key: the last put with it
+        assert found is not None and found.key_id == "k4"
+        assert ids(store.list_api_keys(team_id="team-b")) == ["k4"]
+
+    # -- several open stores (a restart; two masters) -------------------------------------------
+
+    def test_another_store_sees_every_record(self, store: StateStore, open_store: StoreFactory) -> None:
+        store.put_sandbox(full_sandbox())
+        store.put_template(full_template())
+        store.put_snapshot(full_snapshot())
+        store.put_node(full_node())
+        store.put_team(full_team())
+        store.put_api_key(full_key())
+        other = open_store()
+        assert other.get_sandbox("sbx-full") == full_sandbox()
+        assert other.get_template("ci") == full_template()
+        assert other.list_snapshots(team_id="team-a") == [full_snapshot()]
+        assert other.list_nodes() == [full_node()]
+        assert other.find_team("Team A ✓") == full_team()
+        assert other.find_api_key("h" * 64) == full_key()
+        other.delete_sandbox("sbx-full")
+        assert store.get_sandbox("sbx-full") is None
+
+    def test_concurrent_writers_lose_nothing(self, store: StateStore, open_store: StoreFactory) -> None:
+        """Two open stores, four threads each: distinct records all land; templates that share
+        aliases, and teams that want one name, written at once, leave each alias and the name
+        to exactly one record."""
+        stores = [store, open_store()]
+        errors: list[BaseException] = []
+        start = threading.Barrier(8)
+
+        def work(n: int) -> None:
+            target = stores[n % 2]
+            try:
+                start.wait(timeout=30)
+                for i in range(20):
+                    target.put_sandbox(sandbox(f"w{n}-{i}", team_id=f"team-{n}"))
+                    aliases = ("x", "y", f"own-{n}") if i % 2 else (f"own-{n}", "y", "x")  # both lock orders
+                    target.put_template(Template(template_id=f"tpl-{n}", aliases=aliases))
+                    target.put_api_key(ApiKey(key_id=f"k{n}-{i}", team_id=f"team-{n}", key_hash=f"h{n}-{i}",
+                                              prefix="e2b_000000"))
+                    target.put_team(Team(team_id=f"team-{n}", name="contested"))
+            except BaseException as exc:  # reported below, with the thread's error
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        assert len(store.list_sandboxes()) == 160 and len(stores[1].list_api_keys()) == 160
+        for n in range(8):
+            assert ids(store.list_sandboxes(team_id=f"team-{n}")) == [f"w{n}-{i}" for i in range(20)]
+        owners = {alias: store.get_template(alias) for alias in ("x", "y")}
+        assert all(t is not None and t.template_id.startswith("tpl-") for t in owners.values()), owners
+        assert ids(store.list_templates()) == [f"tpl-{n}" for n in range(8)]
+        holder = store.find_team("contested")
+        assert holder is not None
+        assert [n for n in range(8) if store.get_team(f"team-{n}") is not None] == [int(holder.team_id[5:])]

@@ -1,0 +1,132 @@
+"""One StoreContract, every StateStore: SQLite (the default) and PostgreSQL (a real, throwaway
+server from the ``postgres_server`` fixture); then what only PostgreSQL has: versioned migrations
+under an advisory lock, a newer schema refused, ``[core] state`` selecting it (secret references
+included), clear errors that never show the password."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from cube_core.config import CoreSettings
+from cube_core.errors import ConfigError
+from cube_core.store import SqliteStore, StateStore, open_store
+from cube_core.store_postgres import MIGRATIONS, MIGRATIONS_TABLE, SCHEMA_VERSION, PostgresStore
+from cube_core.testing.postgres import PostgresServer
+from cube_core.testing.store_contract import StoreContract, full_sandbox
+
+
+class TestSqliteStore(StoreContract):
+    @pytest.fixture
+    def store_factory(self, tmp_path: Path) -> Callable[[], StateStore]:
+        return lambda: SqliteStore(tmp_path / "state" / "cube.db")
+
+
+class TestPostgresStore(StoreContract):
+    @pytest.fixture
+    def store_factory(self, postgres_url: str) -> Callable[[], StateStore]:
+        return lambda: PostgresStore(postgres_url)
+
+
+def test_every_state_store_in_the_repo_runs_the_contract() -> None:
+    """A new StateStore subclass must get a contract class here (else it is not known to work)."""
+    import cube_core.store_postgres  # noqa: F401 - registers its subclass
+
+    tested = {SqliteStore, PostgresStore}
+    assert set(StateStore.__subclasses__()) == tested
+
+
+def _versions(url: str) -> list[int]:
+    with psycopg.connect(url) as conn:
+        return [r[0] for r in conn.execute(f"SELECT version FROM {MIGRATIONS_TABLE} ORDER BY version")]
+
+
+def test_migrations_are_recorded_once(postgres_url: str) -> None:
+    PostgresStore(postgres_url).close()
+    PostgresStore(postgres_url).close()  # a restart applies nothing twice
+    assert _versions(postgres_url) == [v for v, _, _ in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_masters_starting_together_migrate_once(postgres_url: str) -> None:
+    """Eight starters at once on an empty database: the advisory lock lets one migrate; none fails."""
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+    stores: list[PostgresStore] = []
+
+    def starter() -> None:
+        try:
+            start.wait(timeout=30)
+            stores.append(PostgresStore(postgres_url, min_connections=1, max_connections=2))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=starter) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for store in stores:
+        store.close()
+    assert not errors, errors
+    assert len(stores) == 8
+    assert _versions(postgres_url) == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_a_newer_schema_is_refused(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url)
+    store.put_sandbox(full_sandbox())
+    store.close()
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (version, description) VALUES (%s, 'from the future')",
+                     (SCHEMA_VERSION + 1,))
+    with pytest.raises(ConfigError, match=rf"schema version {SCHEMA_VERSION + 1}, newer than this Cube knows "
+                                          rf"\({SCHEMA_VERSION}\)"):
+        PostgresStore(postgres_url)
+    with psycopg.connect(postgres_url) as conn:  # refused without touching anything
+        assert conn.execute("SELECT count(*) FROM sandboxes").fetchone() == (1,)
+
+
+def test_core_state_selects_the_store(tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    default = open_store(CoreSettings(state_dir=tmp_path / "state"))
+    assert isinstance(default, SqliteStore) and default.path == tmp_path / "state" / "cube.db"
+    default.close()
+    store = open_store(CoreSettings(state_dir=tmp_path / "unused", state=postgres_url))
+    assert isinstance(store, PostgresStore)
+    store.put_sandbox(full_sandbox())
+    store.close()
+    monkeypatch.setenv("CUBE_TEST_STATE", postgres_url)
+    secret_file = tmp_path / "state-url"
+    secret_file.write_text(postgres_url + "\n")
+    for ref in ({"env": "CUBE_TEST_STATE"}, {"file": str(secret_file)}):
+        store = open_store(CoreSettings(state_dir=tmp_path / "unused", state=ref))
+        assert isinstance(store, PostgresStore) and store.get_sandbox("sbx-full") == full_sandbox(), ref
+        store.close()
+    assert not (tmp_path / "unused").exists()  # no SQLite file made on the side
+
+
+def test_core_state_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="environment variable 'CUBE_NO_SUCH_VAR' is not set"):
+        open_store(CoreSettings(state={"env": "CUBE_NO_SUCH_VAR"}))
+    with pytest.raises(ConfigError, match="cannot read secret file"):
+        open_store(CoreSettings(state={"file": str(tmp_path / "missing")}))
+    (tmp_path / "wrong").write_text("mysql://root:hunter2@db/cube")
+    with pytest.raises(ConfigError, match=r"mysql://\.\.\. is not a PostgreSQL URL") as caught:
+        open_store(CoreSettings(state={"file": str(tmp_path / "wrong")}))
+    assert "hunter2" not in caught.value.message
+
+
+def test_unreachable_or_refused_database_is_a_config_error_without_the_password(
+        postgres_server: PostgresServer) -> None:
+    no_db = postgres_server.url("no_such_db").replace("cube@", "cube:hunter2@")
+    with pytest.raises(ConfigError, match=r'cannot use the PostgreSQL database postgresql://cube@/.*no_such_db: '
+                                          r'.*database "no_such_db" does not exist') as caught:
+        PostgresStore(no_db)
+    assert "hunter2" not in caught.value.message
+    with pytest.raises(ConfigError, match="cannot use the PostgreSQL database postgresql://cube@127.0.0.1:1/x: "
+                                          ".*(refused|failed)") as refused:
+        PostgresStore("postgresql://cube:hunter2@127.0.0.1:1/x", connect_timeout=2)
+    assert "hunter2" not in refused.value.message
