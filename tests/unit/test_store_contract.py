@@ -130,3 +130,37 @@ def test_unreachable_or_refused_database_is_a_config_error_without_the_password(
                                           ".*(refused|failed)") as refused:
         PostgresStore("postgresql://cube:hunter2@127.0.0.1:1/x", connect_timeout=2)
     assert "hunter2" not in refused.value.message
+
+
+async def test_cube_serve_and_cli_use_the_configured_database(run_cube, tmp_path: Path, postgres_url: str,
+                                                              plugin_host, cube_config_factory) -> None:
+    """The two places that open the store: the app (``cube serve``) and the CLI (``cube keys``)."""
+    from cube_core.app import create_app
+    from cube_core.testing.fakes import FAKE_CONFIG
+
+    state_dir = tmp_path / "state"
+    text = FAKE_CONFIG.format(state_dir=state_dir).replace(
+        "[core]\n", '[core]\nstate = { env = "CUBE_TEST_STATE" }\n', 1)
+    config = tmp_path / "plugins.toml"
+    config.write_text(text)
+    created = run_cube("keys", "create", "--team", "acme", "--config", str(config),
+                       env={"CUBE_TEST_STATE": postgres_url})
+    assert created.returncode == 0, created.stderr
+    listed = run_cube("keys", "ls", "--config", str(config), env={"CUBE_TEST_STATE": postgres_url})
+    assert "acme" in listed.stdout, listed.stdout + listed.stderr
+    unset = run_cube("keys", "ls", "--config", str(config))  # never falls back to SQLite
+    assert unset.returncode == 2 and "environment variable 'CUBE_TEST_STATE' is not set" in unset.stderr
+    empty = run_cube("keys", "ls", "--config", str(config), env={"CUBE_TEST_STATE": ""})
+    assert empty.returncode == 2 and "is not a PostgreSQL URL" in empty.stderr, empty.stderr
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CUBE_TEST_STATE", postgres_url)
+        app = create_app(plugin_host(cube_config_factory(text)), build_templates=False)
+        store = app.state.service.store
+        try:
+            assert isinstance(store, PostgresStore)
+            team = store.find_team("acme")
+            assert team is not None and len(store.list_api_keys(team_id=team.team_id)) == 1
+        finally:
+            store.close()
+    assert not (state_dir / "cube.db").exists()
