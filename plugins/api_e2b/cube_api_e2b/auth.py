@@ -16,12 +16,11 @@ import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import structlog
-from cube_core import AuthError, ConfigError
+from cube_core import AuthError, ConfigError, Team
 
-from cube_api_e2b.service import ServiceLike
+from cube_api_e2b.service import ControlPlane
 
 log = structlog.get_logger(__name__)
 
@@ -41,10 +40,10 @@ def api_key_from(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def authenticate(service: ServiceLike, headers: Mapping[str, str]) -> Any:
+def authenticate(service: ControlPlane, headers: Mapping[str, str]) -> Team:
     """The team of the caller; raises :class:`AuthError` (-> 401) when the key is missing or bad."""
     team = service.authenticate(api_key_from(headers))
-    if team is None:  # a service double that forgets to raise must not let anyone in
+    if not isinstance(team, Team):  # a service double that forgets to raise must not let anyone in
         raise AuthError("invalid API key")
     return team
 

@@ -5,19 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cube_core import CoreSettings
+
 from cube_api_e2b.auth import TrafficTokens
 from cube_api_e2b.config import E2bConfig
 from cube_api_e2b.metrics import ApiMetrics
-from cube_api_e2b.service import CoreSettingsLike, ServiceLike
+from cube_api_e2b.service import ControlPlane
 
 FALLBACK_ENVD_VERSION = "0.4.0"
 
 
 @dataclass
 class E2bContext:
-    service: ServiceLike
+    service: ControlPlane
     config: E2bConfig
-    settings: CoreSettingsLike
+    settings: CoreSettings
     metrics: ApiMetrics
     tokens: TrafficTokens
 
@@ -36,11 +38,11 @@ class E2bContext:
     def default_timeout_s(self) -> int:
         if self.config.default_timeout_s is not None:
             return self.config.default_timeout_s
-        return int(self.settings.default_timeout_s)
+        return self.settings.default_timeout_s
 
     @property
     def tls_dir(self) -> Path:
-        return self.config.tls_dir or Path(self.settings.state_dir) / "tls"
+        return self.config.tls_dir or self.settings.state_dir / "tls"
 
     def envd_version(self, template_envd_version: str | None) -> str:
         return self.config.envd_version or template_envd_version or FALLBACK_ENVD_VERSION

@@ -1,8 +1,9 @@
 """Prometheus metrics of the API and the edge, served as text on a separate admin port.
 
 Each plugin instance has its own registry (several apps may live in one process, e.g. in tests).
-``cube_sandboxes{state=...}`` is read from the state store at scrape time, so it is exact even for
-sandboxes that the timeout reaper paused or killed. The admin server runs in the caller's event
+``cube_sandboxes{state=...}`` and ``cube_warm_pool_members`` are asked of the control plane at scrape
+time (``count_by_state()``, ``pool_sizes()``), so they are exact even for sandboxes that the timeout
+reaper paused or killed. The admin server runs in the caller's event
 loop because the store may only be used from one loop.
 """
 
@@ -20,14 +21,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cube_api_e2b.service import ServiceLike
+from cube_api_e2b.service import ControlPlane
 
 log = structlog.get_logger(__name__)
 
 CREATE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 REPORTED_STATES = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED)
-POOL_TEAM = "__pool__"
-"""The core's reserved team of warm-pool members (cube_core.pool.POOL_TEAM, not exported)."""
 
 
 class SandboxStateCollector(Collector):
@@ -35,7 +34,7 @@ class SandboxStateCollector(Collector):
     read at scrape time."""
 
     def __init__(self) -> None:
-        self.service: ServiceLike | None = None
+        self.service: ControlPlane | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("cube_sandboxes", "Live sandboxes by state (all teams)", labels=["state"])
@@ -43,12 +42,9 @@ class SandboxStateCollector(Collector):
         counts = {state.value: 0 for state in REPORTED_STATES}
         members = 0
         if self.service is not None:
-            # No service method counts across teams yet; the store is the service's public attribute.
-            for sb in self.service.store.list_sandboxes(states=REPORTED_STATES):
-                if sb.team_id == POOL_TEAM:
-                    members += 1
-                else:
-                    counts[sb.state.value] = counts.get(sb.state.value, 0) + 1
+            by_state = self.service.count_by_state()
+            counts = {state: by_state.get(state, 0) for state in counts}
+            members = sum(self.service.pool_sizes().values())
         for state, count in counts.items():
             family.add_metric([state], count)
         pool.add_metric([], members)
@@ -73,7 +69,7 @@ class ApiMetrics:
         self.edge_requests = Counter("cube_edge_requests", "Requests the edge proxy routed to a sandbox, by outcome",
                                      ["kind", "outcome"], registry=self.registry)
 
-    def bind(self, service: ServiceLike) -> None:
+    def bind(self, service: ControlPlane) -> None:
         self.sandboxes.service = service
 
     def render(self) -> bytes:

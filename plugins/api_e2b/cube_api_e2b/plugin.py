@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
-from cube_core import Sandbox, hookimpl
+from cube_core import CoreSettings, Sandbox, SandboxService, hookimpl
+from fastapi import APIRouter
+from starlette.types import ASGIApp
 
 from cube_api_e2b.auth import TrafficTokens, load_traffic_secret
 from cube_api_e2b.config import E2bConfig
 from cube_api_e2b.context import E2bContext, split_host_port
 from cube_api_e2b.metrics import ApiMetrics, MetricsServer, start_metrics_server
 from cube_api_e2b.proxy import EdgeProxy, EdgeProxyMiddleware
-from cube_api_e2b.routes import build_routers
+from cube_api_e2b.routes import ROUTERS
+from cube_api_e2b.routing import BindContext
 from cube_api_e2b.server import HypercornConfig, hypercorn_config, serve
-from cube_api_e2b.service import CoreSettingsLike, ServiceLike
+from cube_api_e2b.service import ControlPlane
 from cube_api_e2b.tls import TlsFiles, ensure_certificates
 
 log = structlog.get_logger(__name__)
@@ -30,16 +31,16 @@ class E2bApiPlugin:
 
     def __init__(self, config: E2bConfig) -> None:
         self.config = config
-        self.settings: CoreSettingsLike | None = None
+        self.settings: CoreSettings | None = None
         self.metrics = ApiMetrics()
         self.context: E2bContext | None = None
         self.edge: EdgeProxy | None = None
         self.metrics_server: MetricsServer | None = None
 
-    def _context(self, service: ServiceLike) -> E2bContext:
+    def _context(self, service: ControlPlane) -> E2bContext:
         if self.context is None or self.context.service is not service:
-            settings: CoreSettingsLike = self.settings or service.settings
-            secret = load_traffic_secret(self.config.traffic_token_secret, Path(settings.state_dir))
+            settings = self.settings or service.settings
+            secret = load_traffic_secret(self.config.traffic_token_secret, settings.state_dir)
             self.metrics.bind(service)
             self.context = E2bContext(service=service, config=self.config, settings=settings,
                                       metrics=self.metrics, tokens=TrafficTokens(secret))
@@ -47,19 +48,23 @@ class E2bApiPlugin:
         return self.context
 
     @hookimpl
-    def cube_configure(self, settings: Any) -> None:
+    def cube_configure(self, settings: CoreSettings) -> None:
         self.settings = settings
 
     @hookimpl
-    def cube_api_routers(self, service: ServiceLike) -> Sequence[Any]:
-        return build_routers(self._context(service))
+    def cube_api_routers(self, service: SandboxService) -> Sequence[APIRouter]:
+        """The module-level routers (routes/); the middleware below binds them to this app's context."""
+        self._context(service)
+        return list(ROUTERS)
 
     @hookimpl
-    def cube_asgi_middleware(self, service: ServiceLike) -> Sequence[Any]:
-        self._context(service)
+    def cube_asgi_middleware(self, service: SandboxService) -> Sequence[Callable[[ASGIApp], ASGIApp]]:
+        """The edge proxy outermost (sandbox traffic never reaches routing), then the context binding."""
+        ctx = self._context(service)
         assert self.edge is not None
         return [functools.partial(EdgeProxyMiddleware, edge=self.edge, on_startup=self._on_startup,
-                                  on_shutdown=self.stop_metrics_server)]
+                                  on_shutdown=self.stop_metrics_server),
+                functools.partial(BindContext, ctx=ctx)]
 
     async def _on_startup(self) -> None:
         if not self.config.metrics_on_startup:
@@ -79,7 +84,7 @@ class E2bApiPlugin:
         return self.edge.forget(sandbox.sandbox_id) if self.edge is not None else None
 
     @hookimpl
-    def cube_http_server(self, app: Any, settings: Any) -> Awaitable[None] | None:
+    def cube_http_server(self, app: ASGIApp, settings: CoreSettings) -> Awaitable[None] | None:
         """Domain mode needs TLS and HTTP/2 (Hypercorn); otherwise let the core use uvicorn."""
         config = self.domain_server_config(settings.host, settings.port)
         return serve(app, config) if config is not None else None

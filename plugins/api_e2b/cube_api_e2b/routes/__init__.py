@@ -1,0 +1,21 @@
+"""The E2B control plane: both endpoint generations, plus Cube's documented extensions.
+
+One module-level router per resource; each route asks for its :data:`~cube_api_e2b.routing.Context`,
+:data:`~cube_api_e2b.routing.Service` and :data:`~cube_api_e2b.routing.CurrentTeam` as typed
+dependencies and calls the control plane's public methods. Another team's sandbox is "not found"
+(404): the service scopes every lookup by team.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from cube_api_e2b.routes import lifecycle, metrics, network, sandboxes, snapshots, templates
+
+ROUTERS: tuple[APIRouter, ...] = (
+    metrics.router,  # first: GET /sandboxes/metrics before GET /sandboxes/{sandbox_id}
+    sandboxes.router, lifecycle.router, network.router, snapshots.router, templates.router,
+)
+"""Every router, in mounting order."""
+
+__all__ = ["ROUTERS"]
