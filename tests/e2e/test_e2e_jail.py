@@ -66,7 +66,7 @@ def test_qemu_of_a_sandbox_is_jailed(e2b_env: CubeServer) -> None:
         other = _status(int(str(_vm(e2b_env, second.sandbox_id)["pid"])))
         assert other["Uid"] != status["Uid"]
         # Own mount, PID, IPC and UTS namespaces.
-        for ns in ("mnt", "pid", "ipc", "uts"):
+        for ns in ("mnt", "pid", "ipc", "uts", "net"):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
         # Inside its PID namespace QEMU is pid 1 and alone.
         assert _status(pid)["NSpid"].split()[-1] == "1"
@@ -134,3 +134,43 @@ def test_console_flood_stays_bounded(e2b_env: CubeServer) -> None:
         assert sbx.commands.run("echo alive").stdout == "alive\n"
     finally:
         sbx.kill()
+
+
+def _timed_echo(sbx: Sandbox) -> float:
+    started = time.monotonic()
+    assert sbx.commands.run("echo ok", timeout=60).stdout == "ok\n"
+    return time.monotonic() - started
+
+
+def test_a_hostile_neighbour_does_not_starve_another_sandbox(e2b_env: CubeServer) -> None:
+    """Sandbox A fills its disk, fork-bombs and eats all its memory as root at once; sandbox B's
+    commands keep answering (a generous bound: this host has 2 shared cores and emulates the CPU)."""
+    victim = Sandbox.create(template="base", timeout=300)
+    attacker = Sandbox.create(template="base", timeout=300)
+    try:
+        before = sorted(_timed_echo(victim) for _ in range(3))
+        handle = _vm(e2b_env, attacker.sandbox_id)
+        attacker_pid = int(str(handle["pid"]))
+        data = handle["data"]
+        assert isinstance(data, dict)
+        limit_kib = (int(data["memory_mb"]) + 256) * 1024  # [vmm.options] memory_overhead_mb default
+        for hostile in ("dd if=/dev/zero of=/var/fill bs=1M",
+                        "python3 -c 'b = []\nwhile True: b.append(bytearray(8 << 20))'",
+                        "sh -c 'f() { f | f & }; f'"):
+            attacker.commands.run(hostile, background=True, user="root", timeout=5)
+        latencies = []
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline:
+            latencies.append(_timed_echo(victim))
+            time.sleep(0.5)
+        latencies.sort()
+        median = latencies[len(latencies) // 2]
+        assert len(latencies) >= 5, latencies
+        assert median < max(3.0, 10 * before[1]), (before, latencies)
+        assert latencies[-1] < 15.0, (before, latencies)
+        # The attacker's QEMU stayed inside its memory limit (guest RAM + overhead).
+        rss_kib = int(_status(attacker_pid)["VmRSS"].split()[0]) if Path(f"/proc/{attacker_pid}").exists() else 0
+        assert rss_kib < limit_kib, (rss_kib, limit_kib)
+    finally:
+        attacker.kill()
+        victim.kill()

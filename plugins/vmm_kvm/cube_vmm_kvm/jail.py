@@ -2,7 +2,7 @@
 
 The model is Firecracker's jailer: every QEMU runs as its own unprivileged uid/gid (leased from
 ``[vmm.options] uid_range``), with an empty capability bounding set and ``no_new_privs``, in new
-mount, PID, IPC and UTS namespaces, with a root that holds only what the VM needs. The privileged
+mount, PID, IPC, UTS and network namespaces, with a root that holds only what the VM needs. The privileged
 work (namespaces, bind mounts, device nodes, pivot_root, dropping privileges) is done by
 :mod:`.jailer`, a stdlib-only program run as root just before QEMU; this module decides *what*
 it does (:class:`JailSpec`) and keeps the uid leases (:class:`UidLeases`).
@@ -14,6 +14,7 @@ or not and ``/proc/<pid>/maps`` names the same files (which :mod:`.memdiff` reli
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import stat
 import struct
@@ -66,8 +67,10 @@ class JailSpec:
     symlinks: tuple[tuple[str, str], ...]
     cgroup_procs: tuple[Path, ...] = field(default=())
 
-    def to_json(self, argv: Sequence[str], *, pass_fds: Sequence[int], pid_fd: int) -> str:
-        return json.dumps({
+    def encode(self, argv: Sequence[str], *, pass_fds: Sequence[int], pid_fd: int) -> str:
+        """The jailer's argument: this spec plus the command, ``marshal``-ed, in hex (the jailer
+        runs under the same interpreter, so the marshal format matches)."""
+        return marshal.dumps({
             "uid": self.uid, "gid": self.gid, "groups": list(self.groups), "root": str(self.root),
             "hostname": self.hostname,
             "binds": [{"src": str(b.src), "dst": str(b.dst), "rw": b.rw, "dir": b.dir} for b in self.binds],
@@ -75,13 +78,13 @@ class JailSpec:
                          "owner": d.owner} for d in self.devices],
             "symlinks": [list(s) for s in self.symlinks],
             "cgroup_procs": [str(p) for p in self.cgroup_procs],
-            "argv": list(argv), "env": QEMU_ENV, "pass_fds": list(pass_fds), "pid_fd": pid_fd,
-        })
+            "argv": list(argv), "env": dict(QEMU_ENV), "pass_fds": list(pass_fds), "pid_fd": pid_fd,
+        }).hex()
 
 
 def launcher_argv(spec: JailSpec, argv: Sequence[str], *, pass_fds: Sequence[int], pid_fd: int) -> list[str]:
     """The command that runs :mod:`.jailer` for ``argv`` (isolated mode: no site, no env)."""
-    return [sys.executable, "-I", "-S", jailer.__file__, spec.to_json(argv, pass_fds=pass_fds, pid_fd=pid_fd)]
+    return [sys.executable, "-I", "-S", jailer.__file__, spec.encode(argv, pass_fds=pass_fds, pid_fd=pid_fd)]
 
 
 def spawn(spec: JailSpec, argv: Sequence[str], log_path: Path, pass_fds: Sequence[int] = ()) -> int:

@@ -226,7 +226,7 @@ async def test_jailer_runs_a_program_unprivileged_in_its_own_namespaces(tmp_path
             assert int(status[caps], 16) == 0, caps
         assert status["NoNewPrivs"] == "1"
         assert status["NSpid"].split() == [str(pid), "1"]
-        for ns in ("mnt", "pid", "ipc", "uts"):
+        for ns in ("mnt", "pid", "ipc", "uts", "net"):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
     finally:
         os.kill(pid, signal.SIGKILL)
