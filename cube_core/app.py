@@ -25,6 +25,7 @@ def create_app(host: PluginHost, *, store: StateStore | None = None, build_templ
                progress: LaneFactory | None = None) -> FastAPI:
     """``progress(name)``: the progress lane of the kernel or template ``name`` being built."""
     settings = host.config.data.core
+    owns_store = store is None  # then it is closed when the app stops
     store = store or open_store(settings)
     service = SandboxService(host, store)
 
@@ -44,6 +45,8 @@ def create_app(host: PluginHost, *, store: StateStore | None = None, build_templ
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await builder
             await service.stop()
+            if owns_store:
+                service.store.close()
 
     app = FastAPI(title="Cube", version="0.1.0", lifespan=lifespan)
     app.state.service = service

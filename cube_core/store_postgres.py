@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg
 from psycopg import conninfo
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from cube_core.errors import ConfigError
 from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
@@ -115,7 +115,12 @@ class PostgresStore(StateStore):
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             dsn, min_size=min_connections, max_size=max_connections, open=False, name="cube-state",
             kwargs={"autocommit": True}, check=ConnectionPool.check_connection)
-        self._pool.open(wait=True, timeout=connect_timeout)
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout)
+        except PoolTimeout as exc:  # reachable a moment ago: not enough connections (max_connections?)
+            self._pool.close()
+            raise ConfigError(f"[core] state: cannot open {min_connections} connection(s) to {self.where} "
+                              f"within {connect_timeout:g} s: {exc}") from exc
 
     @contextmanager
     def _conn(self) -> Iterator[psycopg.Connection[Any]]:

@@ -164,3 +164,26 @@ async def test_cube_serve_and_cli_use_the_configured_database(run_cube, tmp_path
         finally:
             store.close()
     assert not (state_dir / "cube.db").exists()
+
+
+def test_missing_postgresql_is_a_clear_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the server programs the fixture fails (pytest.fail with this message), never skips."""
+    from cube_core.testing import postgres
+
+    monkeypatch.setattr(postgres, "SERVER_ROOT", tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(postgres.PostgresMissingError, match=r"initdb .*bash scripts/install-host.sh"):
+        postgres.PostgresServer().start()
+
+
+def test_the_throwaway_server_is_stopped_and_removed() -> None:
+    server = PostgresServer()
+    server.start()
+    directory = server.socket_dir
+    with psycopg.connect(server.url()) as conn:
+        assert conn.execute("SHOW listen_addresses").fetchone() == ("",)  # unix socket only
+        assert conn.execute("SHOW data_directory").fetchone() == (str(directory / "data"),)
+    server.stop()
+    assert not directory.exists()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(f"postgresql://cube@/postgres?host={directory}", connect_timeout=2)
