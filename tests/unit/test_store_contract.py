@@ -76,6 +76,21 @@ def test_masters_starting_together_migrate_once(postgres_url: str) -> None:
     assert _versions(postgres_url) == list(range(1, SCHEMA_VERSION + 1))
 
 
+def test_a_failing_migration_leaves_nothing_behind(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Migrations run in one transaction: one that fails half-way is rolled back whole."""
+    from cube_core import store_postgres
+
+    PostgresStore(postgres_url).close()
+    broken = (SCHEMA_VERSION + 1, "half done", "CREATE TABLE half_done (x int); SELECT * FROM no_such_table;")
+    monkeypatch.setattr(store_postgres, "MIGRATIONS", (*MIGRATIONS, broken))
+    monkeypatch.setattr(store_postgres, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    with pytest.raises(ConfigError, match='relation "no_such_table" does not exist'):
+        PostgresStore(postgres_url)
+    assert _versions(postgres_url) == list(range(1, SCHEMA_VERSION + 1))
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT to_regclass('half_done')").fetchone() == (None,)
+
+
 def test_a_newer_schema_is_refused(postgres_url: str) -> None:
     store = PostgresStore(postgres_url)
     store.put_sandbox(full_sandbox())
