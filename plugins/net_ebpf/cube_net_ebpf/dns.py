@@ -314,9 +314,7 @@ class Resolver:
             raise OSError("no upstream DNS server configured")
         last: Exception | None = None
         for server in self.upstreams:
-            try:
-                if tcp:
-                    return dns.query.tcp(query, server, timeout=self.timeout_s)
+            try:  # UDP first whatever the guest used; TCP when the answer does not fit
                 response = dns.query.udp(query, server, timeout=self.timeout_s,
                                          ignore_unexpected=True)
                 if response.flags & dns.flags.TC:

@@ -5,6 +5,13 @@ from __future__ import annotations
 import socket
 import struct
 
+import dns.edns
+import dns.flags
+import dns.message
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.update
 import pytest
 from cube_core import EgressRule, NetworkError, NetworkPolicy
 from pydantic import ValidationError
@@ -19,8 +26,12 @@ from cube_net_ebpf.addressing import (
     slot_of_netns,
 )
 from cube_net_ebpf.audit import EVENT, decode_event
+from cube_net_ebpf.dns import _check_query as check_query
+from cube_net_ebpf.dns import _header_reply as header_reply
+from cube_net_ebpf.dnslimits import Admission, DnsLimits
 from cube_net_ebpf.nat import HostRules, host_ruleset, slot_ruleset
 from cube_net_ebpf.policy import CidrRule, compile_policy
+from cube_net_ebpf.ranges import ALWAYS_DENIED, ALWAYS_DENIED6, DeniedRanges, parse_networks
 
 
 def test_address_plan():
@@ -124,3 +135,96 @@ def test_decode_event():
     assert event["verdict"] == "deny" and event["reason"] == "default_deny"
     assert event["src"] == "100.64.0.6:40000" and event["dst"] == "198.18.0.10:80"
     assert event["proto"] == "tcp" and event["rule"] == "rule 7/5"
+
+
+DENIED = DeniedRanges(always=parse_networks((*ALWAYS_DENIED, *ALWAYS_DENIED6, "100.64.0.0/10",
+                                             "192.0.2.2/32")),
+                      openable=parse_networks(("10.20.0.0/16", "fd00:1::/64")))
+
+
+@pytest.mark.parametrize(("allow_out", "field", "range_"), [
+    (("169.254.169.254", "10.0.0.0/8"), "allow_out[0]", "169.254.0.0/16"),
+    (("198.18.0.10", "10.128.0.0/9"), "allow_out[1]", "10.0.0.0/8"),
+    (("100.64.0.6",), "allow_out[0]", "100.64.0.0/10"),  # another sandbox
+    (("127.0.0.1",), "allow_out[0]", "127.0.0.0/8"),
+    (("fd00:ec2::254",), "allow_out[0]", "fc00::/7"),
+    (("::ffff:169.254.169.254",), "allow_out[0]", "::ffff:0:0/96"),
+])
+def test_allow_rules_inside_always_denied_ranges_are_refused(allow_out, field, range_):
+    with pytest.raises(NetworkError) as refused:
+        compile_policy(NetworkPolicy(allow_out=allow_out), denied=DENIED)
+    assert refused.value.fields["field"] == field
+    assert range_ in refused.value.message and field in refused.value.message
+    with pytest.raises(NetworkError):  # plugin rules too
+        compile_policy(NetworkPolicy(), [EgressRule(action="allow", target=allow_out[-1])],
+                       denied=DENIED)
+
+
+def test_wider_and_openable_allow_rules_are_accepted():
+    for allow_out in (("0.0.0.0/0",), ("::/0",), ("10.20.1.2",), ("10.0.0.0/8",), ("fd00:1::5",),
+                      ("192.0.2.0/24",), ("169.254.169.254.example.test",)):
+        compile_policy(NetworkPolicy(allow_out=allow_out), denied=DENIED)
+    # deny rules are never refused; without `denied` (a restarted Cube) nothing is
+    compile_policy(NetworkPolicy(deny_out=("169.254.169.254",)), denied=DENIED)
+    compile_policy(NetworkPolicy(allow_out=("169.254.169.254",)))
+    assert DENIED.always_denied("169.254.169.254") and DENIED.always_denied("192.0.2.2")
+    assert not DENIED.always_denied("10.20.0.1") and not DENIED.always_denied("198.18.0.1")
+    assert DENIED.always_denied("fe80::1") and not DENIED.always_denied("2001:db8:18::10")
+
+
+def test_ipv6_rules_are_compiled_apart():
+    p = compile_policy(NetworkPolicy(allow_out=("2001:db8:18::10",), deny_out=("2001:db8::/32",)))
+    assert p.allow6 == (CidrRule("2001:db8:18::10/128"),) and p.deny6 == (CidrRule("2001:db8::/32"),)
+    assert p.allow_ipv6 and not p.allow and not p.deny
+    only_deny = compile_policy(NetworkPolicy(deny_out=("::/0",)))
+    assert not only_deny.allow_ipv6 and only_deny.deny6  # a deny rule never enables IPv6
+
+
+def test_config_refuses_opening_the_slot_subnet():
+    with pytest.raises(ValidationError):
+        EbpfNetConfig(openable_ranges=("100.64.0.0/16",))
+    assert EbpfNetConfig(openable_ranges=("10.1.2.3",)).openable_ranges == ("10.1.2.3/32",)
+
+
+def _wire(build) -> bytes:
+    msg = dns.message.make_query("cdn.example.test", "A")
+    build(msg)
+    return msg.to_wire()
+
+
+def test_guest_queries_are_rebuilt_or_refused():
+    def edns_and_cookie(m):
+        m.use_edns(0, payload=4096, options=[dns.edns.GenericOption(10, b"12345678")])
+        m.flags |= dns.flags.CD
+
+    rebuilt = check_query(_wire(edns_and_cookie))
+    assert isinstance(rebuilt, dns.message.Message)
+    assert rebuilt.flags == dns.flags.RD and rebuilt.edns == 0 and not rebuilt.options
+    assert rebuilt.payload == 1232 and len(rebuilt.question) == 1 and not rebuilt.additional
+    update = dns.update.UpdateMessage("example.test")
+    update.add("x", 60, "A", "1.2.3.4")
+    assert check_query(update.to_wire())[0] == dns.rcode.NOTIMP
+    assert check_query(_wire(lambda m: m.set_opcode(dns.opcode.NOTIFY)))[0] == dns.rcode.NOTIMP
+    two = _wire(lambda m: None)
+    two = two[:4] + struct.pack("!H", 2) + two[6:] + two[12:]
+    assert check_query(two)[0] == dns.rcode.FORMERR
+    assert check_query(b"\x00\x01")[0] == dns.rcode.FORMERR
+    chaos = dns.message.make_query("version.bind", "TXT", rdclass=dns.rdataclass.CH).to_wire()
+    assert check_query(chaos)[0] == dns.rcode.REFUSED
+    reply = header_reply(update.to_wire(), dns.rcode.NOTIMP)
+    assert reply is not None and struct.unpack("!HHHHHH", reply)[1:] == (0x8000 | 5 << 11 | 4, 0, 0, 0, 0)
+
+
+def test_admission_limits_per_sandbox():
+    adm = Admission(DnsLimits(rate=10, burst=3, in_flight=2, queue=3, tcp_per_sandbox=1))
+    assert [adm.admit("a"), adm.admit("a"), adm.admit("a")] == ["ok", "ok", "too_many_in_flight"]
+    adm.done("a")
+    assert adm.admit("a") == "ok"
+    adm.done("a")
+    adm.done("a")
+    assert adm.admit("a") == "rate_limited"  # 3 tokens spent
+    assert adm.admit("b") == "ok" and adm.admit("b") == "ok"
+    assert adm.admit("c") == "ok" and adm.admit("d") == "queue_full"  # the shared queue holds 3
+    assert adm.open_tcp("a") and not adm.open_tcp("a") and adm.open_tcp("b")
+    adm.close_tcp("a")
+    assert adm.open_tcp("a")
