@@ -93,6 +93,8 @@ def http_error(exc: CubeError) -> HttpError:
     """The answer for ``exc``: the entry of its most specific class in :data:`ERROR_TABLE`."""
     if isinstance(exc, AdmissionRejectedError) and getattr(exc, "retryable", False):
         return HttpError(429, retry=True)
+    if isinstance(exc, NetworkError) and "field" in exc.fields:
+        return HttpError(400)  # the network plugin refused a policy field (e.g. allow_out[0])
     for cls in type(exc).__mro__:
         found = ERROR_TABLE.get(cls)
         if found is not None:

@@ -28,6 +28,9 @@ def test_every_public_cube_error_has_an_answer() -> None:
     assert http_error(AdmissionRejectedError(reason="x", retryable=True)).status == 429
     assert http_error(AdmissionRejectedError(reason="x", retryable=False)).status == 403
     assert http_error(InvalidRequestError(field="a", reason="b")).status == 400
+    # a policy field the network plugin refuses (allow_out[0] in an always-denied range)
+    assert http_error(cube_core.NetworkError("allow_out[0]: x", field="allow_out[0]", reason="x")).status == 400
+    assert http_error(cube_core.NetworkError("slot setup failed")).status == 500
 
     class Custom(cube_core.SandboxNotFoundError):
         pass
