@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cube_core.errors import ConfigError
 
@@ -150,7 +150,17 @@ class SlotSection(_Model):
 
 
 class ApiSection(SlotSection):
-    prefix: str = "/"
+    """An ``[[api]]`` entry. Its routes are served at the root of the API host: E2B clients derive
+    ``https://api.<domain>`` with no path (``E2B_API_URL``, the only way to give one, is deprecated
+    in the SDK), so there is no ``prefix`` setting (it used to be accepted and ignored)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_prefix(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "prefix" in data:
+            raise ValueError("'prefix' is not a setting: the API is served at the root of its host, where E2B "
+                             "clients expect it (https://api.<domain>/); remove the line")
+        return data
 
 
 class ExtensionsSection(_Model):

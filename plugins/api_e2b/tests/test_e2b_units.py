@@ -124,3 +124,17 @@ def test_network_policy() -> None:
     for bad in ({"allow_out": ["a..b"]}, {"allow_out": ["-a.com"]}, {"deny_out": ["a.com"]}, {"https_ports": [443]}):
         with pytest.raises(InvalidRequestError):
             network_policy(None, SandboxNetworkConfig(**bad))
+
+
+def test_api_prefix_is_a_config_error(tmp_path) -> None:
+    """The API lives at the root of its host (E2B clients derive https://api.<domain>/); a
+    ``prefix`` used to be accepted and silently ignored, now it says so."""
+    from cube_core.config import parse_config
+    from e2b_helpers import e2b_config_text
+
+    text = e2b_config_text(tmp_path)
+    assert parse_config(text).data.api[0].plugin == "e2b"
+    bad = text.replace('[[api]]\nplugin = "e2b"', '[[api]]\nplugin = "e2b"\nprefix = "/e2b"')
+    assert bad != text
+    with pytest.raises(cube_core.ConfigError, match=r"\[api\.0\].*'prefix' is not a setting.*root of its host"):
+        parse_config(bad)
