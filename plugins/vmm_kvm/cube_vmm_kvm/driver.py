@@ -86,6 +86,7 @@ class KvmVmm(VmmDriver):
         self._cgroups: CgroupLayout | None = None
         self._tsc_khz = 0
         self._uids: jail.UidLeases | None = None
+        self._spare: jail.Jailer | None = None
         self._ram_readonly = False
         self._vms: dict[str, _LiveVm] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -124,6 +125,7 @@ class KvmVmm(VmmDriver):
             self._ram_readonly = await self._run(qemu.supports_readonly_private_ram, binary)
             # A jailer exits right after forking QEMU: its orphan comes back to us, so we can reap it.
             qemu.set_child_subreaper()
+            self._spare = jail.Jailer.start()
         self._tsc_khz = host_tsc_khz()
         log.info("vmm started", qemu=binary, accel=self.accel.accel, isolation=self.accel.isolation,
                  reason=self.accel.reason, jail=self.config.jail, readonly_template_ram=self._ram_readonly,
@@ -131,6 +133,9 @@ class KvmVmm(VmmDriver):
 
     async def close(self) -> None:
         """Drop our QMP and control connections; the VMs keep running."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await self._run(spare.close)
         vms, self._vms = self._vms, {}
         for vm in vms.values():
             await vm.ctl.close()
@@ -192,6 +197,11 @@ class KvmVmm(VmmDriver):
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, func, *args)
 
+    def _take_jailer(self) -> jail.Jailer:
+        """The spare jailer (its interpreter already started), replaced by a new spare at once."""
+        taken, self._spare = self._spare, jail.Jailer.start()
+        return taken or jail.Jailer.start()
+
     def _prepare_jail(self, machine: MachineSpec, uid: int, group: VmCgroup | None) -> jail.JailSpec:
         """Give the VM's uid what it must write (its socket directory, own RAM file, disk) and the
         jail group what clones share (a template's RAM file); return its jail."""
@@ -239,7 +249,7 @@ class KvmVmm(VmmDriver):
                 except OSError as exc:
                     raise VmmError(f"VM {machine.vm_id}: cannot prepare its jail: {exc.filename}: "
                                    f"{exc.strerror}") from exc
-                pid = await self._run(jail.spawn, spec, argv, machine.qemu_log, pass_fds)
+                pid = await self._run(jail.spawn, spec, argv, machine.qemu_log, pass_fds, self._take_jailer())
             else:
                 machine.sock_dir.mkdir(mode=0o700, exist_ok=True)
                 pid = qemu.spawn(argv, log_path=machine.qemu_log, env=qemu.QEMU_ENV, pass_fds=pass_fds)

@@ -13,9 +13,11 @@ or not and ``/proc/<pid>/maps`` names the same files (which :mod:`.memdiff` reli
 
 from __future__ import annotations
 
+import contextlib
 import json
 import marshal
 import os
+import socket
 import stat
 import struct
 import sys
@@ -67,9 +69,9 @@ class JailSpec:
     symlinks: tuple[tuple[str, str], ...]
     cgroup_procs: tuple[Path, ...] = field(default=())
 
-    def encode(self, argv: Sequence[str], *, pass_fds: Sequence[int], pid_fd: int) -> str:
-        """The jailer's argument: this spec plus the command, ``marshal``-ed, in hex (the jailer
-        runs under the same interpreter, so the marshal format matches)."""
+    def encode(self, argv: Sequence[str], *, pass_fds: Sequence[int]) -> bytes:
+        """The jailer's request: this spec plus the command, ``marshal``-ed (the jailer runs under
+        the same interpreter, so the marshal format matches)."""
         return marshal.dumps({
             "uid": self.uid, "gid": self.gid, "groups": list(self.groups), "root": str(self.root),
             "hostname": self.hostname,
@@ -78,36 +80,67 @@ class JailSpec:
                          "owner": d.owner} for d in self.devices],
             "symlinks": [list(s) for s in self.symlinks],
             "cgroup_procs": [str(p) for p in self.cgroup_procs],
-            "argv": list(argv), "env": dict(QEMU_ENV), "pass_fds": list(pass_fds), "pid_fd": pid_fd,
-        }).hex()
+            "argv": list(argv), "env": dict(QEMU_ENV), "pass_fds": list(pass_fds),
+        })
 
 
-def launcher_argv(spec: JailSpec, argv: Sequence[str], *, pass_fds: Sequence[int], pid_fd: int) -> list[str]:
-    """The command that runs :mod:`.jailer` for ``argv`` (isolated mode: no site, no env)."""
-    return [sys.executable, "-I", "-S", jailer.__file__, spec.encode(argv, pass_fds=pass_fds, pid_fd=pid_fd)]
+class Jailer:
+    """One jailer process, started ahead of need and waiting for its request (a spare).
+
+    ``start()`` costs the driver a ``posix_spawn`` (~0.2 ms); the interpreter start-up happens in
+    the background. ``run()`` sends the spec and fds and returns the jailed process's pid in *our*
+    PID namespace (the jailer reports it, then exits and is reaped here). A spare the driver no
+    longer needs is ended by ``close()`` (EOF on its socket)."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+
+    @classmethod
+    def start(cls) -> Jailer:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            argv = [sys.executable, "-I", "-S", jailer.__file__, str(theirs.fileno())]
+            pid = qemu.spawn(argv, log_path=Path("/dev/null"), env={}, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return cls(pid, ours)
+
+    def run(self, spec: JailSpec, argv: Sequence[str], log_path: Path, pass_fds: Sequence[int] = ()) -> int:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                socket.send_fds(self.sock, [spec.encode(argv, pass_fds=pass_fds) + b"\0END"],
+                                [log_fd, *pass_fds])
+                self.sock.shutdown(socket.SHUT_WR)
+                data = b""
+                while chunk := self.sock.recv(64):
+                    data += chunk
+            except OSError as exc:
+                raise VmmError(f"{spec.hostname}: the jailer did not answer: {exc}") from exc
+        finally:
+            os.close(log_fd)
+            self.close()
+        try:
+            return int(data)
+        except ValueError:
+            raise VmmError(f"{spec.hostname}: the jailer failed: {qemu.log_tail(log_path)}") from None
+
+    def close(self) -> None:
+        """Close our end (an unused spare exits on the EOF) and reap the jailer."""
+        self.sock.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
 
 
-def spawn(spec: JailSpec, argv: Sequence[str], log_path: Path, pass_fds: Sequence[int] = ()) -> int:
-    """Run the jailer for ``argv`` (stdio on ``log_path``); return the jailed process's pid in
-    *our* PID namespace (the jailer reports it through a pipe, then exits and is reaped here)."""
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    try:
-        launcher = launcher_argv(spec, argv, pass_fds=pass_fds, pid_fd=write_fd)
-        jailer_pid = qemu.spawn(launcher, log_path=log_path, env={}, pass_fds=(*pass_fds, write_fd))
-        os.close(write_fd)
-        write_fd = -1
-        data = b""
-        while chunk := os.read(read_fd, 64):
-            data += chunk
-        os.waitpid(jailer_pid, 0)
-    finally:
-        os.close(read_fd)
-        if write_fd >= 0:
-            os.close(write_fd)
-    try:
-        return int(data)
-    except ValueError:
-        raise VmmError(f"{spec.hostname}: the jailer failed: {qemu.log_tail(log_path)}") from None
+def spawn(spec: JailSpec, argv: Sequence[str], log_path: Path, pass_fds: Sequence[int] = (),
+          jailer: Jailer | None = None) -> int:
+    """Run ``argv`` in the jail ``spec`` (stdio on ``log_path``), through ``jailer`` (a spare) or
+    a new one; return its pid in our PID namespace."""
+    return (jailer or Jailer.start()).run(spec, argv, log_path, pass_fds)
 
 
 def backing_chain(disk: Path, disk_format: str) -> list[Path]:

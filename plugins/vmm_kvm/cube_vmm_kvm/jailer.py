@@ -1,8 +1,9 @@
 """The jailer: a small stdlib-only program that puts one QEMU in its jail and execs it.
 
-Run by the driver as ``python -I -S jailer.py <spec>`` (the spec of :mod:`.jail`, ``marshal``-ed
-and hex-encoded: ``marshal`` is built in, ``json`` would cost ~9 ms of imports per VM start), as
-root, in a new session. In order:
+Started by the driver *ahead of need* as ``python -I -S jailer.py <socket fd>`` (a spare: the
+~15-40 ms of interpreter start-up are off the VM-start path), as root, in a new session. It waits
+on its socket for one request: the spec of :mod:`.jail` (``marshal``: built in, no import cost)
+with the VM's log fd and tap fd (SCM_RIGHTS). Then, in order:
 
 1. join the VM's cgroups (so QEMU is limited from its first instruction);
 2. ``unshare`` new mount, PID, IPC, UTS and network namespaces (QEMU needs no network: its tap
@@ -14,7 +15,7 @@ root, in a new session. In order:
    bounding set, clears supplementary groups (keeping only the configured ones), switches to the
    VM's uid/gid (``setresgid``/``setresuid`` clear the permitted and effective sets), sets
    ``no_new_privs`` and execs QEMU with the explicit environment of the spec;
-5. the parent writes the child's host pid to ``pid_fd`` and exits.
+5. the parent sends the child's host pid back on the socket and exits.
 
 Deliberately no imports beyond the standard library and no package imports: it runs with
 ``-I -S`` (no site-packages, no environment variables), so nothing from the caller leaks in.
@@ -23,8 +24,10 @@ Deliberately no imports beyond the standard library and no package imports: it r
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import marshal
 import os
+import socket
 import sys
 from typing import Any
 
@@ -126,9 +129,46 @@ def drop_privileges(spec: dict[str, Any], last_cap: int) -> None:
         raise JailError("still root after setresuid")
 
 
+def receive(sock_fd: int) -> tuple[dict[str, Any], socket.socket] | None:
+    """Wait for the driver's request: the spec (``marshal``) with the fds ``[log, *pass_fds]``
+    (SCM_RIGHTS). The log becomes stdout/stderr, each passed fd is moved to the number the QEMU
+    command line names, the socket to a high number (it carries the pid back). None on EOF."""
+    sock = socket.socket(fileno=os.dup(sock_fd))
+    os.close(sock_fd)
+    data = b""
+    fds: list[int] = []
+    while True:
+        chunk, received, _, _ = socket.recv_fds(sock, 1 << 20, 16)
+        fds += received
+        if not chunk:
+            break
+        data += chunk
+        if data.endswith(b"\0END"):
+            break
+    if not data:
+        return None
+    spec = marshal.loads(data[:-4])
+    floor = max([100, *(int(t) + 1 for t in spec["pass_fds"])])  # above every target: no collision
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    moved = socket.socket(fileno=fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, floor))
+    sock.detach()
+    log, *passed = high
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    for target, fd in zip(spec["pass_fds"], passed, strict=True):
+        os.dup2(fd, target)  # inheritable: QEMU gets it under this number
+        os.close(fd)
+    return spec, moved
+
+
 def main(argv: list[str]) -> int:
-    spec = marshal.loads(bytes.fromhex(argv[1]))
-    pid_fd = int(spec["pid_fd"])
+    got = receive(int(argv[1]))
+    if got is None:
+        return 0  # the driver closed its end: a spare that was never used
+    spec, sock = got
     uid, gid = int(spec["uid"]), int(spec["gid"])
     if uid <= 0 or gid <= 0:
         raise JailError(f"refusing uid {uid} / gid {gid}: a jailed QEMU never runs as root")
@@ -141,7 +181,7 @@ def main(argv: list[str]) -> int:
     child = os.fork()
     if child == 0:
         try:
-            os.close(pid_fd)
+            sock.close()
             name = spec["hostname"].encode()
             _check(_libc.sethostname(name, len(name)), "sethostname")
             drop_privileges(spec, last_cap)
@@ -158,13 +198,13 @@ def main(argv: list[str]) -> int:
             sys.stderr.write(f"cube jailer: {exc}\n")
             sys.stderr.flush()
             os._exit(127)
-    os.write(pid_fd, f"{child}\n".encode())
+    sock.sendall(f"{child}\n".encode())
     return 0
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv))
-    except (JailError, OSError, ValueError, KeyError) as error:
+    except (JailError, OSError, ValueError, KeyError, EOFError) as error:
         sys.stderr.write(f"cube jailer: {error}\n")
         sys.exit(1)

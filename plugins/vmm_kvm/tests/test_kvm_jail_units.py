@@ -253,3 +253,23 @@ def test_jailer_refuses_root(tmp_path: Path) -> None:
                          devices=(), symlinks=())
     with pytest.raises(VmmError, match="never runs as root"):
         jail.spawn(spec, ["/usr/bin/true"], tmp_path / "log")
+
+
+def test_a_spare_jailer_passes_fds_under_their_numbers_and_an_unused_one_exits(tmp_path: Path) -> None:
+    spec = jail.JailSpec(uid=4321, gid=4321, groups=(), root=Path("/run/cube/jail"), hostname="x",
+                         binds=(jail.Bind(Path("/usr"), Path("/usr"), rw=False, dir=True),),
+                         devices=(), symlinks=(("/bin", "usr/bin"), ("/lib", "usr/lib"), ("/lib64", "usr/lib64")))
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)  # stands for a tap fd opened by the driver
+    spare = jail.Jailer.start()
+    time.sleep(0.2)  # its interpreter has started: the request is served at once
+    try:
+        jail.spawn(spec, ["/usr/bin/python3", "-I", "-S", "-c",
+                                 f"import os; os.write({write_fd}, b'through-fd-{write_fd}\\n')"], tmp_path / "log",
+                   (write_fd,), jailer=spare)
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        assert pipe.read() == f"through-fd-{write_fd}\n", (tmp_path / "log").read_text()
+    unused = jail.Jailer.start()
+    unused.close()  # EOF: it exits and is reaped
+    assert not Path(f"/proc/{unused.pid}").exists()
