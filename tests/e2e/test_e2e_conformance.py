@@ -3,12 +3,14 @@ real ``cube serve`` with real microVMs, in single-URL mode and in domain mode (T
 
 One server for the module: the session's server, restarted on the same state with a domain
 (``[[api]] options.domain``), so plain HTTP on the API port (``E2B_SANDBOX_URL`` mode) and TLS on
-the domain port (``E2B_DOMAIN`` mode) reach the same sandboxes. Three sandboxes: one base sandbox
-shared by the file/PTY/URL tests, one that is killed, one code interpreter.
+the domain port (``E2B_DOMAIN`` mode) reach the same sandboxes. Four sandboxes: one base sandbox
+shared by the file/PTY/URL tests, one killed in each mode, one code interpreter. The domain-mode
+SDK runs in a child process (its TLS stack reads ``SSL_CERT_FILE`` once per process).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -25,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 from cube_e2e import CubeServer, free_port
-from e2b import CommandExitException, PtySize, Sandbox, SandboxNotRunningException
+from e2b import AsyncSandbox, CommandExitException, PtySize, Sandbox, SandboxNotRunningException
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
@@ -106,6 +108,37 @@ def test_pty_connect_gets_what_follows(sbx: Sandbox) -> None:
     assert b"second-48" in _pty_until(again, b"second-48")
     sbx.pty.send_stdin(h.pid, b"exit\n")
     assert again.wait().exit_code == 0
+
+
+def test_pty_connect_while_the_first_viewer_stays(sbx: Sandbox) -> None:
+    """E2B's own pattern: connect right after create, the first handle never read."""
+    out: list[bytes] = []
+    terminal = sbx.pty.create(PtySize(80, 24), envs={"ABC": "123"}, cwd="/", timeout=120)
+    connected = sbx.pty.connect(terminal.pid, timeout=120)
+    assert connected.pid == terminal.pid
+    sbx.pty.send_stdin(terminal.pid, b"echo $ABC\nexit\n")
+    assert connected.wait(on_pty=out.append).exit_code == 0
+    assert b"123" in b"".join(out)
+
+
+async def test_pty_reconnect_async(sbx: Sandbox, conf: ConformanceServer) -> None:
+    """The async SDK (on the module's sandbox): on_data handlers, disconnect, connect again."""
+    asbx = await AsyncSandbox.connect(sbx.sandbox_id, api_key=conf.server.key_a, api_url=conf.server.url,
+                                      sandbox_url=conf.server.url)
+    first: list[bytes] = []
+    again: list[bytes] = []
+    terminal = await asbx.pty.create(PtySize(80, 24), on_data=first.append, envs={"FOO": "bar"})
+    await asbx.pty.send_stdin(terminal.pid, b"echo $FOO-1\n")
+    for _ in range(100):
+        if b"bar-1" in b"".join(first):
+            break
+        await asyncio.sleep(0.1)
+    await terminal.disconnect()
+    reconnected = await asbx.pty.connect(terminal.pid, on_data=again.append)
+    await asbx.pty.send_stdin(terminal.pid, b"echo $FOO-2\nexit\n")
+    assert (await reconnected.wait()).exit_code == 0
+    assert b"bar-1" in b"".join(first)
+    assert b"bar-2" in b"".join(again)
 
 
 # -- signed file URLs ----------------------------------------------------------------------------
