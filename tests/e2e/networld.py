@@ -3,9 +3,11 @@ plain sockets, independent of the code under test:
 
 * :class:`Internet`: a namespace playing "the internet" on 198.18.0.0/15 (plus one IPv6
   documentation address), routed from the host through a veth, with HTTP servers, a UDP echo
-  server and an authoritative DNS server for ``example.test``. Every request and query it gets is
-  logged, so a test can show that a denied attempt never arrived. Nothing here ever sends a
-  packet to a real outside address.
+  server and an authoritative DNS server for ``example.test``. It also plays the cloud metadata
+  service (169.254.169.254: the host's route to it points into the namespace while the world
+  runs, and is put back after) and a private host (10.255.255.10, which the tests' operator
+  config makes openable). Every request and query it gets is logged, so a test can show that a
+  denied attempt never arrived. Nothing here ever sends a packet to a real outside address.
 * :class:`HostService`: a TCP server on the host (all addresses) that counts connections.
 * :class:`Slot`: a sandbox's network slot as the host sees it (namespace, addresses).
 * :func:`guest`: run network probes inside a real guest through the E2B SDK.
@@ -42,7 +44,13 @@ API = "198.18.1.30"
 EVIL = "198.18.1.31"
 SVC = "198.18.1.40"
 WEB6 = "2001:db8:18::10"
-ADDRESSES = (WEB, CDN, DNS, API, EVIL, SVC)
+METADATA = "169.254.169.254"
+PRIVATE = "10.255.255.10"
+"""Openable by the operator in the tests' config; 10.255.255.11 next to it is not."""
+PRIVATE_CLOSED = "10.255.255.11"
+ADDRESSES = (WEB, CDN, DNS, API, EVIL, SVC, METADATA, PRIVATE, PRIVATE_CLOSED)
+HIJACKED = (f"{METADATA}/32", "10.255.255.10/31")
+"""Host routes pointed into the namespace while it runs (the host's own are put back after)."""
 
 ZONE: dict[str, tuple[str, int]] = {
     "api.example.test.": (API, 2),        # short TTL: its address stops being allowed soon
@@ -50,6 +58,7 @@ ZONE: dict[str, tuple[str, int]] = {
     "cdn.example.test.": (CDN, 60),
     "a.svc.example.test.": (SVC, 60),
     "dual.example.test.": (CDN, 60),
+    "meta.example.test.": (METADATA, 60),  # a name of the sandbox's choosing (DNS rebinding)
 }
 ZONE6: dict[str, tuple[str, int]] = {"dual.example.test.": (WEB6, 60)}
 UDP_ECHO_PORT = 7777
@@ -174,6 +183,7 @@ class Internet:
     def __init__(self, workdir: Path) -> None:
         self.log = workdir / "internet.jsonl"
         self._server: subprocess.Popen[str] | None = None
+        self._saved_routes: dict[str, list[str]] = {}
 
     def start(self) -> None:
         self.stop()
@@ -193,6 +203,9 @@ class Internet:
         sh("ip", "-n", INET_NS, "-6", "route", "add", "default", "via", HOST_SIDE6)
         sh("ip", "route", "replace", "198.18.0.0/15", "via", INET_SIDE, "dev", HOST_IF)
         sh("ip", "-6", "route", "replace", "2001:db8:18::/48", "via", INET_SIDE6, "dev", HOST_IF)
+        for prefix in HIJACKED:
+            self._saved_routes[prefix] = sh("ip", "route", "show", "exact", prefix).stdout.split()
+            sh("ip", "route", "replace", prefix, "via", INET_SIDE, "dev", HOST_IF)
         self._server = subprocess.Popen(
             ["ip", "netns", "exec", INET_NS, sys.executable, __file__, "serve", str(self.log)],
             stdout=subprocess.PIPE, text=True)
@@ -209,6 +222,11 @@ class Internet:
             self._server = None
         sh("ip", "route", "del", "198.18.0.0/15", check=False)
         sh("ip", "-6", "route", "del", "2001:db8:18::/48", check=False)
+        for prefix, saved in self._saved_routes.items():
+            sh("ip", "route", "del", prefix, check=False)
+            if saved:  # the host's own route to it, as it was
+                sh("ip", "route", "replace", prefix, *saved[1:], check=False)
+        self._saved_routes.clear()
         sh("ip", "link", "del", HOST_IF, check=False)
         sh("ip", "netns", "del", INET_NS, check=False)
 
@@ -369,6 +387,75 @@ def dns(arg, timeout):
     return {"ok": rcode == "NOERROR" and bool(answers), "rcode": rcode, "answers": answers,
             "s": round(time.monotonic() - t, 3)}
 
+RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+
+def dnswire(arg, timeout):
+    """Any message (hex) to the resolver, over UDP or (``/tcp``) TCP: its rcode and counts."""
+    wire, _, proto = arg.partition("/")
+    wire = bytes.fromhex(wire)
+    t = time.monotonic()
+    try:
+        if proto == "tcp":
+            s = socket.create_connection(("169.254.0.22", 53), timeout=timeout)
+            s.sendall(struct.pack("!H", len(wire)) + wire)
+            r = b""
+            while len(r) < 2 or len(r) < 2 + struct.unpack("!H", r[:2])[0]:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                r += chunk
+            r = r[2:]
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(timeout)
+            s.sendto(wire, ("169.254.0.22", 53))
+            r = s.recv(4096)
+        s.close()
+    except OSError as e:
+        return {"ok": False, "error": type(e).__name__, "s": round(time.monotonic() - t, 3)}
+    if len(r) < 12:
+        return {"ok": False, "error": "short answer", "len": len(r)}
+    return {"ok": True, "rcode": RCODES.get(r[3] & 15, str(r[3] & 15)),
+            "counts": list(struct.unpack("!HHHH", r[4:12])), "s": round(time.monotonic() - t, 3)}
+
+def dnstrickle(arg, timeout):
+    """N TCP connections to the resolver, each sending one byte of a query every 0.5 s (never
+    the whole query) for up to HOLD s: when the resolver closed each one."""
+    n, _, hold = arg.partition("/")
+    q = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + b"\3cdn\7example\4test\0" + struct.pack("!HH", 1, 1)
+    wire = struct.pack("!H", len(q)) + q
+    conns = []
+    for _ in range(int(n)):
+        c = socket.create_connection(("169.254.0.22", 53), timeout=timeout)
+        c.setblocking(False)
+        conns.append(c)
+    start = time.monotonic()
+    closed = [None] * len(conns)
+    sent = [0] * len(conns)
+    while time.monotonic() - start < float(hold) and None in closed:
+        for i, c in enumerate(conns):
+            if closed[i] is not None:
+                continue
+            try:
+                if c.recv(64) == b"":
+                    closed[i] = round(time.monotonic() - start, 2)
+                    continue
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed[i] = round(time.monotonic() - start, 2)
+                continue
+            if sent[i] < len(wire) - 1:
+                try:
+                    c.send(wire[sent[i]:sent[i] + 1])
+                    sent[i] += 1
+                except OSError:
+                    closed[i] = round(time.monotonic() - start, 2)
+        time.sleep(0.5)
+    for c in conns:
+        c.close()
+    return {"ok": True, "closed_after_s": closed}
+
 def resolve(name, timeout):
     """Through the guest's libc resolver (/etc/resolv.conf)."""
     try:
@@ -389,6 +476,10 @@ for op in sys.argv[2:]:
         out.append(dns(arg, timeout))
     elif kind == "resolve":
         out.append(resolve(arg, timeout))
+    elif kind == "dnswire":
+        out.append(dnswire(arg, timeout))
+    elif kind == "dnstrickle":
+        out.append(dnstrickle(arg, timeout))
     elif kind == "sleep":
         time.sleep(float(arg))
         out.append({"ok": True})
@@ -404,7 +495,8 @@ def guest(sbx: Any, *ops: str, timeout: float = 2.0, user: str = "user") -> list
     """Run probes in a real guest (an e2b ``Sandbox``): ``http=host:port/path`` (HTTP GET; an
     IPv6 host in brackets), ``udp=host:port/payload``, ``dns=name[:A|AAAA][@server]`` (a raw query,
     default server: the gateway the guest's resolv.conf names), ``resolve=name`` (libc),
-    ``sleep=s``. One result dict per op, each with ``ok``."""
+    ``dnswire=HEX[/tcp]`` (any message to the resolver), ``dnstrickle=N/HOLD`` (N TCP connections
+    trickling an incomplete query), ``sleep=s``. One result dict per op, each with ``ok``."""
     if sbx.sandbox_id not in _probe_written:
         sbx.files.write(GUEST_PROBE_PATH, GUEST_PROBE)
         _probe_written.add(sbx.sandbox_id)

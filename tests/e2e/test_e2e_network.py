@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
+import dns.message
+import dns.opcode
+import dns.update
 import httpx
 import pytest
 from cube_e2e import CUBE, CubeServer
@@ -30,6 +33,9 @@ from networld import (
     CDN,
     EVIL,
     HOST_SIDE,
+    METADATA,
+    PRIVATE,
+    PRIVATE_CLOSED,
     SVC,
     UDP_ECHO_PORT,
     WEB,
@@ -52,6 +58,7 @@ NET_OPTIONS = """
 dns_upstreams = ["198.18.0.53"]
 dns_min_ttl = 1
 dns_grace_s = 0.5
+openable_ranges = ["10.255.255.10/32"]
 """
 FAST_S = 1.0
 """A denied connection must fail within this (a RST or an ICMP error, not a timeout)."""
@@ -272,13 +279,15 @@ def test_live_update_takes_effect_on_the_running_sandbox(make: Callable[..., San
                                                          net_server: CubeServer) -> None:
     sbx = make()
     tok = token("update")
-    # a download that is still streaming when the rules change (established flows survive)
-    sbx.commands.run(f"curl -sS http://{CDN}/slow/3/{tok} > /tmp/slow.txt 2>&1; echo rc=$? >> /tmp/slow.txt",
-                     background=True)
+    # two downloads still streaming when the rules change: the one the new rules deny is revoked
+    # (reset), the other one is untouched
+    for host, name in ((CDN, "cut"), (API, "kept")):
+        sbx.commands.run(f"curl -sS http://{host}/slow/3/{tok}-{name} > /tmp/{name}.txt 2>&1; "
+                         f"echo rc=$? >> /tmp/{name}.txt", background=True)
     deadline = time.monotonic() + 20
-    while not internet.events(path=f"slow/3/{tok}") and time.monotonic() < deadline:
+    while len(internet.events(path=f"slow/3/{tok}")) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert internet.events(path=f"slow/3/{tok}"), "the slow download never started"
+    assert len(internet.events(path=f"slow/3/{tok}")) == 2, "the slow downloads never started"
     (before,) = guest(sbx, f"http={WEB}:80/{tok}-before")
     assert before["ok"], before
 
@@ -294,11 +303,13 @@ def test_live_update_takes_effect_on_the_running_sandbox(make: Callable[..., San
         assert shown["network"]["denyOut"] == [f"{WEB}/32", f"{CDN}/32"], shown
 
         deadline = time.monotonic() + 20
-        slow = ""
-        while "rc=" not in slow and time.monotonic() < deadline:
-            slow = sbx.commands.run("cat /tmp/slow.txt").stdout
+        cut = kept = ""
+        while not ("rc=" in cut and "rc=" in kept) and time.monotonic() < deadline:
+            cut, kept = (sbx.commands.run(f"cat /tmp/{n}.txt").stdout for n in ("cut", "kept"))
             time.sleep(0.3)
-        assert "rc=0" in slow and slow.count("tick") >= 12, slow  # 3 s of ticks, every 0.2 s
+        assert "rc=0" in kept and kept.count("tick") >= 12, kept  # 3 s of ticks, every 0.2 s
+        assert "rc=56" in cut and "reset" in cut.lower(), cut  # curl: "Recv failure: reset by peer"
+        assert cut.count("tick") < 12, cut
 
         # the SDK's own call (same endpoint): only the CDN, nothing else
         sbx.update_network({"allow_out": [CDN], "deny_out": ["0.0.0.0/0"]})
@@ -315,8 +326,12 @@ def test_live_update_takes_effect_on_the_running_sandbox(make: Callable[..., San
         assert other.status_code == 404  # another team's sandbox does not exist for team B
 
     paths = {h["path"] for h in internet.events(path=tok)}
-    assert paths == {f"/slow/3/{tok}", f"/{tok}-before", f"/{tok}-sdk", f"/{tok}-cleared"}, paths
+    assert paths == {f"/slow/3/{tok}-cut", f"/slow/3/{tok}-kept", f"/{tok}-before", f"/{tok}-sdk",
+                     f"/{tok}-cleared"}, paths
     events = audit(net_server, sbx.sandbox_id)
+    revoked = [e for e in events if e["kind"] == "flow" and e["reason"] == "revoked"]
+    assert revoked and {e["dst"] for e in revoked} == {f"{CDN}:80"}, revoked
+    assert revoked[0]["rule"] == f"deny {CDN}/32", revoked
     policies = [e["policy"] for e in events if e["kind"] == "policy"]
     assert [p["deny_out"] for p in policies[-3:]] == [[f"{WEB}/32", f"{CDN}/32"], ["0.0.0.0/0"], []]
     assert [p["allow_out"] for p in policies[-3:]] == [[], [CDN], []]
@@ -367,6 +382,107 @@ def test_domain_rules(make: Callable[..., Sandbox], internet: Internet, net_serv
     MEASURED["dns_ttl_expiry_reason"] = api_flows[2]["reason"]
     assert api_flows[1]["rule"] == f"allow api.example.test ({API})"  # learned from the answer
     assert {e["reason"] for e in flows(events, f"{EVIL}:80", "deny")} == {"deny_rule"}
+
+    # a download from the name's address outlives its TTL: the flow is revoked when the learned
+    # entry expires (2 s + 0.5 s after curl resolved the name), not when the download ends
+    started = time.monotonic()
+    slow = sbx.commands.run(f"curl -sS http://api.example.test/slow/6/{tok}-ttl 2>&1; echo rc=$?",
+                            timeout=30).stdout
+    took = time.monotonic() - started
+    MEASURED["dns_ttl_revoke_s"] = round(took, 2)
+    assert "rc=56" in slow and 6 <= slow.count("tick") < 25, slow  # 30 ticks if it had not been cut
+    assert took < 5.5, took
+    events = audit(net_server, sbx.sandbox_id)
+    assert [e for e in flows(events, f"{API}:80", "deny") if e["reason"] == "revoked"], events
+
+
+def test_always_denied_ranges_stay_shut(make: Callable[..., Sandbox], internet: Internet,
+                                         net_server: CubeServer) -> None:
+    """allowOut never opens the cloud metadata service or private ranges (a 400 naming the
+    field), DNS answers pointing there are stripped, and the whole-internet rule leaves them
+    shut. The fake metadata server answers the host, so a way out would reach it."""
+    with socket.create_connection((METADATA, 80), timeout=5) as conn:
+        conn.sendall(b"GET /host-check HTTP/1.0\r\n\r\n")
+        assert b"hello from 169.254.169.254:80" in b"".join(iter(lambda: conn.recv(200), b""))
+    with _api(net_server) as api:
+        before = {s["sandboxID"] for s in api.get("/sandboxes").json()}
+        resp = api.post("/sandboxes", json={"templateID": "base", "network": {
+            "allowOut": [METADATA, "10.0.0.0/8"]}})
+        assert resp.status_code == 400, resp.text
+        assert "allow_out[0]" in resp.json()["message"] and "169.254.0.0/16" in resp.json()["message"]
+        resp = api.post("/sandboxes", json={"templateID": "base", "network": {
+            "allowOut": ["198.18.0.0/15", PRIVATE_CLOSED]}})
+        assert resp.status_code == 400 and "allow_out[1]" in resp.json()["message"], resp.text
+        assert {s["sandboxID"] for s in api.get("/sandboxes").json()} == before  # nothing left
+
+    wide = make(network={"allow_out": ["0.0.0.0/0", "meta.example.test"]})
+    opened = make(network={"allow_out": [PRIVATE, "meta.example.test"], "deny_out": ["0.0.0.0/0"]})
+    with _api(net_server) as api:  # a live update is refused the same way
+        resp = api.put(f"/sandboxes/{wide.sandbox_id}/network", json={"allowOut": [f"{METADATA}/32"]})
+        assert resp.status_code == 400 and "allow_out[0]" in resp.json()["message"], resp.text
+    tok = token("meta")
+    meta, meta_dns, private, closed = guest(
+        wide, f"http={METADATA}:80/latest/meta-data/{tok}", "dns=meta.example.test",
+        f"http={PRIVATE}:80/{tok}-wide", f"http={PRIVATE_CLOSED}:80/{tok}-wide")
+    assert_denied_fast(meta, "metadata with allowOut 0.0.0.0/0")
+    assert meta_dns["rcode"] == "NOERROR" and meta_dns["answers"] == [], meta_dns  # stripped
+    assert private["ok"], private  # 0.0.0.0/0 covers the operator's openable range...
+    assert_denied_fast(closed, "a private address the operator did not open")  # ...not the rest
+    meta2, private2, closed2 = guest(opened, f"http={METADATA}:80/{tok}-opened",
+                                     f"http={PRIVATE}:80/{tok}-opened", f"http={PRIVATE_CLOSED}:80/{tok}-op")
+    assert_denied_fast(meta2, "metadata")
+    assert private2["ok"] and private2["body"] == f"hello from {PRIVATE}:80", private2
+    assert_denied_fast(closed2, "deny-all")
+    assert internet.events(dst=METADATA) == [e for e in internet.events(dst=METADATA)
+                                            if e.get("path") == "/host-check"]
+    assert internet.events(dst=PRIVATE_CLOSED) == []
+    events = audit(net_server, wide.sandbox_id)
+    assert {e["reason"] for e in flows(events, f"{METADATA}:80", "deny")} == {"always_denied"}
+    dns_events = [e for e in events if e["kind"] == "dns" and e.get("name") == "meta.example.test"]
+    assert dns_events and dns_events[0]["removed_always_denied"] == [METADATA], dns_events
+    events = audit(net_server, opened.sandbox_id)
+    assert flows(events, f"{PRIVATE}:80", "allow")[0]["rule"] == f"allow {PRIVATE}"
+
+
+def test_dns_abuse_is_refused_while_others_resolve(make: Callable[..., Sandbox],
+                                                   internet: Internet, net_server: CubeServer) -> None:
+    attacker, other = make(), make()
+    update = dns.update.UpdateMessage("example.test")
+    update.add("pwned", 60, "A", "198.18.0.66")
+    notify = dns.message.make_query("example.test", "SOA")
+    notify.set_opcode(dns.opcode.NOTIFY)
+    one = dns.message.make_query("cdn.example.test", "A").to_wire()
+    two_questions = one[:4] + b"\0\2" + one[6:] + dns.message.make_query("api.example.test", "A").to_wire()[12:]
+    axfr = dns.message.make_query("example.test", "AXFR").to_wire()
+    guest(attacker, "sleep=0")  # the probe script is in place for the background run below
+    attacker.commands.run("python3 /tmp/cube-netprobe.py 3 'dnstrickle=6/4' > /tmp/trickle.json",
+                          background=True)
+    results = guest(attacker, f"dnswire={update.to_wire().hex()}", f"dnswire={notify.to_wire().hex()}",
+                    f"dnswire={two_questions.hex()}", f"dnswire={axfr.hex()}/tcp")
+    assert [r.get("rcode") for r in results] == ["NOTIMP", "NOTIMP", "FORMERR", "REFUSED"], results
+    assert results[3]["counts"][1] == 0, results  # no zone came back
+    # meanwhile the other sandbox resolves as usual (the attacker's trickle is still open)
+    answers = guest(other, *["dns=cdn.example.test"] * 5)
+    assert all(a["ok"] and a["s"] < 0.5 for a in answers), answers
+    deadline = time.monotonic() + 15
+    trickle = ""
+    while not trickle.strip() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        trickle = attacker.commands.run("cat /tmp/trickle.json").stdout
+    closed = json.loads(trickle)[0]["closed_after_s"]
+    assert all(c is not None for c in closed), closed  # the resolver closed every one
+    # over the per-sandbox limit (4, one of them maybe still taken by the AXFR above): closed at
+    # once; the others when their query is not complete 2 s after they were accepted
+    fast, slow = [c for c in closed if c < 0.6], [c for c in closed if 1.9 <= c <= 3.1]
+    assert len(fast) >= 2 and len(slow) >= 3 and len(fast) + len(slow) == 6, closed
+    # the upstream never saw the UPDATE, NOTIFY or AXFR; the trickled query never completed
+    queried = {(e["name"], e["qtype"]) for e in internet.events(kind="dns")}
+    assert not {q for q in queried if q[1] in ("SOA", "AXFR")}, queried
+    assert ("pwned.example.test", "A") not in queried
+    events = audit(net_server, attacker.sandbox_id)
+    reasons = {e["reason"] for e in events if e["kind"] == "dns" and e["verdict"] == "deny"}
+    assert {"opcode UPDATE not served", "opcode NOTIFY not served", "2 questions (exactly one is served)",
+            "query type not served"} <= reasons, reasons
 
 
 def test_ipv6_is_denied(make: Callable[..., Sandbox], internet: Internet) -> None:

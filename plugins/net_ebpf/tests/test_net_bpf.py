@@ -40,6 +40,14 @@ def ipv4_tcp_syn(src: str, dst: str, dport: int, flags: int = 0x02, ack: int = 0
     return DST_MAC + SRC_MAC + b"\x08\x00" + ip + tcp
 
 
+def ipv4_udp(src: str, dst: str, sport: int, dport: int) -> bytes:
+    udp = struct.pack("!HHHH", sport, dport, 8 + 4, 0) + b"ping"
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    return DST_MAC + SRC_MAC + b"\x08\x00" + ip + udp
+
+
 def ipv6_frame() -> bytes:
     payload = b"\0" * 8
     ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(payload), 59, 64,
@@ -197,6 +205,14 @@ def test_policy_change_revokes_established_flows_it_denies(filt):
     assert run(filt, ack2) == TC_ACT_REDIRECT
     assert libbpf.prog_test_run(filt.prog_ingress, reply, ifindex=LO)[0] == TC_ACT_SHOT
     assert _flow_of(filt, "198.18.0.20", 80) is None
+    # UDP is decided again in both directions: a reply of a now-denied flow is dropped at once
+    filt.apply(LO, compile_policy(NetworkPolicy()))
+    assert run(filt, ipv4_udp("100.64.0.6", "198.18.0.30", 40001, 7777)) == TC_ACT_OK
+    udp_reply = ipv4_udp("198.18.0.30", "100.64.0.6", 7777, 40001)
+    assert libbpf.prog_test_run(filt.prog_ingress, udp_reply, ifindex=LO)[0] == TC_ACT_OK
+    filt.apply(LO, compile_policy(NetworkPolicy(deny_out=("198.18.0.30/32",))))
+    assert libbpf.prog_test_run(filt.prog_ingress, udp_reply, ifindex=LO)[0] == TC_ACT_SHOT
+    assert _flow_of(filt, "198.18.0.30", 7777) is None
 
 
 def test_dns_ttl_expiry_revokes_established_flows(filt):

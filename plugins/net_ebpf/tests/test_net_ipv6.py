@@ -189,3 +189,39 @@ async def test_ipv6_allowed_by_policy_still_has_no_way_out(v6_guest, internet6):
     results = _probe(ns)
     assert not results["tcp"]["ok"] and not results["udp"]["ok"], results
     assert internet6.foreign_packets() == 0
+
+
+CONNECT6 = r"""
+import json, socket, sys, time
+out = []
+for target in sys.argv[1:]:
+    t = time.monotonic()
+    try:
+        socket.create_connection((target, 80), timeout=0.5).close()
+        out.append({"ok": True})
+    except OSError as e:
+        out.append({"ok": False, "error": type(e).__name__, "errno": e.errno,
+                    "s": round(time.monotonic() - t, 3)})
+print(json.dumps(out))
+"""
+
+
+async def test_ipv6_rules_open_only_what_they_name(net_driver, v6_guest, internet6):
+    """allow_out names one IPv6 address and a deny rule another: the named one is passed by the
+    filter (it then goes nowhere: no IPv6 datapath, so the connect times out), everything else
+    is refused at once, with the deny rule or as not allowed."""
+    denied, unnamed = "2001:db8:18::20", "2001:db8:18::30"
+    nic, ns = await v6_guest(NetworkPolicy(allow_out=(TARGET6,), deny_out=(denied,)))
+    out = nettools.sh("ip", "netns", "exec", ns, sys.executable, "-c", CONNECT6, TARGET6, denied,
+                      unnamed, "fe80::1%eth0", "::ffff:169.254.169.254").stdout
+    passed, by_rule, not_named, link_local, mapped = json.loads(out)
+    assert passed["error"] == "TimeoutError", passed  # let through, not refused
+    for result in (by_rule, not_named):
+        assert result["errno"] == errno.ECONNREFUSED and result["s"] < FAST_S, out
+    assert not link_local["ok"] and not mapped["ok"], out
+    events = await _ipv6_events(net_driver, nic)
+    seen = {(e["verdict"], e["reason"], e.get("rule")) for e in events}
+    assert ("allow", "rule", f"allow {TARGET6}") in seen, events
+    assert ("deny", "deny_rule", f"deny {denied}") in seen, events
+    assert ("deny", "not_ipv4", None) in seen, events
+    assert internet6.foreign_packets() == 0
