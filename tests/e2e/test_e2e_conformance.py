@@ -283,19 +283,34 @@ try:
     default_ctx = next(c for c in ci.list_code_contexts() if c.id != ctx.id and c.language == "python")
     default_error, default_took = restart(default_ctx)
     default_after = ci.run_code("kept_default")
-    print(json.dumps({"error": error, "took_s": took, "running": ci.is_running(),
-                      "after": after.error.name if after.error else after.text,
-                      "fresh": ci.run_code("21 * 2", context=ctx).text,
-                      "default_error": default_error, "default_took_s": default_took,
-                      "default_after": default_after.error.name if default_after.error else default_after.text,
-                      "default": ci.run_code("40 + 2").text,
-                      "probes_not_running": [p for p in probes if p is not True], "probes": len(probes)}))
+    out = {"error": error, "took_s": took, "running": ci.is_running(),
+           "after": after.error.name if after.error else after.text,
+           "fresh": ci.run_code("21 * 2", context=ctx).text,
+           "default_error": default_error, "default_took_s": default_took,
+           "default_after": default_after.error.name if default_after.error else default_after.text,
+           "default": ci.run_code("40 + 2").text,
+           "probes_not_running": [p for p in probes if p is not True], "probes": len(probes)}
+    # then a kill under a running cell: the SDK tells it was killed
+    killed = []
+    def long_cell():
+        try:
+            code = "import time\\nfor i in range(600):\\n    print(i); time.sleep(0.5)"
+            killed.append(("result", repr(ci.run_code(code))))
+        except Exception as exc:
+            killed.append((type(exc).__name__, str(exc)))
+    cell = threading.Thread(target=long_cell)
+    cell.start()
+    time.sleep(3)
+    ci.kill()
+    cell.join(60)
+    out["killed_cell"] = killed
+    print(json.dumps(out))
 finally:
     ci.kill()
 """
 
 
-def test_restart_context_in_domain_mode(conf: ConformanceServer) -> None:
+def test_restart_context_then_kill_under_a_cell_in_domain_mode(conf: ConformanceServer) -> None:
     out = run_sdk(conf, RESTART_SCRIPT)
     MEASURED["restart_context_domain_s"] = out["took_s"]
     MEASURED["restart_default_context_domain_s"] = out["default_took_s"]
@@ -303,6 +318,8 @@ def test_restart_context_in_domain_mode(conf: ConformanceServer) -> None:
                    "default_error": None, "default_after": "NameError", "default": "42",
                    "probes_not_running": []}, out
     assert out["probes"] > 0
+    (kind, message), = out["killed_cell"]
+    assert kind == "TimeoutException" and "sandbox was killed" in message, out["killed_cell"]
 
 
 # -- kill ----------------------------------------------------------------------------------------
