@@ -117,7 +117,7 @@ class Jailer:
                                 [log_fd, *pass_fds])
                 self.sock.shutdown(socket.SHUT_WR)
                 data = b""
-                while chunk := self.sock.recv(64):
+                while not data.endswith(b"\n") and (chunk := self.sock.recv(64)):
                     data += chunk
             except OSError as exc:
                 raise VmmError(f"{spec.hostname}: the jailer did not answer: {exc}") from exc
