@@ -70,7 +70,7 @@ async def test_a_flooding_or_trickling_sandbox_does_not_stop_dns_for_others(net_
     flooder = start(ns_a, "flood", "300")
     b = probe(ns_b, "resolve", "10")  # UDP and TCP alternately, while A does all that
     flood, trickle = finish(flooder), finish(trickler)
-    assert b["rcodes"] == ["NOERROR"] * 10 and b["max_s"] < 0.5, b
+    assert b["rcodes"] == ["NOERROR"] * 10 and b["max_s"] < 1.0, (b, flood, trickle)
     # A's flood: some answered, most refused at once (rate / in-flight limits); a few may be
     # lost in socket buffers, which is what a flood gets
     assert flood["rcodes"].get("NOERROR", 0) >= 1, flood
