@@ -66,6 +66,8 @@ class _LiveVm:
     qmp: Qmp
     ctl: ControlChannel
     cgroup: VmCgroup | None
+    jail_ms: float = 0.0
+    """Time spent on the jail when this process started (uid, chowns, the jailer), for the logs."""
     ram_extras: list[tuple[memdiff.ExtraBlock, int]] | None = None
     """Guest RAM outside the RAM file and its host addresses (fixed for the process's life)."""
 
@@ -198,9 +200,15 @@ class KvmVmm(VmmDriver):
         return await asyncio.get_running_loop().run_in_executor(None, func, *args)
 
     def _take_jailer(self) -> jail.Jailer:
-        """The spare jailer (its interpreter already started), replaced by a new spare at once."""
-        taken, self._spare = self._spare, jail.Jailer.start()
+        """The spare jailer (its interpreter already started), or a new one when there is none."""
+        taken, self._spare = self._spare, None
         return taken or jail.Jailer.start()
+
+    def _refill_spare(self) -> None:
+        """Start the next spare jailer once a VM start is done: its interpreter start-up (CPU) then
+        does not compete with the QEMU that is starting."""
+        if self.config.jail and self._spare is None and self._uids is not None:
+            self._spare = jail.Jailer.start()
 
     def _prepare_jail(self, machine: MachineSpec, uid: int, group: VmCgroup | None) -> jail.JailSpec:
         """Give the VM's uid what it must write (its socket directory, own RAM file, disk) and the
@@ -237,12 +245,14 @@ class KvmVmm(VmmDriver):
         group: VmCgroup | None = None
         pid: int | None = None
         uid: int | None = None
+        jail_ms = 0.0
         try:
             if self._cgroups is not None:
                 limits = self._limits(machine.memory_mb, cpu_count, machine.disk_path)
                 group = await self._run(VmCgroup.create, self._cgroups, self.config.cgroup_parent,
                                         machine.vm_id, limits)
             if self.config.jail and self._uids is not None:
+                jail_started = time.monotonic()
                 uid = self._uids.allocate(machine.vm_id, machine.workdir)
                 try:
                     spec = await self._run(self._prepare_jail, machine, uid, group)
@@ -250,6 +260,7 @@ class KvmVmm(VmmDriver):
                     raise VmmError(f"VM {machine.vm_id}: cannot prepare its jail: {exc.filename}: "
                                    f"{exc.strerror}") from exc
                 pid = await self._run(jail.spawn, spec, argv, machine.qemu_log, pass_fds, self._take_jailer())
+                jail_ms = (time.monotonic() - jail_started) * 1000
             else:
                 machine.sock_dir.mkdir(mode=0o700, exist_ok=True)
                 pid = qemu.spawn(argv, log_path=machine.qemu_log, env=qemu.QEMU_ENV, pass_fds=pass_fds)
@@ -281,7 +292,7 @@ class KvmVmm(VmmDriver):
         finally:
             if tap_fd is not None:
                 os.close(tap_fd)
-        return _LiveVm(record, qmp, ControlChannel(machine.vm_id, machine.ctl_socket), group)
+        return _LiveVm(record, qmp, ControlChannel(machine.vm_id, machine.ctl_socket), group, jail_ms=jail_ms)
 
     def _machine_extras(self) -> dict[str, Any]:
         return {"ram_readonly": self._ram_readonly and self.config.jail,
@@ -331,8 +342,9 @@ class KvmVmm(VmmDriver):
                 ram_file.unlink(missing_ok=True)
                 raise
             self._vms[spec.vm_id] = live
+            self._refill_spare()
             log.info("vm booting", vm_id=spec.vm_id, pid=live.record.pid, accel=machine.accel,
-                     spawn_ms=round((time.monotonic() - started) * 1000, 1))
+                     spawn_ms=round((time.monotonic() - started) * 1000, 1), jail_ms=round(live.jail_ms, 1))
             return live.handle()
 
     async def wait_ready(self, vm: VmHandle, *, timeout: float) -> dict[str, Any]:
@@ -585,8 +597,10 @@ class KvmVmm(VmmDriver):
                 raise
             self._vms[spec.vm_id] = live
             done = time.monotonic()
+            self._refill_spare()
             log.info("vm restored", vm_id=spec.vm_id, pid=live.record.pid, state_id=state.state_id,
                      format=saved.format, spawn_ms=round((spawned - started) * 1000, 1),
+                     jail_ms=round(live.jail_ms, 1),
                      restore_ms=round((done - started) * 1000, 1),
                      **({"dirty_mib": round(applied.data_bytes / 2**20, 1), "apply_ms": round(
                          applied.scan_ms + applied.copy_ms, 1)} if applied is not None else {}))
