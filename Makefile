@@ -39,10 +39,12 @@ kernel: venv
 serve: host venv
 	$(VENV)/bin/cube serve
 
-test: install
+# lint and types first (they need no kernel), then the kernel, then the tests that boot guests
+test: host venv
 	$(VENV)/bin/ruff check cube_core plugins tests docs $(if $(GUEST),guest)
 	$(VENV)/bin/mypy cube_core $(dir $(wildcard plugins/*/cube_*/__init__.py))
 	$(if $(GUEST),cd guest && ../$(VENV)/bin/mypy)
+	@$(VENV)/bin/cube kernel build
 	$(VENV)/bin/pytest --ignore=tests/e2e $(PYTEST_ARGS)
 	$(VENV)/bin/pytest tests/e2e $(PYTEST_ARGS)
 	$(if $(GUEST),cd guest && ../$(VENV)/bin/pytest $(PYTEST_ARGS))
