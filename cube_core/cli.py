@@ -248,13 +248,15 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="the full key id (key_..
 
 @kernel_app.command("build")
 def kernel_build(config: ConfigOpt = None) -> None:
-    """Build (or reuse from the cache) the guest kernel; prints its path."""
+    """Build (or reuse from the cache) the guest kernel of the configured VMM; prints its path."""
+    from cube_core._host import PluginHost
     from cube_core.progress import progress_reporter
     from cube_core.templates import guest_kernel
 
     cfg = _guard(lambda: load_config(config))
+    vmm = _guard(lambda: PluginHost(cfg).load().hooks.vmm_driver())
     with progress_reporter("kernel") as progress:
-        kernel, initrd = _guard(lambda: guest_kernel(cfg.data.core.kernel, progress))
+        kernel, initrd = _guard(lambda: guest_kernel(cfg.data.core.kernel, vmm, progress))
     out.print(str(kernel) + (f" (initrd {initrd})" if initrd else ""))
 
 

@@ -60,9 +60,9 @@ class CoreSettings(_Model):
     domain: str | None = None
     node_id: str = "local"
     kernel: str = "auto"
-    """Path of the guest vmlinux; ``auto`` to build/reuse it with ``kernel/build.sh`` (falling back to
-    Debian's stock kernel + initramfs when the build is impossible); ``stock`` for that fallback
-    only; ``none`` for VMM drivers that need no kernel (the fakes)."""
+    """Path of the guest vmlinux; ``auto`` to let the VMM driver build/reuse its kernel (kvm: its
+    ``kernel/build.sh``, falling back to Debian's stock kernel + initramfs when the build is
+    impossible); ``stock`` for that fallback only; ``none`` for VMM drivers that need no kernel (the fakes)."""
     templates: tuple[str, ...] = ("base", "code-interpreter-v1")
     """Templates ``cube serve`` builds on first start."""
     default_timeout_s: int = Field(default=300, ge=1)

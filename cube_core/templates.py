@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 
 import structlog
@@ -18,64 +17,24 @@ from cube_core.vmm import CAP_SNAPSHOT, VmmDriver
 
 log = structlog.get_logger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILTIN_RECIPES: dict[str, RootfsRecipe] = {
     "base": RootfsRecipe(name="base"),
     "code-interpreter-v1": RootfsRecipe(name="code-interpreter-v1", interpreter=True),
 }
 
 
-def guest_kernel(setting: str, progress: Progress | None = None) -> tuple[Path, Path | None]:
-    """Resolve the ``kernel`` setting to (vmlinux, initrd or None): a path; ``auto`` (build/reuse
-    the Cube kernel with kernel/build.sh, and if that build is impossible fall back to Debian's stock
-    kernel + a generated initramfs); ``stock`` (that fallback only); ``none`` (fakes boot nothing)."""
+def guest_kernel(setting: str, vmm: VmmDriver, progress: Progress | None = None) -> tuple[Path, Path | None]:
+    """Resolve the ``kernel`` setting to (vmlinux, initrd or None): a path; ``none`` (fakes boot
+    nothing); ``auto`` or ``stock``: the VMM driver's to resolve (:meth:`VmmDriver.guest_kernel`; the
+    kvm driver builds its kernel from files in its own package, the core knows no kernel scripts)."""
     if setting == "none":
         return Path("/dev/null"), None
-    if setting == "stock":
-        return stock_kernel(progress)
-    if setting != "auto":
-        path = Path(setting)
-        if not path.is_file():
-            raise ConfigError(f"kernel {path} does not exist (set [core] kernel, or 'auto')")
-        return path, None
-    try:
-        return kernel_path(progress), None
-    except (TemplateBuildError, ConfigError) as exc:
-        log.warning("guest kernel build impossible; falling back to the stock kernel", error=str(exc))
-        return stock_kernel(progress)
-
-
-def stock_kernel(progress: Progress | None = None) -> tuple[Path, Path]:
-    """Debian's stock kernel (extracted vmlinux) + a generated initramfs, by kernel/stock.sh."""
-    script = REPO_ROOT / "kernel" / "stock.sh"
-    if progress:
-        progress("preparing the stock kernel + initramfs", None)
-    result = subprocess.run([str(script)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise TemplateBuildError(template="kernel", reason=f"kernel/stock.sh failed: {result.stderr[-2000:]}")
-    vmlinux, initrd = result.stdout.strip().splitlines()[-1].split()
-    return Path(vmlinux), Path(initrd)
-
-
-def kernel_path(progress: Progress | None = None) -> Path:
-    """The Cube guest kernel, built (or reused from the cache) by kernel/build.sh."""
-    script = REPO_ROOT / "kernel" / "build.sh"
-    if not script.is_file():
-        raise ConfigError(f"kernel = 'auto' needs {script}; set [core] kernel to a vmlinux path")
-    last, compiled = "", 0
-    with subprocess.Popen([str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            last = line.strip()
-            if line.lstrip().startswith(("CC ", "LD ", "AR ", "AS ")):
-                compiled += 1
-                if progress:
-                    progress("building guest kernel", min(0.99, compiled / 1400))
-    if proc.returncode != 0:
-        raise TemplateBuildError(template="kernel", reason=f"kernel/build.sh failed: {last}")
-    if progress:
-        progress("guest kernel ready", 1.0)
-    return Path(last)
+    if setting in ("auto", "stock"):
+        return vmm.guest_kernel(setting, progress)
+    path = Path(setting)
+    if not path.is_file():
+        raise ConfigError(f"kernel {path} does not exist (set [core] kernel, or 'auto')")
+    return path, None
 
 
 class TemplateBuilder:
@@ -96,7 +55,8 @@ class TemplateBuilder:
         """The guest kernel (built or reused once per process, shared by every template build)."""
         if self._kernel is None or (self._kernel.done() and (self._kernel.cancelled()
                                                              or self._kernel.exception() is not None)):
-            self._kernel = asyncio.ensure_future(asyncio.to_thread(guest_kernel, self.kernel_setting, progress))
+            self._kernel = asyncio.ensure_future(
+                asyncio.to_thread(guest_kernel, self.kernel_setting, self.vmm, progress))
             self._kernel.add_done_callback(_retrieve)  # a failure is raised to the builds awaiting it
         return self._kernel
 

@@ -11,8 +11,9 @@ import abc
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cube_core.errors import UnsupportedOperation
+from cube_core.errors import ConfigError, UnsupportedOperation
 from cube_core.models import Isolation, NicHandle, VmHandle, VmSpec, VmState
+from cube_core.storage import Progress
 
 CAP_SNAPSHOT = "snapshot"
 CAP_PAUSE = "pause"
@@ -35,6 +36,13 @@ class VmmDriver(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release driver-wide resources; running VMs are left running."""
+
+    def guest_kernel(self, setting: str, progress: Progress | None = None) -> tuple[Path, Path | None]:
+        """(vmlinux, initrd or None) for a ``[core] kernel`` setting that is neither a path nor
+        ``none`` (e.g. ``auto``): the VMM knows how to build or fetch its guest kernel; the core
+        does not. Blocking (a build may take minutes; the core calls it in a worker thread)."""
+        raise ConfigError(f"kernel {setting!r}: the {type(self).__name__} VMM provides no guest kernel; "
+                          "set [core] kernel to a vmlinux path (or 'none')")
 
     @abc.abstractmethod
     async def boot(self, spec: VmSpec, nic: NicHandle | None) -> VmHandle:

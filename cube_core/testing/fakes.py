@@ -59,6 +59,10 @@ class FakeVmm(VmmDriver):
     def isolation(self) -> Isolation:
         return "none"
 
+    def guest_kernel(self, setting: str, progress: Progress | None = None) -> tuple[Path, Path | None]:
+        """The fake boots nothing: ``auto`` and ``stock`` mean ``none`` here."""
+        return Path("/dev/null"), None
+
     def _new(self, vm_id: str, root: Path) -> VmHandle:
         boot_id = str(uuid.uuid4())
         self.vms[vm_id] = {"running": True, "boot_id": boot_id, "env": {}}

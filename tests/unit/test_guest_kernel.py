@@ -1,71 +1,61 @@
-"""``guest_kernel()``: which script resolves the ``[core] kernel`` setting (stub scripts in a
-temporary repo tree; the real kernel/build.sh and kernel/stock.sh are not run here)."""
+"""``guest_kernel()``: the core resolves ``none`` and paths itself and hands ``auto``/``stock`` to
+the VMM driver (the core knows no kernel scripts; the kvm driver's own are tested in
+plugins/vmm_kvm/tests/test_kvm_kernel_scripts.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cube_core import templates
-from cube_core.errors import ConfigError, TemplateBuildError
+from cube_core.errors import ConfigError
+from cube_core.testing.fakes import FakeVmm
 
 
-def _script(path: Path, body: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("#!/bin/sh\n" + body)
-    path.chmod(0o755)
-    return path
+class KernelVmm(FakeVmm):
+    """A VMM whose ``guest_kernel`` records the settings and progress it was handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[str, Any]] = []
+
+    def guest_kernel(self, setting: str, progress: Any = None) -> tuple[Path, Path | None]:
+        self.asked.append((setting, progress))
+        return Path(f"/c/{setting}/vmlinux"), Path(f"/c/{setting}/initrd") if setting == "stock" else None
 
 
-@pytest.fixture
-def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A repo tree whose stock.sh logs its runs to ``calls`` and prints two paths (last line)."""
-    root = tmp_path / "repo"
-    _script(root / "kernel" / "stock.sh",
-            f"echo stock >> {tmp_path}/calls\necho 'preparing...'\necho '/c/stock/vmlinux /c/stock/initrd.cpio.gz'\n")
-    monkeypatch.setattr(templates, "REPO_ROOT", root)
-    return root
-
-
-def _calls(repo: Path) -> list[str]:
-    calls = repo.parent / "calls"
-    return calls.read_text().split() if calls.exists() else []
-
-
-def test_failing_build_falls_back_to_the_stock_kernel(repo: Path) -> None:
-    _script(repo / "kernel" / "build.sh", f"echo build >> {repo.parent}/calls\necho 'no linux-source' >&2\nexit 3\n")
+def test_auto_and_stock_go_to_the_vmm_driver() -> None:
+    vmm = KernelVmm()
     steps: list[str] = []
-    kernel, initrd = templates.guest_kernel("auto", lambda step, fraction: steps.append(step))
-    assert (kernel, initrd) == (Path("/c/stock/vmlinux"), Path("/c/stock/initrd.cpio.gz"))
-    assert _calls(repo) == ["build", "stock"]
-    assert "preparing the stock kernel + initramfs" in steps
+
+    def progress(step: str, fraction: float | None) -> None:
+        steps.append(step)
+
+    assert templates.guest_kernel("auto", vmm, progress) == (Path("/c/auto/vmlinux"), None)
+    assert templates.guest_kernel("stock", vmm) == (Path("/c/stock/vmlinux"), Path("/c/stock/initrd"))
+    assert vmm.asked == [("auto", progress), ("stock", None)]
 
 
-def test_successful_build_never_runs_stock(repo: Path) -> None:
-    _script(repo / "kernel" / "build.sh", f"echo build >> {repo.parent}/calls\necho '  CC x.o'\necho /c/cube/vmlinux\n")
-    assert templates.guest_kernel("auto") == (Path("/c/cube/vmlinux"), None)
-    assert _calls(repo) == ["build"]
-
-
-def test_stock_setting_skips_the_build(repo: Path) -> None:
-    _script(repo / "kernel" / "build.sh", f"echo build >> {repo.parent}/calls\necho /c/cube/vmlinux\n")
-    assert templates.guest_kernel("stock") == (Path("/c/stock/vmlinux"), Path("/c/stock/initrd.cpio.gz"))
-    assert _calls(repo) == ["stock"]
-
-
-def test_failing_stock_script_is_a_build_error(repo: Path) -> None:
-    _script(repo / "kernel" / "build.sh", "exit 3\n")
-    _script(repo / "kernel" / "stock.sh", "echo 'apt knows no linux-image-amd64' >&2\nexit 3\n")
-    with pytest.raises(TemplateBuildError, match="apt knows no linux-image-amd64"):
-        templates.guest_kernel("auto")
-
-
-def test_explicit_path_and_none(repo: Path, tmp_path: Path) -> None:
+def test_explicit_path_and_none_never_ask_the_driver(tmp_path: Path) -> None:
+    vmm = KernelVmm()
     vmlinux = tmp_path / "vmlinux"
     vmlinux.write_bytes(b"\x7fELF")
-    assert templates.guest_kernel(str(vmlinux)) == (vmlinux, None)
-    assert templates.guest_kernel("none") == (Path("/dev/null"), None)
-    with pytest.raises(ConfigError):
-        templates.guest_kernel(str(tmp_path / "missing"))
-    assert _calls(repo) == []
+    assert templates.guest_kernel(str(vmlinux), vmm) == (vmlinux, None)
+    assert templates.guest_kernel("none", vmm) == (Path("/dev/null"), None)
+    with pytest.raises(ConfigError, match="does not exist"):
+        templates.guest_kernel(str(tmp_path / "missing"), vmm)
+    assert vmm.asked == []
+
+
+def test_a_vmm_without_a_kernel_of_its_own_says_so() -> None:
+    class Bare(FakeVmm):
+        guest_kernel = templates.VmmDriver.guest_kernel  # the contract's default
+
+    with pytest.raises(ConfigError, match="Bare VMM provides no guest kernel; set \\[core\\] kernel"):
+        templates.guest_kernel("auto", Bare())
+
+
+def test_the_fake_vmm_boots_no_kernel() -> None:
+    assert templates.guest_kernel("auto", FakeVmm()) == (Path("/dev/null"), None)

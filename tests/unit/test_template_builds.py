@@ -44,7 +44,7 @@ def gated(service: SandboxService, gates: Gates, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(storage, "build_rootfs", build_rootfs)
     loop = asyncio.get_running_loop()
 
-    def kernel(setting: str, progress: Any = None) -> tuple[Path, None]:
+    def kernel(setting: str, vmm: Any, progress: Any = None) -> tuple[Path, None]:
         gates.started.append("kernel")
         asyncio.run_coroutine_threadsafe(gates.release["kernel"].wait(), loop).result(timeout=30)
         return Path("/dev/null"), None

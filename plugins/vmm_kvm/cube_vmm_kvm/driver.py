@@ -29,6 +29,7 @@ from cube_core import (
     ConfigError,
     Isolation,
     NicHandle,
+    Progress,
     VmHandle,
     VmmDriver,
     VmmError,
@@ -41,6 +42,7 @@ from .accel import AccelReport, detect, host_tsc_khz
 from .cgroup import CgroupLayout, CgroupLimits, VmCgroup, block_device, detect_layout
 from .config import KvmConfig
 from .control import ControlChannel
+from .guest_kernel import resolve as resolve_guest_kernel
 from .persist import SnapshotRecord, VmRecord
 from .qemu import MachineSpec, Qmp
 from .tap import open_tap
@@ -94,6 +96,11 @@ class KvmVmm(VmmDriver):
         self._locks: dict[str, asyncio.Lock] = {}
 
     # -- driver-wide ---------------------------------------------------------------------------
+
+    def guest_kernel(self, setting: str, progress: Progress | None = None) -> tuple[Path, Path | None]:
+        """``auto`` builds (or reuses) the Cube kernel from this package's ``kernel/``, falling back
+        to Debian's stock kernel + initramfs; ``stock``: that fallback only (see kernel/README.md)."""
+        return resolve_guest_kernel(setting, progress)
 
     @property
     def accel(self) -> AccelReport:

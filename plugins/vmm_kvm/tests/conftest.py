@@ -18,15 +18,16 @@ import pytest
 import pytest_asyncio
 from cube_core import RootfsRecipe
 from cube_storage_cow import CowConfig, CowStorage
-from kvm_helpers import CGROUP_PARENT, REPO, RUN_TOKEN, TemplateSnapshot, VmFactory, make_template
+from kvm_helpers import CGROUP_PARENT, RUN_TOKEN, TemplateSnapshot, VmFactory, make_template
 
 from cube_vmm_kvm import KvmConfig, KvmVmm
+from cube_vmm_kvm.guest_kernel import KERNEL_DIR
 
 
 @pytest.fixture(scope="session")
 def guest_kernel() -> Path:
-    """The guest vmlinux: built by kernel/build.sh (minutes once, then instant from the cache)."""
-    result = subprocess.run(["bash", str(REPO / "kernel" / "build.sh")], capture_output=True, text=True,
+    """The guest vmlinux: built by the packaged kernel/build.sh (minutes once, then instant from the cache)."""
+    result = subprocess.run(["bash", str(KERNEL_DIR / "build.sh")], capture_output=True, text=True,
                             check=False)
     if result.returncode != 0:
         pytest.fail(f"kernel/build.sh failed ({result.returncode}): {result.stderr[-2000:]}")

@@ -18,9 +18,10 @@ import pytest
 import pytest_asyncio
 from cube_core import VmHandle, VmmError
 from cube_storage_cow import CowStorage
-from kvm_helpers import REPO, NetnsSlots, TemplateSnapshot, VmFactory, make_template, tcp_probe
+from kvm_helpers import NetnsSlots, TemplateSnapshot, VmFactory, make_template, tcp_probe
 
 from cube_vmm_kvm import KvmVmm
+from cube_vmm_kvm.guest_kernel import KERNEL_DIR
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
 
@@ -46,7 +47,7 @@ class StockGuest:
 @pytest.fixture(scope="session")
 def stock_kernel() -> StockKernel:
     """kernel/stock.sh: ~15 s the first time (download + extract + initramfs), then from the cache."""
-    result = subprocess.run([str(REPO / "kernel" / "stock.sh")], capture_output=True, text=True, check=False)
+    result = subprocess.run(["bash", str(KERNEL_DIR / "stock.sh")], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         pytest.fail(f"kernel/stock.sh failed ({result.returncode}): {result.stderr[-2000:]}")
     vmlinux, initrd = result.stdout.strip().splitlines()[-1].split()
