@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from cube_core.bench_create import Options, Sample, held_by_ancestor, host_lock, plans, served_by, summarize
+from cube_bench.create import Options, Sample, held_by_ancestor, host_lock, plans, served_by, summarize
 
 vm_slow = [pytest.mark.vm, pytest.mark.slow]
 
@@ -146,7 +145,7 @@ def test_host_lock_is_taken_or_inherited(tmp_path: Path) -> None:
         assert busy.returncode != 0
     assert subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0
     # Held by our parent (flock <lock> python ...): seen as inherited, not waited for.
-    code = (f"from pathlib import Path; from cube_core.bench_create import held_by_ancestor, host_lock\n"
+    code = (f"from pathlib import Path; from cube_bench.create import held_by_ancestor, host_lock\n"
             f"assert held_by_ancestor(Path({str(lock)!r}))\n"
             f"with host_lock(Path({str(lock)!r})): print('in')")
     inherited = subprocess.run(["flock", str(lock), sys.executable, "-c", code], capture_output=True, text=True,

@@ -27,8 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from cube_bench.restore import percentile  # noqa: E402
 from cube_core import RootfsRecipe  # noqa: E402
-from cube_core.bench import percentile  # noqa: E402
 from cube_core.log import configure_logging  # noqa: E402
 from cube_storage_cow import CowConfig, CowStorage  # noqa: E402
 from kvm_helpers import REPO, RUN_TOKEN, VmFactory, make_template, private_bytes  # noqa: E402

@@ -10,8 +10,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from cube_bench.restore import percentile
 from cube_core import GuestTimeoutError, VmmError
-from cube_core.bench import percentile
 from pydantic import ValidationError
 
 from cube_vmm_kvm import KvmConfig, KvmPlugin, KvmVmm, detect

@@ -13,8 +13,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cube_bench.restore import restore_bench
 from cube_core import GuestTimeoutError, NicHandle, VmmError
-from cube_core.bench import restore_bench
 from kvm_helpers import (
     CGROUP_PARENT,
     RUN_TOKEN,

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-
 from cube_core.models import NicHandle, VmHandle, VmSpec, VmState
 from cube_core.vmm import VmmDriver
 

@@ -48,13 +48,13 @@ from typing import Any
 
 import httpx
 import structlog
-
 from cube_core import keys
-from cube_core.bench import cpu_ticks, meminfo_kib, percentile, smaps_rollup_kib
 from cube_core.errors import CubeError
 from cube_core.pool import POOL_TEAM
 from cube_core.state import SandboxState
 from cube_core.store import SqliteStore
+
+from cube_bench.restore import cpu_ticks, meminfo_kib, percentile, smaps_rollup_kib
 
 log = structlog.get_logger(__name__)
 
@@ -351,7 +351,7 @@ class Client:
         try:
             from e2b import AsyncSandbox
         except ImportError as exc:
-            raise CubeError("cube bench create needs the E2B SDK: pip install 'cube-core[bench]'") from exc
+            raise CubeError("cube bench create needs the E2B SDK: pip install cube-bench") from exc
         self.sandbox_cls = AsyncSandbox
         self.template = template
         # retries=0: a refused create counts as a failure, it is not hidden in the latency.

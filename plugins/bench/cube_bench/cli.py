@@ -1,0 +1,110 @@
+"""``cube bench``: the benchmark commands, added to the ``cube`` command line through the ``cube.cli``
+entry point ``bench`` (``cube bench restore``, ``cube bench create``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from cube_core import CubeError
+from cube_core.cli import ConfigOpt, guard, with_service
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, help="Benchmarks: medians and p95 against a baseline in the same run.")
+out = Console()
+err = Console(stderr=True)
+
+
+@app.command("restore")
+def bench_restore(n: Annotated[int, typer.Option("--n", help="clones to restore (kept running together)")] = 20,
+                  cold: Annotated[int, typer.Option(help="cold boots for the baseline")] = 1,
+                  template: Annotated[str, typer.Option(help="template to clone")] = "base",
+                  as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line")] = False,
+                  config: ConfigOpt = None) -> None:
+    """Restore N clones of a template snapshot; latency p50/p95 and memory per idle clone, next to
+    the cold-boot baseline."""
+    from cube_core.models import DiskHandle, NetworkPolicy, VmSpec, VmState
+
+    from cube_bench.restore import cold_boot_bench, restore_bench
+
+    async def action(service: Any) -> dict[str, Any]:
+        tmpl = await service.templates.ensure(template)
+        if tmpl.snapshot is None:
+            raise CubeError(f"the {type(service.vmm).__name__} driver keeps no snapshots")
+        state = VmState.model_validate(tmpl.snapshot.vm_state)
+        layer = DiskHandle.model_validate(tmpl.snapshot.disk)
+        disks: dict[str, Any] = {}
+        nics: dict[str, Any] = {}
+
+        async def spec_for(base: Path, vm_id: str) -> VmSpec:
+            disks[vm_id] = await service.storage.create_disk(vm_id, base)
+            return state.clone_spec(vm_id, disks[vm_id], interpreter=tmpl.interpreter)
+
+        async def nic_for(vm_id: str) -> Any:
+            nics[vm_id] = await service.network.allocate(vm_id, NetworkPolicy(allow_internet_access=False))
+            return nics[vm_id]
+
+        async def cleanup(vm_id: str) -> None:
+            if vm_id in nics:
+                await service.network.release(nics.pop(vm_id))
+            if vm_id in disks:
+                await service.storage.delete_disk(disks.pop(vm_id))
+
+        baseline = await cold_boot_bench(service.vmm, cold, nic_factory=nic_for, cleanup=cleanup,
+                                         spec_factory=lambda vm_id: spec_for(Path(str(tmpl.rootfs)), vm_id))
+        result = await restore_bench(service.vmm, state, n, nic_factory=nic_for, cleanup=cleanup,
+                                     spec_factory=lambda vm_id: spec_for(layer.path, vm_id))
+        result["cold_boot_ms_p50"] = baseline["cold_boot_ms_p50"]
+        result["cold_boot_ms_p95"] = baseline["cold_boot_ms_p95"]
+        result["speedup_p50"] = round(baseline["cold_boot_ms_p50"] / max(result["answer_ms_p50"], 0.1), 1)
+        return result
+
+    result = with_service(config, action)
+    table = Table("measure", "value")
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    (err if as_json else out).print(table)
+    if as_json:
+        print(json.dumps(result))
+
+
+@app.command("create")
+def bench_create(
+        concurrency: Annotated[str, typer.Option(help="comma-separated concurrency levels")] = "1,10,50",
+        n: Annotated[int, typer.Option("--n", help="creates per concurrency level")] = 200,
+        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line")] = False,
+        url: Annotated[str | None, typer.Option(help="measure this server as it is (default: start one "
+                                                     "per mode on free ports)")] = None,
+        out_dir: Annotated[Path, typer.Option("--out", help="where the JSON, PNG and serve logs go")] = Path(
+            "bench-results"),
+        idle: Annotated[int, typer.Option(help="idle sandboxes for the memory/CPU cost (at most --n)")] = 100,
+        cold_n: Annotated[int, typer.Option("--cold-n", help="cold boots (concurrency 1 only)")] = 4,
+        modes: Annotated[str, typer.Option(help="pool_hit,pool_miss,cold (ignored with --url)")] = (
+            "pool_hit,pool_miss,cold"),
+        api_key: Annotated[str | None, typer.Option(help="with --url (default: $E2B_API_KEY)")] = None,
+        admin_url: Annotated[str | None, typer.Option(help="with --url: its metrics server, to wait "
+                                                           "for the warm pool")] = None) -> None:
+    """Create sandboxes through the E2B SDK: create→201 and create→first command p50/p95/p99 at each
+    concurrency, memory and CPU per idle sandbox; pool hit vs pool miss vs cold boot, side by side."""
+    from cube_core.log import configure_logging
+
+    from cube_bench.create import Options, run, tables
+
+    configure_logging()
+    try:
+        levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
+    except ValueError:
+        err.print(f"error: --concurrency wants numbers like 1,10,50, not {concurrency!r}")
+        raise typer.Exit(2) from None
+    opts = Options(concurrency=levels, n=n, idle=idle, cold_n=cold_n, url=url, api_key=api_key,
+                   admin_url=admin_url, out=out_dir,
+                   modes=tuple(m.strip().replace("-", "_") for m in modes.split(",") if m.strip()))
+    result = guard(lambda: run(opts, lambda message: err.print(message, highlight=False)))
+    for table in tables(result):
+        (err if as_json else out).print(table)
+    (err if as_json else out).print(f"written: {result['files']['json']}  {result['files']['plot'] or '(no plot)'}")
+    if as_json:
+        print(json.dumps(result))
