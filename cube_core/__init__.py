@@ -1,4 +1,4 @@
-"""Cube's public plugin API: the hook marker, errors, models, driver contracts and Stash.
+"""Cube's public plugin API: the hook marker, errors, models, driver contracts and the doctor Check.
 
 Plugins import from here (and from ``cube_core.testing``) only; underscore modules are private.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pluggy
 
+from cube_core.doctor import Check
 from cube_core.errors import (
     AbnormalShutdownError,
     AdmissionRejectedError,
@@ -58,7 +59,6 @@ from cube_core.models import (
 )
 from cube_core.network import NetworkDriver
 from cube_core.scheduler import Scheduler
-from cube_core.stash import Stash, StashKey
 from cube_core.state import SandboxState
 from cube_core.storage import Progress, RootfsImage, RootfsRecipe, StorageDriver
 from cube_core.vmm import CAP_PAUSE, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
@@ -72,7 +72,7 @@ from cube_core.service import SandboxService  # noqa: E402
 
 __all__ = [
     "CAP_PAUSE", "CAP_REATTACH", "CAP_SNAPSHOT",
-    "AbnormalShutdownError", "AdmissionRejectedError", "AuthError", "CapacityError", "ConfigError",
+    "AbnormalShutdownError", "AdmissionRejectedError", "AuthError", "CapacityError", "Check", "ConfigError",
     "CoreSettings", "CubeError", "DiskHandle", "EgressRule", "GuestProtocolError", "GuestTimeoutError",
     "InvalidStateError", "Isolation",
     "NetworkDriver", "NetworkError", "NetworkPolicy", "NicHandle", "NoCapacityError", "Node",
@@ -80,7 +80,7 @@ __all__ = [
     "PluginNotFoundError", "Progress", "QuotaExceededError", "Rejection", "RootfsImage", "RootfsRecipe", "Sandbox",
     "SandboxError", "SandboxFailedError", "SandboxNotFoundError", "SandboxService", "SandboxSpec", "SandboxState",
     "Scheduler",
-    "SchedulingError", "SnapshotInUseError", "SnapshotNotFoundError", "SnapshotRef", "Stash", "StashKey", "StopReason",
+    "SchedulingError", "SnapshotInUseError", "SnapshotNotFoundError", "SnapshotRef", "StopReason",
     "StorageDriver", "StorageError", "Team", "Template", "TemplateBuildError", "TemplateError",
     "TemplateNotFoundError", "TemplateStatus", "UnsupportedOperation", "VmHandle", "VmSpec",
     "VmState", "VmmDriver", "VmmError", "hookimpl",

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from cube_core import hookspecs
 from cube_core.config import NAMESPACES, SLOTS, LoadedConfig, SlotSection, resolve_secrets
+from cube_core.doctor import Check
 from cube_core.errors import (
     ConfigError,
     PluginConflictError,
@@ -163,6 +164,19 @@ class Hooks:
 
     def egress_rules(self, spec: SandboxSpec) -> list[EgressRule]:
         return [r for rules in self._pm.hook.cube_egress_rules(spec=spec) for r in rules]
+
+    def doctor_checks(self) -> list[tuple[str, Check]]:
+        """Every plugin's checks as ``(plugin name, check)``; a plugin whose hook raises gets one
+        failed check saying so (the other plugins' checks are still run)."""
+        found: list[tuple[str, Check]] = []
+        for impl in reversed(self._pm.hook.cube_doctor_checks.get_hookimpls()):
+            try:
+                checks = list(cast(Sequence[Check], impl.function()))
+            except Exception as exc:
+                checks = [Check("checks", "fail", f"the plugin's checks raised {type(exc).__name__}: {exc}",
+                                "report this as a bug of the plugin")]
+            found += [(impl.plugin_name, c) for c in checks]
+        return found
 
     def admit_sandbox(self, spec: SandboxSpec) -> Rejection | None:
         result: Rejection | None = self._pm.hook.cube_admit_sandbox(spec=spec)

@@ -14,6 +14,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from cube_core.config import CoreSettings
+    from cube_core.doctor import Check
     from cube_core.models import EgressRule, Rejection, Sandbox, SandboxSpec, SnapshotRef, StopReason
     from cube_core.network import NetworkDriver
     from cube_core.scheduler import Scheduler
@@ -155,6 +156,20 @@ def cube_egress_rules(spec: SandboxSpec) -> Sequence[EgressRule]:
     :param spec: the sandbox being created.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def cube_doctor_checks() -> Sequence[Check]:
+    """Contribute host checks to ``cube doctor``: whatever this plugin needs from the host
+    (the VMM plugin: KVM, TCG, QEMU; the network plugin: BPF, nftables; storage: its tools).
+
+    Called once per ``cube doctor`` run, on plugins that were constructed but not started. Many
+    implementers; the checks are shown after the core's own (Python, root, state directory). Any
+    ``fail`` makes ``cube doctor`` exit 1. Returns a sequence of :class:`cube_core.Check`; should
+    not raise (an exception is shown as a failed check of that plugin).
+
+    .. versionadded:: 0.2
     """
 
 

@@ -20,6 +20,7 @@ from cube_core import (
     CAP_PAUSE,
     CAP_REATTACH,
     CAP_SNAPSHOT,
+    Check,
     DiskHandle,
     EgressRule,
     Isolation,
@@ -239,6 +240,11 @@ class FakeVmmPlugin:
     @hookimpl
     def cube_vmm_driver(self) -> VmmDriver:
         return self.driver
+
+    @hookimpl
+    def cube_doctor_checks(self) -> list[Check]:
+        return [Check("vmm", "warn", "fake VMM: sandboxes are directories, not VMs (isolation 'none')",
+                      "configure a real VMM plugin (kvm) outside tests")]
 
 
 class FakeNetworkPlugin:

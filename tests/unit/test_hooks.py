@@ -12,6 +12,7 @@ import pytest
 
 from cube_core import (
     AdmissionRejectedError,
+    Check,
     EgressRule,
     NetworkDriver,
     Rejection,
@@ -292,3 +293,25 @@ async def test_hook_cube_http_server(register_plugin: Callable[..., PluginHost])
     assert awaitable is not None
     await awaitable
     assert served == [("the-app", host.config.data.core.port)]
+
+
+def test_hook_cube_doctor_checks(plugin_host: Callable[..., PluginHost]) -> None:
+    host = plugin_host()
+
+    class Healthy:
+        @hookimpl
+        def cube_doctor_checks(self) -> list[Check]:
+            return [Check("thing", "ok", "present"), Check("other", "fail", "absent", "install it")]
+
+    class Broken:
+        @hookimpl
+        def cube_doctor_checks(self) -> list[Check]:
+            raise RuntimeError("probe crashed")
+
+    host.register(Healthy(), "extension:healthy")
+    host.register(Broken(), "extension:broken")
+    checks = host.hooks.doctor_checks()
+    assert ("vmm:fake", "vmm") in [(src, c.name) for src, c in checks]
+    assert ("extension:healthy", Check("other", "fail", "absent", "install it")) in checks
+    broken = [c for src, c in checks if src == "extension:broken"]
+    assert len(broken) == 1 and broken[0].status == "fail" and "probe crashed" in broken[0].detail

@@ -45,6 +45,11 @@ def _library() -> Any:
         return _lib
 
 
+def ensure_loaded() -> None:
+    """Load libnftables now; :class:`NetworkError` says what to install when it is missing."""
+    _library()
+
+
 def run(script: str, *, json_output: bool = False) -> str:
     """Run an nft script in the calling thread's namespace; return its output.
 

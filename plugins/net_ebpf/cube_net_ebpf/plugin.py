@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from cube_core import NetworkDriver, hookimpl
+from cube_core import Check, NetworkDriver, hookimpl
 
+from cube_net_ebpf.checks import doctor_checks
 from cube_net_ebpf.config import EbpfNetConfig
 from cube_net_ebpf.driver import EbpfNetwork
 
@@ -22,3 +23,7 @@ class EbpfNetPlugin:
         if self._driver is None:
             self._driver = EbpfNetwork(self.config)
         return self._driver
+
+    @hookimpl
+    def cube_doctor_checks(self) -> list[Check]:
+        return doctor_checks(self.config)

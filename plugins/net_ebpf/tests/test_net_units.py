@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from pathlib import Path
 
 import dns.edns
 import dns.flags
@@ -228,3 +229,13 @@ def test_admission_limits_per_sandbox():
     assert adm.open_tcp("a") and not adm.open_tcp("a") and adm.open_tcp("b")
     adm.close_tcp("a")
     assert adm.open_tcp("a")
+
+
+def test_doctor_checks(tmp_path: Path) -> None:
+    from cube_net_ebpf.checks import check_bpf_object, check_nftables
+
+    missing = check_bpf_object(EbpfNetConfig(bpf_object=tmp_path / "nope.o"))
+    assert missing.status == "fail" and "does not exist" in missing.detail
+    (tmp_path / "egress.o").write_bytes(b"\x7fELF")
+    assert check_bpf_object(EbpfNetConfig(bpf_object=tmp_path / "egress.o")).status == "ok"
+    assert check_nftables().status == "ok"  # libnftables is installed by make install

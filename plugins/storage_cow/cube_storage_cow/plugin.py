@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from cube_core import StorageDriver, hookimpl
+from cube_core import Check, StorageDriver, hookimpl
 
+from cube_storage_cow.checks import doctor_checks
 from cube_storage_cow.config import CowConfig
 from cube_storage_cow.driver import CowStorage
 
@@ -22,3 +23,7 @@ class CowPlugin:
         if self._driver is None:
             self._driver = CowStorage(self.config)
         return self._driver
+
+    @hookimpl
+    def cube_doctor_checks(self) -> list[Check]:
+        return doctor_checks(self.config)

@@ -113,3 +113,14 @@ def test_loaded_by_the_plugin_host_from_plugins_toml(plugin_host, cube_config_fa
     driver = host.hooks.storage_driver()
     assert isinstance(driver, CowStorage)
     assert driver.root.name == "storage"
+
+
+def test_doctor_checks(tmp_path: Path) -> None:
+    from cube_storage_cow.checks import check_space, check_tools, doctor_checks
+
+    missing = check_tools({"mkfs.ext4": "e2fsprogs", "no-such-image-tool": "cube-missing"})
+    assert missing.status == "fail" and "no-such-image-tool" in missing.detail and "cube-missing" in missing.hint
+    assert "mkfs.ext4" not in missing.detail
+    assert check_space(tmp_path / "not" / "yet", min_free_gb=0).detail.endswith(str(tmp_path))
+    assert check_space(tmp_path, min_free_gb=1e9).status == "warn"
+    assert [c.name for c in doctor_checks(CowConfig(root=tmp_path))] == ["image-tools", "storage-space"]

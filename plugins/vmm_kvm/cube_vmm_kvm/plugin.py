@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from cube_core import VmmDriver, hookimpl
+from cube_core import Check, VmmDriver, hookimpl
 
+from .checks import doctor_checks
 from .config import KvmConfig
 from .driver import KvmVmm
 
@@ -20,3 +21,7 @@ class KvmPlugin:
     @hookimpl
     def cube_vmm_driver(self) -> VmmDriver:
         return self.driver
+
+    @hookimpl
+    def cube_doctor_checks(self) -> list[Check]:
+        return doctor_checks(self.config)

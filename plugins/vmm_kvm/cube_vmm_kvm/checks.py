@@ -1,0 +1,70 @@
+"""What ``cube doctor`` checks for the ``kvm`` VMM: QEMU and its TCG, KVM (the same decision
+:func:`accel.detect` makes for every VM), cgroups and ``/dev/net/tun``."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from cube_core import Check
+
+from .accel import detect
+from .cgroup import detect_layout
+from .config import KvmConfig
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def check_qemu(binary: str) -> tuple[Check, Check]:
+    """The QEMU binary and whether it has TCG (the fallback where KVM cannot be used)."""
+    path = shutil.which(binary)
+    if path is None:
+        hint = "apt-get install qemu-system-x86 qemu-utils (or set [vmm.options] qemu_binary)"
+        return (Check("qemu", "fail", f"{binary} not found", hint),
+                Check("tcg", "fail", "no QEMU, so no TCG", hint))
+    version = ((_run([path, "--version"]) or "?").splitlines() or ["?"])[0]
+    accels = _run([path, "-accel", "help"]) or ""
+    tcg = Check("tcg", "ok", "QEMU TCG emulation available") if "tcg" in accels.split() else \
+        Check("tcg", "fail", "this QEMU has no TCG", "install Debian's qemu-system-x86")
+    return Check("qemu", "ok", f"{version} ({path})"), tcg
+
+
+def check_kvm(config: KvmConfig, sys_root: Path = Path("/")) -> Check:
+    """What isolation VMs get here, from the same probe the driver uses."""
+    report = detect(config.accel, sys_root=sys_root)
+    if report.accel == "kvm" and report.kvm_usable:
+        return Check("kvm", "ok", f"{report.reason}: sandboxes get isolation 'kvm'")
+    if report.accel == "kvm":
+        return Check("kvm", "warn", report.reason, "set [vmm.options] accel = \"auto\" on this host")
+    return Check("kvm", "warn", f"{report.reason}: sandboxes get isolation 'tcg'",
+                 "use a bare-metal host with VT-x/AMD-V (kvm_intel/kvm_amd), or enable nested virtualization")
+
+
+def check_cgroups(config: KvmConfig, mounts: Path = Path("/proc/self/mounts")) -> Check:
+    """The cpu, memory and pids controllers; without them the driver refuses to start."""
+    if not config.cgroups:
+        return Check("cgroups", "warn", "[vmm.options] cgroups = false: VMs run without CPU/memory limits",
+                     "turn cgroups back on outside debugging")
+    layout = detect_layout(mounts)
+    if layout is None:
+        return Check("cgroups", "fail", "no cgroup hierarchy with the cpu, memory and pids controllers",
+                     "mount cgroup2 on /sys/fs/cgroup (systemd.unified_cgroup_hierarchy=1) and enable "
+                     "the controllers")
+    return Check("cgroups", "ok", f"cgroup v{layout.version} with {', '.join(sorted(layout.mounts))}")
+
+
+def check_tun(dev: Path = Path("/dev/net/tun")) -> Check:
+    if dev.exists():
+        return Check("tun", "ok", str(dev))
+    return Check("tun", "fail", f"{dev} missing", "modprobe tun (or mknod /dev/net/tun c 10 200)")
+
+
+def doctor_checks(config: KvmConfig) -> list[Check]:
+    qemu, tcg = check_qemu(config.qemu_binary)
+    return [qemu, check_kvm(config), tcg, check_cgroups(config), check_tun()]
