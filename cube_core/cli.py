@@ -29,13 +29,11 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys (e2b_...) and teams.
 template_app = typer.Typer(no_args_is_help=True, help="Template images and snapshots.")
 kernel_app = typer.Typer(no_args_is_help=True, help="The guest kernel.")
 sandbox_app = typer.Typer(no_args_is_help=True, help="Sandboxes on this machine.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: medians and p95 against a baseline in the same run.")
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
 app.add_typer(template_app, name="template")
 app.add_typer(kernel_app, name="kernel")
 app.add_typer(sandbox_app, name="sandbox")
-app.add_typer(bench_app, name="bench")
 
 out = Console()
 err = Console(stderr=True)
@@ -58,6 +56,9 @@ def _guard(func: Callable[[], T]) -> T:
             raise
         err.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+guard = _guard  # public for CLI extensions (cube-bench): CubeError -> one clear message, exit 2
 
 
 def _store(config: Path | None) -> Any:
@@ -264,7 +265,9 @@ def kernel_build(config: ConfigOpt = None) -> None:
     out.print(str(kernel) + (f" (initrd {initrd})" if initrd else ""))
 
 
-def _with_service(config: Path | None, action: Callable[[Any], Any]) -> Any:
+def with_service(config: Path | None, action: Callable[[Any], Any]) -> Any:
+    """Run ``action(service)`` with the configured drivers started (for commands here and in CLI
+    extensions such as cube-bench); ``CubeError`` becomes a clear message and exit code 2."""
     from cube_core._host import PluginHost
     from cube_core.log import configure_logging
     from cube_core.service import SandboxService
@@ -312,7 +315,7 @@ def template_build(name: Annotated[str, typer.Argument(help="base, code-interpre
         with progress_reporter(f"template {name}") as progress:
             return await service.templates.ensure(name, progress, rebuild=rebuild, recipe=recipe)
 
-    template = _with_service(config, action)
+    template = with_service(config, action)
     out.print(f"{template.template_id}: {template.status.value} "
               f"(snapshot {template.snapshot.snapshot_id if template.snapshot else '-'})")
 
@@ -340,7 +343,7 @@ def template_rm(name: str, config: ConfigOpt = None) -> None:
             await service.storage.delete_snapshot(template.snapshot.snapshot_id)
         service.store.delete_template(template.template_id)
 
-    _with_service(config, action)
+    with_service(config, action)
     out.print(f"removed {name}")
 
 
@@ -395,94 +398,41 @@ def sandbox_audit(sandbox_id: str,
     out.print(table)
 
 
-@bench_app.command("restore")
-def bench_restore(n: Annotated[int, typer.Option("--n", help="clones to restore (kept running together)")] = 20,
-                  cold: Annotated[int, typer.Option(help="cold boots for the baseline")] = 1,
-                  template: Annotated[str, typer.Option(help="template to clone")] = "base",
-                  as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line")] = False,
-                  config: ConfigOpt = None) -> None:
-    """Restore N clones of a template snapshot; latency p50/p95 and memory per idle clone, next to
-    the cold-boot baseline."""
-    from cube_core.bench import cold_boot_bench, restore_bench
-    from cube_core.models import DiskHandle, NetworkPolicy, VmSpec, VmState
+# -- sub-commands of other distributions -----------------------------------------------------------
 
-    async def action(service: Any) -> dict[str, Any]:
-        tmpl = await service.templates.ensure(template)
-        if tmpl.snapshot is None:
-            raise CubeError(f"the {type(service.vmm).__name__} driver keeps no snapshots")
-        state = VmState.model_validate(tmpl.snapshot.vm_state)
-        layer = DiskHandle.model_validate(tmpl.snapshot.disk)
-        disks: dict[str, Any] = {}
-        nics: dict[str, Any] = {}
-
-        async def spec_for(base: Path, vm_id: str) -> VmSpec:
-            disks[vm_id] = await service.storage.create_disk(vm_id, base)
-            return state.clone_spec(vm_id, disks[vm_id], interpreter=tmpl.interpreter)
-
-        async def nic_for(vm_id: str) -> Any:
-            nics[vm_id] = await service.network.allocate(vm_id, NetworkPolicy(allow_internet_access=False))
-            return nics[vm_id]
-
-        async def cleanup(vm_id: str) -> None:
-            if vm_id in nics:
-                await service.network.release(nics.pop(vm_id))
-            if vm_id in disks:
-                await service.storage.delete_disk(disks.pop(vm_id))
-
-        baseline = await cold_boot_bench(service.vmm, cold, nic_factory=nic_for, cleanup=cleanup,
-                                         spec_factory=lambda vm_id: spec_for(Path(str(tmpl.rootfs)), vm_id))
-        result = await restore_bench(service.vmm, state, n, nic_factory=nic_for, cleanup=cleanup,
-                                     spec_factory=lambda vm_id: spec_for(layer.path, vm_id))
-        result["cold_boot_ms_p50"] = baseline["cold_boot_ms_p50"]
-        result["cold_boot_ms_p95"] = baseline["cold_boot_ms_p95"]
-        result["speedup_p50"] = round(baseline["cold_boot_ms_p50"] / max(result["answer_ms_p50"], 0.1), 1)
-        return result
-
-    result = _with_service(config, action)
-    table = Table("measure", "value")
-    for key, value in result.items():
-        table.add_row(key, str(value))
-    (err if as_json else out).print(table)
-    if as_json:
-        print(json.dumps(result))
+# `cube <name>` sub-apps that other distributions add (entry point group cube.cli: name = a typer.Typer),
+# and the distribution that provides each first-party one, named when it is not installed.
+CLI_EXTENSIONS = {"bench": "cube-bench"}
 
 
-@bench_app.command("create")
-def bench_create(
-        concurrency: Annotated[str, typer.Option(help="comma-separated concurrency levels")] = "1,10,50",
-        n: Annotated[int, typer.Option("--n", help="creates per concurrency level")] = 200,
-        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line")] = False,
-        url: Annotated[str | None, typer.Option(help="measure this server as it is (default: start one "
-                                                     "per mode on free ports)")] = None,
-        out_dir: Annotated[Path, typer.Option("--out", help="where the JSON, PNG and serve logs go")] = Path(
-            "bench-results"),
-        idle: Annotated[int, typer.Option(help="idle sandboxes for the memory/CPU cost (at most --n)")] = 100,
-        cold_n: Annotated[int, typer.Option("--cold-n", help="cold boots (concurrency 1 only)")] = 4,
-        modes: Annotated[str, typer.Option(help="pool_hit,pool_miss,cold (ignored with --url)")] = (
-            "pool_hit,pool_miss,cold"),
-        api_key: Annotated[str | None, typer.Option(help="with --url (default: $E2B_API_KEY)")] = None,
-        admin_url: Annotated[str | None, typer.Option(help="with --url: its metrics server, to wait "
-                                                           "for the warm pool")] = None) -> None:
-    """Create sandboxes through the E2B SDK: create→201 and create→first command p50/p95/p99 at each
-    concurrency, memory and CPU per idle sandbox; pool hit vs pool miss vs cold boot, side by side."""
-    from cube_core.bench_create import Options, run, tables
-    from cube_core.log import configure_logging
+def _add_cli_extensions() -> None:
+    from importlib.metadata import entry_points
 
-    configure_logging()
-    try:
-        levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
-    except ValueError:
-        err.print(f"error: --concurrency wants numbers like 1,10,50, not {concurrency!r}")
-        raise typer.Exit(2) from None
-    opts = Options(concurrency=levels, n=n, idle=idle, cold_n=cold_n, url=url, api_key=api_key,
-                   admin_url=admin_url, out=out_dir,
-                   modes=tuple(m.strip().replace("-", "_") for m in modes.split(",") if m.strip()))
-    result = _guard(lambda: run(opts, lambda message: err.print(message, highlight=False)))
-    for table in tables(result):
-        (err if as_json else out).print(table)
-    (err if as_json else out).print(f"written: {result['files']['json']}  {result['files']['plot'] or '(no plot)'}")
-    if as_json:
-        print(json.dumps(result))
+    problems: dict[str, str] = {}
+    for ep in sorted(entry_points(group="cube.cli"), key=lambda ep: ep.name):
+        try:
+            sub_app = ep.load()
+        except ImportError as exc:  # installed but broken: the other commands still work
+            problems[ep.name] = f"cannot load {ep.value}: {exc}"
+            continue
+        app.add_typer(sub_app, name=ep.name)
+    for name, dist in CLI_EXTENSIONS.items():
+        if name in problems or not any(g.name == name for g in app.registered_groups):
+            _add_missing(name, dist, problems.get(name))
+
+
+def _add_missing(name: str, dist: str, problem: str | None) -> None:
+    reason = problem or f"{dist} is not installed"
+
+    @app.command(name, help=f"(not available: {reason})", add_help_option=False,
+                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def missing() -> None:
+        err.print(f"[red]error:[/red] cube {name} needs the {dist} distribution ({escape(reason)}): "
+                  f"pip install {dist}  (make installs it in the dev venv)", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+
+_add_cli_extensions()
 
 
 def main() -> None:
