@@ -55,6 +55,9 @@ class SandboxSpec(Frozen):
     network: NetworkPolicy = Field(default_factory=NetworkPolicy)
     cpu_count: int = Field(default=1, ge=1, le=64)
     memory_mb: int = Field(default=512, ge=64, le=1 << 20)
+    """Set by the service from the template before admission and placement: a sandbox is a clone
+    of its template's snapshot, so its size is the template's (what ``cube_admit_sandbox`` and the
+    scheduler see)."""
     from_snapshot: str | None = None
     """Set by the service when ``template_id`` names a snapshot of the caller's team."""
 
@@ -132,6 +135,9 @@ class Node(Frozen):
     memory_mb_used: int = 0
     sandboxes: int = 0
     templates: tuple[str, ...] = ()
+    """``*_used``, ``sandboxes`` and ``templates`` (the ready ones) are kept true by the node's
+    service: recomputed from its records when a template serves, before each placement and after each
+    create and stop."""
     healthy: bool = True
 
 

@@ -63,8 +63,9 @@ def available_memory_mb() -> int:
 class WarmPool:
     def __init__(self, *, settings: PoolSettings, store: StateStore, vmm: VmmDriver, network: NetworkDriver,
                  storage: StorageDriver, destroy: Callable[[Sandbox], Awaitable[None]],
-                 memory_probe: Callable[[], int] = available_memory_mb) -> None:
+                 memory_probe: Callable[[], int] = available_memory_mb, node_id: str = "local") -> None:
         self.settings = settings
+        self.node_id = node_id
         self.store = store
         self.vmm = vmm
         self.network = network
@@ -184,7 +185,8 @@ class WarmPool:
         now = utcnow()
         record = Sandbox(sandbox_id=owner, template_id=template.template_id, team_id=POOL_TEAM,
                          state=SandboxState.CREATING, started_at=now, end_at=now + timedelta(days=3650),
-                         memory_mb=template.memory_mb, isolation=self.vmm.isolation)
+                         memory_mb=template.memory_mb, cpu_count=template.cpu_count, node_id=self.node_id,
+                         isolation=self.vmm.isolation)
         self.store.put_sandbox(record)
         runtime: dict[str, object] = {}
         try:

@@ -113,9 +113,8 @@ class SandboxService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.pool = WarmPool(settings=self.settings.pool, store=store, vmm=self.vmm, network=self.network,
-                             storage=self.storage, destroy=self._free)
+                             storage=self.storage, destroy=self._free, node_id=self.settings.node_id)
         self.ready = asyncio.Event()
-        self.create_latencies_ms: list[float] = []
         self._start_gate = asyncio.Semaphore(self.settings.max_parallel_starts)
         """FIFO: asyncio wakes a semaphore's waiters in the order they came."""
 
@@ -124,8 +123,7 @@ class SandboxService:
     async def start(self) -> None:
         for driver in (self.storage, self.network, self.vmm):
             await driver.start()
-        self.store.put_node(Node(node_id=self.settings.node_id, cpu_total=os.cpu_count() or 1,
-                                 memory_mb_total=_mem_total_mb()))
+        self._refresh_node()
         await self._recover()
         await self.pool.start()
         self._reaper = asyncio.create_task(self._reap_forever(), name="cube-timeout-reaper")
@@ -150,6 +148,7 @@ class SandboxService:
             template = await self.templates.ensure(name, lanes(name) if lanes else None,
                                                    kernel_progress=kernel_lane)
             self.pool.watch(template)
+            self._refresh_node()
             self.ready.set()
             log.info("template serving", template=name)
 
@@ -258,12 +257,15 @@ class SandboxService:
         template = self.get_template(spec.template_id)
         if template.status != TemplateStatus.READY:
             raise TemplateError(f"template {spec.template_id!r} is {template.status.value}, not ready")
+        # the VM is a clone of the template's snapshot: its size is the template's, whatever was asked
+        spec = spec.evolve(cpu_count=template.cpu_count, memory_mb=template.memory_mb)
         rejection = self.host.hooks.admit_sandbox(spec)
         if rejection is not None:
             raise AdmissionRejectedError(reason=rejection.reason, retryable=rejection.retryable)
         self.quotas.check_create(spec.team_id, spec.network)  # no await from here to put_sandbox: atomic
         if len(self.store.list_sandboxes(states=LIVE_STATES)) >= self.settings.max_sandboxes:
             raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
+        self._refresh_node()
         node = self.scheduler.place(spec, self.store.list_nodes())
         now = utcnow()
         sandbox = Sandbox(
@@ -298,14 +300,13 @@ class SandboxService:
             log.warning("create failed", sandbox_id=sandbox.sandbox_id, error=repr(exc))
             await self._destroy(sandbox.evolve(runtime=runtime.dump()), StopReason.ERROR, error=_reason(exc))
             raise
-        self.create_latencies_ms.append((time.perf_counter() - started) * 1000)
         log.info("sandbox ready", sandbox_id=sandbox.sandbox_id, vm_id=runtime.vm.vm_id if runtime.vm else None,
                  served_by="pool" if member is not None else "start",
                  queued_ms=round((vm_started - started) * 1000, 1),
                  vm_ms=round((personalize_started - vm_started) * 1000, 1),
                  personalize_ms=round((done - personalize_started) * 1000, 1), guest_ms=boot.timings_ms,
                  total_ms=round((time.perf_counter() - started) * 1000, 1))
-        del self.create_latencies_ms[:-1000]
+        self._refresh_node()
         await self.host.hooks.sandbox_created(sandbox)
         return sandbox
 
@@ -368,7 +369,22 @@ class SandboxService:
         message = "; ".join(m for m in (error, *errors) if m) or sb.error
         final = sb.evolve(state=state, runtime={}, error=message[:2000] if message else None)
         self.store.put_sandbox(final)
+        self._refresh_node()
         await self.host.hooks.sandbox_stopped(final, reason)
+
+    def _refresh_node(self) -> Node:
+        """Record this node with what its live sandboxes (warm-pool members included) use now and
+        its ready templates: recomputed from the records at start, when a template serves, before
+        each placement and after each create and stop, so the scheduler (and a cluster reading the
+        store) never sees stale usage."""
+        mine = [s for s in self.store.list_sandboxes(states=LIVE_STATES) if s.node_id == self.settings.node_id]
+        node = Node(node_id=self.settings.node_id, cpu_total=os.cpu_count() or 1,
+                    memory_mb_total=_mem_total_mb(), cpu_used=sum(s.cpu_count for s in mine),
+                    memory_mb_used=sum(s.memory_mb for s in mine), sandboxes=len(mine),
+                    templates=tuple(t.template_id for t in self.store.list_templates()
+                                    if t.status == TemplateStatus.READY))
+        self.store.put_node(node)
+        return node
 
     async def _fail(self, sandbox_id: str, exc: GuestProtocolError) -> None:
         """Stop a sandbox whose guest broke the protocol (caller holds its lock); record why."""

@@ -171,3 +171,22 @@ async def test_pool_misses_queue_for_vm_starts_in_arrival_order(
         assert order == [str(i) for i in range(8)]  # first come, first served
     finally:
         await svc.stop()
+
+
+async def test_node_usage_is_kept_true(service: SandboxService) -> None:
+    """The node record the scheduler reads counts the live sandboxes, at the template's size
+    (what a client puts in the spec does not change the VM, so it does not count either)."""
+    template = service.get_template("base")
+    node = service.store.list_nodes()[0]
+    assert (node.cpu_used, node.memory_mb_used, node.sandboxes) == (0, 0, 0)
+    assert node.templates == (template.template_id,)
+    a = await service.create(spec("t1", memory_mb=4096, cpu_count=8))
+    assert (a.memory_mb, a.cpu_count) == (template.memory_mb, template.cpu_count)
+    b = await service.create(spec("t2"))
+    node = service.store.list_nodes()[0]
+    assert (node.cpu_used, node.memory_mb_used, node.sandboxes) == (
+        2 * template.cpu_count, 2 * template.memory_mb, 2)
+    await service.kill("t1", a.sandbox_id)
+    await service.kill("t2", b.sandbox_id)
+    node = service.store.list_nodes()[0]
+    assert (node.cpu_used, node.memory_mb_used, node.sandboxes) == (0, 0, 0)
