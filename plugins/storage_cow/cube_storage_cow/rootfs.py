@@ -6,7 +6,8 @@
 1. the source tree: ``debootstrap`` (cached per package set, see :mod:`.debootstrap`), a ``dir``
    copied with ``cp -a``, or an ``oci`` image layout (see :mod:`.oci`);
 2. the ``user`` account, the guest agent + init, /etc/hostname, hosts, machine-id, resolv.conf;
-3. slimming (apt caches and lists, docs, man, info, locales);
+3. slimming (apt caches and lists, docs, man, info, locales); for Debian trees, a login profile that
+   spawns nothing (:mod:`.login`: every ``commands.run`` is a login shell) and a byte-compiled agent;
 4. ``mkfs.ext4 -d`` into ``<root>/images/<sha256-prefix>.ext4`` (temp name, fsync, rename, 0440).
 
 The hash covers the recipe (not its name), the effective size, a fingerprint of the source, the
@@ -31,14 +32,14 @@ from typing import Any
 import structlog
 from cube_core import RootfsImage, RootfsRecipe, StorageError, TemplateBuildError
 
-from cube_storage_cow import accounts, commands, debootstrap, hostfiles, inroot, oci
+from cube_storage_cow import accounts, commands, debootstrap, hostfiles, inroot, login, oci
 from cube_storage_cow.guest import GuestFiles
 from cube_storage_cow.layertar import LayerPolicy
 from cube_storage_cow.locks import exclusive, is_held
 
 log = structlog.get_logger(__name__)
 
-BUILDER_VERSION = "cube-storage-cow/rootfs/2"
+BUILDER_VERSION = "cube-storage-cow/rootfs/3"
 """Part of every image hash: bump it when the builder's output changes for the same inputs."""
 HASH_PREFIX = 32
 RESOLVER = "169.254.0.22"
@@ -165,6 +166,7 @@ def _build_locked(p: Plan, settings: BuildSettings, progress: ProgressFn,
         customize(tree, p.guest)
         slim(tree)
         if p.recipe.source == "debootstrap":
+            lines += [f"login profile: {path} spawns nothing" for path in login.quiet_profiles(tree)]
             _prime(tree, p.recipe.interpreter, lines)
         os.chown(tree, 0, 0)
         os.chmod(tree, 0o755)

@@ -37,6 +37,9 @@ async def test_base_recipe_end_to_end(tmp_path: Path):
     assert ext4_stat(img, "/usr/sbin/cube-init")["mode"] & 0o7777 == 0o755
     assert ext4_stat(img, "/home/user")["uid"] == 1000
     assert ext4_ls(img, "/usr/share/doc") == set() and ext4_ls(img, "/var/lib/apt/lists") == set()
+    # the login profile spawns nothing (cube_storage_cow.login; behaviour in test_cow_login.py)
+    assert b'"$(id -u)"' not in ext4_cat(img, "/etc/profile") and b"${EUID:-$(id -u)}" in ext4_cat(img, "/etc/profile")
+    assert b"if [ -t 0 ]; then mesg n" in ext4_cat(img, "/root/.profile")
     assert steps[-1] == ("rootfs image up to date", 1.0) or steps[-1] == ("rootfs image ready", 1.0)
     assert any(s.startswith(("debootstrap", "unpacking Debian tree")) for s, _ in steps)
 
