@@ -191,6 +191,9 @@ class Hooks:
     async def snapshot_taken(self, sandbox: Sandbox, snapshot: SnapshotRef) -> None:
         await _notify(self._pm.hook.cube_snapshot_taken, sandbox=sandbox, snapshot=snapshot)
 
+    async def pool_member_warm_up(self, sandbox: Sandbox, address: str) -> None:
+        await _notify(self._pm.hook.cube_pool_member_warm_up, sandbox=sandbox, address=address)
+
     async def sandbox_restored(self, sandbox: Sandbox, snapshot: SnapshotRef) -> None:
         await _notify(self._pm.hook.cube_sandbox_restored, sandbox=sandbox, snapshot=snapshot)
 

@@ -233,6 +233,24 @@ def cube_snapshot_taken(sandbox: Sandbox, snapshot: SnapshotRef) -> Awaitable[No
 
 
 @hookspec
+def cube_pool_member_warm_up(sandbox: Sandbox, address: str) -> Awaitable[None] | None:
+    """Warm up a warm-pool member over its network path before it is paused: do once what the
+    first request to a new sandbox will do (the E2B API plugin reaches envd, whose port and
+    protocol only it knows), so that under TCG the guest's network and server code is already
+    translated when a user's first request comes.
+
+    Called once per pool member when ``[core] pool.warm_up`` is on, after the guest agent's own
+    ``warm_up`` and before the pause. Many implementers; each may return an awaitable, which the
+    core awaits. Must not raise (errors are logged and dropped; the member still serves).
+
+    :param sandbox: the member's record (team ``__pool__``; a create will adopt it).
+    :param address: the guest's address on its sandbox network.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
 def cube_sandbox_restored(sandbox: Sandbox, snapshot: SnapshotRef) -> Awaitable[None] | None:
     """Notification: a sandbox's VM was replaced by a restore of one of its snapshots (rollback).
 

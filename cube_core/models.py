@@ -206,7 +206,6 @@ class SyncClockReply(GuestReply):
 
 
 class WarmUpReply(GuestReply):
-    envd_port: int | None = Field(default=None, ge=1, le=65535)
     ms: GuestNumber | None = None
 
 

@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
-import httpx
 import structlog
 
 from cube_core import ids
@@ -63,8 +62,10 @@ def available_memory_mb() -> int:
 class WarmPool:
     def __init__(self, *, settings: PoolSettings, store: StateStore, vmm: VmmDriver, network: NetworkDriver,
                  storage: StorageDriver, destroy: Callable[[Sandbox], Awaitable[None]],
-                 memory_probe: Callable[[], int] = available_memory_mb, node_id: str = "local") -> None:
+                 memory_probe: Callable[[], int] = available_memory_mb, node_id: str = "local",
+                 warm_up: Callable[[Sandbox, str], Awaitable[None]] | None = None) -> None:
         self.settings = settings
+        self._plugins_warm_up = warm_up
         self.node_id = node_id
         self.store = store
         self.vmm = vmm
@@ -149,26 +150,27 @@ class WarmPool:
                     break
                 self._members[template.template_id].append(member)
 
-    async def _warm_up(self, vm: VmHandle, nic: NicHandle, owner: str, template_id: str) -> None:
-        """Personalize the member as itself, run a command through envd in the guest, and reach
-        envd over the sandbox's network path: what a create and a first request will do, done
-        once ahead (the sandbox's own personalization replaces every field later). Best effort:
-        a member that cannot warm up still serves, but one whose guest breaks the protocol is
-        destroyed (:class:`GuestProtocolError` propagates)."""
+    async def _warm_up(self, vm: VmHandle, nic: NicHandle, record: Sandbox) -> None:
+        """Personalize the member as itself, let the guest agent run a command through envd, and
+        let the plugins reach the guest over the sandbox's network path (``cube_pool_member_warm_up``):
+        what a create and a first request will do, done once ahead (the sandbox's own
+        personalization replaces every field later). Best effort: a member that cannot warm up
+        still serves, but one whose guest breaks the protocol is destroyed
+        (:class:`GuestProtocolError` propagates)."""
+        owner, template_id = record.sandbox_id, record.template_id
         try:
             await guest_call(self.vmm, vm, "personalize", {
                 "sandbox_id": owner, "template_id": template_id, "env_vars": {}, "access_token": None,
                 "hostname": owner[:16], "clock_ns": time.time_ns(), "metadata": {},
                 "entropy": base64.b64encode(os.urandom(64)).decode()}, GuestReply, timeout=60.0)
             reply = await guest_call(self.vmm, vm, "warm_up", {}, WarmUpReply, timeout=60.0)
-            if reply.envd_port is not None:
-                async with httpx.AsyncClient(timeout=30.0, trust_env=False) as http:
-                    await http.get(f"http://{nic.guest_address}:{reply.envd_port}/health")
         except GuestProtocolError:
             raise
-        except (CubeError, httpx.HTTPError) as exc:
+        except CubeError as exc:
             log.warning("warm pool: warm-up failed", vm_id=vm.vm_id, error=str(exc))
             return
+        if self._plugins_warm_up is not None:
+            await self._plugins_warm_up(record, nic.guest_address)
         log.debug("warm pool: member warmed up", vm_id=vm.vm_id, ms=reply.ms)
 
     def _most_needed(self) -> Template | None:
@@ -200,7 +202,7 @@ class WarmPool:
             vm = await self.vmm.restore(state, spec, nic)
             runtime["vm"] = vm.model_dump(mode="json")
             if self.settings.warm_up:
-                await self._warm_up(vm, nic, owner, template.template_id)
+                await self._warm_up(vm, nic, record)
             await self.vmm.pause(vm)
         except BaseException:
             await self._destroy(record.evolve(runtime=runtime))

@@ -113,7 +113,8 @@ class SandboxService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.pool = WarmPool(settings=self.settings.pool, store=store, vmm=self.vmm, network=self.network,
-                             storage=self.storage, destroy=self._free, node_id=self.settings.node_id)
+                             storage=self.storage, destroy=self._free, node_id=self.settings.node_id,
+                             warm_up=host.hooks.pool_member_warm_up)
         self.ready = asyncio.Event()
         self._start_gate = asyncio.Semaphore(self.settings.max_parallel_starts)
         """FIFO: asyncio wakes a semaphore's waiters in the order they came."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from cube_core import (
 )
 from cube_core._host import PluginHost
 from cube_core.app import create_app
+from cube_core.config import LoadedConfig
 from cube_core.service import SandboxService
 from cube_core.store import SqliteStore
 
@@ -315,3 +317,38 @@ def test_hook_cube_doctor_checks(plugin_host: Callable[..., PluginHost]) -> None
     assert ("extension:healthy", Check("other", "fail", "absent", "install it")) in checks
     broken = [c for src, c in checks if src == "extension:broken"]
     assert len(broken) == 1 and broken[0].status == "fail" and "probe crashed" in broken[0].detail
+
+
+async def test_hook_cube_pool_member_warm_up(cube_config_factory: Callable[..., LoadedConfig],
+                                             tmp_path: Path) -> None:
+    """Each pool member is handed to the plugins with its address while its VM still runs (after
+    the guest's own warm-up, before the pause); a plugin that raises does not cost the member."""
+    cfg = cube_config_factory()
+    host = PluginHost(cube_config_factory(cfg.text.replace("pool = { size = 0 }", "pool = { size = 1 }"))).load()
+    service = SandboxService(host, SqliteStore(tmp_path / "db"))
+    seen: list[tuple[str, str, str, bool, list[str]]] = []
+
+    class Warmer:
+        @hookimpl
+        async def cube_pool_member_warm_up(self, sandbox: Sandbox, address: str) -> None:
+            vm = service.vmm.vms[sandbox.sandbox_id]
+            ops = [op for op, vm_id in service.vmm.calls if vm_id == sandbox.sandbox_id]
+            seen.append((sandbox.team_id, sandbox.template_id, address, vm["running"], ops))
+
+    class Broken:
+        @hookimpl
+        def cube_pool_member_warm_up(self, sandbox: Sandbox, address: str) -> None:
+            raise RuntimeError("warm-up exploded")
+
+    host.register(Warmer(), "extension:warmer")
+    host.register(Broken(), "extension:broken")
+    await service.start()
+    try:
+        await service.ensure_templates(("base",))
+        deadline = asyncio.get_running_loop().time() + 5
+        while service.pool.sizes() != {"base": 1}:
+            assert asyncio.get_running_loop().time() < deadline, "the pool did not fill"
+            await asyncio.sleep(0.01)
+        assert seen == [("__pool__", "base", "127.0.0.1", True, ["restore", "personalize", "warm_up"])]
+    finally:
+        await service.stop()

@@ -193,7 +193,7 @@ async def test_pool_member_with_a_bad_warm_up_reply_is_destroyed(cube_config_fac
     cfg = cube_config_factory()
     host = PluginHost(cube_config_factory(cfg.text.replace("pool = { size = 0 }", "pool = { size = 1 }"))).load()
     service = SandboxService(host, SqliteStore(tmp_path / "db"))
-    hostile(service, monkeypatch, "warm_up", {"envd_port": "49983; rm -rf /"}).append("*")
+    hostile(service, monkeypatch, "warm_up", {"ms": "49983; rm -rf /"}).append("*")
     await service.start()
     try:
         await service.ensure_templates(("base",))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 
+import httpx
 import structlog
 from cube_core import CoreSettings, Sandbox, SandboxService, hookimpl
 from fastapi import APIRouter
@@ -73,6 +74,22 @@ class E2bApiPlugin:
             await self.start_metrics_server()
         except OSError as exc:
             log.error("cannot start the metrics server", error=str(exc))
+
+    @hookimpl
+    def cube_pool_member_warm_up(self, sandbox: Sandbox, address: str) -> Awaitable[None]:
+        """Reach envd over the member's network path once before it is paused (under TCG this
+        translates the guest's network and HTTP code ahead of the first user request)."""
+        return self._warm_envd(sandbox.sandbox_id, address)
+
+    async def _warm_envd(self, sandbox_id: str, address: str) -> None:
+        host = f"[{address}]" if ":" in address else address
+        try:
+            async with httpx.AsyncClient(timeout=30.0, trust_env=False) as http:
+                reply = await http.get(f"http://{host}:{self.config.envd_port}/health")
+        except httpx.HTTPError as exc:
+            log.warning("warm pool: envd not reached", sandbox_id=sandbox_id, error=repr(exc))
+            return
+        log.debug("warm pool: envd reached", sandbox_id=sandbox_id, status=reply.status_code)
 
     @hookimpl
     def cube_sandbox_stopped(self, sandbox: Sandbox) -> Awaitable[None] | None:

@@ -138,3 +138,30 @@ def test_api_prefix_is_a_config_error(tmp_path) -> None:
     assert bad != text
     with pytest.raises(cube_core.ConfigError, match=r"\[api\.0\].*'prefix' is not a setting.*root of its host"):
         parse_config(bad)
+
+
+async def test_pool_member_warm_up_reaches_envd_over_the_network() -> None:
+    """The API plugin, which alone knows envd's port and protocol, warms a pool member by
+    reaching envd at the member's address; an unreachable envd is logged, not raised."""
+    import asyncio
+
+    from cube_api_e2b.config import E2bConfig
+    from cube_api_e2b.plugin import E2bApiPlugin
+
+    requests: list[bytes] = []
+
+    async def envd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(envd, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    now = datetime.now(UTC)
+    member = Sandbox(sandbox_id="pool123", template_id="base", team_id="__pool__", state=SandboxState.CREATING,
+                     started_at=now, end_at=now)
+    async with server:
+        await E2bApiPlugin(E2bConfig(envd_port=port)).cube_pool_member_warm_up(member, "127.0.0.1")
+    assert len(requests) == 1 and requests[0].startswith(b"GET /health HTTP/1.1\r\n")
+    await E2bApiPlugin(E2bConfig(envd_port=port)).cube_pool_member_warm_up(member, "127.0.0.1")  # closed: no raise
