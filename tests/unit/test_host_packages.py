@@ -29,7 +29,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = REPO / "scripts" / "apt-packages.txt"
-PY_ROOTS = ("cube_core", "plugins", "tests", "guest/tests", "kernel", "scripts")
+PY_ROOTS = ("cube_core", "plugins", "tests", "guest/tests", "scripts")
 SPAWN_FUNCS = {"run", "Popen", "check_output", "check_call", "call", "getoutput", "create_subprocess_exec",
                "posix_spawn", "posix_spawnp", "execv", "execvp", "which"}
 SPAWN_MODULES = {"subprocess", "asyncio", "os", "shutil", "commands"}
