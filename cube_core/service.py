@@ -374,13 +374,15 @@ class SandboxService:
         await self.host.hooks.sandbox_stopped(final, reason)
 
     def _refresh_node(self) -> Node:
-        """Record this node with what its live sandboxes (warm-pool members included) use now and
+        """Record this node with what its live sandboxes (warm-pool members included) reserve now
+        (memory for every live one, vCPUs for those not paused) and
         its ready templates: recomputed from the records at start, when a template serves, before
         each placement and after each create and stop, so the scheduler (and a cluster reading the
         store) never sees stale usage."""
         mine = [s for s in self.store.list_sandboxes(states=LIVE_STATES) if s.node_id == self.settings.node_id]
         node = Node(node_id=self.settings.node_id, cpu_total=os.cpu_count() or 1,
-                    memory_mb_total=_mem_total_mb(), cpu_used=sum(s.cpu_count for s in mine),
+                    memory_mb_total=_mem_total_mb(),
+                    cpu_used=sum(s.cpu_count for s in mine if s.state != SandboxState.PAUSED),
                     memory_mb_used=sum(s.memory_mb for s in mine), sandboxes=len(mine),
                     templates=tuple(t.template_id for t in self.store.list_templates()
                                     if t.status == TemplateStatus.READY))

@@ -186,6 +186,12 @@ async def test_node_usage_is_kept_true(service: SandboxService) -> None:
     node = service.store.list_nodes()[0]
     assert (node.cpu_used, node.memory_mb_used, node.sandboxes) == (
         2 * template.cpu_count, 2 * template.memory_mb, 2)
+    await service.pause("t1", a.sandbox_id)  # a paused sandbox keeps its memory, uses no vCPU
+    await service.create(spec("t3"))  # (placement recomputes the node record)
+    await service.kill("t3", service.list("t3")[0].sandbox_id)
+    node = service.store.list_nodes()[0]
+    assert (node.cpu_used, node.memory_mb_used, node.sandboxes) == (
+        template.cpu_count, 2 * template.memory_mb, 2)
     await service.kill("t1", a.sandbox_id)
     await service.kill("t2", b.sandbox_id)
     node = service.store.list_nodes()[0]

@@ -231,6 +231,9 @@ options = {{ root = "{state}/storage" }}
 
 [scheduler]
 plugin = "binpack"
+# the bench measures how many sandboxes the host holds: only max_sandboxes and the pool's
+# free-memory guard may limit it, not binpack's reservation model
+options = {{ cpu_overcommit = 10000.0, memory_overcommit = 10000.0 }}
 
 [[api]]
 plugin = "e2b"

@@ -40,8 +40,8 @@ def score(node: Node, spec: SandboxSpec, *, cpu_overcommit: float, memory_overco
     return max(cpu_util, mem_util) + bonus
 
 
-def choose(spec: SandboxSpec, nodes: Sequence[Node], *, cpu_overcommit: float = 4.0,
-           memory_overcommit: float = 1.0, reserved_memory_mb: int = 1024,
+def choose(spec: SandboxSpec, nodes: Sequence[Node], *, cpu_overcommit: float = 32.0,
+           memory_overcommit: float = 4.0, reserved_memory_mb: int = 1024,
            locality_bonus: float = 0.25) -> Node:
     candidates = [n for n in nodes if fits(n, spec, cpu_overcommit=cpu_overcommit,
                                            memory_overcommit=memory_overcommit,

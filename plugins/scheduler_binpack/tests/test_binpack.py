@@ -12,7 +12,8 @@ from cube_scheduler_binpack.plugin import BinpackScheduler
 class TestBinpackContract(SchedulerContract):
     @pytest.fixture
     def driver(self) -> BinpackScheduler:
-        return BinpackScheduler(BinpackConfig(reserved_memory_mb=0))
+        # the contract's nodes are sized for reservations without overcommit
+        return BinpackScheduler(BinpackConfig(reserved_memory_mb=0, memory_overcommit=1.0))
 
 
 def spec(mem: int = 512, cpu: int = 1, template: str = "base") -> SandboxSpec:
@@ -35,7 +36,7 @@ def test_cpu_overcommit_limits_placement() -> None:
 def test_reserved_memory_is_kept_free() -> None:
     nodes = [Node(node_id="n", cpu_total=4, memory_mb_total=1500)]
     with pytest.raises(NoCapacityError):
-        choose(spec(mem=600), nodes, reserved_memory_mb=1000)
+        choose(spec(mem=600), nodes, reserved_memory_mb=1000, memory_overcommit=1.0)
 
 
 def test_template_locality_breaks_ties() -> None:
@@ -43,3 +44,13 @@ def test_template_locality_breaks_ties() -> None:
              Node(node_id="warm", cpu_total=4, memory_mb_total=8192, templates=("code-interpreter-v1",))]
     assert choose(spec(template="code-interpreter-v1"), nodes, reserved_memory_mb=0).node_id == "warm"
     assert choose(spec(template="base"), nodes, reserved_memory_mb=0).node_id == "cold"
+
+
+def test_defaults_hold_fifty_running_sandboxes_on_two_cores() -> None:
+    """The microVM defaults: 50 running 512 MiB sandboxes plus paused pool members fit a 2-core,
+    24 GiB host (they did not with 4 vCPUs per core and no memory overcommit)."""
+    node = Node(node_id="n", cpu_total=2, memory_mb_total=24_000, cpu_used=50, memory_mb_used=50 * 512 + 1536)
+    assert BinpackScheduler(BinpackConfig()).place(spec(), [node]).node_id == "n"
+    full = node.model_copy(update={"cpu_used": 64})
+    with pytest.raises(NoCapacityError):
+        BinpackScheduler(BinpackConfig()).place(spec(), [full])
