@@ -66,4 +66,5 @@ run() {  # $1: label; prints "label: listening N s, first template N s, all read
 
 run first
 run restart
+rmdir "/dev/shm/cube-first-start-$port" 2>/dev/null || true  # the servers' RAM-file dir, empty after stop
 echo "logs and caches in $work (remove it when done)"
