@@ -24,6 +24,7 @@ from cube_core import ids
 from cube_core.config import PoolSettings
 from cube_core.errors import CubeError, GuestProtocolError
 from cube_core.guest import guest_call
+from cube_core.meminfo import available_memory_mb
 from cube_core.models import (
     DiskHandle,
     GuestReply,
@@ -46,17 +47,6 @@ log = structlog.get_logger(__name__)
 
 POOL_TEAM = "__pool__"
 """Reserved team id of pool members' records; no API key can belong to it."""
-
-
-def available_memory_mb() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 0
 
 
 class WarmPool:

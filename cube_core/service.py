@@ -40,6 +40,7 @@ from cube_core.errors import (
     UnsupportedOperation,
 )
 from cube_core.guest import guest_call
+from cube_core.meminfo import total_memory_mb
 from cube_core.models import (
     ApiKey,
     DiskHandle,
@@ -381,7 +382,7 @@ class SandboxService:
         store) never sees stale usage."""
         mine = [s for s in self.store.list_sandboxes(states=LIVE_STATES) if s.node_id == self.settings.node_id]
         node = Node(node_id=self.settings.node_id, cpu_total=os.cpu_count() or 1,
-                    memory_mb_total=_mem_total_mb(),
+                    memory_mb_total=total_memory_mb(),
                     cpu_used=sum(s.cpu_count for s in mine if s.state != SandboxState.PAUSED),
                     memory_mb_used=sum(s.memory_mb for s in mine), sandboxes=len(mine),
                     templates=tuple(t.template_id for t in self.store.list_templates()
@@ -688,14 +689,3 @@ def _reason(exc: BaseException) -> str:
     """A short, log-safe description of why something failed."""
     text = exc.message if isinstance(exc, CubeError) else f"{type(exc).__name__}: {exc}"
     return text[:500]
-
-
-def _mem_total_mb() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 1024
