@@ -2,6 +2,7 @@
 
 Bin-packing prefers the fullest node that still fits (so empty nodes stay empty and can be
 drained), with a bonus for nodes that already hold the template (its snapshot is warm there).
+The capacity and fit arithmetic is shared with other schedulers in ``cube_core.placement``.
 """
 
 from __future__ import annotations
@@ -9,35 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cube_core import NoCapacityError, Node, SandboxSpec
-
-
-def capacity(node: Node, *, cpu_overcommit: float, memory_overcommit: float,
-             reserved_memory_mb: int) -> tuple[float, float]:
-    """(vCPUs, MiB) a node can hold in total."""
-    return (node.cpu_total * cpu_overcommit,
-            max(0.0, (node.memory_mb_total - reserved_memory_mb) * memory_overcommit))
-
-
-def fits(node: Node, spec: SandboxSpec, *, cpu_overcommit: float, memory_overcommit: float,
-         reserved_memory_mb: int) -> bool:
-    if not node.healthy:
-        return False
-    cpu_cap, mem_cap = capacity(node, cpu_overcommit=cpu_overcommit, memory_overcommit=memory_overcommit,
-                                reserved_memory_mb=reserved_memory_mb)
-    return (node.cpu_used + spec.cpu_count <= cpu_cap
-            and node.memory_mb_used + spec.memory_mb <= mem_cap)
+from cube_core.placement import fits, utilisation
 
 
 def score(node: Node, spec: SandboxSpec, *, cpu_overcommit: float, memory_overcommit: float,
           reserved_memory_mb: int, locality_bonus: float) -> float:
     """Higher is better: utilisation after placement (the tighter the pack, the higher), plus
     the locality bonus."""
-    cpu_cap, mem_cap = capacity(node, cpu_overcommit=cpu_overcommit, memory_overcommit=memory_overcommit,
-                                reserved_memory_mb=reserved_memory_mb)
-    cpu_util = (node.cpu_used + spec.cpu_count) / cpu_cap if cpu_cap else 1.0
-    mem_util = (node.memory_mb_used + spec.memory_mb) / mem_cap if mem_cap else 1.0
     bonus = locality_bonus if spec.template_id in node.templates else 0.0
-    return max(cpu_util, mem_util) + bonus
+    return utilisation(node, spec, cpu_overcommit=cpu_overcommit, memory_overcommit=memory_overcommit,
+                       reserved_memory_mb=reserved_memory_mb) + bonus
 
 
 def choose(spec: SandboxSpec, nodes: Sequence[Node], *, cpu_overcommit: float = 32.0,

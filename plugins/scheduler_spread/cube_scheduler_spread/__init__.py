@@ -1,0 +1,1 @@
+"""Spreading scheduler plugin for Cube (entry point ``cube.scheduler: spread``)."""
