@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, cast
@@ -155,6 +155,9 @@ class Hooks:
     def http_server(self, app: Any, settings: Any) -> Awaitable[None] | None:
         result: Awaitable[None] | None = self._pm.hook.cube_http_server(app=app, settings=settings)
         return result
+
+    def node_edge(self, resolve: Callable[[str, int], tuple[str, int]]) -> Any | None:
+        return self._pm.hook.cube_node_edge(resolve=resolve)
 
     def api_routers(self, service: Any) -> list[Any]:
         return [r for routers in self._pm.hook.cube_api_routers(service=service) for r in routers]

@@ -14,8 +14,9 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from cube_core._host import PluginHost
+from cube_core.embedded import Embedded
+from cube_core.node import NodeAgent
 from cube_core.progress import LaneFactory
-from cube_core.service import SandboxService
 from cube_core.store import StateStore, open_store
 
 log = structlog.get_logger(__name__)
@@ -27,16 +28,17 @@ def create_app(host: PluginHost, *, store: StateStore | None = None, build_templ
     settings = host.config.data.core
     owns_store = store is None  # then it is closed when the app stops
     store = store or open_store(settings)
-    service = SandboxService(host, store)
+    cube = Embedded(host, store)
+    agent, service = cube.agent, cube.service
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await service.start()
+        await cube.start()
         builder: asyncio.Task[None] | None = None
         if build_templates and settings.templates:
-            builder = asyncio.create_task(_build(service, settings.templates, progress))
+            builder = asyncio.create_task(_build(agent, settings.templates, progress))
         else:
-            service.ready.set()
+            agent.ready.set()
         try:
             yield
         finally:
@@ -44,12 +46,13 @@ def create_app(host: PluginHost, *, store: StateStore | None = None, build_templ
                 builder.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await builder
-            await service.stop()
+            await cube.stop()
             if owns_store:
-                service.store.close()
+                store.close()
 
     app = FastAPI(title="Cube", version="0.1.0", lifespan=lifespan)
     app.state.service = service
+    app.state.agent = agent
     app.state.host = host
 
     @app.get("/health", include_in_schema=False)
@@ -57,7 +60,7 @@ def create_app(host: PluginHost, *, store: StateStore | None = None, build_templ
         """200 once a template serves (others may still build: ``templates`` tells), else 503."""
         templates = {t.template_id: t.status.value for t in service.list_templates()
                      if t.template_id in settings.templates}
-        if service.ready.is_set():
+        if agent.ready.is_set():
             return JSONResponse({"status": "ok", "templates": templates})
         return JSONResponse({"status": "starting", "templates": templates}, status_code=503)
 
@@ -68,9 +71,9 @@ def create_app(host: PluginHost, *, store: StateStore | None = None, build_templ
     return app
 
 
-async def _build(service: SandboxService, names: tuple[str, ...], progress: LaneFactory | None) -> None:
+async def _build(agent: NodeAgent, names: tuple[str, ...], progress: LaneFactory | None) -> None:
     try:
-        await service.ensure_templates(names, progress)
+        await agent.ensure_templates(names, progress)
         log.info("ready", templates=list(names))
     except Exception:
         log.exception("template build failed; /health stays 503 unless another template serves")

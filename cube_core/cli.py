@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cube_core.config import PluginsFile, load_config
-from cube_core.errors import CubeError
+from cube_core.errors import CubeError, TemplateNotFoundError
 
 T = TypeVar("T")
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Cube: fast, secure sandboxes for AI agents.")
@@ -265,12 +265,13 @@ def kernel_build(config: ConfigOpt = None) -> None:
     out.print(str(kernel) + (f" (initrd {initrd})" if initrd else ""))
 
 
-def with_service(config: Path | None, action: Callable[[Any], Any]) -> Any:
-    """Run ``action(service)`` with the configured drivers started (for commands here and in CLI
-    extensions such as cube-bench); ``CubeError`` becomes a clear message and exit code 2."""
+def with_node(config: Path | None, action: Callable[[Any], Any]) -> Any:
+    """Run ``action(agent)`` with this machine's node agent (``cube_core.node.NodeAgent``), its
+    drivers started but no pool, heartbeat or reconcile (for commands here and in CLI extensions
+    such as cube-bench); ``CubeError`` becomes a clear message and exit code 2."""
     from cube_core._host import PluginHost
     from cube_core.log import configure_logging
-    from cube_core.service import SandboxService
+    from cube_core.node import NodeAgent
     from cube_core.store import open_store
 
     configure_logging()
@@ -278,14 +279,16 @@ def with_service(config: Path | None, action: Callable[[Any], Any]) -> Any:
     async def run() -> Any:
         cfg = load_config(config)
         host = PluginHost(cfg).load()
-        service = SandboxService(host, open_store(cfg.data.core))
-        for driver in (service.storage, service.network, service.vmm):
+        store = open_store(cfg.data.core)
+        agent = NodeAgent(host, store)
+        for driver in (agent.storage, agent.network, agent.vmm):
             await driver.start()
         try:
-            return await action(service)
+            return await action(agent)
         finally:
-            for driver in (service.vmm, service.network, service.storage):
+            for driver in (agent.vmm, agent.network, agent.storage):
                 await driver.close()
+            store.close()
 
     return _guard(lambda: asyncio.run(run()))
 
@@ -311,11 +314,11 @@ def template_build(name: Annotated[str, typer.Argument(help="base, code-interpre
     elif from_oci:
         recipe = RootfsRecipe(name=name, source="oci", path=from_oci, interpreter=interpreter)
 
-    async def action(service: Any) -> Any:
+    async def action(agent: Any) -> Any:
         with progress_reporter(f"template {name}") as progress:
-            return await service.templates.ensure(name, progress, rebuild=rebuild, recipe=recipe)
+            return await agent.templates.ensure(name, progress, rebuild=rebuild, recipe=recipe)
 
-    template = with_service(config, action)
+    template = with_node(config, action)
     out.print(f"{template.template_id}: {template.status.value} "
               f"(snapshot {template.snapshot.snapshot_id if template.snapshot else '-'})")
 
@@ -334,16 +337,19 @@ def template_ls(config: ConfigOpt = None) -> None:
 def template_rm(name: str, config: ConfigOpt = None) -> None:
     """Remove a template record and its snapshot files (images stay cached by content hash)."""
 
-    async def action(service: Any) -> None:
-        template = service.get_template(name)
-        if template.snapshot and template.snapshot.snapshot_id in service.snapshot_bases():
+    async def action(agent: Any) -> None:
+        template = agent.store.get_template(name)
+        if template is None:
+            raise TemplateNotFoundError(template=name)
+        bases = {s.base_state_id for s in agent.store.list_snapshots()}
+        if template.snapshot and template.snapshot.snapshot_id in bases:
             out.print(f"keeping the files of snapshot {template.snapshot.snapshot_id}: sandbox snapshots "
                       "are saved as differences from it (garbage collection frees them later)")
         elif template.snapshot:
-            await service.storage.delete_snapshot(template.snapshot.snapshot_id)
-        service.store.delete_template(template.template_id)
+            await agent.storage.delete_snapshot(template.snapshot.snapshot_id)
+        agent.store.delete_template(template.template_id)
 
-    with_service(config, action)
+    with_node(config, action)
     out.print(f"removed {name}")
 
 

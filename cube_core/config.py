@@ -167,6 +167,51 @@ class ExtensionsSection(_Model):
     enabled: tuple[str, ...] = ()
 
 
+class ClusterSettings(_Model):
+    """The ``[cluster]`` section: what masters and nodes share (``cube master``, ``cube node``)."""
+
+    token: str | dict[str, str] | None = None
+    """Shared secret of masters and nodes: every request between them carries it (header
+    ``x-cube-cluster-token``). Required by ``cube master`` and ``cube node``; give it as a secret
+    reference (``{ env = "CUBE_CLUSTER_TOKEN" }`` or ``{ file = "/etc/cube/cluster-token" }``).
+    At least 32 characters."""
+    heartbeat_s: float = Field(default=2.0, gt=0, le=60)
+    """How often a node writes its report (capacity, usage, templates) to the state store."""
+    down_after_s: float = Field(default=10.0, gt=0, le=3600)
+    """A node whose last report is older than this is marked down: its sandboxes answer 503 until
+    it reports again, and new sandboxes go elsewhere."""
+
+    @model_validator(mode="after")
+    def _window(self) -> ClusterSettings:
+        if self.down_after_s < 2 * self.heartbeat_s:
+            raise ValueError("down_after_s must be at least twice heartbeat_s (one late heartbeat "
+                             "must not mark a node down)")
+        return self
+
+    def secret(self) -> str:
+        """The resolved token; a ``ConfigError`` when missing or too short."""
+        if self.token is None:
+            raise ConfigError('[cluster] token is required by cube master and cube node: '
+                              'token = { env = "CUBE_CLUSTER_TOKEN" } (32+ random characters)')
+        value = resolve_secrets(self.token, where="[cluster] token")
+        if not isinstance(value, str) or len(value) < 32:
+            raise ConfigError("[cluster] token must be a string of at least 32 characters "
+                              "(e.g. `openssl rand -hex 32`)")
+        return value
+
+
+class NodeSettings(_Model):
+    """The ``[node]`` section: where ``cube node`` serves masters."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=7070, ge=1, le=65535)
+    url: str | None = None
+    """How masters reach this node (``http://10.0.0.5:7070``); default ``http://<host>:<port>``."""
+
+    def advertised(self) -> str:
+        return self.url or f"http://{self.host}:{self.port}"
+
+
 class PluginsFile(_Model):
     """The whole ``plugins.toml``."""
 
@@ -177,6 +222,8 @@ class PluginsFile(_Model):
     scheduler: SlotSection
     api: tuple[ApiSection, ...] = ()
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    node: NodeSettings = Field(default_factory=NodeSettings)
     extensions: ExtensionsSection = Field(default_factory=ExtensionsSection)
 
 

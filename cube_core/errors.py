@@ -15,6 +15,7 @@ are chosen only by the API plugin, from this tree::
     ├── NetworkError
     ├── StorageError ── SnapshotNotFoundError, SnapshotInUseError, CapacityError
     ├── SchedulingError ── NoCapacityError
+    ├── NodeError ── NodeUnavailableError
     └── UnsupportedOperation
 
 Each class has a message template filled from keyword fields, which stay available as
@@ -157,6 +158,16 @@ class SchedulingError(CubeError):
 
 class NoCapacityError(SchedulingError):
     msg_fmt = "no node has capacity for {cpu} vCPU and {memory_mb} MiB"
+
+
+class NodeError(CubeError):
+    """A node agent could not be reached or refused a request of the control plane."""
+
+
+class NodeUnavailableError(NodeError):
+    """The node that holds a sandbox is down (missed heartbeats) or unreachable: retry later."""
+
+    msg_fmt = "node {node_id} is unavailable: {detail}"
 
 
 class UnsupportedOperation(CubeError):

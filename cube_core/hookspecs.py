@@ -7,7 +7,7 @@ typed driver objects that the provider hooks return.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -112,6 +112,26 @@ def cube_http_server(app: Any, settings: CoreSettings) -> Awaitable[None] | None
     :param settings: the core settings (host, port, admin port, domain).
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def cube_node_edge(resolve: Callable[[str, int], tuple[str, int]]) -> Any | None:
+    """The ASGI app with which ``cube node`` forwards sandbox traffic that a master's edge proxy
+    sends it (the master authenticated the client; the node checks the cluster token first).
+
+    Called once when ``cube node`` builds its HTTP app. At most one implementer should answer
+    (the API plugin whose edge proxy the masters run); stops at the first non-None result. The
+    app gets requests carrying ``x-cube-sandbox-id`` and ``x-cube-sandbox-port`` and forwards
+    them (HTTP, streaming, websockets) to ``resolve(sandbox_id, port)``; ``resolve`` raises a
+    :class:`cube_core.CubeError` (e.g. ``SandboxNotFoundError``) for a sandbox the node does not run.
+    The app answers a request without both headers with 400, and never passes the ``x-cube-*``
+    headers (``x-cube-cluster-token`` included) on to the guest. It gets ``http`` and ``websocket``
+    scopes only (the node's server keeps the lifespan).
+
+    :param resolve: ``(sandbox_id, port) -> (host, port)`` of the guest, reachable from the node.
+
+    .. versionadded:: 0.2
     """
 
 

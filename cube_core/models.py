@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cube_core.state import SandboxState
 
@@ -84,8 +84,14 @@ class Sandbox(Frozen):
     isolation: Isolation = "none"
     boot_id: str | None = None
     error: str | None = None
-    runtime: dict[str, Any] = Field(default_factory=dict)
-    """Driver handles of the live sandbox (``vm``, ``disk``, ``nic``), as their ``model_dump()``."""
+    runtime: SandboxRuntime = Field(default_factory=lambda: SandboxRuntime())
+    """Where the live sandbox is on its node (driver handles), kept so a restarted node agent can
+    re-attach; empty once it has stopped."""
+
+    @field_validator("runtime", mode="before")
+    @classmethod
+    def _runtime_of_old_records(cls, value: Any) -> Any:
+        return value or {}
 
 
 class TemplateStatus(enum.StrEnum):
@@ -103,10 +109,22 @@ class SnapshotRef(Frozen):
     parent_id: str | None = None
     team_id: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
-    vm_state: dict[str, Any] = Field(default_factory=dict)
-    disk: dict[str, Any] = Field(default_factory=dict)
+    vm_state: VmState | None = None
+    disk: DiskHandle | None = None
+    """The saved VM and its frozen disk layer on the node that took it (``node_id``)."""
+    node_id: str | None = None
     names: tuple[str, ...] = ()
     metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("vm_state", "disk", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return value or None
+
+    @property
+    def base_state_id(self) -> str | None:
+        """The snapshot whose files this one's memory needs (see :attr:`VmState.base_state_id`)."""
+        return self.vm_state.base_state_id if self.vm_state else None
 
 
 class Template(Frozen):
@@ -126,19 +144,41 @@ class Template(Frozen):
     snapshot: SnapshotRef | None = None
 
 
+class NodeStatus(enum.StrEnum):
+    UP = "up"
+    DRAINING = "draining"
+    """Keeps its sandboxes, takes no new ones (``cube node drain``)."""
+    DOWN = "down"
+    """Missed its heartbeats: its sandboxes are unreachable until it returns."""
+
+
 class Node(Frozen):
+    """One node agent as it reports itself (registration, then every heartbeat)."""
+
     node_id: str
-    address: str = "local"
+    url: str | None = None
+    """Where masters reach the node agent (``http://host:port``); None: in this process."""
+    status: NodeStatus = NodeStatus.UP
+    heartbeat_at: datetime = Field(default_factory=utcnow)
     cpu_total: int
     memory_mb_total: int
     cpu_used: int = 0
     memory_mb_used: int = 0
+    """What its live sandboxes reserve: memory for every live one (warm-pool members too), vCPUs
+    for those not paused."""
     sandboxes: int = 0
+    sandboxes_paused: int = 0
+    pool: dict[str, int] = Field(default_factory=dict)
+    """Warm-pool members ready, per template."""
     templates: tuple[str, ...] = ()
-    """``*_used``, ``sandboxes`` and ``templates`` (the ready ones) are kept true by the node's
-    service: recomputed from its records when a template serves, before each placement and after each
-    create and stop."""
-    healthy: bool = True
+    """Templates ready on this node."""
+    disk_free_mb: int = 0
+    isolation: Isolation = "none"
+
+    @property
+    def healthy(self) -> bool:
+        """Takes new sandboxes."""
+        return self.status == NodeStatus.UP
 
 
 class Team(Frozen):
@@ -267,6 +307,16 @@ class VmHandle(Frozen):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+class SandboxRuntime(Frozen):
+    """Where a live sandbox is on its node: its driver handles (each owned by its driver), and
+    the snapshot it was last restored from (the parent of its next snapshot)."""
+
+    vm: VmHandle | None = None
+    disk: DiskHandle | None = None
+    nic: NicHandle | None = None
+    parent_snapshot: str | None = None
+
+
 class VmState(Frozen):
     """A saved VM: memory file + device state, enough to restore clones from. ``memory_file``
     equals ``device_state`` when the RAM is inside the state stream. A state may also need the
@@ -293,3 +343,6 @@ class VmState(Frozen):
 
 
 VmSpec.model_rebuild()
+SnapshotRef.model_rebuild()
+Sandbox.model_rebuild()
+Template.model_rebuild()

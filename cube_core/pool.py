@@ -22,18 +22,17 @@ import structlog
 
 from cube_core import ids
 from cube_core.config import PoolSettings
-from cube_core.errors import CubeError, GuestProtocolError
+from cube_core.errors import CubeError, GuestProtocolError, TemplateError
 from cube_core.guest import guest_call
 from cube_core.meminfo import available_memory_mb
 from cube_core.models import (
-    DiskHandle,
     GuestReply,
     NetworkPolicy,
     NicHandle,
     Sandbox,
+    SandboxRuntime,
     Template,
     VmHandle,
-    VmState,
     WarmUpReply,
     utcnow,
 )
@@ -81,6 +80,8 @@ class WarmPool:
     async def start(self) -> None:
         """Destroy members recorded by an earlier process, then start refilling."""
         for stale in self.store.list_sandboxes(team_id=POOL_TEAM):
+            if stale.node_id != self.node_id:
+                continue  # another node's
             if stale.state != SandboxState.KILLED:
                 await self._destroy(stale)
             self.store.delete_sandbox(stale.sandbox_id)
@@ -180,17 +181,18 @@ class WarmPool:
                          memory_mb=template.memory_mb, cpu_count=template.cpu_count, node_id=self.node_id,
                          isolation=self.vmm.isolation)
         self.store.put_sandbox(record)
-        runtime: dict[str, object] = {}
+        runtime = SandboxRuntime()
+        snap = template.snapshot
         try:
+            if snap.vm_state is None or snap.disk is None:
+                raise TemplateError(f"template {template.template_id!r} has a snapshot without files")
             nic = await self.network.allocate(owner, NetworkPolicy(allow_internet_access=False))
-            runtime["nic"] = nic.model_dump(mode="json")
-            base = DiskHandle.model_validate(template.snapshot.disk)
-            disk = await self.storage.create_disk(owner, base.path)
-            runtime["disk"] = disk.model_dump(mode="json")
-            state = VmState.model_validate(template.snapshot.vm_state)
-            spec = state.clone_spec(owner, disk, interpreter=template.interpreter)
-            vm = await self.vmm.restore(state, spec, nic)
-            runtime["vm"] = vm.model_dump(mode="json")
+            runtime = runtime.evolve(nic=nic)
+            disk = await self.storage.create_disk(owner, snap.disk.path)
+            runtime = runtime.evolve(disk=disk)
+            spec = snap.vm_state.clone_spec(owner, disk, interpreter=template.interpreter)
+            vm = await self.vmm.restore(snap.vm_state, spec, nic)
+            runtime = runtime.evolve(vm=vm)
             if self.settings.warm_up:
                 await self._warm_up(vm, nic, record)
             await self.vmm.pause(vm)

@@ -16,6 +16,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,6 +90,13 @@ class StateStore(abc.ABC):
     def list_nodes(self) -> list[Node]: ...
 
     @abc.abstractmethod
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease ``name`` for ``ttl_s`` seconds; True when ``holder`` has it.
+        Work that one control plane among several must do alone (the reaper of deadlines and of
+        nodes that stopped reporting) runs only while its lease is held. Atomic: of several
+        holders asking at once, exactly one gets an expired or free lease."""
+
+    @abc.abstractmethod
     def put_team(self, team: Team) -> None: ...
     @abc.abstractmethod
     def get_team(self, team_id: str) -> Team | None: ...
@@ -116,6 +124,7 @@ CREATE TABLE IF NOT EXISTS template_aliases (alias TEXT PRIMARY KEY, template_id
 CREATE TABLE IF NOT EXISTS snapshots (
   id TEXT PRIMARY KEY, team_id TEXT, sandbox_id TEXT, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS teams (id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS api_keys (
   id TEXT PRIMARY KEY, team_id TEXT NOT NULL, key_hash TEXT UNIQUE NOT NULL, body TEXT NOT NULL);
@@ -244,6 +253,15 @@ class SqliteStore(StateStore):
 
     def list_nodes(self) -> list[Node]:
         return [Node.model_validate_json(b) for b in self._rows("SELECT body FROM nodes ORDER BY id")]
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO leases(name, holder, until) VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                       "holder=excluded.holder, until=excluded.until WHERE leases.holder=excluded.holder "
+                       "OR leases.until < ?", (name, holder, now + ttl_s, now))
+            row = db.execute("SELECT holder FROM leases WHERE name=?", (name,)).fetchone()
+        return bool(row and row[0] == holder)
 
     # teams and keys
     def put_team(self, team: Team) -> None:

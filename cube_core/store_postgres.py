@@ -55,6 +55,9 @@ CREATE TABLE api_keys (
   put_order bigint NOT NULL DEFAULT nextval('records_put_order'), body text NOT NULL);
 CREATE INDEX api_keys_team ON api_keys (team_id);
 """),
+    (2, "leases: work one master does at a time (the reaper)", """
+CREATE TABLE leases (name text PRIMARY KEY, holder text NOT NULL, until timestamptz NOT NULL);
+"""),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # pg_advisory_xact_lock key: one 64-bit number for "Cube migrates this database"
@@ -240,6 +243,15 @@ class PostgresStore(StateStore):
 
     def list_nodes(self) -> list[Node]:
         return [Node.model_validate_json(b) for b in self._bodies("SELECT body FROM nodes ORDER BY id COLLATE \"C\"")]
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        with self._conn() as conn:
+            row = conn.execute(
+                "INSERT INTO leases (name, holder, until) VALUES (%s, %s, now() + make_interval(secs => %s)) "
+                "ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until "
+                "WHERE leases.holder = EXCLUDED.holder OR leases.until < now() RETURNING holder",
+                (name, holder, ttl_s)).fetchone()
+        return row is not None
 
     # teams and keys: a name (a key hash) belongs to one record, the one last put with it
     def put_team(self, team: Team) -> None:

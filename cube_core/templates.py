@@ -67,7 +67,7 @@ class TemplateBuilder:
         async with self._locks.setdefault(name, asyncio.Lock()):
             current = self.store.get_template(name)
             if current and current.status == TemplateStatus.READY and not rebuild and \
-                    self._files_present(current):
+                    self.files_present(current):
                 return current
             return await self._build(name, recipe or self._recipe(name), progress,
                                      kernel_progress if kernel_progress is not None else progress)
@@ -78,12 +78,14 @@ class TemplateBuilder:
         return BUILTIN_RECIPES[name]
 
     @staticmethod
-    def _files_present(t: Template) -> bool:
-        if t.snapshot is None:
+    def files_present(t: Template) -> bool:
+        """Whether this machine has the files ``t`` is started from."""
+        snap = t.snapshot
+        if snap is None:
             return t.rootfs is not None and Path(t.rootfs).exists()
-        paths = [t.snapshot.vm_state.get("memory_file"), t.snapshot.vm_state.get("device_state"),
-                 t.snapshot.disk.get("path")]
-        return all(p and Path(p).exists() for p in paths)
+        if snap.vm_state is None or snap.disk is None:
+            return False
+        return all(p.exists() for p in (snap.vm_state.memory_file, snap.vm_state.device_state, snap.disk.path))
 
     async def _build(self, name: str, recipe: RootfsRecipe, progress: Progress | None,
                      kernel_progress: Progress | None) -> Template:
@@ -147,8 +149,7 @@ class TemplateBuilder:
         if progress:
             progress("template ready", 1.0)
         return envd_version, SnapshotRef(snapshot_id=snapshot_id, template_id=template.template_id,
-                                         vm_state=state.model_dump(mode="json"),
-                                         disk=frozen.model_dump(mode="json"))
+                                         vm_state=state, disk=frozen)
 
 
 def _retrieve(task: asyncio.Task[tuple[Path, Path | None]]) -> None:

@@ -26,6 +26,7 @@ from cube_core import (
     NicHandle,
     NoCapacityError,
     Node,
+    NodeStatus,
     SandboxSpec,
     Scheduler,
     StorageDriver,
@@ -168,6 +169,6 @@ class SchedulerContract:
             driver.place(self.spec(memory_mb=512), nodes)
 
     def test_skips_unhealthy(self, driver: Scheduler) -> None:
-        nodes = [Node(node_id="sick", cpu_total=8, memory_mb_total=65536, healthy=False),
+        nodes = [Node(node_id="sick", cpu_total=8, memory_mb_total=65536, status=NodeStatus.DOWN),
                  Node(node_id="ok", cpu_total=1, memory_mb_total=2048)]
         assert driver.place(self.spec(), nodes).node_id == "ok"

@@ -19,13 +19,30 @@ open store are seen by another, also when they write at the same time from sever
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
-from cube_core.models import ApiKey, NetworkPolicy, Node, Sandbox, SnapshotRef, Team, Template, TemplateStatus
+from cube_core.models import (
+    ApiKey,
+    DiskHandle,
+    NetworkPolicy,
+    NicHandle,
+    Node,
+    NodeStatus,
+    Sandbox,
+    SandboxRuntime,
+    SnapshotRef,
+    Team,
+    Template,
+    TemplateStatus,
+    VmHandle,
+    VmState,
+)
 from cube_core.state import SandboxState
 from cube_core.store import StateStore
 
@@ -45,15 +62,24 @@ def full_sandbox(sandbox_id: str = "sbx-full", team_id: str = "team-a",
         network=NetworkPolicy(allow_internet_access=False, allow_out=("10.0.0.0/8", "example.com"),
                               deny_out=("0.0.0.0/0",), allow_public_traffic=False),
         node_id="node-7", isolation="tcg", boot_id="boot-42", error="guest said: \u2603",
-        runtime={"vm": {"pid": 1234, "ratio": 0.1, "big": 2**62, "flags": [True, None, "x"]}, "n": -1.5e-7})
+        runtime=SandboxRuntime(
+            vm=VmHandle(vm_id="sbx-full", pid=1234, isolation="tcg", workdir=Path("/run/cube/vms/sbx ✓"),
+                        data={"ratio": 0.1, "big": 2**62, "flags": [True, None, "x"], "n": -1.5e-7}),
+            disk=DiskHandle(disk_id="sbx-full", path=Path("/var/lib/cube/disks/sbx-full.qcow2")),
+            nic=NicHandle(slot_id="s7", netns="cube-s7", tap="tap0", guest_address="100.64.0.30"),
+            parent_snapshot="snap-parent"))
 
 
 def full_snapshot(snapshot_id: str = "snap-full", team_id: str | None = "team-a",
                   sandbox_id: str | None = "sbx-full") -> SnapshotRef:
     return SnapshotRef(
         snapshot_id=snapshot_id, template_id="tpl-code", sandbox_id=sandbox_id, parent_id="snap-parent",
-        team_id=team_id, created_at=T0, vm_state={"ram": "/var/lib/cube/ram", "bytes": 1 << 33},
-        disk={"layers": ["a", "b"], "format": "qcow2"}, names=("team-a/my-snap", "latest"),
+        team_id=team_id, created_at=T0, vm_state=VmState(
+            state_id=snapshot_id, memory_file=Path("/var/lib/cube/ram"), device_state=Path("/var/lib/cube/dev"),
+            memory_mb=1 << 13, cpu_count=2, kernel=Path("/k/vmlinux"), isolation="kvm",
+            data={"bytes": 1 << 33}, base_state_id="snap-tpl"),
+        disk=DiskHandle(disk_id=snapshot_id, path=Path("/var/lib/cube/snap/disk"), readonly=True,
+                        data={"layers": ["a", "b"]}), node_id="node-7", names=("team-a/my-snap", "latest"),
         metadata={"k": "v ✓"})
 
 
@@ -66,8 +92,10 @@ def full_template(template_id: str = "tpl-code", aliases: tuple[str, ...] = ("co
 
 
 def full_node(node_id: str = "node-7") -> Node:
-    return Node(node_id=node_id, address="10.1.2.3:3002", cpu_total=16, memory_mb_total=65536, cpu_used=3,
-                memory_mb_used=4096, sandboxes=5, templates=("tpl-code", "base"), healthy=False)
+    return Node(node_id=node_id, url="http://10.1.2.3:7070", cpu_total=16, memory_mb_total=65536, cpu_used=3,
+                memory_mb_used=4096, sandboxes=5, sandboxes_paused=2, pool={"tpl-code": 3},
+                templates=("tpl-code", "base"), disk_free_mb=12345, isolation="tcg", status=NodeStatus.DRAINING,
+                heartbeat_at=T0)
 
 
 def full_team(team_id: str = "team-a", name: str = "Team A ✓") -> Team:
@@ -244,11 +272,38 @@ class StoreContract:
         record = full_node()
         assert_every_field_set(record)
         store.put_node(record)
-        store.put_node(Node(node_id="node-1", cpu_total=2, memory_mb_total=1024))
-        assert store.list_nodes() == [Node(node_id="node-1", cpu_total=2, memory_mb_total=1024), record]
-        updated = record.evolve(cpu_used=9, healthy=True)
+        plain = Node(node_id="node-1", cpu_total=2, memory_mb_total=1024)
+        store.put_node(plain)
+        assert store.list_nodes() == [plain, record]
+        updated = record.evolve(cpu_used=9, status=NodeStatus.UP)
         store.put_node(updated)
         assert store.list_nodes()[1] == updated and len(store.list_nodes()) == 2
+
+    def test_a_lease_has_one_holder_until_it_expires(self, store: StateStore) -> None:
+        assert store.acquire_lease("reaper", "master-a", ttl_s=30)
+        assert store.acquire_lease("reaper", "master-a", ttl_s=30), "the holder renews"
+        assert not store.acquire_lease("reaper", "master-b", ttl_s=30)
+        assert store.acquire_lease("other", "master-b", ttl_s=30), "leases are per name"
+        assert store.acquire_lease("short", "master-a", ttl_s=0.05)
+        time.sleep(0.2)
+        assert store.acquire_lease("short", "master-b", ttl_s=30), "an expired lease goes to the next asker"
+        assert not store.acquire_lease("short", "master-a", ttl_s=30)
+
+    def test_leases_race_to_one_holder(self, store: StateStore, open_store: StoreFactory) -> None:
+        other_store = open_store()
+        won: list[str] = []
+
+        def ask(s: StateStore, holder: str) -> None:
+            if s.acquire_lease("race", holder, ttl_s=30):
+                won.append(holder)
+
+        threads = [threading.Thread(target=ask, args=(s, f"h{i}"))
+                   for i, s in enumerate([store, other_store] * 4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1
 
     # -- teams and API keys ---------------------------------------------------------------------
 

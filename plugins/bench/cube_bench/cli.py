@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from cube_core import CubeError
-from cube_core.cli import ConfigOpt, guard, with_service
+from cube_core.cli import ConfigOpt, guard, with_node
 from rich.console import Console
 from rich.table import Table
 
@@ -30,39 +30,39 @@ def bench_restore(n: Annotated[int, typer.Option("--n", help="clones to restore 
 
     from cube_bench.restore import cold_boot_bench, restore_bench
 
-    async def action(service: Any) -> dict[str, Any]:
-        tmpl = await service.templates.ensure(template)
+    async def action(agent: Any) -> dict[str, Any]:
+        tmpl = await agent.templates.ensure(template)
         if tmpl.snapshot is None:
-            raise CubeError(f"the {type(service.vmm).__name__} driver keeps no snapshots")
+            raise CubeError(f"the {type(agent.vmm).__name__} driver keeps no snapshots")
         state = VmState.model_validate(tmpl.snapshot.vm_state)
         layer = DiskHandle.model_validate(tmpl.snapshot.disk)
         disks: dict[str, Any] = {}
         nics: dict[str, Any] = {}
 
         async def spec_for(base: Path, vm_id: str) -> VmSpec:
-            disks[vm_id] = await service.storage.create_disk(vm_id, base)
+            disks[vm_id] = await agent.storage.create_disk(vm_id, base)
             return state.clone_spec(vm_id, disks[vm_id], interpreter=tmpl.interpreter)
 
         async def nic_for(vm_id: str) -> Any:
-            nics[vm_id] = await service.network.allocate(vm_id, NetworkPolicy(allow_internet_access=False))
+            nics[vm_id] = await agent.network.allocate(vm_id, NetworkPolicy(allow_internet_access=False))
             return nics[vm_id]
 
         async def cleanup(vm_id: str) -> None:
             if vm_id in nics:
-                await service.network.release(nics.pop(vm_id))
+                await agent.network.release(nics.pop(vm_id))
             if vm_id in disks:
-                await service.storage.delete_disk(disks.pop(vm_id))
+                await agent.storage.delete_disk(disks.pop(vm_id))
 
-        baseline = await cold_boot_bench(service.vmm, cold, nic_factory=nic_for, cleanup=cleanup,
+        baseline = await cold_boot_bench(agent.vmm, cold, nic_factory=nic_for, cleanup=cleanup,
                                          spec_factory=lambda vm_id: spec_for(Path(str(tmpl.rootfs)), vm_id))
-        result = await restore_bench(service.vmm, state, n, nic_factory=nic_for, cleanup=cleanup,
+        result = await restore_bench(agent.vmm, state, n, nic_factory=nic_for, cleanup=cleanup,
                                      spec_factory=lambda vm_id: spec_for(layer.path, vm_id))
         result["cold_boot_ms_p50"] = baseline["cold_boot_ms_p50"]
         result["cold_boot_ms_p95"] = baseline["cold_boot_ms_p95"]
         result["speedup_p50"] = round(baseline["cold_boot_ms_p50"] / max(result["answer_ms_p50"], 0.1), 1)
         return result
 
-    result = with_service(config, action)
+    result = with_node(config, action)
     table = Table("measure", "value")
     for key, value in result.items():
         table.add_row(key, str(value))

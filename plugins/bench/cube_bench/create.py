@@ -512,8 +512,8 @@ def _sandbox_pids(target: Target, sandbox_ids: set[str], before: dict[int, int])
     if target.state_dir is not None:
         store = SqliteStore(target.state_dir / "cube.db")
         try:
-            pids = [int(sb.runtime["vm"]["pid"]) for sb in store.list_sandboxes(states=(SandboxState.RUNNING,))
-                    if sb.sandbox_id in sandbox_ids and sb.runtime.get("vm", {}).get("pid")]
+            pids = [sb.runtime.vm.pid for sb in store.list_sandboxes(states=(SandboxState.RUNNING,))
+                    if sb.sandbox_id in sandbox_ids and sb.runtime.vm is not None and sb.runtime.vm.pid]
         finally:
             store.close()
         return pids, "records"

@@ -1,0 +1,173 @@
+"""The control plane's only way to a node: the typed :class:`NodeClient` contract.
+
+A node agent (``cube_core.node.NodeAgent``) owns everything that touches a VM, a tap or a disk on
+its machine. The control plane (``cube_core.service.SandboxService``) keeps the records and decides;
+it reaches a node through a ``NodeClient``: :class:`LocalNodeClient` when the agent runs in the same
+process (``cube serve``), ``cube_core.nodehttp.HttpNodeClient`` when it is a ``cube node`` elsewhere.
+Both pass one contract suite (``cube_core.testing.node_contract``), so no path exists in one mode only.
+
+Every method names the sandbox by id; the agent finds its live handles itself (after a restart,
+from the record's :class:`~cube_core.models.SandboxRuntime`). Errors are :class:`CubeError` s, the
+same classes in both modes (the HTTP client rebuilds them from the agent's answer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from pydantic import Field
+
+from cube_core.models import (
+    DiskHandle,
+    EgressRule,
+    ExecReply,
+    Frozen,
+    NetworkPolicy,
+    Node,
+    Sandbox,
+    SandboxRuntime,
+    SnapshotRef,
+    VmState,
+)
+
+if TYPE_CHECKING:
+    from cube_core.node import NodeAgent
+
+
+class LaunchRequest(Frozen):
+    """Start ``sandbox`` (its record as the control plane wrote it, state ``creating``) on the node:
+    from a warm-pool member of its template when one is ready and ``snapshot`` is None, else by
+    restoring ``snapshot`` (a sandbox snapshot) or the template's own snapshot. Then personalize it:
+    id, env vars, access token, hostname, clock, fresh entropy."""
+
+    sandbox: Sandbox
+    snapshot: SnapshotRef | None = None
+    rules: tuple[EgressRule, ...] = ()
+    """Egress rules the plugins add to the sandbox's policy (``cube_egress_rules``)."""
+
+
+class Launched(Frozen):
+    """A started, personalized sandbox."""
+
+    runtime: SandboxRuntime
+    boot_id: str
+    served_by: Literal["pool", "start"]
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    """Where the time went on the node (``queued``, ``vm``, ``personalize`` and the guest's own)."""
+
+
+class SavedSnapshot(Frozen):
+    """What a node wrote for a snapshot: the VM's state and its frozen disk layer."""
+
+    vm_state: VmState
+    disk: DiskHandle
+
+
+class Endpoint(Frozen):
+    """Where the edge proxy sends a sandbox's traffic for one port.
+
+    ``via`` is None: straight to ``host:port`` (the guest, reachable from this process). Otherwise
+    ``via`` is the base URL of the node agent's edge, which forwards to the guest; the request then
+    carries the cluster token and the sandbox id and port in ``headers``."""
+
+    host: str
+    port: int
+    via: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class NodeClient(Protocol):
+    """One node agent, as the control plane sees it."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    async def status(self) -> Node:
+        """The node's report: capacity, usage, ready templates and pool members (no side effect)."""
+        ...
+
+    async def launch(self, request: LaunchRequest) -> Launched:
+        """Start and personalize a sandbox; on failure nothing of it is left on the node."""
+        ...
+
+    async def destroy(self, sandbox: Sandbox) -> list[str]:
+        """Stop the sandbox's VM and free its slot and disk (every step runs, idempotent); the
+        steps that failed, described (empty: all freed)."""
+        ...
+
+    async def pause(self, sandbox_id: str) -> None: ...
+
+    async def resume(self, sandbox_id: str) -> None:
+        """Let it run again and give the guest the time (a paused VM's clock stood still)."""
+        ...
+
+    async def snapshot(self, sandbox_id: str, snapshot_id: str) -> SavedSnapshot:
+        """Save memory, devices and disk layer; a running sandbox is paused meanwhile and resumed."""
+        ...
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot's files (a disk layer that live sandboxes still use is kept)."""
+        ...
+
+    async def rollback(self, sandbox: Sandbox, snapshot: SnapshotRef, *, paused: bool) -> Launched:
+        """Replace the sandbox's VM and disk with a restore of ``snapshot`` (same slot); personalize
+        it as the same sandbox; pause it again when ``paused``."""
+        ...
+
+    async def update_policy(self, sandbox_id: str, policy: NetworkPolicy, rules: Sequence[EgressRule]) -> None: ...
+
+    async def audit(self, sandbox_id: str, limit: int) -> list[dict[str, object]]: ...
+
+    async def exec(self, sandbox_id: str, cmd: Sequence[str], timeout: float) -> ExecReply: ...
+
+    def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
+        """Where ``port`` of the sandbox is reached from the control plane's process."""
+        ...
+
+
+class LocalNodeClient:
+    """The node agent in this process (``cube serve``): plain calls, same contract."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+
+    @property
+    def node_id(self) -> str:
+        return self.agent.node_id
+
+    async def status(self) -> Node:
+        return self.agent.report()
+
+    async def launch(self, request: LaunchRequest) -> Launched:
+        return await self.agent.launch(request)
+
+    async def destroy(self, sandbox: Sandbox) -> list[str]:
+        return await self.agent.destroy(sandbox)
+
+    async def pause(self, sandbox_id: str) -> None:
+        await self.agent.pause(sandbox_id)
+
+    async def resume(self, sandbox_id: str) -> None:
+        await self.agent.resume(sandbox_id)
+
+    async def snapshot(self, sandbox_id: str, snapshot_id: str) -> SavedSnapshot:
+        return await self.agent.snapshot(sandbox_id, snapshot_id)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        await self.agent.delete_snapshot(snapshot_id)
+
+    async def rollback(self, sandbox: Sandbox, snapshot: SnapshotRef, *, paused: bool) -> Launched:
+        return await self.agent.rollback(sandbox, snapshot, paused=paused)
+
+    async def update_policy(self, sandbox_id: str, policy: NetworkPolicy, rules: Sequence[EgressRule]) -> None:
+        await self.agent.update_policy(sandbox_id, policy, rules)
+
+    async def audit(self, sandbox_id: str, limit: int) -> list[dict[str, object]]:
+        return await self.agent.audit(sandbox_id, limit)
+
+    async def exec(self, sandbox_id: str, cmd: Sequence[str], timeout: float) -> ExecReply:
+        return await self.agent.exec(sandbox_id, cmd, timeout)
+
+    def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
+        return Endpoint(host=self.agent.guest_address(sandbox_id), port=port)
