@@ -1,0 +1,304 @@
+"""A node agent over HTTP: :class:`HttpNodeClient`, and the wire format it shares with
+:func:`cube_core.nodeapi.node_app` (request/answer models, the error transport).
+
+Every request carries the cluster token (header ``x-cube-cluster-token``); paths are under
+``/node/v1``. Bodies are the pydantic models of :mod:`cube_core.nodeclient` and
+:mod:`cube_core.models`, plus the small envelopes below for methods with several arguments.
+
+Errors travel as JSON ``{"error": <class name>, "message": ..., "fields": {...}}`` and the
+client raises the same :class:`~cube_core.errors.CubeError` subclass with the same fields (a name
+it does not know becomes a :class:`~cube_core.errors.NodeError`). A node that cannot be reached
+(refused, reset, timed out) is a :class:`~cube_core.errors.NodeUnavailableError`. A launch or a
+rollback whose answer timed out may still complete on the node: the caller destroys it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+import structlog
+from pydantic import BaseModel, Field
+
+from cube_core.errors import (
+    CubeError,
+    InvalidStateError,
+    NoCapacityError,
+    NodeError,
+    NodeUnavailableError,
+    SnapshotInUseError,
+    UnsupportedOperation,
+    VmmError,
+)
+from cube_core.models import EgressRule, ExecReply, Frozen, NetworkPolicy, Node, Sandbox, SnapshotRef
+from cube_core.nodeclient import Endpoint, Launched, LaunchRequest, SavedSnapshot
+
+log = structlog.get_logger(__name__)
+
+PREFIX = "/node/v1"
+TOKEN_HEADER = "x-cube-cluster-token"
+SANDBOX_HEADER = "x-cube-sandbox-id"
+PORT_HEADER = "x-cube-sandbox-port"
+
+M = TypeVar("M", bound=BaseModel)
+
+
+# -- wire envelopes --------------------------------------------------------------------------------
+
+
+class DestroyReply(Frozen):
+    errors: list[str]
+
+
+class SnapshotRequest(Frozen):
+    snapshot_id: str
+
+
+class RollbackRequest(Frozen):
+    sandbox: Sandbox
+    snapshot: SnapshotRef
+    paused: bool
+
+
+class PolicyRequest(Frozen):
+    policy: NetworkPolicy
+    rules: tuple[EgressRule, ...] = ()
+
+
+class ExecRequest(Frozen):
+    cmd: tuple[str, ...]
+    timeout: float
+
+
+class AddressReply(Frozen):
+    host: str
+
+
+class HealthReply(Frozen):
+    node_id: str
+    status: str = "ok"
+
+
+class ErrorBody(Frozen):
+    error: str
+    message: str
+    fields: dict[str, Any] = Field(default_factory=dict)
+
+
+# -- the error transport ---------------------------------------------------------------------------
+
+
+def error_status(exc: CubeError) -> int:
+    """The HTTP status of an agent's error (for people and proxies; the client goes by the name)."""
+    if any(cls.__name__.endswith("NotFoundError") for cls in type(exc).__mro__):
+        return 404
+    if isinstance(exc, (InvalidStateError, SnapshotInUseError)):
+        return 409
+    if isinstance(exc, (NoCapacityError, NodeUnavailableError)):
+        return 503
+    if isinstance(exc, VmmError):
+        return 502
+    if isinstance(exc, UnsupportedOperation):
+        return 501
+    return 400
+
+
+def _json_safe(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, enum.Enum):
+        return _json_safe(value.value)
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_json_safe(v) for v in value]
+    return str(value)
+
+
+def error_body(exc: CubeError) -> ErrorBody:
+    return ErrorBody(error=type(exc).__name__, message=exc.message, fields=_json_safe(exc.fields))
+
+
+def _subclasses(cls: type[CubeError]) -> Iterator[type[CubeError]]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def error_class(name: str) -> type[CubeError]:
+    """The :class:`CubeError` subclass called ``name`` (plugins' too, once imported); else NodeError."""
+    if name == CubeError.__name__:
+        return CubeError
+    return next((cls for cls in _subclasses(CubeError) if cls.__name__ == name), NodeError)
+
+
+def error_from_body(body: ErrorBody) -> CubeError:
+    """The error an agent raised, rebuilt: same class, message and fields."""
+    cls = error_class(body.error)
+    try:
+        return cls(body.message, **body.fields)
+    except Exception:  # a subclass with its own constructor, or a field called "message"
+        return NodeError(f"{body.error}: {body.message}")
+
+
+# -- the client ------------------------------------------------------------------------------------
+
+
+class NodeTimeouts(Frozen):
+    """Seconds to wait for a node's answer, per kind of call (a launch or a rollback boots or
+    restores a VM: tens of seconds under TCG; a snapshot writes the guest's memory)."""
+
+    default: float = 30.0
+    launch: float = 120.0
+    snapshot: float = 300.0
+    exec_margin: float = 10.0
+    """Added to an exec's own timeout (the command's), for the trip and the guest's answer."""
+
+
+DEFAULT_TIMEOUTS = NodeTimeouts()
+
+
+def _path(*parts: str) -> str:
+    return PREFIX + "".join("/" + quote(p, safe="") for p in parts)
+
+
+class HttpNodeClient:
+    """A :class:`~cube_core.nodeclient.NodeClient` for the node agent at ``url`` (``cube node``).
+
+    Close it with :meth:`aclose` (or use it as an async context manager)."""
+
+    def __init__(self, node_id: str, url: str, token: str, *, timeout: NodeTimeouts | float = DEFAULT_TIMEOUTS,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        if not token:
+            raise NodeError("the cluster token is empty", node_id=node_id)
+        self._node_id = node_id
+        self.url = url.rstrip("/")
+        self._token = token
+        self.timeouts = timeout if isinstance(timeout, NodeTimeouts) else NodeTimeouts(default=timeout)
+        parsed = httpx.URL(self.url)
+        self._host = parsed.host
+        self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        # trust_env=False: cluster traffic (and its token) never goes through an HTTP(S)_PROXY
+        self._client = httpx.AsyncClient(base_url=self.url, headers={TOKEN_HEADER: token},
+                                         timeout=self.timeouts.default, transport=transport,
+                                         trust_env=False, follow_redirects=False)
+
+    def __repr__(self) -> str:
+        return f"HttpNodeClient(node_id={self._node_id!r}, url={self.url!r})"
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> HttpNodeClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- transport -----------------------------------------------------------------------------
+
+    async def _call(self, method: str, path: str, *, body: BaseModel | None = None,
+                    params: dict[str, str | int] | None = None, timeout: float | None = None) -> httpx.Response:
+        try:
+            resp = await self._client.request(
+                method, path, json=body.model_dump(mode="json") if body is not None else None, params=params,
+                timeout=timeout if timeout is not None else self.timeouts.default)
+        except httpx.TransportError as exc:
+            detail = f"{method} {path}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+            log.warning("node unreachable", node_id=self._node_id, url=self.url, detail=detail)
+            raise NodeUnavailableError(node_id=self._node_id, detail=detail) from exc
+        if resp.is_success:
+            return resp
+        try:
+            body_in = ErrorBody.model_validate(resp.json())
+        except ValueError:
+            raise NodeError(f"node {self._node_id} answered {method} {path} with HTTP {resp.status_code}: "
+                            f"{resp.text[:300]}", node_id=self._node_id, status=resp.status_code) from None
+        raise error_from_body(body_in)
+
+    def _parse(self, model: type[M], resp: httpx.Response) -> M:
+        try:
+            return model.model_validate(resp.json())
+        except ValueError as exc:
+            raise NodeError(f"node {self._node_id} answered {resp.request.method} {resp.request.url.path} "
+                            f"with a malformed {model.__name__}: {str(exc)[:300]}", node_id=self._node_id) from None
+
+    # -- NodeClient ----------------------------------------------------------------------------
+
+    async def health(self) -> HealthReply:
+        """The agent answers and accepts the token (no side effect)."""
+        return self._parse(HealthReply, await self._call("GET", _path("health")))
+
+    async def status(self) -> Node:
+        return self._parse(Node, await self._call("GET", _path("status")))
+
+    async def launch(self, request: LaunchRequest) -> Launched:
+        resp = await self._call("POST", _path("sandboxes"), body=request, timeout=self.timeouts.launch)
+        return self._parse(Launched, resp)
+
+    async def destroy(self, sandbox: Sandbox) -> list[str]:
+        resp = await self._call("POST", _path("sandboxes", sandbox.sandbox_id, "destroy"), body=sandbox,
+                                timeout=self.timeouts.launch)
+        return self._parse(DestroyReply, resp).errors
+
+    async def pause(self, sandbox_id: str) -> None:
+        await self._call("POST", _path("sandboxes", sandbox_id, "pause"))
+
+    async def resume(self, sandbox_id: str) -> None:
+        await self._call("POST", _path("sandboxes", sandbox_id, "resume"))
+
+    async def snapshot(self, sandbox_id: str, snapshot_id: str) -> SavedSnapshot:
+        resp = await self._call("POST", _path("sandboxes", sandbox_id, "snapshots"),
+                                body=SnapshotRequest(snapshot_id=snapshot_id), timeout=self.timeouts.snapshot)
+        return self._parse(SavedSnapshot, resp)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        await self._call("DELETE", _path("snapshots", snapshot_id))
+
+    async def rollback(self, sandbox: Sandbox, snapshot: SnapshotRef, *, paused: bool) -> Launched:
+        resp = await self._call("POST", _path("sandboxes", sandbox.sandbox_id, "rollback"),
+                                body=RollbackRequest(sandbox=sandbox, snapshot=snapshot, paused=paused),
+                                timeout=self.timeouts.launch)
+        return self._parse(Launched, resp)
+
+    async def update_policy(self, sandbox_id: str, policy: NetworkPolicy, rules: Sequence[EgressRule]) -> None:
+        await self._call("PUT", _path("sandboxes", sandbox_id, "policy"),
+                         body=PolicyRequest(policy=policy, rules=tuple(rules)))
+
+    async def audit(self, sandbox_id: str, limit: int) -> list[dict[str, object]]:
+        resp = await self._call("GET", _path("sandboxes", sandbox_id, "audit"), params={"limit": limit})
+        try:
+            entries = resp.json()
+        except ValueError:
+            entries = None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise NodeError(f"node {self._node_id} answered a malformed audit log", node_id=self._node_id)
+        return entries
+
+    async def exec(self, sandbox_id: str, cmd: Sequence[str], timeout: float) -> ExecReply:
+        resp = await self._call("POST", _path("sandboxes", sandbox_id, "exec"),
+                                body=ExecRequest(cmd=tuple(cmd), timeout=timeout),
+                                timeout=max(self.timeouts.default, timeout + self.timeouts.exec_margin))
+        return self._parse(ExecReply, resp)
+
+    async def guest_address(self, sandbox_id: str) -> str:
+        """The guest's address as the node reaches it (not reachable from here in general)."""
+        return self._parse(AddressReply, await self._call("GET", _path("sandboxes", sandbox_id, "address"))).host
+
+    def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
+        """Through the node's edge: the node checks the token and forwards to the guest."""
+        return Endpoint(host=self._host, port=self._port, via=self.url,
+                        headers=((TOKEN_HEADER, self._token), (SANDBOX_HEADER, sandbox_id),
+                                 (PORT_HEADER, str(port))))
