@@ -76,24 +76,12 @@ def serve(config: ConfigOpt = None,
           port: Annotated[int | None, typer.Option(help="API port (default 3000)")] = None,
           no_build: Annotated[bool, typer.Option("--no-build", help="do not build templates")] = False) -> None:
     """Run the whole system on this machine: API, edge proxy, scheduler and node agent."""
-    import uvicorn
-
-    from cube_core._host import PluginHost
     from cube_core.app import create_app
     from cube_core.log import configure_logging
     from cube_core.progress import progress_board
 
     configure_logging()
-
-    def build() -> tuple[Any, Any]:
-        cfg = load_config(config)
-        core = cfg.data.core
-        if host or port is not None:
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"core": core.model_copy(
-                update={k: v for k, v in (("host", host), ("port", port)) if v is not None})})})
-        return cfg, PluginHost(cfg).load()
-
-    cfg, plugin_host = _guard(build)
+    cfg, plugin_host = _guard(lambda: _configured(config, host, port))
     core = cfg.data.core
     with progress_board("build") as progress:
         application = _guard(lambda: create_app(plugin_host, build_templates=not no_build, progress=progress))
@@ -103,15 +91,146 @@ def serve(config: ConfigOpt = None,
                       f"[bold]{sys.argv[0]} keys create --team default[/bold]", highlight=False)
         err.print(f"Cube API on http://{core.host}:{core.port}  (E2B_API_URL=http://{core.host}:{core.port} "
                   f"E2B_SANDBOX_URL=http://{core.host}:{core.port})", highlight=False)
-        custom = plugin_host.hooks.http_server(application, core)
+        _serve_http(plugin_host, application, core.host, core.port)
+
+
+def _serve_http(plugin_host: Any, application: Any, host: str, port: int, *, api: bool = True) -> None:
+    import uvicorn
+
+    if api:
+        custom = plugin_host.hooks.http_server(application, plugin_host.config.data.core)
         if custom is not None:
             asyncio.run(_await(custom))
             return
-        # SDK clients keep connections open between calls; uvicorn's default 5 s idle keep-alive
-        # races a client that reuses its connection just then (a reset on write). 620 s as E2B.
-        uvicorn.Server(uvicorn.Config(application, host=core.host, port=core.port, log_config=None,
-                                      lifespan="on", timeout_graceful_shutdown=5,
-                                      timeout_keep_alive=620)).run()
+    # SDK clients keep connections open between calls; uvicorn's default 5 s idle keep-alive
+    # races a client that reuses its connection just then (a reset on write). 620 s as E2B.
+    uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_config=None,
+                                  lifespan="on", timeout_graceful_shutdown=5,
+                                  timeout_keep_alive=620)).run()
+
+
+def _configured(config: Path | None, host: str | None = None, port: int | None = None) -> tuple[Any, Any]:
+    """(config, loaded plugin host); ``host``/``port`` override ``[core]``'s."""
+    from cube_core._host import PluginHost
+
+    cfg = load_config(config)
+    core = cfg.data.core
+    if host or port is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"core": core.model_copy(
+            update={k: v for k, v in (("host", host), ("port", port)) if v is not None})})})
+    return cfg, PluginHost(cfg).load()
+
+
+@app.command()
+def master(config: ConfigOpt = None,
+           host: Annotated[str | None, typer.Option(help="listen address")] = None,
+           port: Annotated[int | None, typer.Option(help="API port (default 3000)")] = None) -> None:
+    """Run a control plane: API, edge proxy and scheduler for the nodes registered in the shared
+    PostgreSQL state store (run several behind a load balancer)."""
+    from cube_core.app import create_master_app
+    from cube_core.log import configure_logging
+
+    configure_logging()
+    cfg, plugin_host = _guard(lambda: _configured(config, host, port))
+    core = cfg.data.core
+    if cfg.data.core.state is None:
+        err.print("[yellow]warning:[/yellow] [core] state is unset: this master keeps its records in SQLite at "
+                  f"{core.state_dir}/cube.db, which no other master or node shares", highlight=False)
+    application = _guard(lambda: create_master_app(plugin_host))
+    err.print(f"Cube master on http://{core.host}:{core.port}", highlight=False)
+    _serve_http(plugin_host, application, core.host, core.port)
+
+
+node_app = typer.Typer(help="Run this machine's node agent (no sub-command), or manage nodes.",
+                       invoke_without_command=True, no_args_is_help=False)
+app.add_typer(node_app, name="node")
+
+
+@node_app.callback()
+def node(ctx: typer.Context, config: ConfigOpt = None,
+         no_build: Annotated[bool, typer.Option("--no-build", help="do not build templates")] = False) -> None:
+    """Run the node agent: VMs, network, disks and warm pool of this machine, for the masters."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from cube_core.app import create_node_app
+    from cube_core.log import configure_logging
+    from cube_core.progress import progress_board
+
+    configure_logging()
+    cfg, plugin_host = _guard(lambda: _configured(config))
+    settings = cfg.data.node
+    with progress_board("build") as progress:
+        application = _guard(lambda: create_node_app(plugin_host, build_templates=not no_build, progress=progress))
+        err.print(f"Cube node {cfg.data.core.node_id!r} on http://{settings.host}:{settings.port} "
+                  f"(masters reach it at {settings.advertised()})", highlight=False)
+        _serve_http(plugin_host, application, settings.host, settings.port, api=False)
+
+
+def _set_node_status(config: Path | None, name: str, status: Any) -> None:
+    from cube_core.models import NodeStatus
+
+    def change() -> Any:
+        store = _store(config)
+        try:
+            nodes = {n.node_id: n for n in store.list_nodes()}
+            if name not in nodes:
+                raise CubeError(f"no node {name!r} is registered (known: {', '.join(sorted(nodes)) or 'none'})")
+            node = nodes[name]
+            if status == NodeStatus.UP and node.status == NodeStatus.DOWN:
+                raise CubeError(f"node {name!r} is down: it is marked up again when it reports")
+            store.put_node(node.evolve(status=status))
+            return node
+        finally:
+            store.close()
+
+    _guard(change)
+
+
+@node_app.command("drain")
+def node_drain(name: Annotated[str, typer.Argument(help="the node's [core] node_id")],
+               config: ConfigOpt = None) -> None:
+    """Stop placing new sandboxes on a node; its sandboxes run until they end."""
+    from cube_core.models import NodeStatus
+
+    _set_node_status(config, name, NodeStatus.DRAINING)
+    out.print(f"{name}: draining (no new sandboxes; `cube node undrain {name}` to undo)")
+
+
+@node_app.command("undrain")
+def node_undrain(name: Annotated[str, typer.Argument(help="the node's [core] node_id")],
+                 config: ConfigOpt = None) -> None:
+    """Let a drained node take new sandboxes again."""
+    from cube_core.models import NodeStatus
+
+    _set_node_status(config, name, NodeStatus.UP)
+    out.print(f"{name}: up")
+
+
+@app.command()
+def nodes(config: ConfigOpt = None,
+          as_json: Annotated[bool, typer.Option("--json", help="one JSON object per node")] = False) -> None:
+    """The registered nodes with their capacity, usage and last heartbeat."""
+    from cube_core.models import utcnow
+
+    store = _guard(lambda: _store(config))
+    try:
+        records = _guard(store.list_nodes)
+    finally:
+        store.close()
+    if as_json:
+        for n in records:
+            print(n.model_dump_json())
+        return
+    table = Table("node", "status", "url", "vCPU used/total", "MiB used/total", "sandboxes (paused)", "pool",
+                  "templates", "disk free MiB", "heartbeat")
+    now = utcnow()
+    for n in records:
+        table.add_row(n.node_id, n.status.value, n.url or "(in process)", f"{n.cpu_used}/{n.cpu_total}",
+                      f"{n.memory_mb_used}/{n.memory_mb_total}", f"{n.sandboxes} ({n.sandboxes_paused})",
+                      ", ".join(f"{k}:{v}" for k, v in sorted(n.pool.items())) or "-",
+                      ", ".join(n.templates) or "-", str(n.disk_free_mb),
+                      f"{(now - n.heartbeat_at).total_seconds():.0f} s ago")
+    out.print(table)
 
 
 async def _await(awaitable: Any) -> None:

@@ -95,6 +95,14 @@ class NodeDirectory:
                 marked.append(down)
         return marked
 
+    async def aclose(self) -> None:
+        """Close the remote clients' connections."""
+        for _, client in self._clients.values():
+            close = getattr(client, "aclose", None)
+            if close is not None:
+                await close()
+        self._clients.clear()
+
     def set_status(self, node_id: str, status: NodeStatus) -> Node:
         node = self.get(node_id).evolve(status=status)
         self.store.put_node(node)
