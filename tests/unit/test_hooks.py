@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pluggy
 import pytest
 
@@ -352,3 +353,38 @@ async def test_hook_cube_pool_member_warm_up(cube_config_factory: Callable[..., 
         assert seen == [("__pool__", "base", "127.0.0.1", True, ["restore", "personalize", "warm_up"])]
     finally:
         await service.stop()
+
+
+async def test_hook_cube_node_edge(register_plugin: Callable[..., PluginHost]) -> None:
+    """``cube node`` asks for the edge app once, with its resolver; the first app returned wins."""
+    host = register_plugin(object())  # a host on the fakes: no plugin forwards sandbox traffic
+    assert host.hooks.node_edge(resolve=lambda sandbox_id, port: ("127.0.0.1", port)) is None
+
+    class Edge:
+        @hookimpl
+        def cube_node_edge(self, resolve: Callable[[str, int], tuple[str, int]]) -> Any:
+            async def app(scope: Any, receive: Any, send: Any) -> None:
+                headers = dict(scope["headers"])
+                guest = resolve(headers[b"x-cube-sandbox-id"].decode(), int(headers[b"x-cube-sandbox-port"]))
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send({"type": "http.response.body", "body": f"{guest[0]}:{guest[1]}".encode()})
+            return app
+
+    class Declines:
+        @hookimpl
+        def cube_node_edge(self, resolve: Callable[[str, int], tuple[str, int]]) -> Any:
+            return None
+
+    register_plugin(Edge(), host)
+    register_plugin(Declines(), host)
+    resolved: list[tuple[str, int]] = []
+
+    def resolve(sandbox_id: str, port: int) -> tuple[str, int]:
+        resolved.append((sandbox_id, port))
+        return "10.11.0.2", port
+
+    app = host.hooks.node_edge(resolve=resolve)
+    assert app is not None
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as client:
+        r = await client.get("/x", headers={"x-cube-sandbox-id": "sbx1", "x-cube-sandbox-port": "49983"})
+    assert r.text == "10.11.0.2:49983" and resolved == [("sbx1", 49983)]

@@ -7,8 +7,9 @@ status when it says ``true``. We answer ``true`` only where repeating the reques
 succeed (nothing was created and capacity may free up), with ``Retry-After``; ``false`` everywhere
 else, in particular on failed creates, because Cube does not implement ``Idempotency-Key``.
 
-The edge proxy's answers (502 "... was not found" / "... port is not open", E2B_PROTOCOL.md §4.4)
-are built here too, so this module is the only place that turns a Cube error into HTTP.
+The edge proxy's answers (502 "... was not found" / "... port is not open", E2B_PROTOCOL.md §4.4,
+and 502 "... could not be reached: ..." for a node that is down) are built here too, so this
+module is the only place that turns a Cube error into HTTP.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from cube_core import (
     InvalidStateError,
     NetworkError,
     NoCapacityError,
+    NodeError,
+    NodeUnavailableError,
     PluginError,
     QuotaExceededError,
     SandboxError,
@@ -71,6 +74,10 @@ ERROR_TABLE: dict[type[CubeError], HttpError] = {
     AdmissionRejectedError: HttpError(403),  # retryable rejections: 429, see http_error()
     NoCapacityError: HttpError(503, retry=True, error_code="sandbox_capacity_unavailable"),
     SchedulingError: HttpError(503, retry=True, error_code="sandbox_no_compatible_node"),
+    # the sandbox's node is down or unreachable: the SDK raises ServiceBusyException with our message.
+    # No Should-Retry: the node missed heartbeats for down_after_s already, and a create is not idempotent.
+    NodeUnavailableError: HttpError(503, error_code="sandbox_node_unavailable"),
+    NodeError: HttpError(502),  # a node refused or garbled a request of the control plane
     CapacityError: HttpError(503, error_code="sandbox_capacity_unavailable"),
     GuestTimeoutError: HttpError(504, error_code="sandbox_create_failed"),
     GuestProtocolError: HttpError(502),  # the guest answered garbage; its sandbox is stopped: no retry
@@ -121,6 +128,8 @@ def error_headers(answer: HttpError, retry_after_s: int) -> dict[str, str]:
 SANDBOX_NOT_FOUND = "The sandbox was not found"
 PORT_NOT_OPEN = "The sandbox is running but port is not open"
 SANDBOX_UNREACHABLE = "The sandbox could not be reached"
+#: The node agent that runs the sandbox did not answer the edge (its guest may be fine).
+NODE_UNREACHABLE = f"{SANDBOX_UNREACHABLE}: its node is unavailable, retry later"
 
 
 def edge_error_body(status: int, message: str, sandbox_id: str | None = None) -> bytes:
@@ -131,7 +140,12 @@ def edge_error_body(status: int, message: str, sandbox_id: str | None = None) ->
 
 
 def edge_error_for(exc: CubeError) -> tuple[int, str]:
-    """(status, message) for a Cube error raised while routing edge traffic."""
+    """(status, message) for a Cube error raised while routing edge traffic.
+
+    A sandbox on a node that is down is 502 "The sandbox could not be reached: node ... is
+    unavailable ...": the status and wording of E2B's edge for a sandbox in an unknown state, which
+    the SDK raises as ``SandboxUnreachableException`` over HTTP and Connect alike (a 503 would be a
+    bare ``SandboxException`` on envd's HTTP routes); never "was not found", which means killed."""
     if isinstance(exc, SandboxNotFoundError):
         return 502, SANDBOX_NOT_FOUND
     return 502, f"{SANDBOX_UNREACHABLE}: {exc.message}"

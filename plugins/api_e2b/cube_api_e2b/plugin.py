@@ -15,7 +15,8 @@ from cube_api_e2b.auth import TrafficTokens, load_traffic_secret
 from cube_api_e2b.config import E2bConfig
 from cube_api_e2b.context import E2bContext, split_host_port
 from cube_api_e2b.metrics import ApiMetrics, MetricsServer, start_metrics_server
-from cube_api_e2b.proxy import EdgeProxy, EdgeProxyMiddleware
+from cube_api_e2b.nodeedge import NodeEdge
+from cube_api_e2b.proxy import EdgeProxy, EdgeProxyMiddleware, Forwarder
 from cube_api_e2b.routes import ROUTERS
 from cube_api_e2b.routing import BindContext
 from cube_api_e2b.server import HypercornConfig, hypercorn_config, serve
@@ -37,6 +38,7 @@ class E2bApiPlugin:
         self.context: E2bContext | None = None
         self.edge: EdgeProxy | None = None
         self.metrics_server: MetricsServer | None = None
+        self.node_edge: NodeEdge | None = None
 
     def _context(self, service: ControlPlane) -> E2bContext:
         if self.context is None or self.context.service is not service:
@@ -92,13 +94,32 @@ class E2bApiPlugin:
         log.debug("warm pool: envd reached", sandbox_id=sandbox_id, status=reply.status_code)
 
     @hookimpl
+    def cube_node_edge(self, resolve: Callable[[str, int], tuple[str, int]]) -> ASGIApp:
+        """``cube node``: forward what the masters' edges send to this node's guests (nodeedge.py)."""
+        self.node_edge = NodeEdge(Forwarder(self.config, self.metrics), resolve)
+        return self.node_edge
+
+    @hookimpl
     def cube_sandbox_stopped(self, sandbox: Sandbox) -> Awaitable[None] | None:
-        return self.edge.forget(sandbox.sandbox_id) if self.edge is not None else None
+        return self._forget(sandbox.sandbox_id)
 
     @hookimpl
     def cube_sandbox_restored(self, sandbox: Sandbox) -> Awaitable[None] | None:
         """Rolled back: connections kept open to the old guest would fail on first use."""
-        return self.edge.forget(sandbox.sandbox_id) if self.edge is not None else None
+        return self._forget(sandbox.sandbox_id)
+
+    def _forget(self, sandbox_id: str) -> Awaitable[None] | None:
+        """Close the sandbox's connections on both sides of the edge (this process may be either)."""
+        forwarders = [f for f in (self.edge.forwarder if self.edge else None,
+                                  self.node_edge.forwarder if self.node_edge else None) if f is not None]
+        if not forwarders:
+            return None
+
+        async def forget() -> None:
+            for forwarder in forwarders:
+                await forwarder.forget(sandbox_id)
+
+        return forget()
 
     @hookimpl
     def cube_http_server(self, app: ASGIApp, settings: CoreSettings) -> Awaitable[None] | None:

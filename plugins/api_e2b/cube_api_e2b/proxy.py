@@ -8,6 +8,12 @@ every SDK request in domain mode too), or when its ``Host`` is ``<port>-<sandbox
 * HTTP/1.1 or HTTP/2 in, HTTP/1.1 to the sandbox; request and response bodies are streamed chunk by
   chunk, never buffered whole, and the response is flushed as it arrives.
 * WebSockets are relayed message by message to ``ws://<sandbox>:<port>``.
+* ``service.endpoint`` names the hop (:class:`~cube_core.nodeclient.Endpoint`): the guest itself
+  (``via`` None, ``cube serve``), or the edge of the node agent that runs it (``via``: its base URL),
+  to which the request goes unchanged plus the endpoint's headers (cluster token, sandbox id and
+  port). That node runs :class:`cube_api_e2b.nodeedge.NodeEdge`, which forwards to its guest through
+  the same :class:`Forwarder`. A node that cannot be reached is a 502 "The sandbox could not be
+  reached: its node is unavailable" (not "not found": the sandbox may be fine).
 * Errors use the texts the SDK matches (§4.4): 502 "... was not found", 502 "... port is not open".
 * Access control (§4.3): on non-envd ports a sandbox with a traffic token requires
   ``E2B-Traffic-Access-Token``; on the envd port a secured sandbox requires ``X-Access-Token`` except
@@ -15,7 +21,8 @@ every SDK request in domain mode too), or when its ``Host`` is ``<port>-<sandbox
   routes (``/init``) are refused.
 * The client's credentials for Cube never reach a guest: ``X-API-Key``, ``Cookie`` and
   ``Authorization`` are removed (on the envd port only the SDK's user selector
-  ``Authorization: Basic base64("<user>:")``, which carries no secret, is passed on).
+  ``Authorization: Basic base64("<user>:")``, which carries no secret, is passed on). Nor do the
+  cluster hop's headers (``x-cube-cluster-token`` ...): stripped from whatever a client sends.
 * When a sandbox stops, its connections are closed (requests still open fail, as upstream); a Connect
   stream still open ends with an ``unavailable`` end-of-stream error (as E2B's edge ends it).
 """
@@ -27,6 +34,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -36,20 +44,24 @@ from typing import Any
 import httpx
 import structlog
 from cube_core import CubeError, SandboxState
+from cube_core.nodeclient import Endpoint
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from cube_api_e2b.auth import ACCESS_TOKEN_HEADER, TRAFFIC_TOKEN_HEADER
+from cube_api_e2b.config import E2bConfig
 from cube_api_e2b.connect_stream import EnvelopeTracker, end_of_stream_error, is_connect_stream
 from cube_api_e2b.context import E2bContext, split_host_port
 from cube_api_e2b.errors import (
+    NODE_UNREACHABLE,
     PORT_NOT_OPEN,
     SANDBOX_NOT_FOUND,
     SANDBOX_UNREACHABLE,
     edge_error_body,
     edge_error_for,
 )
+from cube_api_e2b.metrics import ApiMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +77,13 @@ SANDBOX_ID_RE = re.compile(r"^[a-z0-9]+$")
 PORT_RE = re.compile(r"^[0-9]{1,5}$")  # ASCII only: str.isdigit() also accepts '²', which int() refuses
 #: Request headers that carry the client's Cube credentials (API key, browser session): never forwarded.
 CREDENTIALS = frozenset({"x-api-key", "authorization", "cookie"})
+#: Headers of the master -> node hop (``cube_core.nodeclient.Endpoint.headers``): dropped from every
+#: request (a client cannot inject them; the cluster token never reaches a guest) before a hop adds its own.
+CLUSTER_TOKEN_HEADER = "x-cube-cluster-token"
+NODE_SANDBOX_ID_HEADER = "x-cube-sandbox-id"
+NODE_SANDBOX_PORT_HEADER = "x-cube-sandbox-port"
+CLUSTER_HEADERS = frozenset({CLUSTER_TOKEN_HEADER, NODE_SANDBOX_ID_HEADER, NODE_SANDBOX_PORT_HEADER})
+FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
     "trailer", "transfer-encoding", "upgrade", "http2-settings",
@@ -96,7 +115,7 @@ class Target:
     port: int
 
 
-def _parse_port(raw: str) -> int:
+def parse_port(raw: str) -> int:
     if not PORT_RE.match(raw) or not 0 < int(raw) < 65536:
         raise EdgeRequestError(f"invalid sandbox port {raw[:16]!r}: expected 1-65535")
     return int(raw)
@@ -131,7 +150,7 @@ def target_of(headers: list[tuple[bytes, bytes]], domain_host: str | None) -> Ta
     if sandbox_id is not None or port is not None:
         if not sandbox_id or not port:
             raise EdgeRequestError("both E2b-Sandbox-Id and E2b-Sandbox-Port are required")
-        return Target(sandbox_id, _parse_port(port))
+        return Target(sandbox_id, parse_port(port))
     if domain_host and host:
         name_only = split_host_port(host)[0]
         suffix = "." + domain_host
@@ -140,7 +159,7 @@ def target_of(headers: list[tuple[bytes, bytes]], domain_host: str | None) -> Ta
             if "." not in label and "-" in label:
                 raw_port, _, sandbox = label.partition("-")
                 if PORT_RE.match(raw_port) and SANDBOX_ID_RE.match(sandbox):
-                    return Target(sandbox, _parse_port(raw_port))
+                    return Target(sandbox, parse_port(raw_port))
     return None
 
 
@@ -152,24 +171,28 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def forwarded_headers(scope: Scope, drop: frozenset[str] = HOP_BY_HOP, *,
-                      envd: bool = False) -> list[tuple[bytes, bytes]]:
-    """The client's headers minus hop-by-hop ones and Cube credentials, plus X-Forwarded-*;
-    ``Host`` is kept. ``envd``: the envd port, where the SDK's user selector is kept."""
+                      envd: bool = False, relay: bool = False) -> list[tuple[bytes, bytes]]:
+    """The client's headers minus hop-by-hop ones, Cube credentials and the cluster hop's headers,
+    plus X-Forwarded-*; ``Host`` is kept. ``envd``: the envd port, where the SDK's user selector is
+    kept. ``relay``: the client is a master's edge (node side), whose X-Forwarded-* are passed on as
+    they are (the guest sees the real client, not the master)."""
     connection_tokens = {t.strip().lower() for t in (_header(scope, b"connection") or "").split(",") if t.strip()}
     out: list[tuple[bytes, bytes]] = []
     has_host = False
     for key, value in scope.get("headers", []):
         name = key.decode("latin-1").lower()
-        if name in drop or name in connection_tokens or name.startswith(":"):
+        if name in drop or name in connection_tokens or name.startswith(":") or name in CLUSTER_HEADERS:
             continue
         if name in CREDENTIALS and not (envd and name == "authorization"
                                         and is_user_selector(value.decode("latin-1"))):
             continue
         if name == "host":
             has_host = True
-        if name in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"):
+        if name in FORWARDED and not relay:
             continue
         out.append((key, value))
+    if relay:
+        return out
     client = scope.get("client")
     prior = _header(scope, b"x-forwarded-for")
     if client:
@@ -185,18 +208,69 @@ def forwarded_headers(scope: Scope, drop: frozenset[str] = HOP_BY_HOP, *,
     return out
 
 
-async def _send_error(send: Send, status: int, message: str, sandbox_id: str | None = None) -> None:
+async def send_edge_error(send: Send, status: int, message: str, sandbox_id: str | None = None) -> None:
     body = edge_error_body(status, message, sandbox_id)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-class EdgeProxy:
-    """Routes sandbox traffic; one per app. Keeps one HTTP connection pool per sandbox."""
+def endpoint_url(endpoint: Endpoint, raw_path: bytes, query: bytes = b"", *, websocket: bool = False) -> httpx.URL:
+    """The URL of one request to ``endpoint``: the guest's ``host:port`` itself, or (``via`` set) the
+    node agent's base URL, with the request's raw path and query appended unchanged."""
+    target = raw_path + (b"?" + query if query else b"")
+    if endpoint.via is None:
+        url = httpx.URL(scheme="http", host=endpoint.host, port=endpoint.port, raw_path=target)
+    else:
+        base = httpx.URL(endpoint.via)
+        url = base.copy_with(raw_path=base.raw_path.rstrip(b"/") + target)
+    if websocket:
+        url = url.copy_with(scheme="wss" if url.scheme == "https" else "ws")
+    return url
 
-    def __init__(self, ctx: E2bContext) -> None:
-        self.ctx = ctx
+
+def endpoint_headers(endpoint: Endpoint) -> list[tuple[bytes, bytes]]:
+    """The headers the hop to ``endpoint`` adds (cluster token, sandbox id and port for a node)."""
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in endpoint.headers]
+
+
+async def deny_websocket(scope: Scope, send: Send, status: int, message: str, sandbox_id: str | None) -> None:
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = edge_error_body(status, message, sandbox_id)
+        await send({"type": "websocket.http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+    else:
+        await send({"type": "websocket.close", "code": 1011 if status >= 500 else 1008, "reason": message[:120]})
+
+
+def _refusal_message(exc: InvalidStatus, via: bool) -> str:
+    """What to tell the client when the websocket handshake was answered with an HTTP error: a
+    node's own edge answer (JSON ``message``) is passed on; a guest's answer is not read."""
+    status = exc.response.status_code
+    if via:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            message = json.loads(exc.response.body or b"")["message"]
+            if isinstance(message, str) and message:
+                return message
+    return f"the sandbox refused the websocket ({status})"
+
+
+def _unreachable(endpoint: Endpoint) -> str:
+    """The answer when nothing listens at ``endpoint``: the guest's port is not open, or (via a
+    node) the node agent is down, which says nothing about the sandbox's port."""
+    return PORT_NOT_OPEN if endpoint.via is None else NODE_UNREACHABLE
+
+
+class Forwarder:
+    """The one forwarding path of sandbox traffic (HTTP, streamed both ways, and websockets) to an
+    :class:`~cube_core.nodeclient.Endpoint`: used by the edge proxy of the control plane, and by the
+    node edge that a ``cube node`` runs for its guests. Keeps one HTTP connection pool per sandbox."""
+
+    def __init__(self, config: E2bConfig, metrics: ApiMetrics) -> None:
+        self.config = config
+        self.metrics = metrics
         self._clients: dict[str, httpx.AsyncClient] = {}
         self._websockets: dict[str, set[ClientConnection]] = {}
 
@@ -205,7 +279,7 @@ class EdgeProxy:
     def _client(self, sandbox_id: str) -> httpx.AsyncClient:
         client = self._clients.get(sandbox_id)
         if client is None:
-            cfg = self.ctx.config
+            cfg = self.config
             client = httpx.AsyncClient(
                 timeout=httpx.Timeout(cfg.proxy_idle_timeout_s, connect=cfg.proxy_connect_timeout_s),
                 limits=httpx.Limits(max_connections=cfg.proxy_max_connections, max_keepalive_connections=20),
@@ -232,52 +306,18 @@ class EdgeProxy:
         for sandbox_id in list({*self._clients, *self._websockets}):
             await self.forget(sandbox_id)
 
-    # -- routing ---------------------------------------------------------------------------------
-
-    def _resolve(self, target: Target, scope: Scope) -> tuple[str, int, int, str]:
-        """(host, port, status, message): where to go, or an error to answer (status != 0)."""
-        try:
-            sb, host, port = self.ctx.service.endpoint(target.sandbox_id, target.port)
-        except CubeError as exc:
-            status, message = edge_error_for(exc)
-            return "", 0, status, message
-        if sb.state == SandboxState.PAUSED:
-            return "", 0, 502, f"{SANDBOX_NOT_FOUND} (it is paused; connect to it to resume it)"
-        method = str(scope.get("method", "GET")).upper()
-        path = str(scope.get("path", "/"))
-        if target.port == self.ctx.config.envd_port:
-            if path in self.ctx.config.blocked_envd_paths:
-                return "", 0, 403, f"{path} is reserved for the control plane"
-            token = sb.envd_access_token
-            if token and (method, path) not in ENVD_OPEN and path not in ENVD_SIGNABLE:
-                presented = _header(scope, ACCESS_TOKEN_HEADER.encode())
-                if presented is None or not hmac.compare_digest(presented.encode("latin-1"), token.encode()):
-                    return "", 0, 401, "unauthorized access, please provide a valid access token"
-        elif not sb.network.allow_public_traffic:
-            presented = _header(scope, TRAFFIC_TOKEN_HEADER.encode())
-            if not self.ctx.tokens.check(sb.sandbox_id, presented):
-                return "", 0, 403, f"missing or invalid {TRAFFIC_TOKEN_HEADER} for this sandbox"
-        return host, port, 0, ""
-
     # -- HTTP ------------------------------------------------------------------------------------
 
-    async def http(self, target: Target, scope: Scope, receive: Receive, send: Send) -> None:
-        metrics = self.ctx.metrics.edge_requests
-        host, port, status, message = self._resolve(target, scope)
-        if status:
-            metrics.labels("http", str(status)).inc()
-            await _send_error(send, status, message, target.sandbox_id)
-            return
-        await self._forward(target, host, port, scope, receive, send)
+    async def http(self, target: Target, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send, *,
+                   relay: bool = False) -> None:
+        """Forward one HTTP request to ``endpoint`` and stream the answer back.
 
-    async def _forward(self, target: Target, host: str, port: int, scope: Scope, receive: Receive,
-                       send: Send) -> None:
-        metrics = self.ctx.metrics.edge_requests
+        ``relay``: the request comes from a master's edge (node side), whose ``X-Forwarded-*`` are kept."""
+        metrics = self.metrics.edge_requests
         raw_path = scope.get("raw_path") or str(scope.get("path", "/")).encode()
-        query = scope.get("query_string") or b""
-        url = httpx.URL(scheme="http", host=host, port=port,
-                        raw_path=raw_path + (b"?" + query if query else b""))
-        headers = forwarded_headers(scope, envd=target.port == self.ctx.config.envd_port)
+        url = endpoint_url(endpoint, raw_path, scope.get("query_string") or b"")
+        headers = forwarded_headers(scope, envd=target.port == self.config.envd_port, relay=relay)
+        headers += endpoint_headers(endpoint)
         length = _header(scope, b"content-length")
         chunked = "chunked" in (_header(scope, b"transfer-encoding") or "").lower()
         # HTTP/2 bodies come without Content-Length or chunked framing: treat them as streamed
@@ -308,13 +348,14 @@ class EdgeProxy:
         try:
             response = await client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout):
-            metrics.labels("http", "port_not_open").inc()
-            await _send_error(send, 502, PORT_NOT_OPEN, target.sandbox_id)
+            metrics.labels("http", "port_not_open" if endpoint.via is None else "node_unreachable").inc()
+            await send_edge_error(send, 502, _unreachable(endpoint), target.sandbox_id)
             return
         except httpx.HTTPError as exc:
             metrics.labels("http", "unreachable").inc()
-            log.info("edge: upstream failed", sandbox_id=target.sandbox_id, port=target.port, error=repr(exc))
-            await _send_error(send, 502, f"{SANDBOX_UNREACHABLE}: {type(exc).__name__}", target.sandbox_id)
+            log.info("edge: upstream failed", sandbox_id=target.sandbox_id, port=target.port, via=endpoint.via,
+                     error=repr(exc))
+            await send_edge_error(send, 502, f"{SANDBOX_UNREACHABLE}: {type(exc).__name__}", target.sandbox_id)
             return
         try:
             out_headers = [(k, v) for k, v in response.headers.raw if k.decode("latin-1").lower() not in RESPONSE_DROP]
@@ -397,41 +438,34 @@ class EdgeProxy:
 
     # -- WebSocket -------------------------------------------------------------------------------
 
-    async def websocket(self, target: Target, scope: Scope, receive: Receive, send: Send) -> None:
-        metrics = self.ctx.metrics.edge_requests
-        first = await receive()
-        if first["type"] != "websocket.connect":
-            return
-        host, port, status, message = self._resolve(target, {**scope, "method": "GET"})
-        if status:
-            metrics.labels("websocket", str(status)).inc()
-            await self._deny_websocket(scope, send, status, message, target.sandbox_id)
-            return
-        path = (scope.get("raw_path") or str(scope.get("path", "/")).encode()).decode("latin-1")
-        query = (scope.get("query_string") or b"").decode("latin-1")
-        uri = f"ws://{host}:{port}{path}" + (f"?{query}" if query else "")
+    async def websocket(self, target: Target, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send, *,
+                        relay: bool = False) -> None:
+        """Relay one websocket to ``endpoint``; the client's ``websocket.connect`` was received already."""
+        metrics = self.metrics.edge_requests
+        raw_path = scope.get("raw_path") or str(scope.get("path", "/")).encode()
+        uri = str(endpoint_url(endpoint, raw_path, scope.get("query_string") or b"", websocket=True))
         headers = [(k.decode("latin-1"), v.decode("latin-1"))
                    for k, v in forwarded_headers(scope, HOP_BY_HOP | WS_HANDSHAKE,
-                                                 envd=target.port == self.ctx.config.envd_port)]
+                                                 envd=target.port == self.config.envd_port, relay=relay)
+                   + endpoint_headers(endpoint)]
         subprotocols: Any = list(scope.get("subprotocols") or []) or None
         try:
             upstream = await ws_connect(
                 uri, additional_headers=headers, subprotocols=subprotocols, compression=None,
-                open_timeout=self.ctx.config.proxy_connect_timeout_s, ping_interval=None,
+                open_timeout=self.config.proxy_connect_timeout_s, ping_interval=None,
                 max_size=WS_MAX_MESSAGE_BYTES, max_queue=4, user_agent_header=None)
         except (OSError, TimeoutError):
-            metrics.labels("websocket", "port_not_open").inc()
-            await self._deny_websocket(scope, send, 502, PORT_NOT_OPEN, target.sandbox_id)
+            metrics.labels("websocket", "port_not_open" if endpoint.via is None else "node_unreachable").inc()
+            await deny_websocket(scope, send, 502, _unreachable(endpoint), target.sandbox_id)
             return
         except InvalidStatus as exc:
             metrics.labels("websocket", "refused").inc()
-            await self._deny_websocket(scope, send, exc.response.status_code,
-                                       f"the sandbox refused the websocket ({exc.response.status_code})",
-                                       target.sandbox_id)
+            await deny_websocket(scope, send, exc.response.status_code,
+                                  _refusal_message(exc, endpoint.via is not None), target.sandbox_id)
             return
         except InvalidHandshake as exc:
             metrics.labels("websocket", "unreachable").inc()
-            await self._deny_websocket(scope, send, 502, f"{SANDBOX_UNREACHABLE}: {exc}", target.sandbox_id)
+            await deny_websocket(scope, send, 502, f"{SANDBOX_UNREACHABLE}: {exc}", target.sandbox_id)
             return
         self._websockets.setdefault(target.sandbox_id, set()).add(upstream)
         metrics.labels("websocket", "forwarded").inc()
@@ -479,15 +513,64 @@ class EdgeProxy:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
 
-    async def _deny_websocket(self, scope: Scope, send: Send, status: int, message: str, sandbox_id: str) -> None:
-        if "websocket.http.response" in scope.get("extensions", {}):
-            body = edge_error_body(status, message, sandbox_id)
-            await send({"type": "websocket.http.response.start", "status": status,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
-        else:
-            await send({"type": "websocket.close", "code": 1011 if status >= 500 else 1008, "reason": message[:120]})
+
+class EdgeProxy:
+    """Routes sandbox traffic on the control plane: access checks, then :class:`Forwarder` to
+    ``service.endpoint(...)`` (the guest itself, or its node's edge). One per app."""
+
+    def __init__(self, ctx: E2bContext) -> None:
+        self.ctx = ctx
+        self.forwarder = Forwarder(ctx.config, ctx.metrics)
+
+    async def forget(self, sandbox_id: str) -> None:
+        await self.forwarder.forget(sandbox_id)
+
+    async def aclose(self) -> None:
+        await self.forwarder.aclose()
+
+    def _resolve(self, target: Target, scope: Scope) -> tuple[Endpoint | None, int, str]:
+        """(endpoint, 0, "") where to go, or (None, status, message): an error to answer."""
+        try:
+            sb, endpoint = self.ctx.service.endpoint(target.sandbox_id, target.port)
+        except CubeError as exc:
+            status, message = edge_error_for(exc)
+            return None, status, message
+        if sb.state == SandboxState.PAUSED:
+            return None, 502, f"{SANDBOX_NOT_FOUND} (it is paused; connect to it to resume it)"
+        method = str(scope.get("method", "GET")).upper()
+        path = str(scope.get("path", "/"))
+        if target.port == self.ctx.config.envd_port:
+            if path in self.ctx.config.blocked_envd_paths:
+                return None, 403, f"{path} is reserved for the control plane"
+            token = sb.envd_access_token
+            if token and (method, path) not in ENVD_OPEN and path not in ENVD_SIGNABLE:
+                presented = _header(scope, ACCESS_TOKEN_HEADER.encode())
+                if presented is None or not hmac.compare_digest(presented.encode("latin-1"), token.encode()):
+                    return None, 401, "unauthorized access, please provide a valid access token"
+        elif not sb.network.allow_public_traffic:
+            presented = _header(scope, TRAFFIC_TOKEN_HEADER.encode())
+            if not self.ctx.tokens.check(sb.sandbox_id, presented):
+                return None, 403, f"missing or invalid {TRAFFIC_TOKEN_HEADER} for this sandbox"
+        return endpoint, 0, ""
+
+    async def http(self, target: Target, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint, status, message = self._resolve(target, scope)
+        if endpoint is None:
+            self.ctx.metrics.edge_requests.labels("http", str(status)).inc()
+            await send_edge_error(send, status, message, target.sandbox_id)
+            return
+        await self.forwarder.http(target, endpoint, scope, receive, send)
+
+    async def websocket(self, target: Target, scope: Scope, receive: Receive, send: Send) -> None:
+        first = await receive()
+        if first["type"] != "websocket.connect":
+            return
+        endpoint, status, message = self._resolve(target, {**scope, "method": "GET"})
+        if endpoint is None:
+            self.ctx.metrics.edge_requests.labels("websocket", str(status)).inc()
+            await deny_websocket(scope, send, status, message, target.sandbox_id)
+            return
+        await self.forwarder.websocket(target, endpoint, scope, receive, send)
 
 
 class EdgeProxyMiddleware:
@@ -517,13 +600,13 @@ class EdgeProxyMiddleware:
             target = target_of(scope.get("headers", []), self.edge.ctx.domain_host)
         except EdgeRequestError as exc:
             if kind == "http":
-                await _send_error(send, 400, str(exc))
+                await send_edge_error(send, 400, str(exc))
             else:
                 await send({"type": "websocket.close", "code": 1008, "reason": str(exc)[:120]})
             return
         if target is None:
             if kind == "http" and scope.get("path") == "/files":  # envd's route: never the control plane's
-                await _send_error(send, 400, BARE_FILES_URL)
+                await send_edge_error(send, 400, BARE_FILES_URL)
                 return
             await self.app(scope, receive, send)
         elif kind == "http":

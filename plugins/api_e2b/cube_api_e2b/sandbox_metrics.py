@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cube_api_e2b.auth import ACCESS_TOKEN_HEADER
 from cube_api_e2b.context import E2bContext
+from cube_api_e2b.proxy import endpoint_headers, endpoint_url
 from cube_api_e2b.schemas import SandboxMetricOut
 
 log = structlog.get_logger(__name__)
@@ -45,14 +46,16 @@ async def sample(ctx: E2bContext, sb: Sandbox) -> SandboxMetricOut | None:
     if sb.state != SandboxState.RUNNING:
         return None
     try:
-        _, host, port = ctx.service.endpoint(sb.sandbox_id, ctx.config.envd_port)
+        _, endpoint = ctx.service.endpoint(sb.sandbox_id, ctx.config.envd_port)
     except CubeError:
         return None
-    headers = {ACCESS_TOKEN_HEADER: sb.envd_access_token} if sb.envd_access_token else {}
+    headers = endpoint_headers(endpoint)  # via a node: its edge forwards to the guest
+    if sb.envd_access_token:
+        headers.append((ACCESS_TOKEN_HEADER.lower().encode(), sb.envd_access_token.encode()))
     try:
         async with asyncio.timeout(SAMPLE_TIMEOUT_S), httpx.AsyncClient(  # total, not per read
                 timeout=SAMPLE_TIMEOUT_S, trust_env=False) as client, client.stream(
-                "GET", f"http://{host}:{port}/metrics", headers=headers) as response:
+                "GET", endpoint_url(endpoint, b"/metrics"), headers=headers) as response:
             response.raise_for_status()
             body = b""
             async for chunk in response.aiter_bytes():

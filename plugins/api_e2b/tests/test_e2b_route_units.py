@@ -19,6 +19,7 @@ from cube_core import (
     AuthError,
     CoreSettings,
     NetworkPolicy,
+    NodeUnavailableError,
     Sandbox,
     SandboxNotFoundError,
     SandboxSpec,
@@ -29,6 +30,7 @@ from cube_core import (
     TemplateNotFoundError,
     TemplateStatus,
 )
+from cube_core.nodeclient import Endpoint
 from fastapi import APIRouter, FastAPI
 
 from cube_api_e2b.auth import TrafficTokens
@@ -52,6 +54,7 @@ class Double:
         self.sandboxes: dict[str, Sandbox] = {}
         self.snapshots: list[SnapshotRef] = []
         self.calls: list[tuple[object, ...]] = []
+        self.down: set[str] = set()  # sandboxes whose node is unavailable
 
     def add(self, sandbox_id: str, state: SandboxState = SandboxState.RUNNING, *, minutes: int = 5,
             **kw: object) -> Sandbox:
@@ -67,6 +70,8 @@ class Double:
         return TEAM
 
     def get(self, team_id: str, sandbox_id: str) -> Sandbox:
+        if sandbox_id in self.down:
+            raise NodeUnavailableError(node_id="node-b", detail="missed heartbeats for 10 s")
         sb = self.sandboxes.get(sandbox_id)
         if sb is None or sb.team_id != team_id:
             raise SandboxNotFoundError(sandbox_id=sandbox_id)
@@ -99,7 +104,7 @@ class Double:
         self.calls.append(("set_timeout", sandbox_id, timeout_s))
         return self.get(team_id, sandbox_id)
 
-    def endpoint(self, sandbox_id: str, port: int) -> tuple[Sandbox, str, int]:
+    def endpoint(self, sandbox_id: str, port: int) -> tuple[Sandbox, Endpoint]:
         raise SandboxNotFoundError(sandbox_id=sandbox_id)
 
     async def update_network(self, team_id: str, sandbox_id: str, policy: NetworkPolicy) -> Sandbox:
@@ -189,6 +194,19 @@ async def test_connect_answers_201_only_when_it_resumed(double: Double) -> None:
         assert r.status_code == 400 and r.json()["message"].startswith("timeout: must be at most 600")
         r = await client.post("/v2/sandboxes/nope/connect", json={})
         assert r.status_code == 404
+
+
+async def test_node_unavailable_is_503_service_busy(double: Double) -> None:
+    """A sandbox on a node that is down: 503 with the node in the message (the SDK raises
+    ServiceBusyException with it), not a 404, and no Should-Retry (a create is not idempotent)."""
+    double.add("far")
+    double.down.add("far")
+    async with mount(sandboxes.router, double) as client:
+        r = await client.get("/sandboxes/far")
+    assert r.status_code == 503, r.text
+    assert r.json() == {"code": 503, "message": "node node-b is unavailable: missed heartbeats for 10 s",
+                        "error_code": "sandbox_node_unavailable"}
+    assert r.headers["should-retry"] == "false"
 
 
 async def test_refresh_never_shortens(double: Double) -> None:
