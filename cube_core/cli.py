@@ -473,13 +473,21 @@ def template_rm(name: str, config: ConfigOpt = None) -> None:
 
 
 @sandbox_app.command("ls")
-def sandbox_ls(config: ConfigOpt = None) -> None:
-    """List live sandboxes on this machine (all teams)."""
+def sandbox_ls(config: ConfigOpt = None,
+               as_json: Annotated[bool, typer.Option("--json", help="one JSON object per sandbox")] = False) -> None:
+    """List live sandboxes of every team, on every node that shares this state store."""
     from cube_core.service import LIVE_STATES
 
-    table = Table("id", "team", "template", "state", "isolation", "ends")
-    for s in _guard(lambda: _store(config).list_sandboxes(states=LIVE_STATES)):
-        table.add_row(s.sandbox_id, s.team_id, s.template_id, s.state.value, s.isolation,
+    sandboxes = _guard(lambda: _store(config).list_sandboxes(states=LIVE_STATES))
+    if as_json:
+        for s in sandboxes:
+            print(json.dumps({"sandbox_id": s.sandbox_id, "team_id": s.team_id, "template_id": s.template_id,
+                              "state": s.state.value, "node_id": s.node_id, "isolation": s.isolation,
+                              "end_at": s.end_at.isoformat()}))
+        return
+    table = Table("id", "team", "template", "state", "node", "isolation", "ends")
+    for s in sandboxes:
+        table.add_row(s.sandbox_id, s.team_id, s.template_id, s.state.value, s.node_id, s.isolation,
                       s.end_at.isoformat(timespec="seconds"))
     out.print(table)
 

@@ -216,6 +216,9 @@ class SandboxService:
                                                          rules=tuple(self.host.hooks.egress_rules(spec))))
         except BaseException as exc:
             log.warning("create failed", sandbox_id=sandbox.sandbox_id, node_id=node.node_id, error=repr(exc))
+            if isinstance(exc, CubeError):  # the node frees what it started; an answer lost on the way
+                with contextlib.suppress(CubeError):  # (a timeout) may have left a sandbox there
+                    await client.destroy(sandbox)
             final = sandbox.evolve(state=SandboxState.ERROR, error=reason(exc))
             self.store.put_sandbox(final)
             await self.host.hooks.sandbox_stopped(final, StopReason.ERROR)

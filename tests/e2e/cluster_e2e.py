@@ -1,0 +1,200 @@
+"""A real cluster on this box: a throwaway PostgreSQL, one ``cube master`` and two ``cube node``
+processes (real plugins, real microVMs), each node with its own node id, state dir, network
+subnet and ports. The SDKs talk to the master only."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from cube_e2e import BOOT_TIMEOUT_S, CUBE, free_port
+
+from cube_core.testing.postgres import PostgresServer
+
+PLUGINS = """
+[vmm]
+plugin = "kvm"
+options = {{ run_dir = "{state}/vms", mem_dir = "/dev/shm/cube-cluster-{name}" }}
+
+[network]
+plugin = "ebpf"
+options = {{ subnet = "{subnet}" }}
+
+[storage]
+plugin = "cow"
+options = {{ root = "{state}/storage" }}
+
+[scheduler]
+plugin = "{scheduler}"
+
+[[api]]
+plugin = "e2b"
+
+[cluster]
+token = {{ env = "CUBE_CLUSTER_TOKEN" }}
+heartbeat_s = 1.0
+down_after_s = 4.0
+"""
+
+NODE = """
+[core]
+node_id = "{name}"
+state_dir = "{state}"
+state = {{ env = "CUBE_STATE_URL" }}
+templates = {templates}
+pool = {{ size = 1 }}
+
+[node]
+host = "127.0.0.1"
+port = {port}
+""" + PLUGINS
+
+MASTER = """
+[core]
+node_id = "{name}"
+state_dir = "{state}"
+state = {{ env = "CUBE_STATE_URL" }}
+host = "127.0.0.1"
+port = {port}
+admin_port = {admin_port}
+""" + PLUGINS
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("a") as log_file:
+            self.proc = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                         start_new_session=True, env=self.env)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            pytest.fail(f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()[-5000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: a clean stop. SIGKILL: the agent process alone dies (as in a crash); the VMs
+        it started run in sessions of their own and survive it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@dataclass
+class Cluster:
+    url: str
+    master: Proc
+    nodes: dict[str, Proc]
+    master_config: Path
+    state_dirs: list[Path]
+    env: dict[str, str]
+    key_a: str = ""
+    key_b: str = ""
+    extra: list[Proc] = field(default_factory=list)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CUBE, *args, "--config", str(self.master_config)], capture_output=True, text=True,
+                              timeout=60, env=self.env)
+
+    def node_records(self) -> dict[str, dict[str, object]]:
+        out = self.cli("nodes", "--json")
+        assert out.returncode == 0, out.stderr
+        return {n["node_id"]: n for n in map(json.loads, out.stdout.splitlines())}
+
+    def wait(self, what: str, predicate: object, timeout: float = BOOT_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for proc in (self.master, *self.nodes.values()):
+                proc.check()
+            if predicate():  # type: ignore[operator]
+                return
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {p.name}\n{p.log.read_text()[-3000:]}"
+                                 for p in (self.master, *self.nodes.values()))
+                pytest.fail(f"cluster: {what} not within {timeout}s\n{logs}")
+            time.sleep(0.5)
+
+    def sdk_env(self, key: str | None = None) -> dict[str, str]:
+        return {"E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url, "E2B_API_KEY": key or self.key_a}
+
+
+def _ready(cluster: Cluster, templates: dict[str, set[str]]) -> bool:
+    try:
+        if httpx.get(f"{cluster.url}/health", timeout=2).status_code != 200:
+            return False
+    except httpx.HTTPError:
+        return False
+    records = cluster.node_records()
+    return all(n in records and records[n]["status"] == "up"
+               and want <= set(records[n]["templates"])  # type: ignore[call-overload]
+               for n, want in templates.items())
+
+
+@pytest.fixture(scope="module")
+def cube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("cube-cluster")
+    pg = PostgresServer()
+    pg.start()
+    url = pg.create_database()
+    env = {**os.environ, "CUBE_STATE_URL": url, "CUBE_CLUSTER_TOKEN": secrets.token_hex(32)}
+    scheduler = os.environ.get("CUBE_CLUSTER_SCHEDULER", "spread")
+    procs: list[Proc] = []
+    try:
+        nodes = {}
+        for name, subnet, templates in (("node-a", "100.80.0.0/16", '["base", "code-interpreter-v1"]'),
+                                        ("node-b", "100.81.0.0/16", '["base"]')):
+            state = root / name
+            state.mkdir()
+            config = state / "plugins.toml"
+            config.write_text(NODE.format(name=name, state=state, subnet=subnet, templates=templates,
+                                          port=free_port(), scheduler=scheduler))
+            nodes[name] = Proc(name, [CUBE, "node", "--config", str(config)], state / "node.log", env)
+        mstate = root / "master"
+        mstate.mkdir()
+        mconfig = mstate / "plugins.toml"
+        port = free_port()
+        mconfig.write_text(MASTER.format(name="master-1", state=mstate, port=port, admin_port=free_port(),
+                                         subnet="100.82.0.0/16", scheduler=scheduler))
+        master = Proc("master", [CUBE, "master", "--config", str(mconfig)], mstate / "master.log", env)
+        cluster = Cluster(url=f"http://127.0.0.1:{port}", master=master, nodes=nodes, master_config=mconfig,
+                          state_dirs=[root / n for n in nodes] + [mstate], env=env)
+        procs = [master, *nodes.values()]
+        for proc in procs:
+            proc.start()
+        cluster.wait("both nodes ready", lambda: _ready(cluster, {"node-a": {"base", "code-interpreter-v1"},
+                                                                   "node-b": {"base"}}))
+        for team in ("team-a", "team-b"):
+            out = cluster.cli("keys", "create", "--team", team)
+            assert out.returncode == 0, out.stderr
+            setattr(cluster, "key_a" if team == "team-a" else "key_b", out.stdout.strip())
+        yield cluster
+    finally:
+        for proc in procs:
+            proc.stop()
+        for name in ("node-a", "node-b"):
+            subprocess.run(["pkill", "-f", f"{root / name}/vms"], check=False)
+            shutil.rmtree(f"/dev/shm/cube-cluster-{name}", ignore_errors=True)
+        pg.stop()

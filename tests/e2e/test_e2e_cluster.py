@@ -1,0 +1,156 @@
+"""A cluster on this box (PostgreSQL + ``cube master`` + two ``cube node``), driven by the
+unmodified E2B SDKs through the master only: placement over both nodes by the scheduler
+(``spread`` here), sandbox traffic routed master -> node -> guest, a node crash and its return,
+a master restart. The order of the tests matters: they share one cluster."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+from cluster_e2e import Cluster
+from e2b import Sandbox, SandboxQuery, SandboxState
+from e2b_code_interpreter import Sandbox as CodeSandbox
+
+pytestmark = [pytest.mark.vm, pytest.mark.e2e]
+
+
+@pytest.fixture
+def sdk(cube_cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Cluster:
+    for name, value in cube_cluster.sdk_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    return cube_cluster
+
+
+def _node_of(cluster: Cluster, sandbox_id: str) -> str:
+    out = cluster.cli("sandbox", "ls", "--json")
+    assert out.returncode == 0, out.stderr
+    import json
+
+    rows = {r["sandbox_id"]: r for r in map(json.loads, out.stdout.splitlines())}
+    return str(rows[sandbox_id]["node_id"])
+
+
+def test_sandboxes_spread_over_both_nodes_and_work_through_the_master(sdk: Cluster) -> None:
+    sandboxes = [Sandbox.create(template="base", timeout=300) for _ in range(4)]
+    try:
+        placed = {s.sandbox_id: _node_of(sdk, s.sandbox_id) for s in sandboxes}
+        assert set(placed.values()) == {"node-a", "node-b"}, placed  # spread: the emptier node each time
+        for i, sbx in enumerate(sandboxes):
+            sbx.files.write("/home/user/i.txt", f"{i} on {placed[sbx.sandbox_id]}")
+            assert sbx.commands.run("cat /home/user/i.txt").stdout == f"{i} on {placed[sbx.sandbox_id]}"
+            assert sbx.commands.run("hostname").stdout.strip() == sbx.sandbox_id[:16]
+        # a PTY through master -> node -> guest
+        on_b = next(s for s in sandboxes if placed[s.sandbox_id] == "node-b")
+        seen = bytearray()
+        from e2b import PtySize
+
+        pty = on_b.pty.create(PtySize(rows=24, cols=80), on_data=seen.extend)
+        on_b.pty.send_stdin(pty.pid, b"echo pty-$((6*7))\nexit\n")
+        pty.wait()
+        assert b"pty-42" in bytes(seen)
+        # list and kill across nodes
+        listed = {s.sandbox_id for s in Sandbox.list().next_items()}
+        assert set(placed) <= listed
+        for sbx in sandboxes:
+            sbx.kill()
+        assert not set(placed) & {s.sandbox_id for s in Sandbox.list().next_items()}
+    finally:
+        for sbx in sandboxes:
+            try:
+                sbx.kill()
+            except Exception:
+                pass
+
+
+def test_template_only_on_one_node_goes_there(sdk: Cluster) -> None:
+    with CodeSandbox.create(timeout=300) as sbx:
+        assert _node_of(sdk, sbx.sandbox_id) == "node-a"  # node-b has no code-interpreter-v1
+        assert sbx.run_code("6 * 7").text == "42"
+
+
+def test_pause_resume_and_snapshot_on_a_node(sdk: Cluster) -> None:
+    sbx = Sandbox.create(template="base", timeout=300)
+    try:
+        node = _node_of(sdk, sbx.sandbox_id)
+        sbx.files.write("/home/user/keep.txt", "kept")
+        sbx.pause()
+        assert [s.sandbox_id for s in Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()] \
+            == [sbx.sandbox_id]
+        again = Sandbox.connect(sbx.sandbox_id)
+        assert again.files.read("/home/user/keep.txt") == "kept"
+        snap = again.create_snapshot()
+        clone = Sandbox.create(template=snap.snapshot_id, timeout=300)
+        try:
+            assert clone.files.read("/home/user/keep.txt") == "kept"
+            assert _node_of(sdk, clone.sandbox_id) == node  # its snapshot's files are on that node
+        finally:
+            clone.kill()
+    finally:
+        sbx.kill()
+
+
+def test_a_node_that_dies_is_reported_and_reconciled_when_it_returns(sdk: Cluster) -> None:
+    sandboxes = [Sandbox.create(template="base", timeout=600) for _ in range(2)]
+    try:
+        placed = {s.sandbox_id: _node_of(sdk, s.sandbox_id) for s in sandboxes}
+        victim = next(s for s in sandboxes if placed[s.sandbox_id] == "node-b")
+        victim.files.write("/home/user/alive.txt", "yes")
+        sdk.nodes["node-b"].stop(signal.SIGKILL)  # the agent dies; its VMs keep running
+        sdk.wait("node-b marked down", lambda: sdk.node_records()["node-b"]["status"] == "down", timeout=30)
+        with pytest.raises(Exception) as failed:
+            Sandbox.connect(victim.sandbox_id).commands.run("true")
+        assert "unavailable" in str(failed.value) or "503" in str(failed.value), failed.value
+        # creates keep working, on the node that is up
+        fresh = Sandbox.create(template="base", timeout=120)
+        assert _node_of(sdk, fresh.sandbox_id) == "node-a"
+        fresh.kill()
+        # it returns: re-attached, the same VM with its files
+        sdk.nodes["node-b"].start()
+        sdk.wait("node-b up again", lambda: sdk.node_records()["node-b"]["status"] == "up", timeout=300)
+        back = Sandbox.connect(victim.sandbox_id)
+        assert back.files.read("/home/user/alive.txt") == "yes"
+    finally:
+        for sbx in sandboxes:
+            try:
+                sbx.kill()
+            except Exception:
+                pass
+
+
+def test_a_master_restart_loses_nothing(sdk: Cluster) -> None:
+    sbx = Sandbox.create(template="base", timeout=300)
+    try:
+        sdk.master.stop()
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{sdk.url}/health", timeout=2)
+        sdk.master.start()
+        sdk.wait("master back", lambda: _healthy(sdk))
+        assert Sandbox.connect(sbx.sandbox_id).commands.run("echo still").stdout.strip() == "still"
+    finally:
+        sbx.kill()
+
+
+def test_nothing_is_left_running_after_kills(sdk: Cluster) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        live = [n for n in sdk.node_records().values() if n["sandboxes"]]
+        if not live or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not live, live
+    for state in sdk.state_dirs[:2]:
+        qemu = subprocess.run(["pgrep", "-f", f"{state}/vms"], capture_output=True, text=True).stdout.split()
+        # pool members (one per template per node) are the only VMs left
+        assert len(qemu) <= 2, qemu
+
+
+def _healthy(cluster: Cluster) -> bool:
+    try:
+        return httpx.get(f"{cluster.url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
