@@ -24,7 +24,8 @@ def _vm(server: CubeServer, sandbox_id: str) -> dict[str, object]:
     finally:
         store.close()
     assert record is not None
-    return dict(record.runtime["vm"])
+    assert record.runtime.vm is not None
+    return record.runtime.vm.model_dump(mode="json")
 
 
 def _status(pid: int) -> dict[str, str]:

@@ -28,6 +28,11 @@ class Cube:
     def service(self) -> Any:
         return self.app.state.service
 
+    @property
+    def agent(self) -> Any:
+        """The node agent in the app's process (drivers, pool)."""
+        return self.app.state.agent
+
     def key(self, team: str = "team-a") -> str:
         return self.service.create_api_key(team)[1]
 
@@ -51,7 +56,7 @@ def cube_factory(plugin_host: Callable[..., Any], tmp_path: Path) -> Callable[..
         app = create_app(host, build_templates=True)
         plugin = host.plugins["api:e2b"]
         async with app.router.lifespan_context(app):
-            await asyncio.wait_for(app.state.service.ready.wait(), timeout=30)
+            await asyncio.wait_for(app.state.agent.ready.wait(), timeout=30)
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://cube.test") as client:
                 yield Cube(app=app, plugin=plugin, client=client)

@@ -63,7 +63,7 @@ class ServedApi:
         try:
             app = create_app(host, build_templates=True)
             async with serve(app) as port:
-                await asyncio.wait_for(app.state.service.ready.wait(), timeout=30)
+                await asyncio.wait_for(app.state.agent.ready.wait(), timeout=30)
                 service: Any = app.state.service
                 self.key = service.create_api_key("fuzz")[1]
                 team = service.authenticate(self.key).team_id

@@ -33,7 +33,7 @@ ENVD_HOST = "127.0.0.2"
 @pytest.fixture
 async def sdk_env(cube, monkeypatch):
     """A served Cube with its edge in single-URL mode, and the SDK pointed at it."""
-    network = cube.service.network
+    network = cube.agent.network
     allocate = network.allocate
 
     async def allocate_on_envd_host(*args, **kwargs):

@@ -66,7 +66,7 @@ async def domain_server(plugin_host, tmp_path: Path):
     stop = asyncio.Event()
     task = asyncio.create_task(hypercorn_serve(app, config, shutdown_trigger=stop.wait))
     try:
-        await asyncio.wait_for(app.state.service.ready.wait(), timeout=30)
+        await asyncio.wait_for(app.state.agent.ready.wait(), timeout=30)
         deadline = time.monotonic() + 10
         while True:
             with contextlib.suppress(OSError):
@@ -157,7 +157,7 @@ async def test_sdk_in_domain_mode(plugin_host, tmp_path, monkeypatch) -> None:
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(serve(envd.app, host="127.0.0.2", port=49983, lifespan="off"))
         app, tls, tls_port, _ = await stack.enter_async_context(domain_server(plugin_host, tmp_path))
-        network = app.state.service.network
+        network = app.state.agent.network
         allocate = network.allocate
 
         async def allocate_on_envd_host(*args, **kwargs):
