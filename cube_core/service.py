@@ -196,20 +196,21 @@ class SandboxService:
         rejection = self.host.hooks.admit_sandbox(spec)
         if rejection is not None:
             raise AdmissionRejectedError(reason=rejection.reason, retryable=rejection.retryable)
-        self.quotas.check_create(spec.team_id, spec.network)  # no await from here to put_sandbox: atomic
-        if len(self.store.list_sandboxes(states=LIVE_STATES)) >= self.settings.max_sandboxes:
-            raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
-        node = self._place(spec, snap)
-        now = utcnow()
-        sandbox = Sandbox(
-            sandbox_id=ids.sandbox_id(), template_id=template.template_id,
-            alias=template.aliases[0] if template.aliases else None, team_id=spec.team_id,
-            state=SandboxState.CREATING, started_at=now, end_at=now + timedelta(seconds=spec.timeout_s),
-            metadata=dict(spec.metadata), env_vars=dict(spec.env_vars), cpu_count=template.cpu_count,
-            memory_mb=template.memory_mb, auto_pause=spec.auto_pause, secure=spec.secure,
-            envd_access_token=ids.access_token() if spec.secure else None, network=spec.network,
-            node_id=node.node_id, isolation=node.isolation)
-        self.store.put_sandbox(sandbox)
+        with self.store.exclusive("placement"):  # among masters: quota, capacity, node, record at once
+            self.quotas.check_create(spec.team_id, spec.network)
+            if len(self.store.list_sandboxes(states=LIVE_STATES)) >= self.settings.max_sandboxes:
+                raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
+            node = self._place(spec, snap)
+            now = utcnow()
+            sandbox = Sandbox(
+                sandbox_id=ids.sandbox_id(), template_id=template.template_id,
+                alias=template.aliases[0] if template.aliases else None, team_id=spec.team_id,
+                state=SandboxState.CREATING, started_at=now, end_at=now + timedelta(seconds=spec.timeout_s),
+                metadata=dict(spec.metadata), env_vars=dict(spec.env_vars), cpu_count=template.cpu_count,
+                memory_mb=template.memory_mb, auto_pause=spec.auto_pause, secure=spec.secure,
+                envd_access_token=ids.access_token() if spec.secure else None, network=spec.network,
+                node_id=node.node_id, isolation=node.isolation)
+            self.store.put_sandbox(sandbox)
         client = self.nodes.client(node.node_id)
         try:
             launched = await client.launch(LaunchRequest(sandbox=sandbox, snapshot=snap,

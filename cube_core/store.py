@@ -11,6 +11,7 @@ and its WAL/SHM companions are mode 0600, the directory that holds them 0700.
 from __future__ import annotations
 
 import abc
+import fcntl
 import hashlib
 import os
 import sqlite3
@@ -18,7 +19,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from cube_core.config import CoreSettings, state_url
@@ -95,6 +96,13 @@ class StateStore(abc.ABC):
         Work that one control plane among several must do alone (the reaper of deadlines and of
         nodes that stopped reporting) runs only while its lease is held. Atomic: of several
         holders asking at once, exactly one gets an expired or free lease."""
+
+    @abc.abstractmethod
+    def exclusive(self, name: str) -> AbstractContextManager[None]:
+        """A critical section named ``name`` among every process sharing this store (several
+        masters): placement and the quota checks of a create run in it, so two masters never
+        both give away the last slot of a node or of a team's quota. Other store calls may be
+        made inside it. Not re-entrant across stores; keep it short (no awaits on a node)."""
 
     @abc.abstractmethod
     def put_team(self, team: Team) -> None: ...
@@ -253,6 +261,21 @@ class SqliteStore(StateStore):
 
     def list_nodes(self) -> list[Node]:
         return [Node.model_validate_json(b) for b in self._rows("SELECT body FROM nodes ORDER BY id")]
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """An flock on ``<db>.<name>.lock`` (other processes and store objects on this file)
+        inside this store's own lock (its threads)."""
+        with self._lock:
+            if str(self.path) == ":memory:":
+                yield
+                return
+            fd = os.open(f"{self.path}.{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
 
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         now = time.time()

@@ -63,7 +63,7 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 # pg_advisory_xact_lock key: one 64-bit number for "Cube migrates this database"
 MIGRATION_LOCK = int.from_bytes(hashlib.sha256(b"cube state schema").digest()[:8], "big", signed=True)
 # pg_advisory_xact_lock(class, hashtext(value)) keys: "a write gives this unique value to a record"
-TEAM_NAME_LOCK, KEY_HASH_LOCK = 0x63756201, 0x63756202
+TEAM_NAME_LOCK, KEY_HASH_LOCK, EXCLUSIVE_LOCK = 0x63756201, 0x63756202, 0x63756203
 
 
 def describe_dsn(dsn: str) -> str:
@@ -243,6 +243,14 @@ class PostgresStore(StateStore):
 
     def list_nodes(self) -> list[Node]:
         return [Node.model_validate_json(b) for b in self._bodies("SELECT body FROM nodes ORDER BY id COLLATE \"C\"")]
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """A transaction-scoped advisory lock on ``name``, held on a connection of its own until
+        the block ends (the block's own store calls use other pooled connections)."""
+        with self._tx() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (EXCLUSIVE_LOCK, name))
+            yield
 
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         with self._conn() as conn:

@@ -305,6 +305,26 @@ class StoreContract:
             t.join()
         assert len(won) == 1
 
+    def test_exclusive_sections_of_one_name_never_overlap(self, store: StateStore, open_store: StoreFactory) -> None:
+        """Read-then-write inside ``exclusive`` from two stores (two masters) at once loses no
+        update: a counter kept in a node record ends at the number of increments."""
+        other_store = open_store()
+        store.put_node(Node(node_id="counter", cpu_total=1, memory_mb_total=1))
+
+        def bump(s: StateStore) -> None:
+            for _ in range(10):
+                with s.exclusive("placement"):
+                    node = next(n for n in s.list_nodes() if n.node_id == "counter")
+                    time.sleep(0.001)
+                    s.put_node(node.evolve(sandboxes=node.sandboxes + 1))
+
+        threads = [threading.Thread(target=bump, args=(s,)) for s in (store, other_store, store, other_store)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert next(n for n in store.list_nodes() if n.node_id == "counter").sandboxes == 40
+
     # -- teams and API keys ---------------------------------------------------------------------
 
     def test_team_round_trips_every_field(self, store: StateStore) -> None:
