@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cube_net_ebpf.nodenames import LOCAL, HostNames
+
 GUEST_ADDR = "169.254.0.21"
 GATEWAY_ADDR = "169.254.0.22"
 GUEST_PREFIXLEN = 30
@@ -22,11 +24,11 @@ GUEST_MAC = "52:54:00:00:00:21"
 TAP_MAC = "02:5a:00:00:00:01"
 TAP_NAME = "tap0"
 NS_VETH = "vg0"
-HOST_VETH_PREFIX = "vh"
-NETNS_PREFIX = "cube-"
+HOST_VETH_PREFIX = LOCAL.host_if_prefix
+"""Host links of node ``local``; other nodes add their tag (see :mod:`.nodenames`)."""
+NETNS_PREFIX = LOCAL.netns_prefix
 LINK_PREFIXLEN = 30
 
-_HOST_IF_RE = re.compile(r"^vh(\d+)$")
 _SLOT_RE = re.compile(r"^(?P<owner>[a-z0-9_.]+)-(?P<index>\d+)$")
 _OWNER_BAD = re.compile(r"[^a-z0-9_.]+")
 _OWNER_MAX = 40
@@ -47,13 +49,15 @@ class SlotAddress:
 
 
 class AddressPlan:
-    """Maps slot indexes to /30 links inside ``subnet``."""
+    """Maps slot indexes to /30 links inside ``subnet`` (host links named after ``names``)."""
 
-    def __init__(self, subnet: str) -> None:
+    def __init__(self, subnet: str, names: HostNames = LOCAL) -> None:
         self.subnet = ipaddress.IPv4Network(subnet)
         if self.subnet.prefixlen > 28:
             raise ValueError(f"subnet {subnet} is too small for sandbox links")
         self.max_index = (self.subnet.num_addresses // 4) - 1
+        self.names = names
+        names.check_index_fits(self.max_index)
 
     @property
     def reserved(self) -> ipaddress.IPv4Network:
@@ -68,7 +72,7 @@ class AddressPlan:
         if not 1 <= index <= self.max_index:
             raise ValueError(f"slot index {index} out of range 1..{self.max_index}")
         base = int(self.subnet.network_address) + 4 * index
-        return SlotAddress(index=index, host_if=host_if_name(index),
+        return SlotAddress(index=index, host_if=host_if_name(index, self.names),
                            host_addr=str(ipaddress.IPv4Address(base + 1)),
                            ns_addr=str(ipaddress.IPv4Address(base + 2)))
 
@@ -84,13 +88,16 @@ class AddressPlan:
         return index if 1 <= index <= self.max_index else None
 
 
-def host_if_name(index: int) -> str:
-    return f"{HOST_VETH_PREFIX}{index}"
+def host_if_name(index: int, names: HostNames = LOCAL) -> str:
+    return f"{names.host_if_prefix}{index}"
 
 
-def index_of_host_if(ifname: str) -> int | None:
-    match = _HOST_IF_RE.match(ifname)
-    return int(match.group(1)) if match else None
+def index_of_host_if(ifname: str, names: HostNames = LOCAL) -> int | None:
+    """The index of one of ``names``' host links (never another node's: a tag starts with a
+    letter and has a fixed length)."""
+    prefix = names.host_if_prefix
+    rest = ifname[len(prefix):] if ifname.startswith(prefix) else ""
+    return int(rest) if rest.isdigit() and rest.isascii() else None
 
 
 def slot_id_for(owner_id: str, index: int) -> str:
@@ -105,14 +112,17 @@ def index_of_slot(slot_id: str) -> int | None:
     return int(match.group("index")) if match else None
 
 
-def netns_name(slot_id: str) -> str:
-    return f"{NETNS_PREFIX}{slot_id}"
+def netns_name(slot_id: str, names: HostNames = LOCAL) -> str:
+    return f"{names.netns_prefix}{slot_id}"
 
 
-def slot_of_netns(name: str) -> str | None:
-    if not name.startswith(NETNS_PREFIX):
+def slot_of_netns(name: str, names: HostNames = LOCAL) -> str | None:
+    """The slot id of one of ``names``' namespaces. Another node's never parses: its prefix
+    leaves a ``-`` in what would be the owner part, which slot ids never hold."""
+    prefix = names.netns_prefix
+    if not name.startswith(prefix):
         return None
-    slot_id = name[len(NETNS_PREFIX):]
+    slot_id = name[len(prefix):]
     return slot_id if index_of_slot(slot_id) is not None else None
 
 

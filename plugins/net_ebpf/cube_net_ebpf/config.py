@@ -7,6 +7,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cube_net_ebpf.nodenames import (
+    TAG_RE,
+    HostNames,
+    default_bpf_pin_dir,
+    default_state_dir,
+    node_tag,
+)
 from cube_net_ebpf.ranges import ALWAYS_DENIED, ALWAYS_DENIED6
 
 _PRIVATE = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
@@ -19,7 +26,12 @@ class EbpfNetConfig(BaseModel):
 
     subnet: str = "100.64.0.0/10"
     """IPv4 range the per-slot /30 host links are cut from (never 10/8, 172.16/12, 192.168/16).
-    Its first /30 is Cube's: the resolver listens on its ``.1``."""
+    Its first /30 is Cube's: the resolver listens on its ``.1``. Several nodes on one host need
+    subnets that do not overlap."""
+    node_tag: str = ""
+    """4 characters ``[a-z][a-z0-9]{3}`` in this node's host link, namespace and nft table
+    names; ``""`` for the historical names. Default: ``""`` for ``[core] node_id = "local"``,
+    else derived from the node id (see the plugin README, "Several nodes on one host")."""
     workers: int = Field(default=2, ge=1, le=16)
     """Threads doing netlink work (each enters sandbox namespaces on its own)."""
     pool_size: int = Field(default=2, ge=0, le=256)
@@ -29,7 +41,8 @@ class EbpfNetConfig(BaseModel):
     """Turn IPv4 forwarding on for sandbox traffic; if Cube turns it on, only sandbox traffic is
     forwarded (the host's ``inet cube`` table drops the rest)."""
     state_dir: Path = Path("/run/cube/net")
-    """Per-slot policy files, so a restarted Cube can keep enforcing domain rules."""
+    """Per-slot policy files, so a restarted Cube can keep enforcing domain rules. Default
+    ``/run/cube/net`` for node ``local``, else ``/run/cube/<node_id>/net``."""
 
     ebpf: bool = True
     """Attach the egress filter. Without it sandboxes have plain NAT (no policy, no audit)."""
@@ -38,7 +51,9 @@ class EbpfNetConfig(BaseModel):
     (built by ``plugins/net_ebpf/bpf/build.sh``; built on first start when clang is present)."""
     bpf_cache_dir: Path = Path("/var/cache/cube/bpf")
     bpf_pin_dir: Path = Path("/sys/fs/bpf/cube")
-    """Maps are pinned under ``<bpf_pin_dir>/<object hash>/`` and shared across restarts."""
+    """Maps are pinned under ``<bpf_pin_dir>/<object hash>/`` and shared across restarts (not
+    between nodes). Default ``/sys/fs/bpf/cube`` for node ``local``, else
+    ``/sys/fs/bpf/cube-<node_id>``."""
     always_denied: tuple[str, ...] = ALWAYS_DENIED
     """IPv4 destinations no sandbox rule (``allow_out``, plugin egress rules, DNS-learned
     addresses) can open: an allow rule wholly inside one is refused. The host's own addresses
@@ -72,6 +87,26 @@ class EbpfNetConfig(BaseModel):
     """Events kept in memory per sandbox for ``audit()``."""
     audit_dir: Path | None = None
     """If set, every event is also appended to ``<audit_dir>/<slot_id>.jsonl``."""
+
+    @property
+    def names(self) -> HostNames:
+        """This node's host-global network names (from ``node_tag``)."""
+        return HostNames(self.node_tag)
+
+    def for_node(self, node_id: str) -> EbpfNetConfig:
+        """This config with the node-derived defaults of ``node_id`` for every option the
+        operator did not set (``node_tag``, ``state_dir``, ``bpf_pin_dir``)."""
+        derived = {"node_tag": node_tag(node_id), "state_dir": default_state_dir(node_id),
+                   "bpf_pin_dir": default_bpf_pin_dir(node_id)}
+        update = {k: v for k, v in derived.items() if k not in self.model_fields_set}
+        return self.model_copy(update=update) if update else self
+
+    @field_validator("node_tag")
+    @classmethod
+    def _check_tag(cls, value: str) -> str:
+        if value and not TAG_RE.match(value):
+            raise ValueError("node_tag: 4 characters, a letter then letters or digits ([a-z][a-z0-9]{3})")
+        return value
 
     @field_validator("always_denied", "always_denied6", "openable_ranges")
     @classmethod

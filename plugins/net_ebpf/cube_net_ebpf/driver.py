@@ -66,6 +66,7 @@ def _link_exists(ifname: str) -> bool:
 @dataclass
 class _Slot:
     slot_id: str
+    netns: str
     addr: SlotAddress
     ifindex: int
     policy: CompiledPolicy
@@ -73,7 +74,7 @@ class _Slot:
     """The policy as given (NetworkPolicy + extra rules), persisted for a restarted Cube."""
 
     def nic(self) -> NicHandle:
-        return NicHandle(slot_id=self.slot_id, netns=netns_name(self.slot_id), tap=TAP_NAME,
+        return NicHandle(slot_id=self.slot_id, netns=self.netns, tap=TAP_NAME,
                          guest_address=self.addr.ns_addr, guest_mac=GUEST_MAC,
                          data={"index": self.addr.index, "host_if": self.addr.host_if,
                                "host_addr": self.addr.host_addr, "ns_addr": self.addr.ns_addr,
@@ -86,7 +87,9 @@ class EbpfNetwork(NetworkDriver):
     Each slot is a namespace ``cube-<slot_id>`` holding ``tap0`` (169.254.0.22/30, the guest's
     gateway) and ``vg0``, the namespace end of a veth pair whose host end is ``vh<index>``. The
     host reaches guest TCP port P at ``NicHandle.guest_address:P``. The egress filter sits on
-    ``vh<index>``; the sandbox's DNS goes to Cube's resolver.
+    ``vh<index>``; the sandbox's DNS goes to Cube's resolver. On a node other than ``local``
+    the names carry the node's tag (``cube-<tag>-<slot_id>``, ``vh<tag><index>``; see
+    :mod:`.nodenames`), and start-up cleanup and ``sweep`` only ever see this node's names.
     """
 
     capabilities: ClassVar[frozenset[str]] = frozenset({"update_policy", "audit"})
@@ -94,7 +97,9 @@ class EbpfNetwork(NetworkDriver):
     def __init__(self, config: EbpfNetConfig, *,
                  test_guest_netns: GuestNetnsFactory | None = None) -> None:
         self.config = config
-        self.plan = AddressPlan(config.subnet)
+        self.names = config.names
+        """This node's host-global names; build the driver from ``config.for_node(node_id)``."""
+        self.plan = AddressPlan(config.subnet, self.names)
         self.indexes = SlotIndexes(self.plan.max_index)
         self.setup_ms: list[float] = []
         """Wall time of the last slot builds (namespace + tap + veth + NAT + filter)."""
@@ -151,18 +156,19 @@ class EbpfNetwork(NetworkDriver):
 
     def _start_sync(self) -> None:
         with map_network_errors("network start"):
-            host.prepare(self.config.subnet, self.resolver, self.config.manage_forwarding)
+            host.prepare(self.config.subnet, self.resolver, self.config.manage_forwarding,
+                         self.names)
             own = parse_networks(host.own_addresses(self.config.subnet))
             self.denied = DeniedRanges(always=(*self._configured_denied.always, *own),
                                        openable=self._configured_denied.openable)
             self.config.state_dir.mkdir(parents=True, exist_ok=True)
             if self.config.ebpf:
                 self._start_filter()
-            inv = host.inventory()
+            inv = host.inventory(self.names)
             for index in inv.indexes():
                 self.indexes.mark_used(index)
             removed = self._remove_incomplete(inv)
-            recovered = self._recover(host.inventory())
+            recovered = self._recover(host.inventory(self.names))
             if self._reader is not None:
                 # only now: events the filter queued while no Cube ran belong to recovered slots
                 self._reader.start()
@@ -234,7 +240,7 @@ class EbpfNetwork(NetworkDriver):
             # not checked against the always-denied ranges: a rule the operator no longer allows
             # is kept (the filter ignores it) rather than leaving the slot unmanaged
             compiled = compile_policy(policy, rules, resolver=self.resolver)
-            rec = _Slot(slot_id, addr, ifindex, compiled, source)
+            rec = _Slot(slot_id, netns_name(slot_id, self.names), addr, ifindex, compiled, source)
             if self.filter is not None:
                 self.filter.register(ifindex, addr.host_addr, compiled)
             self._remember(rec)
@@ -335,7 +341,7 @@ class EbpfNetwork(NetworkDriver):
     # -- slots ----------------------------------------------------------------------------------
 
     def _index_is_free(self, index: int) -> bool:
-        return not _link_exists(host_if_name(index))
+        return not _link_exists(host_if_name(index, self.names))
 
     def _build(self, owner_id: str | None, policy: CompiledPolicy, source: dict[str, Any]) -> _Slot:
         """Build a slot for ``owner_id`` (None: a pool slot)."""
@@ -346,7 +352,7 @@ class EbpfNetwork(NetworkDriver):
         addr = self.plan.slot(index)
         slot_id = slot_id_for(owner_id, index) if owner_id is not None else f"{POOL_PREFIX}{index}"
         guest_ns = self._test_guest_netns(index) if self._test_guest_netns else None
-        spec = slot.SlotSpec(netns=netns_name(slot_id), addr=addr, resolver=self.resolver,
+        spec = slot.SlotSpec(netns=netns_name(slot_id, self.names), addr=addr, resolver=self.resolver,
                              guest_veth_netns=guest_ns)
         filt = self.filter
 
@@ -368,7 +374,7 @@ class EbpfNetwork(NetworkDriver):
             self.setup_ms.append(elapsed)
             del self.setup_ms[:-1000]
         log.debug("slot built", slot_id=slot_id, ms=round(elapsed, 2))
-        return _Slot(slot_id, addr, ifindex, policy, source)
+        return _Slot(slot_id, spec.netns, addr, ifindex, policy, source)
 
     async def allocate(self, owner_id: str, policy: NetworkPolicy,
                        extra_rules: Sequence[EgressRule] = ()) -> NicHandle:
@@ -397,7 +403,7 @@ class EbpfNetwork(NetworkDriver):
         slot_id = slot_id_for(owner_id, pooled.addr.index)
         try:
             with map_network_errors("slot from pool", owner_id=owner_id, slot_id=slot_id):
-                netns.rename(netns_name(pooled.slot_id), netns_name(slot_id))
+                netns.rename(pooled.netns, netns_name(slot_id, self.names))
                 if self.filter is not None:
                     self.filter.register(pooled.ifindex, pooled.addr.host_addr, policy)
         except NetworkError:
@@ -405,7 +411,8 @@ class EbpfNetwork(NetworkDriver):
             self._release_sync(pooled.slot_id)
             return None
         self._forget(pooled.slot_id)
-        return _Slot(slot_id, pooled.addr, pooled.ifindex, policy, source)
+        return _Slot(slot_id, netns_name(slot_id, self.names), pooled.addr, pooled.ifindex, policy,
+                     source)
 
     def _schedule_pool_fill(self) -> None:
         if self._executor is None or self._closing:
@@ -472,7 +479,7 @@ class EbpfNetwork(NetworkDriver):
         with map_network_errors("slot release", slot_id=slot_id):
             if rec is not None and self.filter is not None:
                 self.filter.unregister(rec.ifindex)
-            netns.remove(netns_name(slot_id))
+            netns.remove(netns_name(slot_id, self.names))
             self._state_file(slot_id).unlink(missing_ok=True)
         if index is not None:
             self._draining.add(index)
@@ -487,7 +494,7 @@ class EbpfNetwork(NetworkDriver):
         keep_indexes = {i for i in map(index_of_slot, keep) if i is not None}
         removed: set[int] = set()
         with map_network_errors("sweep"):
-            inv = host.inventory()
+            inv = host.inventory(self.names)
             for slot_id in inv.namespaces:
                 if slot_id in keep:
                     continue

@@ -1,5 +1,6 @@
-"""Host-wide set-up: /run/netns, IPv4 forwarding, Cube's ``inet cube`` table; and the inventory
-of slots that exist on the host (for crash recovery and sweeping)."""
+"""Host-wide set-up: /run/netns, IPv4 forwarding, the node's host table (``inet cube``); and the
+inventory of this node's slots on the host (for crash recovery and sweeping: only ever the
+namespaces and links named after this node, see :mod:`.nodenames`)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ from pyroute2 import IPRoute
 
 from cube_net_ebpf import nat, netns
 from cube_net_ebpf.addressing import index_of_host_if, index_of_slot, slot_of_netns
+from cube_net_ebpf.nodenames import LOCAL, HostNames
 
 log = structlog.get_logger(__name__)
 
 FORWARDING_MARKER = Path("/run/cube/net-forwarding-enabled")
 """Exists while IPv4 forwarding is on because Cube turned it on (cleared by a reboot, as the
-sysctl is)."""
+sysctl is). One per host, shared by every node on it on purpose: it describes the host's sysctl,
+so a node started after another one turned forwarding on still knows only sandbox traffic may be
+forwarded."""
 
 
-def prepare(subnet: str, resolver: str | None, manage_forwarding: bool) -> bool:
+def prepare(subnet: str, resolver: str | None, manage_forwarding: bool,
+            names: HostNames = LOCAL) -> bool:
     """Set up the host once per start; return whether only sandbox traffic is forwarded."""
     netns.ensure_rundir()
     forward_only = False
@@ -32,7 +37,7 @@ def prepare(subnet: str, resolver: str | None, manage_forwarding: bool) -> bool:
             log.info("enabled IPv4 forwarding for sandbox traffic only")
         forward_only = FORWARDING_MARKER.exists()
     nat.apply_host(nat.HostRules(subnet=subnet, resolver=resolver,
-                                 forward_only_sandboxes=forward_only))
+                                 forward_only_sandboxes=forward_only, names=names))
     return forward_only
 
 
@@ -54,16 +59,17 @@ class Inventory:
         return found
 
 
-def inventory() -> Inventory:
+def inventory(names: HostNames = LOCAL) -> Inventory:
+    """This node's namespaces and host links (other nodes' never match ``names``)."""
     inv = Inventory()
     for name in netns.names():
-        slot_id = slot_of_netns(name)
+        slot_id = slot_of_netns(name, names)
         if slot_id is not None:
             inv.namespaces[slot_id] = name
     with IPRoute() as ipr:
         for link in ipr.get_links():
             ifname = link.get("ifname") or link.get_attr("IFLA_IFNAME")
-            index = index_of_host_if(str(ifname)) if ifname else None
+            index = index_of_host_if(str(ifname), names) if ifname else None
             if index is not None:
                 inv.host_links[index] = str(ifname)
     return inv

@@ -8,11 +8,13 @@ Inside a slot's namespace (table ``ip cube``):
 - nothing else may reach the namespace itself (the guest gets a RST or an ICMP error, so it fails
   at once), and only those paths are forwarded.
 
-On the host (table ``inet cube``):
+On the host (table ``inet cube``; ``inet cube_<tag>`` for a node other than ``local``, see
+:mod:`.nodenames`):
 - sandboxes may not reach the host (except replies and Cube's resolver; the rest is rejected,
-  so the guest fails fast), nor each other;
+  so the guest fails fast), nor each other (nor the sandboxes of other nodes on the host);
 - what sandboxes send elsewhere is forwarded and masqueraded;
-- when Cube had to turn IPv4 forwarding on, nothing but sandbox traffic is forwarded.
+- when Cube had to turn IPv4 forwarding on, nothing but sandbox traffic (of any node on the
+  host) is forwarded.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cube_net_ebpf import nftables
-from cube_net_ebpf.addressing import GATEWAY_ADDR, GUEST_ADDR, HOST_VETH_PREFIX, NS_VETH, TAP_NAME
+from cube_net_ebpf.addressing import GATEWAY_ADDR, GUEST_ADDR, NS_VETH, TAP_NAME
+from cube_net_ebpf.nodenames import FAMILY_PREFIX, LOCAL, HostNames
 
-HOST_TABLE = "cube"
+HOST_TABLE = LOCAL.nft_table
+"""The host table of node ``local``; other nodes': ``HostNames.nft_table``."""
 
 
 def slot_ruleset(ns_addr: str, resolver: str | None) -> str:
@@ -64,21 +68,33 @@ class HostRules:
     subnet: str
     resolver: str | None
     forward_only_sandboxes: bool
+    names: HostNames = LOCAL
 
 
 def host_ruleset(rules: HostRules) -> str:
-    """The nft script for the host's ``inet cube`` table (replaces it atomically)."""
-    vh = f'"{HOST_VETH_PREFIX}*"'
+    """The nft script for the node's host table (replaces it atomically).
+
+    Rules about this node's own links match ``<host_if_prefix>*``; the sandbox-to-sandbox drop
+    and the forwarding guard match every node's links (``vh*``). For ``local`` both are ``vh*``,
+    so its table is what it always was."""
+    table = rules.names.nft_table
+    vh = f'"{rules.names.host_if_prefix}*"'
+    family = f'"{FAMILY_PREFIX}*"'
     resolver_in = ""
     resolver_guard = ""
     if rules.resolver:
         resolver_in = (f"    iifname {vh} ip daddr {rules.resolver} meta l4proto {{ tcp, udp }} "
                        "th dport 53 accept\n")
         resolver_guard = f"    ip daddr {rules.resolver} drop\n"
-    isolate = "    drop\n" if rules.forward_only_sandboxes else ""
-    return f"""add table inet {HOST_TABLE}
-delete table inet {HOST_TABLE}
-table inet {HOST_TABLE} {{
+    isolate = ""
+    if rules.forward_only_sandboxes:
+        if family != vh:  # other nodes' sandbox traffic is theirs to judge, not this guard's
+            isolate = (f"    iifname {family} accept\n"
+                       f"    oifname {family} ct state established,related accept\n")
+        isolate += "    drop\n"
+    return f"""add table inet {table}
+delete table inet {table}
+table inet {table} {{
   chain input {{
     type filter hook input priority filter - 5; policy accept;
     iifname {vh} ct state established,related accept
@@ -87,7 +103,7 @@ table inet {HOST_TABLE} {{
 {resolver_guard}  }}
   chain forward {{
     type filter hook forward priority filter - 5; policy accept;
-    iifname {vh} oifname {vh} drop
+    iifname {family} oifname {family} drop
     iifname {vh} accept
     oifname {vh} ct state established,related accept
     oifname {vh} drop
@@ -109,5 +125,6 @@ def apply_host(rules: HostRules) -> None:
     nftables.run(host_ruleset(rules))
 
 
-def remove_host() -> None:
-    nftables.run(f"add table inet {HOST_TABLE}\ndelete table inet {HOST_TABLE}\n")
+def remove_host(names: HostNames = LOCAL) -> None:
+    table = names.nft_table
+    nftables.run(f"add table inet {table}\ndelete table inet {table}\n")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cube_core import Check, NetworkDriver, hookimpl
+from cube_core import Check, CoreSettings, NetworkDriver, hookimpl
 
 from cube_net_ebpf.checks import doctor_checks
 from cube_net_ebpf.config import EbpfNetConfig
@@ -17,6 +17,13 @@ class EbpfNetPlugin:
     def __init__(self, config: EbpfNetConfig) -> None:
         self.config = config
         self._driver: EbpfNetwork | None = None
+
+    @hookimpl
+    def cube_configure(self, settings: CoreSettings) -> None:
+        """Name this node's host-global resources after ``[core] node_id`` (options the operator
+        set stay as set)."""
+        if self._driver is None:
+            self.config = self.config.for_node(settings.node_id)
 
     @hookimpl
     def cube_network_driver(self) -> NetworkDriver:

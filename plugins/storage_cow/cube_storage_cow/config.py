@@ -12,6 +12,7 @@ from cube_storage_cow.layertar import LayerPolicy
 Reflink = Literal["auto", "always", "never"]
 
 FALLBACK_GUEST_SRC = Path("/opt/cube/guest-src")
+LOCAL_NODE = "local"
 
 
 class CowConfig(BaseModel):
@@ -20,9 +21,12 @@ class CowConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     root: Path = Path("/var/lib/cube/storage")
-    """Images (``images/``), per-sandbox disks (``disks/``), snapshots (``snapshots/``), build trees."""
+    """Images (``images/``), per-sandbox disks (``disks/``), snapshots (``snapshots/``), build trees.
+    One node's own (its ``gc`` removes disks and snapshots it does not know): default
+    ``/var/lib/cube/storage`` for node ``local``, else ``<[core] state_dir>/storage``."""
     cache: Path = Path("/var/cache/cube")
-    """Machine-wide cache of expensive intermediate artifacts (``debootstrap/<suite>-<hash>.tar``)."""
+    """Machine-wide cache of expensive intermediate artifacts (``debootstrap/<suite>-<hash>.tar``).
+    Shared by every node on the host on purpose: builds and clean-up take flocks in it."""
     guest_src: Path | None = None
     """The guest folder (``cube_guest/`` + ``init/cube-init``); default: the repo's ``guest/`` found
     relative to this package, else ``/opt/cube/guest-src``."""
@@ -49,6 +53,13 @@ class CowConfig(BaseModel):
     count too); default: twice the image size."""
     oci_max_entries: int = Field(default=500_000, ge=1)
     """Entries (files, directories, links) all layers of one image may hold together."""
+
+    def for_node(self, node_id: str, state_dir: Path) -> CowConfig:
+        """This config for node ``node_id`` whose ``[core] state_dir`` is ``state_dir``: ``root``
+        becomes ``<state_dir>/storage`` unless set (node ``local`` keeps its historical root)."""
+        if node_id == LOCAL_NODE or "root" in self.model_fields_set:
+            return self
+        return self.model_copy(update={"root": state_dir / "storage"})
 
     def layer_policy(self) -> LayerPolicy:
         return LayerPolicy(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cube_core import Check, StorageDriver, hookimpl
+from cube_core import Check, CoreSettings, StorageDriver, hookimpl
 
 from cube_storage_cow.checks import doctor_checks
 from cube_storage_cow.config import CowConfig
@@ -17,6 +17,12 @@ class CowPlugin:
     def __init__(self, config: CowConfig) -> None:
         self.config = config
         self._driver: CowStorage | None = None
+
+    @hookimpl
+    def cube_configure(self, settings: CoreSettings) -> None:
+        """A node other than ``local`` keeps its storage under its own ``[core] state_dir``."""
+        if self._driver is None:
+            self.config = self.config.for_node(settings.node_id, settings.state_dir)
 
     @hookimpl
     def cube_storage_driver(self) -> StorageDriver:

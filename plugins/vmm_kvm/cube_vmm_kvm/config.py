@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .nodenames import node_defaults
+
 
 class KvmConfig(BaseModel):
     """Options of the QEMU ``microvm`` driver (``[vmm] plugin = "kvm"``)."""
@@ -25,9 +27,11 @@ class KvmConfig(BaseModel):
     """Keep the legacy 8259 PIC. Measured here: with ``pic=off`` under TCG the guest boots ~50 ms
     sooner but its timers never fire (``time.sleep(0.3)`` hangs), so leave it on."""
     mem_dir: Path = Path("/dev/shm/cube")
-    """tmpfs directory for the RAM files of cold-booted VMs (``share=on``)."""
+    """tmpfs directory for the RAM files of cold-booted VMs (``share=on``). Default
+    ``/dev/shm/cube`` for node ``local``, else ``/dev/shm/cube/<node_id>``."""
     run_dir: Path = Path("/run/cube/vms")
-    """One work directory per VM: sockets, pidfile, console log, saved record."""
+    """One work directory per VM: sockets, pidfile, console log, saved record. Default
+    ``/run/cube/vms`` for node ``local``, else ``/run/cube/<node_id>/vms``."""
     kernel: Path | None = None
     """Guest vmlinux used when a spec names none; normally the core passes ``VmSpec.kernel``."""
     disk_cache: Literal["writeback", "none", "unsafe", "directsync", "writethrough"] = "writeback"
@@ -46,9 +50,11 @@ class KvmConfig(BaseModel):
     """Supplementary gid of every jailed QEMU: shared template files (the RAM file of a template
     snapshot) are given this group. Must not be a real group."""
     jail_root: Path = Path("/run/cube/jail")
-    """Empty directory over which each jailer mounts its VM's tmpfs root (in its own namespace)."""
+    """Empty directory over which each jailer mounts its VM's tmpfs root (in its own namespace;
+    nodes on one host may share it)."""
     uid_lease_dir: Path = Path("/run/cube/uids")
-    """One lease file per uid in use (survives a node-agent restart; shared by drivers on the host)."""
+    """One lease file per uid in use (survives a node-agent restart). Shared by every node on the
+    host on purpose, so no two nodes hand out the same jail uid: keep it the same for all."""
     console_ring_kb: int = Field(default=128, ge=4, le=16384)
     """Size of the serial console ring buffer kept inside QEMU (rounded down to a power of two).
     Nothing is written to disk, so a guest flooding ``/dev/ttyS0`` cannot fill the host."""
@@ -67,6 +73,8 @@ class KvmConfig(BaseModel):
     """Per-VM IO limits on the block device that holds its disk (0: unlimited). Disks on a file
     system without a block device (tmpfs) have no device to throttle."""
     cgroup_parent: str = "cube"
+    """Cgroup (in every hierarchy) holding one child per VM. Default ``cube`` for node
+    ``local``, else ``cube-<node_id>``."""
     memory_overhead_mb: int = Field(default=256, ge=0)
     """Allowed on top of guest RAM before the cgroup OOM-kills QEMU (device model, TCG cache)."""
     cpu_cores_per_vcpu: float = Field(default=1.0, ge=0.0)
@@ -80,6 +88,12 @@ class KvmConfig(BaseModel):
     """How a clone is saved: ``diff`` (the pages it changed since its template + device state,
     proportional to what the guest wrote) or ``full`` (all guest RAM in the migration stream, as
     before; also the fallback when the template's RAM file is gone)."""
+
+    def for_node(self, node_id: str) -> KvmConfig:
+        """This config with ``node_id``'s defaults for every per-node option the operator did not
+        set (``run_dir``, ``mem_dir``, ``cgroup_parent``; see :mod:`.nodenames`)."""
+        update = {k: v for k, v in node_defaults(node_id).items() if k not in self.model_fields_set}
+        return self.model_copy(update=update) if update else self
 
     @model_validator(mode="after")
     def _check_ranges(self) -> KvmConfig:

@@ -14,6 +14,7 @@ or not and ``/proc/<pid>/maps`` names the same files (which :mod:`.memdiff` reli
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import marshal
 import os
@@ -21,7 +22,8 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,7 +237,10 @@ class UidLeases:
 
     A lease names its VM's work directory; it is freed by :meth:`release` at shutdown, or found
     stale when that directory is gone (a node that died without cleaning up). Leases live on disk,
-    so a restarted node agent (or a second driver on the host) never hands out a uid in use.
+    so a restarted node agent (or a second driver on the host) never hands out a uid in use. The
+    directory is meant to be shared by every node on a host: a lease appears whole (written aside,
+    then hard-linked into place, which fails if the uid is taken), and replacing a stale one
+    happens under an flock, so two nodes never lease the same uid.
     """
 
     def __init__(self, lease_dir: Path, lo: int, hi: int) -> None:
@@ -252,23 +257,46 @@ class UidLeases:
         body = json.dumps({"vm_id": vm_id, "workdir": str(workdir)}).encode()
         for uid in range(self.lo, self.hi + 1):
             path = self._path(uid)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileExistsError:
-                if self._stale(path):
-                    path.unlink(missing_ok=True)
-                    try:
-                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                    except FileExistsError:
-                        continue
-                else:
-                    continue
-            try:
-                os.write(fd, body)
-            finally:
-                os.close(fd)
-            return uid
+            if self._create(path, body):
+                return uid
+            if not self._stale(path):
+                continue
+            with self._reclaim_lock():  # two processes must not both reclaim the same uid
+                if not self._stale(path):
+                    continue  # reclaimed by another process meanwhile
+                path.unlink(missing_ok=True)
+                if self._create(path, body):
+                    return uid
         raise VmmError(f"no free uid in the jail range {self.lo}-{self.hi} (one per running VM)")
+
+    def _create(self, path: Path, body: bytes) -> bool:
+        """Create the lease ``path`` holding ``body``, atomically (a lease is never seen half
+        written); False if it exists."""
+        tmp = self.lease_dir / f".new-{os.getpid()}-{threading.get_ident()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, body)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    @contextlib.contextmanager
+    def _reclaim_lock(self) -> Iterator[None]:
+        """An flock on ``<lease_dir>/.reclaim`` while a stale lease is replaced. Without it, of two
+        processes (nodes) that found the same stale lease, the later one could unlink the lease
+        the earlier one had just written and take the same uid."""
+        fd = os.open(self.lease_dir / ".reclaim", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _stale(self, path: Path) -> bool:
         try:
