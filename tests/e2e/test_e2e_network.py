@@ -158,13 +158,14 @@ def slot_of(server: CubeServer, sandbox_id: str) -> Slot:
     """The sandbox's network slot from the server's record, checked against the host."""
     record = SqliteStore(server.state_dir / "cube.db").get_sandbox(sandbox_id)
     assert record is not None
-    nic = record.runtime["nic"]
-    found = json.loads(sh("ip", "-j", "-n", nic["netns"], "-4", "addr", "show", "dev", "vg0").stdout)
-    assert found[0]["addr_info"][0]["local"] == nic["guest_address"]
-    host_side = json.loads(sh("ip", "-j", "-4", "addr", "show", "dev", nic["data"]["host_if"]).stdout)
-    assert host_side[0]["addr_info"][0]["local"] == nic["data"]["host_addr"]
-    return Slot(netns=nic["netns"], host_if=nic["data"]["host_if"], guest_address=nic["guest_address"],
-                host_address=nic["data"]["host_addr"])
+    nic = record.runtime.nic
+    assert nic is not None and nic.netns is not None
+    found = json.loads(sh("ip", "-j", "-n", nic.netns, "-4", "addr", "show", "dev", "vg0").stdout)
+    assert found[0]["addr_info"][0]["local"] == nic.guest_address
+    host_side = json.loads(sh("ip", "-j", "-4", "addr", "show", "dev", nic.data["host_if"]).stdout)
+    assert host_side[0]["addr_info"][0]["local"] == nic.data["host_addr"]
+    return Slot(netns=nic.netns, host_if=nic.data["host_if"], guest_address=nic.guest_address,
+                host_address=nic.data["host_addr"])
 
 
 def audit(server: CubeServer, sandbox_id: str) -> list[dict[str, Any]]:

@@ -64,7 +64,8 @@ def _qemu_pid(server: CubeServer, sandbox_id: str) -> int:
     finally:
         store.close()
     assert record is not None
-    return int(record.runtime["vm"]["pid"])
+    assert record.runtime.vm is not None and record.runtime.vm.pid is not None
+    return record.runtime.vm.pid
 
 
 def _alive(pid: int) -> bool:

@@ -157,24 +157,25 @@ def test_host_lock_is_taken_or_inherited(tmp_path: Path) -> None:
 async def test_boot_mode_decides_how_a_pool_miss_starts(plugin_host, cube_config_factory, tmp_path: Path,
                                                         boot_mode: str) -> None:
     """The ``cold`` baseline of the bench: ``[core] boot_mode`` (fake drivers, no VM)."""
+    from cube_core.embedded import Embedded
     from cube_core.models import SandboxSpec
-    from cube_core.service import SandboxService
     from cube_core.store import SqliteStore
     from cube_core.testing.fakes import FAKE_CONFIG
 
     text = FAKE_CONFIG.format(state_dir=tmp_path / "state").replace(
         "pool = { size = 0 }", f'pool = {{ size = 0 }}\nboot_mode = "{boot_mode}"')
-    service = SandboxService(plugin_host(cube_config_factory(text)), SqliteStore(tmp_path / "cube.db"))
-    await service.start()
+    cube = Embedded(plugin_host(cube_config_factory(text)), SqliteStore(tmp_path / "cube.db"))
+    service, vmm = cube.service, cube.agent.vmm
+    await cube.start()
     try:
-        await service.ensure_templates(("base",))
+        await cube.agent.ensure_templates(("base",))
         sb = await service.create(SandboxSpec(template_id="base", team_id="t1"))
-        started = [op for op, vm_id in service.vmm.calls if vm_id == sb.sandbox_id and op in ("boot", "restore")]
+        started = [op for op, vm_id in vmm.calls if vm_id == sb.sandbox_id and op in ("boot", "restore")]
         assert started == (["boot"] if boot_mode == "cold" else ["restore"])
         # A sandbox snapshot is always restored, whatever the mode.
         ref = await service.snapshot("t1", sb.sandbox_id)
         child = await service.create(SandboxSpec(template_id=ref.snapshot_id, team_id="t1"))
-        assert [op for op, vm_id in service.vmm.calls if vm_id == child.sandbox_id and op in ("boot", "restore")] \
+        assert [op for op, vm_id in vmm.calls if vm_id == child.sandbox_id and op in ("boot", "restore")] \
             == ["restore"]
     finally:
-        await service.stop()
+        await cube.stop()

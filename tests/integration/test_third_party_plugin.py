@@ -71,18 +71,19 @@ import asyncio, sys
 from pathlib import Path
 from cube_core._host import PluginHost
 from cube_core.config import load_config
+from cube_core.embedded import Embedded
 from cube_core.models import SandboxSpec
-from cube_core.service import SandboxService
 from cube_core.store import SqliteStore
 
 async def main():
     cfg = load_config(Path(sys.argv[1]))
-    service = SandboxService(PluginHost(cfg).load(), SqliteStore(Path(sys.argv[2])))
-    await service.start()
-    await service.ensure_templates(("base",))
-    sb = await service.create(SandboxSpec(template_id="base", team_id="t"))
-    print(type(service.scheduler).__module__, type(service.scheduler).__name__, sb.state.value)
-    await service.stop()
+    cube = Embedded(PluginHost(cfg).load(), SqliteStore(Path(sys.argv[2])))
+    await cube.start()
+    await cube.agent.ensure_templates(("base",))
+    sb = await cube.service.create(SandboxSpec(template_id="base", team_id="t"))
+    scheduler = cube.service.scheduler
+    print(type(scheduler).__module__, type(scheduler).__name__, sb.state.value)
+    await cube.stop()
 
 asyncio.run(main())
 '''

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import types
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +30,23 @@ from cube_core import (
 from cube_core._host import PluginHost
 from cube_core.app import create_app
 from cube_core.config import LoadedConfig
+from cube_core.embedded import Embedded
 from cube_core.service import SandboxService
 from cube_core.store import SqliteStore
 
 
 @pytest.fixture
-async def service(plugin_host: Callable[..., PluginHost], tmp_path: Path):
-    svc = SandboxService(plugin_host(), SqliteStore(tmp_path / "db"))
-    await svc.start()
-    await svc.ensure_templates(("base",))
-    yield svc
-    await svc.stop()
+async def cube(plugin_host: Callable[..., PluginHost], tmp_path: Path) -> AsyncIterator[Embedded]:
+    pair = Embedded(plugin_host(), SqliteStore(tmp_path / "db"))
+    await pair.start()
+    await pair.agent.ensure_templates(("base",))
+    yield pair
+    await pair.stop()
+
+
+@pytest.fixture
+def service(cube: Embedded) -> SandboxService:
+    return cube.service
 
 
 def test_hook_cube_addhooks(register_plugin: Callable[..., PluginHost]) -> None:
@@ -144,7 +150,7 @@ async def test_hook_cube_asgi_middleware(register_plugin: Callable[..., PluginHo
     assert response.headers["x-wrapped"] == "yes"
 
 
-async def test_hook_cube_egress_rules(service: SandboxService) -> None:
+async def test_hook_cube_egress_rules(cube: Embedded, service: SandboxService) -> None:
     seen: list[SandboxSpec] = []
 
     class Rules:
@@ -156,13 +162,13 @@ async def test_hook_cube_egress_rules(service: SandboxService) -> None:
     service.host.register(Rules(), "rules")
     try:
         captured: dict[str, Any] = {}
-        original = service.network.allocate
+        original = cube.agent.network.allocate
 
         async def spy(owner_id: str, policy: Any, extra_rules: Any = ()) -> Any:
             captured["rules"] = list(extra_rules)
             return await original(owner_id, policy, extra_rules)
 
-        service.network.allocate = spy  # type: ignore[method-assign]
+        cube.agent.network.allocate = spy  # type: ignore[method-assign]
         await service.create(SandboxSpec(template_id="base", team_id="t"))
         assert captured["rules"] == [EgressRule(action="deny", target="198.18.0.0/15")]
         assert seen and seen[0].team_id == "t"
@@ -326,14 +332,14 @@ async def test_hook_cube_pool_member_warm_up(cube_config_factory: Callable[..., 
     the guest's own warm-up, before the pause); a plugin that raises does not cost the member."""
     cfg = cube_config_factory()
     host = PluginHost(cube_config_factory(cfg.text.replace("pool = { size = 0 }", "pool = { size = 1 }"))).load()
-    service = SandboxService(host, SqliteStore(tmp_path / "db"))
+    cube = Embedded(host, SqliteStore(tmp_path / "db"))
     seen: list[tuple[str, str, str, bool, list[str]]] = []
 
     class Warmer:
         @hookimpl
         async def cube_pool_member_warm_up(self, sandbox: Sandbox, address: str) -> None:
-            vm = service.vmm.vms[sandbox.sandbox_id]
-            ops = [op for op, vm_id in service.vmm.calls if vm_id == sandbox.sandbox_id]
+            vm = cube.agent.vmm.vms[sandbox.sandbox_id]
+            ops = [op for op, vm_id in cube.agent.vmm.calls if vm_id == sandbox.sandbox_id]
             seen.append((sandbox.team_id, sandbox.template_id, address, vm["running"], ops))
 
     class Broken:
@@ -343,16 +349,16 @@ async def test_hook_cube_pool_member_warm_up(cube_config_factory: Callable[..., 
 
     host.register(Warmer(), "extension:warmer")
     host.register(Broken(), "extension:broken")
-    await service.start()
+    await cube.start()
     try:
-        await service.ensure_templates(("base",))
+        await cube.agent.ensure_templates(("base",))
         deadline = asyncio.get_running_loop().time() + 5
-        while service.pool.sizes() != {"base": 1}:
+        while cube.agent.pool.sizes() != {"base": 1}:
             assert asyncio.get_running_loop().time() < deadline, "the pool did not fill"
             await asyncio.sleep(0.01)
         assert seen == [("__pool__", "base", "127.0.0.1", True, ["restore", "personalize", "warm_up"])]
     finally:
-        await service.stop()
+        await cube.stop()
 
 
 async def test_hook_cube_node_edge(register_plugin: Callable[..., PluginHost]) -> None:

@@ -14,8 +14,10 @@ from pydantic import ValidationError
 
 from cube_core._host import PluginHost
 from cube_core.config import LoadedConfig
+from cube_core.embedded import Embedded
 from cube_core.errors import GuestProtocolError, GuestTimeoutError, SandboxFailedError, SandboxNotFoundError
-from cube_core.models import SandboxSpec, VmHandle
+from cube_core.models import SandboxRuntime, SandboxSpec, VmHandle
+from cube_core.node import NodeAgent
 from cube_core.pool import POOL_TEAM
 from cube_core.service import SandboxService
 from cube_core.state import SandboxState
@@ -23,22 +25,27 @@ from cube_core.store import SqliteStore
 
 
 @pytest.fixture
-async def service(plugin_host: Callable[..., PluginHost], tmp_path: Path) -> AsyncIterator[SandboxService]:
-    svc = SandboxService(plugin_host(), SqliteStore(tmp_path / "cube.db"))
-    await svc.start()
-    await svc.ensure_templates(("base",))
-    yield svc
-    await svc.stop()
+async def cube(plugin_host: Callable[..., PluginHost], tmp_path: Path) -> AsyncIterator[Embedded]:
+    pair = Embedded(plugin_host(), SqliteStore(tmp_path / "cube.db"))
+    await pair.start()
+    await pair.agent.ensure_templates(("base",))
+    yield pair
+    await pair.stop()
+
+
+@pytest.fixture
+def service(cube: Embedded) -> SandboxService:
+    return cube.service
 
 
 def spec(team: str, **kw: Any) -> SandboxSpec:
     return SandboxSpec(template_id="base", team_id=team, **kw)
 
 
-def hostile(service: SandboxService, monkeypatch: pytest.MonkeyPatch, op: str, answer: object) -> list[str]:
+def hostile(agent: NodeAgent, monkeypatch: pytest.MonkeyPatch, op: str, answer: object) -> list[str]:
     """Make every guest whose VM id is in the returned list answer ``op`` with ``answer``."""
     bad: list[str] = []
-    honest = service.vmm.guest_call
+    honest = agent.vmm.guest_call
 
     async def guest_call(vm: VmHandle, name: str, params: dict[str, Any] | None = None, *,
                          timeout: float = 10.0) -> Any:
@@ -47,13 +54,14 @@ def hostile(service: SandboxService, monkeypatch: pytest.MonkeyPatch, op: str, a
             return answer
         return reply
 
-    monkeypatch.setattr(service.vmm, "guest_call", guest_call)
+    monkeypatch.setattr(agent.vmm, "guest_call", guest_call)
     return bad
 
 
-def assert_nothing_left(service: SandboxService, *, keep: int = 0) -> None:
-    assert len(service.network.slots) == keep
-    assert len(list((service.storage.root / "disks").glob("*"))) == keep
+def assert_nothing_left(agent: NodeAgent, *, keep: int = 0) -> None:
+    assert len(agent.network.slots) == keep
+    assert len(list((agent.storage.root / "disks").glob("*"))) == keep
+    assert len(agent._live) == keep
 
 
 BAD_PERSONALIZE = [
@@ -75,18 +83,18 @@ BAD_PERSONALIZE = [
 
 
 @pytest.mark.parametrize("answer", BAD_PERSONALIZE, ids=[repr(a)[:40] for a in BAD_PERSONALIZE])
-async def test_bad_personalize_reply_fails_only_that_create(service: SandboxService, monkeypatch: pytest.MonkeyPatch,
-                                                            answer: object) -> None:
-    hostile(service, monkeypatch, "personalize", answer).append("*")
+async def test_bad_personalize_reply_fails_only_that_create(cube: Embedded, service: SandboxService,
+                                                            monkeypatch: pytest.MonkeyPatch, answer: object) -> None:
+    hostile(cube.agent, monkeypatch, "personalize", answer).append("*")
     with pytest.raises(GuestProtocolError, match="invalid personalize reply"):
         await service.create(spec("evil"))
     [failed] = service.store.list_sandboxes(team_id="evil", states=None)
-    assert failed.state == SandboxState.ERROR and failed.runtime == {}
+    assert failed.state == SandboxState.ERROR and failed.runtime == SandboxRuntime()
     assert failed.error is not None and "broke the control protocol: invalid personalize reply" in failed.error
     assert "x" * 100 not in failed.error  # the guest's values never reach the record
     with pytest.raises(SandboxFailedError, match="was stopped: guest of .* broke the control protocol"):
         service.get("evil", failed.sandbox_id)
-    assert_nothing_left(service)
+    assert_nothing_left(cube.agent)
 
     monkeypatch.undo()  # the guests behave again: every team is served, the store reads fine
     good = await service.create(spec("good"))
@@ -105,28 +113,28 @@ async def test_records_are_validated_on_every_change(service: SandboxService) ->
     assert sb.evolve(boot_id="b1").boot_id == "b1"
 
 
-async def test_bad_sync_clock_reply_stops_that_sandbox_only(service: SandboxService,
+async def test_bad_sync_clock_reply_stops_that_sandbox_only(cube: Embedded, service: SandboxService,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     evil = await service.create(spec("evil"))
     good = await service.create(spec("good"))
-    bad = hostile(service, monkeypatch, "sync_clock", {"behind_ms": "a while"})
-    bad.append(evil.runtime["vm"]["vm_id"])
+    bad = hostile(cube.agent, monkeypatch, "sync_clock", {"behind_ms": "a while"})
+    bad.append(evil.runtime.vm.vm_id)
     for sb in (evil, good):
         await service.pause(sb.team_id, sb.sandbox_id)
     with pytest.raises(GuestProtocolError, match="invalid sync_clock reply"):
         await service.resume("evil", evil.sandbox_id)
     record = service.store.get_sandbox(evil.sandbox_id)
     assert record is not None and record.state == SandboxState.ERROR and "sync_clock" in (record.error or "")
-    assert evil.runtime["vm"]["vm_id"] not in service.vmm.vms  # its VM is gone
+    assert evil.runtime.vm.vm_id not in cube.agent.vmm.vms  # its VM is gone
     with pytest.raises(SandboxFailedError):
         await service.connect("evil", evil.sandbox_id)
 
     resumed = await service.resume("good", good.sandbox_id)  # the other team is unaffected
     assert resumed.state == SandboxState.RUNNING
-    assert_nothing_left(service, keep=1)
+    assert_nothing_left(cube.agent, keep=1)
 
 
-async def test_silent_guest_on_resume_is_only_a_warning(service: SandboxService,
+async def test_silent_guest_on_resume_is_only_a_warning(cube: Embedded, service: SandboxService,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     sb = await service.create(spec("t1"))
 
@@ -135,41 +143,41 @@ async def test_silent_guest_on_resume_is_only_a_warning(service: SandboxService,
         raise GuestTimeoutError(vm_id=vm.vm_id, timeout=timeout)
 
     await service.pause("t1", sb.sandbox_id)
-    monkeypatch.setattr(service.vmm, "guest_call", silent)
+    monkeypatch.setattr(cube.agent.vmm, "guest_call", silent)
     assert (await service.resume("t1", sb.sandbox_id)).state == SandboxState.RUNNING  # clock sync is best effort
 
 
-async def test_bad_reply_on_rollback_stops_that_sandbox(service: SandboxService,
+async def test_bad_reply_on_rollback_stops_that_sandbox(cube: Embedded, service: SandboxService,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     sb = await service.create(spec("evil"))
     ref = await service.snapshot("evil", sb.sandbox_id)
-    hostile(service, monkeypatch, "personalize", {"boot_id": {"nested": True}}).append("*")
+    hostile(cube.agent, monkeypatch, "personalize", {"boot_id": {"nested": True}}).append("*")
     with pytest.raises(GuestProtocolError):
         await service.rollback("evil", sb.sandbox_id, ref.snapshot_id)
     record = service.store.get_sandbox(sb.sandbox_id)
     assert record is not None and record.state == SandboxState.ERROR
-    assert_nothing_left(service)
-    assert service.vmm.vms == {}
+    assert_nothing_left(cube.agent)
+    assert cube.agent.vmm.vms == {}
 
 
-async def test_bad_exec_reply(service: SandboxService, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_bad_exec_reply(cube: Embedded, service: SandboxService, monkeypatch: pytest.MonkeyPatch) -> None:
     sb = await service.create(spec("t1"))
     assert (await service.exec(sb.sandbox_id, ["echo", "hi"]))["stdout"] == "echo hi"
-    hostile(service, monkeypatch, "exec", {"exit_code": "zero", "stdout": 1}).append("*")
+    hostile(cube.agent, monkeypatch, "exec", {"exit_code": "zero", "stdout": 1}).append("*")
     with pytest.raises(GuestProtocolError, match="invalid exec reply"):
         await service.exec(sb.sandbox_id, ["true"])
     with pytest.raises(SandboxFailedError, match="invalid exec reply"):  # its sandbox was stopped
         service.get("t1", sb.sandbox_id)
-    assert_nothing_left(service)
+    assert_nothing_left(cube.agent)
 
 
 @pytest.mark.parametrize("broken", ["vm", "nic", "disk"])
-async def test_teardown_runs_every_step_whatever_one_raises(service: SandboxService, monkeypatch: pytest.MonkeyPatch,
-                                                            broken: str) -> None:
+async def test_teardown_runs_every_step_whatever_one_raises(cube: Embedded, service: SandboxService,
+                                                            monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
     sb = await service.create(spec("t1"))
-    vm_id = sb.runtime["vm"]["vm_id"]
-    target, name = {"vm": (service.vmm, "shutdown"), "nic": (service.network, "release"),
-                    "disk": (service.storage, "delete_disk")}[broken]
+    vm_id = sb.runtime.vm.vm_id
+    target, name = {"vm": (cube.agent.vmm, "shutdown"), "nic": (cube.agent.network, "release"),
+                    "disk": (cube.agent.storage, "delete_disk")}[broken]
     real = getattr(target, name)
 
     async def explode(*args: Any, **kwargs: Any) -> None:
@@ -181,8 +189,8 @@ async def test_teardown_runs_every_step_whatever_one_raises(service: SandboxServ
     record = service.store.get_sandbox(sb.sandbox_id)
     assert record is not None and record.state == SandboxState.KILLED
     assert record.error == f"{broken}: RuntimeError: {broken} teardown exploded"
-    assert vm_id not in service.vmm.vms
-    assert_nothing_left(service)
+    assert vm_id not in cube.agent.vmm.vms
+    assert_nothing_left(cube.agent)
     with pytest.raises(SandboxNotFoundError):
         service.get("t1", sb.sandbox_id)
 
@@ -192,19 +200,19 @@ async def test_pool_member_with_a_bad_warm_up_reply_is_destroyed(cube_config_fac
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = cube_config_factory()
     host = PluginHost(cube_config_factory(cfg.text.replace("pool = { size = 0 }", "pool = { size = 1 }"))).load()
-    service = SandboxService(host, SqliteStore(tmp_path / "db"))
-    hostile(service, monkeypatch, "warm_up", {"ms": "49983; rm -rf /"}).append("*")
-    await service.start()
+    cube = Embedded(host, SqliteStore(tmp_path / "db"))
+    hostile(cube.agent, monkeypatch, "warm_up", {"ms": "49983; rm -rf /"}).append("*")
+    await cube.start()
     try:
-        await service.ensure_templates(("base",))
+        await cube.agent.ensure_templates(("base",))
         deadline = asyncio.get_running_loop().time() + 5
-        while not [op for op, _ in service.vmm.calls if op == "shutdown"]:
+        while not [op for op, _ in cube.agent.vmm.calls if op == "shutdown"]:
             assert asyncio.get_running_loop().time() < deadline, "the bad member was not destroyed"
             await asyncio.sleep(0.01)
-        assert service.pool.sizes() == {"base": 0}
+        assert cube.agent.pool.sizes() == {"base": 0}
         monkeypatch.undo()
-        sb = await service.create(spec("t1"))  # a pool miss still creates
+        sb = await cube.service.create(spec("t1"))  # a pool miss still creates
         assert sb.state == SandboxState.RUNNING
     finally:
-        await service.stop()
-    assert service.store.list_sandboxes(team_id=POOL_TEAM) == []
+        await cube.stop()
+    assert cube.store.list_sandboxes(team_id=POOL_TEAM) == []

@@ -11,6 +11,7 @@ import pytest
 
 from cube_core._host import PluginHost
 from cube_core.config import QuotaSettings, TeamQuota
+from cube_core.embedded import Embedded
 from cube_core.errors import ConfigError, QuotaExceededError
 from cube_core.models import NetworkPolicy, SandboxSpec
 from cube_core.service import SandboxService
@@ -32,11 +33,11 @@ max_running = 1
 async def service(plugin_host: Callable[..., PluginHost], cube_config_factory: Callable[..., Any],
                   tmp_path: Path) -> AsyncIterator[SandboxService]:
     text = cube_config_factory().text + QUOTAS
-    svc = SandboxService(plugin_host(cube_config_factory(text)), SqliteStore(tmp_path / "cube.db"))
-    await svc.start()
-    await svc.ensure_templates(("base",))
-    yield svc
-    await svc.stop()
+    cube = Embedded(plugin_host(cube_config_factory(text)), SqliteStore(tmp_path / "cube.db"))
+    await cube.start()
+    await cube.agent.ensure_templates(("base",))
+    yield cube.service
+    await cube.stop()
 
 
 def team(svc: SandboxService, name: str) -> str:

@@ -6,23 +6,29 @@ from pathlib import Path
 import pytest
 
 from cube_core._host import PluginHost
+from cube_core.embedded import Embedded
 from cube_core.errors import SnapshotInUseError, SnapshotNotFoundError
-from cube_core.models import SandboxSpec
+from cube_core.models import SandboxSpec, SnapshotRef
 from cube_core.service import SandboxService
 from cube_core.state import SandboxState
 from cube_core.store import SqliteStore
 
 
 @pytest.fixture
-async def service(plugin_host: Callable[..., PluginHost], tmp_path: Path) -> AsyncIterator[SandboxService]:
-    svc = SandboxService(plugin_host(), SqliteStore(tmp_path / "cube.db"))
-    await svc.start()
-    await svc.ensure_templates(("base",))
-    yield svc
-    await svc.stop()
+async def cube(plugin_host: Callable[..., PluginHost], tmp_path: Path) -> AsyncIterator[Embedded]:
+    pair = Embedded(plugin_host(), SqliteStore(tmp_path / "cube.db"))
+    await pair.start()
+    await pair.agent.ensure_templates(("base",))
+    yield pair
+    await pair.stop()
 
 
-async def test_snapshot_tree_and_create_from_snapshot(service: SandboxService) -> None:
+@pytest.fixture
+def service(cube: Embedded) -> SandboxService:
+    return cube.service
+
+
+async def test_snapshot_tree_and_create_from_snapshot(cube: Embedded, service: SandboxService) -> None:
     sb = await service.create(SandboxSpec(template_id="base", team_id="t", metadata={"m": "1"}))
     first = await service.snapshot("t", sb.sandbox_id, name="first")
     second = await service.snapshot("t", sb.sandbox_id)
@@ -42,7 +48,7 @@ async def test_snapshot_tree_and_create_from_snapshot(service: SandboxService) -
     assert child.template_id == "base" and child.state == SandboxState.RUNNING
     grandchild = await service.snapshot("t", child.sandbox_id)
     assert grandchild.parent_id == first.snapshot_id
-    assert ("restore", child.runtime["vm"]["vm_id"]) in service.vmm.calls
+    assert child.runtime.vm is not None and ("restore", child.runtime.vm.vm_id) in cube.agent.vmm.calls
     with pytest.raises(Exception, match="not found"):  # another team cannot use the snapshot
         await service.create(SandboxSpec(template_id=first.snapshot_id, team_id="other"))
 
@@ -55,44 +61,47 @@ async def test_snapshot_tree_and_create_from_snapshot(service: SandboxService) -
         service.get_snapshot("t", first.snapshot_id)
 
 
-async def test_fork_gives_fresh_identities(service: SandboxService) -> None:
+async def test_fork_gives_fresh_identities(cube: Embedded, service: SandboxService) -> None:
     parent = await service.create(SandboxSpec(template_id="base", team_id="t", env_vars={"A": "1"}))
     forks = await service.fork("t", parent.sandbox_id, count=3)
     ids = {f.sandbox_id for f in forks}
     assert len(ids) == 3 and parent.sandbox_id not in ids
     assert all(f.env_vars == {"A": "1"} and f.state == SandboxState.RUNNING for f in forks)
-    boot_ids = {service.vmm.vms[f.runtime["vm"]["vm_id"]]["boot_id"] for f in forks}
+    boot_ids = {cube.agent.vmm.vms[f.runtime.vm.vm_id]["boot_id"] for f in forks}
     assert len(boot_ids) == 3
     with pytest.raises(Exception, match="not found"):
         await service.fork("other", parent.sandbox_id)
 
 
-async def test_rollback_keeps_id_and_replaces_vm(service: SandboxService) -> None:
+async def test_rollback_keeps_id_and_replaces_vm(cube: Embedded, service: SandboxService) -> None:
     sb = await service.create(SandboxSpec(template_id="base", team_id="t"))
     snap = await service.snapshot("t", sb.sandbox_id)
-    old_vm = service.get("t", sb.sandbox_id).runtime["vm"]["vm_id"]
+    old_vm = service.get("t", sb.sandbox_id).runtime.vm.vm_id
     rolled = await service.rollback("t", sb.sandbox_id, snap.snapshot_id)
     assert rolled.sandbox_id == sb.sandbox_id and rolled.state == SandboxState.RUNNING
-    assert rolled.runtime["vm"]["vm_id"] != old_vm and old_vm not in service.vmm.vms
+    assert rolled.runtime.vm.vm_id != old_vm and old_vm not in cube.agent.vmm.vms
+    assert rolled.runtime.parent_snapshot == snap.snapshot_id
     other = await service.create(SandboxSpec(template_id="base", team_id="t"))
     with pytest.raises(SnapshotNotFoundError):
         await service.rollback("t", other.sandbox_id, snap.snapshot_id)
 
 
-async def test_snapshot_bases_are_kept_by_gc(service: SandboxService) -> None:
+async def test_snapshot_bases_are_kept_by_gc(cube: Embedded) -> None:
     """A VMM may save a clone as a difference from its template snapshot: that base must outlive
-    garbage collection even when no template record names it any more."""
-    from cube_core.models import SnapshotRef
-
-    service.store.put_snapshot(SnapshotRef(snapshot_id="snap-diff", template_id="base", team_id="t",
-                                           vm_state={"base_state_id": "tmpl-old"}))
-    service.store.put_snapshot(SnapshotRef(snapshot_id="snap-full", template_id="base", team_id="t"))
-    assert service.snapshot_bases() == {"tmpl-old"}
+    garbage collection (the node agent's, at start) even when no template record names it any more."""
+    template_state = cube.store.get_template("base").snapshot.vm_state
+    assert template_state is not None
+    diff = template_state.model_copy(update={"state_id": "snap-diff", "base_state_id": "tmpl-old"})
+    cube.store.put_snapshot(SnapshotRef(snapshot_id="snap-diff", template_id="base", team_id="t", vm_state=diff))
+    cube.store.put_snapshot(SnapshotRef(snapshot_id="snap-full", template_id="base", team_id="t"))
+    snaps = {s.snapshot_id: s for s in cube.store.list_snapshots()}
+    assert (snaps["snap-diff"].base_state_id, snaps["snap-full"].base_state_id) == ("tmpl-old", None)
+    assert {"tmpl-old", "snap-diff", "snap-full"} <= cube.agent._kept_snapshots()
     kept: list[set[str]] = []
 
     async def gc(live_disks: set[str], snapshots: set[str]) -> None:
         kept.append(snapshots)
 
-    service.storage.gc = gc  # type: ignore[method-assign]
-    await service._recover()
+    cube.agent.storage.gc = gc  # type: ignore[method-assign]
+    await cube.agent._reconcile()
     assert {"tmpl-old", "snap-diff", "snap-full"} <= kept[0]

@@ -16,8 +16,10 @@ from cube_core import RootfsImage, RootfsRecipe
 from cube_core._host import PluginHost
 from cube_core.app import create_app
 from cube_core.config import LoadedConfig
+from cube_core.embedded import Embedded
 from cube_core.errors import TemplateError
 from cube_core.models import SandboxSpec, TemplateStatus
+from cube_core.node import NodeAgent
 from cube_core.progress import seconds_left
 from cube_core.service import SandboxService
 from cube_core.store import SqliteStore
@@ -32,8 +34,8 @@ class Gates:
         self.started: list[str] = []
 
 
-def gated(service: SandboxService, gates: Gates, monkeypatch: pytest.MonkeyPatch) -> None:
-    storage = service.storage
+def gated(agent: NodeAgent, gates: Gates, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = agent.storage
     real_build = storage.build_rootfs
 
     async def build_rootfs(recipe: RootfsRecipe, progress: Any = None) -> RootfsImage:
@@ -68,10 +70,12 @@ async def test_kernel_overlaps_first_rootfs_and_first_template_serves_early(
     store = SqliteStore(tmp_path / "cube.db")
     app = create_app(host, store=store, build_templates=False)
     service: SandboxService = app.state.service
+    agent: NodeAgent = app.state.agent
     gates = Gates()
-    gated(service, gates, monkeypatch)
+    gated(agent, gates, monkeypatch)
+    await agent.start()  # what the app's lifespan does, without its template builds
     await service.start()
-    build = asyncio.create_task(service.ensure_templates(("base", "code-interpreter-v1")))
+    build = asyncio.create_task(agent.ensure_templates(("base", "code-interpreter-v1")))
     try:
         # the kernel and base's root filesystem start together; code-interpreter-v1's waits its turn
         await until(lambda: {"kernel", "base"} <= set(gates.started))
@@ -79,11 +83,12 @@ async def test_kernel_overlaps_first_rootfs_and_first_template_serves_early(
         assert "code-interpreter-v1" not in gates.started
         gates.release["base"].set()
         await until(lambda: "code-interpreter-v1" in gates.started)  # next rootfs while the kernel builds
-        assert not service.ready.is_set()  # base still waits for the kernel
+        assert not agent.ready.is_set()  # base still waits for the kernel
         gates.release["kernel"].set()
-        await asyncio.wait_for(service.ready.wait(), 10)
+        await asyncio.wait_for(agent.ready.wait(), 10)
         assert store.get_template("base").status == TemplateStatus.READY
         assert store.get_template("code-interpreter-v1").status == TemplateStatus.BUILDING
+        assert service.list_nodes()[0].templates == ("base",)  # the node reports what it serves
 
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://cube") as client:
@@ -104,28 +109,30 @@ async def test_kernel_overlaps_first_rootfs_and_first_template_serves_early(
             event.set()
         await asyncio.gather(build, return_exceptions=True)
         await service.stop()
+        await agent.stop()
 
 
 async def test_a_failed_template_does_not_stop_the_others(
         plugin_host: Callable[..., PluginHost], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    service = SandboxService(plugin_host(), SqliteStore(tmp_path / "cube.db"))
-    real_build = service.storage.build_rootfs
+    cube = Embedded(plugin_host(), SqliteStore(tmp_path / "cube.db"))
+    real_build = cube.agent.storage.build_rootfs
 
     async def build_rootfs(recipe: RootfsRecipe, progress: Any = None) -> RootfsImage:
         if recipe.name == "base":
             raise TemplateError("debootstrap exploded")
         return await real_build(recipe, progress)
 
-    monkeypatch.setattr(service.storage, "build_rootfs", build_rootfs)
-    await service.start()
+    monkeypatch.setattr(cube.agent.storage, "build_rootfs", build_rootfs)
+    await cube.start()
     try:
         with pytest.raises(TemplateError, match="exploded"):
-            await service.ensure_templates(("base", "code-interpreter-v1"))
-        assert service.ready.is_set()  # code-interpreter-v1 serves
-        assert service.store.get_template("base").status == TemplateStatus.FAILED
-        assert service.store.get_template("code-interpreter-v1").status == TemplateStatus.READY
+            await cube.agent.ensure_templates(("base", "code-interpreter-v1"))
+        assert cube.agent.ready.is_set()  # code-interpreter-v1 serves
+        assert cube.store.get_template("base").status == TemplateStatus.FAILED
+        assert cube.store.get_template("code-interpreter-v1").status == TemplateStatus.READY
+        assert cube.service.list_nodes()[0].templates == ("code-interpreter-v1",)
     finally:
-        await service.stop()
+        await cube.stop()
 
 
 def test_seconds_left_is_a_linear_estimate() -> None:
