@@ -77,8 +77,11 @@ class Proc:
     log: Path
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
+    stopped: bool = False
+    """Stopped on purpose (a test killed it): not a failure while it is down."""
 
     def start(self) -> None:
+        self.stopped = False
         with self.log.open("a") as log_file:
             self.proc = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT,
                                          start_new_session=True, env=self.env)
@@ -87,12 +90,13 @@ class Proc:
         return self.proc is not None and self.proc.poll() is None
 
     def check(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
+        if self.proc is not None and not self.stopped and self.proc.poll() is not None:
             pytest.fail(f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()[-5000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """SIGTERM: a clean stop. SIGKILL: the agent process alone dies (as in a crash); the VMs
         it started run in sessions of their own and survive it."""
+        self.stopped = True
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(sig)
@@ -104,16 +108,46 @@ class Proc:
 
 
 @dataclass
+class ExtraMaster:
+    url: str
+    proc: Proc
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+@dataclass
 class Cluster:
     url: str
     master: Proc
     nodes: dict[str, Proc]
     master_config: Path
-    state_dirs: list[Path]
+    root: Path
     env: dict[str, str]
+    scheduler: str
     key_a: str = ""
     key_b: str = ""
     extra: list[Proc] = field(default_factory=list)
+
+    def start_master(self, name: str) -> ExtraMaster:
+        """Another ``cube master`` on the same database (its own port and state dir)."""
+        state = self.root / name
+        state.mkdir(exist_ok=True)
+        config = state / "plugins.toml"
+        port = free_port()
+        config.write_text(MASTER.format(name=name, state=state, port=port, admin_port=free_port(),
+                                        subnet="100.83.0.0/16", scheduler=self.scheduler))
+        proc = Proc(name, [CUBE, "master", "--config", str(config)], state / "master.log", self.env)
+        proc.start()
+        self.extra.append(proc)
+        return ExtraMaster(url=f"http://127.0.0.1:{port}", proc=proc)
+
+    def set_scheduler(self, plugin: str) -> None:
+        """The first master's scheduler plugin from its next start on."""
+        text = self.master_config.read_text()
+        self.master_config.write_text(text.replace(f'[scheduler]\nplugin = "{self.scheduler}"',
+                                                   f'[scheduler]\nplugin = "{plugin}"'))
+        self.scheduler = plugin
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([CUBE, *args, "--config", str(self.master_config)], capture_output=True, text=True,
@@ -162,6 +196,7 @@ def cube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     env = {**os.environ, "CUBE_STATE_URL": url, "CUBE_CLUSTER_TOKEN": secrets.token_hex(32)}
     scheduler = os.environ.get("CUBE_CLUSTER_SCHEDULER", "spread")
     procs: list[Proc] = []
+    cluster: Cluster | None = None
     try:
         nodes = {}
         for name, subnet, templates in (("node-a", "100.80.0.0/16", '["base", "code-interpreter-v1"]'),
@@ -180,7 +215,7 @@ def cube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                                          subnet="100.82.0.0/16", scheduler=scheduler))
         master = Proc("master", [CUBE, "master", "--config", str(mconfig)], mstate / "master.log", env)
         cluster = Cluster(url=f"http://127.0.0.1:{port}", master=master, nodes=nodes, master_config=mconfig,
-                          state_dirs=[root / n for n in nodes] + [mstate], env=env)
+                          root=root, env=env, scheduler=scheduler)
         procs = [master, *nodes.values()]
         for proc in procs:
             proc.start()
@@ -192,7 +227,7 @@ def cube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             setattr(cluster, "key_a" if team == "team-a" else "key_b", out.stdout.strip())
         yield cluster
     finally:
-        for proc in procs:
+        for proc in [*procs, *(cluster.extra if cluster else [])]:
             proc.stop()
         for name in ("node-a", "node-b"):
             subprocess.run(["pkill", "-f", f"{root / name}/vms"], check=False)
