@@ -108,3 +108,39 @@ def bench_create(
     (err if as_json else out).print(f"written: {result['files']['json']}  {result['files']['plot'] or '(no plot)'}")
     if as_json:
         print(json.dumps(result))
+
+
+@app.command("cluster")
+def bench_cluster(
+        concurrency: Annotated[str, typer.Option(help="comma-separated concurrency levels")] = "1,10",
+        n: Annotated[int, typer.Option("--n", help="creates per concurrency level and setup")] = 40,
+        setups: Annotated[str, typer.Option(help="serve,master_1node,master_2nodes")] = (
+            "serve,master_1node,master_2nodes"),
+        out_dir: Annotated[Path, typer.Option("--out", help="where the JSON and the logs go")] = Path("bench-results"),
+        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line")] = False) -> None:
+    """cube serve vs cube master + one node vs + two nodes on this box (a throwaway PostgreSQL):
+    what the control plane's hop to a node adds to create p50/p95, and creates/s."""
+    from cube_core.log import configure_logging
+
+    from cube_bench.cluster import Options, run
+
+    configure_logging()
+    try:
+        levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
+    except ValueError:
+        err.print(f"error: --concurrency wants numbers like 1,10, not {concurrency!r}")
+        raise typer.Exit(2) from None
+    opts = Options(concurrency=levels, n=n, out=out_dir,
+                   setups=tuple(s.strip() for s in setups.split(",") if s.strip()))
+    result = guard(lambda: run(opts, lambda message: err.print(message, highlight=False)))
+    table = Table("setup", "c", "create p50 ms", "create p95 ms", "first cmd p50 ms", "creates/s", "failures")
+    for name, per_c in result["setups"].items():
+        for c, row in per_c.items():
+            table.add_row(name, c, str(row["create_ms_p50"]), str(row["create_ms_p95"]), str(row["first_cmd_ms_p50"]),
+                          str(row["creates_per_s"]), str(row["failures"]))
+    (err if as_json else out).print(table)
+    for key, value in result["ratios"].items():
+        (err if as_json else out).print(f"{key}: {value}")
+    (err if as_json else out).print(f"written: {result['file']}")
+    if as_json:
+        print(json.dumps(result))
