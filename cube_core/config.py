@@ -79,6 +79,22 @@ class CoreSettings(_Model):
     are restored from the snapshot, still serve creates). Creates from a sandbox snapshot always
     restore it."""
 
+    secrets_key: dict[str, str] | str | None = None
+    """The key that encrypts the teams' secrets (``/secrets``) at rest: a secret reference,
+    ``{ env = "CUBE_SECRETS_KEY" }`` or ``{ file = "/etc/cube/secrets.key" }``, to 32 random bytes
+    in base64 (``openssl rand -base64 32``) or 64 hex digits. Unset: the ``/secrets`` routes answer
+    403 saying so. Losing it loses every secret (they cannot be decrypted)."""
+
+    @field_validator("secrets_key")
+    @classmethod
+    def _secrets_key_shape(cls, value: dict[str, str] | str | None) -> dict[str, str] | str | None:
+        if isinstance(value, str):  # never echoed: it is the key
+            raise ValueError('secrets_key is a secret reference, never the key itself: '
+                             '{ env = "NAME" } or { file = "/path" }')
+        if value is not None and set(value) not in ({"env"}, {"file"}):
+            raise ValueError('secrets_key is a secret reference: { env = "NAME" } or { file = "/path" }')
+        return value
+
     @field_validator("state")
     @classmethod
     def _state_shape(cls, value: str | dict[str, str] | None) -> str | dict[str, str] | None:

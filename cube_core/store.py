@@ -4,7 +4,8 @@ Records are pydantic models kept as JSON next to the columns that queries filter
 PostgreSQL implementation for clusters (``cube_core.store_postgres``) satisfies the same
 :class:`StateStore` interface and contract suite; :func:`open_store` picks one from ``[core]``.
 
-The database holds secrets (envd access tokens, sandboxes' env vars, API key hashes): the file
+The database holds secrets (envd access tokens, sandboxes' env vars, API key and access token hashes;
+teams' ``/secrets`` only sealed with ``[core] secrets_key``): the file
 and its WAL/SHM companions are mode 0600, the directory that holds them 0700.
 """
 
@@ -23,6 +24,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from cube_core.config import CoreSettings, state_url
+from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.errors import ConfigError
 from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
 from cube_core.state import SandboxState
@@ -118,6 +120,37 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def list_api_keys(self, *, team_id: str | None = None) -> list[ApiKey]: ...
 
+    # a team's secrets (sealed values), API key labels and access tokens: always by team
+    @abc.abstractmethod
+    def add_secret(self, secret: SecretRecord) -> bool:
+        """Insert a new secret; False (nothing written) when its team has one of that name already.
+        Atomic: of two adds of one name at once, exactly one succeeds."""
+
+    @abc.abstractmethod
+    def replace_secret(self, secret: SecretRecord) -> bool:
+        """Overwrite the team's secret of that id (any field but id and team); False if it has none."""
+
+    @abc.abstractmethod
+    def get_secret(self, team_id: str, secret_id_or_name: str) -> SecretRecord | None: ...
+    @abc.abstractmethod
+    def list_secrets(self, team_id: str) -> list[SecretRecord]:
+        """The team's secrets, oldest first."""
+
+    @abc.abstractmethod
+    def delete_secret(self, team_id: str, secret_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def put_key_label(self, label: KeyLabel) -> None: ...
+    @abc.abstractmethod
+    def list_key_labels(self, team_id: str) -> list[KeyLabel]: ...
+
+    @abc.abstractmethod
+    def put_access_token(self, token: AccessToken) -> None: ...
+    @abc.abstractmethod
+    def list_access_tokens(self, team_id: str) -> list[AccessToken]: ...
+    @abc.abstractmethod
+    def delete_access_token(self, team_id: str, token_id: str) -> bool: ...
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""
 
@@ -136,6 +169,12 @@ CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, 
 CREATE TABLE IF NOT EXISTS teams (id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS api_keys (
   id TEXT PRIMARY KEY, team_id TEXT NOT NULL, key_hash TEXT UNIQUE NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS secrets (
+  id TEXT PRIMARY KEY, team_id TEXT NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL,
+  UNIQUE (team_id, name));
+CREATE TABLE IF NOT EXISTS key_labels (id TEXT PRIMARY KEY, team_id TEXT NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS access_tokens (
+  id TEXT PRIMARY KEY, team_id TEXT NOT NULL, token_hash TEXT UNIQUE NOT NULL, body TEXT NOT NULL);
 """
 
 
@@ -314,6 +353,55 @@ class SqliteStore(StateStore):
             return [ApiKey.model_validate_json(b) for b in self._rows("SELECT body FROM api_keys ORDER BY rowid")]
         return [ApiKey.model_validate_json(b)
                 for b in self._rows("SELECT body FROM api_keys WHERE team_id=? ORDER BY rowid", (team_id,))]
+
+    # secrets, key labels, access tokens
+    def add_secret(self, secret: SecretRecord) -> bool:
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO secrets(id, team_id, name, body) VALUES (?,?,?,?)",
+                             (secret.secret_id, secret.team_id, secret.name, secret.model_dump_json()))
+            return cur.rowcount == 1
+
+    def replace_secret(self, secret: SecretRecord) -> bool:
+        with self._tx() as db:
+            cur = db.execute("UPDATE secrets SET name=?, body=? WHERE id=? AND team_id=?",
+                             (secret.name, secret.model_dump_json(), secret.secret_id, secret.team_id))
+            return cur.rowcount == 1
+
+    def get_secret(self, team_id: str, secret_id_or_name: str) -> SecretRecord | None:
+        rows = self._rows("SELECT body FROM secrets WHERE team_id=? AND (id=? OR name=?) ORDER BY id=? DESC",
+                          (team_id, secret_id_or_name, secret_id_or_name, secret_id_or_name))
+        return SecretRecord.model_validate_json(rows[0]) if rows else None
+
+    def list_secrets(self, team_id: str) -> list[SecretRecord]:
+        return [SecretRecord.model_validate_json(b)
+                for b in self._rows("SELECT body FROM secrets WHERE team_id=? ORDER BY rowid", (team_id,))]
+
+    def delete_secret(self, team_id: str, secret_id: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM secrets WHERE id=? AND team_id=?", (secret_id, team_id)).rowcount == 1
+
+    def put_key_label(self, label: KeyLabel) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO key_labels(id, team_id, body) VALUES (?,?,?)",
+                       (label.key_id, label.team_id, label.model_dump_json()))
+
+    def list_key_labels(self, team_id: str) -> list[KeyLabel]:
+        return [KeyLabel.model_validate_json(b)
+                for b in self._rows("SELECT body FROM key_labels WHERE team_id=? ORDER BY id", (team_id,))]
+
+    def put_access_token(self, token: AccessToken) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO access_tokens(id, team_id, token_hash, body) VALUES (?,?,?,?)",
+                       (token.token_id, token.team_id, token.token_hash, token.model_dump_json()))
+
+    def list_access_tokens(self, team_id: str) -> list[AccessToken]:
+        return [AccessToken.model_validate_json(b)
+                for b in self._rows("SELECT body FROM access_tokens WHERE team_id=? ORDER BY rowid", (team_id,))]
+
+    def delete_access_token(self, team_id: str, token_id: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM access_tokens WHERE id=? AND team_id=?",
+                              (token_id, team_id)).rowcount == 1
 
     def close(self) -> None:
         with self._lock:

@@ -26,6 +26,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.errors import ConfigError
 from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
 from cube_core.state import SandboxState
@@ -57,6 +58,18 @@ CREATE INDEX api_keys_team ON api_keys (team_id);
 """),
     (2, "leases: work one master does at a time (the reaper)", """
 CREATE TABLE leases (name text PRIMARY KEY, holder text NOT NULL, until timestamptz NOT NULL);
+"""),
+    (3, "a team's credentials: secrets (sealed values), API key labels, access tokens", """
+CREATE TABLE secrets (
+  id text PRIMARY KEY, team_id text NOT NULL, name text NOT NULL,
+  put_order bigint NOT NULL DEFAULT nextval('records_put_order'), body text NOT NULL,
+  UNIQUE (team_id, name));
+CREATE TABLE key_labels (id text PRIMARY KEY, team_id text NOT NULL, body text NOT NULL);
+CREATE INDEX key_labels_team ON key_labels (team_id);
+CREATE TABLE access_tokens (
+  id text PRIMARY KEY, team_id text NOT NULL, token_hash text UNIQUE NOT NULL,
+  put_order bigint NOT NULL DEFAULT nextval('records_put_order'), body text NOT NULL);
+CREATE INDEX access_tokens_team ON access_tokens (team_id);
 """),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -294,6 +307,62 @@ class PostgresStore(StateStore):
             return [ApiKey.model_validate_json(b) for b in self._bodies("SELECT body FROM api_keys ORDER BY put_order")]
         return [ApiKey.model_validate_json(b) for b in
                 self._bodies("SELECT body FROM api_keys WHERE team_id = %s ORDER BY put_order", (team_id,))]
+
+    # a team's secrets (a secret's name is unique within its team), key labels, access tokens
+    def add_secret(self, secret: SecretRecord) -> bool:
+        with self._conn() as conn:
+            row = conn.execute("INSERT INTO secrets (id, team_id, name, body) VALUES (%s, %s, %s, %s) "
+                               "ON CONFLICT DO NOTHING RETURNING id",
+                               (secret.secret_id, secret.team_id, secret.name, secret.model_dump_json())).fetchone()
+        return row is not None
+
+    def replace_secret(self, secret: SecretRecord) -> bool:
+        with self._conn() as conn:
+            row = conn.execute("UPDATE secrets SET name = %s, body = %s WHERE id = %s AND team_id = %s RETURNING id",
+                               (secret.name, secret.model_dump_json(), secret.secret_id, secret.team_id)).fetchone()
+        return row is not None
+
+    def get_secret(self, team_id: str, secret_id_or_name: str) -> SecretRecord | None:
+        rows = self._bodies("SELECT body FROM secrets WHERE team_id = %s AND (id = %s OR name = %s) "
+                            "ORDER BY id = %s DESC LIMIT 1",
+                            (team_id, secret_id_or_name, secret_id_or_name, secret_id_or_name))
+        return SecretRecord.model_validate_json(rows[0]) if rows else None
+
+    def list_secrets(self, team_id: str) -> list[SecretRecord]:
+        return [SecretRecord.model_validate_json(b) for b in
+                self._bodies("SELECT body FROM secrets WHERE team_id = %s ORDER BY put_order", (team_id,))]
+
+    def delete_secret(self, team_id: str, secret_id: str) -> bool:
+        with self._conn() as conn:
+            row = conn.execute("DELETE FROM secrets WHERE id = %s AND team_id = %s RETURNING id",
+                               (secret_id, team_id)).fetchone()
+        return row is not None
+
+    def put_key_label(self, label: KeyLabel) -> None:
+        self._write("INSERT INTO key_labels (id, team_id, body) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET team_id = EXCLUDED.team_id, body = EXCLUDED.body",
+                    (label.key_id, label.team_id, label.model_dump_json()))
+
+    def list_key_labels(self, team_id: str) -> list[KeyLabel]:
+        return [KeyLabel.model_validate_json(b) for b in
+                self._bodies("SELECT body FROM key_labels WHERE team_id = %s ORDER BY id COLLATE \"C\"",
+                             (team_id,))]
+
+    def put_access_token(self, token: AccessToken) -> None:
+        self._write("INSERT INTO access_tokens (id, team_id, token_hash, body) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET team_id = EXCLUDED.team_id, token_hash = EXCLUDED.token_hash, "
+                    "body = EXCLUDED.body, put_order = nextval('records_put_order')",
+                    (token.token_id, token.team_id, token.token_hash, token.model_dump_json()))
+
+    def list_access_tokens(self, team_id: str) -> list[AccessToken]:
+        return [AccessToken.model_validate_json(b) for b in
+                self._bodies("SELECT body FROM access_tokens WHERE team_id = %s ORDER BY put_order", (team_id,))]
+
+    def delete_access_token(self, team_id: str, token_id: str) -> bool:
+        with self._conn() as conn:
+            row = conn.execute("DELETE FROM access_tokens WHERE id = %s AND team_id = %s RETURNING id",
+                               (token_id, team_id)).fetchone()
+        return row is not None
 
     def close(self) -> None:
         self._pool.close()

@@ -12,7 +12,9 @@ The suite closes every store it opens. What it pins down, beyond "what is put co
 every model field round-trips exactly; a missing id reads as ``None`` and deleting it is a no-op;
 a re-put replaces the record (lists hold it once, at the position of its last put); sandboxes,
 snapshots and API keys are listed in the order of their last put, templates and nodes by id; an
-alias, a team name and a key hash each belong to the one record last put with it; writes from one
+alias, a team name and a key hash each belong to the one record last put with it; a secret's
+name is unique within its team (the first add wins) and secrets, key labels and access tokens are
+only ever read, changed or deleted within their team; writes from one
 open store are seen by another, also when they write at the same time from several threads.
 """
 
@@ -27,6 +29,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.models import (
     ApiKey,
     DiskHandle,
@@ -107,13 +110,25 @@ def full_key(key_id: str = "key-1", team_id: str = "team-a", key_hash: str = "h"
                   revoked=True)
 
 
+def full_secret(secret_id: str = "sec_1", team_id: str = "team-a", name: str = "openai-key") -> SecretRecord:
+    return SecretRecord(secret_id=secret_id, team_id=team_id, name=name, version=3,
+                        metadata={"owner": "Zoë ✓", "quote": "it's \"x\"; --", "empty": ""},
+                        sealed="bm9uY2UrY2lwaGVydGV4dA==", created_at=T0, updated_at=T0 + timedelta(seconds=1))
+
+
+def full_token(token_id: str = "0b5e6c1e-0000-4000-8000-000000000001", team_id: str = "team-a") -> AccessToken:
+    return AccessToken(token_id=token_id, team_id=team_id, name="ci ✓", token_hash="t" * 64, masked_prefix="ab",
+                       masked_suffix="wxyz", length=40, created_at=T0)
+
+
 def sandbox(sandbox_id: str, team_id: str = "team-a", state: SandboxState = SandboxState.RUNNING) -> Sandbox:
     return Sandbox(sandbox_id=sandbox_id, template_id="base", team_id=team_id, state=state, started_at=T0,
                    end_at=T0 + timedelta(seconds=60))
 
 
 ID_FIELDS: dict[type[BaseModel], str] = {Sandbox: "sandbox_id", SnapshotRef: "snapshot_id", ApiKey: "key_id",
-                                         Template: "template_id", Node: "node_id", Team: "team_id"}
+                                         Template: "template_id", Node: "node_id", Team: "team_id",
+                                         SecretRecord: "secret_id", KeyLabel: "key_id", AccessToken: "token_id"}
 
 
 def ids(records: Sequence[BaseModel]) -> list[str]:
@@ -380,6 +395,90 @@ class StoreContract:
         assert found is not None and found.key_id == "k4"
         assert ids(store.list_api_keys(team_id="team-b")) == ["k4"]
 
+    # -- a team's secrets, key labels, access tokens: never across teams ---------------------------
+
+    def test_secret_round_trips_every_field_by_id_and_name(self, store: StateStore) -> None:
+        record = full_secret()
+        assert_every_field_set(record)
+        assert store.add_secret(record)
+        assert store.get_secret("team-a", "sec_1") == record
+        assert store.get_secret("team-a", "openai-key") == record
+        assert store.list_secrets("team-a") == [record]
+        assert store.get_secret("team-b", "sec_1") is None and store.get_secret("team-b", "openai-key") is None
+        assert store.list_secrets("team-b") == []
+
+    def test_a_secret_name_is_unique_within_its_team_only(self, store: StateStore) -> None:
+        assert store.add_secret(full_secret("sec_1", "team-a", "db"))
+        assert not store.add_secret(full_secret("sec_2", "team-a", "db"))  # taken: nothing written
+        assert store.get_secret("team-a", "sec_2") is None
+        assert store.add_secret(full_secret("sec_3", "team-b", "db"))  # another team may
+        assert store.add_secret(full_secret("sec_4", "team-a", "other"))
+        assert ids(store.list_secrets("team-a")) == ["sec_1", "sec_4"]
+        assert ids(store.list_secrets("team-b")) == ["sec_3"]
+
+    def test_replace_and_delete_a_secret_only_in_its_team(self, store: StateStore) -> None:
+        store.add_secret(full_secret("sec_1", "team-a", "db"))
+        store.add_secret(full_secret("sec_2", "team-a", "api"))
+        newer = full_secret("sec_1", "team-a", "db").evolve(version=4, sealed="bmV3", metadata={})
+        assert store.replace_secret(newer)
+        assert store.get_secret("team-a", "db") == newer
+        assert ids(store.list_secrets("team-a")) == ["sec_1", "sec_2"]  # creation order, not last write
+        assert not store.replace_secret(newer.evolve(team_id="team-b"))  # another team's id: nothing
+        assert not store.replace_secret(full_secret("sec_9", "team-a", "ghost"))
+        assert store.get_secret("team-a", "ghost") is None and store.get_secret("team-b", "sec_1") is None
+        assert not store.delete_secret("team-b", "sec_1")
+        assert store.get_secret("team-a", "sec_1") == newer
+        assert store.delete_secret("team-a", "sec_1")
+        assert not store.delete_secret("team-a", "sec_1")
+        assert ids(store.list_secrets("team-a")) == ["sec_2"]
+        assert store.add_secret(full_secret("sec_5", "team-a", "db"))  # the name is free again
+
+    def test_concurrent_adds_of_one_name_make_one_secret(self, store: StateStore, open_store: StoreFactory) -> None:
+        stores = [store, open_store()]
+        start = threading.Barrier(8)
+        won: list[str] = []
+        errors: list[BaseException] = []
+
+        def add(n: int) -> None:
+            try:
+                start.wait(timeout=30)
+                if stores[n % 2].add_secret(full_secret(f"sec_{n}", "team-a", "contested")):
+                    won.append(f"sec_{n}")
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=add, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        assert len(won) == 1 and ids(store.list_secrets("team-a")) == won
+
+    def test_key_labels_by_team_and_a_re_put_replaces(self, store: StateStore) -> None:
+        label = KeyLabel(key_id="key_b", team_id="team-a", name="ci ✓", suffix="9f3a")
+        assert_every_field_set(label)
+        store.put_key_label(label)
+        store.put_key_label(KeyLabel(key_id="key_a", team_id="team-a", name="dev", suffix="0000"))
+        store.put_key_label(KeyLabel(key_id="key_c", team_id="team-b", name="x", suffix="1111"))
+        assert ids(store.list_key_labels("team-a")) == ["key_a", "key_b"]  # by id
+        store.put_key_label(label.evolve(name="renamed"))
+        assert [x.name for x in store.list_key_labels("team-a")] == ["dev", "renamed"]
+        assert ids(store.list_key_labels("team-b")) == ["key_c"] and store.list_key_labels("team-z") == []
+
+    def test_access_tokens_round_trip_and_delete_only_in_their_team(self, store: StateStore) -> None:
+        record = full_token()
+        assert_every_field_set(record)
+        store.put_access_token(record)
+        other = full_token("0b5e6c1e-0000-4000-8000-000000000002", "team-b").evolve(token_hash="u" * 64)
+        store.put_access_token(other)
+        assert store.list_access_tokens("team-a") == [record]
+        assert not store.delete_access_token("team-b", record.token_id)
+        assert store.list_access_tokens("team-a") == [record]
+        assert store.delete_access_token("team-a", record.token_id)
+        assert not store.delete_access_token("team-a", record.token_id)
+        assert store.list_access_tokens("team-a") == [] and store.list_access_tokens("team-b") == [other]
+
     # -- several open stores (a restart; two masters) -------------------------------------------
 
     def test_another_store_sees_every_record(self, store: StateStore, open_store: StoreFactory) -> None:
@@ -389,6 +488,8 @@ class StoreContract:
         store.put_node(full_node())
         store.put_team(full_team())
         store.put_api_key(full_key())
+        store.add_secret(full_secret())
+        store.put_access_token(full_token())
         other = open_store()
         assert other.get_sandbox("sbx-full") == full_sandbox()
         assert other.get_template("ci") == full_template()
@@ -396,6 +497,8 @@ class StoreContract:
         assert other.list_nodes() == [full_node()]
         assert other.find_team("Team A ✓") == full_team()
         assert other.find_api_key("h" * 64) == full_key()
+        assert other.get_secret("team-a", "openai-key") == full_secret()
+        assert other.list_access_tokens("team-a") == [full_token()]
         other.delete_sandbox("sbx-full")
         assert store.get_sandbox("sbx-full") is None
 

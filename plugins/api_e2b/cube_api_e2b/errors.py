@@ -44,6 +44,8 @@ from cube_core import (
     UnsupportedOperation,
     VmmError,
 )
+from cube_core.credentials import CredentialNotFoundError, SecretExistsError, SecretsDisabledError
+from cube_core.teamsecrets import SecretRequestError
 
 
 class InvalidRequestError(CubeError):
@@ -64,6 +66,12 @@ class HttpError:
 #: Cube error class -> answer. Looked up along the exception's MRO, so the most specific class wins.
 ERROR_TABLE: dict[type[CubeError], HttpError] = {
     InvalidRequestError: HttpError(400),
+    SecretRequestError: HttpError(400),
+    CredentialNotFoundError: HttpError(404),  # another team's secret, key or token too
+    SecretExistsError: HttpError(409),
+    # [core] secrets_key unset: 403 as E2B answers a feature not enabled for a team (the spec lists no
+    # 501/503 for /secrets); the message says how to configure it, Should-Retry false.
+    SecretsDisabledError: HttpError(403),
     AuthError: HttpError(401),
     SandboxNotFoundError: HttpError(404),
     TemplateNotFoundError: HttpError(404),

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from cube_api_e2b.routes import lifecycle, metrics, network, sandboxes, snapshots, templates
+from cube_api_e2b.routes import (
+    accesstokens,
+    apikeys,
+    lifecycle,
+    metrics,
+    network,
+    sandboxes,
+    secrets,
+    snapshots,
+    templates,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     metrics.router,  # first: GET /sandboxes/metrics before GET /sandboxes/{sandbox_id}
     sandboxes.router, lifecycle.router, network.router, snapshots.router, templates.router,
+    secrets.router, apikeys.router, accesstokens.router,
 )
 """Every router, in mounting order."""
 
