@@ -54,6 +54,7 @@ from cube_core.models import (
     SandboxRuntime,
     SandboxSpec,
     SnapshotRef,
+    StateFile,
     StopReason,
     Template,
     TemplateStatus,
@@ -63,6 +64,7 @@ from cube_core.models import (
 )
 from cube_core.network import NetworkDriver
 from cube_core.scheduler import Scheduler
+from cube_core.snapshotfiles import content_key
 from cube_core.state import SandboxState
 from cube_core.storage import Progress, RootfsImage, RootfsRecipe, StorageDriver
 from cube_core.vmm import CAP_PAUSE, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
@@ -87,7 +89,7 @@ __all__ = [
     "SandboxState",
     "Scheduler",
     "SchedulingError", "SnapshotInUseError", "SnapshotNotFoundError", "SnapshotRef", "StopReason",
-    "StorageDriver", "StorageError", "Team", "Template", "TemplateBuildError", "TemplateError",
+    "StateFile", "StorageDriver", "StorageError", "Team", "Template", "TemplateBuildError", "TemplateError",
     "TemplateNotFoundError", "TemplateStatus", "UnsupportedOperation", "VmHandle", "VmSpec",
-    "VmState", "VmmDriver", "VmmError", "hookimpl",
+    "VmState", "VmmDriver", "VmmError", "content_key", "hookimpl",
 ]

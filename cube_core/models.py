@@ -174,6 +174,9 @@ class Node(Frozen):
     """Templates ready on this node."""
     disk_free_mb: int = 0
     isolation: Isolation = "none"
+    snapshots: tuple[str, ...] = ()
+    """Snapshots of other nodes this node holds a copy of (imported to launch from them); the
+    control plane deletes these copies with the snapshot."""
 
     @property
     def healthy(self) -> bool:
@@ -315,6 +318,20 @@ class SandboxRuntime(Frozen):
     disk: DiskHandle | None = None
     nic: NicHandle | None = None
     parent_snapshot: str | None = None
+
+
+class StateFile(Frozen):
+    """One file a restore of a snapshot reads, as the driver that wrote it describes it (what a
+    node copies to another one: ``VmmDriver.state_files``, ``StorageDriver.layer_files``)."""
+
+    path: Path
+    """Where it is on this node."""
+    key: str | None = None
+    """A name that means the same bytes on every node (``sha256:...`` of the content, or
+    ``layer:<snapshot id>`` for a frozen disk layer, which never changes): a node that holds a
+    file of that key needs no copy. None: a file of this snapshot alone (always copied)."""
+    parent: str | None = None
+    """Disk layers: the key of the file this one is backed by (None: no backing file)."""
 
 
 class VmState(Frozen):

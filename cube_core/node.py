@@ -21,7 +21,7 @@ import functools
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -29,10 +29,13 @@ import structlog
 from cube_core._host import PluginHost
 from cube_core.config import CoreSettings
 from cube_core.errors import (
+    ConfigError,
     CubeError,
     GuestProtocolError,
     InvalidStateError,
+    NodeError,
     SandboxNotFoundError,
+    SnapshotNotFoundError,
     TemplateError,
     TemplateNotFoundError,
     UnsupportedOperation,
@@ -57,7 +60,9 @@ from cube_core.models import (
 )
 from cube_core.network import NetworkDriver
 from cube_core.nodeclient import Launched, LaunchRequest, SavedSnapshot
+from cube_core.nodehttp import HttpNodeClient
 from cube_core.pool import POOL_TEAM, WarmPool
+from cube_core.snapshotfiles import ExportedFile, Received, SnapshotExport, content_key, key_name, stream
 from cube_core.state import SandboxState
 from cube_core.storage import Progress, StorageDriver
 from cube_core.store import StateStore
@@ -74,8 +79,10 @@ class NodeAgent:
     """The sandboxes of one node; see the module docstring."""
 
     def __init__(self, host: PluginHost, store: StateStore, *, url: str | None = None,
-                 heartbeat_s: float = 2.0) -> None:
+                 heartbeat_s: float = 2.0, token: str | None = None) -> None:
         self.host = host
+        self.token = token
+        """The cluster token, to fetch snapshot files from other nodes (``node_app`` sets it)."""
         self.store = store
         self.settings: CoreSettings = host.config.data.core
         self.node_id = self.settings.node_id
@@ -99,6 +106,11 @@ class NodeAgent:
         self._heartbeat: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         """Set once a template serves on this node."""
+        self._replicas: dict[str, SnapshotRef] = {}
+        """Snapshots of other nodes copied here, by id, with this node's paths."""
+        self._imports: dict[str, asyncio.Lock] = {}
+        self.copied = Received(snapshot_id="")
+        """Totals of every import since start (``files``, ``bytes``, ``seconds``)."""
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -108,6 +120,7 @@ class NodeAgent:
         for template in self.store.list_templates():
             if template.status == TemplateStatus.READY and TemplateBuilder.files_present(template):
                 self._ready[template.template_id] = template
+        self._load_replicas()
         await self._reconcile()
         await self.pool.start()
         for template in self._ready.values():
@@ -173,7 +186,7 @@ class NodeAgent:
                     memory_mb_used=sum(s.memory_mb for s in mine), sandboxes=len(users),
                     sandboxes_paused=sum(1 for s in users if s.state == SandboxState.PAUSED),
                     pool=self.pool.sizes(), templates=tuple(sorted(self._ready)), disk_free_mb=disk_free,
-                    isolation=self.vmm.isolation)
+                    isolation=self.vmm.isolation, snapshots=tuple(sorted(self._replicas)))
 
     def beat(self) -> Node:
         """Write this node's report to the store (registration and heartbeat). A node marked
@@ -229,12 +242,16 @@ class NodeAgent:
         live = [s.runtime for s in self.store.list_sandboxes(states=LIVE_STATES)
                 if s.node_id == self.node_id and s.team_id != POOL_TEAM]
         await self.network.sweep({r.nic.slot_id for r in live if r.nic})
-        await self.storage.gc({r.disk.disk_id for r in live if r.disk}, self._kept_snapshots())
+        kept = self._kept_snapshots()
+        for gone in [r for r in self._replicas if r not in kept]:  # deleted while this node was away
+            self._forget_replica(gone)
+        await self.storage.gc({r.disk.disk_id for r in live if r.disk}, kept)
 
     def _kept_snapshots(self) -> set[str]:
         snaps = self.store.list_snapshots()
         return ({s.snapshot_id for s in snaps} | {s.base_state_id for s in snaps if s.base_state_id}
-                | {t.snapshot.snapshot_id for t in self.store.list_templates() if t.snapshot})
+                | {t.snapshot.snapshot_id for t in self.store.list_templates() if t.snapshot}
+                | {t.snapshot.snapshot_id for t in self._ready.values() if t.snapshot})
 
     # -- launch ----------------------------------------------------------------------------------
 
@@ -245,7 +262,7 @@ class NodeAgent:
         return template
 
     async def launch(self, request: LaunchRequest) -> Launched:
-        sandbox, snapshot = request.sandbox, request.snapshot
+        sandbox, snapshot = request.sandbox, self._here(request.snapshot)
         template = self.local_template(sandbox.template_id)
         started = time.perf_counter()
         member = self.pool.take(template.template_id) if self.pool.enabled and snapshot is None else None
@@ -421,10 +438,199 @@ class NodeAgent:
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         await self.storage.delete_snapshot(snapshot_id)  # keeps a disk layer live sandboxes still use
+        self._forget_replica(snapshot_id)
+
+    # -- copies of other nodes' snapshots --------------------------------------------------------
+
+    def _replica_dir(self) -> Path:
+        return self.settings.state_dir / "replicas" / self.node_id
+
+    def _load_replicas(self) -> None:
+        directory = self._replica_dir()
+        for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+            try:
+                ref = SnapshotRef.model_validate_json(path.read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("unreadable snapshot copy record", path=str(path), error=str(exc))
+                continue
+            self._replicas[ref.snapshot_id] = ref
+
+    def _save_replica(self, ref: SnapshotRef) -> None:
+        directory = self._replica_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{ref.snapshot_id}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(ref.model_dump_json(indent=1))
+        os.replace(tmp, path)
+        self._replicas[ref.snapshot_id] = ref
+
+    def _forget_replica(self, snapshot_id: str) -> None:
+        if self._replicas.pop(snapshot_id, None) is not None:
+            (self._replica_dir() / f"{snapshot_id}.json").unlink(missing_ok=True)
+            log.info("snapshot copy deleted", snapshot_id=snapshot_id, node_id=self.node_id)
+
+    def local_snapshot(self, snapshot_id: str) -> SnapshotRef | None:
+        """The snapshot as this node holds it (its own, a template's, or a copy), with paths here."""
+        if snapshot_id in self._replicas:
+            return self._replicas[snapshot_id]
+        for template in self._ready.values():
+            if template.snapshot is not None and template.snapshot.snapshot_id == snapshot_id:
+                return template.snapshot
+        ref = self.store.get_snapshot(snapshot_id)
+        if ref is not None and ref.node_id in (None, self.node_id):
+            return ref
+        return None
+
+    def _here(self, snapshot: SnapshotRef | None) -> SnapshotRef | None:
+        """``snapshot`` with this node's paths: the copy of another node's snapshot."""
+        if snapshot is None or snapshot.node_id in (None, self.node_id):
+            return snapshot
+        replica = self._replicas.get(snapshot.snapshot_id)
+        if replica is None:
+            raise SnapshotNotFoundError(snapshot_id=snapshot.snapshot_id, detail=(
+                f"its files are on node {snapshot.node_id}, not copied to {self.node_id}"))
+        return replica
+
+    def _export(self, snapshot_id: str) -> SnapshotExport:
+        ref = self.local_snapshot(snapshot_id)
+        if ref is None or ref.vm_state is None or ref.disk is None:
+            raise SnapshotNotFoundError(snapshot_id=snapshot_id, detail=f"no files of it on node {self.node_id}")
+        files: list[ExportedFile] = []
+        for i, item in enumerate(self.vmm.state_files(ref.vm_state)):
+            files.append(ExportedFile(name=f"vm-{i}-{item.path.name}", role="vm", file=item,
+                                      size=item.path.stat().st_size))
+        for i, item in enumerate(self.storage.layer_files(ref.disk)):
+            files.append(ExportedFile(name=f"disk-{i}-{item.path.name}", role="disk", file=item,
+                                      size=item.path.stat().st_size))
+        return SnapshotExport(snapshot=ref, files=tuple(files))
+
+    async def export_snapshot(self, snapshot_id: str) -> SnapshotExport:
+        """What another node needs to restore ``snapshot_id``: its record and every file, with
+        content keys (a node holding a key needs no copy of that file)."""
+        return await asyncio.to_thread(self._export, snapshot_id)
+
+    def export_files(self, snapshot_id: str, have: Sequence[str]) -> Iterator[bytes]:
+        """The stream of the snapshot's files (:mod:`cube_core.snapshotfiles`), without those
+        whose content key is in ``have``. Blocking (a sync iterator: the server runs it in a thread)."""
+        export = self._export(snapshot_id)
+        skip = set(have)
+        sent = [(f.name, f.file.path) for f in export.files if f.file.key is None or f.file.key not in skip]
+        log.info("sending snapshot files", snapshot_id=snapshot_id, node_id=self.node_id,
+                 files=[n for n, _ in sent], skipped=sorted(skip))
+        return stream(sent)
+
+    def _content_dir(self) -> Path:
+        return self.settings.state_dir / "content"
+
+    def _local_file(self, item: ExportedFile) -> Path | None:
+        """This node's file of ``item``'s content key, if it has one."""
+        key = item.file.key
+        if key is None:
+            return None
+        if item.role == "disk":
+            return self.storage.local_layer(key)
+        kept = self._content_dir() / key_name(key)
+        if kept.is_file():
+            return kept
+        with contextlib.suppress(OSError):  # the same file at the same path (a shared cache)
+            if item.file.path.is_file() and content_key(item.file.path) == key:
+                return item.file.path
+        return None
+
+    async def import_snapshot(self, ref: SnapshotRef, origin: Node) -> Received:
+        """Copy ``ref``'s files from ``origin`` (its bases first, each only if not here yet), so
+        sandboxes of this node can start from it; idempotent. Files whose content this node
+        already holds are not sent. The copy is recorded (``replicas/<node>/<id>.json``) and
+        reported (``Node.snapshots``) until the snapshot is deleted."""
+        if ref.node_id in (None, self.node_id) or self.local_snapshot(ref.snapshot_id) is not None:
+            return Received(snapshot_id=ref.snapshot_id)
+        if not self.token:
+            raise ConfigError("[cluster] token is not set: this node cannot fetch snapshots from others")
+        if not origin.url:
+            raise NodeError(f"node {origin.node_id} has no URL to fetch snapshot {ref.snapshot_id} from",
+                            node_id=origin.node_id)
+        started = time.perf_counter()
+        async with HttpNodeClient(origin.node_id, origin.url, self.token) as peer:
+            got = await self._import(ref.snapshot_id, peer, origin.node_id)
+        got = got.evolve(seconds=round(time.perf_counter() - started, 3))
+        self.copied = self.copied.evolve(files=self.copied.files + got.files, bytes=self.copied.bytes + got.bytes,
+                                         seconds=round(self.copied.seconds + got.seconds, 3),
+                                         fetched=(*self.copied.fetched, *got.fetched))
+        log.info("snapshot copied", snapshot_id=ref.snapshot_id, origin=origin.node_id, node_id=self.node_id,
+                 fetched=got.fetched, files=got.files, bytes=got.bytes, skipped=got.skipped, seconds=got.seconds)
+        self.beat()
+        return got
+
+    async def _import(self, snapshot_id: str, peer: HttpNodeClient, origin_id: str) -> Received:
+        async with self._imports.setdefault(snapshot_id, asyncio.Lock()):
+            if self.local_snapshot(snapshot_id) is not None:
+                return Received(snapshot_id=snapshot_id)
+            export = await peer.snapshot_manifest(snapshot_id)
+            snap = export.snapshot
+            assert snap.vm_state is not None and snap.disk is not None
+            base: SnapshotRef | None = None
+            before = Received(snapshot_id=snapshot_id)
+            if snap.base_state_id is not None:
+                base = self.local_snapshot(snap.base_state_id)
+                if base is None:
+                    before = await self._import(snap.base_state_id, peer, origin_id)
+                    base = self.local_snapshot(snap.base_state_id)
+                    assert base is not None
+            present = {f.name: p for f in export.files if (p := self._local_file(f)) is not None}
+            wanted = [f for f in export.files if f.name not in present]
+            have = sorted({f.file.key for f in export.files if f.name in present and f.file.key})
+            directory = self.storage.snapshot_dir(snapshot_id)
+            incoming = directory / f".incoming-{os.urandom(4).hex()}"
+            try:
+                sizes = await peer.snapshot_files(snapshot_id, have, incoming, [f.name for f in wanted])
+                local = await asyncio.to_thread(self._place_copy, export, snap, base, present, incoming)
+            except BaseException:
+                shutil.rmtree(incoming, ignore_errors=True)
+                await self.storage.delete_snapshot(snapshot_id)
+                raise
+            shutil.rmtree(incoming, ignore_errors=True)
+            self._save_replica(local)
+            return Received(snapshot_id=snapshot_id, fetched=(*before.fetched, snapshot_id),
+                            files=before.files + len(sizes), bytes=before.bytes + sum(sizes.values()),
+                            skipped=(*before.skipped, *have))
+
+    def _place_copy(self, export: SnapshotExport, snap: SnapshotRef, base: SnapshotRef | None,
+                    present: dict[str, Path], incoming: Path) -> SnapshotRef:
+        """Blocking: move what came into place, hand the state and the layers to the drivers."""
+        assert snap.vm_state is not None
+        directory = incoming.parent
+        paths: dict[Path, Path] = {}
+        received: dict[str, Path] = {}
+        chain = [f.file for f in export.files if f.role == "disk"]
+        for item in export.files:
+            if item.name in present:
+                if item.role == "vm":
+                    paths[item.file.path] = present[item.name]
+                continue
+            came = incoming / item.name
+            if item.role == "disk":
+                assert item.file.key is not None
+                received[item.file.key] = came
+            elif item.file.key is not None:  # a kernel: kept by content
+                dest = self._content_dir() / key_name(item.file.key)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(came, 0o644)
+                os.replace(came, dest)
+                paths[item.file.path] = dest
+            else:
+                dest = directory / item.file.path.name
+                os.replace(came, dest)
+                paths[item.file.path] = dest
+        vm_state = self.vmm.relocate(snap.vm_state, paths, base.vm_state if base else None)
+        disk = self.storage.adopt_layer(snap.snapshot_id, chain, received)
+        return snap.evolve(vm_state=vm_state, disk=disk)
 
     async def rollback(self, sandbox: Sandbox, snapshot: SnapshotRef, *, paused: bool) -> Launched:
         """The sandbox's VM and disk become a restore of ``snapshot``; its network slot stays."""
         sid = sandbox.sandbox_id
+        here = self._here(snapshot)
+        assert here is not None
+        snapshot = here
         if snapshot.vm_state is None or snapshot.disk is None:
             raise UnsupportedOperation(driver=type(self.vmm).__name__, operation="rollback to a snapshot without files")
         template = self.local_template(sandbox.template_id)

@@ -10,14 +10,15 @@ and answers 501 when no plugin provides an edge. Everything else goes to the API
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cube_core.errors import ConfigError, CubeError, NodeError, UnsupportedOperation
@@ -32,12 +33,14 @@ from cube_core.nodehttp import (
     ErrorBody,
     ExecRequest,
     HealthReply,
+    ImportRequest,
     PolicyRequest,
     RollbackRequest,
     SnapshotRequest,
     error_body,
     error_status,
 )
+from cube_core.snapshotfiles import Received, SnapshotExport
 
 if TYPE_CHECKING:
     from cube_core.node import NodeAgent
@@ -61,6 +64,8 @@ def node_app(agent: NodeAgent, *, token: str, edge: ASGIApp | None = None) -> AS
     """The HTTP app of ``agent``; see the module docstring. ``token`` must not be empty."""
     if not token:
         raise ConfigError("[cluster] token is empty: a node agent never serves without one")
+    if agent.token is None:
+        agent.token = token  # the same token fetches snapshot files from the other nodes
     return _ClusterGate(_api(agent), edge, token)
 
 
@@ -120,6 +125,21 @@ def _api(agent: NodeAgent) -> FastAPI:
     @api.delete(PREFIX + "/snapshots/{snapshot_id}", status_code=204, response_class=Response)
     async def delete_snapshot(snapshot_id: str) -> None:
         await agent.delete_snapshot(snapshot_id)
+
+    @api.get(PREFIX + "/snapshots/{snapshot_id}/manifest")
+    async def snapshot_manifest(snapshot_id: str) -> SnapshotExport:
+        return await agent.export_snapshot(snapshot_id)
+
+    @api.get(PREFIX + "/snapshots/{snapshot_id}/files")
+    async def snapshot_files(snapshot_id: str, have: list[str] = Query(default=[])) -> StreamingResponse:  # noqa: B008
+        files = await asyncio.to_thread(agent.export_files, snapshot_id, have)  # errors before the answer starts
+        return StreamingResponse(files, media_type="application/x-cube-snapshot-files")
+
+    @api.post(PREFIX + "/snapshots/{snapshot_id}/import")
+    async def import_snapshot(snapshot_id: str, request: ImportRequest) -> Received:
+        if snapshot_id != request.snapshot.snapshot_id:
+            raise NodeError(f"the path names snapshot {snapshot_id}, the body {request.snapshot.snapshot_id}")
+        return await agent.import_snapshot(request.snapshot, request.origin)
 
     @api.post(PREFIX + "/sandboxes/{sandbox_id}/rollback")
     async def rollback(sandbox_id: str, request: RollbackRequest) -> Launched:

@@ -30,6 +30,7 @@ from cube_core.models import (
     SnapshotRef,
     VmState,
 )
+from cube_core.snapshotfiles import Received
 
 if TYPE_CHECKING:
     from cube_core.node import NodeAgent
@@ -110,6 +111,12 @@ class NodeClient(Protocol):
         """Delete a snapshot's files (a disk layer that live sandboxes still use is kept)."""
         ...
 
+    async def import_snapshot(self, snapshot: SnapshotRef, origin: Node) -> Received:
+        """Copy another node's snapshot here (from ``origin``, over HTTP with the cluster token;
+        its base snapshots first, each file only if this node lacks its content), so that
+        ``launch`` and ``rollback`` can use it; idempotent. What was copied is answered."""
+        ...
+
     async def rollback(self, sandbox: Sandbox, snapshot: SnapshotRef, *, paused: bool) -> Launched:
         """Replace the sandbox's VM and disk with a restore of ``snapshot`` (same slot); personalize
         it as the same sandbox; pause it again when ``paused``."""
@@ -156,6 +163,9 @@ class LocalNodeClient:
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         await self.agent.delete_snapshot(snapshot_id)
+
+    async def import_snapshot(self, snapshot: SnapshotRef, origin: Node) -> Received:
+        return await self.agent.import_snapshot(snapshot, origin)
 
     async def rollback(self, sandbox: Sandbox, snapshot: SnapshotRef, *, paused: bool) -> Launched:
         return await self.agent.rollback(sandbox, snapshot, paused=paused)

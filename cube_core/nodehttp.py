@@ -14,9 +14,11 @@ rollback whose answer timed out may still complete on the node: the caller destr
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -36,6 +38,7 @@ from cube_core.errors import (
 )
 from cube_core.models import EgressRule, ExecReply, Frozen, NetworkPolicy, Node, Sandbox, SnapshotRef
 from cube_core.nodeclient import Endpoint, Launched, LaunchRequest, SavedSnapshot
+from cube_core.snapshotfiles import Received, SnapshotExport, unpack
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +65,11 @@ class RollbackRequest(Frozen):
     sandbox: Sandbox
     snapshot: SnapshotRef
     paused: bool
+
+
+class ImportRequest(Frozen):
+    snapshot: SnapshotRef
+    origin: Node
 
 
 class PolicyRequest(Frozen):
@@ -159,6 +167,8 @@ class NodeTimeouts(Frozen):
     default: float = 30.0
     launch: float = 120.0
     snapshot: float = 300.0
+    transfer: float = 1800.0
+    """Copying a snapshot's files from another node (a template image and RAM the first time)."""
     exec_margin: float = 10.0
     """Added to an exec's own timeout (the command's), for the trip and the guest's answer."""
 
@@ -267,6 +277,42 @@ class HttpNodeClient:
     async def delete_snapshot(self, snapshot_id: str) -> None:
         await self._call("DELETE", _path("snapshots", snapshot_id))
 
+    async def import_snapshot(self, snapshot: SnapshotRef, origin: Node) -> Received:
+        resp = await self._call("POST", _path("snapshots", snapshot.snapshot_id, "import"),
+                                body=ImportRequest(snapshot=snapshot, origin=origin), timeout=self.timeouts.transfer)
+        return self._parse(Received, resp)
+
+    async def snapshot_manifest(self, snapshot_id: str) -> SnapshotExport:
+        """The snapshot's record and files as this node holds them (node to node)."""
+        resp = await self._call("GET", _path("snapshots", snapshot_id, "manifest"), timeout=self.timeouts.snapshot)
+        return self._parse(SnapshotExport, resp)
+
+    async def snapshot_files(self, snapshot_id: str, have: Sequence[str], target: Path,
+                             names: Sequence[str]) -> dict[str, int]:
+        """Fetch the snapshot's files but those of the content keys in ``have`` into ``target``
+        (they must be exactly ``names``); the data bytes of each (node to node)."""
+
+        def fetch() -> dict[str, int]:
+            path = _path("snapshots", snapshot_id, "files")
+            with httpx.Client(base_url=self.url, headers={TOKEN_HEADER: self._token}, trust_env=False,
+                              timeout=httpx.Timeout(self.timeouts.snapshot), follow_redirects=False) as client:
+                try:
+                    with client.stream("GET", path, params={"have": list(have)}) as resp:
+                        if not resp.is_success:
+                            resp.read()
+                            try:
+                                body = ErrorBody.model_validate(resp.json())
+                            except ValueError:
+                                raise NodeError(f"node {self._node_id} answered GET {path} with HTTP "
+                                                f"{resp.status_code}", node_id=self._node_id) from None
+                            raise error_from_body(body)
+                        return unpack(_Reader(resp.iter_raw()), target, names)
+                except httpx.TransportError as exc:
+                    raise NodeUnavailableError(node_id=self._node_id, detail=f"GET {path}: {type(exc).__name__}: "
+                                               f"{exc}") from exc
+
+        return await asyncio.to_thread(fetch)
+
     async def rollback(self, sandbox: Sandbox, snapshot: SnapshotRef, *, paused: bool) -> Launched:
         resp = await self._call("POST", _path("sandboxes", sandbox.sandbox_id, "rollback"),
                                 body=RollbackRequest(sandbox=sandbox, snapshot=snapshot, paused=paused),
@@ -302,3 +348,20 @@ class HttpNodeClient:
         return Endpoint(host=self._host, port=self._port, via=self.url,
                         headers=((TOKEN_HEADER, self._token), (SANDBOX_HEADER, sandbox_id),
                                  (PORT_HEADER, str(port))))
+
+
+class _Reader:
+    """A blocking ``read(n)`` over an iterator of byte chunks."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def read(self, n: int) -> bytes:
+        while not self._buf:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return b""
+            self._buf = chunk
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out

@@ -165,18 +165,18 @@ class SandboxService:
 
     def _place(self, spec: SandboxSpec, snapshot: SnapshotRef | None) -> Node:
         """The node for a new sandbox: the scheduler's choice among the nodes that are up and
-        have the template ready; a sandbox snapshot's own node (its files are there)."""
+        have the template ready. From a sandbox snapshot: its own node (the files are there) when
+        it takes sandboxes; otherwise one of the others, which copies the snapshot first (its
+        origin must be reachable for that: draining is fine, down is not)."""
         nodes = self.nodes.placeable()
         if snapshot is not None and snapshot.node_id is not None:
-            nodes = [n for n in nodes if n.node_id == snapshot.node_id]
-            if not nodes:
-                raise NodeUnavailableError(
-                    node_id=snapshot.node_id,
-                    detail=f"snapshot {snapshot.snapshot_id} is there and it takes no sandboxes now")
-        else:
-            nodes = [n for n in nodes if spec.template_id in n.templates]
-            if not nodes:
-                raise TemplateError(f"template {spec.template_id!r} is not ready on any node that takes sandboxes")
+            origin = [n for n in nodes if n.node_id == snapshot.node_id]
+            if origin:
+                return self.scheduler.place(spec, origin)
+            self.nodes.client(snapshot.node_id)  # NodeUnavailableError when down: nothing to copy from
+        nodes = [n for n in nodes if spec.template_id in n.templates]
+        if not nodes:
+            raise TemplateError(f"template {spec.template_id!r} is not ready on any node that takes sandboxes")
         return self.scheduler.place(spec, nodes)
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
@@ -213,6 +213,10 @@ class SandboxService:
             self.store.put_sandbox(sandbox)
         client = self.nodes.client(node.node_id)
         try:
+            if snap is not None and snap.node_id is not None and snap.node_id != node.node_id:
+                copied = await client.import_snapshot(snap, self.nodes.get(snap.node_id))
+                log.info("snapshot copied for a create", snapshot_id=snap.snapshot_id, origin=snap.node_id,
+                         node_id=node.node_id, fetched=copied.fetched, bytes=copied.bytes, seconds=copied.seconds)
             launched = await client.launch(LaunchRequest(sandbox=sandbox, snapshot=snap,
                                                          rules=tuple(self.host.hooks.egress_rules(spec))))
         except BaseException as exc:
@@ -400,6 +404,13 @@ class SandboxService:
         client = self.nodes.client(ref.node_id or self.settings.node_id)
         self.store.delete_snapshot(snapshot_id)
         await client.delete_snapshot(snapshot_id)
+        for node in self.nodes.records():  # the copies other nodes made of it
+            if snapshot_id in node.snapshots and node.node_id != ref.node_id:
+                try:
+                    await self.nodes.client(node.node_id).delete_snapshot(snapshot_id)
+                except NodeUnavailableError as exc:  # it drops the copy when it starts again
+                    log.info("snapshot copy left on a node that is away", snapshot_id=snapshot_id,
+                             node_id=node.node_id, error=exc.message)
 
     async def fork(self, team_id: str, sandbox_id: str, count: int = 1,
                    timeout_s: int | None = None) -> builtins.list[Sandbox]:

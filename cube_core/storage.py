@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from cube_core.models import DiskHandle, Frozen
+from cube_core.models import DiskHandle, Frozen, StateFile
 
 Progress = Callable[[str, float | None], None]
 """``progress(step_description, fraction_done_or_None)``."""
@@ -77,3 +77,25 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def gc(self, live_owners: Iterable[str], live_snapshots: Iterable[str]) -> int:
         """Free disks and snapshot files no live owner refers to; return how many went."""
+
+    # -- copies between nodes -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def layer_files(self, disk: DiskHandle) -> list[StateFile]:
+        """The frozen layer ``disk`` (of :meth:`freeze_disk`) and every file below it that a disk
+        created over it reads, top first. Each has a ``key`` (a node holding that key needs no
+        copy: ``layer:<snapshot id>`` for frozen layers, ``sha256:...`` for images) and the
+        ``parent`` key it is backed by. Blocking."""
+
+    @abc.abstractmethod
+    def local_layer(self, key: str) -> Path | None:
+        """Where this driver holds the file of ``key`` (a layer or an image copied here or made
+        here), None if it has none. Blocking."""
+
+    @abc.abstractmethod
+    def adopt_layer(self, snapshot_id: str, chain: Sequence[StateFile],
+                    received: Mapping[str, Path]) -> DiskHandle:
+        """Take a copied layer chain as this node's: ``chain`` is :meth:`layer_files` as the other
+        node answered (its paths), ``received`` maps the keys this node lacked to the files
+        received (moved into place, then each backed by this node's file of its parent key). The
+        top layer becomes ``snapshot_id``'s frozen layer; return it. Blocking."""

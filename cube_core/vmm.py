@@ -8,11 +8,12 @@ the driver lists them in ``capabilities`` and overrides them.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 from cube_core.errors import ConfigError, UnsupportedOperation
-from cube_core.models import Isolation, NicHandle, VmHandle, VmSpec, VmState
+from cube_core.models import Isolation, NicHandle, StateFile, VmHandle, VmSpec, VmState
 from cube_core.storage import Progress
 
 CAP_SNAPSHOT = "snapshot"
@@ -86,6 +87,19 @@ class VmmDriver(abc.ABC):
         returns. The first ``guest_call`` may include the control channel's handshake (tens of ms
         under TCG while the guest retranslates its code)."""
         raise UnsupportedOperation(driver=type(self).__name__, operation="restore")
+
+    @abc.abstractmethod
+    def state_files(self, state: VmState) -> list[StateFile]:
+        """Every file a restore of ``state`` reads on another machine, except those of
+        ``state.base_state_id`` (that snapshot is copied first, with its own files): the memory
+        and device-state files, anything kept beside them, and the kernel and initrd (with a
+        content ``key``: a node that has the same bytes needs no copy). Blocking."""
+
+    @abc.abstractmethod
+    def relocate(self, state: VmState, files: Mapping[Path, Path], base: VmState | None) -> VmState:
+        """``state`` as a copy on this node: ``files`` maps every path of :meth:`state_files`
+        to where it is here now; ``base`` is this node's copy of ``state.base_state_id`` (None when
+        it has none). Blocking; raise :class:`VmmError` when the copy cannot be restored here."""
 
     async def reattach(self, vm: VmHandle) -> VmHandle:
         """Take over a VM started by an earlier process of the node agent."""

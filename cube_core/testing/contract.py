@@ -13,6 +13,7 @@ Subclass one in your plugin's tests and provide the fixtures it names::
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -94,6 +95,39 @@ class VmmContract:
         finally:
             await driver.shutdown(clone)
 
+    async def test_state_files_copied_elsewhere_restore(self, driver: VmmDriver, vm_spec_factory: VmSpecFactory,
+                                                        nic_factory: NicFactory, tmp_path: Path) -> None:
+        """What another node does with a copy: every file of ``state_files`` in a new place,
+        ``relocate``, restore from there (the original files gone)."""
+        if CAP_SNAPSHOT not in driver.capabilities:
+            pytest.skip(f"{type(driver).__name__} does not declare the snapshot capability")
+        spec = vm_spec_factory("contract-src")
+        vm = await driver.boot(spec, await nic_factory(spec.vm_id))
+        try:
+            await driver.wait_ready(vm, timeout=self.ready_timeout)
+            state = await driver.snapshot(vm, tmp_path / "src")
+        finally:
+            await driver.shutdown(vm)
+        files = driver.state_files(state)
+        paths = [f.path for f in files]
+        assert state.memory_file in paths and state.device_state in paths
+        assert all(f.key is None or f.key.startswith("sha256:") for f in files)
+        moved: dict[Path, Path] = {}
+        for i, item in enumerate(files):
+            if item.key is None:  # this snapshot's own files move; content-keyed ones stay shared
+                moved[item.path] = tmp_path / "copy" / f"{i}-{item.path.name}"
+                moved[item.path].parent.mkdir(exist_ok=True)
+                shutil.copy2(item.path, moved[item.path])
+        shutil.rmtree(tmp_path / "src")
+        here = driver.relocate(state, moved, None)
+        assert here.memory_file == moved[state.memory_file] and here.device_state == moved[state.device_state]
+        clone_spec = vm_spec_factory("contract-copy")
+        clone = await driver.restore(here, clone_spec, await nic_factory(clone_spec.vm_id))
+        try:
+            assert (await driver.guest_call(clone, "ping", {}, timeout=60)).get("boot_id")
+        finally:
+            await driver.shutdown(clone)
+
 
 class NetworkContract:
     """What every network driver must do. Fixture: ``driver`` (started)."""
@@ -138,6 +172,36 @@ class StorageContract:
         finally:
             await driver.delete_disk(child)
             await driver.delete_snapshot("contract-snap")
+
+    async def test_a_layer_chain_copied_back_is_adopted(self, driver: StorageDriver, base_image: Path,
+                                                        tmp_path: Path) -> None:
+        """``layer_files`` names the frozen layer and everything under it, top first, with keys
+        and parents; the files copied elsewhere and the snapshot gone, ``adopt_layer`` takes the
+        copies back (what a node that receives a snapshot does) and a disk over it works."""
+        disk = await driver.create_disk("contract-src", base_image)
+        frozen = await driver.freeze_disk(disk, "contract-copy")
+        await driver.delete_disk(disk)
+        chain = driver.layer_files(frozen)
+        assert chain[0].path == frozen.path and chain[0].key == "layer:contract-copy"
+        assert [f.parent for f in chain[:-1]] == [f.key for f in chain[1:]] and chain[-1].parent is None
+        assert all(f.key for f in chain)
+        assert driver.local_layer("layer:contract-copy") == frozen.path
+        received: dict[str, Path] = {}
+        for i, item in enumerate(chain):
+            assert item.key is not None
+            received[item.key] = tmp_path / f"copy-{i}"
+            shutil.copy(item.path, received[item.key])
+        await driver.delete_snapshot("contract-copy")
+        assert driver.local_layer("layer:contract-copy") is None
+        adopted = driver.adopt_layer("contract-copy", chain, received)
+        try:
+            assert adopted.path.exists() and driver.local_layer("layer:contract-copy") == adopted.path
+            assert all(driver.local_layer(f.key) is not None for f in chain if f.key)
+            assert [f.key for f in driver.layer_files(adopted)] == [f.key for f in chain]
+            child = await driver.create_disk("contract-child", adopted.path)
+            await driver.delete_disk(child)
+        finally:
+            await driver.delete_snapshot("contract-copy")
 
     async def test_gc_frees_unowned(self, driver: StorageDriver, base_image: Path) -> None:
         live = await driver.create_disk("contract-live", base_image)

@@ -10,7 +10,7 @@ import hashlib
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,14 +34,17 @@ from cube_core import (
     RootfsRecipe,
     SandboxSpec,
     Scheduler,
+    StateFile,
     StorageDriver,
     VmHandle,
     VmmDriver,
     VmmError,
     VmSpec,
     VmState,
+    content_key,
     hookimpl,
 )
+from cube_core.snapshotfiles import key_name
 
 
 class FakeConfig(BaseModel):
@@ -72,6 +75,24 @@ class FakeVmm(VmmDriver):
     async def boot(self, spec: VmSpec, nic: NicHandle | None) -> VmHandle:
         self.calls.append(("boot", spec.vm_id))
         return self._new(spec.vm_id, spec.rootfs_disk.path.parent)
+
+    def state_files(self, state: VmState) -> list[StateFile]:
+        files = [StateFile(path=state.memory_file), StateFile(path=state.device_state)]
+        for path in (state.kernel, state.initrd):
+            if path is not None and path.is_file():
+                files.append(StateFile(path=path, key=content_key(path)))
+        return files
+
+    def relocate(self, state: VmState, files: Mapping[Path, Path], base: VmState | None) -> VmState:
+        data = dict(state.data)
+        if state.base_state_id is not None:
+            if base is None:
+                raise VmmError(f"snapshot {state.state_id} needs {state.base_state_id}, not on this node")
+            data["base_memory_file"] = str(base.memory_file)
+        return state.evolve(
+            memory_file=files[state.memory_file], device_state=files[state.device_state],
+            kernel=files.get(state.kernel, state.kernel),
+            initrd=files.get(state.initrd, state.initrd) if state.initrd else None, data=data)
 
     async def wait_ready(self, vm: VmHandle, *, timeout: float) -> dict[str, Any]:
         self._check(vm)
@@ -114,14 +135,26 @@ class FakeVmm(VmmDriver):
         mem, dev = target_dir / "memory.ram", target_dir / "device.state"
         mem.write_bytes(b"fake-ram")
         dev.write_bytes(b"fake-state")
-        return VmState(state_id=vm.vm_id, memory_file=mem, device_state=dev, memory_mb=512,
-                       kernel=Path("/dev/null"), isolation="none")
+        base: tuple[str, str] | None = self.vms[vm.vm_id].get("base")
+        # like kvm: a clone is saved as a diff against the snapshot whose memory it maps
+        return VmState(state_id=target_dir.name, memory_file=mem, device_state=dev, memory_mb=512,
+                       kernel=Path("/dev/null"), isolation="none",
+                       base_state_id=base[0] if base else None,
+                       data={"base_memory_file": base[1]} if base else {})
 
     async def restore(self, state: VmState, spec: VmSpec, nic: NicHandle | None) -> VmHandle:
         if not state.memory_file.exists():
             raise VmmError(f"snapshot memory file {state.memory_file} is missing")
+        if state.base_state_id is not None:
+            base = (state.base_state_id, str(state.data["base_memory_file"]))
+            if not Path(base[1]).exists():
+                raise VmmError(f"base memory file {base[1]} of {state.state_id} is missing")
+        else:
+            base = (state.state_id, str(state.memory_file))
         self.calls.append(("restore", spec.vm_id))
-        return self._new(spec.vm_id, spec.rootfs_disk.path.parent)
+        handle = self._new(spec.vm_id, spec.rootfs_disk.path.parent)
+        self.vms[spec.vm_id]["base"] = base
+        return handle
 
     async def reattach(self, vm: VmHandle) -> VmHandle:
         if vm.vm_id not in self.vms:
@@ -207,6 +240,54 @@ class MemoryStorage(StorageDriver):
             for f in path.iterdir():
                 f.unlink()
             path.rmdir()
+
+    def _layer_key(self, path: Path) -> str:
+        snapshots = self._root / "snapshots"
+        if path.parent.parent == snapshots:
+            return f"layer:{path.parent.name}"
+        return content_key(path)
+
+    def layer_files(self, disk: DiskHandle) -> list[StateFile]:
+        """A fake disk or layer holds the path of its base as text; images hold anything else."""
+        chain: list[StateFile] = []
+        path: Path | None = disk.path
+        while path is not None:
+            key = self._layer_key(path)
+            parent: Path | None = None
+            if key.startswith("layer:"):
+                parent = Path(path.read_text())
+            chain.append(StateFile(path=path, key=key, parent=self._layer_key(parent) if parent else None))
+            path = parent
+        return chain
+
+    def local_layer(self, key: str) -> Path | None:
+        if key.startswith("layer:"):
+            path = self._root / "snapshots" / key.removeprefix("layer:") / "disk.qcow2"
+        else:
+            path = self._root / "content" / f"{key_name(key)}.img"
+        return path if path.is_file() else None
+
+    def adopt_layer(self, snapshot_id: str, chain: Sequence[StateFile],
+                    received: Mapping[str, Path]) -> DiskHandle:
+        for item in reversed(chain):
+            assert item.key is not None
+            if item.key not in received:
+                continue
+            if item.key.startswith("layer:"):
+                dest = self.snapshot_dir(item.key.removeprefix("layer:")) / "disk.qcow2"
+            else:
+                dest = self._root / "content" / f"{key_name(item.key)}.img"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(received[item.key], dest)
+            if item.parent is not None:
+                parent = self.local_layer(item.parent)
+                if parent is None:
+                    raise VmmError(f"layer {item.key}: its parent {item.parent} is not here")
+                dest.write_text(str(parent))
+        top = self.local_layer(f"layer:{snapshot_id}")
+        if top is None:
+            raise VmmError(f"snapshot {snapshot_id}: no disk layer after the copy")
+        return DiskHandle(disk_id=snapshot_id, path=top, readonly=True)
 
     async def gc(self, live_owners: Iterable[str], live_snapshots: Iterable[str]) -> int:
         owners, snaps, n = set(live_owners), set(live_snapshots), 0

@@ -10,6 +10,10 @@ Subclass it and provide the fixtures it names::
         def node_store(self): ...     # the StateStore that agent reads its records from
         @pytest.fixture
         def node_template(self): ...  # a Template ready on that node
+        @pytest.fixture
+        def origin_client(self): ...  # a NodeClient to another node agent (same store, own files)
+        @pytest.fixture
+        def origin_node(self): ...    # that other node's record (its url serves /node/v1)
 
 The suite plays the control plane: it writes each sandbox's record (``creating``, then
 ``running`` with the runtime the node answered, ``paused``, ``killed``...) to ``node_store`` the
@@ -20,7 +24,9 @@ sandbox keeps its state, and a sandbox launched from it or rolled back to it run
 slot for a rollback, paused again when asked); a deleted snapshot cannot be launched and the
 failed launch leaves nothing; policy and audit; the endpoint of a port; destroy frees and is
 idempotent; an unknown sandbox is :class:`~cube_core.errors.SandboxNotFoundError` (with its
-``sandbox_id``) for every operation, an unknown template :class:`~cube_core.errors.TemplateNotFoundError`.
+``sandbox_id``) for every operation, an unknown template :class:`~cube_core.errors.TemplateNotFoundError`;
+a snapshot of another node is copied (its base first, each file once) and launched from, and its
+deleted copy cannot be launched from any more.
 Errors are compared by class and fields, so a transport must rebuild them exactly.
 """
 
@@ -32,8 +38,8 @@ from datetime import timedelta
 import pytest
 
 from cube_core import ids
-from cube_core.errors import CubeError, SandboxNotFoundError, TemplateNotFoundError
-from cube_core.models import EgressRule, NetworkPolicy, Sandbox, SnapshotRef, Template, utcnow
+from cube_core.errors import CubeError, SandboxNotFoundError, SnapshotNotFoundError, TemplateNotFoundError
+from cube_core.models import EgressRule, NetworkPolicy, Node, Sandbox, SnapshotRef, Template, utcnow
 from cube_core.nodeclient import Launched, LaunchRequest, NodeClient
 from cube_core.state import SandboxState
 from cube_core.store import StateStore
@@ -183,6 +189,41 @@ class NodeClientContract:
         await _answers(plane.client, sandbox.sandbox_id, "resumed")
 
     # -- snapshots, launch from one, rollback -----------------------------------------------------------
+
+    async def test_a_snapshot_of_another_node_is_copied_once_and_launched_here(
+            self, plane: ControlPlane, origin_client: NodeClient, origin_node: Node) -> None:
+        there = ControlPlane(origin_client, plane.store, plane.template)
+        try:
+            source, _ = await there.launch()
+            first = await there.snapshot(source)
+            assert first.node_id == origin_node.node_id != plane.client.node_id
+            with pytest.raises(SnapshotNotFoundError):  # not copied yet
+                await plane.launch(snapshot=first)
+            got = await plane.client.import_snapshot(first, origin_node)
+            # the snapshot's memory diffs against the origin's template snapshot: that comes first
+            assert first.base_state_id is not None
+            assert got.fetched == (first.base_state_id, first.snapshot_id), got
+            assert got.files > 0 and got.bytes > 0
+            status = await plane.client.status()
+            assert {first.snapshot_id, first.base_state_id} <= set(status.snapshots)
+            copy, launched = await plane.launch(snapshot=first)
+            assert launched.runtime.parent_snapshot == first.snapshot_id
+            await _answers(plane.client, copy.sandbox_id, "copied-here")
+            again = await plane.client.import_snapshot(first, origin_node)
+            assert again.fetched == () and again.bytes == 0
+            # a second snapshot of the same sandbox: only its own files travel (base, layers, image stay)
+            second = await there.snapshot(source)
+            delta = await plane.client.import_snapshot(second, origin_node)
+            assert delta.fetched == (second.snapshot_id,), delta
+            assert f"layer:{first.base_state_id}" in delta.skipped
+            assert delta.files < got.files
+            await _answers(plane.client, (await plane.launch(snapshot=second))[0].sandbox_id, "second-copy")
+            await plane.client.delete_snapshot(first.snapshot_id)
+            assert first.snapshot_id not in (await plane.client.status()).snapshots
+            with pytest.raises(SnapshotNotFoundError):
+                await plane.launch(snapshot=first)
+        finally:
+            await there.close()
 
     async def test_snapshot_keeps_it_running_and_a_launch_from_it_runs(self, plane: ControlPlane) -> None:
         sandbox, _ = await plane.launch()

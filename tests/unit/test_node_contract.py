@@ -27,12 +27,14 @@ from cube_core.errors import (
     SandboxNotFoundError,
     UnsupportedOperation,
 )
-from cube_core.models import Template
+from cube_core.config import LoadedConfig
+from cube_core.models import Node, Template
 from cube_core.node import NodeAgent
 from cube_core.nodeapi import edge_resolver, node_app
 from cube_core.nodeclient import LocalNodeClient, NodeClient
 from cube_core.nodehttp import ErrorBody, HttpNodeClient, error_body, error_from_body, error_status
 from cube_core.store import SqliteStore, StateStore
+from cube_core.testing.fakes import FAKE_CONFIG
 from cube_core.testing.node_contract import NodeClientContract
 
 TOKEN = "cluster-secret-0123456789abcdef"
@@ -59,7 +61,7 @@ async def served(app: ASGIApp) -> AsyncIterator[str]:
 @pytest.fixture
 async def agent(plugin_host: Callable[..., PluginHost], tmp_path: Path) -> AsyncIterator[NodeAgent]:
     store = SqliteStore(tmp_path / "cube.db")
-    node = NodeAgent(plugin_host(), store)
+    node = NodeAgent(plugin_host(), store, token=TOKEN)
     await node.start()
     await node.ensure_templates(("base",))
     try:
@@ -79,6 +81,34 @@ def node_template(agent: NodeAgent) -> Template:
     template = agent.store.get_template("base")
     assert template is not None
     return template
+
+
+@pytest.fixture
+async def origin_agent(agent: NodeAgent, plugin_host: Callable[..., PluginHost],
+                       cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path) -> AsyncIterator[NodeAgent]:
+    """A second node on the same store with its own state dir and its own template build, served
+    over HTTP (snapshot files are always fetched from the origin's /node/v1)."""
+    text = FAKE_CONFIG.format(state_dir=tmp_path / "node-a").replace("[core]\n", '[core]\nnode_id = "node-a"\n', 1)
+    node = NodeAgent(plugin_host(cube_config_factory(text)), agent.store, token=TOKEN)
+    await node.start()
+    node.template_ready(await node.templates.ensure("base", rebuild=True))
+    try:
+        async with served(node_app(node, token=TOKEN)) as url:
+            node.url = url
+            node.beat()
+            yield node
+    finally:
+        await node.stop()
+
+
+@pytest.fixture
+def origin_client(origin_agent: NodeAgent) -> NodeClient:
+    return LocalNodeClient(origin_agent)
+
+
+@pytest.fixture
+def origin_node(origin_agent: NodeAgent) -> Node:
+    return origin_agent.report()
 
 
 class TestLocalNodeClient(NodeClientContract):

@@ -11,12 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
 import structlog
-from cube_core import DiskHandle, Progress, RootfsImage, RootfsRecipe, StorageDriver, StorageError
+from cube_core import (
+    DiskHandle,
+    Progress,
+    RootfsImage,
+    RootfsRecipe,
+    StateFile,
+    StorageDriver,
+    StorageError,
+)
 
 from cube_storage_cow import hostfiles, rootfs
 from cube_storage_cow.commands import Cancelled
@@ -132,6 +140,19 @@ class CowStorage(StorageDriver):
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         await _in_thread(self.layers.delete_snapshot, snapshot_id)
+
+    def layer_files(self, disk: DiskHandle) -> list[StateFile]:
+        with _storage_errors():
+            return self.layers.layer_files(disk)
+
+    def local_layer(self, key: str) -> Path | None:
+        with _storage_errors():
+            return self.layers.local_layer(key)
+
+    def adopt_layer(self, snapshot_id: str, chain: Sequence[StateFile],
+                    received: Mapping[str, Path]) -> DiskHandle:
+        with _storage_errors():
+            return self.layers.adopt(snapshot_id, chain, received)
 
     async def gc(self, live_owners: Iterable[str], live_snapshots: Iterable[str]) -> int:
         owners, snaps = list(live_owners), list(live_snapshots)

@@ -7,6 +7,7 @@ On-disk layout under ``root`` (everything named for its owner, so GC needs no da
     snapshots/<snapshot_id>/          memory + device state files (written by the VMM)
     snapshots/<snapshot_id>/disk.qcow2   the frozen disk layer, 0440, never modified again
     snapshots/<snapshot_id>/.deleted     deleted, but the disk layer still backs other layers
+    content/sha256-<hex>.<fmt>        an image copied from another node (named by its content)
 
 Formats are never guessed from file content (a guest controls its disk's bytes): a ``.qcow2``
 name means qcow2, anything else raw, and qemu-img always gets ``-F``. Backing files are absolute.
@@ -21,12 +22,12 @@ import secrets
 import shutil
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 import structlog
-from cube_core import DiskHandle, SnapshotNotFoundError, StorageError
+from cube_core import DiskHandle, SnapshotNotFoundError, StateFile, StorageError, content_key
 
 from cube_storage_cow import commands, hostfiles
 from cube_storage_cow.config import Reflink
@@ -97,6 +98,7 @@ class DiskLayers:
         self.root = root
         self.disks = root / "disks"
         self.snapshots = root / "snapshots"
+        self.content = root / "content"
         self.reflink_mode: Reflink = reflink
         self.reflink = False
         """Whether per-sandbox disks are reflink copies (decided by :meth:`prepare`)."""
@@ -233,6 +235,79 @@ class DiskLayers:
             if path.is_file():
                 return DiskHandle(disk_id=snapshot_id, path=path, format=format_of(path), readonly=True)
         raise SnapshotNotFoundError(snapshot_id=snapshot_id)
+
+    # -- copies between nodes -------------------------------------------------------------------
+
+    def _key(self, path: Path) -> str:
+        if path.parent.parent.resolve() == self.snapshots.resolve() and path.name in LAYER_NAMES:
+            return f"layer:{path.parent.name}"
+        return content_key(path)
+
+    def layer_files(self, disk: DiskHandle) -> list[StateFile]:
+        """The frozen layer and its backing chain, top first (``layer:<id>`` for frozen layers,
+        the content's ``sha256:`` for anything else: template images, copied images)."""
+        paths: list[Path] = []
+        path: Path | None = disk.path
+        while path is not None:
+            if path in paths or len(paths) > 64:
+                raise StorageError(f"the backing chain of {disk.path} loops or is too deep")
+            if not path.is_file():
+                raise StorageError(f"{path} (in the backing chain of {disk.path}) is missing")
+            paths.append(path)
+            path = backing_file(path)
+        keys = [self._key(p) for p in paths]
+        return [StateFile(path=p, key=k, parent=keys[i + 1] if i + 1 < len(keys) else None)
+                for i, (p, k) in enumerate(zip(paths, keys, strict=True))]
+
+    def local_layer(self, key: str) -> Path | None:
+        if key.startswith("layer:"):
+            sid = check_id("snapshot id", key.removeprefix("layer:"))
+            found = _layers(self.snapshots / sid)
+            return found[0] if found else None
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", key)
+        for fmt in ("raw", "qcow2"):
+            if (self.content / f"{name}.{fmt}").is_file():
+                return self.content / f"{name}.{fmt}"
+        return None
+
+    def adopt(self, snapshot_id: str, chain: Sequence[StateFile], received: Mapping[str, Path]) -> DiskHandle:
+        """Move the received files of ``chain`` into place, bottom first, each qcow2 layer backed
+        by this node's file of its parent key (``qemu-img rebase -u``: only the header changes)."""
+        check_id("snapshot id", snapshot_id)
+        with self._lock:
+            for item in reversed(chain):
+                if item.key is None or item.key not in received:
+                    continue
+                fmt = format_of(item.path)
+                if item.key.startswith("layer:"):
+                    dest = self.snapshot_dir(item.key.removeprefix("layer:")) / f"disk.{fmt}"
+                else:
+                    hostfiles.make_dir(self.content)
+                    dest = self.content / f"{re.sub(r'[^A-Za-z0-9._-]', '-', item.key)}.{fmt}"
+                if dest.exists():
+                    continue
+                came = received[item.key]
+                if item.parent is not None:
+                    if fmt != "qcow2":
+                        raise StorageError(f"{item.path}: a raw file with a backing file")
+                    parent = self.local_layer(item.parent)
+                    if parent is None:
+                        raise StorageError(f"layer {item.key}: its backing file {item.parent} is not on this node")
+                    os.chmod(came, hostfiles.PRIVATE_FILE_MODE)
+                    commands.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", format_of(parent),
+                                  "-b", parent.absolute(), came])
+                with open(came, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.chmod(came, hostfiles.SHARED_FILE_MODE)
+                os.replace(came, dest)
+                _fsync_dir(dest.parent)
+        top = self.local_layer(f"layer:{snapshot_id}")
+        if top is None:
+            raise StorageError(f"snapshot {snapshot_id}: no disk layer after the copy")
+        parent_file = backing_file(top)
+        log.info("disk layer copied in", snapshot_id=snapshot_id, received=sorted(received))
+        return DiskHandle(disk_id=snapshot_id, path=top, format=format_of(top), readonly=True, data={
+            "snapshot_id": snapshot_id, "parent": str(parent_file) if parent_file else None, "copied": True})
 
     # -- GC -------------------------------------------------------------------------------------
 

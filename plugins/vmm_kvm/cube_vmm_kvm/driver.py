@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -30,11 +30,13 @@ from cube_core import (
     Isolation,
     NicHandle,
     Progress,
+    StateFile,
     VmHandle,
     VmmDriver,
     VmmError,
     VmSpec,
     VmState,
+    content_key,
 )
 
 from . import jail, memdiff, persist, qemu, snapshot
@@ -434,6 +436,35 @@ class KvmVmm(VmmDriver):
                            memory_mb=rec.memory_mb, cpu_count=rec.cpu_count, kernel=rec.kernel,
                            initrd=rec.initrd, isolation=rec.isolation, data=data.model_dump(mode="json"),
                            base_state_id=data.base_state_id)
+
+    def state_files(self, state: VmState) -> list[StateFile]:
+        """``memory.ram`` (``shared``) or ``memory.diff`` (``diff``; its base RAM file comes with
+        the base snapshot), ``device.state`` (for ``full`` the one file holds both), and the
+        kernel and initrd the machine booted (content-keyed: QEMU reads them at start-up)."""
+        files = [StateFile(path=state.memory_file)]
+        if state.device_state != state.memory_file:
+            files.append(StateFile(path=state.device_state))
+        for path in (state.kernel, state.initrd):
+            if path is not None:
+                files.append(StateFile(path=path, key=content_key(path)))
+        return files
+
+    def relocate(self, state: VmState, files: Mapping[Path, Path], base: VmState | None) -> VmState:
+        """The copied files' paths; a ``diff`` gets the base RAM file of this node's copy of its
+        base snapshot (size and mtime are checked at restore, as for one made here)."""
+        saved = persist.snapshot_from_data(state.data)
+        if saved.format == "diff":
+            if base is None:
+                raise VmmError(f"snapshot {state.state_id} is a diff against {saved.base_state_id}, "
+                               "which is not on this node")
+            saved = saved.model_copy(update={"base_memory_file": base.memory_file})
+        try:
+            return state.evolve(memory_file=files[state.memory_file], device_state=files[state.device_state],
+                                kernel=files.get(state.kernel, state.kernel),
+                                initrd=files.get(state.initrd, state.initrd) if state.initrd else None,
+                                data=saved.model_dump(mode="json"))
+        except KeyError as exc:
+            raise VmmError(f"snapshot {state.state_id}: no copy of {exc.args[0]}") from None
 
     def _diff_base(self, rec: VmRecord) -> Path | None:
         """The RAM file a clone maps copy-on-write, when a ``diff`` against it is possible: the
