@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from cube_core import ids, keys
+from cube_core import credentials, ids, keys, teamsecrets
 from cube_core._host import PluginHost
 from cube_core.config import CoreSettings
 from cube_core.errors import (
@@ -78,6 +78,7 @@ class SandboxService:
         self.quotas = Quotas(host.config.data.quotas, store)
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self.team_secrets = teamsecrets.TeamSecrets(store, self.settings)  # /secrets; needs [core] secrets_key
         self.holder = f"{self.settings.node_id}-{os.getpid()}-{ids.short_id('')[:8]}"
         """Who this control plane is when it takes a lease (one reaper among several masters)."""
 
@@ -473,3 +474,42 @@ class SandboxService:
                 except CubeError as exc:
                     log.warning("auto-pause failed, killing", sandbox_id=sb.sandbox_id, error=str(exc))
             await self._destroy(current, StopReason.TIMEOUT)
+
+    # -- a team's secrets, API keys and access tokens (/secrets, /api-keys, /access-tokens) ----------
+    # Team-scoped like sandboxes: another team's record is "not found". No method returns a secret's
+    # value; a key's or token's secret is returned once, by the call that creates it.
+
+    def list_secrets(self, team_id: str) -> builtins.list[credentials.SecretRecord]:
+        return self.team_secrets.list(team_id)
+
+    def get_secret(self, team_id: str, secret: str) -> credentials.SecretRecord:
+        return self.team_secrets.get(team_id, secret)
+
+    def create_secret(self, team_id: str, name: str, value: str,
+                      metadata: dict[str, str] | None = None) -> credentials.SecretRecord:
+        return self.team_secrets.create(team_id, name, value, metadata)
+
+    def update_secret(self, team_id: str, secret: str, value: str,
+                      metadata: dict[str, str] | None = None) -> credentials.SecretRecord:
+        return self.team_secrets.update(team_id, secret, value, metadata)
+
+    def delete_secret(self, team_id: str, secret: str) -> None:
+        self.team_secrets.delete(team_id, secret)
+
+    def team_api_keys(self, team_id: str) -> builtins.list[tuple[ApiKey, credentials.KeyLabel]]:
+        return keys.team_keys(self.store, team_id)
+
+    def create_team_api_key(self, team: Team, name: str) -> tuple[ApiKey, credentials.KeyLabel, str]:
+        return keys.create_team_key(self.store, team, name)
+
+    def rename_team_api_key(self, team_id: str, key_id: str, name: str) -> None:
+        keys.rename_team_key(self.store, team_id, key_id, name)
+
+    def delete_team_api_key(self, team_id: str, key_id: str) -> None:
+        keys.delete_team_key(self.store, team_id, key_id)
+
+    def create_access_token(self, team_id: str, name: str) -> tuple[credentials.AccessToken, str]:
+        return keys.create_access_token(self.store, team_id, name)
+
+    def delete_access_token(self, team_id: str, token_id: str) -> None:
+        keys.delete_access_token(self.store, team_id, token_id)
