@@ -592,7 +592,7 @@ class NodeAgent:
             self._save_replica(local)
             return Received(snapshot_id=snapshot_id, fetched=(*before.fetched, snapshot_id),
                             files=before.files + len(sizes), bytes=before.bytes + sum(sizes.values()),
-                            skipped=(*before.skipped, *have))
+                            skipped=tuple(sorted({*before.skipped, *have})))
 
     def _place_copy(self, export: SnapshotExport, snap: SnapshotRef, base: SnapshotRef | None,
                     present: dict[str, Path], incoming: Path) -> SnapshotRef:

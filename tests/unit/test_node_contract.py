@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cube_core import errors
 from cube_core._host import PluginHost
+from cube_core.config import LoadedConfig
 from cube_core.errors import (
     CubeError,
     NodeError,
@@ -27,7 +28,6 @@ from cube_core.errors import (
     SandboxNotFoundError,
     UnsupportedOperation,
 )
-from cube_core.config import LoadedConfig
 from cube_core.models import Node, Template
 from cube_core.node import NodeAgent
 from cube_core.nodeapi import edge_resolver, node_app
