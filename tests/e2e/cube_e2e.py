@@ -95,7 +95,6 @@ options = {{ run_dir = "{state}/vms", mem_dir = "/dev/shm/cube-e2e-{port}" }}
 
 [network]
 plugin = "ebpf"
-options = {{ subnet = "100.64.0.0/12" }}  # 100.80.0.0/12 and up: the cluster test's nodes
 
 [storage]
 plugin = "cow"
