@@ -6,6 +6,7 @@ a master restart. The order of the tests matters: they share one cluster."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -13,6 +14,7 @@ import time
 import httpx
 import pytest
 from cluster_e2e import Cluster
+from cube_net_ebpf.nodenames import HostNames, node_tag
 from e2b import PtySize, Sandbox, SandboxQuery, SandboxState
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
@@ -238,6 +240,12 @@ def test_nothing_is_left_running_after_kills(sdk: Cluster) -> None:
         qemu = subprocess.run(["pgrep", "-f", f"{state}/vms"], capture_output=True, text=True).stdout.split()
         pool_members = sum(sdk.node_records()[name]["pool"].values())  # type: ignore[union-attr]
         assert len(qemu) == pool_members, (name, qemu, pool_members)  # only the warm pool is left
+        disks = list((state / "storage" / "disks").glob("*.*"))
+        assert len(disks) == pool_members, (name, disks)
+        prefix = HostNames(node_tag(name)).netns_prefix
+        netns = [n for n in os.listdir("/run/netns") if n.startswith(prefix)]
+        # the pool members' slots and the network plugin's pre-built ones (pool_size 2), no more
+        assert len(netns) <= pool_members + 2, (name, netns)
 
 
 def _urls(url: str) -> dict[str, str]:
