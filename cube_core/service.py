@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import os
+import socket
 import time
 from datetime import timedelta
 from typing import Any
@@ -79,12 +79,18 @@ class SandboxService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.team_secrets = teamsecrets.TeamSecrets(store, self.settings)  # /secrets; needs [core] secrets_key
-        self.holder = f"{self.settings.node_id}-{os.getpid()}-{ids.short_id('')[:8]}"
-        """Who this control plane is when it takes a lease (one reaper among several masters)."""
+        self.holder = f"{socket.gethostname()}:{self.settings.node_id}:{self.settings.state_dir}:{self.settings.port}"
+        """Who this control plane is when it takes a lease (one reaper among several masters):
+        stable across restarts, so a restarted master takes its lease back at once."""
 
     # -- lifecycle of the service -------------------------------------------------------------
 
     async def start(self) -> None:
+        """Reap what expired while no control plane ran (before the first request can extend
+        it), then keep reaping in the background."""
+        if self.store.acquire_lease(REAPER_LEASE, self.holder, ttl_s=10.0):
+            self.nodes.mark_down()
+            await self.reap_expired()
         self._reaper = asyncio.create_task(self._reap_forever(), name="cube-timeout-reaper")
 
     async def stop(self) -> None:
