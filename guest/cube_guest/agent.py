@@ -20,6 +20,7 @@ from . import AGENT_VERSION, ENVD_VERSION
 from .connect import FLAG_END_STREAM, decode_envelopes, encode_envelope
 from .control import ControlChannel, OpError, Reply, decode_entropy
 from .envd import Envd
+from .metrics import MetricsSampler
 from .state import AgentState
 from .system import new_machine_id, reseed_kernel_rng, set_clock, set_hostname
 
@@ -83,6 +84,7 @@ class Agent:
         self.runners: list[web.AppRunner] = []
         self.control: ControlChannel | None = None
         self.interpreter_ready = False
+        self.observer = MetricsSampler()  # its own CPU baseline: the host samples at its own pace
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -170,6 +172,7 @@ class Agent:
             "warm_up": self.op_warm_up,
             "prepare_snapshot": self.op_prepare_snapshot,
             "exec": self.op_exec,
+            "observe": self.op_observe,
         }
 
     async def op_ping(self, req: dict[str, Any]) -> Reply:
@@ -270,10 +273,25 @@ class Agent:
         applied += ["env_vars", "access_token"]
         marks.append(time.monotonic())
         log.info("personalized as sandbox %s", state.sandbox_id)
+        # a pool member's or the snapshot source's events are not this sandbox's
+        state.events.clear()
+        state.events.add("info", "sandbox started", sandbox_id=state.sandbox_id,
+                         template_id=state.template_id, envd_version=ENVD_VERSION)
         steps = ("reseed", "clock_hostname", "machine_id", "identity_env")
         timings = {k: round((b - a) * 1000, 2)
                    for k, a, b in zip(steps, marks[:-1], marks[1:], strict=True)}
         return {"boot_id": state.boot_id, "applied": applied, "timings_ms": timings}
+
+    async def op_observe(self, req: dict[str, Any]) -> Reply:
+        """The current metrics and the log entries after the host's cursor ``after`` (at most
+        ``limit``)."""
+        after, limit = req.get("after", 0), req.get("limit", 500)
+        if not isinstance(after, int) or not isinstance(limit, int) or after < 0 \
+                or not 0 < limit <= 1000:
+            raise OpError("'after' (int >= 0) and 'limit' (1..1000) are required")
+        metrics = await asyncio.get_running_loop().run_in_executor(None, self.observer.sample)
+        return {"metrics": metrics, "logs": self.state.events.since(after, limit),
+                "last_seq": self.state.events.last_seq}
 
     async def op_prepare_snapshot(self, req: dict[str, Any]) -> Reply:
         closed = 0

@@ -40,6 +40,7 @@ from .connect import (
     field_value,
     keepalive_interval,
 )
+from .eventlog import Level
 from .state import AgentState
 from .users import UnknownUserError, UserInfo, expand_path
 
@@ -423,6 +424,11 @@ class ProcessService:
         raise ConnectError("not_found", f"process with {what} not found")
 
     def _on_done(self, proc: ManagedProcess) -> None:
+        end = proc.end or {}
+        code = 0 if end.get("exited") and "exitCode" not in end else end.get("exitCode", -1)
+        level: Level = "info" if code == 0 else "warn" if end.get("exited") else "error"
+        self.state.events.add(level, "process exited", pid=proc.pid, exit_code=code,
+                              status=end.get("status"), error=end.get("error"), tag=proc.tag)
         if self.running.get(proc.pid) is proc:
             del self.running[proc.pid]
         self.finished[proc.pid] = proc
@@ -453,6 +459,8 @@ class ProcessService:
         cwd_in = config.get("cwd")
         cwd = expand_path(cwd_in, user) if cwd_in else self.state.workdir(user)
         if not os.path.isdir(cwd):
+            self.state.events.add(
+                "error", f"process failed to start: cwd '{cwd}' does not exist", cmd=cmd)
             raise ConnectError("invalid_argument", f"cwd '{cwd}' does not exist")
         env = {
             "PATH": os.environ.get("PATH", DEFAULT_PATH),
@@ -479,6 +487,7 @@ class ProcessService:
                 ),
             )
         except OSError as exc:
+            self.state.events.add("error", f"process failed to start: {exc}", cmd=cmd, tag=tag)
             raise ConnectError(
                 "invalid_argument",
                 f"error starting process '{' '.join([cmd, *args])}': {exc}",
@@ -495,6 +504,8 @@ class ProcessService:
             proc.kill_after(call.timeout)
         proc.run(self._on_done)
         log.info("started pid %d: %s (user %s)", proc.pid, cmd, user.name)
+        self.state.events.add("info", "process started", pid=proc.pid, cmd=" ".join([cmd, *args]),
+                              tag=tag, user=user.name)
         await self._follow(call, proc, sub, stream)
 
     async def connect(self, call: Call, msg: Message, stream: ServerStream) -> None:

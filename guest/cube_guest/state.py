@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .eventlog import EventLog
 from .users import UserInfo, lookup_user
 
 
@@ -35,6 +36,8 @@ class AgentState:
     started: float = field(default_factory=time.monotonic)
     # Bumped whenever env_vars change, so interpreter contexts can re-apply them.
     env_generation: int = 0
+    # What happened in the sandbox (process starts and exits), read by the host (op ``observe``).
+    events: EventLog = field(default_factory=EventLog)
 
     def user(self, name: str | None = None) -> UserInfo:
         """Resolve ``name`` (default user when None/empty); raises UnknownUserError."""

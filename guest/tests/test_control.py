@@ -255,3 +255,53 @@ def test_reconnect_resends_ready(ctl_agent: tuple[AgentProc, Port]) -> None:
     ready = port.read()
     assert ready["event"] == "ready"
     assert port.call("ping")["ok"] is True
+
+
+def test_observe_metrics_and_process_events(
+    ctl_agent: tuple[AgentProc, Port], ctl_gateway: Gateway
+) -> None:
+    """``observe``: a metrics sample and the event log after a cursor (process start, exit with
+    its code, a failed start); ``personalize`` clears the log (earlier events are not the new
+    sandbox's)."""
+    from e2b import CommandExitException
+    from e2b import Sandbox as BaseSandbox
+
+    _, port = ctl_agent
+    assert port.call("personalize", entropy=_entropy(), access_token=None, env_vars={},
+                     sandbox_id="isbxlogs")["ok"]
+    first = port.call("observe", after=0, limit=100)
+    assert first["ok"], first
+    metrics = first["metrics"]
+    assert metrics["cpu_count"] >= 1 and metrics["mem_total"] > metrics["mem_used"] > 0
+    assert metrics["disk_total"] > 0 and 0 <= metrics["cpu_used_pct"] <= 100
+    assert [e["message"] for e in first["logs"]] == ["sandbox started"]
+    assert first["logs"][0]["fields"]["sandbox_id"] == "isbxlogs"
+    cursor = first["last_seq"]
+
+    sbx = BaseSandbox.create(**_conn(ctl_gateway))
+    assert sbx.commands.run("echo hi").exit_code == 0
+    with pytest.raises(CommandExitException):
+        sbx.commands.run("exit 3")
+    with pytest.raises(Exception, match="does-not-exist"):
+        sbx.commands.run("true", cwd="/does-not-exist")
+    got = port.call("observe", after=cursor, limit=100)["logs"]
+    started = [e for e in got if e["message"] == "process started"]
+    exited = [e for e in got if e["message"] == "process exited"]
+    assert [e["fields"]["cmd"] for e in started] == [
+        "/bin/bash -l -c echo hi", "/bin/bash -l -c exit 3"]
+    assert [(e["fields"]["exit_code"], e["level"]) for e in exited] == [
+        ("0", "info"), ("3", "warn")]
+    assert exited[1]["fields"]["status"] == "exit status 3"
+    [failed] = [e for e in got if e["level"] == "error"]
+    assert failed["message"] == "process failed to start: cwd '/does-not-exist' does not exist"
+    assert [e["fields"]["pid"] for e in exited] == [e["fields"]["pid"] for e in started]
+    assert all(e["seq"] > cursor for e in got)
+    assert [e["seq"] for e in got] == sorted(e["seq"] for e in got)
+    assert got[0]["ts_ms"] <= got[-1]["ts_ms"] and got[0]["ts_ms"] > (time.time() - 600) * 1000
+    assert port.call("observe", after=got[-1]["seq"], limit=100)["logs"] == []
+    assert len(port.call("observe", after=cursor, limit=1)["logs"]) == 1
+    assert not port.call("observe", after=-1, limit=5)["ok"]
+
+    port.call("personalize", entropy=_entropy(), access_token=None, env_vars={})
+    again = port.call("observe", after=0, limit=100)["logs"]
+    assert [e["message"] for e in again] == ["sandbox started"]
