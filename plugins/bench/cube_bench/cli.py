@@ -144,3 +144,56 @@ def bench_cluster(
     (err if as_json else out).print(f"written: {result['file']}")
     if as_json:
         print(json.dumps(result))
+
+
+@app.command("density")
+def bench_density(
+        max_sandboxes: Annotated[int, typer.Option("--max", help="stop at this many sandboxes alive")] = 400,
+        min_available_pct: Annotated[float, typer.Option(help="stop before MemAvailable would drop under this "
+                                                              "% of MemTotal")] = 15.0,
+        concurrency: Annotated[int, typer.Option(help="creates at a time")] = 4,
+        pool: Annotated[int, typer.Option(help="warm-pool size (0: every create restores the template; "
+                                               "else every create waits for a full pool: a hit)")] = 0,
+        vmm: Annotated[list[str] | None, typer.Option("--vmm", help="extra [vmm.options] key=value (JSON "
+                                                                     "value), repeatable")] = None,
+        ksm: Annotated[str, typer.Option(help="on | off | keep: /sys/kernel/mm/ksm/run for the run")] = "keep",
+        ksm_pages_to_scan: Annotated[int | None, typer.Option(help="with --ksm on: ksmd pages per "
+                                                                   "wake-up for the run")] = None,
+        out_dir: Annotated[Path, typer.Option("--out", help="where the JSON and the serve log go")] = Path(
+            "bench-results"),
+        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line")] = False) -> None:
+    """Fill this host with idle sandboxes through the E2B SDK (own cube serve): how many fit, memory
+    per sandbox and where it is, command p50 at 25/50/75/100 % of the count; all killed at the end."""
+    from cube_core.log import configure_logging
+
+    from cube_bench.density import Options, run
+
+    configure_logging()
+    options: dict[str, Any] = {}
+    for item in vmm or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            err.print(f"error: --vmm wants key=value, not {item!r}")
+            raise typer.Exit(2)
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    if ksm not in ("on", "off", "keep"):
+        err.print(f"error: --ksm is on, off or keep, not {ksm!r}")
+        raise typer.Exit(2)
+    opts = Options(max_sandboxes=max_sandboxes, min_available_pct=min_available_pct, concurrency=concurrency,
+                   pool_size=pool, vmm_options=options, ksm=None if ksm == "keep" else ksm == "on",
+                   ksm_pages_to_scan=ksm_pages_to_scan, out=out_dir)
+    result = guard(lambda: run(opts, lambda message: err.print(message, highlight=False)))
+    table = Table("measure", "value")
+    for key in ("count", "bound", "mib_per_sandbox", "pss_mib_median", "uss_mib_median", "mem_available_mib",
+                "cmd_ms_p50_at", "ksm", "fill_s", "file"):
+        table.add_row(key, json.dumps(result.get(key)))
+    parts = Table("part (median MiB)", "Rss", "Pss", "Private_Dirty", "Shared", "Size")
+    for name, v in result.get("breakdown_mib_median", {}).items():
+        parts.add_row(name, *(str(v.get(k, "-")) for k in ("Rss", "Pss", "Private_Dirty", "Shared", "Size")))
+    for t in (table, parts):
+        (err if as_json else out).print(t)
+    if as_json:
+        print(json.dumps(result))

@@ -1,0 +1,439 @@
+"""``cube bench density``: how many idle sandboxes this host holds, and what each one costs.
+
+Starts its own ``cube serve`` (like ``cube bench create``: free ports, a temporary state
+directory, template ``base``, under the host lock) and creates sandboxes through the E2B SDK,
+``concurrency`` at a time, until one of:
+
+* ``max`` sandboxes are alive;
+* the next batch would take ``MemAvailable`` under ``min_available_pct`` % of ``MemTotal``
+  (estimated from what each sandbox has cost so far);
+* a create fails (the error is the bound: the server's ``max_sandboxes``, pids, slots...).
+
+Every ``probe_every`` sandboxes the p50 of ``probe_runs`` ``commands.run("true")`` in one random
+live sandbox is taken; the report gives the probe nearest to 25/50/75/100 % of the final count.
+Memory per sandbox is the drop of ``MemAvailable`` from the baseline (server up, pool full)
+divided by the count; for a sample of the sandboxes' QEMU processes the report adds where their
+memory is (``/proc/<pid>/smaps`` by mapping: guest RAM, TCG code buffer, heap and other
+anonymous memory, QEMU's binary and libraries; page tables from ``/proc/<pid>/status``).
+Every sandbox is killed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from cube_core.errors import CubeError
+from cube_core.state import SandboxState
+from cube_core.store import SqliteStore
+
+from cube_bench import create as bench_create
+from cube_bench.restore import meminfo_kib, percentile, smaps_rollup_kib
+
+log = structlog.get_logger(__name__)
+
+Note = Callable[[str], None]
+MIB = 1024
+KSM_RUN = Path("/sys/kernel/mm/ksm/run")
+KSM_DIR = Path("/sys/kernel/mm/ksm")
+QUARTERS = (25, 50, 75, 100)
+
+
+@dataclass(frozen=True)
+class Options:
+    max_sandboxes: int = 400
+    min_available_pct: float = 15.0
+    concurrency: int = 4
+    pool_size: int = 0
+    """Warm-pool size of the server; with a pool, every create waits for a full pool (a hit)."""
+    probe_every: int = 0
+    """Probe command latency every this many sandboxes (0: ``max_sandboxes // 20``, at least 1)."""
+    probe_runs: int = 5
+    breakdown_sample: int = 10
+    vmm_options: dict[str, Any] = field(default_factory=dict)
+    """Extra ``[vmm.options]`` of the server (``tb_size_mb``, ``mem_merge``...)."""
+    ksm: bool | None = None
+    """Set ``/sys/kernel/mm/ksm/run`` to 1 (True) or 2 (False: unmerge) for the run and put the
+    old value back afterwards; None leaves it as it is."""
+    ksm_pages_to_scan: int | None = None
+    """With ``ksm``: ``/sys/kernel/mm/ksm/pages_to_scan`` for the run (put back afterwards)."""
+    ksm_scans: int = 2
+    """With KSM running: after the fill, wait for this many more full scans (at most
+    ``ksm_wait_s``) before measuring, so merging has caught up."""
+    ksm_wait_s: float = 300.0
+    out: Path = Path("bench-results")
+    template: str = "base"
+    settle_s: float = 3.0
+    boot_timeout_s: float = 1500.0
+    lock: Path = bench_create.HOST_LOCK
+
+
+# -- bookkeeping (pure) --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One latency probe: ``count`` sandboxes alive, p50 of the commands in one of them."""
+
+    count: int
+    cmd_ms_p50: float | None
+
+
+def budget(available_kib: int, total_kib: int, min_available_pct: float, per_sandbox_kib: float) -> int:
+    """How many more sandboxes fit before ``MemAvailable`` would drop under the floor."""
+    floor = total_kib * min_available_pct / 100
+    if per_sandbox_kib <= 0:
+        return 0 if available_kib <= floor else 1 << 30
+    return max(0, int((available_kib - floor) // per_sandbox_kib))
+
+
+def at_quarters(probes: Sequence[Probe], final: int) -> dict[str, Probe | None]:
+    """For 25/50/75/100 % of ``final``, the probe taken nearest to that count (None: no probes)."""
+    out: dict[str, Probe | None] = {}
+    for q in QUARTERS:
+        want = final * q / 100
+        out[str(q)] = min(probes, key=lambda p: (abs(p.count - want), -p.count)) if probes else None
+    return out
+
+
+def classify(path: str, perms: str, ram_paths: Sequence[str]) -> str:
+    """Which part of a QEMU process a mapping of ``/proc/<pid>/smaps`` is."""
+    if (path and any(path.startswith(r) for r in ram_paths)) or "memory.ram" in path:
+        return "guest_ram"
+    if path == "[heap]":
+        return "heap"
+    if path.startswith("["):
+        return "other"  # [stack], [vdso], [vvar]
+    if path:
+        return "binary_libs"
+    if "x" in perms:
+        return "tcg_code"
+    return "anon"
+
+
+def smaps_breakdown(pid: int, ram_paths: Sequence[str] = ("/dev/shm/",)) -> dict[str, dict[str, int]]:
+    """KiB by part (``classify``) of ``pid``'s mappings: Rss, Pss, Private_Dirty, Private_Clean,
+    Shared (clean + dirty) and mapped Size; plus ``page_tables`` (``VmPTE``)."""
+    parts: dict[str, dict[str, int]] = {}
+    current: dict[str, int] | None = None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping header
+            perms = fields[1]
+            path = " ".join(fields[5:]) if len(fields) > 5 else ""
+            current = parts.setdefault(classify(path, perms, ram_paths),
+                                       {"Size": 0, "Rss": 0, "Pss": 0, "Private_Dirty": 0, "Private_Clean": 0,
+                                        "Shared": 0, "mappings": 0})
+            current["mappings"] += 1
+            continue
+        key = fields[0].rstrip(":")
+        if key == "VmFlags" and current is not None and "mg" in fields[1:]:
+            current["mergeable"] = current.get("mergeable", 0) + 1
+        if current is None or len(fields) < 3:
+            continue
+        if key in current:
+            current[key] += int(fields[1])
+        elif key in ("Shared_Clean", "Shared_Dirty"):
+            current["Shared"] += int(fields[1])
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmPTE:"):
+            parts["page_tables"] = {"Rss": int(line.split()[1])}
+    return parts
+
+
+def median_breakdown(samples: Sequence[dict[str, dict[str, int]]]) -> dict[str, dict[str, float]]:
+    """Per part and field, the median over the sampled processes, in MiB (0.1)."""
+    names = sorted({name for s in samples for name in s})
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        keys = sorted({k for s in samples for k in s.get(name, {})})
+        out[name] = {k: round(statistics.median(s.get(name, {}).get(k, 0) for s in samples) / MIB, 1)
+                     for k in keys if k != "mappings"}
+    return out
+
+
+@dataclass
+class Fill:
+    """What :func:`fill` did."""
+
+    count: int = 0
+    bound: str = ""
+    probes: list[Probe] = field(default_factory=list)
+    per_sandbox_kib: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+async def fill(*, create: Callable[[], Awaitable[Any]], probe: Callable[[Any], Awaitable[float | None]],
+               available_kib: Callable[[], int], total_kib: int, alive: list[Any], opts: Options,
+               note: Note, before_create: Callable[[], Awaitable[None]] | None = None,
+               first_guess_kib: float = 64 * MIB) -> Fill:
+    """Create sandboxes into ``alive`` until a bound (see the module docstring); ``create``
+    returns a sandbox or raises (the error becomes the bound)."""
+    done = Fill()
+    baseline = available_kib()
+    every = opts.probe_every or max(1, opts.max_sandboxes // 20)
+    next_probe = every
+    while True:
+        room = opts.max_sandboxes - len(alive)
+        if room <= 0:
+            done.bound = f"max: {opts.max_sandboxes} sandboxes (--max)"
+            break
+        now = available_kib()
+        used = baseline - now
+        done.per_sandbox_kib = used / len(alive) if alive and used > 0 else done.per_sandbox_kib
+        fits = budget(now, total_kib, opts.min_available_pct, done.per_sandbox_kib or first_guess_kib)
+        if fits <= 0:
+            done.bound = (f"memory: MemAvailable {now // MIB} MiB, the next sandbox would take it under "
+                          f"{opts.min_available_pct:g} % of MemTotal")
+            break
+        batch = min(room, fits, max(1, opts.concurrency), next_probe - len(alive))
+        if before_create is not None:
+            await before_create()
+        results = await asyncio.gather(*(create() for _ in range(batch)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        alive.extend(r for r in results if not isinstance(r, BaseException))
+        if errors:
+            done.failures.extend(f"{type(e).__name__}: {e}"[:300] for e in errors)
+            done.bound = f"create failed at {len(alive)} alive: {done.failures[0]}"
+            break
+        if len(alive) >= next_probe:
+            done.probes.append(Probe(len(alive), await probe(random.choice(alive))))
+            note(f"  {len(alive)} alive, MemAvailable {available_kib() // MIB} MiB, "
+                 f"command p50 {done.probes[-1].cmd_ms_p50} ms")
+            next_probe = len(alive) + every
+    done.count = len(alive)
+    if alive and (not done.probes or done.probes[-1].count != len(alive)):
+        done.probes.append(Probe(len(alive), await probe(random.choice(alive))))
+    used = baseline - available_kib()
+    done.per_sandbox_kib = used / len(alive) if alive else 0.0
+    return done
+
+
+# -- the real run ------------------------------------------------------------------------------
+
+
+def _server_config(opts: Options, state: Path, port: int, admin_port: int, mem_dir: Path) -> str:
+    vmm = {"run_dir": str(state / "vms"), "mem_dir": str(mem_dir), **opts.vmm_options}
+    inline = ", ".join(f"{k} = {json.dumps(v)}" for k, v in vmm.items())
+    return f"""\
+[core]
+state_dir = "{state}"
+host = "127.0.0.1"
+port = {port}
+admin_port = {admin_port}
+templates = ["{opts.template}"]
+pool = {{ size = {opts.pool_size}, max_memory_mb = {max(4096, opts.pool_size * 128 + 1024)} }}
+max_sandboxes = {opts.max_sandboxes + opts.pool_size + 10}
+
+[vmm]
+plugin = "kvm"
+options = {{ {inline} }}
+
+[network]
+plugin = "ebpf"
+
+[storage]
+plugin = "cow"
+options = {{ root = "{state}/storage" }}
+
+[scheduler]
+plugin = "binpack"
+options = {{ cpu_overcommit = 10000.0, memory_overcommit = 10000.0 }}
+
+[[api]]
+plugin = "e2b"
+"""
+
+
+def ksm_counters() -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name in ("run", "pages_shared", "pages_sharing", "full_scans"):
+        try:
+            out[name] = int((KSM_DIR / name).read_text())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def ksmd_cpu_s() -> float | None:
+    """CPU seconds ``ksmd`` has used so far (None if there is no ksmd)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "ksmd":
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except OSError:
+                continue
+    return None
+
+
+def _pids(state: Path, ids: set[str]) -> list[int]:
+    store = SqliteStore(state / "cube.db")
+    try:
+        return [sb.runtime.vm.pid for sb in store.list_sandboxes(states=(SandboxState.RUNNING,))
+                if sb.sandbox_id in ids and sb.runtime.vm is not None and sb.runtime.vm.pid]
+    finally:
+        store.close()
+
+
+async def _probe(sbx: Any, runs: int) -> float | None:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        try:
+            await sbx.commands.run("true")
+        except Exception as exc:
+            log.warning("bench: probe failed", sandbox_id=sbx.sandbox_id, error=str(exc))
+            continue
+        times.append((time.perf_counter() - started) * 1000)
+    return round(percentile(times, 50), 1) if times else None
+
+
+async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, note: Note) -> dict[str, Any]:
+    client = bench_create.Client(target, opts.template)
+    pool = bench_create.PoolWatch(target)
+    alive: list[Any] = []
+    try:
+        await pool.wait_full(opts.pool_size)
+        await asyncio.sleep(opts.settle_s)
+        total = meminfo_kib("MemTotal")
+        available_before = meminfo_kib()
+        ksm_before, ksmd_before, began = ksm_counters(), ksmd_cpu_s(), time.monotonic()
+
+        async def create() -> Any:
+            sbx = await client.sandbox_cls.create(template=opts.template, timeout=3600, **client.params)
+            return sbx
+
+        async def wait_pool() -> None:
+            await pool.wait_full(opts.pool_size)
+
+        done = await fill(create=create, probe=lambda s: _probe(s, opts.probe_runs), available_kib=meminfo_kib,
+                          total_kib=total, alive=alive, opts=opts, note=note,
+                          before_create=wait_pool if opts.pool_size else None)
+        await pool.wait_full(opts.pool_size)
+        await asyncio.sleep(opts.settle_s)
+        if ksm_counters().get("run") == 1:
+            scans = ksm_counters().get("full_scans", 0) + opts.ksm_scans
+            deadline = time.monotonic() + opts.ksm_wait_s
+            note(f"waiting for {opts.ksm_scans} KSM full scans")
+            while ksm_counters().get("full_scans", 0) < scans and time.monotonic() < deadline:
+                await asyncio.sleep(1.0)
+        available_after = meminfo_kib()
+        elapsed = time.monotonic() - began
+        ksm_after, ksmd_after = ksm_counters(), ksmd_cpu_s()
+        assert target.state_dir is not None
+        pids = _pids(target.state_dir, {s.sandbox_id for s in alive})
+        sample = random.sample(pids, min(len(pids), opts.breakdown_sample))
+        breakdowns, rollups = [], []
+        for pid in sample:
+            try:
+                breakdowns.append(smaps_breakdown(pid, (str(mem_dir), "/dev/shm/")))
+                rollups.append(smaps_rollup_kib(pid))
+            except OSError:
+                continue
+
+        def med(key: str) -> float | None:
+            return round(statistics.median(r.get(key, 0) for r in rollups) / MIB, 1) if rollups else None
+
+        quarters = at_quarters(done.probes, done.count)
+        return {
+            "count": done.count, "bound": done.bound, "failures": done.failures[:5],
+            "mib_per_sandbox": round((available_before - available_after) / MIB / max(1, done.count), 1),
+            "mem_available_mib": {"before": available_before // MIB, "after": available_after // MIB,
+                                  "total": total // MIB},
+            "pss_mib_median": med("Pss"), "uss_mib_median": med("Uss"), "rss_mib_median": med("Rss"),
+            "breakdown_mib_median": median_breakdown(breakdowns), "breakdown_n": len(breakdowns),
+            "cmd_ms_p50_at": {q: ({"count": p.count, "cmd_ms_p50": p.cmd_ms_p50} if p else None)
+                              for q, p in quarters.items()},
+            "probes": [[p.count, p.cmd_ms_p50] for p in done.probes],
+            "ksm": {"before": ksm_before, "after": ksm_after,
+                    "ksmd_cpu_pct": (round(100 * (ksmd_after - ksmd_before) / elapsed, 2)
+                                     if ksmd_after is not None and ksmd_before is not None else None)},
+            "fill_s": round(elapsed, 1),
+        }
+    finally:
+        note(f"killing {len(alive)} sandboxes")
+        await client.kill(alive)
+        pool.close()
+
+
+def run(opts: Options, note: Note) -> dict[str, Any]:
+    """Start a server, fill the host, write ``bench-density-<time>.json`` into ``opts.out``."""
+    if opts.max_sandboxes < 1 or not 0 <= opts.min_available_pct < 100:
+        raise CubeError("--max must be at least 1 and --min-available-pct in [0, 100)")
+    opts.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    ksm_old: dict[Path, str] = {}
+    with tempfile.TemporaryDirectory(prefix="cube-bench-density-") as tmp, \
+            bench_create.host_lock(opts.lock, note):
+        state = Path(tmp)
+        credentials = bench_create.bench_credentials(state)
+        settings: dict[Path, str] = {}
+        if opts.ksm is not None:
+            settings[KSM_RUN] = "1" if opts.ksm else "2"
+            if opts.ksm_pages_to_scan:
+                settings[KSM_DIR / "pages_to_scan"] = str(opts.ksm_pages_to_scan)
+        try:
+            for path, value in settings.items():
+                ksm_old[path] = path.read_text().strip()
+                path.write_text(value)
+            result = _serve_and_measure(opts, state, credentials, stamp, note)
+        finally:
+            for path, value in ksm_old.items():
+                path.write_text(value)
+    result.update({"options": {"max": opts.max_sandboxes, "min_available_pct": opts.min_available_pct,
+                               "concurrency": opts.concurrency, "pool_size": opts.pool_size,
+                               "vmm_options": opts.vmm_options, "ksm": opts.ksm,
+                               "ksm_pages_to_scan": opts.ksm_pages_to_scan},
+                   "host": {"cpus": os.cpu_count(), "mem_total_mib": meminfo_kib("MemTotal") // MIB}})
+    path = opts.out / f"bench-density-{stamp}.json"
+    path.write_text(json.dumps(result, indent=1))
+    result["file"] = str(path)
+    return result
+
+
+def _serve_and_measure(opts: Options, state: Path, credentials: bench_create.Credentials, stamp: str,
+                       note: Note) -> dict[str, Any]:
+    port, admin_port = bench_create.free_port(), bench_create.free_port()
+    mem_dir = Path(f"/dev/shm/cube-bench-{port}")
+    config = state / "plugins-density.toml"
+    config.write_text(_server_config(opts, state, port, admin_port, mem_dir))
+    log_path = opts.out / f"serve-density-{stamp}.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen([bench_create.cube_executable(), "serve", "--config", str(config)],
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        bench_create._wait_healthy(proc, url, log_path, opts.boot_timeout_s)
+        target = bench_create.Target(url=url, api_key=credentials.secret, admin_url=f"http://127.0.0.1:{admin_port}",
+                                     state_dir=state, log=log_path, team_id=credentials.team_id)
+        note(f"cube serve up ({url}); filling up to {opts.max_sandboxes} sandboxes")
+        result = asyncio.run(measure(opts, target, mem_dir, note))
+        result["serve_log"] = str(log_path)
+        return result
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(mem_dir, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""``cube bench density``'s bookkeeping, without VMs: the fill loop against a simulated host
+(each sandbox takes a fixed amount of ``MemAvailable``), the stop conditions, the probes at
+25/50/75/100 %, and the smaps breakdown on a real process (this one)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cube_bench.density import MIB, Options, Probe, at_quarters, budget, classify, fill, smaps_breakdown
+
+TOTAL = 1000 * MIB
+
+
+class Host:
+    """A host whose ``MemAvailable`` drops by ``per`` KiB per live sandbox; creates fail after
+    ``fail_after`` (the server's limit)."""
+
+    def __init__(self, per: int, fail_after: int | None = None) -> None:
+        self.per, self.fail_after, self.alive = per, fail_after, 0
+        self.probed: list[int] = []
+
+    def available(self) -> int:
+        return 900 * MIB - self.alive * self.per
+
+    async def create(self) -> str:
+        if self.fail_after is not None and self.alive >= self.fail_after:
+            raise RuntimeError("max_sandboxes reached")
+        self.alive += 1
+        return f"sbx{self.alive}"
+
+    async def probe(self, sbx: str) -> float:
+        self.probed.append(self.alive)
+        return 100.0 + self.alive
+
+
+async def _fill(host: Host, **kw: object) -> tuple[object, list[str]]:
+    alive: list[str] = []
+    done = await fill(create=host.create, probe=host.probe, available_kib=host.available, total_kib=TOTAL,
+                      alive=alive, opts=Options(**kw), note=lambda _: None)  # type: ignore[arg-type]
+    return done, alive
+
+
+async def test_stops_at_max() -> None:
+    host = Host(per=10 * MIB)
+    done, alive = await _fill(host, max_sandboxes=20, concurrency=3)
+    assert done.count == len(alive) == host.alive == 20  # type: ignore[attr-defined]
+    assert done.bound.startswith("max")  # type: ignore[attr-defined]
+    assert round(done.per_sandbox_kib / MIB) == 10  # type: ignore[attr-defined]
+    assert done.probes[-1].count == 20  # type: ignore[attr-defined]
+    assert host.probed == sorted(host.probed) and host.probed[0] == 1  # every max//20 = 1
+
+
+async def test_stops_before_memory_floor() -> None:
+    # 900 MiB available, floor 15 % of 1000 = 150 MiB: 750 MiB / 50 MiB = 15 sandboxes, never more
+    host = Host(per=50 * MIB)
+    done, _ = await _fill(host, max_sandboxes=100, concurrency=4, min_available_pct=15.0)
+    assert host.alive == 15, host.alive
+    assert host.available() >= 150 * MIB
+    assert done.bound.startswith("memory")  # type: ignore[attr-defined]
+    assert done.count == 15  # type: ignore[attr-defined]
+
+
+async def test_a_failed_create_is_the_bound() -> None:
+    host = Host(per=MIB, fail_after=7)
+    done, alive = await _fill(host, max_sandboxes=50, concurrency=4)
+    assert len(alive) == 7 and done.count == 7  # type: ignore[attr-defined]
+    assert "max_sandboxes reached" in done.bound and done.failures  # type: ignore[attr-defined]
+
+
+def test_budget() -> None:
+    assert budget(900 * MIB, TOTAL, 15.0, 50 * MIB) == 15
+    assert budget(100 * MIB, TOTAL, 15.0, 50 * MIB) == 0
+    assert budget(100 * MIB, TOTAL, 0.0, 0) > 1000
+
+
+def test_quarters_pick_the_nearest_probe() -> None:
+    probes = [Probe(c, float(c)) for c in (10, 20, 30, 40, 47)]
+    got = at_quarters(probes, 47)
+    assert {q: p.count for q, p in got.items() if p} == {"25": 10, "50": 20, "75": 40, "100": 47}
+    assert at_quarters([], 10) == {"25": None, "50": None, "75": None, "100": None}
+
+
+def test_classify() -> None:
+    assert classify("/dev/shm/cube/tmpl/memory.ram", "rw-p", ("/dev/shm/",)) == "guest_ram"
+    assert classify("/var/lib/cube/snap/memory.ram", "rw-p", ()) == "guest_ram"
+    assert classify("", "rwxp", ()) == "tcg_code"
+    assert classify("", "rw-p", ()) == "anon"
+    assert classify("[heap]", "rw-p", ()) == "heap"
+    assert classify("/usr/bin/qemu-system-x86_64", "r-xp", ()) == "binary_libs"
+
+
+def test_smaps_breakdown_of_this_process_adds_up() -> None:
+    parts = smaps_breakdown(os.getpid())
+    rollup = {line.split()[0].rstrip(":"): int(line.split()[1])
+              for line in Path(f"/proc/{os.getpid()}/smaps_rollup").read_text().splitlines()[1:]
+              if line.split()[-1] == "kB"}
+    rss = sum(p["Rss"] for name, p in parts.items() if name != "page_tables")
+    assert abs(rss - rollup["Rss"]) <= rollup["Rss"] * 0.05  # read a moment apart
+    assert parts["binary_libs"]["Rss"] > 0 and parts["page_tables"]["Rss"] > 0
