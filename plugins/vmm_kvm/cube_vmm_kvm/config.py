@@ -20,7 +20,14 @@ class KvmConfig(BaseModel):
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     """``auto`` uses KVM only where it can run a stock guest (kvm_intel / kvm_amd), else TCG."""
     tb_size_mb: int = Field(default=32, ge=1, le=1024)
-    """TCG translation-cache size per VM (ignored under KVM)."""
+    """TCG translation-cache size per VM (ignored under KVM). The largest part of an idle sandbox
+    under TCG: a sandbox that ran a few commands has all of it resident (see docs/bench.md,
+    "Memory per sandbox"); smaller saves memory and costs command latency (retranslation)."""
+    mem_merge: bool = True
+    """Mark guest RAM mergeable (``madvise(MADV_MERGEABLE)``, QEMU's ``mem-merge``, its default),
+    so that KSM, when the host runs it (``/sys/kernel/mm/ksm/run = 1``), can merge identical
+    pages across VMs. Costs nothing while KSM is off; the saving and ksmd's CPU with it on are in
+    docs/bench.md. ``false`` keeps guest RAM out of KSM (``mem-merge=off``)."""
     cpu_model: str | None = None
     """``-cpu`` value; default ``host`` under KVM and ``qemu64,+arat`` under TCG."""
     pic: bool = True

@@ -305,7 +305,8 @@ class KvmVmm(VmmDriver):
 
     def _machine_extras(self) -> dict[str, Any]:
         return {"ram_readonly": self._ram_readonly and self.config.jail,
-                "console_ring_bytes": 1 << (self.config.console_ring_kb * 1024).bit_length() - 1}
+                "console_ring_bytes": 1 << (self.config.console_ring_kb * 1024).bit_length() - 1,
+                "mem_merge": self.config.mem_merge}
 
     async def _open_tap(self, nic: NicHandle | None) -> int | None:
         if nic is None:

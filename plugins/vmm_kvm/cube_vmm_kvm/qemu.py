@@ -84,6 +84,9 @@ class MachineSpec:
     console_ring_bytes: int = 1 << 17
     """The serial console is a ring buffer of this size inside QEMU (a power of two); nothing of
     it is written to disk unless the driver reads it (QMP ``ringbuf-read``)."""
+    mem_merge: bool = True
+    """``madvise(MADV_MERGEABLE)`` on guest RAM, so KSM (when the host runs it) can merge identical
+    pages across VMs. QEMU's default; ``mem-merge=off`` is only written when off."""
     send_configuration: bool = True
     """Whether migration streams carry QEMU's configuration section (and one is expected on
     load). Off for a clone restored from a ``diff`` snapshot, whose device state (saved with
@@ -122,7 +125,7 @@ def build_argv(qemu_binary: str, m: MachineSpec) -> list[str]:
     """The full ``qemu-system-x86_64`` argv for ``m`` (the same for a boot and its clones, apart
     from ``share=`` and ``-incoming``)."""
     machine = (f"microvm,x-option-roms=off,acpi={'on' if m.acpi else 'off'},memory-backend={RAM_ID},"
-               f"pic={'on' if m.pic else 'off'}")
+               f"pic={'on' if m.pic else 'off'}" + ("" if m.mem_merge else ",mem-merge=off"))
     accel = f"tcg,tb-size={m.tb_size_mb}" if m.accel == "tcg" else "kvm"
     drive = (f"if=none,id=root,file={_opt(m.disk_path)},format={m.disk_format},cache={m.disk_cache}"
              + (",readonly=on" if m.disk_readonly else ""))
