@@ -157,6 +157,9 @@ def bench_density(
         vmm: Annotated[list[str] | None, typer.Option("--vmm", help="extra [vmm.options] key=value (JSON "
                                                                      "value), repeatable")] = None,
         ksm: Annotated[str, typer.Option(help="on | off | keep: /sys/kernel/mm/ksm/run for the run")] = "keep",
+        probe_every: Annotated[int, typer.Option(help="probe command latency every this many sandboxes "
+                                                      "(0: --max // 20)")] = 0,
+        probe_runs: Annotated[int, typer.Option(help="commands.run('true') per probe")] = 5,
         ksm_pages_to_scan: Annotated[int | None, typer.Option(help="with --ksm on: ksmd pages per "
                                                                    "wake-up for the run")] = None,
         out_dir: Annotated[Path, typer.Option("--out", help="where the JSON and the serve log go")] = Path(
@@ -184,7 +187,8 @@ def bench_density(
         raise typer.Exit(2)
     opts = Options(max_sandboxes=max_sandboxes, min_available_pct=min_available_pct, concurrency=concurrency,
                    pool_size=pool, vmm_options=options, ksm=None if ksm == "keep" else ksm == "on",
-                   ksm_pages_to_scan=ksm_pages_to_scan, out=out_dir)
+                   ksm_pages_to_scan=ksm_pages_to_scan, probe_every=probe_every, probe_runs=probe_runs,
+                   out=out_dir)
     result = guard(lambda: run(opts, lambda message: err.print(message, highlight=False)))
     table = Table("measure", "value")
     for key in ("count", "bound", "mib_per_sandbox", "pss_mib_median", "uss_mib_median", "mem_available_mib",

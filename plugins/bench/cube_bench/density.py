@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -324,8 +324,16 @@ async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, not
         async def wait_pool() -> None:
             await pool.wait_full(opts.pool_size)
 
-        done = await fill(create=create, probe=lambda s: _probe(s, opts.probe_runs), available_kib=meminfo_kib,
-                          total_kib=total, alive=alive, opts=opts, note=note,
+        probed: set[str] = set()
+
+        async def probe(sbx: Any) -> float | None:
+            probed.add(sbx.sandbox_id)
+            return await _probe(sbx, opts.probe_runs)
+
+        done = await fill(create=create, probe=probe, available_kib=meminfo_kib,
+                          total_kib=total, alive=alive, note=note,
+                          # with a pool, a batch is at most the pool, so every create of it is a hit
+                          opts=replace(opts, concurrency=min(opts.concurrency, opts.pool_size or opts.concurrency)),
                           before_create=wait_pool if opts.pool_size else None)
         await pool.wait_full(opts.pool_size)
         await asyncio.sleep(opts.settle_s)
@@ -339,7 +347,9 @@ async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, not
         elapsed = time.monotonic() - began
         ksm_after, ksmd_after = ksm_counters(), ksmd_cpu_s()
         assert target.state_dir is not None
-        pids = _pids(target.state_dir, {s.sandbox_id for s in alive})
+        # where an idle sandbox's memory is: prefer sandboxes no probe ran commands in
+        idle_ids = {s.sandbox_id for s in alive} - probed
+        pids = _pids(target.state_dir, idle_ids) or _pids(target.state_dir, {s.sandbox_id for s in alive})
         sample = random.sample(pids, min(len(pids), opts.breakdown_sample))
         breakdowns, rollups = [], []
         for pid in sample:
@@ -360,6 +370,7 @@ async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, not
                                   "total": total // MIB},
             "pss_mib_median": med("Pss"), "uss_mib_median": med("Uss"), "rss_mib_median": med("Rss"),
             "breakdown_mib_median": median_breakdown(breakdowns), "breakdown_n": len(breakdowns),
+            "breakdown_of": "never probed" if idle_ids else "probed (every sandbox ran probe commands)",
             "cmd_ms_p50_at": {q: ({"count": p.count, "cmd_ms_p50": p.cmd_ms_p50} if p else None)
                               for q, p in quarters.items()},
             "probes": [[p.count, p.cmd_ms_p50] for p in done.probes],
