@@ -62,7 +62,9 @@ from cube_core.network import NetworkDriver
 from cube_core.nodeclient import Launched, LaunchRequest, SavedSnapshot
 from cube_core.nodehttp import HttpNodeClient
 from cube_core.pool import POOL_TEAM, WarmPool
-from cube_core.snapshotfiles import ExportedFile, Received, SnapshotExport, content_key, key_name, stream
+from cube_core.sampling import attach as start_sampling
+from cube_core.sampling import detach as stop_sampling
+from cube_core.snapshotfiles import NAME_RE, ExportedFile, Received, SnapshotExport, content_key, key_name, stream
 from cube_core.state import SandboxState
 from cube_core.storage import Progress, StorageDriver
 from cube_core.store import StateStore
@@ -127,12 +129,14 @@ class NodeAgent:
             self.pool.watch(template)
         self.beat()
         self._heartbeat = asyncio.create_task(self._beat_forever(), name="cube-node-heartbeat")
+        start_sampling(self)  # metrics samples and log entries of the running sandboxes
 
     async def stop(self) -> None:
         if self._heartbeat:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
+        await stop_sampling(self)
         await self.pool.stop()
         for driver in (self.vmm, self.network, self.storage):
             await driver.close()
@@ -618,6 +622,8 @@ class NodeAgent:
                 os.replace(came, dest)
                 paths[item.file.path] = dest
             else:
+                if not NAME_RE.fullmatch(item.file.path.name):
+                    raise NodeError(f"snapshot {snap.snapshot_id}: a state file named {item.file.path.name!r}")
                 dest = directory / item.file.path.name
                 os.replace(came, dest)
                 paths[item.file.path] = dest

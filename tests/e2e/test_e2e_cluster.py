@@ -93,65 +93,6 @@ def test_pause_resume_and_snapshot_on_a_node(sdk: Cluster) -> None:
         sbx.kill()
 
 
-def test_a_snapshot_is_copied_to_the_other_node_when_its_own_is_drained(sdk: Cluster) -> None:
-    """Two snapshots of one sandbox; its node drained; creates from both land on the other node,
-    which copies the files first. The second copy sends only that snapshot's own files (its
-    memory diff, device state, disk layer): the base it shares with the first stays."""
-    sbx = Sandbox.create(template="base", timeout=300)
-    copies: list[Sandbox] = []
-    try:
-        origin = _node_of(sdk, sbx.sandbox_id)
-        other = "node-b" if origin == "node-a" else "node-a"
-        sbx.files.write("/home/user/moved.txt", f"first on {origin}")
-        first = sbx.create_snapshot()
-        sbx.files.write("/home/user/moved.txt", f"second on {origin}")
-        sbx.commands.run("head -c 8000000 /dev/urandom > /home/user/noise.bin")
-        second = sbx.create_snapshot()
-        drained = sdk.cli("node", "drain", origin)
-        assert drained.returncode == 0, drained.stderr
-        try:
-            for snap, text in ((first, f"first on {origin}"), (second, f"second on {origin}")):
-                copy = Sandbox.create(template=snap.snapshot_id, timeout=300)
-                copies.append(copy)
-                assert _node_of(sdk, copy.sandbox_id) == other
-                assert copy.files.read("/home/user/moved.txt") == text
-                assert copy.commands.run("echo copied").stdout.strip() == "copied"
-        finally:
-            undrained = sdk.cli("node", "undrain", origin)
-            assert undrained.returncode == 0, undrained.stderr
-        held = sdk.node_records()[other]["snapshots"]
-        assert {first.snapshot_id, second.snapshot_id} <= set(held), held  # type: ignore[call-overload]
-        copied = _copied(sdk, other)
-        one, two = copied[first.snapshot_id], copied[second.snapshot_id]
-        print(f"copy of {first.snapshot_id}: {one}\ncopy of {second.snapshot_id}: {two}")
-        assert one["fetched"][-1] == first.snapshot_id and one["bytes"] > 0
-        assert two["fetched"] == [second.snapshot_id], two  # its base came with the first copy
-        assert any(k.startswith("layer:") for k in two["skipped"]), two  # the shared disk layers stayed
-        assert any(k.startswith("sha256:") for k in two["skipped"]), two  # and the template image
-        assert two["bytes"] < one["bytes"], (one, two)
-        # deleting a snapshot deletes the other node's copy
-        assert httpx.delete(f"{sdk.url}/templates/{first.snapshot_id}", headers={"X-API-Key": sdk.key_a},
-                            timeout=30).status_code in (200, 204)
-        sdk.wait("the copy deleted", lambda: first.snapshot_id not in sdk.node_records()[other]["snapshots"],
-                 timeout=30)
-    finally:
-        for each in [*copies, sbx]:
-            try:
-                each.kill()
-            except Exception:
-                pass
-
-
-def _copied(cluster: Cluster, node: str) -> dict[str, dict[str, object]]:
-    """The node's ``snapshot copied`` log lines (JSON), by snapshot id."""
-    out: dict[str, dict[str, object]] = {}
-    for line in cluster.nodes[node].log.read_text().splitlines():
-        if '"snapshot copied"' in line:
-            event = json.loads(line)
-            out[str(event["snapshot_id"])] = event
-    return out
-
-
 def test_a_node_that_dies_is_reported_and_reconciled_when_it_returns(sdk: Cluster) -> None:
     sandboxes = [Sandbox.create(template="base", timeout=600) for _ in range(4)]
     try:
@@ -225,6 +166,65 @@ def test_two_masters_at_once_and_a_restart_with_another_scheduler(sdk: Cluster) 
                 sbx.kill()
     finally:
         second.stop()
+
+
+def test_a_snapshot_is_copied_to_the_other_node_when_its_own_is_drained(sdk: Cluster) -> None:
+    """Two snapshots of one sandbox; its node drained; creates from both land on the other node,
+    which copies the files first. The second copy sends only that snapshot's own files (its
+    memory diff, device state, disk layer): the base it shares with the first stays."""
+    sbx = Sandbox.create(template="base", timeout=300)
+    copies: list[Sandbox] = []
+    try:
+        origin = _node_of(sdk, sbx.sandbox_id)
+        other = "node-b" if origin == "node-a" else "node-a"
+        sbx.files.write("/home/user/moved.txt", f"first on {origin}")
+        first = sbx.create_snapshot()
+        sbx.files.write("/home/user/moved.txt", f"second on {origin}")
+        sbx.commands.run("head -c 8000000 /dev/urandom > /home/user/noise.bin")
+        second = sbx.create_snapshot()
+        drained = sdk.cli("node", "drain", origin)
+        assert drained.returncode == 0, drained.stderr
+        try:
+            for snap, text in ((first, f"first on {origin}"), (second, f"second on {origin}")):
+                copy = Sandbox.create(template=snap.snapshot_id, timeout=300)
+                copies.append(copy)
+                assert _node_of(sdk, copy.sandbox_id) == other
+                assert copy.files.read("/home/user/moved.txt") == text
+                assert copy.commands.run("echo copied").stdout.strip() == "copied"
+        finally:
+            undrained = sdk.cli("node", "undrain", origin)
+            assert undrained.returncode == 0, undrained.stderr
+        held = sdk.node_records()[other]["snapshots"]
+        assert {first.snapshot_id, second.snapshot_id} <= set(held), held  # type: ignore[call-overload]
+        copied = _copied(sdk, other)
+        one, two = copied[first.snapshot_id], copied[second.snapshot_id]
+        print(f"copy of {first.snapshot_id}: {one}\ncopy of {second.snapshot_id}: {two}")
+        assert one["fetched"][-1] == first.snapshot_id and one["bytes"] > 0
+        assert two["fetched"] == [second.snapshot_id], two  # its base came with the first copy
+        assert any(k.startswith("layer:") for k in two["skipped"]), two  # the shared disk layers stayed
+        assert any(k.startswith("sha256:") for k in two["skipped"]), two  # and the template image
+        assert two["bytes"] < one["bytes"], (one, two)
+        # deleting a snapshot deletes the other node's copy
+        assert httpx.delete(f"{sdk.url}/templates/{first.snapshot_id}", headers={"X-API-Key": sdk.key_a},
+                            timeout=30).status_code in (200, 204)
+        sdk.wait("the copy deleted", lambda: first.snapshot_id not in sdk.node_records()[other]["snapshots"],
+                 timeout=30)
+    finally:
+        for each in [*copies, sbx]:
+            try:
+                each.kill()
+            except Exception:
+                pass
+
+
+def _copied(cluster: Cluster, node: str) -> dict[str, dict[str, object]]:
+    """The node's ``snapshot copied`` log lines (JSON), by snapshot id."""
+    out: dict[str, dict[str, object]] = {}
+    for line in cluster.nodes[node].log.read_text().splitlines():
+        if '"snapshot copied"' in line:
+            event = json.loads(line)
+            out[str(event["snapshot_id"])] = event
+    return out
 
 
 def test_nothing_is_left_running_after_kills(sdk: Cluster) -> None:
