@@ -483,7 +483,8 @@ def sandbox_ls(config: ConfigOpt = None,
         for s in sandboxes:
             print(json.dumps({"sandbox_id": s.sandbox_id, "team_id": s.team_id, "template_id": s.template_id,
                               "state": s.state.value, "node_id": s.node_id, "isolation": s.isolation,
-                              "end_at": s.end_at.isoformat()}))
+                              "end_at": s.end_at.isoformat(),
+                              "vm_pid": s.runtime.vm.pid if s.runtime.vm is not None else None}))
         return
     table = Table("id", "team", "template", "state", "node", "isolation", "ends")
     for s in sandboxes:

@@ -253,10 +253,11 @@ def _urls(url: str) -> dict[str, str]:
 
 
 def _qemu_pid(cluster: Cluster, node: str, sandbox_id: str) -> int:
-    found = subprocess.run(["pgrep", "-f", f"{cluster.root / node}/vms/{sandbox_id}"], capture_output=True,
-                           text=True).stdout.split()
-    assert len(found) == 1, found
-    return int(found[0])
+    """The pid of the sandbox's QEMU, from its record (a warm-pool member's VM keeps the member's name)."""
+    out = cluster.cli("sandbox", "ls", "--json")
+    row = next(r for r in map(json.loads, out.stdout.splitlines()) if r["sandbox_id"] == sandbox_id)
+    assert row["node_id"] == node and row["vm_pid"], row
+    return int(row["vm_pid"])
 
 
 def _alive(pid: int) -> bool:
