@@ -154,6 +154,7 @@ def bench_density(
         concurrency: Annotated[int, typer.Option(help="creates at a time")] = 4,
         pool: Annotated[int, typer.Option(help="warm-pool size (0: every create restores the template; "
                                                "else every create waits for a full pool: a hit)")] = 0,
+        warm_up: Annotated[bool, typer.Option(help="[core] pool.warm_up of the server")] = True,
         vmm: Annotated[list[str] | None, typer.Option("--vmm", help="extra [vmm.options] key=value (JSON "
                                                                      "value), repeatable")] = None,
         ksm: Annotated[str, typer.Option(help="on | off | keep: /sys/kernel/mm/ksm/run for the run")] = "keep",
@@ -186,13 +187,14 @@ def bench_density(
         err.print(f"error: --ksm is on, off or keep, not {ksm!r}")
         raise typer.Exit(2)
     opts = Options(max_sandboxes=max_sandboxes, min_available_pct=min_available_pct, concurrency=concurrency,
-                   pool_size=pool, vmm_options=options, ksm=None if ksm == "keep" else ksm == "on",
+                   pool_size=pool, pool_warm_up=warm_up, vmm_options=options,
+                   ksm=None if ksm == "keep" else ksm == "on",
                    ksm_pages_to_scan=ksm_pages_to_scan, probe_every=probe_every, probe_runs=probe_runs,
                    out=out_dir)
     result = guard(lambda: run(opts, lambda message: err.print(message, highlight=False)))
     table = Table("measure", "value")
     for key in ("count", "bound", "mib_per_sandbox", "pss_mib_median", "uss_mib_median", "mem_available_mib",
-                "cmd_ms_p50_at", "ksm", "fill_s", "file"):
+                "cmd_ms_p50_at", "idle_cpu", "ksm", "fill_s", "file"):
         table.add_row(key, json.dumps(result.get(key)))
     parts = Table("part (median MiB)", "Rss", "Pss", "Private_Dirty", "Shared", "Size")
     for name, v in result.get("breakdown_mib_median", {}).items():

@@ -42,7 +42,7 @@ from cube_core.state import SandboxState
 from cube_core.store import SqliteStore
 
 from cube_bench import create as bench_create
-from cube_bench.restore import meminfo_kib, percentile, smaps_rollup_kib
+from cube_bench.restore import cpu_ticks, meminfo_kib, percentile, smaps_rollup_kib
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +60,8 @@ class Options:
     concurrency: int = 4
     pool_size: int = 0
     """Warm-pool size of the server; with a pool, every create waits for a full pool (a hit)."""
+    pool_warm_up: bool = True
+    """``[core] pool.warm_up`` of the server."""
     probe_every: int = 0
     """Probe command latency every this many sandboxes (0: ``max_sandboxes // 20``, at least 1)."""
     probe_runs: int = 5
@@ -238,7 +240,8 @@ host = "127.0.0.1"
 port = {port}
 admin_port = {admin_port}
 templates = ["{opts.template}"]
-pool = {{ size = {opts.pool_size}, max_memory_mb = {max(4096, opts.pool_size * 128 + 1024)} }}
+pool = {{ size = {opts.pool_size}, max_memory_mb = {max(4096, opts.pool_size * 128 + 1024)}, \
+warm_up = {"true" if opts.pool_warm_up else "false"} }}
 max_sandboxes = {opts.max_sandboxes + opts.pool_size + 10}
 
 [vmm]
@@ -306,6 +309,26 @@ async def _probe(sbx: Any, runs: int) -> float | None:
     return round(percentile(times, 50), 1) if times else None
 
 
+async def _idle_cpu(pids: list[int], window_s: float) -> dict[str, Any]:
+    """Over ``window_s`` with nothing but the sandboxes running: the host's busy % and the
+    sandboxes' QEMU CPU per sandbox, in % of one core."""
+
+    def ticks() -> int:
+        total = 0
+        for pid in pids:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += cpu_ticks(pid)
+        return total
+
+    before, (busy0, all0) = ticks(), bench_create._host_busy_ticks()
+    await asyncio.sleep(window_s)
+    after, (busy1, all1) = ticks(), bench_create._host_busy_ticks()
+    return {"host_busy_pct": round(100 * (busy1 - busy0) / max(1, all1 - all0), 1),
+            "qemu_cpu_pct_per_sandbox": round(100 * (after - before) / os.sysconf("SC_CLK_TCK") / window_s
+                                              / max(1, len(pids)), 3),
+            "window_s": window_s, "sandboxes": len(pids)}
+
+
 async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, note: Note) -> dict[str, Any]:
     client = bench_create.Client(target, opts.template)
     pool = bench_create.PoolWatch(target)
@@ -345,8 +368,10 @@ async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, not
                 await asyncio.sleep(1.0)
         available_after = meminfo_kib()
         elapsed = time.monotonic() - began
-        ksm_after, ksmd_after = ksm_counters(), ksmd_cpu_s()
         assert target.state_dir is not None
+        all_pids = _pids(target.state_dir, {s.sandbox_id for s in alive})
+        cpu = await _idle_cpu(all_pids, opts.settle_s)
+        ksm_after, ksmd_after = ksm_counters(), ksmd_cpu_s()
         # where an idle sandbox's memory is: prefer sandboxes no probe ran commands in
         idle_ids = {s.sandbox_id for s in alive} - probed
         pids = _pids(target.state_dir, idle_ids) or _pids(target.state_dir, {s.sandbox_id for s in alive})
@@ -377,7 +402,7 @@ async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, not
             "ksm": {"before": ksm_before, "after": ksm_after,
                     "ksmd_cpu_pct": (round(100 * (ksmd_after - ksmd_before) / elapsed, 2)
                                      if ksmd_after is not None and ksmd_before is not None else None)},
-            "fill_s": round(elapsed, 1),
+            "fill_s": round(elapsed, 1), "idle_cpu": cpu,
         }
     finally:
         note(f"killing {len(alive)} sandboxes")
@@ -411,6 +436,7 @@ def run(opts: Options, note: Note) -> dict[str, Any]:
                 path.write_text(value)
     result.update({"options": {"max": opts.max_sandboxes, "min_available_pct": opts.min_available_pct,
                                "concurrency": opts.concurrency, "pool_size": opts.pool_size,
+                               "pool_warm_up": opts.pool_warm_up,
                                "vmm_options": opts.vmm_options, "ksm": opts.ksm,
                                "ksm_pages_to_scan": opts.ksm_pages_to_scan},
                    "host": {"cpus": os.cpu_count(), "mem_total_mib": meminfo_kib("MemTotal") // MIB}})
