@@ -71,6 +71,11 @@ class CoreSettings(_Model):
     """Creates that miss the warm pool start their VM (restore or boot, then personalize) at most
     this many at a time; the others wait their turn in arrival order (first come, first served),
     so a burst of creates on a small host queues instead of starving every guest of CPU."""
+    sample_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    """How often each node reads its running sandboxes' metrics and new log entries from their guest
+    agents (``/sandboxes/{id}/metrics`` history, ``/sandboxes/{id}/logs``)."""
+    observations_keep_s: int = Field(default=7 * 86400, ge=60)
+    """How long those metric samples and log entries are kept, also after their sandbox ended."""
     pool: PoolSettings = Field(default_factory=PoolSettings)
     boot_mode: Literal["snapshot", "cold"] = "snapshot"
     """How a sandbox's VM starts when it does not come from the warm pool: ``snapshot`` restores

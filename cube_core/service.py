@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import math
 import socket
 import time
-from datetime import timedelta
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -54,6 +56,7 @@ from cube_core.models import (
 from cube_core.node import reason
 from cube_core.nodeclient import Endpoint, LaunchRequest, NodeClient
 from cube_core.nodes import NodeDirectory
+from cube_core.observations import LOG_LEVELS, LogEntry, LogLevel, MetricSample, TeamMetricName, TeamMetricPoint
 from cube_core.pool import POOL_TEAM
 from cube_core.quotas import Quotas
 from cube_core.scheduler import Scheduler
@@ -64,6 +67,7 @@ log = structlog.get_logger(__name__)
 
 LIVE_STATES = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED)
 REAPER_LEASE = "reaper"
+TEAM_METRIC_POINTS = 500
 
 
 class SandboxService:
@@ -519,3 +523,76 @@ class SandboxService:
 
     def delete_access_token(self, team_id: str, token_id: str) -> None:
         keys.delete_access_token(self.store, team_id, token_id)
+
+    # -- observations: sandboxes' metrics and logs, a team's sandbox counts ----------------------------
+    # The nodes sample their running sandboxes (cube_core.sampling) into the store; these read it back,
+    # team-scoped. A sandbox that ended keeps its samples and log entries for [core] observations_keep_s.
+
+    def _observed(self, team_id: str, sandbox_id: str) -> Sandbox:
+        sb = self.store.get_sandbox(sandbox_id)
+        if sb is None or sb.team_id != team_id:
+            raise SandboxNotFoundError(sandbox_id=sandbox_id)
+        return sb
+
+    def sandbox_metrics(self, team_id: str, sandbox_id: str, *, start: datetime | None = None,
+                        end: datetime | None = None) -> builtins.list[MetricSample]:
+        """The samples of the team's sandbox taken in [start, end] (either open), oldest first."""
+        self._observed(team_id, sandbox_id)
+        return self.store.metric_samples(sandbox_id, start=start, end=end)
+
+    def latest_metrics(self, team_id: str, sandbox_ids: Sequence[str]) -> dict[str, MetricSample]:
+        """The newest sample of each of the team's running sandboxes among ``sandbox_ids``."""
+        out: dict[str, MetricSample] = {}
+        for sandbox_id in sandbox_ids:
+            sb = self.store.get_sandbox(sandbox_id)
+            if sb is None or sb.team_id != team_id or sb.state != SandboxState.RUNNING:
+                continue
+            newest = self.store.metric_samples(sandbox_id, limit=1)
+            if newest:
+                out[sandbox_id] = newest[0]
+        return out
+
+    def sandbox_logs(self, team_id: str, sandbox_id: str, *, cursor_ms: int | None = None, limit: int = 1000,
+                     backward: bool = False, min_level: LogLevel | None = None,
+                     search: str | None = None) -> builtins.list[LogEntry]:
+        """The team's sandbox's log entries (see :meth:`StateStore.log_entries`), at ``min_level`` or above."""
+        self._observed(team_id, sandbox_id)
+        levels = LOG_LEVELS[LOG_LEVELS.index(min_level):] if min_level is not None else None
+        return self.store.log_entries(sandbox_id, cursor_ms=cursor_ms, limit=limit, backward=backward,
+                                      levels=levels, search=search)
+
+    def team_metrics(self, team_id: str, *, start: datetime | None = None,
+                     end: datetime | None = None) -> builtins.list[TeamMetricPoint]:
+        """The team's sandboxes over [start, end] (default: the last hour), one point per step (at
+        least the sampling interval; at most 500 points): how many were sampled running in the step,
+        and how many started per second."""
+        end = end or utcnow()
+        start = start or end - timedelta(hours=1)
+        if start > end:
+            return []
+        span = (end - start).total_seconds()
+        step = max(math.ceil(self.settings.sample_interval_s), math.ceil(span / TEAM_METRIC_POINTS), 1)
+        first = int(start.timestamp()) // step * step
+        running = dict(self.store.team_concurrency(team_id, datetime.fromtimestamp(first, UTC), end, step))
+        starts: dict[int, int] = {}
+        for sb in self.store.list_sandboxes(team_id=team_id):
+            at = sb.started_at.timestamp()
+            if first <= at <= end.timestamp():
+                slot = int(at) // step * step
+                starts[slot] = starts.get(slot, 0) + 1
+        return [TeamMetricPoint(at=datetime.fromtimestamp(slot, UTC),
+                                concurrent_sandboxes=running.get(datetime.fromtimestamp(slot, UTC), 0),
+                                sandbox_start_rate=starts.get(slot, 0) / step)
+                for slot in range(first, int(end.timestamp()) + 1, step)]
+
+    def team_metric_max(self, team_id: str, metric: TeamMetricName, *, start: datetime | None = None,
+                        end: datetime | None = None) -> tuple[datetime, float]:
+        """The highest value of ``metric`` over [start, end] and the first step it was reached in
+        (0 at ``end`` when there is no point)."""
+        points = self.team_metrics(team_id, start=start, end=end)
+        if not points:
+            return end or utcnow(), 0.0
+        value = (lambda p: float(p.concurrent_sandboxes)) if metric == "concurrent_sandboxes" else (
+            lambda p: p.sandbox_start_rate)
+        best = max(points, key=value)  # the first of equal maxima
+        return best.at, value(best)

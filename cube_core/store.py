@@ -19,14 +19,16 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cube_core.config import CoreSettings, state_url
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.errors import ConfigError
 from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
+from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.state import SandboxState
 
 SCHEMA_VERSION = 1
@@ -151,6 +153,37 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def delete_access_token(self, team_id: str, token_id: str) -> bool: ...
 
+    # observations: metric samples and log entries of sandboxes (cube_core.observations), kept
+    # after a sandbox ends until prune_observations drops them
+    @abc.abstractmethod
+    def add_metric_samples(self, samples: Sequence[MetricSample]) -> None: ...
+    @abc.abstractmethod
+    def metric_samples(self, sandbox_id: str, *, start: datetime | None = None, end: datetime | None = None,
+                       limit: int = 10_000) -> list[MetricSample]:
+        """Samples of ``sandbox_id`` taken in [start, end], oldest first; the newest ``limit`` if more."""
+
+    @abc.abstractmethod
+    def team_concurrency(self, team_id: str, start: datetime, end: datetime,
+                         step_s: int) -> list[tuple[datetime, int]]:
+        """For each ``step_s`` slot (aligned on multiples of ``step_s`` since 1970) in [start, end] with
+        samples of the team: the slot's start and how many of its sandboxes were sampled in it."""
+
+    @abc.abstractmethod
+    def add_log_entries(self, entries: Sequence[LogEntry]) -> None:
+        """Store ``entries``; an entry whose (sandbox, seq) is already stored is skipped."""
+
+    @abc.abstractmethod
+    def log_entries(self, sandbox_id: str, *, cursor_ms: int | None = None, limit: int = 1000,
+                    backward: bool = False, levels: tuple[LogLevel, ...] | None = None,
+                    search: str | None = None) -> list[LogEntry]:
+        """Entries of ``sandbox_id``: forward, from ``cursor_ms`` on, oldest first; backward, up to
+        ``cursor_ms``, newest first; only ``levels`` if given, only messages containing ``search``
+        (case-sensitive) if given; at most ``limit``."""
+
+    @abc.abstractmethod
+    def prune_observations(self, before: datetime) -> int:
+        """Drop the samples and log entries older than ``before``; how many went."""
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""
 
@@ -175,6 +208,16 @@ CREATE TABLE IF NOT EXISTS secrets (
 CREATE TABLE IF NOT EXISTS key_labels (id TEXT PRIMARY KEY, team_id TEXT NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS access_tokens (
   id TEXT PRIMARY KEY, team_id TEXT NOT NULL, token_hash TEXT UNIQUE NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sandbox_metrics (
+  sandbox_id TEXT NOT NULL, team_id TEXT NOT NULL, at REAL NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS sandbox_metrics_sandbox ON sandbox_metrics(sandbox_id, at);
+CREATE INDEX IF NOT EXISTS sandbox_metrics_team ON sandbox_metrics(team_id, at);
+CREATE INDEX IF NOT EXISTS sandbox_metrics_at ON sandbox_metrics(at);
+CREATE TABLE IF NOT EXISTS sandbox_logs (
+  sandbox_id TEXT NOT NULL, seq INTEGER NOT NULL, at_ms INTEGER NOT NULL, level TEXT NOT NULL,
+  message TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (sandbox_id, seq));
+CREATE INDEX IF NOT EXISTS sandbox_logs_sandbox ON sandbox_logs(sandbox_id, at_ms);
+CREATE INDEX IF NOT EXISTS sandbox_logs_at ON sandbox_logs(at_ms);
 """
 
 
@@ -402,6 +445,62 @@ class SqliteStore(StateStore):
         with self._tx() as db:
             return db.execute("DELETE FROM access_tokens WHERE id=? AND team_id=?",
                               (token_id, team_id)).rowcount == 1
+
+    # observations
+    def add_metric_samples(self, samples: Sequence[MetricSample]) -> None:
+        with self._tx() as db:
+            db.executemany("INSERT INTO sandbox_metrics(sandbox_id, team_id, at, body) VALUES (?,?,?,?)",
+                           [(m.sandbox_id, m.team_id, m.at.timestamp(), m.model_dump_json()) for m in samples])
+
+    def metric_samples(self, sandbox_id: str, *, start: datetime | None = None, end: datetime | None = None,
+                       limit: int = 10_000) -> list[MetricSample]:
+        sql, args = "SELECT body FROM sandbox_metrics WHERE sandbox_id=?", list[object]([sandbox_id])
+        if start is not None:
+            sql += " AND at>=?"
+            args.append(start.timestamp())
+        if end is not None:
+            sql += " AND at<=?"
+            args.append(end.timestamp())
+        rows = self._rows(sql + " ORDER BY at DESC, rowid DESC LIMIT ?", (*args, limit))
+        return [MetricSample.model_validate_json(b) for b in reversed(rows)]
+
+    def team_concurrency(self, team_id: str, start: datetime, end: datetime,
+                         step_s: int) -> list[tuple[datetime, int]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT CAST(at / ? AS INTEGER) * ? AS slot, COUNT(DISTINCT sandbox_id) FROM sandbox_metrics "
+                "WHERE team_id=? AND at>=? AND at<=? GROUP BY slot ORDER BY slot",
+                (step_s, step_s, team_id, start.timestamp(), end.timestamp())).fetchall()
+        return [(datetime.fromtimestamp(slot, UTC), int(n)) for slot, n in rows]
+
+    def add_log_entries(self, entries: Sequence[LogEntry]) -> None:
+        with self._tx() as db:
+            db.executemany("INSERT OR IGNORE INTO sandbox_logs(sandbox_id, seq, at_ms, level, message, body) "
+                           "VALUES (?,?,?,?,?,?)",
+                           [(e.sandbox_id, e.seq, e.at_ms, e.level, e.message, e.model_dump_json()) for e in entries])
+
+    def log_entries(self, sandbox_id: str, *, cursor_ms: int | None = None, limit: int = 1000,
+                    backward: bool = False, levels: tuple[LogLevel, ...] | None = None,
+                    search: str | None = None) -> list[LogEntry]:
+        sql, args = "SELECT body FROM sandbox_logs WHERE sandbox_id=?", list[object]([sandbox_id])
+        if cursor_ms is not None:
+            sql += " AND at_ms<=?" if backward else " AND at_ms>=?"
+            args.append(cursor_ms)
+        if levels is not None:
+            sql += f" AND level IN ({','.join('?' * len(levels))})"
+            args.extend(levels)
+        if search:
+            sql += " AND instr(message, ?) > 0"
+            args.append(search)
+        order = "DESC" if backward else "ASC"
+        rows = self._rows(f"{sql} ORDER BY at_ms {order}, seq {order} LIMIT ?", (*args, limit))
+        return [LogEntry.model_validate_json(b) for b in rows]
+
+    def prune_observations(self, before: datetime) -> int:
+        with self._tx() as db:
+            gone = db.execute("DELETE FROM sandbox_metrics WHERE at<?", (before.timestamp(),)).rowcount
+            return int(gone + db.execute("DELETE FROM sandbox_logs WHERE at_ms<?",
+                                         (int(before.timestamp() * 1000),)).rowcount)
 
     def close(self) -> None:
         with self._lock:

@@ -18,8 +18,9 @@ each migration once); a database whose schema is newer than this Cube knows is r
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -29,6 +30,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.errors import ConfigError
 from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
+from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.state import SandboxState
 from cube_core.store import StateStore
 
@@ -70,6 +72,19 @@ CREATE TABLE access_tokens (
   id text PRIMARY KEY, team_id text NOT NULL, token_hash text UNIQUE NOT NULL,
   put_order bigint NOT NULL DEFAULT nextval('records_put_order'), body text NOT NULL);
 CREATE INDEX access_tokens_team ON access_tokens (team_id);
+"""),
+    (4, "observations: sandboxes' metric samples and log entries (kept for a retention)", """
+CREATE TABLE sandbox_metrics (
+  sandbox_id text NOT NULL, team_id text NOT NULL, at double precision NOT NULL,
+  put_order bigint NOT NULL DEFAULT nextval('records_put_order'), body text NOT NULL);
+CREATE INDEX sandbox_metrics_sandbox ON sandbox_metrics (sandbox_id, at);
+CREATE INDEX sandbox_metrics_team ON sandbox_metrics (team_id, at);
+CREATE INDEX sandbox_metrics_at ON sandbox_metrics (at);
+CREATE TABLE sandbox_logs (
+  sandbox_id text NOT NULL, seq bigint NOT NULL, at_ms bigint NOT NULL, level text NOT NULL,
+  message text NOT NULL, body text NOT NULL, PRIMARY KEY (sandbox_id, seq));
+CREATE INDEX sandbox_logs_sandbox ON sandbox_logs (sandbox_id, at_ms);
+CREATE INDEX sandbox_logs_at ON sandbox_logs (at_ms);
 """),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -363,6 +378,67 @@ class PostgresStore(StateStore):
             row = conn.execute("DELETE FROM access_tokens WHERE id = %s AND team_id = %s RETURNING id",
                                (token_id, team_id)).fetchone()
         return row is not None
+
+    # observations
+    def add_metric_samples(self, samples: Sequence[MetricSample]) -> None:
+        if not samples:
+            return
+        with self._conn() as conn, conn.cursor() as cur:
+            cur.executemany("INSERT INTO sandbox_metrics (sandbox_id, team_id, at, body) VALUES (%s, %s, %s, %s)",
+                            [(m.sandbox_id, m.team_id, m.at.timestamp(), m.model_dump_json()) for m in samples])
+
+    def metric_samples(self, sandbox_id: str, *, start: datetime | None = None, end: datetime | None = None,
+                       limit: int = 10_000) -> list[MetricSample]:
+        sql, args = "SELECT body FROM sandbox_metrics WHERE sandbox_id = %s", list[object]([sandbox_id])
+        if start is not None:
+            sql += " AND at >= %s"
+            args.append(start.timestamp())
+        if end is not None:
+            sql += " AND at <= %s"
+            args.append(end.timestamp())
+        rows = self._bodies(sql + " ORDER BY at DESC, put_order DESC LIMIT %s", (*args, limit))
+        return [MetricSample.model_validate_json(b) for b in reversed(rows)]
+
+    def team_concurrency(self, team_id: str, start: datetime, end: datetime,
+                         step_s: int) -> list[tuple[datetime, int]]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT floor(at / %s)::bigint * %s AS slot, count(DISTINCT sandbox_id) FROM sandbox_metrics "
+                "WHERE team_id = %s AND at >= %s AND at <= %s GROUP BY slot ORDER BY slot",
+                (step_s, step_s, team_id, start.timestamp(), end.timestamp())).fetchall()
+        return [(datetime.fromtimestamp(int(slot), UTC), int(n)) for slot, n in rows]
+
+    def add_log_entries(self, entries: Sequence[LogEntry]) -> None:
+        if not entries:
+            return
+        with self._conn() as conn, conn.cursor() as cur:
+            cur.executemany("INSERT INTO sandbox_logs (sandbox_id, seq, at_ms, level, message, body) "
+                            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (sandbox_id, seq) DO NOTHING",
+                            [(e.sandbox_id, e.seq, e.at_ms, e.level, e.message, e.model_dump_json())
+                             for e in entries])
+
+    def log_entries(self, sandbox_id: str, *, cursor_ms: int | None = None, limit: int = 1000,
+                    backward: bool = False, levels: tuple[LogLevel, ...] | None = None,
+                    search: str | None = None) -> list[LogEntry]:
+        sql, args = "SELECT body FROM sandbox_logs WHERE sandbox_id = %s", list[object]([sandbox_id])
+        if cursor_ms is not None:
+            sql += " AND at_ms <= %s" if backward else " AND at_ms >= %s"
+            args.append(cursor_ms)
+        if levels is not None:
+            sql += " AND level = ANY(%s)"
+            args.append(list(levels))
+        if search:
+            sql += " AND strpos(message, %s) > 0"
+            args.append(search)
+        order = "DESC" if backward else "ASC"
+        rows = self._bodies(f"{sql} ORDER BY at_ms {order}, seq {order} LIMIT %s", (*args, limit))
+        return [LogEntry.model_validate_json(b) for b in rows]
+
+    def prune_observations(self, before: datetime) -> int:
+        with self._tx() as conn:
+            gone = conn.execute("DELETE FROM sandbox_metrics WHERE at < %s", (before.timestamp(),)).rowcount
+            return int(gone + conn.execute("DELETE FROM sandbox_logs WHERE at_ms < %s",
+                                           (int(before.timestamp() * 1000),)).rowcount)
 
     def close(self) -> None:
         self._pool.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -110,10 +111,25 @@ class FakeVmm(VmmDriver):
         self.calls.append((op, vm.vm_id))
         if not state["running"]:
             raise VmmError(f"fake VM {vm.vm_id} is paused")
+        events: list[dict[str, Any]] = state.setdefault("events", [])  # like the guest agent's event log
+
+        def event(message: str, **fields: str) -> None:
+            events.append({"seq": len(events) + 1, "ts_ms": int(time.time() * 1000), "level": "info",
+                           "message": message, "fields": fields})
+
         if op == "personalize":
             state["env"] = dict((params or {}).get("env_vars", {}))
+            event("sandbox started", sandbox_id=str((params or {}).get("sandbox_id")))
         if op == "exec":
-            return {"exit_code": 0, "stdout": " ".join((params or {}).get("cmd", [])), "stderr": ""}
+            cmd = " ".join((params or {}).get("cmd", []))
+            event("process started", cmd=cmd)
+            event("process exited", cmd=cmd, exit_code="0")
+            return {"exit_code": 0, "stdout": cmd, "stderr": ""}
+        if op == "observe":
+            after = int((params or {}).get("after", 0))
+            metrics = {"cpu_count": 2, "cpu_used_pct": 12.5, "mem_used": 256 << 20, "mem_total": 512 << 20,
+                       "mem_cache": 1 << 20, "disk_used": 1 << 30, "disk_total": 2 << 30}
+            return {"metrics": metrics, "logs": [e for e in events if e["seq"] > after], "last_seq": len(events)}
         return {"ok": True, "boot_id": state["boot_id"]}
 
     async def shutdown(self, vm: VmHandle, *, timeout: float = 10.0) -> None:

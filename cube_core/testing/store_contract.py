@@ -46,6 +46,7 @@ from cube_core.models import (
     VmHandle,
     VmState,
 )
+from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.state import SandboxState
 from cube_core.store import StateStore
 
@@ -539,3 +540,70 @@ class StoreContract:
         holder = store.find_team("contested")
         assert holder is not None
         assert [n for n in range(8) if store.get_team(f"team-{n}") is not None] == [int(holder.team_id[5:])]
+
+    # -- observations: metric samples and log entries --------------------------------------------
+
+    def test_metric_samples_by_window_oldest_first(self, store: StateStore) -> None:
+        samples = [metric("sbx-m", T0 + timedelta(seconds=5 * i), cpu=float(i)) for i in range(6)]
+        store.add_metric_samples(samples[3:] + samples[:3])  # stored out of order
+        store.add_metric_samples([metric("sbx-other", T0)])
+        store.add_metric_samples([])
+        assert store.metric_samples("sbx-m") == samples  # every field round-trips
+        assert store.metric_samples("sbx-m", start=T0 + timedelta(seconds=5),
+                                    end=T0 + timedelta(seconds=15)) == samples[1:4]  # both ends included
+        assert store.metric_samples("sbx-m", start=T0 + timedelta(seconds=26)) == []
+        assert store.metric_samples("sbx-m", limit=2) == samples[4:]  # the newest, still oldest first
+        assert store.metric_samples("sbx-none") == []
+
+    def test_team_concurrency_counts_sandboxes_per_step(self, store: StateStore) -> None:
+        base = datetime(2026, 12, 7, 1, 2, 0, tzinfo=UTC)  # a multiple of 10 s
+        store.add_metric_samples([
+            metric("a", base + timedelta(seconds=1)), metric("a", base + timedelta(seconds=4)),
+            metric("b", base + timedelta(seconds=9)), metric("a", base + timedelta(seconds=12)),
+            metric("c", base + timedelta(seconds=31), team_id="team-b"),
+            metric("d", base + timedelta(seconds=45)),
+        ])
+        got = store.team_concurrency("team-a", base, base + timedelta(seconds=40), 10)
+        assert got == [(base, 2), (base + timedelta(seconds=10), 1)]
+        assert store.team_concurrency("team-b", base, base + timedelta(seconds=60), 10) == [
+            (base + timedelta(seconds=30), 1)]
+        assert store.team_concurrency("team-c", base, base + timedelta(seconds=60), 10) == []
+
+    def test_log_entries_by_cursor_direction_level_and_search(self, store: StateStore) -> None:
+        entries = [log_entry("sbx-l", i, T0 + timedelta(milliseconds=100 * i),
+                             level="error" if i == 3 else "info", message=f"process {'exited' if i % 2 else 'started'}")
+                   for i in range(1, 7)]
+        store.add_log_entries(entries)
+        store.add_log_entries(entries[:2])  # read again (a node restarted): stored once
+        store.add_log_entries([log_entry("sbx-other", 1, T0)])
+        assert store.log_entries("sbx-l") == entries  # every field round-trips
+        cursor = entries[2].at_ms
+        assert store.log_entries("sbx-l", cursor_ms=cursor) == entries[2:]
+        assert store.log_entries("sbx-l", cursor_ms=cursor, limit=2) == entries[2:4]
+        assert store.log_entries("sbx-l", cursor_ms=cursor, backward=True) == entries[2::-1]
+        assert store.log_entries("sbx-l", backward=True, limit=2) == [entries[5], entries[4]]
+        assert store.log_entries("sbx-l", levels=("warn", "error")) == [entries[2]]
+        assert store.log_entries("sbx-l", search="exited") == entries[0::2]
+        assert store.log_entries("sbx-l", search="Exited") == []  # case-sensitive
+        assert store.log_entries("sbx-l", search="%") == []  # no wildcards
+        assert store.log_entries("sbx-none") == []
+
+    def test_prune_observations_drops_only_the_older(self, store: StateStore, open_store: StoreFactory) -> None:
+        store.add_metric_samples([metric("sbx-p", T0), metric("sbx-p", T0 + timedelta(hours=2))])
+        store.add_log_entries([log_entry("sbx-p", 1, T0), log_entry("sbx-p", 2, T0 + timedelta(hours=2))])
+        assert store.prune_observations(T0 + timedelta(hours=1)) == 2
+        other = open_store()
+        assert [m.at for m in other.metric_samples("sbx-p")] == [T0 + timedelta(hours=2)]
+        assert [e.seq for e in other.log_entries("sbx-p")] == [2]
+        assert store.prune_observations(T0 + timedelta(hours=1)) == 0
+
+
+def metric(sandbox_id: str, at: datetime, *, team_id: str = "team-a", cpu: float = 12.5) -> MetricSample:
+    return MetricSample(sandbox_id=sandbox_id, team_id=team_id, at=at, cpu_count=2, cpu_used_pct=cpu,
+                        mem_used=300 << 20, mem_total=(1 << 40) + 7, mem_cache=9, disk_used=1 << 30, disk_total=1 << 33)
+
+
+def log_entry(sandbox_id: str, seq: int, at: datetime, *, level: LogLevel = "info",
+              message: str = "process started ✓") -> LogEntry:
+    return LogEntry(sandbox_id=sandbox_id, team_id="team-a", seq=seq, at=at, level=level, message=message,
+                    fields={"pid": str(100 + seq), "cmd": "bash -c 'echo \"ü\"'"})

@@ -54,6 +54,12 @@ class InvalidRequestError(CubeError):
     msg_fmt = "{field}: {reason}"
 
 
+class ForbiddenError(CubeError):
+    """The caller's team may not read what it asked for, e.g. another team's metrics (HTTP 403)."""
+
+    msg_fmt = "{reason}"
+
+
 @dataclass(frozen=True)
 class HttpError:
     """How one error is answered."""
@@ -66,6 +72,7 @@ class HttpError:
 #: Cube error class -> answer. Looked up along the exception's MRO, so the most specific class wins.
 ERROR_TABLE: dict[type[CubeError], HttpError] = {
     InvalidRequestError: HttpError(400),
+    ForbiddenError: HttpError(403),
     SecretRequestError: HttpError(400),
     CredentialNotFoundError: HttpError(404),  # another team's secret, key or token too
     SecretExistsError: HttpError(409),

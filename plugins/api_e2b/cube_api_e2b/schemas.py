@@ -203,6 +203,19 @@ class SandboxesWithMetricsOut(Response):
     sandboxes: dict[str, SandboxMetricOut]
 
 
+class TeamMetricOut(Response):
+    timestamp: datetime
+    timestamp_unix: int
+    concurrent_sandboxes: int
+    sandbox_start_rate: float
+
+
+class MaxTeamMetricOut(Response):
+    timestamp: datetime
+    timestamp_unix: int
+    value: float
+
+
 class SandboxLogOut(Response):
     timestamp: datetime
     line: str

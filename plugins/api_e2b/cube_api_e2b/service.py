@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Protocol
 
 from cube_core import CoreSettings, NetworkPolicy, Sandbox, SandboxSpec, SandboxState, SnapshotRef, Team, Template
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.models import ApiKey
 from cube_core.nodeclient import Endpoint
+from cube_core.observations import LogEntry, LogLevel, MetricSample, TeamMetricName, TeamMetricPoint
 
 
 class ControlPlane(Protocol):
@@ -68,6 +70,18 @@ class ControlPlane(Protocol):
     def delete_team_api_key(self, team_id: str, key_id: str) -> None: ...
     def create_access_token(self, team_id: str, name: str) -> tuple[AccessToken, str]: ...
     def delete_access_token(self, team_id: str, token_id: str) -> None: ...
+
+    # -- observations: sandboxes' metric samples and logs, a team's sandbox counts ---------------
+    def sandbox_metrics(self, team_id: str, sandbox_id: str, *, start: datetime | None = None,
+                        end: datetime | None = None) -> builtins.list[MetricSample]: ...
+    def latest_metrics(self, team_id: str, sandbox_ids: Sequence[str]) -> dict[str, MetricSample]: ...
+    def sandbox_logs(self, team_id: str, sandbox_id: str, *, cursor_ms: int | None = None, limit: int = 1000,
+                     backward: bool = False, min_level: LogLevel | None = None,
+                     search: str | None = None) -> builtins.list[LogEntry]: ...
+    def team_metrics(self, team_id: str, *, start: datetime | None = None,
+                     end: datetime | None = None) -> builtins.list[TeamMetricPoint]: ...
+    def team_metric_max(self, team_id: str, metric: TeamMetricName, *, start: datetime | None = None,
+                        end: datetime | None = None) -> tuple[datetime, float]: ...
 
     # -- for metrics (every team) ----------------------------------------------------------------
     def count_by_state(self) -> dict[str, int]: ...

@@ -14,18 +14,20 @@ from cube_api_e2b.routes import (
     accesstokens,
     apikeys,
     lifecycle,
+    logs,
     metrics,
     network,
     sandboxes,
     secrets,
     snapshots,
+    teams,
     templates,
 )
 
 ROUTERS: tuple[APIRouter, ...] = (
     metrics.router,  # first: GET /sandboxes/metrics before GET /sandboxes/{sandbox_id}
     sandboxes.router, lifecycle.router, network.router, snapshots.router, templates.router,
-    secrets.router, apikeys.router, accesstokens.router,
+    secrets.router, apikeys.router, accesstokens.router, logs.router, teams.router,
 )
 """Every router, in mounting order."""
 

@@ -1,4 +1,4 @@
-"""Sandboxes: create, list, look at, time out, keep alive, kill; their (empty) logs."""
+"""Sandboxes: create, list, look at, time out, keep alive, kill (their logs: logs.py)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,6 @@ from cube_api_e2b.schemas import (
     NewSandbox,
     NewSandboxV2,
     SandboxDetailOut,
-    SandboxLogsOut,
-    SandboxLogsV2Out,
     SandboxOut,
     SandboxRefreshRequest,
     SandboxTimeoutRequest,
@@ -194,21 +192,3 @@ async def refresh(sandbox_id: str, team: CurrentTeam, ctx: Context, service: Ser
     sb = service.get(team.team_id, sandbox_id)
     if datetime.now(UTC) + timedelta(seconds=duration) > sb.end_at:
         await service.set_timeout(team.team_id, sandbox_id, duration)
-
-
-@router.get("/sandboxes/{sandbox_id}/logs", response_model=SandboxLogsOut, responses=errors(404, 500),
-            summary="Sandbox logs (Cube keeps none yet: always empty)")
-async def logs_v1(sandbox_id: str, team: CurrentTeam, service: Service,
-                  start: Annotated[int | None, Query(ge=0)] = None,
-                  limit: Annotated[int, Query(ge=0)] = 1000) -> SandboxLogsOut:
-    service.get(team.team_id, sandbox_id)
-    return SandboxLogsOut(logs=[], log_entries=[])
-
-
-@router.get("/v2/sandboxes/{sandbox_id}/logs", response_model=SandboxLogsV2Out, responses=errors(404, 500),
-            summary="Sandbox logs v2 (Cube keeps none yet: always empty)")
-async def logs_v2(sandbox_id: str, team: CurrentTeam, service: Service,
-                  cursor: Annotated[int | None, Query(ge=0)] = None,
-                  limit: Annotated[int, Query(ge=0, le=1000)] = 1000) -> SandboxLogsV2Out:
-    service.get(team.team_id, sandbox_id)
-    return SandboxLogsV2Out(logs=[])
