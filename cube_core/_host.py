@@ -156,7 +156,7 @@ class Hooks:
         result: Awaitable[None] | None = self._pm.hook.cube_http_server(app=app, settings=settings)
         return result
 
-    def node_edge(self, resolve: Callable[[str, int], tuple[str, int]]) -> Any | None:
+    def node_edge(self, resolve: Callable[[str, int], Awaitable[tuple[str, int]]]) -> Any | None:
         return self._pm.hook.cube_node_edge(resolve=resolve)
 
     def api_routers(self, service: Any) -> list[Any]:

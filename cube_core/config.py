@@ -44,6 +44,12 @@ class PoolSettings(_Model):
     """Before a member is paused, its guest runs once what a new sandbox's first requests run
     (a command through envd, a file stat), so those paths are loaded (under TCG: translated)
     when a user arrives."""
+    identity_at_join: bool = True
+    """A member is personalized, when it joins, as the sandbox it will become: its id (the
+    sandbox's), envd access token, hostname, machine-id, fresh RNG state. A create that takes it
+    only sets the egress policy, resumes it and sends the guest the clock and env vars (without
+    waiting for the answer: the edge holds the sandbox's first request until the guest applied
+    them). ``false``: the old path, the whole personalization at create."""
 
 
 class CoreSettings(_Model):

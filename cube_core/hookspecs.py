@@ -116,7 +116,7 @@ def cube_http_server(app: Any, settings: CoreSettings) -> Awaitable[None] | None
 
 
 @hookspec(firstresult=True)
-def cube_node_edge(resolve: Callable[[str, int], tuple[str, int]]) -> Any | None:
+def cube_node_edge(resolve: Callable[[str, int], Awaitable[tuple[str, int]]]) -> Any | None:
     """The ASGI app with which ``cube node`` forwards sandbox traffic that a master's edge proxy
     sends it (the master authenticated the client; the node checks the cluster token first).
 
@@ -129,9 +129,12 @@ def cube_node_edge(resolve: Callable[[str, int], tuple[str, int]]) -> Any | None
     headers (``x-cube-cluster-token`` included) on to the guest. It gets ``http`` and ``websocket``
     scopes only (the node's server keeps the lifespan).
 
-    :param resolve: ``(sandbox_id, port) -> (host, port)`` of the guest, reachable from the node.
+    :param resolve: ``async (sandbox_id, port) -> (host, port)`` of the guest, reachable from the
+        node; it answers once the sandbox's guest applied its create message (a sandbox just taken
+        from the warm pool), so a sandbox's first request never overtakes it.
 
     .. versionadded:: 0.2
+    .. versionchanged:: 0.3 ``resolve`` is a coroutine function.
     """
 
 

@@ -34,6 +34,7 @@ from cube_core.errors import (
     GuestProtocolError,
     InvalidStateError,
     NodeError,
+    SandboxFailedError,
     SandboxNotFoundError,
     SnapshotNotFoundError,
     TemplateError,
@@ -75,6 +76,9 @@ log = structlog.get_logger(__name__)
 
 LIVE_STATES = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED)
 STOPPED_STATES = (SandboxState.KILLED, SandboxState.ERROR)
+APPLY_TIMEOUT_S = 30.0
+"""How long a sandbox taken from the pool (identity at join) has to apply its create message; a
+guest that has not by then is failed, and its first request answers so."""
 
 
 class NodeAgent:
@@ -101,6 +105,9 @@ class NodeAgent:
         self._live: dict[str, SandboxRuntime] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._paused: set[str] = set()
+        self._applied: dict[str, asyncio.Task[None]] = {}
+        """Sandboxes taken from the pool whose guest was sent its create message (clock, env
+        vars): the edge holds their traffic until it is applied (:meth:`until_applied`)."""
         self._ready: dict[str, Template] = {}
         """Templates whose files are on this node, by id."""
         self._start_gate = asyncio.Semaphore(self.settings.max_parallel_starts)
@@ -270,8 +277,13 @@ class NodeAgent:
         template = self.local_template(sandbox.template_id)
         started = time.perf_counter()
         member = self.pool.take(template.template_id) if self.pool.enabled and snapshot is None else None
+        joined = member is not None and member.boot_id is not None and member.envd_access_token is not None
+        if member is not None and joined:  # personalized at pool join: its id and token are the sandbox's
+            sandbox = sandbox.evolve(sandbox_id=member.sandbox_id,
+                                     envd_access_token=member.envd_access_token if sandbox.secure else None)
         runtime = member.runtime if member is not None else SandboxRuntime()
         self._live[sandbox.sandbox_id] = runtime
+        boot_id, guest_ms = member.boot_id if member is not None else None, {}
         try:
             async with self._start_gate if member is None else contextlib.nullcontext():
                 vm_started = time.perf_counter()
@@ -280,7 +292,11 @@ class NodeAgent:
                 else:
                     runtime = await self._start_vm(sandbox, template, snapshot, request.rules)
                 personalize_started = time.perf_counter()
-                boot = await self._personalize(sandbox, runtime)
+                if joined:
+                    self._send_apply(sandbox, runtime)
+                else:
+                    boot = await self._personalize(sandbox, runtime)
+                    boot_id, guest_ms = boot.boot_id, boot.timings_ms
                 done = time.perf_counter()
         except BaseException:
             await self.destroy(sandbox)
@@ -289,10 +305,67 @@ class NodeAgent:
             runtime = runtime.evolve(parent_snapshot=snapshot.snapshot_id)
         self._live[sandbox.sandbox_id] = runtime
         timings = {"queued": (vm_started - started) * 1000, "vm": (personalize_started - vm_started) * 1000,
-                   "personalize": (done - personalize_started) * 1000,
-                   **{f"guest_{k}": v for k, v in boot.timings_ms.items()}}
-        return Launched(runtime=runtime, boot_id=boot.boot_id, served_by="pool" if member else "start",
+                   "apply_sent" if joined else "personalize": (done - personalize_started) * 1000,
+                   **{f"guest_{k}": v for k, v in guest_ms.items()}}
+        assert boot_id is not None
+        return Launched(runtime=runtime, boot_id=boot_id, served_by="pool" if member else "start",
+                        sandbox_id=sandbox.sandbox_id, envd_access_token=sandbox.envd_access_token,
                         timings_ms={k: round(v, 1) for k, v in timings.items()})
+
+    def _send_apply(self, sandbox: Sandbox, runtime: SandboxRuntime) -> None:
+        """Send a member personalized at join what depends on the request (the clock, the env
+        vars, whether it keeps its access token) without waiting for the answer; the edge waits
+        for it (:meth:`until_applied`). A guest that fails to apply it is failed: its VM stopped,
+        its record ``error``."""
+        assert runtime.vm is not None
+        vm, sid = runtime.vm, sandbox.sandbox_id
+        params = {"clock_ns": time.time_ns(), "env_vars": sandbox.env_vars,
+                  "keep_token": sandbox.envd_access_token is not None}
+
+        async def apply() -> None:
+            try:
+                await guest_call(self.vmm, vm, "apply", params, PersonalizeReply, timeout=APPLY_TIMEOUT_S)
+            except CubeError as exc:
+                log.warning("sandbox failed to apply its create message", sandbox_id=sid, error=str(exc))
+                await self._fail_unapplied(sandbox, exc)
+                raise
+
+        task = asyncio.create_task(apply(), name=f"cube-apply-{sid}")
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read by waiters, or here
+        self._applied[sid] = task
+
+    async def _fail_unapplied(self, sandbox: Sandbox, exc: CubeError) -> None:
+        """Stop a sandbox whose guest did not apply its create message, and record why (the
+        control plane writes its record as the launch returns: it is waited for, briefly)."""
+        if self._live.get(sandbox.sandbox_id) is None:
+            return  # destroyed meanwhile
+        await self.destroy(sandbox, keep_applied=True)
+        for _ in range(50):
+            record = self.store.get_sandbox(sandbox.sandbox_id)
+            if record is not None and record.state in LIVE_STATES:
+                failed = record.evolve(state=SandboxState.ERROR, runtime=SandboxRuntime(), error=reason(exc))
+                self.store.put_sandbox(failed)
+                await self.host.hooks.sandbox_stopped(failed, StopReason.ERROR)
+                return
+            if record is not None:
+                return
+            await asyncio.sleep(0.2)
+
+    async def until_applied(self, sandbox_id: str) -> None:
+        """Return once the sandbox's guest applied its create message (at once for any other
+        sandbox); :class:`SandboxFailedError` when it did not (in :data:`APPLY_TIMEOUT_S`)."""
+        task = self._applied.get(sandbox_id)
+        if task is None:
+            return
+        if not task.done():
+            await asyncio.wait({task}, timeout=APPLY_TIMEOUT_S + 5.0)
+        if not task.done() or task.cancelled():
+            raise SandboxFailedError(sandbox_id=sandbox_id, reason="its guest did not apply the create message")
+        exc = task.exception()
+        if exc is not None:
+            raise SandboxFailedError(sandbox_id=sandbox_id, reason=reason(exc))
+        if self._applied.get(sandbox_id) is task:
+            del self._applied[sandbox_id]
 
     async def _start_vm(self, sandbox: Sandbox, template: Template, snapshot: SnapshotRef | None,
                         rules: Sequence[EgressRule]) -> SandboxRuntime:
@@ -343,9 +416,12 @@ class NodeAgent:
 
     # -- stop ------------------------------------------------------------------------------------
 
-    async def destroy(self, sandbox: Sandbox) -> list[str]:
+    async def destroy(self, sandbox: Sandbox, *, keep_applied: bool = False) -> list[str]:
         """Shut the VM down, then free its network slot and disk; every step runs. Uses the
         live handles, or the record's after a restart."""
+        applying = None if keep_applied else self._applied.pop(sandbox.sandbox_id, None)
+        if applying is not None and not applying.done():
+            applying.cancel()
         runtime = self._live.pop(sandbox.sandbox_id, None) or sandbox.runtime
         self._locks.pop(sandbox.sandbox_id, None)
         self._paused.discard(sandbox.sandbox_id)
@@ -370,7 +446,10 @@ class NodeAgent:
             raise SandboxNotFoundError(sandbox_id=sandbox_id)
         return runtime
 
-    def guest_address(self, sandbox_id: str) -> str:
+    async def guest_address(self, sandbox_id: str) -> str:
+        """The guest's address, once it applied its create message (:meth:`until_applied`): the
+        edge sends a sandbox's first request only then."""
+        await self.until_applied(sandbox_id)
         runtime = self._live.get(sandbox_id)
         if runtime is None or runtime.nic is None:
             raise SandboxNotFoundError(sandbox_id=sandbox_id)

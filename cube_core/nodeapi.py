@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -51,11 +51,12 @@ _TOKEN = TOKEN_HEADER.encode()
 _SANDBOX = SANDBOX_HEADER.encode()
 
 
-def edge_resolver(agent: NodeAgent) -> Callable[[str, int], tuple[str, int]]:
-    """The ``resolve`` argument of ``cube_node_edge``: a sandbox's port on this node."""
+def edge_resolver(agent: NodeAgent) -> Callable[[str, int], Awaitable[tuple[str, int]]]:
+    """The ``resolve`` argument of ``cube_node_edge``: a sandbox's port on this node, once its
+    guest applied its create message."""
 
-    def resolve(sandbox_id: str, port: int) -> tuple[str, int]:
-        return agent.guest_address(sandbox_id), port
+    async def resolve(sandbox_id: str, port: int) -> tuple[str, int]:
+        return await agent.guest_address(sandbox_id), port
 
     return resolve
 
@@ -160,7 +161,7 @@ def _api(agent: NodeAgent) -> FastAPI:
 
     @api.get(PREFIX + "/sandboxes/{sandbox_id}/address")
     async def address(sandbox_id: str) -> AddressReply:
-        return AddressReply(host=agent.guest_address(sandbox_id))
+        return AddressReply(host=await agent.guest_address(sandbox_id))
 
     return api
 

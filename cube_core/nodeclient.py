@@ -54,6 +54,11 @@ class Launched(Frozen):
     runtime: SandboxRuntime
     boot_id: str
     served_by: Literal["pool", "start"]
+    sandbox_id: str | None = None
+    """The id the sandbox got: a warm-pool member personalized at join is its sandbox already
+    (id and access token); the control plane records the sandbox under it. None: the request's."""
+    envd_access_token: str | None = None
+    """Its envd access token (None for a non-secure sandbox)."""
     timings_ms: dict[str, float] = Field(default_factory=dict)
     """Where the time went on the node (``queued``, ``vm``, ``personalize`` and the guest's own)."""
 
@@ -128,8 +133,10 @@ class NodeClient(Protocol):
 
     async def exec(self, sandbox_id: str, cmd: Sequence[str], timeout: float) -> ExecReply: ...
 
-    def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
-        """Where ``port`` of the sandbox is reached from the control plane's process."""
+    async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
+        """Where ``port`` of the sandbox is reached from the control plane's process. A sandbox
+        just taken from the warm pool is reached only once its guest applied its create message
+        (here, or at the node's edge: the traffic waits, then goes)."""
         ...
 
 
@@ -179,5 +186,5 @@ class LocalNodeClient:
     async def exec(self, sandbox_id: str, cmd: Sequence[str], timeout: float) -> ExecReply:
         return await self.agent.exec(sandbox_id, cmd, timeout)
 
-    def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
-        return Endpoint(host=self.agent.guest_address(sandbox_id), port=port)
+    async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
+        return Endpoint(host=await self.agent.guest_address(sandbox_id), port=port)

@@ -343,8 +343,9 @@ class HttpNodeClient:
         """The guest's address as the node reaches it (not reachable from here in general)."""
         return self._parse(AddressReply, await self._call("GET", _path("sandboxes", sandbox_id, "address"))).host
 
-    def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
-        """Through the node's edge: the node checks the token and forwards to the guest."""
+    async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
+        """Through the node's edge: the node checks the token and forwards to the guest (once
+        the guest applied its create message)."""
         return Endpoint(host=self._host, port=self._port, via=self.url,
                         headers=((TOKEN_HEADER, self._token), (SANDBOX_HEADER, sandbox_id),
                                  (PORT_HEADER, str(port))))

@@ -1,10 +1,11 @@
 """The warm pool: per template, restored and paused VMs with their disk and network slot ready.
 
-Creating a sandbox takes a member (``take``), and the service resumes and personalizes it; the
-pool refills in the background, one restore at a time, and stops refilling when host memory is
-short. Members are used once. They are recorded in the state store under the reserved team
-``POOL_TEAM`` so a crash leaves nothing unaccounted for: at start-up every recorded member is
-destroyed (the pool is rebuilt, never trusted across restarts).
+Creating a sandbox takes a member (``take``), and the node resumes it and sends it the clock and
+env vars (``identity_at_join``: the member was personalized as its sandbox when it joined; else the
+node personalizes it fully then); the pool refills in the background, one restore at a time,
+and stops refilling when host memory is short. Members are used once. They are recorded in the
+state store under the reserved team ``POOL_TEAM`` so a crash leaves nothing unaccounted for: at
+start-up every recorded member is destroyed (the pool is rebuilt, never trusted across restarts).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cube_core.models import (
     GuestReply,
     NetworkPolicy,
     NicHandle,
+    PersonalizeReply,
     Sandbox,
     SandboxRuntime,
     Template,
@@ -141,19 +143,33 @@ class WarmPool:
                     break
                 self._members[template.template_id].append(member)
 
+    async def _join(self, vm: VmHandle, record: Sandbox) -> Sandbox:
+        """Personalize the member as the sandbox it will become (``identity_at_join``): its id,
+        envd access token, hostname, ``E2B_SANDBOX_ID``, machine-id, and fresh entropy for the
+        kernel and Python RNGs (a member is used once: no two sandboxes share RNG state). The
+        record keeps the token and the guest's boot id; a create then only sends the clock and
+        the env vars. A guest that fails this is not a member."""
+        owner = record.sandbox_id
+        reply = await guest_call(self.vmm, vm, "personalize", {
+            "sandbox_id": owner, "template_id": record.template_id, "env_vars": {},
+            "access_token": record.envd_access_token, "hostname": owner[:16], "clock_ns": time.time_ns(),
+            "metadata": {}, "entropy": base64.b64encode(os.urandom(64)).decode()}, PersonalizeReply, timeout=60.0)
+        return record.evolve(boot_id=reply.boot_id)
+
     async def _warm_up(self, vm: VmHandle, nic: NicHandle, record: Sandbox) -> None:
-        """Personalize the member as itself, let the guest agent run a command through envd, and
-        let the plugins reach the guest over the sandbox's network path (``cube_pool_member_warm_up``):
-        what a create and a first request will do, done once ahead (the sandbox's own
-        personalization replaces every field later). Best effort: a member that cannot warm up
-        still serves, but one whose guest breaks the protocol is destroyed
-        (:class:`GuestProtocolError` propagates)."""
+        """Personalize the member as itself (unless it joined as its sandbox already), let the
+        guest agent run a command through envd, and let the plugins reach the guest over the
+        sandbox's network path (``cube_pool_member_warm_up``): what a create and a first request
+        will do, done once ahead (the sandbox's own personalization replaces every field later).
+        Best effort: a member that cannot warm up still serves, but one whose guest breaks the
+        protocol is destroyed (:class:`GuestProtocolError` propagates)."""
         owner, template_id = record.sandbox_id, record.template_id
         try:
-            await guest_call(self.vmm, vm, "personalize", {
-                "sandbox_id": owner, "template_id": template_id, "env_vars": {}, "access_token": None,
-                "hostname": owner[:16], "clock_ns": time.time_ns(), "metadata": {},
-                "entropy": base64.b64encode(os.urandom(64)).decode()}, GuestReply, timeout=60.0)
+            if record.boot_id is None:
+                await guest_call(self.vmm, vm, "personalize", {
+                    "sandbox_id": owner, "template_id": template_id, "env_vars": {}, "access_token": None,
+                    "hostname": owner[:16], "clock_ns": time.time_ns(), "metadata": {},
+                    "entropy": base64.b64encode(os.urandom(64)).decode()}, GuestReply, timeout=60.0)
             reply = await guest_call(self.vmm, vm, "warm_up", {}, WarmUpReply, timeout=60.0)
         except GuestProtocolError:
             raise
@@ -174,12 +190,14 @@ class WarmPool:
 
     async def _restore(self, template: Template) -> Sandbox:
         assert template.snapshot is not None
-        owner = "pool" + ids.sandbox_id()[:16]
+        identity = self.settings.identity_at_join
+        owner = ids.sandbox_id() if identity else "pool" + ids.sandbox_id()[:16]
         now = utcnow()
         record = Sandbox(sandbox_id=owner, template_id=template.template_id, team_id=POOL_TEAM,
                          state=SandboxState.CREATING, started_at=now, end_at=now + timedelta(days=3650),
                          memory_mb=template.memory_mb, cpu_count=template.cpu_count, node_id=self.node_id,
-                         isolation=self.vmm.isolation)
+                         isolation=self.vmm.isolation, envd_access_token=ids.access_token() if identity else None,
+                         secure=identity)
         self.store.put_sandbox(record)
         runtime = SandboxRuntime()
         snap = template.snapshot
@@ -193,6 +211,8 @@ class WarmPool:
             spec = snap.vm_state.clone_spec(owner, disk, interpreter=template.interpreter)
             vm = await self.vmm.restore(snap.vm_state, spec, nic)
             runtime = runtime.evolve(vm=vm)
+            if identity:
+                record = await self._join(vm, record)
             if self.settings.warm_up:
                 await self._warm_up(vm, nic, record)
             await self.vmm.pause(vm)

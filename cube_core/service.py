@@ -239,9 +239,15 @@ class SandboxService:
             self.store.put_sandbox(final)
             await self.host.hooks.sandbox_stopped(final, StopReason.ERROR)
             raise
+        provisional = sandbox.sandbox_id
+        if launched.sandbox_id is not None and launched.sandbox_id != provisional:
+            # a warm-pool member personalized at join: it is its sandbox already (id and token)
+            sandbox = sandbox.evolve(sandbox_id=launched.sandbox_id, envd_access_token=launched.envd_access_token)
         sandbox = sandbox.evolve(state=SandboxState.RUNNING, runtime=launched.runtime, boot_id=launched.boot_id,
                                  end_at=utcnow() + timedelta(seconds=spec.timeout_s))
         self.store.put_sandbox(sandbox)
+        if sandbox.sandbox_id != provisional:
+            self.store.delete_sandbox(provisional)  # clients never saw it
         log.info("sandbox ready", sandbox_id=sandbox.sandbox_id, node_id=node.node_id,
                  served_by=launched.served_by, node_ms=launched.timings_ms,
                  total_ms=round((time.perf_counter() - started) * 1000, 1))
@@ -357,10 +363,13 @@ class SandboxService:
         sb = self._record(sandbox_id, team_id)
         return await self._node(sb).audit(sandbox_id, limit)
 
-    def endpoint(self, sandbox_id: str, port: int) -> tuple[Sandbox, Endpoint]:
-        """Where the edge proxy reaches ``port`` of a sandbox, and its record."""
+    async def endpoint(self, sandbox_id: str, port: int) -> tuple[Sandbox, Endpoint]:
+        """Where the edge proxy reaches ``port`` of a sandbox, and its record. A sandbox just
+        taken from the warm pool answers once its guest applied its create message (the node
+        waits, a bounded time), so its first request never overtakes the create."""
         sb = self._record(sandbox_id)
-        return sb, self._node(sb).endpoint(sandbox_id, port)
+        endpoint = await self._node(sb).endpoint(sandbox_id, port)
+        return self._record(sandbox_id), endpoint
 
     async def exec(self, sandbox_id: str, cmd: builtins.list[str], timeout: float = 60.0) -> dict[str, Any]:
         """Run a command in the guest over the control channel (``cube sandbox exec``)."""

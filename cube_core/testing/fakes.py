@@ -120,6 +120,8 @@ class FakeVmm(VmmDriver):
         if op == "personalize":
             state["env"] = dict((params or {}).get("env_vars", {}))
             event("sandbox started", sandbox_id=str((params or {}).get("sandbox_id")))
+        if op == "apply":  # a member personalized at join: the create's env vars on top
+            state["env"] = {**state["env"], **dict((params or {}).get("env_vars", {}))}
         if op == "exec":
             cmd = " ".join((params or {}).get("cmd", []))
             event("process started", cmd=cmd)

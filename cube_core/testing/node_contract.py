@@ -55,6 +55,8 @@ class ControlPlane:
         self.store = store
         self.template = template
         self.launched: list[Sandbox] = []
+        self.renamed: dict[str, str] = {}
+        """Sandbox id -> the provisional id it was launched under (a pool member's own id)."""
 
     def record(self, **changes: object) -> Sandbox:
         now = utcnow()
@@ -76,6 +78,13 @@ class ControlPlane:
         except BaseException:
             self.store.put_sandbox(sandbox.evolve(state=SandboxState.ERROR, error="launch failed"))
             raise
+        if launched.sandbox_id is not None and launched.sandbox_id != sandbox.sandbox_id:
+            # a warm-pool member personalized at join: recorded under its id, the provisional one goes
+            self.store.delete_sandbox(sandbox.sandbox_id)
+            self.renamed[launched.sandbox_id] = sandbox.sandbox_id
+            self.launched.remove(sandbox)
+            sandbox = sandbox.evolve(sandbox_id=launched.sandbox_id, envd_access_token=launched.envd_access_token)
+            self.launched.append(sandbox)
         running = sandbox.evolve(state=SandboxState.RUNNING, runtime=launched.runtime, boot_id=launched.boot_id)
         self.store.put_sandbox(running)
         return running, launched
@@ -144,8 +153,26 @@ class NodeClientContract:
         assert rt.nic.guest_address
         after = await plane.client.status()
         assert after.sandboxes == before.sandboxes + 1
-        assert after.memory_mb_used >= before.memory_mb_used + plane.template.memory_mb
+        if launched.served_by == "start":  # a pool member counted already
+            assert after.memory_mb_used >= before.memory_mb_used + plane.template.memory_mb
         await _answers(plane.client, sandbox.sandbox_id, "launched")
+
+    async def test_the_launched_identity(self, plane: ControlPlane) -> None:
+        """A pool member personalized at join answers its own id and access token (a secure
+        sandbox keeps the token, a non-secure one has none); a started VM keeps the request's id.
+        Either is reachable (once its guest applied the create message) and runs commands."""
+        secure, one = await plane.launch()
+        plain, two = await plane.launch(secure=False, envd_access_token=None)
+        assert secure.sandbox_id != plain.sandbox_id
+        assert secure.envd_access_token and plain.envd_access_token is None
+        for sandbox, launched in ((secure, one), (plain, two)):
+            assert launched.sandbox_id == sandbox.sandbox_id
+            assert launched.envd_access_token == sandbox.envd_access_token
+            provisional = plane.renamed.get(sandbox.sandbox_id)
+            if provisional is not None:  # only a pool member comes with its own id
+                assert launched.served_by == "pool" and plane.store.get_sandbox(provisional) is None
+            assert (await plane.client.endpoint(sandbox.sandbox_id, 49983)).host
+            await _answers(plane.client, sandbox.sandbox_id, "mine")
 
     async def test_two_launches_are_two_sandboxes(self, plane: ControlPlane) -> None:
         first, one = await plane.launch()
@@ -300,7 +327,7 @@ class NodeClientContract:
     async def test_endpoint_of_a_port(self, plane: ControlPlane) -> None:
         sandbox, launched = await plane.launch()
         assert launched.runtime.nic is not None
-        endpoint = plane.client.endpoint(sandbox.sandbox_id, 49983)
+        endpoint = await plane.client.endpoint(sandbox.sandbox_id, 49983)
         assert endpoint.host
         if endpoint.via is None:  # straight to the guest
             assert (endpoint.host, endpoint.port) == (launched.runtime.nic.guest_address, 49983)

@@ -167,6 +167,7 @@ class Agent:
         return {
             "ping": self.op_ping,
             "personalize": self.op_personalize,
+            "apply": self.op_apply,
             "reseed": self.op_reseed,
             "sync_clock": self.op_sync_clock,
             "warm_up": self.op_warm_up,
@@ -218,6 +219,8 @@ class Agent:
         body = encode_envelope({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "true"]}})
         headers = {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
                    "Authorization": "Basic dXNlcjo="}  # user "user", as the SDK sends it
+        if self.state.access_token:  # a member personalized at pool join has its sandbox's token
+            headers["X-Access-Token"] = self.state.access_token
         timeout = aiohttp.ClientTimeout(total=float(req.get("timeout", 20)))
         async with aiohttp.ClientSession(timeout=timeout) as http:
             start = f"{url}/process.Process/Start"
@@ -281,6 +284,33 @@ class Agent:
         timings = {k: round((b - a) * 1000, 2)
                    for k, a, b in zip(steps, marks[:-1], marks[1:], strict=True)}
         return {"boot_id": state.boot_id, "applied": applied, "timings_ms": timings}
+
+    async def op_apply(self, req: dict[str, Any]) -> Reply:
+        """What a create leaves for a warm-pool member personalized at join (its id, token,
+        hostname, machine-id and RNG state are already its sandbox's): the clock and the env vars,
+        and whether it keeps its access token (a non-secure sandbox has none). Spawns nothing:
+        ``clock_settime`` and envd's in-memory state."""
+        started = time.monotonic()
+        clock_ns, env_vars = req.get("clock_ns"), req.get("env_vars", {})
+        keep = req.get("keep_token", True)
+        if not isinstance(clock_ns, int) or isinstance(clock_ns, bool):
+            raise OpError("'clock_ns' must be an integer (ns since the epoch)")
+        if not isinstance(env_vars, dict) or not isinstance(keep, bool):
+            raise OpError("'env_vars' must be an object and 'keep_token' a boolean")
+        applied = []
+        if self.opts.system_calls:
+            set_clock(clock_ns)
+            applied.append("clock")
+        state = self.state
+        state.update_env({str(k): str(v) for k, v in env_vars.items()})
+        if not keep:
+            state.access_token = None
+        applied += ["env_vars", "access_token"]
+        state.events.clear()  # the warm-up's events are not this sandbox's
+        state.events.add("info", "sandbox started", sandbox_id=state.sandbox_id,
+                         template_id=state.template_id, envd_version=ENVD_VERSION)
+        return {"boot_id": state.boot_id, "applied": applied,
+                "timings_ms": {"apply": round((time.monotonic() - started) * 1000, 2)}}
 
     async def op_observe(self, req: dict[str, Any]) -> Reply:
         """The current metrics and the log entries after the host's cursor ``after`` (at most

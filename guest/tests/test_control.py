@@ -144,6 +144,34 @@ def test_exec_and_prepare_snapshot(ctl_agent: tuple[AgentProc, Port]) -> None:
     assert r["ok"] and isinstance(r["closed_idle"], int)
 
 
+def test_apply_after_identity_at_join(ctl_agent: tuple[AgentProc, Port]) -> None:
+    """A pool member personalized as its future sandbox (token included) warms up through envd
+    with its own token; at create, ``apply`` sets the env vars and, for a non-secure sandbox,
+    clears the token."""
+    agent, port = ctl_agent
+    r = port.call("personalize", sandbox_id="isbxjoin", template_id="base", env_vars={},
+                  access_token=TOKEN, hostname="isbxjoin", clock_ns=time.time_ns(),
+                  entropy=_entropy())
+    assert r["ok"] is True, r
+    try:
+        r = port.call("warm_up")
+        assert r["ok"] is True and r["events"] >= 1, r
+        for bad in ({"env_vars": {}}, {"clock_ns": "now"}, {"clock_ns": 1, "env_vars": []},
+                    {"clock_ns": 1, "keep_token": "no"}):
+            assert port.call("apply", **bad)["ok"] is False, bad
+        status, _ = http("GET", f"{agent.envd_url}/envs")
+        assert status == 401  # still the member's token
+        r = port.call("apply", clock_ns=time.time_ns(), env_vars={"A_VAR": "at-create"},
+                      keep_token=False)
+        assert r["ok"] is True and "env_vars" in r["applied"], r
+        status, body = http("GET", f"{agent.envd_url}/envs")
+        assert status == 200, body  # a non-secure sandbox: no token any more
+        envs = json.loads(body)
+        assert envs["A_VAR"] == "at-create" and envs["E2B_SANDBOX_ID"] == "isbxjoin"
+    finally:
+        port.call("personalize", entropy=_entropy(), access_token=None, env_vars={})
+
+
 def test_personalize(ctl_agent: tuple[AgentProc, Port], ctl_gateway: Gateway) -> None:
     from e2b_code_interpreter import Sandbox
 

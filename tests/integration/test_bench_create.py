@@ -124,6 +124,10 @@ def test_summarize_uses_nearest_rank_and_counts_failures() -> None:
 def test_served_by_ignores_pool_refills() -> None:
     events = [{"event": "vm restored", "vm_id": "pool123"}, {"event": "vm restored", "vm_id": "sbx1"}]
     assert served_by(events, ["sbx1", "sbx2"]) == {"pool": 1, "restore": 1, "cold": 0}
+    # a member personalized at join was restored under its sandbox's id: "sandbox ready" tells
+    joined = [{"event": "vm restored", "vm_id": "sbx3"}, {"event": "sandbox ready", "sandbox_id": "sbx3",
+                                                          "served_by": "pool"}]
+    assert served_by(joined, ["sbx3"]) == {"pool": 1, "restore": 0, "cold": 0}
 
 
 def test_plans_cold_is_small_and_sequential() -> None:

@@ -148,6 +148,54 @@ class TestHttpNodeClient(NodeClientContract):
         return http_client
 
 
+@contextlib.asynccontextmanager
+async def pooled_agent(plugin_host: Callable[..., PluginHost], cube_config_factory: Callable[..., LoadedConfig],
+                       tmp_path: Path, *, identity_at_join: bool = True) -> AsyncIterator[NodeAgent]:
+    """A node agent with a warm pool of 2 (members personalized at join, unless told not to),
+    once the pool is full."""
+    text = FAKE_CONFIG.format(state_dir=tmp_path / "state").replace(
+        "pool = { size = 0 }", f"pool = {{ size = 2, identity_at_join = {str(identity_at_join).lower()} }}")
+    store = SqliteStore(tmp_path / "cube.db")
+    node = NodeAgent(plugin_host(cube_config_factory(text)), store, token=TOKEN)
+    await node.start()
+    await node.ensure_templates(("base",))
+    try:
+        for _ in range(500):
+            if node.pool.sizes().get("base", 0) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        yield node
+    finally:
+        await node.stop()
+        store.close()
+
+
+class TestLocalNodeClientFromThePool(NodeClientContract):
+    """The contract again, launches taken from a warm pool whose members joined as their sandbox."""
+
+    @pytest.fixture
+    async def agent(self, plugin_host: Callable[..., PluginHost], cube_config_factory: Callable[..., LoadedConfig],
+                    tmp_path: Path) -> AsyncIterator[NodeAgent]:
+        async with pooled_agent(plugin_host, cube_config_factory, tmp_path) as node:
+            yield node
+
+    @pytest.fixture
+    def node_client(self, agent: NodeAgent) -> NodeClient:
+        return LocalNodeClient(agent)
+
+
+class TestHttpNodeClientFromThePool(NodeClientContract):
+    @pytest.fixture
+    async def agent(self, plugin_host: Callable[..., PluginHost], cube_config_factory: Callable[..., LoadedConfig],
+                    tmp_path: Path) -> AsyncIterator[NodeAgent]:
+        async with pooled_agent(plugin_host, cube_config_factory, tmp_path) as node:
+            yield node
+
+    @pytest.fixture
+    def node_client(self, http_client: HttpNodeClient) -> NodeClient:
+        return http_client
+
+
 # -- what only HTTP has -------------------------------------------------------------------------------
 
 
@@ -191,7 +239,7 @@ async def test_a_client_with_a_wrong_token_gets_a_node_error(agent: NodeAgent, n
 
 async def test_sandbox_traffic_goes_to_the_edge_without_the_token(agent: NodeAgent, node_url: str) -> None:
     async with HttpNodeClient(agent.node_id, node_url, TOKEN) as client:
-        endpoint = client.endpoint("sbxedge", 8080)
+        endpoint = await client.endpoint("sbxedge", 8080)
     assert endpoint.via == node_url and endpoint.port == int(node_url.rsplit(":", 1)[1])
     async with httpx.AsyncClient(base_url=node_url) as raw:
         resp = await raw.post("/some/path", headers=dict(endpoint.headers), content=b"payload")
@@ -212,9 +260,9 @@ async def test_without_an_edge_sandbox_traffic_is_501(agent: NodeAgent) -> None:
     assert api.status_code == 200
 
 
-def test_the_edge_resolver_names_the_guest(agent: NodeAgent) -> None:
+async def test_the_edge_resolver_names_the_guest(agent: NodeAgent) -> None:
     with pytest.raises(SandboxNotFoundError):
-        edge_resolver(agent)("sbxnotthere", 80)
+        await edge_resolver(agent)("sbxnotthere", 80)
 
 
 def test_an_empty_token_is_refused(agent: NodeAgent) -> None:

@@ -28,7 +28,7 @@ class Remote:
         self.node_id = node.node_id
         self.url = node.url
 
-    def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
+    async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
         return Endpoint(host="node", port=port, via=self.url)
 
 

@@ -3,11 +3,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from cube_core._host import PluginHost
 from cube_core.config import LoadedConfig
 from cube_core.embedded import Embedded
-from cube_core.models import SandboxSpec
+from cube_core.errors import CubeError, GuestProtocolError, SandboxFailedError
+from cube_core.models import SandboxSpec, VmHandle
+from cube_core.node import NodeAgent
 from cube_core.pool import POOL_TEAM
 from cube_core.state import SandboxState
 from cube_core.store import SqliteStore
@@ -45,6 +50,8 @@ async def test_pool_fills_serves_and_refills(cube_config_factory: Callable[..., 
         assert agent.pool.hits == 1
         vm_id = sb.runtime.vm.vm_id
         assert vm_id in {m.sandbox_id for m in members}  # the sandbox runs in a pool member's VM
+        assert sb.sandbox_id == vm_id  # a member joined as its sandbox: the id is the member's
+        await agent.until_applied(sb.sandbox_id)  # what the edge waits for before the first request
         assert agent.vmm.vms[vm_id]["running"] and agent.vmm.vms[vm_id]["env"] == {"X": "1"}
         await _wait_for(lambda: agent.pool.sizes() == {"base": 2})  # refilled
 
@@ -87,5 +94,100 @@ async def test_pool_warm_up_can_be_turned_off(cube_config_factory: Callable[...,
         await agent.ensure_templates(("base",))
         await _wait_for(lambda: agent.pool.sizes() == {"base": 1})
         assert not [op for op, _ in agent.vmm.calls if op == "warm_up"]
+    finally:
+        await cube.stop()
+
+
+class Gate:
+    """The fake guest's ``apply`` waits until ``open`` is set (or fails with ``error``): what a
+    slow guest under emulation does to the create message the node sent without waiting."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.open = asyncio.Event()
+        self.error: CubeError | None = None
+        self.applied: list[dict[str, Any]] = []
+        inner = agent.vmm.guest_call
+
+        async def guest_call(vm: VmHandle, op: str, params: dict[str, Any] | None = None, *,
+                             timeout: float = 10.0) -> dict[str, Any]:
+            if op == "apply":
+                await self.open.wait()
+                if self.error is not None:
+                    raise self.error
+                self.applied.append(dict(params or {}))
+            return await inner(vm, op, params, timeout=timeout)
+
+        agent.vmm.guest_call = guest_call  # type: ignore[method-assign]
+
+
+async def _pooled_cube(factory: Callable[..., LoadedConfig], tmp_path: Path, *,
+                       identity_at_join: bool = True) -> Embedded:
+    cfg = factory()
+    text = cfg.text.replace("pool = { size = 0 }",
+                            f"pool = {{ size = 2, identity_at_join = {str(identity_at_join).lower()} }}")
+    cube = Embedded(PluginHost(factory(text)).load(), SqliteStore(tmp_path / "db"))
+    await cube.start()
+    await cube.agent.ensure_templates(("base",))
+    await _wait_for(lambda: cube.agent.pool.sizes() == {"base": 2})
+    return cube
+
+
+async def test_the_first_request_waits_until_the_guest_applied_the_create(
+        cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path) -> None:
+    cube = await _pooled_cube(cube_config_factory, tmp_path)
+    service, agent = cube.service, cube.agent
+    gate = Gate(agent)
+    try:
+        members = {m.sandbox_id: m for m in service.store.list_sandboxes(team_id=POOL_TEAM)}
+        sb = await service.create(SandboxSpec(template_id="base", team_id="t", env_vars={"X": "1"}, secure=True))
+        # created (201) before the guest answered: under the member's id and with its token
+        assert sb.sandbox_id in members and sb.envd_access_token == members[sb.sandbox_id].envd_access_token
+        assert [s.sandbox_id for s in service.store.list_sandboxes(team_id="t")] == [sb.sandbox_id]
+        first = asyncio.create_task(service.endpoint(sb.sandbox_id, 49983))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not first.done() and gate.applied == []  # the edge holds it
+        gate.open.set()
+        record, endpoint = await first
+        assert endpoint.host and record.sandbox_id == sb.sandbox_id
+        assert agent.vmm.vms[sb.sandbox_id]["env"] == {"X": "1"}  # applied before the request went
+        assert gate.applied[0]["keep_token"] is True and isinstance(gate.applied[0]["clock_ns"], int)
+        plain = await service.create(SandboxSpec(template_id="base", team_id="t"))
+        await service.endpoint(plain.sandbox_id, 49983)
+        assert plain.envd_access_token is None and gate.applied[1]["keep_token"] is False  # token cleared
+    finally:
+        await cube.stop()
+
+
+async def test_a_guest_that_does_not_apply_the_create_is_failed(
+        cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path) -> None:
+    cube = await _pooled_cube(cube_config_factory, tmp_path)
+    service, agent = cube.service, cube.agent
+    gate = Gate(agent)
+    gate.error = GuestProtocolError(vm_id="x", reason="invalid apply reply")
+    try:
+        sb = await service.create(SandboxSpec(template_id="base", team_id="t"))
+        gate.open.set()
+        with pytest.raises(SandboxFailedError):
+            await service.endpoint(sb.sandbox_id, 49983)
+        await _wait_for(lambda: (r := service.store.get_sandbox(sb.sandbox_id)) is not None
+                        and r.state == SandboxState.ERROR)
+        assert sb.sandbox_id not in agent.vmm.vms  # its VM is stopped
+        with pytest.raises(SandboxFailedError):
+            service.get("t", sb.sandbox_id)
+    finally:
+        await cube.stop()
+
+
+async def test_without_identity_at_join_a_create_personalizes_the_member(
+        cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path) -> None:
+    cube = await _pooled_cube(cube_config_factory, tmp_path, identity_at_join=False)
+    service, agent = cube.service, cube.agent
+    try:
+        sb = await service.create(SandboxSpec(template_id="base", team_id="t", env_vars={"X": "1"}))
+        vm_id = sb.runtime.vm.vm_id if sb.runtime.vm else ""
+        assert vm_id.startswith("pool") and sb.sandbox_id != vm_id  # the control plane's id
+        assert [op for op, vm in agent.vmm.calls if vm == vm_id][-1] == "personalize"
+        assert agent.vmm.vms[vm_id]["env"] == {"X": "1"}  # done when create returns
     finally:
         await cube.stop()

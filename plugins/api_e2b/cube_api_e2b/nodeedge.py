@@ -13,7 +13,7 @@ the master's ``X-Forwarded-*`` are passed on as they are.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cube_core import CubeError
 from cube_core.nodeclient import Endpoint
@@ -33,7 +33,7 @@ from cube_api_e2b.proxy import (
     send_edge_error,
 )
 
-Resolve = Callable[[str, int], tuple[str, int]]
+Resolve = Callable[[str, int], Awaitable[tuple[str, int]]]
 NODE_SANDBOX_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
@@ -73,7 +73,7 @@ class NodeEdge:
         try:
             target = node_target(scope.get("headers", []))
             sandbox_id = target.sandbox_id
-            host, port = self.resolve(target.sandbox_id, target.port)
+            host, port = await self.resolve(target.sandbox_id, target.port)
         except (EdgeRequestError, CubeError) as exc:
             status, message = (400, str(exc)) if isinstance(exc, EdgeRequestError) else edge_error_for(exc)
             metrics.labels(kind, str(status)).inc()

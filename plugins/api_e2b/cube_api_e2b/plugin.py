@@ -94,7 +94,7 @@ class E2bApiPlugin:
         log.debug("warm pool: envd reached", sandbox_id=sandbox_id, status=reply.status_code)
 
     @hookimpl
-    def cube_node_edge(self, resolve: Callable[[str, int], tuple[str, int]]) -> ASGIApp:
+    def cube_node_edge(self, resolve: Callable[[str, int], Awaitable[tuple[str, int]]]) -> ASGIApp:
         """``cube node``: forward what the masters' edges send to this node's guests (nodeedge.py)."""
         self.node_edge = NodeEdge(Forwarder(self.config, self.metrics), resolve)
         return self.node_edge

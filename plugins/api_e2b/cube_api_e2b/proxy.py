@@ -528,10 +528,11 @@ class EdgeProxy:
     async def aclose(self) -> None:
         await self.forwarder.aclose()
 
-    def _resolve(self, target: Target, scope: Scope) -> tuple[Endpoint | None, int, str]:
-        """(endpoint, 0, "") where to go, or (None, status, message): an error to answer."""
+    async def _resolve(self, target: Target, scope: Scope) -> tuple[Endpoint | None, int, str]:
+        """(endpoint, 0, "") where to go, or (None, status, message): an error to answer. A
+        sandbox just created from the warm pool answers once its guest applied the create."""
         try:
-            sb, endpoint = self.ctx.service.endpoint(target.sandbox_id, target.port)
+            sb, endpoint = await self.ctx.service.endpoint(target.sandbox_id, target.port)
         except CubeError as exc:
             status, message = edge_error_for(exc)
             return None, status, message
@@ -554,7 +555,7 @@ class EdgeProxy:
         return endpoint, 0, ""
 
     async def http(self, target: Target, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint, status, message = self._resolve(target, scope)
+        endpoint, status, message = await self._resolve(target, scope)
         if endpoint is None:
             self.ctx.metrics.edge_requests.labels("http", str(status)).inc()
             await send_edge_error(send, status, message, target.sandbox_id)
@@ -565,7 +566,7 @@ class EdgeProxy:
         first = await receive()
         if first["type"] != "websocket.connect":
             return
-        endpoint, status, message = self._resolve(target, {**scope, "method": "GET"})
+        endpoint, status, message = await self._resolve(target, {**scope, "method": "GET"})
         if endpoint is None:
             self.ctx.metrics.edge_requests.labels("websocket", str(status)).inc()
             await deny_websocket(scope, send, status, message, target.sandbox_id)

@@ -46,7 +46,7 @@ async def sample(ctx: E2bContext, sb: Sandbox) -> SandboxMetricOut | None:
     if sb.state != SandboxState.RUNNING:
         return None
     try:
-        _, endpoint = ctx.service.endpoint(sb.sandbox_id, ctx.config.envd_port)
+        _, endpoint = await ctx.service.endpoint(sb.sandbox_id, ctx.config.envd_port)
     except CubeError:
         return None
     headers = endpoint_headers(endpoint)  # via a node: its edge forwards to the guest

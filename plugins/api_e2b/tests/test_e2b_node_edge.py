@@ -13,7 +13,7 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,8 @@ class Gate:
 
 
 @contextlib.asynccontextmanager
-async def node(config: E2bConfig, resolve: Callable[[str, int], tuple[str, int]]) -> AsyncIterator[tuple[Gate, int]]:
+async def node(config: E2bConfig,
+               resolve: Callable[[str, int], Awaitable[tuple[str, int]]]) -> AsyncIterator[tuple[Gate, int]]:
     """The plugin's node edge (through the hook implementation) behind a gate, served on loopback."""
     plugin = E2bApiPlugin(config)
     gate = Gate(plugin.cube_node_edge(resolve))
@@ -83,10 +84,11 @@ async def node(config: E2bConfig, resolve: Callable[[str, int], tuple[str, int]]
             await plugin.node_edge.forwarder.aclose()
 
 
-def guest_resolver(guest_port: int, known: tuple[str, ...] = (SID,)) -> Callable[[str, int], tuple[str, int]]:
+def guest_resolver(guest_port: int,
+                   known: tuple[str, ...] = (SID,)) -> Callable[[str, int], Awaitable[tuple[str, int]]]:
     """What ``cube node`` passes: the guest's address; port P of the guest is 127.0.0.1:P here."""
 
-    def resolve(sandbox_id: str, port: int) -> tuple[str, int]:
+    async def resolve(sandbox_id: str, port: int) -> tuple[str, int]:
         if sandbox_id not in known:
             raise SandboxNotFoundError(sandbox_id=sandbox_id)
         return "127.0.0.1", port
@@ -204,7 +206,7 @@ class Plane:
             "sandbox_id": SID, "template_id": "base", "team_id": "team-a", "state": SandboxState.RUNNING,
             "started_at": now, "end_at": now + timedelta(minutes=5), "envd_access_token": "envd-tok"})
 
-    def endpoint(self, sandbox_id: str, port: int) -> tuple[Sandbox, Endpoint]:
+    async def endpoint(self, sandbox_id: str, port: int) -> tuple[Sandbox, Endpoint]:
         if self.failure is not None:
             raise self.failure
         if sandbox_id not in (SID, "gone"):
@@ -337,7 +339,11 @@ async def test_direct_endpoint_still_goes_to_the_guest(guest: tuple[Upstream, in
     """``via`` None (``cube serve``): straight to host:port, no cluster header at all."""
     up, guest_port = guest
     plane = Plane(tmp_path, "")
-    plane.endpoint = lambda sandbox_id, port: (plane.sandbox, Endpoint(host="127.0.0.1", port=port))  # type: ignore[method-assign]
+
+    async def direct(sandbox_id: str, port: int) -> tuple[Sandbox, Endpoint]:
+        return plane.sandbox, Endpoint(host="127.0.0.1", port=port)
+
+    plane.endpoint = direct  # type: ignore[method-assign]
     async with master(plane, E2bConfig()) as (_, port), \
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=WAIT) as client:
         r = await client.get("/headers", headers=to(SID, guest_port, **{"x-cube-cluster-token": "forged"}))

@@ -104,7 +104,7 @@ class Double:
         self.calls.append(("set_timeout", sandbox_id, timeout_s))
         return self.get(team_id, sandbox_id)
 
-    def endpoint(self, sandbox_id: str, port: int) -> tuple[Sandbox, Endpoint]:
+    async def endpoint(self, sandbox_id: str, port: int) -> tuple[Sandbox, Endpoint]:
         raise SandboxNotFoundError(sandbox_id=sandbox_id)
 
     async def update_network(self, team_id: str, sandbox_id: str, policy: NetworkPolicy) -> Sandbox:

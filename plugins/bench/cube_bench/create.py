@@ -65,7 +65,10 @@ MODES: tuple[str, ...] = ("pool_hit", "pool_miss", "cold")
 NOJAIL_MODES: tuple[str, ...] = ("pool_hit_nojail", "pool_miss_nojail")
 """The same as ``pool_hit``/``pool_miss`` with ``[vmm.options] jail = false``: the cost of the
 QEMU jail (uid, namespaces, pivot_root) is ``pool_miss`` against ``pool_miss_nojail``."""
-ALL_MODES: tuple[str, ...] = MODES + NOJAIL_MODES
+LATE_IDENTITY_MODES: tuple[str, ...] = ("pool_hit_personalize_at_create",)
+"""``pool_hit`` with ``[core] pool = { identity_at_join = false }``: the old create path, which
+personalizes the member fully (id, token, hostname, machine-id, RNG, clock, env) and waits for it."""
+ALL_MODES: tuple[str, ...] = MODES + NOJAIL_MODES + LATE_IDENTITY_MODES
 TARGETS: dict[str, float] = {"create_ms_p50": 25.0, "create_ms_p95_at_max_c": 150.0,
                              "first_cmd_ms_p50": 80.0, "idle_mib_per_sandbox": 12.0}
 """Issue 5's goals for a pool hit on a 2-core box under TCG."""
@@ -85,6 +88,7 @@ class ModePlan:
     boot_mode: str = "snapshot"
     note: str = ""
     jail: bool = True
+    identity_at_join: bool = True
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,9 @@ def plans(opts: Options) -> list[ModePlan]:
                                     note="pool_hit with [vmm.options] jail = false"),
         "pool_miss_nojail": ModePlan("pool_miss_nojail", opts.concurrency, opts.n, idle_n, pool_size=0,
                                      jail=False, note="pool_miss with [vmm.options] jail = false"),
+        "pool_hit_personalize_at_create": ModePlan(
+            "pool_hit_personalize_at_create", opts.concurrency, opts.n, idle_n, pool_size=max(opts.concurrency),
+            identity_at_join=False, note="pool_hit with [core] pool.identity_at_join = false (the old path)"),
     }
     return [every[m] for m in ALL_MODES if m in opts.modes]
 
@@ -214,7 +221,7 @@ host = "127.0.0.1"
 port = {port}
 admin_port = {admin_port}
 templates = ["{template}"]
-pool = {{ size = {pool_size}, max_memory_mb = {pool_memory_mb} }}
+pool = {{ size = {pool_size}, max_memory_mb = {pool_memory_mb}, identity_at_join = {identity_at_join} }}
 boot_mode = "{boot_mode}"
 max_sandboxes = {max_sandboxes}
 
@@ -280,7 +287,7 @@ def local_server(plan: ModePlan, state: Path, credentials: Credentials, *, templ
     config.write_text(SERVER_CONFIG.format(
         state=state, port=port, admin_port=admin_port, template=template, pool_size=plan.pool_size,
         pool_memory_mb=pool_memory_mb, boot_mode=plan.boot_mode, mem_dir=mem_dir,
-        jail="true" if plan.jail else "false",
+        jail="true" if plan.jail else "false", identity_at_join="true" if plan.identity_at_join else "false",
         max_sandboxes=max(200, plan.idle_n + plan.pool_size + max(plan.concurrency) + 10)))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log_file:
@@ -337,10 +344,13 @@ def serve_log_events(path: Path | None) -> list[dict[str, Any]]:
 
 def served_by(events: list[dict[str, Any]], sandbox_ids: list[str]) -> dict[str, int]:
     """How each sandbox's VM came up: ``cold`` (booted for it), ``restore`` (restored for it) or
-    ``pool`` (neither: it took a warm-pool member, whose VM carries the member's id)."""
+    ``pool`` (it took a warm-pool member: its ``sandbox ready`` line says so; a member personalized
+    at join was restored under its sandbox's id, one that was not carries the member's own id)."""
+    pooled = {e.get("sandbox_id") for e in events if e.get("event") == "sandbox ready" and e.get("served_by") == "pool"}
     booted = {e.get("vm_id") for e in events if e.get("event") == "vm booting"}
     restored = {e.get("vm_id") for e in events if e.get("event") == "vm restored"}
-    counts = Counter("cold" if s in booted else "restore" if s in restored else "pool" for s in sandbox_ids)
+    counts = Counter("pool" if s in pooled else "cold" if s in booted else "restore" if s in restored else "pool"
+                     for s in sandbox_ids)
     return {k: counts.get(k, 0) for k in ("pool", "restore", "cold")}
 
 
@@ -710,7 +720,8 @@ def ratios(modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Slower mode over faster mode, per metric at concurrency 1 (cold runs only there), and
     pool miss over pool hit at every concurrency both ran."""
     pairs = (("pool_miss", "pool_hit"), ("cold", "pool_hit"), ("cold", "pool_miss"),
-             ("pool_miss", "pool_miss_nojail"), ("pool_hit", "pool_hit_nojail"))
+             ("pool_miss", "pool_miss_nojail"), ("pool_hit", "pool_hit_nojail"),
+             ("pool_hit_personalize_at_create", "pool_hit"))
     out: dict[str, Any] = {}
     for metric in ("create_ms_p50", "create_ms_p95", "first_cmd_ms_p50", "first_cmd_ms_p95", "restore_ms_p50"):
         for slow, fast in pairs:
