@@ -98,3 +98,30 @@ def test_smaps_breakdown_of_this_process_adds_up() -> None:
     rss = sum(p["Rss"] for name, p in parts.items() if name != "page_tables")
     assert abs(rss - rollup["Rss"]) <= rollup["Rss"] * 0.05  # read a moment apart
     assert parts["binary_libs"]["Rss"] > 0 and parts["page_tables"]["Rss"] > 0
+
+
+def test_cli_refuses_bad_options_before_starting_anything() -> None:
+    import subprocess
+    import sys
+
+    cube = str(Path(sys.executable).with_name("cube"))
+    for args in (["--vmm", "tb_size_mb"], ["--ksm", "maybe"]):
+        proc = subprocess.run([cube, "bench", "density", *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert args[0] in proc.stderr
+
+
+def test_server_config_carries_the_vmm_options_and_pool() -> None:
+    import tomllib
+
+    from cube_bench.density import _server_config
+
+    opts = Options(max_sandboxes=30, pool_size=2, pool_warm_up=False, vmm_options={"tb_size_mb": 8, "mem_merge": False})
+    config = tomllib.loads(_server_config(opts, Path("/s"), 1, 2, Path("/dev/shm/m")))
+    assert config["vmm"]["options"] == {"run_dir": "/s/vms", "mem_dir": "/dev/shm/m", "tb_size_mb": 8,
+                                        "mem_merge": False}
+    assert config["core"]["pool"]["size"] == 2 and config["core"]["pool"]["warm_up"] is False
+    assert config["core"]["max_sandboxes"] == 42
+    from cube_vmm_kvm import KvmConfig
+
+    assert KvmConfig.model_validate(config["vmm"]["options"]).mem_merge is False
