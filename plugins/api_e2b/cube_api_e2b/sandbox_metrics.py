@@ -1,7 +1,6 @@
-"""Sandbox metrics, read from envd's own ``GET /metrics`` inside the guest (as upstream's orchestrator does).
-
-Only the current sample exists: Cube keeps no metrics history yet, so a time window that does not
-include "now" is empty.
+"""A sandbox's current metrics, read from envd's own ``GET /metrics`` inside the guest (as upstream's
+orchestrator does): what ``/sandboxes/{id}/metrics`` answers for a running sandbox the node has not
+sampled yet (the history comes from the node's samples: ``cube_core.sampling``).
 """
 
 from __future__ import annotations

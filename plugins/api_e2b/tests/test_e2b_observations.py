@@ -64,7 +64,7 @@ async def test_metrics_history_window_and_latest(cube: Cube, openapi: Any) -> No
 
     t0 = int(datetime.now(UTC).timestamp()) - 100
     cube.service.store.add_metric_samples(
-        [sample(sid, team, datetime.fromtimestamp(t0 + 10 * i, UTC), float(i)) for i in range(5)])
+        [sample(sid, team, datetime.fromtimestamp(t0 + 10 * i + 0.75, UTC), float(i)) for i in range(5)])
     r = await cube.client.get(f"/sandboxes/{sid}/metrics", params={"start": t0 + 10, "end": t0 + 30}, headers=h)
     openapi.check("GET", "/sandboxes/{sandboxID}/metrics", r)
     assert [(x["timestampUnix"], x["cpuUsedPct"]) for x in r.json()] == [(t0 + 10, 1), (t0 + 20, 2), (t0 + 30, 3)]

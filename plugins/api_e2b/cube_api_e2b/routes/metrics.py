@@ -4,7 +4,7 @@ yet (created a moment ago) answers its current sample, read from its envd (sandb
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from cube_core import CubeError
@@ -31,6 +31,12 @@ def metric_out(m: MetricSample) -> SandboxMetricOut:
 
 def when(unix: int | None) -> datetime | None:
     return datetime.fromtimestamp(unix, UTC) if unix is not None else None
+
+
+def until(unix: int | None) -> datetime | None:
+    """The end of second ``unix``: a sample taken at 12:00:05.7 is reported as 12:00:05, so ``end``
+    12:00:05 includes it."""
+    return datetime.fromtimestamp(unix + 1, UTC) - timedelta(microseconds=1) if unix is not None else None
 
 
 @router.get("/sandboxes/metrics", response_model=SandboxesWithMetricsOut, responses=errors(400, 500),
@@ -61,7 +67,7 @@ async def metrics_one(sandbox_id: str, team: CurrentTeam, ctx: Context, service:
                       start: Unix = None, end: Unix = None) -> list[SandboxMetricOut]:
     if start is not None and end is not None and start > end:
         raise InvalidRequestError(field="start", reason="must not be after end")
-    samples = service.sandbox_metrics(team.team_id, sandbox_id, start=when(start), end=when(end))
+    samples = service.sandbox_metrics(team.team_id, sandbox_id, start=when(start), end=until(end))
     if samples:
         return [metric_out(m) for m in samples]
     if service.latest_metrics(team.team_id, [sandbox_id]):

@@ -10,7 +10,7 @@ from cube_core.observations import TeamMetricName
 from fastapi import APIRouter, Security
 
 from cube_api_e2b.errors import ForbiddenError, InvalidRequestError
-from cube_api_e2b.routes.metrics import Unix, when
+from cube_api_e2b.routes.metrics import Unix, until, when
 from cube_api_e2b.routing import API_KEY_SCHEME, CurrentTeam, E2bRoute, Service, errors
 from cube_api_e2b.schemas import MaxTeamMetricOut, TeamMetricOut
 
@@ -31,7 +31,7 @@ async def team_metrics(team_id: str, team: CurrentTeam, service: Service, start:
     _check(team_id, team.team_id, start, end)
     return [TeamMetricOut(timestamp=p.at, timestamp_unix=int(p.at.timestamp()),
                           concurrent_sandboxes=p.concurrent_sandboxes, sandbox_start_rate=p.sandbox_start_rate)
-            for p in service.team_metrics(team.team_id, start=when(start), end=when(end))]
+            for p in service.team_metrics(team.team_id, start=when(start), end=until(end))]
 
 
 @router.get("/teams/{team_id}/metrics/max", response_model=MaxTeamMetricOut, responses=errors(400, 403, 500),
@@ -39,6 +39,6 @@ async def team_metrics(team_id: str, team: CurrentTeam, service: Service, start:
 async def team_metric_max(team_id: str, team: CurrentTeam, service: Service, metric: TeamMetricName,
                           start: Unix = None, end: Unix = None) -> MaxTeamMetricOut:
     _check(team_id, team.team_id, start, end)
-    at, value = service.team_metric_max(team.team_id, metric, start=when(start), end=when(end))
+    at, value = service.team_metric_max(team.team_id, metric, start=when(start), end=until(end))
     unix = int(at.timestamp())
     return MaxTeamMetricOut(timestamp=datetime.fromtimestamp(unix, UTC), timestamp_unix=unix, value=value)
