@@ -197,3 +197,19 @@ async def test_team_metrics_and_max(cube: Cube, openapi: Any) -> None:
         r = await cube.client.get(path, headers=cube.headers(other))
         openapi.check("GET", template, r)
         assert r.status_code == 403
+
+
+async def test_events_from_before_the_sandbox_started_are_not_its_log(cube: Cube) -> None:
+    """A warm-pool member's warm-up, or the events a snapshot carries, happened before the sandbox
+    existed: the sampler stores only what the guest logged from the sandbox's start on."""
+    key = cube.key()
+    team = cube.service.authenticate(key).team_id
+    sid = await create(cube, key)
+    vm = cube.service.get(team, sid).runtime.vm
+    events = cube.agent.vmm.vms[vm.vm_id]["events"]
+    events.append({"seq": len(events) + 1, "ts_ms": int((datetime.now(UTC) - timedelta(hours=1)).timestamp() * 1000),
+                   "level": "info", "message": "process started", "fields": {"cmd": "warm-up"}})
+    await sampler(cube).tick()
+    stored = cube.service.sandbox_logs(team, sid)
+    assert [e.message for e in stored] == ["sandbox started"]
+    assert sampler(cube).cursors[sid] == len(events)  # read past it all the same
