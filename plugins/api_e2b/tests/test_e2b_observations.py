@@ -186,6 +186,9 @@ async def test_team_metrics_and_max(cube: Cube, openapi: Any) -> None:
     openapi.check("GET", "/teams/{teamID}/metrics/max", r)
     assert r.json()["value"] > 0  # the last hour: a and b
 
+    for path in (f"/teams/{team}/metrics", f"/sandboxes/{a}/metrics"):  # the widest window there is
+        r = await cube.client.get(path, params={"start": 0, "end": 253402300799}, headers=h)
+        assert r.status_code == 200 and 1 <= len(r.json()) <= 501, r.text
     r = await cube.client.get(f"/teams/{team}/metrics/max", params={"metric": "cpu"}, headers=h)
     openapi.check("GET", "/teams/{teamID}/metrics/max", r)
     assert r.status_code == 400

@@ -36,7 +36,7 @@ def when(unix: int | None) -> datetime | None:
 def until(unix: int | None) -> datetime | None:
     """The end of second ``unix``: a sample taken at 12:00:05.7 is reported as 12:00:05, so ``end``
     12:00:05 includes it."""
-    return datetime.fromtimestamp(unix + 1, UTC) - timedelta(microseconds=1) if unix is not None else None
+    return datetime.fromtimestamp(unix, UTC) + timedelta(microseconds=999_999) if unix is not None else None
 
 
 @router.get("/sandboxes/metrics", response_model=SandboxesWithMetricsOut, responses=errors(400, 500),
