@@ -125,3 +125,37 @@ def test_server_config_carries_the_vmm_options_and_pool() -> None:
     from cube_vmm_kvm import KvmConfig
 
     assert KvmConfig.model_validate(config["vmm"]["options"]).mem_merge is False
+
+
+def test_leftover_qemus_of_this_state_are_stopped_and_no_others(tmp_path: Path) -> None:
+    """A server that died leaves its VMs running (own sessions): the bench stops those of its
+    own state directory, by pid, and no other QEMU (real QEMUs, stopped with -S, no guest)."""
+    import shutil
+    import subprocess
+    import time
+
+    import pytest
+    from cube_bench.density import _kill_leftover_qemus
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("needs qemu-system-x86_64")
+    ours, other = tmp_path / "state", tmp_path / "other"
+    procs = []
+    for state in (ours, other):
+        (state / "vms").mkdir(parents=True)
+        procs.append(subprocess.Popen(["qemu-system-x86_64", "-S", "-display", "none", "-nodefaults",
+                                       "-machine", "none", "-pidfile", str(state / "vms" / "qemu.pid")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        for state in (ours, other):
+            for _ in range(100):
+                if (state / "vms" / "qemu.pid").exists():
+                    break
+                time.sleep(0.05)
+        assert _kill_leftover_qemus(ours) == 1
+        assert procs[0].wait(timeout=30) is not None
+        assert procs[1].poll() is None
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

@@ -446,6 +446,39 @@ def run(opts: Options, note: Note) -> dict[str, Any]:
     return result
 
 
+def _kill_leftover_qemus(state: Path) -> int:
+    """Stop the QEMU processes of VMs under ``state`` that are still running (a server that died
+    leaves its VMs: they run in their own sessions); the network slots go with the next node's
+    start-up sweep, the jail uid leases once their work directories are gone."""
+    marker = f"{state}/vms/"
+    pids = [pid for pid in bench_create.qemu_processes()
+            if any(marker in arg for arg in _cmdline(pid))]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return []
+
+
 def _serve_and_measure(opts: Options, state: Path, credentials: bench_create.Credentials, stamp: str,
                        note: Note) -> dict[str, Any]:
     port, admin_port = bench_create.free_port(), bench_create.free_port()
@@ -464,6 +497,10 @@ def _serve_and_measure(opts: Options, state: Path, credentials: bench_create.Cre
         note(f"cube serve up ({url}); filling up to {opts.max_sandboxes} sandboxes")
         result = asyncio.run(measure(opts, target, mem_dir, note))
         result["serve_log"] = str(log_path)
+        if proc.poll() is not None:  # the server died under the load: that is the bound
+            tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-3:]
+            result["server_exited"] = {"code": proc.returncode, "log_tail": tail}
+            result["bound"] = f"cube serve exited ({proc.returncode}) at {result['count']} alive: {tail[-1:]}"
         return result
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -473,4 +510,7 @@ def _serve_and_measure(opts: Options, state: Path, credentials: bench_create.Cre
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        leftover = _kill_leftover_qemus(state)
+        if leftover:
+            note(f"stopped {leftover} QEMU processes the server left behind")
         shutil.rmtree(mem_dir, ignore_errors=True)
