@@ -154,8 +154,8 @@ def bench_density(
         concurrency: Annotated[int, typer.Option(help="creates at a time")] = 4,
         pool: Annotated[int, typer.Option(help="warm-pool size (0: every create restores the template; "
                                                "else every create waits for a full pool: a hit)")] = 0,
-        warm_up: Annotated[bool, typer.Option(help="[core] pool.warm_up of the server")] = True,
-        vmm: Annotated[list[str] | None, typer.Option("--vmm", help="extra [vmm.options] key=value (JSON "
+        warm_up: Annotated[bool, typer.Option(help="\\[core] pool.warm_up of the server")] = True,
+        vmm: Annotated[list[str] | None, typer.Option("--vmm", help="extra \\[vmm.options] key=value (JSON "
                                                                      "value), repeatable")] = None,
         ksm: Annotated[str, typer.Option(help="on | off | keep: /sys/kernel/mm/ksm/run for the run")] = "keep",
         probe_every: Annotated[int, typer.Option(help="probe command latency every this many sandboxes "
