@@ -323,12 +323,15 @@ class NodeAgent:
                   "keep_token": sandbox.envd_access_token is not None}
 
         async def apply() -> None:
+            sent = time.perf_counter()
             try:
-                await guest_call(self.vmm, vm, "apply", params, PersonalizeReply, timeout=APPLY_TIMEOUT_S)
+                reply = await guest_call(self.vmm, vm, "apply", params, PersonalizeReply, timeout=APPLY_TIMEOUT_S)
             except CubeError as exc:
                 log.warning("sandbox failed to apply its create message", sandbox_id=sid, error=str(exc))
                 await self._fail_unapplied(sandbox, exc)
                 raise
+            log.info("create message applied", sandbox_id=sid, ms=round((time.perf_counter() - sent) * 1000, 1),
+                     guest_ms=reply.timings_ms.get("apply"))
 
         task = asyncio.create_task(apply(), name=f"cube-apply-{sid}")
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read by waiters, or here

@@ -153,7 +153,7 @@ def plans(opts: Options) -> list[ModePlan]:
                                      jail=False, note="pool_miss with [vmm.options] jail = false"),
         "pool_hit_personalize_at_create": ModePlan(
             "pool_hit_personalize_at_create", opts.concurrency, opts.n, idle_n, pool_size=max(opts.concurrency),
-            identity_at_join=False, note="pool_hit with [core] pool.identity_at_join = false (the old path)"),
+            identity_at_join=False, note="pool_hit with pool.identity_at_join = false (the old path)"),
     }
     return [every[m] for m in ALL_MODES if m in opts.modes]
 
