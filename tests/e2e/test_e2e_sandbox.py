@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import time
 import uuid
 
@@ -63,6 +64,61 @@ def test_two_sandboxes_are_independent(e2b_env: CubeServer) -> None:
     finally:
         a.kill()
         b.kill()
+
+
+IDENTITY = (
+    "python3 -c 'import os, random, socket; print(open(\"/dev/urandom\", \"rb\").read(16).hex(), "
+    "random.getrandbits(64), open(\"/etc/machine-id\").read().strip(), socket.gethostname(), "
+    "os.environ.get(\"E2B_SANDBOX_ID\", \"\"), os.environ.get(\"FIRST\", \"\"))'"
+)
+
+
+def _served_by(server: CubeServer, sandbox_id: str) -> str:
+    """How the server started ``sandbox_id`` (its ``sandbox ready`` log line): pool or start."""
+    for line in server.log.read_text().splitlines():
+        if "sandbox ready" in line and sandbox_id in line:
+            found = re.search(r'served_by\W+(\w+)', line)
+            return found.group(1) if found else ""
+    return ""
+
+
+def test_two_sandboxes_from_one_pool_share_no_identity(e2b_env: CubeServer) -> None:
+    """Fork safety: two sandboxes taken from one warm pool (each member personalized as its
+    sandbox when it joined) share no kernel or Python RNG output, machine-id, hostname or access
+    token; and the first request right after create already sees the create's env vars (the edge
+    held it until the guest applied them)."""
+    seen: list[list[str]] = []
+    tokens: list[str | None] = []
+    sandboxes: list[Sandbox] = []
+    try:
+        for i in range(2):
+            deadline = time.monotonic() + 120
+            while True:  # the pool (one member) refills after every hit: wait for a hit
+                sbx = Sandbox.create(template="base", timeout=120, secure=True, envs={"FIRST": f"env-{i}"})
+                sandboxes.append(sbx)
+                if _served_by(e2b_env, sbx.sandbox_id) == "pool" or time.monotonic() > deadline:
+                    break
+                sbx.kill()
+                time.sleep(3)
+            assert _served_by(e2b_env, sbx.sandbox_id) == "pool"
+            out = sbx.commands.run(IDENTITY).stdout.split()  # the first request after create
+            assert len(out) == 6, out
+            assert out[3] == sbx.sandbox_id[:16] and out[4] == sbx.sandbox_id
+            assert out[5] == f"env-{i}", "the first command must see the create's env vars"
+            seen.append(out[:4])
+            tokens.append(sbx._envd_access_token)
+        (rand_a, py_a, mid_a, host_a), (rand_b, py_b, mid_b, host_b) = seen
+        assert rand_a != rand_b, "kernel RNG output shared"
+        assert py_a != py_b, "Python RNG output shared"
+        assert mid_a != mid_b and len(mid_a) == 32, "machine-id shared"
+        assert host_a != host_b
+        assert tokens[0] and tokens[1] and tokens[0] != tokens[1]
+    finally:
+        for sbx in sandboxes:
+            try:
+                sbx.kill()
+            except Exception:
+                pass
 
 
 def test_commands(sandbox: Sandbox) -> None:
