@@ -10,7 +10,7 @@ from aiohttp import web
 
 from .auth import TOKEN_HEADER
 from .envd import error_middleware
-from .kernels import ContextManager, UnsupportedLanguage, dumps_line
+from .kernels import DEFAULT_LANGUAGES, ContextManager, UnsupportedLanguage, dumps_line
 from .state import AgentState
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,17 @@ class Interpreter:
         return app
 
     async def warm(self) -> None:
-        """Start the default python context (so it is warm in the template snapshot)."""
+        """Start the default contexts upstream's server starts (python, then javascript where its
+        kernel is installed), so they are warm in the template snapshot. Only python's failure
+        raises: the others start again on first use."""
         await self.contexts.default("python")
+        for language in DEFAULT_LANGUAGES:
+            if language != "python" and language in self.contexts.available():
+                try:
+                    ctx = await self.contexts.default(language)
+                    await ctx.warm()
+                except Exception:
+                    log.exception("default %s context failed to start", language)
 
     async def _on_shutdown(self, app: web.Application) -> None:
         await self.contexts.shutdown()

@@ -1,4 +1,5 @@
-"""The ``e2b/chart`` formatter, executed inside each Python kernel (not imported by the agent).
+"""The ``e2b/chart`` and ``e2b/data`` formatters, run inside each Python kernel (not imported by
+the agent).
 
 The agent reads this file's source and runs it in the kernel as module ``_cube_charts``,
 then calls :func:`install`. Matplotlib figures get an ``e2b/chart`` MIME entry with the
@@ -164,8 +165,28 @@ def figure_to_chart(fig: Any) -> dict[str, Any] | None:
         return None
 
 
+def dataframe_to_data(df: Any) -> dict[str, Any] | None:
+    """A pandas DataFrame as upstream's ``e2b/data``: ``df.to_dict(orient="list")`` (column name
+    -> list of values), made JSON-safe (names and values that JSON lacks become strings)."""
+    import json
+    import math
+
+    def cell(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None  # NaN, inf: JSON has no such numbers
+        return value
+
+    try:
+        columns = df.to_dict(orient="list")
+        safe = {str(k): [cell(v) for v in values] for k, values in columns.items()}
+        data: dict[str, Any] = json.loads(json.dumps(safe, default=str, allow_nan=False))
+        return data
+    except Exception:
+        return None
+
+
 def install(ip: Any) -> None:
-    """Register the ``e2b/chart`` formatter on the IPython shell ``ip``."""
+    """Register the ``e2b/chart`` and ``e2b/data`` formatters on the IPython shell ``ip``."""
     if ip is None:
         return
     from IPython.core.formatters import BaseFormatter
@@ -187,8 +208,24 @@ def install(ip: Any) -> None:
                     return figure_to_chart(obj)
             return None
 
-    formatter = ChartFormatter(parent=ip.display_formatter)
-    ip.display_formatter.formatters["e2b/chart"] = formatter
+    class DataFormatter(BaseFormatter):  # type: ignore[misc]
+        """DataFrames by class name: pandas is only imported by the user's code."""
+
+        format_type = Unicode("e2b/data")  # type: ignore[no-untyped-call]
+        print_method = ObjectName("_repr_e2b_data_")  # type: ignore[no-untyped-call]
+        _return_type = (dict,)
+
+        def __call__(self, obj: Any) -> dict[str, Any] | None:
+            if not self.enabled:
+                return None
+            for cls in type(obj).__mro__:
+                if cls.__name__ == "DataFrame" and cls.__module__.startswith("pandas."):
+                    return dataframe_to_data(obj)
+            return None
+
+    ip.display_formatter.formatters["e2b/chart"] = ChartFormatter(parent=ip.display_formatter)
+    ip.display_formatter.formatters["e2b/data"] = DataFormatter(parent=ip.display_formatter)
     active = ip.display_formatter.active_types
-    if active is not None and "e2b/chart" not in active:
-        active.append("e2b/chart")
+    for mime in ("e2b/chart", "e2b/data"):
+        if active is not None and mime not in active:
+            active.append(mime)

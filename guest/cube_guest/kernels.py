@@ -1,12 +1,13 @@
-"""Code-interpreter contexts: a Jupyter kernel per python context, a bash process per bash context.
+"""Code-interpreter contexts: a Jupyter kernel per python/javascript/typescript/r context, a bash
+process per bash context.
 
-Python contexts run a real IPython kernel (ipykernel) driven through
-``jupyter_client.AsyncKernelManager``; outputs are mapped to the NDJSON lines of
-E2B_PROTOCOL.md §6. Debian packages no bash kernel, so a bash context is one
-persistent ``bash`` process: each cell is written to a file and ``source``d in that
-shell (state such as ``cd`` and variables persists), stdout/stderr stream back, and
-a sentinel line carries the exit status. A non-zero status becomes an ``error``
-line (name ``ExitCode``, value the status).
+Jupyter contexts are driven through ``jupyter_client.AsyncKernelManager``; outputs are mapped to
+the NDJSON lines of E2B_PROTOCOL.md §6. Kernels: ``python3`` (ipykernel), ``jslab`` and ``tslab``
+(npm's tslab, JavaScript and TypeScript), ``ir`` (IRkernel); a language whose kernelspec is not
+installed is refused (400). A bash context is one persistent ``bash`` process: each cell is
+written to a file and ``source``d in that shell (state such as ``cd`` and variables persists),
+stdout/stderr stream back, and a sentinel line carries the exit status. A non-zero status becomes
+an ``error`` line (name ``ExitCode``, value the status).
 
 Kernels run as root in the context's cwd, like upstream's Jupyter server.
 """
@@ -34,7 +35,10 @@ log = logging.getLogger(__name__)
 KERNEL_START_TIMEOUT_S = 600.0
 SILENT_TIMEOUT_S = 30.0
 LIVENESS_CHECK_S = 2.0
+REPLY_GRACE_S = 2.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ERROR_LINE = re.compile(r"^([A-Za-z_$][\w$]*(?:Error|Exception)): (.*)$")
+"""``TypeError: x is not a function``: what node prints for an uncaught exception."""
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 Line = dict[str, Any]
@@ -44,15 +48,35 @@ class UnsupportedLanguage(ValueError):
     pass
 
 
+ALIASES = {
+    "python": "python", "python3": "python", "py": "python",
+    "bash": "bash", "sh": "bash", "shell": "bash",
+    "javascript": "javascript", "js": "javascript", "node": "javascript",
+    "typescript": "typescript", "ts": "typescript",
+    "r": "r",
+    "java": "java",
+}
+KERNEL_NAMES = {"python": "python3", "javascript": "jslab", "typescript": "tslab", "r": "ir",
+                "java": "java"}
+"""Language -> Jupyter kernelspec name (bash runs without a kernel)."""
+DEFAULT_LANGUAGES = ("python", "javascript")
+"""The contexts a new sandbox lists, as upstream's server starts them (others: on first use)."""
+
+
 def normalize_language(language: str | None) -> str:
     lang = (language or "python").strip().lower()
-    if lang in ("python", "python3", "py"):
-        return "python"
-    if lang in ("bash", "sh", "shell"):
-        return "bash"
-    raise UnsupportedLanguage(
-        f"language '{language}' is not supported by this sandbox (python and bash are)"
-    )
+    if lang not in ALIASES:
+        raise UnsupportedLanguage(f"language '{language}' is not supported by this sandbox")
+    return ALIASES[lang]
+
+
+def installed_kernels() -> set[str]:
+    """Names of the Jupyter kernelspecs this system has."""
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+    except ImportError:
+        return set()
+    return set(KernelSpecManager().find_kernel_specs())  # type: ignore[no-untyped-call]
 
 
 def now_iso() -> str:
@@ -184,6 +208,9 @@ class Context(ABC):
     @abstractmethod
     async def reseed(self) -> None: ...
 
+    async def warm(self) -> None:  # noqa: B027 - optional hook: most contexts need nothing
+        """Do what makes the first real cell fast (run before the template snapshot)."""
+
 
 # --- python (Jupyter) -------------------------------------------------------------
 
@@ -240,8 +267,95 @@ del __cube_os, __cube_k, __cube_v, __cube_saved_env
 """
 
 
-class PythonContext(Context):
-    language = "python"
+def _json(value: object) -> str:
+    """A JSON literal: also a valid JavaScript/TypeScript expression, and for ASCII-escaped
+    strings a valid R string literal."""
+    return json.dumps(value, ensure_ascii=True)
+
+
+def node_env_code(values: dict[str, str]) -> str:
+    return f"void Object.assign(process.env, JSON.parse({_json(_json(values))}));"
+
+
+def node_env_push_code(values: dict[str, str]) -> str:
+    keys = _json(list(values))
+    return (
+        f"process.env.__CUBE_SAVED_ENV = JSON.stringify({keys}"
+        ".map(function (k) { return [k, k in process.env ? process.env[k] : null]; }));\n"
+        f"void Object.assign(process.env, JSON.parse({_json(_json(values))}));"
+    )
+
+
+NODE_ENV_POP_CODE = """\
+for (const [k, v] of JSON.parse(process.env.__CUBE_SAVED_ENV || "[]")) {
+  if (v === null) { delete process.env[k]; } else { process.env[k] = v; }
+}
+delete process.env.__CUBE_SAVED_ENV;
+"""
+
+
+def _r_args(values: dict[str, str]) -> str:
+    return ", ".join(f"{_json(k)} = {_json(v)}" for k, v in values.items())
+
+
+def r_env_code(values: dict[str, str]) -> str:
+    return f"invisible(Sys.setenv({_r_args(values)}))"
+
+
+def r_env_push_code(values: dict[str, str]) -> str:
+    keys = ", ".join(_json(k) for k in values)
+    return (f".cube_saved_env <- Sys.getenv(c({keys}), unset = NA, names = TRUE)\n"
+            f"invisible(Sys.setenv({_r_args(values)}))")
+
+
+R_ENV_POP_CODE = """\
+local({
+  for (k in names(.cube_saved_env)) {
+    v <- .cube_saved_env[[k]]
+    if (is.na(v)) Sys.unsetenv(k) else do.call(Sys.setenv, stats::setNames(list(v), k))
+  }
+})
+rm(.cube_saved_env)
+"""
+
+
+
+class Turn:
+    """What one execution's messages said so far."""
+
+    def __init__(self) -> None:
+        self.idle = False
+        self.reply: dict[str, Any] | None = None
+        self.counted = False
+        self.errored = False
+        self.stderr: list[str] = []
+
+    def finish(self, job: Execution) -> bool:
+        """Emit what only the shell reply told (count; an error the kernel printed to stderr
+        instead of publishing it, as tslab does). True if the execution failed."""
+        reply = self.reply or {}
+        if not self.counted and isinstance(reply.get("execution_count"), int):
+            job.emit({"type": "number_of_executions",
+                      "execution_count": reply["execution_count"]})
+        if reply.get("status") != "error":
+            return self.errored
+        if not self.errored:
+            text = "".join(self.stderr)
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            match = next(filter(None, map(_ERROR_LINE.match, lines)), None)
+            name, value = (match.group(1), match.group(2)) if match else (
+                "Error", lines[0] if lines else "the execution failed")
+            job.emit({"type": "error", "name": reply.get("ename") or name,
+                      "value": reply.get("evalue") or value, "traceback": text})
+        return True
+
+
+class JupyterContext(Context):
+    """A context backed by a Jupyter kernel; subclasses give the language's glue code."""
+
+    kernel_name: str
+    error_pause_s = 0.0
+    """Wait this long after a failed execution (tslab drops requests that come within 200 ms)."""
 
     def __init__(self, state: AgentState, cwd: str) -> None:
         super().__init__(state, cwd)
@@ -254,9 +368,8 @@ class PythonContext(Context):
         from jupyter_client.manager import AsyncKernelManager
 
         env = self.kernel_env()
-        env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-        env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
-        self.km = AsyncKernelManager(kernel_name="python3")  # type: ignore[no-untyped-call]
+        env.update(self.extra_env())
+        self.km = AsyncKernelManager(kernel_name=self.kernel_name)  # type: ignore[no-untyped-call]
         await self.km.start_kernel(cwd=self.cwd, env=env)
         await self._connect()
 
@@ -268,8 +381,42 @@ class PythonContext(Context):
             asyncio.get_running_loop().create_task(self._route_iopub()),
             asyncio.get_running_loop().create_task(self._drain_shell()),
         ]
-        await self.silent(SETUP_CODE.format(src=_charts_source()))
+        setup = self.setup_code()
+        if setup:
+            await self.silent(setup)
         self.env_generation = self.state.env_generation
+
+    def extra_env(self) -> dict[str, str]:
+        return {}
+
+    def setup_code(self) -> str | None:
+        """Run silently once the kernel is up (and after each restart)."""
+        return None
+
+    @abstractmethod
+    def env_code(self, values: dict[str, str]) -> str:
+        """Set these environment variables in the kernel's process."""
+
+    @abstractmethod
+    def env_push_code(self, values: dict[str, str]) -> str:
+        """Set these variables, remembering the previous values for :meth:`env_pop_code`."""
+
+    @abstractmethod
+    def env_pop_code(self) -> str:
+        """Restore what :meth:`env_push_code` changed."""
+
+    def reseed_code(self) -> str | None:
+        """Reseed the language's random generator from fresh entropy (None: it cannot be)."""
+        return None
+
+    def warm_code(self) -> str | None:
+        """A cell that loads what every real cell needs (run once, before the snapshot)."""
+        return None
+
+    async def warm(self) -> None:
+        code = self.warm_code()
+        if code:
+            await self.silent(code, timeout=KERNEL_START_TIMEOUT_S)
 
     async def _route_iopub(self) -> None:
         while True:
@@ -287,13 +434,20 @@ class PythonContext(Context):
                 queue.put_nowait(msg)
 
     async def _drain_shell(self) -> None:
+        """Shell replies go to the execution they answer (``execute_reply`` carries the status
+        and count of kernels that publish no ``error``/``execute_input``, such as tslab)."""
         while True:
             try:
-                await self.kc.get_shell_msg()
+                msg = await self.kc.get_shell_msg()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 await asyncio.sleep(0.5)
+                continue
+            parent = (msg.get("parent_header") or {}).get("msg_id")
+            queue = self._listeners.get(parent) if parent else None
+            if queue is not None:
+                queue.put_nowait(msg)
 
     def _send(self, code: str, *, silent: bool) -> tuple[str, asyncio.Queue[dict[str, Any]]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -321,18 +475,22 @@ class PythonContext(Context):
         if self.env_generation != self.state.env_generation:
             self.env_generation = self.state.env_generation
             if self.state.env_vars:
-                await self.silent(_env_code(self.state.env_vars))
+                await self.silent(self.env_code(self.state.env_vars))
 
     async def run(self, job: Execution) -> None:
         await self._sync_env()
         if job.env_vars:
-            await self.silent(_env_push_code(job.env_vars))
+            await self.silent(self.env_push_code(job.env_vars))
         msg_id, queue = self._send(job.code, silent=False)
+        turn = Turn()
         try:
             while True:
+                wait = REPLY_GRACE_S if turn.idle else LIVENESS_CHECK_S
                 try:
-                    msg = await asyncio.wait_for(queue.get(), LIVENESS_CHECK_S)
+                    msg = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:
+                    if turn.idle:
+                        break  # idle came, the reply did not: do without it
                     if not await self.km.is_alive():
                         job.emit({"type": "error", "name": "DeadKernelError",
                                   "value": "the kernel died during the execution",
@@ -340,20 +498,27 @@ class PythonContext(Context):
                         await self.restart()
                         return
                     continue
-                if self._handle(job, msg):
+                if self._handle(job, msg, turn):
                     break
         finally:
             self._listeners.pop(msg_id, None)
+        failed = turn.finish(job)
+        if failed and self.error_pause_s:
+            await asyncio.sleep(self.error_pause_s)
         if job.env_vars:
-            await self.silent(ENV_POP_CODE)
+            await self.silent(self.env_pop_code())
 
-    def _handle(self, job: Execution, msg: dict[str, Any]) -> bool:
-        """Map one iopub message; True when the execution is over."""
+    def _handle(self, job: Execution, msg: dict[str, Any], turn: Turn) -> bool:
+        """Map one iopub message (or the shell reply); True when the execution is over."""
         mtype = msg["msg_type"]
         content = msg.get("content") or {}
         if mtype == "execute_input":
+            turn.counted = True
             job.emit({"type": "number_of_executions",
                       "execution_count": content.get("execution_count")})
+        elif mtype == "execute_reply":
+            turn.reply = content
+            return turn.idle
         elif mtype == "stream":
             name = content.get("name")
             if name in ("stdout", "stderr"):
@@ -361,12 +526,16 @@ class PythonContext(Context):
                 stamp = (
                     date.isoformat() if isinstance(date, dt.datetime) else str(date or now_iso())
                 )
-                job.emit({"type": name, "text": content.get("text", ""), "timestamp": stamp})
+                text = content.get("text", "")
+                if name == "stderr":
+                    turn.stderr.append(text)
+                job.emit({"type": name, "text": text, "timestamp": stamp})
         elif mtype == "execute_result":
             job.emit(result_line(content.get("data") or {}, True))
         elif mtype == "display_data":
             job.emit(result_line(content.get("data") or {}, False))
         elif mtype == "error":
+            turn.errored = True
             job.emit({
                 "type": "error",
                 "name": content.get("ename", ""),
@@ -374,7 +543,8 @@ class PythonContext(Context):
                 "traceback": "\n".join(content.get("traceback") or []),
             })
         elif mtype == "status" and content.get("execution_state") == "idle":
-            return True
+            turn.idle = True
+            return turn.reply is not None or bool(content.get("cube_restart"))
         return False
 
     async def interrupt(self) -> None:
@@ -385,7 +555,8 @@ class PythonContext(Context):
             self.current.emit({"type": "error", "name": "ContextRestarted",
                                "value": "the context was restarted", "traceback": ""})
         for queue in self._listeners.values():  # end whatever is waiting for the old kernel
-            queue.put_nowait({"msg_type": "status", "content": {"execution_state": "idle"}})
+            queue.put_nowait({"msg_type": "status",
+                              "content": {"execution_state": "idle", "cube_restart": True}})
         for task in self._tasks:
             task.cancel()
         self._tasks = []
@@ -406,7 +577,81 @@ class PythonContext(Context):
                 await self.km.shutdown_kernel(now=True)
 
     async def reseed(self) -> None:
-        await self.silent(RESEED_CODE, timeout=5.0)
+        code = self.reseed_code()
+        if code:
+            await self.silent(code, timeout=5.0)
+
+
+class PythonContext(JupyterContext):
+    language = "python"
+    kernel_name = "python3"
+
+    def extra_env(self) -> dict[str, str]:
+        env = {"PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+        if "MPLBACKEND" not in self.state.env_vars and "MPLBACKEND" not in os.environ:
+            env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+        return env
+
+    def setup_code(self) -> str:
+        return SETUP_CODE.format(src=_charts_source())
+
+    def env_code(self, values: dict[str, str]) -> str:
+        return _env_code(values)
+
+    def env_push_code(self, values: dict[str, str]) -> str:
+        return _env_push_code(values)
+
+    def env_pop_code(self) -> str:
+        return ENV_POP_CODE
+
+    def reseed_code(self) -> str:
+        return RESEED_CODE
+
+
+class NodeContext(JupyterContext):
+    """JavaScript (``jslab``) or TypeScript (``tslab``); the glue code is valid in both.
+
+    V8's ``Math.random`` cannot be reseeded, so there is no reseed code."""
+
+    def __init__(self, state: AgentState, cwd: str, language: str) -> None:
+        super().__init__(state, cwd)
+        self.language = language
+        self.kernel_name = KERNEL_NAMES[language]
+
+    error_pause_s = 0.25
+
+    def extra_env(self) -> dict[str, str]:
+        return {"NO_COLOR": "1"}
+
+    def warm_code(self) -> str:
+        # tslab type-checks every cell: the first one loads the TypeScript libs and @types/node
+        return "void process.env.HOME;"
+
+    def env_code(self, values: dict[str, str]) -> str:
+        return node_env_code(values)
+
+    def env_push_code(self, values: dict[str, str]) -> str:
+        return node_env_push_code(values)
+
+    def env_pop_code(self) -> str:
+        return NODE_ENV_POP_CODE
+
+
+class RContext(JupyterContext):
+    language = "r"
+    kernel_name = "ir"
+
+    def env_code(self, values: dict[str, str]) -> str:
+        return r_env_code(values)
+
+    def env_push_code(self, values: dict[str, str]) -> str:
+        return r_env_push_code(values)
+
+    def env_pop_code(self) -> str:
+        return R_ENV_POP_CODE
+
+    def reseed_code(self) -> str:
+        return f"set.seed({secrets.randbelow(2**31 - 1)}L)"
 
 
 # --- bash -------------------------------------------------------------------------------
@@ -556,6 +801,7 @@ class ContextManager:
         self.contexts: dict[str, Context] = {}
         self.defaults: dict[str, Context] = {}
         self._default_locks: dict[str, asyncio.Lock] = {}
+        self._available: set[str] | None = None
 
     def default_cwd(self) -> str:
         try:
@@ -563,21 +809,45 @@ class ContextManager:
         except LookupError:
             return "/"
 
-    async def create(self, language: str | None, cwd: str | None) -> Context:
+    def available(self) -> set[str]:
+        """The languages this system can run: bash, and those whose kernel is installed."""
+        if self._available is None:
+            kernels = installed_kernels()
+            self._available = {"bash"} | {
+                lang for lang, kernel in KERNEL_NAMES.items() if kernel in kernels
+            }
+        return self._available
+
+    def _check(self, language: str | None) -> str:
         lang = normalize_language(language)
+        if lang not in self.available():
+            have = ", ".join(sorted(self.available()))
+            raise UnsupportedLanguage(
+                f"language '{language}' is not installed in this sandbox (it has: {have})"
+            )
+        return lang
+
+    async def create(self, language: str | None, cwd: str | None) -> Context:
+        lang = self._check(language)
         cwd = cwd or self.default_cwd()
         ctx: Context
         if lang == "python":
             ctx = PythonContext(self.state, cwd)
-        else:
+        elif lang in ("javascript", "typescript"):
+            ctx = NodeContext(self.state, cwd, lang)
+        elif lang == "r":
+            ctx = RContext(self.state, cwd)
+        elif lang == "bash":
             ctx = BashContext(self.state, cwd, self.scratch_dir)
+        else:  # a kernelspec we have no glue code for
+            raise UnsupportedLanguage(f"language '{language}' is not supported by this sandbox")
         await ctx.start()
         self.contexts[ctx.id] = ctx
         log.info("context %s (%s) ready in %s", ctx.id, lang, cwd)
         return ctx
 
     async def default(self, language: str | None) -> Context:
-        lang = normalize_language(language)
+        lang = self._check(language)
         lock = self._default_locks.setdefault(lang, asyncio.Lock())
         async with lock:
             ctx = self.defaults.get(lang)

@@ -102,10 +102,17 @@ def test_bar_chart(ci: Any) -> None:
     assert [(e.label, e.value) for e in chart.elements] == [("a", 3.0), ("b", 5.0)]
 
 
-def test_dataframe_html(ci: Any) -> None:
-    ex = ci.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2]})")
+def test_dataframe_html_and_data(ci: Any) -> None:
+    ex = ci.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})")
     assert ex.error is None
     assert ex.results[0].html is not None and "<table" in ex.results[0].html
+    assert ex.results[0].text is not None
+    assert ex.results[0].data == {"a": [1, 2], "b": ["x", "y"]}  # upstream's e2b/data
+
+
+def test_default_contexts_listed(ci: Any) -> None:
+    languages = [c.language for c in ci.list_code_contexts()]
+    assert "python" in languages
 
 
 def test_env_vars_per_call(ci: Any) -> None:

@@ -19,6 +19,14 @@ def ci(cube_server: CubeServer):
     sbx.kill()
 
 
+def test_default_contexts_are_upstreams(ci: Sandbox) -> None:
+    """A new sandbox lists what E2B's server starts: python and javascript, in /home/user
+    (runs first: later tests add contexts to this sandbox)."""
+    contexts = ci.list_code_contexts()
+    assert sorted(c.language for c in contexts) == ["javascript", "python"]
+    assert {c.cwd for c in contexts} == {"/home/user"}
+
+
 def test_state_survives_between_calls(ci: Sandbox) -> None:
     ci.run_code("x = 20 + 1")
     execution = ci.run_code("x * 2")
@@ -59,3 +67,68 @@ async def test_async_interpreter(cube_server: CubeServer) -> None:
         assert execution.text == "45"
     finally:
         await sbx.kill()
+
+
+def test_dataframe_gives_data_text_and_html(ci: Sandbox) -> None:
+    execution = ci.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})")
+    result = execution.results[0]
+    assert result.is_main_result and result.text and "<table" in (result.html or "")
+    assert result.data == {"a": [1, 2], "b": ["x", "y"]}
+
+
+def test_javascript(ci: Sandbox) -> None:
+    """tslab prints a cell's last value (no execute_result) and reports errors on stderr."""
+    execution = ci.run_code("const a = 40;\nconsole.log('hi');\na + 2", language="javascript")
+    assert execution.error is None, execution.error
+    assert "".join(execution.logs.stdout).split() == ["hi", "42"]
+    assert ci.run_code("a * 2", language="js").logs.stdout == ["80\n"]
+    failed = ci.run_code("throw new TypeError('boom')", language="javascript")
+    assert failed.error is not None and (failed.error.name, failed.error.value) == ("TypeError", "boom")
+    shown = ci.run_code("import * as tslab from 'tslab';\ntslab.display.html('<b>js</b>')",
+                        language="javascript")
+    assert [r.html for r in shown.results] == ["<b>js</b>"]
+
+
+def test_typescript(ci: Sandbox) -> None:
+    execution = ci.run_code("const n: number = 41;\nn + 1", language="typescript")
+    assert execution.error is None and execution.logs.stdout == ["42\n"]
+    typed = ci.run_code("const s: string = 1", language="ts")
+    assert typed.error is not None and "not assignable" in typed.error.value
+
+
+def test_r(ci: Sandbox) -> None:
+    execution = ci.run_code("x <- c(1, 2, 3)\nmean(x)", language="r")
+    assert execution.error is None, execution.error
+    assert [r.text for r in execution.results] == ["[1] 2"]
+    frame = ci.run_code("data.frame(a = 1:2)", language="r")
+    assert "<table" in (frame.results[0].html or "")
+    failed = ci.run_code("stop('boom')", language="r")
+    assert failed.error is not None and "boom" in failed.error.value
+
+
+def test_bash(ci: Sandbox) -> None:
+    execution = ci.run_code("echo $((6 * 7))", language="bash")
+    assert execution.logs.stdout == ["42\n"]
+
+
+def test_java_is_refused(ci: Sandbox) -> None:
+    with pytest.raises(Exception, match="not installed"):
+        ci.run_code("1 + 1", language="java")
+
+
+@pytest.mark.parametrize("language", ["javascript", "r"])
+def test_restart_context(ci: Sandbox, language: str) -> None:
+    """Within the SDK's default request timeout, under TCG too."""
+    ctx = ci.create_code_context(language=language)
+    assign = {"javascript": "Reflect.set(globalThis, 'kept', 1)", "r": "kept <- 1"}[language]
+    probe = {"javascript": "Reflect.has(globalThis, 'kept')", "r": "exists('kept')"}[language]
+    ci.run_code(assign, context=ctx)
+    before = ci.run_code(probe, context=ctx)
+    ci.restart_code_context(ctx)
+    after = ci.run_code(probe, context=ctx)
+    if language == "javascript":
+        assert (before.logs.stdout, after.logs.stdout) == (["true\n"], ["false\n"])
+    else:
+        assert ([r.text for r in before.results], [r.text for r in after.results]) == (
+            ["[1] TRUE"], ["[1] FALSE"])
+    ci.remove_code_context(ctx)

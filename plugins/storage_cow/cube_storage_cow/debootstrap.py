@@ -29,7 +29,10 @@ INTERPRETER_PACKAGES = ("python3-ipykernel", "python3-jupyter-client", "python3-
                         "python3-numpy", "python3-pandas", "python3-zmq",
                         # satisfies python3-fonttools' "python3-scipy | python3-munkres" without
                         # scipy, whose python3-pythran drags in g++, python3-dev and boost (~600 MB)
-                        "python3-munkres")
+                        "python3-munkres",
+                        # R and JavaScript/TypeScript contexts: IRkernel, and the node that runs the
+                        # npm kernels of cube_storage_cow.jupyter_kernels
+                        "r-cran-irkernel", "nodejs")
 CACHE_FORMAT = "debootstrap-tar-1"
 """Bump when the cached tarball's content would change for the same package set."""
 APT_DIR = Path("/etc/apt")

@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 from cube_core import RootfsImage, RootfsRecipe, StorageError, TemplateBuildError
 
-from cube_storage_cow import accounts, commands, debootstrap, hostfiles, inroot, login, oci
+from cube_storage_cow import accounts, commands, debootstrap, hostfiles, inroot, jupyter_kernels, login, oci
 from cube_storage_cow.guest import GuestFiles
 from cube_storage_cow.layertar import LayerPolicy
 from cube_storage_cow.locks import exclusive, is_held
@@ -95,6 +95,8 @@ def plan(recipe: RootfsRecipe, settings: BuildSettings) -> Plan:
     if recipe.source == "debootstrap":
         packages = debootstrap.packages_for(recipe)
         source: Any = {"suite": recipe.suite, "packages": list(packages)}
+        if recipe.interpreter:
+            source["kernels"] = jupyter_kernels.fingerprint()
     else:
         if recipe.path is None:
             raise StorageError(f"source {recipe.source!r} needs a path")
@@ -197,6 +199,10 @@ def _populate(p: Plan, tree: Path, settings: BuildSettings, progress: ProgressFn
         lines.append(f"mirror {mirror}")
         debootstrap.populate(tree, suite=recipe.suite, packages=p.packages, mirror=mirror,
                              cache_dir=settings.cache, progress=progress, cancel=cancel, log_lines=lines)
+        if recipe.interpreter:
+            progress("installing the npm Jupyter kernels (JavaScript, TypeScript)", 0.62)
+            jupyter_kernels.install(tree, cache_dir=settings.cache, arch=debootstrap.host_arch(), cancel=cancel,
+                                    log_lines=lines)
     elif recipe.source == "dir":
         assert recipe.path is not None
         commands.run(["cp", "-a", "--reflink=auto", f"{recipe.path.resolve()}/.", f"{tree}/"], cancel=cancel)

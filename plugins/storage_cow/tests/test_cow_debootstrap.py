@@ -11,8 +11,9 @@ import pytest
 from cow_helpers import REPO, copy_guest, ext4_cat, ext4_ls, ext4_stat, fsck_clean
 from cube_core import RootfsRecipe
 
-from cube_storage_cow import BASE, CODE_INTERPRETER, CowConfig, CowStorage
+from cube_storage_cow import BASE, CODE_INTERPRETER, CowConfig, CowStorage, jupyter_kernels
 from cube_storage_cow.debootstrap import BASE_PACKAGES, host_mirror, packages_for
+from cube_storage_cow.rootfs import BuildSettings, plan
 
 SHARED_CACHE = Path("/var/cache/cube")
 
@@ -70,6 +71,15 @@ async def test_code_interpreter_recipe_end_to_end(tmp_path: Path):
                          "plt.savefig('/tmp/x.png'); print(numpy.arange(3).sum(), pandas.Series([1, 2]).sum())"],
                    user=True)
     assert out.split() == ["3", "3"]
+    # the other languages' kernels: IRkernel from Debian, tslab (JS + TS) from npm on Debian's node
+    specs = in_image(img, ["/usr/bin/python3", "-c", "from jupyter_client.kernelspec import find_kernel_specs; "
+                           "print(' '.join(sorted(find_kernel_specs())))"], user=True)
+    assert specs.split() == ["ir", "jslab", "python3", "tslab"]
+    assert in_image(img, ["/usr/bin/node", "/opt/cube/node/node_modules/tslab/bin/tslab", "--version"],
+                    user=True).strip()
+    assert in_image(img, ["/usr/bin/Rscript", "-e", "library(IRkernel); cat('ok')"], user=True) == "ok"
+    # tslab finds @types/node (console, process) from any cwd through its own node_modules
+    assert ext4_ls(img, "/opt/cube/node/node_modules/tslab/node_modules/@types/node")
 
 
 def _guest(tmp_path: Path) -> Path:
@@ -98,7 +108,8 @@ def in_image(image: Path, argv: list[str], *, user: bool = False) -> str:
 def test_package_sets():
     assert set(BASE_PACKAGES) <= set(packages_for(BASE))
     interp = packages_for(RootfsRecipe(name="ci", interpreter=True, packages=("vim",)))
-    assert {"python3-ipykernel", "python3-numpy", "python3-zmq", "vim", "bash"} <= set(interp)
+    assert {"python3-ipykernel", "python3-numpy", "python3-zmq", "vim", "bash", "r-cran-irkernel",
+            "nodejs"} <= set(interp)
     assert list(interp) == sorted(interp)
     with pytest.raises(Exception, match="invalid Debian package"):
         packages_for(RootfsRecipe(name="bad", packages=("foo;rm -rf /",)))
@@ -123,3 +134,14 @@ def test_mirror_comes_from_the_apt_sources(tmp_path: Path):
         host_mirror("trixie", apt)
     # and this host has one (the slow test uses it)
     assert host_mirror("bookworm").startswith(("http://", "https://", "file:/"))
+
+
+def test_npm_kernels_are_part_of_the_image_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    settings = BuildSettings(images=tmp_path / "images", work=tmp_path / "build", cache=tmp_path / "cache",
+                             guest_src=_guest(tmp_path))
+    before = plan(CODE_INTERPRETER, settings).content_hash
+    base_before = plan(BASE, settings).content_hash
+    monkeypatch.setattr(jupyter_kernels, "NPM_PACKAGES", ("tslab@1.0.21",))
+    assert plan(CODE_INTERPRETER, settings).content_hash != before
+    assert plan(BASE, settings).content_hash == base_before
+    assert jupyter_kernels.tarball(tmp_path, "amd64") != jupyter_kernels.tarball(tmp_path, "arm64")
