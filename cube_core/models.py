@@ -142,6 +142,10 @@ class Template(Frozen):
     build_log: str = ""
     created_at: datetime = Field(default_factory=utcnow)
     snapshot: SnapshotRef | None = None
+    team_id: str | None = None
+    """The team a template built with the SDK belongs to (only it sees and uses it); None: public."""
+    build_id: str | None = None
+    """The build (``cube_core.buildspec.TemplateBuild``) this template's files come from."""
 
 
 class NodeStatus(enum.StrEnum):

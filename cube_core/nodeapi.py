@@ -21,6 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cube_core.builds import engine_of
+from cube_core.buildspec import BuildJob
 from cube_core.errors import ConfigError, CubeError, NodeError, UnsupportedOperation
 from cube_core.models import ExecReply, Node, Sandbox
 from cube_core.nodeclient import Launched, LaunchRequest, SavedSnapshot
@@ -122,6 +124,10 @@ def _api(agent: NodeAgent) -> FastAPI:
     @api.post(PREFIX + "/sandboxes/{sandbox_id}/snapshots")
     async def snapshot(sandbox_id: str, request: SnapshotRequest) -> SavedSnapshot:
         return await agent.snapshot(sandbox_id, request.snapshot_id)
+
+    @api.post(PREFIX + "/builds", status_code=204, response_class=Response)
+    async def build_template(job: BuildJob) -> None:
+        engine_of(agent).start(job)
 
     @api.delete(PREFIX + "/snapshots/{snapshot_id}", status_code=204, response_class=Response)
     async def delete_snapshot(snapshot_id: str) -> None:

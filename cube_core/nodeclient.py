@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import Field
 
+from cube_core.buildspec import BuildJob
 from cube_core.models import (
     DiskHandle,
     EgressRule,
@@ -133,6 +134,11 @@ class NodeClient(Protocol):
 
     async def exec(self, sandbox_id: str, cmd: Sequence[str], timeout: float) -> ExecReply: ...
 
+    async def build_template(self, job: BuildJob) -> None:
+        """Start building a template from the SDK's ``Template`` builder on this node (its parent
+        template is ready here); returns at once, the build's record tells how it goes."""
+        ...
+
     async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
         """Where ``port`` of the sandbox is reached from the control plane's process. A sandbox
         just taken from the warm pool is reached only once its guest applied its create message
@@ -185,6 +191,11 @@ class LocalNodeClient:
 
     async def exec(self, sandbox_id: str, cmd: Sequence[str], timeout: float) -> ExecReply:
         return await self.agent.exec(sandbox_id, cmd, timeout)
+
+    async def build_template(self, job: BuildJob) -> None:
+        from cube_core.builds import engine_of
+
+        engine_of(self.agent).start(job)
 
     async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
         return Endpoint(host=await self.agent.guest_address(sandbox_id), port=port)

@@ -26,6 +26,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, Field
 
+from cube_core.buildspec import BuildJob
 from cube_core.errors import (
     CubeError,
     InvalidStateError,
@@ -276,6 +277,9 @@ class HttpNodeClient:
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         await self._call("DELETE", _path("snapshots", snapshot_id))
+
+    async def build_template(self, job: BuildJob) -> None:
+        await self._call("POST", _path("builds"), body=job)
 
     async def import_snapshot(self, snapshot: SnapshotRef, origin: Node) -> Received:
         resp = await self._call("POST", _path("snapshots", snapshot.snapshot_id, "import"),

@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from cube_core import credentials, ids, keys, teamsecrets
+from cube_core import credentials, ids, keys, teamsecrets, templatebuilds
 from cube_core._host import PluginHost
 from cube_core.config import CoreSettings
 from cube_core.errors import (
@@ -83,6 +83,7 @@ class SandboxService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.team_secrets = teamsecrets.TeamSecrets(store, self.settings)  # /secrets; needs [core] secrets_key
+        self.template_builds = templatebuilds.TemplateBuilds(store, self.settings, nodes)  # the SDK's Template.build
         self.holder = f"{socket.gethostname()}:{self.settings.node_id}:{self.settings.state_dir}:{self.settings.port}"
         """Who this control plane is when it takes a lease (one reaper among several masters):
         stable across restarts, so a restarted master takes its lease back at once."""
@@ -119,12 +120,15 @@ class SandboxService:
 
     # -- templates and nodes ---------------------------------------------------------------------
 
-    def list_templates(self) -> list[Template]:
-        return self.store.list_templates()
+    def list_templates(self, team_id: str | None = None) -> list[Template]:
+        """Every template; with ``team_id``, only the public ones and that team's."""
+        out = self.store.list_templates()
+        return out if team_id is None else [t for t in out if templatebuilds.visible(t, team_id)]
 
-    def get_template(self, template_id_or_alias: str) -> Template:
+    def get_template(self, template_id_or_alias: str, team_id: str | None = None) -> Template:
+        """A template; with ``team_id``, another team's is "not found"."""
         template = self.store.get_template(template_id_or_alias)
-        if template is None:
+        if template is None or (team_id is not None and not templatebuilds.visible(template, team_id)):
             raise TemplateNotFoundError(template=template_id_or_alias)
         return template
 
@@ -198,7 +202,7 @@ class SandboxService:
             spec = spec.evolve(from_snapshot=snap.snapshot_id, template_id=snap.template_id)
         else:
             snap = None
-        template = self.get_template(spec.template_id)
+        template = self.get_template(spec.template_id, spec.team_id)
         if template.status != TemplateStatus.READY:
             raise TemplateError(f"template {spec.template_id!r} is {template.status.value}, not ready")
         # the VM is a clone of the template's snapshot: its size is the template's, whatever was asked

@@ -24,6 +24,7 @@ from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cube_core.buildspec import TemplateBuild
 from cube_core.config import CoreSettings, state_url
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.errors import ConfigError
@@ -78,6 +79,16 @@ class StateStore(abc.ABC):
     def list_templates(self) -> list[Template]: ...
     @abc.abstractmethod
     def delete_template(self, template_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def put_build(self, build: TemplateBuild) -> None:
+        """Record (or replace) a template build (``cube_core.buildspec``)."""
+
+    @abc.abstractmethod
+    def get_build(self, build_id: str) -> TemplateBuild | None: ...
+    @abc.abstractmethod
+    def list_builds(self, template_id: str) -> list[TemplateBuild]:
+        """A template's builds, newest first."""
 
     @abc.abstractmethod
     def put_snapshot(self, snapshot: SnapshotRef) -> None: ...
@@ -195,6 +206,9 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 CREATE INDEX IF NOT EXISTS sandboxes_team ON sandboxes(team_id, state);
 CREATE TABLE IF NOT EXISTS templates (id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS template_aliases (alias TEXT PRIMARY KEY, template_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS template_builds (
+  id TEXT PRIMARY KEY, template_id TEXT NOT NULL, created REAL NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS template_builds_template ON template_builds(template_id, created);
 CREATE TABLE IF NOT EXISTS snapshots (
   id TEXT PRIMARY KEY, team_id TEXT, sandbox_id TEXT, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, body TEXT NOT NULL);
@@ -308,6 +322,20 @@ class SqliteStore(StateStore):
         with self._tx() as db:
             db.execute("DELETE FROM templates WHERE id=?", (template_id,))
             db.execute("DELETE FROM template_aliases WHERE template_id=?", (template_id,))
+
+    # template builds
+    def put_build(self, build: TemplateBuild) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO template_builds(id, template_id, created, body) VALUES (?,?,?,?)",
+                       (build.build_id, build.template_id, build.created_at.timestamp(), build.model_dump_json()))
+
+    def get_build(self, build_id: str) -> TemplateBuild | None:
+        rows = self._rows("SELECT body FROM template_builds WHERE id=?", (build_id,))
+        return TemplateBuild.model_validate_json(rows[0]) if rows else None
+
+    def list_builds(self, template_id: str) -> list[TemplateBuild]:
+        return [TemplateBuild.model_validate_json(b) for b in self._rows(
+            "SELECT body FROM template_builds WHERE template_id=? ORDER BY created DESC, rowid DESC", (template_id,))]
 
     # snapshots
     def put_snapshot(self, snapshot: SnapshotRef) -> None:

@@ -27,6 +27,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from cube_core.buildspec import TemplateBuild
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.errors import ConfigError
 from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
@@ -85,6 +86,12 @@ CREATE TABLE sandbox_logs (
   message text NOT NULL, body text NOT NULL, PRIMARY KEY (sandbox_id, seq));
 CREATE INDEX sandbox_logs_sandbox ON sandbox_logs (sandbox_id, at_ms);
 CREATE INDEX sandbox_logs_at ON sandbox_logs (at_ms);
+"""),
+    (5, "template builds from the SDK's Template builder (status, plan, log lines)", """
+CREATE TABLE template_builds (
+  id text PRIMARY KEY, template_id text NOT NULL, created double precision NOT NULL,
+  put_order bigint NOT NULL DEFAULT nextval('records_put_order'), body text NOT NULL);
+CREATE INDEX template_builds_template ON template_builds (template_id, created);
 """),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -237,6 +244,21 @@ class PostgresStore(StateStore):
         with self._tx() as conn:
             conn.execute("DELETE FROM templates WHERE id = %s", (template_id,))
             conn.execute("DELETE FROM template_aliases WHERE template_id = %s", (template_id,))
+
+    # template builds
+    def put_build(self, build: TemplateBuild) -> None:
+        self._write("INSERT INTO template_builds (id, template_id, created, body) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET template_id = EXCLUDED.template_id, body = EXCLUDED.body",
+                    (build.build_id, build.template_id, build.created_at.timestamp(), build.model_dump_json()))
+
+    def get_build(self, build_id: str) -> TemplateBuild | None:
+        rows = self._bodies("SELECT body FROM template_builds WHERE id = %s", (build_id,))
+        return TemplateBuild.model_validate_json(rows[0]) if rows else None
+
+    def list_builds(self, template_id: str) -> list[TemplateBuild]:
+        return [TemplateBuild.model_validate_json(b) for b in self._bodies(
+            "SELECT body FROM template_builds WHERE template_id = %s ORDER BY created DESC, put_order DESC",
+            (template_id,))]
 
     # snapshots
     def put_snapshot(self, snapshot: SnapshotRef) -> None:

@@ -7,6 +7,7 @@ enable them in a real deployment: ``cube doctor`` and ``/health`` report ``isola
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import tempfile
 import time
@@ -125,8 +126,10 @@ class FakeVmm(VmmDriver):
         if op == "exec":
             cmd = " ".join((params or {}).get("cmd", []))
             event("process started", cmd=cmd)
-            event("process exited", cmd=cmd, exit_code="0")
-            return {"exit_code": 0, "stdout": cmd, "stderr": ""}
+            failing = re.search(r"\bexit (\d+)\s*$", cmd)  # a command ending in "exit N" fails with N
+            code = int(failing.group(1)) if failing else 0
+            event("process exited", cmd=cmd, exit_code=str(code))
+            return {"exit_code": code, "stdout": cmd, "stderr": f"failed with {code}" if code else ""}
         if op == "observe":
             after = int((params or {}).get("after", 0))
             metrics = {"cpu_count": 2, "cpu_used_pct": 12.5, "mem_used": 256 << 20, "mem_total": 512 << 20,

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from cube_core.buildspec import BuildLogLine, BuildPlan, BuildStatus, BuildStep, TemplateBuild
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.models import (
     ApiKey,
@@ -92,7 +93,21 @@ def full_template(template_id: str = "tpl-code", aliases: tuple[str, ...] = ("co
         template_id=template_id, aliases=aliases, status=TemplateStatus.READY, kernel="/k/vmlinux",
         initrd="/k/initrd", rootfs="/r/rootfs.img", rootfs_bytes=3 << 30, interpreter=True, cpu_count=2,
         memory_mb=1024, envd_version="0.5.1", build_log="step 1\nstep 2 ✓\n", created_at=T0,
-        snapshot=full_snapshot("snap-tpl", team_id=None, sandbox_id=None))
+        snapshot=full_snapshot("snap-tpl", team_id=None, sandbox_id=None), team_id="team-a",
+        build_id="0b5e6c1e-0000-4000-8000-00000000b001")
+
+
+def full_build(build_id: str = "0b5e6c1e-0000-4000-8000-00000000b001", template_id: str = "tpl-code",
+               created_at: datetime = T0) -> TemplateBuild:
+    plan = BuildPlan(from_template="base", from_image="e2bdev/base", force=True, start_cmd="sleep inf",
+                     ready_cmd="true", steps=(BuildStep(type="COPY", args=("a", "/b", "user", "0755"),
+                                                        files_hash="f" * 64, force=True),))
+    return TemplateBuild(
+        build_id=build_id, template_id=template_id, team_id="team-a", name="my-tpl ✓", tags=("v1", "default"),
+        status=BuildStatus.ERROR, cpu_count=2, memory_mb=1024, plan=plan, node_id="node-7",
+        logs=(BuildLogLine(timestamp=T0, level="error", message="exit code 7 ✓", step="1"),),
+        reason="step 1 failed", reason_step="1", steps_run=1, steps_cached=2, created_at=created_at,
+        finished_at=T0 + timedelta(seconds=5))
 
 
 def full_node(node_id: str = "node-7") -> Node:
@@ -249,6 +264,33 @@ class StoreContract:
         assert store.get_template("beta-alias") is None
         found = store.get_template("zeta-alias")
         assert found is not None and found.template_id == "zeta"
+
+    # -- template builds ------------------------------------------------------------------------
+
+    def test_build_round_trips_every_field(self, store: StateStore) -> None:
+        record = full_build()
+        assert_every_field_set(record)
+        assert record.plan is not None
+        assert_every_field_set(record.plan)
+        assert_every_field_set(record.plan.steps[0])
+        assert_every_field_set(record.logs[0])
+        store.put_build(record)
+        assert store.get_build(record.build_id) == record
+        assert store.list_builds("tpl-code") == [record]
+
+    def test_builds_list_newest_first_per_template_and_a_put_replaces(self, store: StateStore) -> None:
+        assert store.get_build("nope") is None and store.list_builds("tpl-code") == []
+        old = full_build("b-old", created_at=T0)
+        new = full_build("b-new", created_at=T0 + timedelta(minutes=1))
+        store.put_build(new)
+        store.put_build(old)
+        store.put_build(full_build("b-other", template_id="tpl-other"))
+        assert [b.build_id for b in store.list_builds("tpl-code")] == ["b-new", "b-old"]
+        store.put_build(old.model_copy(update={"status": BuildStatus.READY}))
+        found = store.get_build("b-old")
+        assert found is not None and found.status == BuildStatus.READY
+        assert [b.build_id for b in store.list_builds("tpl-code")] == ["b-new", "b-old"]
+        assert [b.build_id for b in store.list_builds("tpl-other")] == ["b-other"]
 
     # -- snapshots ------------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from cube_core import (
 )
 from cube_core.credentials import CredentialNotFoundError, SecretExistsError, SecretsDisabledError
 from cube_core.teamsecrets import SecretRequestError
+from cube_core.templatebuilds import BuildRequestError, TemplateNameTakenError, UploadRefusedError
 
 
 class InvalidRequestError(CubeError):
@@ -82,6 +83,9 @@ ERROR_TABLE: dict[type[CubeError], HttpError] = {
     AuthError: HttpError(401),
     SandboxNotFoundError: HttpError(404),
     TemplateNotFoundError: HttpError(404),
+    BuildRequestError: HttpError(400),
+    TemplateNameTakenError: HttpError(409),
+    UploadRefusedError: HttpError(403),
     SnapshotNotFoundError: HttpError(404),
     SnapshotInUseError: HttpError(409),
     InvalidStateError: HttpError(409),

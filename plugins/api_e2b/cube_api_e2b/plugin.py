@@ -17,7 +17,7 @@ from cube_api_e2b.context import E2bContext, split_host_port
 from cube_api_e2b.metrics import ApiMetrics, MetricsServer, start_metrics_server
 from cube_api_e2b.nodeedge import NodeEdge
 from cube_api_e2b.proxy import EdgeProxy, EdgeProxyMiddleware, Forwarder
-from cube_api_e2b.routes import ROUTERS
+from cube_api_e2b.routes import ROUTERS, SIGNED
 from cube_api_e2b.routing import BindContext
 from cube_api_e2b.server import HypercornConfig, hypercorn_config, serve
 from cube_api_e2b.service import ControlPlane
@@ -58,7 +58,7 @@ class E2bApiPlugin:
     def cube_api_routers(self, service: SandboxService) -> Sequence[APIRouter]:
         """The module-level routers (routes/); the middleware below binds them to this app's context."""
         self._context(service)
-        return list(ROUTERS)
+        return [*ROUTERS, *SIGNED]
 
     @hookimpl
     def cube_asgi_middleware(self, service: SandboxService) -> Sequence[Callable[[ASGIApp], ASGIApp]]:

@@ -87,9 +87,10 @@ def template_out(ctx: E2bContext, template: Template) -> TemplateOut:
     names = list(template.aliases) or [template.template_id]
     return TemplateOut(
         template_id=template.template_id,
-        build_id=template.snapshot.snapshot_id if template.snapshot else template.template_id,
+        build_id=template.build_id or (template.snapshot.snapshot_id if template.snapshot else template.template_id),
         cpu_count=template.cpu_count, memory_mb=template.memory_mb,
-        disk_size_mb=(template.rootfs_bytes + MIB - 1) // MIB, public=True, aliases=list(template.aliases),
+        disk_size_mb=(template.rootfs_bytes + MIB - 1) // MIB, public=template.team_id is None,
+        aliases=list(template.aliases),
         names=names, created_at=template.created_at, updated_at=template.created_at, created_by=None,
         last_spawned_at=None, spawn_count=0, build_count=1,
         envd_version=ctx.envd_version(template.envd_version), build_status=BUILD_STATUS[template.status])

@@ -130,10 +130,10 @@ class Double:
     async def rollback(self, team_id: str, sandbox_id: str, snapshot_id: str) -> Sandbox:
         raise NotImplementedError
 
-    def list_templates(self) -> builtins.list[Template]:
+    def list_templates(self, team_id: str | None = None) -> builtins.list[Template]:
         return [Template(template_id="base", aliases=("base",), status=TemplateStatus.READY)]
 
-    def get_template(self, template_id_or_alias: str) -> Template:
+    def get_template(self, template_id_or_alias: str, team_id: str | None = None) -> Template:
         for template in self.list_templates():
             if template_id_or_alias in (template.template_id, *template.aliases):
                 return template

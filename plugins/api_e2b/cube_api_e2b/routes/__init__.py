@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from cube_api_e2b.routes import (
     accesstokens,
     apikeys,
+    builds,
     lifecycle,
     logs,
     metrics,
@@ -27,8 +28,11 @@ from cube_api_e2b.routes import (
 ROUTERS: tuple[APIRouter, ...] = (
     metrics.router,  # first: GET /sandboxes/metrics before GET /sandboxes/{sandbox_id}
     sandboxes.router, lifecycle.router, network.router, snapshots.router, templates.router,
+    builds.router,
     secrets.router, apikeys.router, accesstokens.router, logs.router, teams.router,
 )
-"""Every router, in mounting order."""
+"""Every router that authenticates with an API key, in mounting order."""
+SIGNED: tuple[APIRouter, ...] = (builds.uploads,)
+"""Routers whose URLs carry their own signature instead (the template file upload link)."""
 
-__all__ = ["ROUTERS"]
+__all__ = ["ROUTERS", "SIGNED"]

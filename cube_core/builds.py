@@ -1,0 +1,399 @@
+"""The node's build engine: a template from the SDK's ``Template`` builder, built in a microVM.
+
+A build boots a **build VM** from its parent template's image (or from the newest cached layer
+its steps allow), runs each step through the guest agent (``exec``, as root or as the step's
+user), and after each step freezes the VM's disk (``storage.freeze_disk``, after a guest
+``sync``) as a **layer** keyed by the parent layer's key + the step and its inputs
+(:func:`cube_core.buildspec.layer_key`; a COPY's key holds the uploaded files' hash). A rebuild
+whose first k steps are unchanged boots from layer k and runs only the rest; ``skip_cache``
+(``force``) runs everything. Then the start command is started and the ready command polled, and
+the VM is snapshotted like a built-in template's (:meth:`cube_core.templates.TemplateBuilder._snapshot`):
+memory + devices, then its disk frozen. The template's ``rootfs`` is the last step's layer (its
+clean disk), its ``snapshot`` the booted one; :meth:`NodeAgent.template_ready` makes it serve.
+
+Layers live in the storage driver as snapshot directories without memory files
+(``blayer-<key>``); ``<storage root>/build-layers.json`` maps keys to them. Layers that back a
+template's snapshot outlive a storage ``gc``; others are cache only and may be collected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import glob
+import io
+import json
+import os
+import shlex
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from cube_core import ids
+from cube_core.buildspec import (
+    BASE_STEP,
+    DEFAULT_USER,
+    DEFAULT_WORKDIR,
+    FINALIZE_STEP,
+    BuildJob,
+    BuildLogLine,
+    BuildStatus,
+    BuildStep,
+    base_key,
+    layer_key,
+)
+from cube_core.errors import CubeError
+from cube_core.guest import guest_call
+from cube_core.models import (
+    DiskHandle,
+    ExecReply,
+    NetworkPolicy,
+    SnapshotRef,
+    Template,
+    TemplateStatus,
+    VmHandle,
+    VmSpec,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from cube_core.node import NodeAgent
+
+log = structlog.get_logger(__name__)
+
+STEP_TIMEOUT_S = 1800.0
+BOOT_TIMEOUT_S = 600.0
+READY_TIMEOUT_S = 600.0
+CHUNK = 96_000
+"""Base64 characters per ``exec`` argument (Linux caps one argument at 128 KiB)."""
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+INDEX_NAME = "build-layers.json"
+
+
+class StepFailed(CubeError):
+    msg_fmt = "step {step} failed: {reason}"
+
+
+class Context:
+    """How the next step runs: ENV, WORKDIR and USER steps change it."""
+
+    def __init__(self) -> None:
+        self.env: dict[str, str] = {}
+        self.workdir = DEFAULT_WORKDIR
+        self.user = DEFAULT_USER
+
+    def apply(self, step: BuildStep) -> None:
+        if step.type == "ENV":
+            self.env.update(dict(zip(step.args[::2], step.args[1::2], strict=False)))
+        elif step.type == "WORKDIR" and step.args:
+            self.workdir = step.args[0]
+        elif step.type == "USER" and step.args:
+            self.user = step.args[0]
+
+    def script(self, command: str) -> str:
+        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env.items() if k.isidentifier())
+        return f"export PATH={PATH}\n{exports}cd {shlex.quote(self.workdir)} || exit 1\n{command}"
+
+
+def as_user(user: str, script: str) -> list[str]:
+    if user in ("root", "0"):
+        return ["/bin/bash", "-c", script]
+    return ["/sbin/runuser", "-u", user, "--", "/bin/bash", "-c", script]
+
+
+class LayerIndex:
+    """``key -> layer file`` for cached step results on this node (a JSON file by the storage)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def get(self, key: str) -> Path | None:
+        value = self._read().get(key)
+        return Path(value) if value and Path(value).is_file() else None
+
+    def put(self, key: str, layer: Path) -> None:
+        data = self._read()
+        data[key] = str(layer)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def copy_archive(upload: Path, src: str, dest: str, owner: str, mode: str) -> bytes:
+    """The gzip tar to unpack at ``/`` in the guest for ``COPY src dest``: Docker's rules (a file
+    into ``dest/`` keeps its name, else becomes ``dest``; a directory's content goes into ``dest``),
+    owned by ``owner`` (``user[:group]``), with ``mode`` (octal) on files if given. Blocking."""
+    user, _, group = owner.partition(":")
+    group = group or user
+    out = io.BytesIO()
+    with tempfile.TemporaryDirectory(prefix="cube-copy-") as tmp:
+        with tarfile.open(upload, "r:*") as archive:
+            archive.extractall(tmp, filter="data")
+        root = os.path.realpath(tmp)
+        matches = sorted(m for m in glob.glob(os.path.join(tmp, src)) if os.path.realpath(m).startswith(root))
+        if not matches:
+            raise StepFailed(step="COPY", reason=f"{src!r} is not in the uploaded files")
+        entries: list[tuple[str, str]] = []
+        for match in matches:
+            if os.path.isdir(match):
+                entries.append((match, dest))
+                for base, dirs, files in os.walk(match):
+                    for name in sorted(dirs + files):
+                        full = os.path.join(base, name)
+                        entries.append((full, os.path.join(dest, os.path.relpath(full, match))))
+            elif dest.endswith("/") or len(matches) > 1:
+                entries.append((match, os.path.join(dest, os.path.basename(match))))
+            else:
+                entries.append((match, dest))
+        with tarfile.open(fileobj=out, mode="w:gz") as tar:
+            for path, target in entries:
+                name = os.path.normpath(target).lstrip("/")
+                if not name or name == ".":
+                    continue
+                info = tar.gettarinfo(path, arcname=name)
+                info.uname, info.gname, info.uid, info.gid = user, group, 0, 0
+                if mode and info.isfile():
+                    info.mode = int(mode, 8)
+                if info.isfile():
+                    with open(path, "rb") as fh:
+                        tar.addfile(info, fh)
+                else:
+                    tar.addfile(info)
+    return out.getvalue()
+
+
+class BuildEngine:
+    """Runs :class:`BuildJob` s on one node (one task per build)."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        self.tasks: dict[str, asyncio.Task[Template | None]] = {}
+        self.index = LayerIndex(agent.storage.root / INDEX_NAME)
+
+    def start(self, job: BuildJob) -> None:
+        """Run ``job`` in the background; its record tells how it goes."""
+        task = asyncio.ensure_future(Build(self, job).run())
+        self.tasks[job.build.build_id] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(job.build.build_id, None))
+
+
+class Build:
+    def __init__(self, engine: BuildEngine, job: BuildJob) -> None:
+        self.engine = engine
+        self.agent = engine.agent
+        self.job = job
+        self.record = job.build
+        self.vm: VmHandle | None = None
+
+    # -- the record ------------------------------------------------------------------------------
+
+    def put(self, **changes: object) -> None:
+        self.record = self.record.model_copy(update=changes)
+        self.agent.store.put_build(self.record)
+
+    def say(self, message: str, *, level: str = "info", step: str | None = None) -> None:
+        line = BuildLogLine.model_validate({"message": message[:4000], "level": level, "step": step})
+        self.record = self.record.with_log(line)
+        self.agent.store.put_build(self.record)
+
+    # -- the build -------------------------------------------------------------------------------
+
+    async def run(self) -> Template | None:
+        self.put(status=BuildStatus.BUILDING, node_id=self.agent.node_id)
+        try:
+            template = await self._build()
+        except StepFailed as exc:
+            self._fail(str(exc.fields.get("reason", exc)), str(exc.fields.get("step", FINALIZE_STEP)))
+            return None
+        except Exception as exc:  # noqa: BLE001 - every failure ends in the record
+            log.exception("template build failed", build_id=self.record.build_id)
+            self._fail(f"{type(exc).__name__}: {exc}", FINALIZE_STEP)
+            return None
+        self.say(f"Template {self.record.name} ({template.template_id}) is ready", step=FINALIZE_STEP)
+        self.put(status=BuildStatus.READY, finished_at=utcnow())
+        return template
+
+    def _fail(self, reason: str, step: str) -> None:
+        self.say(f"Build failed: {reason}", level="error", step=step)
+        self.put(status=BuildStatus.ERROR, reason=reason[:4000], reason_step=step, finished_at=utcnow())
+        template = self.agent.store.get_template(self.record.template_id)
+        if template is not None and template.status == TemplateStatus.BUILDING and template.snapshot is None:
+            self.agent.store.put_template(template.model_copy(update={"status": TemplateStatus.FAILED}))
+
+    async def _build(self) -> Template:
+        plan, parent = self.job.plan, self.job.parent
+        steps = plan.steps
+        n = len(steps)
+        self.say(f"Building from template {parent.aliases[0] if parent.aliases else parent.template_id}",
+                 step=BASE_STEP)
+        # the chain of keys, and the newest cached layer the steps allow
+        keys, key = [], base_key(parent)
+        for step in steps:
+            key = layer_key(key, step, {})
+            keys.append(key)
+        first_forced = next((i for i, s in enumerate(steps) if s.force), n)
+        start, base = 0, Path(parent.rootfs or "")
+        if not plan.force:
+            for i in range(min(first_forced, n), 0, -1):
+                layer = self.engine.index.get(keys[i - 1])
+                if layer is not None:
+                    start, base = i, layer
+                    break
+        context = Context()
+        for i, step in enumerate(steps[:start]):
+            context.apply(step)
+            self.say(f"CACHED [builder {i + 1}/{n}] {step.describe()}", step=str(i + 1))
+        if not base.is_file():
+            raise StepFailed(step=BASE_STEP, reason=f"the image of template {parent.template_id} is not on this node")
+        kernel = Path(parent.kernel or "/dev/null")
+        initrd = Path(parent.initrd) if parent.initrd else None
+        owner = f"bld-{self.record.build_id}"
+        disk = await self.agent.storage.create_disk(owner, base)
+        nic = await self.agent.network.allocate(owner, NetworkPolicy())
+        last_layer = base
+        try:
+            self.say("Starting the build VM", step=BASE_STEP)
+            self.vm = await self.agent.vmm.boot(VmSpec(
+                vm_id=owner, kernel=kernel, initrd=initrd, rootfs_disk=disk, memory_mb=self.record.memory_mb,
+                cpu_count=self.record.cpu_count, interpreter=parent.interpreter), nic)
+            await self.agent.vmm.wait_ready(self.vm, timeout=BOOT_TIMEOUT_S)
+            pong = await self.agent.vmm.guest_call(self.vm, "ping", {}, timeout=60.0)
+            envd_version = str(pong.get("envd_version") or parent.envd_version)
+            ran = 0
+            for i in range(start, n):
+                step = steps[i]
+                name = str(i + 1)
+                self.say(f"[builder {i + 1}/{n}] {step.describe()}", step=name)
+                if step.type in ("ENV", "USER"):
+                    context.apply(step)
+                else:
+                    await self._step(step, name, context)
+                    await self._exec(["/bin/sync"], "sync")
+                    frozen = await self.agent.storage.freeze_disk(
+                        disk, f"blayer-{keys[i][:24]}-{ids.short_id('')[:8]}")
+                    last_layer = frozen.path
+                ran += 1
+                self.engine.index.put(keys[i], last_layer)
+            self.put(steps_run=ran, steps_cached=start)
+            await self._finalize(context)
+            template_id = self.record.template_id
+            snapshot_id = f"tmpl-{template_id}-{self.record.build_id[:8]}-{ids.short_id('')[:8]}"
+            self.say("Saving the template snapshot", step=FINALIZE_STEP)
+            state = await self.agent.vmm.snapshot(self.vm, self.agent.storage.snapshot_dir(snapshot_id))
+            vm, self.vm = self.vm, None
+            await self.agent.vmm.shutdown(vm)
+            frozen_disk: DiskHandle = await self.agent.storage.freeze_disk(disk, snapshot_id)
+        finally:
+            if self.vm is not None:
+                with contextlib.suppress(Exception):
+                    await self.agent.vmm.shutdown(self.vm)
+            await self.agent.network.release(nic)
+            await self.agent.storage.delete_disk(disk)
+        old = self.agent.store.get_template(template_id)
+        template = Template(
+            template_id=template_id, aliases=old.aliases if old else (self.record.name,),
+            status=TemplateStatus.READY, kernel=parent.kernel, initrd=parent.initrd, rootfs=str(last_layer),
+            interpreter=parent.interpreter, cpu_count=self.record.cpu_count, memory_mb=self.record.memory_mb,
+            envd_version=envd_version, team_id=self.record.team_id, build_id=self.record.build_id,
+            build_log="\n".join(line.message for line in self.record.logs)[-20_000:],
+            snapshot=SnapshotRef(snapshot_id=snapshot_id, template_id=template_id, vm_state=state,
+                                 disk=frozen_disk, node_id=self.agent.node_id))
+        self.agent.store.put_template(template)
+        if old is not None and old.snapshot is not None:  # warm members of the previous build go
+            while (member := self.agent.pool.take(template_id)) is not None:
+                await self.agent.pool._destroy(member)
+        self.agent.template_ready(template)
+        return template
+
+    async def _exec(self, cmd: list[str], what: str, timeout: float = STEP_TIMEOUT_S) -> ExecReply:
+        assert self.vm is not None
+        return await guest_call(self.agent.vmm, self.vm, "exec", {"cmd": cmd, "timeout": timeout}, ExecReply,
+                                timeout=timeout + 30)
+
+    async def _step(self, step: BuildStep, name: str, context: Context) -> None:
+        if step.type == "RUN":
+            user = step.args[1] if len(step.args) > 1 and step.args[1] else context.user
+            reply = await self._exec(as_user(user, context.script(step.args[0] if step.args else "true")), name)
+            self._output(reply, name)
+            if reply.exit_code != 0:
+                tail = (reply.stderr or reply.stdout).strip()[-2000:]
+                raise StepFailed(step=name, reason=f"[builder {name}] {step.describe()}: exit code "
+                                                   f"{reply.exit_code}" + (f": {tail}" if tail else ""))
+        elif step.type == "WORKDIR":
+            context.apply(step)
+            wd = shlex.quote(context.workdir)
+            await self._checked(as_user("root", f"mkdir -p {wd} && chown {shlex.quote(context.user)} {wd}"), name)
+        elif step.type == "COPY":
+            await self._copy(step, name, context)
+
+    def _output(self, reply: ExecReply, name: str) -> None:
+        for stream, level in ((reply.stdout, "info"), (reply.stderr, "warn" if reply.exit_code == 0 else "error")):
+            for line in stream.splitlines()[-200:]:
+                self.say(line, level=level, step=name)
+
+    async def _checked(self, cmd: list[str], name: str) -> None:
+        reply = await self._exec(cmd, name)
+        if reply.exit_code != 0:
+            raise StepFailed(step=name, reason=f"exit code {reply.exit_code}: {(reply.stderr or reply.stdout)[-2000:]}")
+
+    async def _copy(self, step: BuildStep, name: str, context: Context) -> None:
+        args = list(step.args) + ["", "", "", ""]
+        src, dest, owner, mode = args[0], args[1], args[2] or context.user, args[3]
+        upload = self.job.files.get(step.files_hash or "")
+        if upload is None or not upload.is_file():
+            raise StepFailed(step=name, reason=f"the files of COPY {src} were not uploaded")
+        if not dest.startswith("/"):
+            dest = os.path.join(context.workdir, dest) + ("/" if dest.endswith("/") else "")
+        data = await asyncio.to_thread(copy_archive, upload, src, dest, owner, mode)
+        encoded = base64.b64encode(data).decode()
+        target = f"/tmp/.cube-copy-{name}.b64"
+        await self._checked(["/bin/sh", "-c", f": > {target}"], name)
+        for offset in range(0, len(encoded), CHUNK):
+            await self._checked(["/bin/sh", "-c", f'printf %s "$1" >> {target}', "sh",
+                                 encoded[offset:offset + CHUNK]], name)
+        await self._checked(["/bin/sh", "-c", f"base64 -d {target} | tar -xzf - -C / && rm -f {target}"], name)
+
+    async def _finalize(self, context: Context) -> None:
+        plan = self.job.plan
+        if plan.start_cmd:
+            self.say(f"Starting: {plan.start_cmd}", step=FINALIZE_STEP)
+            start = (f"nohup setsid /bin/bash -c {shlex.quote(plan.start_cmd)} "
+                     f">/tmp/cube-start.log 2>&1 </dev/null &")
+            await self._checked(as_user(context.user, context.script(start)), FINALIZE_STEP)
+        if plan.ready_cmd:
+            self.say(f"Waiting for: {plan.ready_cmd}", step=FINALIZE_STEP)
+            deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
+            while True:
+                reply = await self._exec(as_user(context.user, context.script(plan.ready_cmd)), FINALIZE_STEP,
+                                         timeout=60.0)
+                if reply.exit_code == 0:
+                    break
+                if asyncio.get_running_loop().time() > deadline:
+                    self._output(reply, FINALIZE_STEP)
+                    raise StepFailed(step=FINALIZE_STEP, reason=f"the ready command did not succeed within "
+                                                                f"{READY_TIMEOUT_S:.0f}s (exit code {reply.exit_code})")
+                await asyncio.sleep(1.0)
+        await self._exec(["/bin/sync"], "sync")
+
+
+_ENGINES: dict[int, tuple[NodeAgent, BuildEngine]] = {}
+
+
+def engine_of(agent: NodeAgent) -> BuildEngine:
+    """The build engine of ``agent`` (one per node agent, made on first use)."""
+    found = _ENGINES.get(id(agent))
+    if found is None or found[0] is not agent:
+        found = (agent, BuildEngine(agent))
+        _ENGINES[id(agent)] = found
+    return found[1]

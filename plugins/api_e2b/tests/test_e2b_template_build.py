@@ -1,0 +1,149 @@
+"""Template builds with the real ``e2b==2.63.0`` SDK's ``Template`` builder against a served Cube on
+the fake drivers: the routes, the upload, the records, team scoping, the layer cache (the fake
+guest runs every command with exit code 0 unless it ends in ``exit N``)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import httpx
+import pytest
+from e2b import AsyncTemplate, BuildException
+from e2b_helpers import serve
+
+
+@pytest.fixture
+async def build_env(cube, monkeypatch, tmp_path):
+    async with serve(cube.app, lifespan="off") as port:
+        key = cube.key()
+        for name in ("E2B_DOMAIN", "E2B_DEBUG", "E2B_ACCESS_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("E2B_API_KEY", key)
+        monkeypatch.setenv("E2B_API_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{port}")
+        (tmp_path / "app.txt").write_text("hello from the host\n")
+        (tmp_path / "dir").mkdir()
+        (tmp_path / "dir" / "a.txt").write_text("a\n")
+        yield f"http://127.0.0.1:{port}", key
+
+
+def template(context, last: str = "echo two") -> AsyncTemplate:
+    return (AsyncTemplate(file_context_path=str(context))
+            .from_template("base")
+            .set_envs({"GREETING": "hi"})
+            .run_cmd("echo one", user="root")
+            .copy("app.txt", "/home/user/")
+            .set_workdir("/home/user")
+            .run_cmd(last)
+            .set_start_cmd("sleep infinity", "true"))
+
+
+def name() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+async def test_build_rebuild_and_create(cube, build_env, tmp_path):
+    url, key = build_env
+    logs: list[str] = []
+    alias = name()
+    info = await AsyncTemplate.build(template(tmp_path), alias, on_build_logs=lambda e: logs.append(e.message))
+    assert any(f"Uploaded 'app.txt'" == m for m in logs)
+    assert any("[builder 3/5] COPY app.txt /home/user/" in m for m in logs)
+    assert not any("CACHED" in m for m in logs)
+    record = cube.service.store.get_build(info.build_id)
+    assert record.status.value == "ready" and record.steps_run == 5 and record.steps_cached == 0
+    assert await AsyncTemplate.exists(alias)
+    tpl = cube.service.store.get_template(alias)
+    assert tpl.status.value == "ready" and tpl.snapshot is not None and tpl.build_id == info.build_id
+    assert tpl.template_id in cube.agent.report().templates
+
+    # only the last step changed: the four before come from the cache, one runs; app.txt is not re-sent
+    logs.clear()
+    info2 = await AsyncTemplate.build(template(tmp_path, "echo three"), alias, on_build_logs=lambda e: logs.append(e.message))
+    assert info2.template_id == info.template_id and info2.build_id != info.build_id
+    assert "Skipping upload of 'app.txt', already cached" in logs
+    assert sum("CACHED [builder" in m for m in logs) == 4
+    assert any("[builder 5/5] RUN echo three" in m and "CACHED" not in m for m in logs)
+    record = cube.service.store.get_build(info2.build_id)
+    assert (record.steps_run, record.steps_cached) == (1, 4)
+    # skip_cache runs every step again
+    logs.clear()
+    await AsyncTemplate.build(template(tmp_path, "echo three"), alias, skip_cache=True,
+                              on_build_logs=lambda e: logs.append(e.message))
+    assert not any("CACHED" in m for m in logs)
+
+    # a sandbox from it (the fake VMM restores the template's snapshot)
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}) as client:
+        resp = await client.post("/sandboxes", json={"templateID": alias, "timeout": 60})
+        assert resp.status_code == 201, resp.text
+        assert resp.json()["templateID"] == info.template_id
+        listed = await client.get("/templates")
+        mine = [t for t in listed.json() if t["templateID"] == info.template_id]
+        assert mine and mine[0]["public"] is False and mine[0]["buildID"] == cube.service.store.get_template(
+            alias).build_id
+
+
+async def test_failing_step_reports_step_exit_code_and_output(cube, build_env, tmp_path):
+    tpl = (AsyncTemplate(file_context_path=str(tmp_path)).from_template("base")
+           .run_cmd("echo fine").run_cmd("false; exit 7").run_cmd("echo never"))
+    logs: list[str] = []
+    with pytest.raises(BuildException) as err:
+        await AsyncTemplate.build(tpl, name(), on_build_logs=lambda e: logs.append(e.message))
+    assert "exit code 7" in str(err.value) and "[builder 2]" in str(err.value)
+    assert any("failed with 7" in m for m in logs)
+    assert not any("echo never" in m for m in logs)
+
+
+async def test_background_build_and_status(cube, build_env, tmp_path):
+    alias = name()
+    tpl = AsyncTemplate().from_base_image().run_cmd("echo bg")
+    info = await AsyncTemplate.build_in_background(tpl, alias)
+    for _ in range(200):
+        status = await AsyncTemplate.get_build_status(info)
+        if status.status.value in ("ready", "error"):
+            break
+        await asyncio.sleep(0.05)
+    assert status.status.value == "ready", status
+    assert any("RUN echo bg" in e.message for e in status.log_entries)
+
+
+async def test_another_team_cannot_see_use_or_take_it(cube, build_env, tmp_path, monkeypatch):
+    url, key = build_env
+    alias = name()
+    info = await AsyncTemplate.build(AsyncTemplate().from_template("base").run_cmd("echo mine"), alias)
+    other = cube.key("team-b")
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": other}) as client:
+        assert all(t["templateID"] != info.template_id for t in (await client.get("/templates")).json())
+        resp = await client.post("/sandboxes", json={"templateID": alias, "timeout": 60})
+        assert resp.status_code == 404, resp.text
+        resp = await client.post("/sandboxes", json={"templateID": info.template_id, "timeout": 60})
+        assert resp.status_code == 404, resp.text
+        status = await client.get(f"/templates/{info.template_id}/builds/{info.build_id}/status")
+        assert status.status_code == 404
+        assert (await client.get(f"/templates/aliases/{alias}")).status_code == 403
+        taken = await client.post("/v3/templates", json={"name": alias})
+        assert taken.status_code == 409, taken.text
+        # from_template of another team's template: the build fails at its base step
+        monkeypatch.setenv("E2B_API_KEY", other)
+        with pytest.raises(BuildException, match="not found"):
+            await AsyncTemplate.build(AsyncTemplate().from_template(alias).run_cmd("echo x"), name())
+    assert await AsyncTemplate.exists(alias)  # as team b: taken by someone (403)
+    monkeypatch.setenv("E2B_API_KEY", key)
+    assert not await AsyncTemplate.exists(name())
+
+
+async def test_upload_needs_its_signature(cube, build_env, tmp_path):
+    url, key = build_env
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}) as client:
+        created = (await client.post("/v3/templates", json={"name": name()})).json()
+        link = await client.get(f"/templates/{created['templateID']}/files/{'a' * 64}")
+        assert link.status_code == 201 and link.json()["present"] is False
+        upload = link.json()["url"]
+        bad = await client.put(upload.replace("signature=", "signature=0"), content=b"x")
+        assert bad.status_code == 403
+        assert (await client.put(upload, content=b"not a tar")).status_code == 201
+        again = await client.get(f"/templates/{created['templateID']}/files/{'a' * 64}")
+        assert again.json() == {"present": True}
+        assert (await client.get(f"/templates/{created['templateID']}/files/nothex")).status_code == 400
+
