@@ -74,6 +74,7 @@ class TemplateBuilds:
         self.files = settings.state_dir / "build-files"
         self._key = secrets.token_bytes(32)
         """Signs upload URLs; per process (an upload goes to the master that gave the link)."""
+        self.tags = TemplateTags(self)
 
     # -- POST /v3/templates ----------------------------------------------------------------------
 
@@ -204,3 +205,51 @@ class TemplateBuilds:
         if template.status != TemplateStatus.READY:
             raise TemplateError(f"parent template {name!r} is {template.status.value}, not ready")
         return template
+
+
+class TemplateTags:
+    """``name:tag`` -> build: each build carries the tags it was built or tagged with; a tag names
+    the newest ready build holding it (``default``: every build has it unless it was given tags)."""
+
+    def __init__(self, builds: TemplateBuilds) -> None:
+        self.builds = builds
+        self.store = builds.store
+
+    def _ready(self, team_id: str, name: str) -> tuple[Template, list[TemplateBuild]]:
+        template = self.builds.template(team_id, name.partition(":")[0])
+        if template.team_id != team_id:
+            raise TemplateNotFoundError(template=name)
+        return template, [b for b in self.store.list_builds(template.template_id) if b.status == BuildStatus.READY]
+
+    def list(self, team_id: str, name: str) -> list[tuple[str, TemplateBuild]]:
+        """Every tag of the template and the build it names, by tag."""
+        _, builds = self._ready(team_id, name)
+        named: dict[str, TemplateBuild] = {}
+        for build in builds:  # newest first: the first holder of a tag wins
+            for tag in build.tags:
+                named.setdefault(tag, build)
+        return sorted(named.items())
+
+    def assign(self, team_id: str, target: str, tags: tuple[str, ...]) -> TemplateBuild:
+        """Give ``tags`` to the build ``target`` (``name:tag``, the tag ``default`` if none) names."""
+        name, _, tag = target.partition(":")
+        holder = dict(self.list(team_id, name)).get(tag or "default")
+        if holder is None:
+            raise TemplateNotFoundError(template=target)
+        for tag_name in tags:
+            if not NAME_RE.fullmatch(tag_name):
+                raise BuildRequestError(reason=f"invalid tag {tag_name[:130]!r}: use 1-128 of [a-z0-9._-]")
+        _, builds = self._ready(team_id, name)
+        for other in builds:  # a tag names one build: it moves
+            if other.build_id != holder.build_id and set(other.tags) & set(tags):
+                self.store.put_build(other.model_copy(update={"tags": tuple(t for t in other.tags if t not in tags)}))
+        current = self.store.get_build(holder.build_id) or holder
+        updated = current.model_copy(update={"tags": tuple(dict.fromkeys([*current.tags, *tags]))})
+        self.store.put_build(updated)
+        return updated
+
+    def remove(self, team_id: str, name: str, tags: tuple[str, ...]) -> None:
+        _, builds = self._ready(team_id, name)
+        for build in builds:
+            if set(build.tags) & set(tags):
+                self.store.put_build(build.model_copy(update={"tags": tuple(t for t in build.tags if t not in tags)}))

@@ -147,3 +147,21 @@ async def test_upload_needs_its_signature(cube, build_env, tmp_path):
         assert again.json() == {"present": True}
         assert (await client.get(f"/templates/{created['templateID']}/files/nothex")).status_code == 400
 
+
+
+async def test_tags_with_the_sdk(cube, build_env, tmp_path):
+    alias = name()
+    first = await AsyncTemplate.build(AsyncTemplate().from_template("base").run_cmd("echo 1"), f"{alias}:v1")
+    second = await AsyncTemplate.build(AsyncTemplate().from_template("base").run_cmd("echo 2"), alias,
+                                       tags=["v2", "stable"])
+    assert first.tags == ["v1"] and sorted(second.tags) == ["stable", "v2"]
+    tags = {t.tag: t.build_id for t in await AsyncTemplate.get_tags(alias)}
+    assert tags == {"v1": first.build_id, "v2": second.build_id, "stable": second.build_id}
+    moved = await AsyncTemplate.assign_tags(f"{alias}:v1", ["stable"])
+    assert moved.build_id == first.build_id
+    tags = {t.tag: t.build_id for t in await AsyncTemplate.get_tags(alias)}
+    assert tags["stable"] == first.build_id and tags["v2"] == second.build_id
+    await AsyncTemplate.remove_tags(alias, ["v2"])
+    assert "v2" not in {t.tag for t in await AsyncTemplate.get_tags(alias)}
+    with pytest.raises(Exception, match="not found"):
+        await AsyncTemplate.assign_tags(f"{alias}:nope", ["x"])

@@ -27,7 +27,9 @@ from cube_api_e2b.routes import (
 
 ROUTERS: tuple[APIRouter, ...] = (
     metrics.router,  # first: GET /sandboxes/metrics before GET /sandboxes/{sandbox_id}
-    sandboxes.router, lifecycle.router, network.router, snapshots.router, templates.router,
+    sandboxes.router, lifecycle.router, network.router,
+    builds.tags_router,  # before snapshots: DELETE /templates/tags vs DELETE /templates/{snapshotID}
+    snapshots.router, templates.router,
     builds.router,
     secrets.router, apikeys.router, accesstokens.router, logs.router, teams.router,
 )

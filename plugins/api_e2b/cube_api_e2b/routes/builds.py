@@ -22,6 +22,8 @@ from cube_api_e2b.schemas import Request as In
 from cube_api_e2b.schemas import Response as Out
 
 router = APIRouter(route_class=E2bRoute, tags=["templates"], dependencies=[Security(API_KEY_SCHEME)])
+tags_router = APIRouter(route_class=E2bRoute, tags=["tags"], dependencies=[Security(API_KEY_SCHEME)])
+"""Mounted before the snapshot routes: ``DELETE /templates/tags`` is not ``DELETE /templates/{snapshotID}``."""
 uploads = APIRouter(tags=["templates"])
 """The upload URL: no API key (the SDK PUTs to it as to a presigned URL), a signature instead."""
 
@@ -188,3 +190,45 @@ async def build_logs(template_id: str, build_id: str, team: CurrentTeam, service
     if level in LEVELS:
         lines = [e for e in lines if LEVELS.index(e.level) >= LEVELS.index(level or "debug")]
     return BuildLogsOut(logs=[entry(e) for e in lines[:limit]])
+
+
+class AssignTagsIn(In):
+    target: str = Field(max_length=300)
+    tags: list[str] = Field(max_length=100)
+
+
+class DeleteTagsIn(In):
+    name: str = Field(max_length=300)
+    tags: list[str] = Field(max_length=100)
+
+
+class AssignedTagsOut(Out):
+    tags: list[str]
+    build_id: str
+
+
+class TagOut(Out):
+    tag: str
+    build_id: str
+    created_at: datetime
+
+
+@tags_router.post("/templates/tags", status_code=201, response_model=AssignedTagsOut,
+                  responses=errors(404, 500), summary="Give tags to the build a name:tag names")
+async def assign_tags(body: Annotated[AssignTagsIn, Body()], team: CurrentTeam, service: Service) -> AssignedTagsOut:
+    build = service.template_builds.tags.assign(team.team_id, body.target, tuple(body.tags))
+    return AssignedTagsOut(tags=list(body.tags), build_id=build.build_id)
+
+
+@tags_router.delete("/templates/tags", status_code=204, response_class=Response, responses=errors(404, 500),
+                    summary="Take tags off a template's builds")
+async def delete_tags(body: Annotated[DeleteTagsIn, Body()], team: CurrentTeam, service: Service) -> Response:
+    service.template_builds.tags.remove(team.team_id, body.name, tuple(body.tags))
+    return Response(status_code=204)
+
+
+@tags_router.get("/templates/{template_id}/tags", response_model=list[TagOut], responses=errors(404, 500),
+                 summary="A template's tags and the builds they name")
+async def list_tags(template_id: str, team: CurrentTeam, service: Service) -> list[TagOut]:
+    return [TagOut(tag=tag, build_id=b.build_id, created_at=b.finished_at or b.created_at)
+            for tag, b in service.template_builds.tags.list(team.team_id, template_id)]
