@@ -48,7 +48,7 @@ async def test_build_rebuild_and_create(cube, build_env, tmp_path):
     logs: list[str] = []
     alias = name()
     info = await AsyncTemplate.build(template(tmp_path), alias, on_build_logs=lambda e: logs.append(e.message))
-    assert any(f"Uploaded 'app.txt'" == m for m in logs)
+    assert any("Uploaded 'app.txt'" == m for m in logs)
     assert any("[builder 3/5] COPY app.txt /home/user/" in m for m in logs)
     assert not any("CACHED" in m for m in logs)
     record = cube.service.store.get_build(info.build_id)
@@ -60,7 +60,8 @@ async def test_build_rebuild_and_create(cube, build_env, tmp_path):
 
     # only the last step changed: the four before come from the cache, one runs; app.txt is not re-sent
     logs.clear()
-    info2 = await AsyncTemplate.build(template(tmp_path, "echo three"), alias, on_build_logs=lambda e: logs.append(e.message))
+    info2 = await AsyncTemplate.build(template(tmp_path, "echo three"), alias,
+                                      on_build_logs=lambda e: logs.append(e.message))
     assert info2.template_id == info.template_id and info2.build_id != info.build_id
     assert "Skipping upload of 'app.txt', already cached" in logs
     assert sum("CACHED [builder" in m for m in logs) == 4
@@ -146,7 +147,6 @@ async def test_upload_needs_its_signature(cube, build_env, tmp_path):
         again = await client.get(f"/templates/{created['templateID']}/files/{'a' * 64}")
         assert again.json() == {"present": True}
         assert (await client.get(f"/templates/{created['templateID']}/files/nothex")).status_code == 400
-
 
 
 async def test_tags_with_the_sdk(cube, build_env, tmp_path):
