@@ -114,7 +114,7 @@ def full_node(node_id: str = "node-7") -> Node:
     return Node(node_id=node_id, url="http://10.1.2.3:7070", cpu_total=16, memory_mb_total=65536, cpu_used=3,
                 memory_mb_used=4096, sandboxes=5, sandboxes_paused=2, pool={"tpl-code": 3},
                 templates=("tpl-code", "base"), disk_free_mb=12345, isolation="tcg", status=NodeStatus.DRAINING,
-                heartbeat_at=T0)
+                heartbeat_at=T0, snapshots=("snap-copied-here",))
 
 
 def full_team(team_id: str = "team-a", name: str = "Team A ✓") -> Team:
