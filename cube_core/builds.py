@@ -22,10 +22,13 @@ import asyncio
 import base64
 import contextlib
 import glob
+import hashlib
 import io
 import json
 import os
+import re
 import shlex
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -59,6 +62,7 @@ from cube_core.models import (
     VmSpec,
     utcnow,
 )
+from cube_core.storage import RootfsRecipe
 
 if TYPE_CHECKING:
     from cube_core.node import NodeAgent
@@ -72,6 +76,7 @@ CHUNK = 96_000
 """Base64 characters per ``exec`` argument (Linux caps one argument at 128 KiB)."""
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INDEX_NAME = "build-layers.json"
+LAYOUT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class StepFailed(CubeError):
@@ -232,7 +237,8 @@ class Build:
             self.agent.store.put_template(template.model_copy(update={"status": TemplateStatus.FAILED}))
 
     async def _build(self) -> Template:
-        plan, parent = self.job.plan, self.job.parent
+        plan = self.job.plan
+        parent = self.job.parent or await self._image_parent(plan.from_image or "")
         steps = plan.steps
         n = len(steps)
         self.say(f"Building from template {parent.aliases[0] if parent.aliases else parent.template_id}",
@@ -315,6 +321,52 @@ class Build:
                 await self.agent.pool._destroy(member)
         self.agent.template_ready(template)
         return template
+
+    async def _image_parent(self, ref: str) -> Template:
+        """The parent of a ``from_image`` build: the OCI image as a template image (storage's
+        ``oci`` source: layers checked and unpacked without running anything, the guest agent
+        added), with this node's guest kernel. ``oci:<name>`` is the layout
+        ``<state_dir>/oci/<name>`` (a directory or tarball); anything else is pulled from its
+        registry with ``skopeo`` into a layout first."""
+        digest = hashlib.sha256(ref.encode()).hexdigest()
+        if ref.startswith("oci:"):
+            name = ref[4:]
+            if not LAYOUT_NAME.fullmatch(name):
+                raise StepFailed(step=BASE_STEP, reason=f"from_image({ref!r}): oci:<name> names a layout in "
+                                                        "<state_dir>/oci/ ([A-Za-z0-9._-], no slashes)")
+            layout = self.agent.settings.state_dir / "oci" / name
+            if not layout.exists():
+                raise StepFailed(step=BASE_STEP, reason=f"from_image({ref!r}): no OCI layout {layout}")
+            self.say(f"Using the OCI layout {layout}", step=BASE_STEP)
+        else:
+            layout = self.agent.storage.root / "pulled" / digest[:32]
+            await self._pull(ref, layout)
+        self.say("Unpacking the image", step=BASE_STEP)
+        image = await self.agent.storage.build_rootfs(RootfsRecipe(name=f"image-{digest[:16]}", source="oci",
+                                                                   path=layout))
+        kernel, initrd = await asyncio.shield(self.agent.templates.kernel())
+        return Template(template_id=f"image-{digest[:16]}", aliases=(ref,), status=TemplateStatus.READY,
+                        kernel=str(kernel), initrd=str(initrd) if initrd else None, rootfs=str(image.path),
+                        rootfs_bytes=image.bytes_allocated)
+
+    async def _pull(self, ref: str, layout: Path) -> None:
+        skopeo = shutil.which("skopeo")
+        if skopeo is None:
+            raise StepFailed(step=BASE_STEP, reason=f"from_image({ref!r}) needs skopeo on the node "
+                                                    "(scripts/apt-packages.txt)")
+        host = ref.split("/", 1)[0] if "/" in ref else ""
+        insecure = host.split(":")[0] in ("localhost", "127.0.0.1", "[::1]")
+        self.say(f"Pulling {ref}", step=BASE_STEP)
+        if layout.exists():
+            shutil.rmtree(layout)
+        layout.parent.mkdir(parents=True, exist_ok=True)
+        proc = await asyncio.create_subprocess_exec(
+            skopeo, "copy", *(["--src-tls-verify=false"] if insecure else []), f"docker://{ref}",
+            f"oci:{layout}:latest", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise StepFailed(step=BASE_STEP, reason=f"pulling {ref} failed: {out.decode(errors='replace')[-2000:]}")
 
     async def _exec(self, cmd: list[str], what: str, timeout: float = STEP_TIMEOUT_S) -> ExecReply:
         assert self.vm is not None

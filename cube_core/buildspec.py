@@ -101,12 +101,13 @@ class TemplateBuild(Frozen):
 
 
 class BuildJob(Frozen):
-    """What the node gets: the build, its parent template (READY on that node), and where the
-    uploaded files of its COPY steps are (hash -> tar archive the SDK uploaded)."""
+    """What the node gets: the build, its parent template (READY on that node) or the OCI image to
+    start from (``plan.from_image``), and where the uploaded files of its COPY steps are (hash ->
+    tar archive the SDK uploaded)."""
 
     build: TemplateBuild
     plan: BuildPlan
-    parent: Template
+    parent: Template | None = None
     files: dict[str, Path] = Field(default_factory=dict)
 
 

@@ -164,7 +164,7 @@ class TemplateBuilds:
         build = build.model_copy(update={"plan": plan})
         self.store.put_build(build)
         try:
-            parent = self._parent(team_id, plan)
+            parent = self._parent(team_id, plan)  # None: from an OCI image (any node pulls it)
             files: dict[str, Path] = {}
             for step in plan.steps:
                 if step.type == "COPY":
@@ -172,9 +172,10 @@ class TemplateBuilds:
                     if not path.is_file():
                         raise TemplateError(f"the files of COPY {step.args[0] if step.args else ''} were not uploaded")
                     files[step.files_hash or ""] = path
-            nodes = [n for n in self.nodes.placeable() if parent.template_id in n.templates]
+            nodes = [n for n in self.nodes.placeable() if parent is None or parent.template_id in n.templates]
             if not nodes:
-                raise TemplateError(f"template {parent.template_id!r} is not ready on any node that takes sandboxes")
+                raise TemplateError(f"template {parent.template_id if parent else plan.from_image!r} cannot be built "
+                                    "on any node that takes sandboxes")
             node = min(nodes, key=lambda n: (n.sandboxes, n.node_id))
             client = self.nodes.client(node.node_id)
             await client.build_template(BuildJob(build=build, plan=plan, parent=parent, files=files))
@@ -191,14 +192,15 @@ class TemplateBuilds:
         if template is not None and template.status == TemplateStatus.BUILDING and template.snapshot is None:
             self.store.put_template(template.model_copy(update={"status": TemplateStatus.FAILED}))
 
-    def _parent(self, team_id: str, plan: BuildPlan) -> Template:
+    def _parent(self, team_id: str, plan: BuildPlan) -> Template | None:
         if plan.from_template:
             name = plan.from_template
         elif plan.from_image in IMAGE_TEMPLATES:
             name = IMAGE_TEMPLATES[plan.from_image]
+        elif plan.from_image:
+            return None
         else:
-            raise TemplateError(f"from_image({plan.from_image!r}) is not supported yet: build from a template "
-                                "(from_template, from_base_image)")
+            raise TemplateError("the build names no template or image to start from")
         template = self.store.get_template(name)
         if template is None or not visible(template, team_id):
             raise TemplateError(f"parent template {name!r} not found")

@@ -165,3 +165,20 @@ async def test_tags_with_the_sdk(cube, build_env, tmp_path):
     assert "v2" not in {t.tag for t in await AsyncTemplate.get_tags(alias)}
     with pytest.raises(Exception, match="not found"):
         await AsyncTemplate.assign_tags(f"{alias}:nope", ["x"])
+
+
+async def test_from_image_of_a_local_oci_layout_and_of_a_registry(cube, build_env, tmp_path):
+    layouts = cube.service.settings.state_dir / "oci"
+    (layouts / "mine").mkdir(parents=True)
+    info = await AsyncTemplate.build(AsyncTemplate().from_image("oci:mine").run_cmd("echo on the image"), name())
+    tpl = cube.service.store.get_template(info.template_id)
+    assert tpl.status.value == "ready" and tpl.snapshot is not None
+    record = cube.service.store.get_build(info.build_id)
+    assert any("Using the OCI layout" in line.message for line in record.logs)
+    with pytest.raises(BuildException, match="no OCI layout"):
+        await AsyncTemplate.build(AsyncTemplate().from_image("oci:absent").run_cmd("true"), name())
+    with pytest.raises(BuildException, match="oci:<name>"):
+        await AsyncTemplate.build(AsyncTemplate().from_image("oci:../etc").run_cmd("true"), name())
+    # a registry the host cannot reach (or no skopeo on it): the build fails at its base step
+    with pytest.raises(BuildException, match="skopeo|pulling"):
+        await AsyncTemplate.build(AsyncTemplate().from_image("registry.invalid/x:1").run_cmd("true"), name())
