@@ -32,12 +32,16 @@ Errors are compared by class and fields, so a transport must rebuild them exactl
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 
 import pytest
 
 from cube_core import ids
+from cube_core.buildspec import BuildJob, BuildPlan, BuildStatus, BuildStep, TemplateBuild
 from cube_core.errors import CubeError, SandboxNotFoundError, SnapshotNotFoundError, TemplateNotFoundError
 from cube_core.models import EgressRule, NetworkPolicy, Node, Sandbox, SnapshotRef, Template, utcnow
 from cube_core.nodeclient import Launched, LaunchRequest, NodeClient
@@ -141,6 +145,28 @@ class NodeClientContract:
         assert node.node_id == plane.client.node_id
         assert plane.template.template_id in node.templates
         assert node.cpu_total >= 1 and node.memory_mb_total >= 1
+
+    # -- template builds ----------------------------------------------------------------------------
+
+    async def test_a_template_build_runs_in_the_background_and_then_serves(self, plane: ControlPlane) -> None:
+        build = TemplateBuild(build_id=str(uuid.uuid4()), template_id="tb" + ids.sandbox_id()[:12],
+                              team_id="team-a", name="contract-build", memory_mb=plane.template.memory_mb)
+        plane.store.put_build(build)
+        plan = BuildPlan(from_template=plane.template.template_id,
+                         steps=(BuildStep(type="RUN", args=("echo built-here",)),))
+        await plane.client.build_template(BuildJob(build=build, plan=plan, parent=plane.template))
+        deadline = time.monotonic() + 600
+        record = plane.store.get_build(build.build_id)
+        while record is not None and record.status not in (BuildStatus.READY, BuildStatus.ERROR):
+            assert time.monotonic() < deadline, "the build did not end"
+            await asyncio.sleep(0.1)
+            record = plane.store.get_build(build.build_id)
+        assert record is not None and record.status == BuildStatus.READY, record
+        assert record.node_id == plane.client.node_id and record.steps_run == 1
+        assert any("RUN echo built-here" in line.message for line in record.logs)
+        template = plane.store.get_template(build.template_id)
+        assert template is not None and template.team_id == "team-a" and template.snapshot is not None
+        assert build.template_id in (await plane.client.status()).templates
 
     # -- launch, exec, destroy -----------------------------------------------------------------------
 
