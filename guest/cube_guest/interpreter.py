@@ -16,6 +16,9 @@ from .state import AgentState
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 5.0
+START_WAIT_S = 30.0
+"""A create, restart or first default-context request returns after at most this long, even
+with the kernel still starting (executions wait for it): the SDK gives those requests 60 s."""
 
 
 class Interpreter:
@@ -86,7 +89,8 @@ class Interpreter:
                 return web.Response(status=404, text=f"context {context_id} not found")
         else:
             try:
-                ctx = await self.contexts.default(str(language) if language else None)
+                ctx = await self.contexts.default(str(language) if language else None,
+                                                  START_WAIT_S)
             except UnsupportedLanguage as exc:
                 return web.Response(status=400, text=str(exc))
         job = ctx.submit(code, env_vars)
@@ -122,7 +126,7 @@ class Interpreter:
         cwd = body.get("cwd")
         try:
             ctx = await self.contexts.create(
-                str(language) if language else None, str(cwd) if cwd else None
+                str(language) if language else None, str(cwd) if cwd else None, START_WAIT_S
             )
         except UnsupportedLanguage as exc:
             return web.Response(status=400, text=str(exc))
@@ -139,5 +143,9 @@ class Interpreter:
         ctx = self.contexts.get(request.match_info["id"])
         if ctx is None:
             return web.Response(status=404, text="context not found")
-        await ctx.restart()
+        ctx.begin(restart=True)
+        try:
+            await ctx.settle(START_WAIT_S)
+        except (OSError, RuntimeError) as exc:
+            return web.Response(status=500, text=f"failed to restart the context: {exc}")
         return web.Response(status=204)

@@ -143,6 +143,8 @@ class Context(ABC):
         self.lock = asyncio.Lock()
         self.env_generation = -1
         self.current: Execution | None = None
+        self.starting: asyncio.Task[None] | None = None
+        """The kernel's start or restart, which executions wait for (see :meth:`settle`)."""
 
     def describe(self) -> dict[str, str]:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
@@ -171,6 +173,8 @@ class Context(ABC):
                 self.current = job
                 job.started.set()
                 try:
+                    if self.starting is not None:
+                        await asyncio.shield(self.starting)  # raises what the start raised
                     await self.run(job)
                 except Exception as exc:
                     log.exception("execution in context %s failed", self.id)
@@ -182,6 +186,43 @@ class Context(ABC):
             job.emit({"type": "end_of_execution"})
             job.lines.put_nowait(None)
             job.finished.set()
+
+    def begin(self, restart: bool = False) -> asyncio.Task[None]:
+        """Start (or restart) the kernel in the background; executions wait for it."""
+        previous = self.starting
+
+        async def go() -> None:
+            if previous is not None and not previous.done():
+                with contextlib.suppress(Exception):
+                    await previous
+            await (self.restart() if restart else self.start())
+
+        self.starting = asyncio.get_running_loop().create_task(go())
+        return self.starting
+
+    async def settle(self, wait_s: float | None) -> None:
+        """Wait for :meth:`begin`'s start, at most ``wait_s`` (None: until done); a failure
+        raises. Left running past ``wait_s``, it goes on: the next execution waits for it."""
+        task = self.starting
+        if task is None:
+            return
+        if wait_s is None:
+            await asyncio.shield(task)
+        else:
+            done, _ = await asyncio.wait({task}, timeout=wait_s)
+            if done:
+                task.result()
+            else:
+                log.info("context %s still starting after %.0fs; executions will wait",
+                         self.id, wait_s)
+
+    async def stop(self) -> None:
+        """Cancel a start still running, then shut the kernel down."""
+        if self.starting is not None and not self.starting.done():
+            self.starting.cancel()
+            with contextlib.suppress(BaseException):
+                await self.starting
+        await self.shutdown()
 
     async def abandon(self, job: Execution) -> None:
         """The client went away (or timed out): drop its output and interrupt it."""
@@ -827,7 +868,11 @@ class ContextManager:
             )
         return lang
 
-    async def create(self, language: str | None, cwd: str | None) -> Context:
+    async def create(self, language: str | None, cwd: str | None,
+                     wait_s: float | None = None) -> Context:
+        """A new context, once its kernel is up or ``wait_s`` has passed (it then keeps
+        starting and executions wait for it: a cold tslab start under TCG takes longer than
+        the SDK's 60 s request timeout)."""
         lang = self._check(language)
         cwd = cwd or self.default_cwd()
         ctx: Context
@@ -841,18 +886,23 @@ class ContextManager:
             ctx = BashContext(self.state, cwd, self.scratch_dir)
         else:  # a kernelspec we have no glue code for
             raise UnsupportedLanguage(f"language '{language}' is not supported by this sandbox")
-        await ctx.start()
+        ctx.begin()
+        try:
+            await ctx.settle(wait_s)
+        except BaseException:
+            await ctx.stop()
+            raise
         self.contexts[ctx.id] = ctx
         log.info("context %s (%s) ready in %s", ctx.id, lang, cwd)
         return ctx
 
-    async def default(self, language: str | None) -> Context:
+    async def default(self, language: str | None, wait_s: float | None = None) -> Context:
         lang = self._check(language)
         lock = self._default_locks.setdefault(lang, asyncio.Lock())
         async with lock:
             ctx = self.defaults.get(lang)
             if ctx is None or ctx.id not in self.contexts:
-                ctx = await self.create(lang, None)
+                ctx = await self.create(lang, None, wait_s)
                 self.defaults[lang] = ctx
             return ctx
 
@@ -866,7 +916,7 @@ class ContextManager:
         for lang, dflt in list(self.defaults.items()):
             if dflt is ctx:
                 del self.defaults[lang]
-        await ctx.shutdown()
+        await ctx.stop()
         return True
 
     async def reseed_all(self) -> None:
@@ -880,7 +930,7 @@ class ContextManager:
 
     async def shutdown(self) -> None:
         await asyncio.gather(
-            *(c.shutdown() for c in list(self.contexts.values())), return_exceptions=True
+            *(c.stop() for c in list(self.contexts.values())), return_exceptions=True
         )
         self.contexts.clear()
 

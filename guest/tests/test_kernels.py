@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,58 @@ def test_dataframe_data_is_upstreams_shape() -> None:
     assert data["3"] == ["x", "y"]
     json.dumps(data, allow_nan=False)
     assert kernel_charts.dataframe_to_data(object()) is None
+
+
+def _slow_python_kernel(root: Path, delay_s: float) -> None:
+    """A real ipykernel that takes ``delay_s`` longer to come up (a cold kernel under TCG)."""
+    (root / "kernels" / "python3").mkdir(parents=True)
+    argv = ["/bin/sh", "-c", f'sleep {delay_s}; exec "$0" -m ipykernel_launcher -f "$1"',
+            sys.executable, "{connection_file}"]
+    (root / "kernels" / "python3" / "kernel.json").write_text(json.dumps(
+        {"argv": argv, "display_name": "slow", "language": "python"}))
+
+
+async def _lines(ctx: Any, code: str) -> list[dict[str, Any]]:
+    job = ctx.submit(code, None)
+    out = []
+    while (line := await job.lines.get()) is not None:
+        out.append(line)
+    return out
+
+
+def test_slow_start_returns_early_and_executions_wait(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    _slow_python_kernel(tmp_path, 3)
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+
+    async def scenario() -> None:
+        manager = ContextManager(AgentState(), str(tmp_path))
+        ctx = await manager.create("python", str(tmp_path), wait_s=0.2)
+        try:
+            assert ctx.starting is not None and not ctx.starting.done()
+            assert ctx.id in manager.contexts
+            results = [ln for ln in await _lines(ctx, "x = 20\nx + 1") if ln["type"] == "result"]
+            assert results[0]["text"] == "21"
+            ctx.begin(restart=True)
+            await ctx.settle(0.2)
+            assert not ctx.starting.done()
+            after = await _lines(ctx, "'x' in dir()")
+            assert [ln["text"] for ln in after if ln["type"] == "result"] == ["False"]
+        finally:
+            await manager.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_start_failure_within_the_wait_raises(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "kernels" / "python3").mkdir(parents=True)
+    (tmp_path / "kernels" / "python3" / "kernel.json").write_text(json.dumps(
+        {"argv": ["/nonexistent/kernel", "{connection_file}"], "display_name": "x",
+         "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    manager = ContextManager(AgentState(), str(tmp_path))
+    with pytest.raises(OSError):
+        asyncio.run(manager.create("python", str(tmp_path), wait_s=30))
+    assert manager.contexts == {}
