@@ -23,7 +23,7 @@ import structlog
 from cube_core import EgressRule, NetworkDriver, NetworkError, NetworkPolicy, NicHandle
 from pyroute2 import IPRoute
 
-from cube_net_ebpf import bpfobject, host, libbpf, netns, slot
+from cube_net_ebpf import bpfobject, host, libbpf, netns, nftables, slot
 from cube_net_ebpf.addressing import (
     GUEST_MAC,
     TAP_NAME,
@@ -156,6 +156,8 @@ class EbpfNetwork(NetworkDriver):
 
     def _start_sync(self) -> None:
         with map_network_errors("network start"):
+            host.raise_open_files_limit()
+            nftables.ensure_loaded()  # its low descriptors, while they are free
             host.prepare(self.config.subnet, self.resolver, self.config.manage_forwarding,
                          self.names)
             own = parse_networks(host.own_addresses(self.config.subnet))

@@ -5,6 +5,7 @@ namespaces and links named after this node, see :mod:`.nodenames`)."""
 from __future__ import annotations
 
 import ipaddress
+import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,21 @@ FORWARDING_MARKER = Path("/run/cube/net-forwarding-enabled")
 sysctl is). One per host, shared by every node on it on purpose: it describes the host's sysctl,
 so a node started after another one turned forwarding on still knows only sandbox traffic may be
 forwarded."""
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit; return the soft limit.
+
+    A node holds about two descriptors per sandbox (QMP, guest control channel) besides the
+    network's, so systemd's default soft limit of 1024 would refuse sandboxes near 500 (the
+    one ``select()`` user found, libnftables, gets a socket below 1024: see :mod:`.nftables`).
+    Children (QEMU) inherit the raised limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("raised the open files limit", soft_was=soft, soft=hard)
+    return hard
 
 
 def prepare(subnet: str, resolver: str | None, manage_forwarding: bool,
