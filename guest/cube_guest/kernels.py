@@ -36,6 +36,8 @@ KERNEL_START_TIMEOUT_S = 600.0
 SILENT_TIMEOUT_S = 30.0
 LIVENESS_CHECK_S = 2.0
 REPLY_GRACE_S = 2.0
+ABORT_RETRIES = 2
+ABORT_RETRY_PAUSE_S = 0.25
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ERROR_LINE = re.compile(r"^([A-Za-z_$][\w$]*(?:Error|Exception)): (.*)$")
 """``TypeError: x is not a function``: what node prints for an uncaught exception."""
@@ -371,6 +373,11 @@ class Turn:
         self.errored = False
         self.stderr: list[str] = []
 
+    def aborted(self) -> bool:
+        """The kernel dropped the request without running it (nothing was published)."""
+        status = (self.reply or {}).get("status")
+        return status in ("aborted", "abort") and not (self.counted or self.errored or self.stderr)
+
     def finish(self, job: Execution) -> bool:
         """Emit what only the shell reply told (count; an error the kernel printed to stderr
         instead of publishing it, as tslab does). True if the execution failed."""
@@ -522,6 +529,26 @@ class JupyterContext(Context):
         await self._sync_env()
         if job.env_vars:
             await self.silent(self.env_push_code(job.env_vars))
+        attempt = 0
+        while True:
+            turn = await self._execute(job)
+            if turn is None:
+                return  # the kernel died (and was restarted)
+            if not turn.aborted() or attempt == ABORT_RETRIES:
+                break
+            attempt += 1
+            # A kernel drops requests that arrive just after a failed cell (ipykernel's
+            # stop_on_error abort window, tslab's 200 ms queue reset): nothing ran, send it again.
+            log.info("context %s: the kernel aborted the execution, sending it again", self.id)
+            await asyncio.sleep(ABORT_RETRY_PAUSE_S)
+        failed = turn.finish(job)
+        if failed and self.error_pause_s:
+            await asyncio.sleep(self.error_pause_s)
+        if job.env_vars:
+            await self.silent(self.env_pop_code())
+
+    async def _execute(self, job: Execution) -> Turn | None:
+        """Send the cell and relay its messages; None if the kernel died meanwhile."""
         msg_id, queue = self._send(job.code, silent=False)
         turn = Turn()
         try:
@@ -531,23 +558,18 @@ class JupyterContext(Context):
                     msg = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:
                     if turn.idle:
-                        break  # idle came, the reply did not: do without it
+                        return turn  # idle came, the reply did not: do without it
                     if not await self.km.is_alive():
                         job.emit({"type": "error", "name": "DeadKernelError",
                                   "value": "the kernel died during the execution",
                                   "traceback": ""})
                         await self.restart()
-                        return
+                        return None
                     continue
                 if self._handle(job, msg, turn):
-                    break
+                    return turn
         finally:
             self._listeners.pop(msg_id, None)
-        failed = turn.finish(job)
-        if failed and self.error_pause_s:
-            await asyncio.sleep(self.error_pause_s)
-        if job.env_vars:
-            await self.silent(self.env_pop_code())
 
     def _handle(self, job: Execution, msg: dict[str, Any], turn: Turn) -> bool:
         """Map one iopub message (or the shell reply); True when the execution is over."""

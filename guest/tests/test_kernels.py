@@ -216,3 +216,42 @@ def test_start_failure_within_the_wait_raises(tmp_path: Path,
     with pytest.raises(OSError):
         asyncio.run(manager.create("python", str(tmp_path), wait_s=30))
     assert manager.contexts == {}
+
+
+def test_turn_aborted() -> None:
+    turn = Turn()
+    turn.reply = {"status": "aborted"}
+    assert turn.aborted()
+    turn.counted = True
+    assert not turn.aborted()
+    tslab = Turn()
+    tslab.reply = {"status": "abort"}
+    assert tslab.aborted()
+
+
+def test_cell_right_after_an_error_is_not_lost(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """ipykernel drops execute requests that arrive within ``stop_on_error_timeout`` of a failed
+    cell (0 by default: a race under load); the agent sends an aborted cell again."""
+    (tmp_path / "kernels" / "python3").mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+            "--Kernel.stop_on_error_timeout=0.2"]
+    (tmp_path / "kernels" / "python3" / "kernel.json").write_text(json.dumps(
+        {"argv": argv, "display_name": "abort window", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+
+    async def scenario() -> None:
+        manager = ContextManager(AgentState(), str(tmp_path))
+        ctx = await manager.create("python", str(tmp_path))
+        try:
+            for _ in range(3):
+                failed = await _lines(ctx, "1 / 0")
+                errors = [ln["name"] for ln in failed if ln["type"] == "error"]
+                assert errors == ["ZeroDivisionError"]
+                after = await _lines(ctx, "40 + 2")
+                assert [ln["text"] for ln in after if ln["type"] == "result"] == ["42"]
+        finally:
+            await manager.shutdown()
+
+    asyncio.run(scenario())
