@@ -5,11 +5,17 @@ the build with its exit code."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import subprocess
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from cube_e2e import CubeServer
+from cube_e2e import CubeServer, free_port
 from e2b import BuildException, Sandbox, Template, wait_for_port
 
 pytestmark = pytest.mark.e2e
@@ -79,3 +85,102 @@ def test_build_create_rebuild_and_fail(e2b_env: CubeServer, tmp_path: Path) -> N
         Template.build(failing, f"{name}-bad", on_build_logs=lambda e: logs.append(e.message))
     assert "exit code 3" in str(err.value) and "going-wrong" in str(err.value), str(err.value)
     assert "going-wrong" in logs
+
+
+def oci_layout(layout: Path, layer_tar: Path) -> None:
+    """A one-layer OCI image layout (uncompressed layer) from a root filesystem tarball."""
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def blob(data: bytes) -> tuple[str, int]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return f"sha256:{digest}", len(data)
+
+    h = hashlib.sha256()
+    with layer_tar.open("rb") as src, (blobs / "layer.tmp").open("wb") as dst:
+        while chunk := src.read(1 << 20):
+            h.update(chunk)
+            dst.write(chunk)
+    (blobs / "layer.tmp").rename(blobs / h.hexdigest())
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": f"sha256:{h.hexdigest()}",
+             "size": layer_tar.stat().st_size}
+    config_digest, config_size = blob(json.dumps({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]}}).encode())
+    manifest_digest, manifest_size = blob(json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                   "size": config_size},
+        "layers": [layer]}).encode())
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
+        "size": manifest_size, "platform": {"architecture": "amd64", "os": "linux"}}]}))
+    (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+
+
+@pytest.fixture(scope="module")
+def debian_layout(cube_server: CubeServer) -> Path:
+    """The Debian tree the server's base image was made from (its debootstrap cache), as a one-layer
+    OCI image layout in ``<state_dir>/oci/debian-base`` (where ``from_image("oci:debian-base")`` looks)."""
+    layout = cube_server.state_dir / "oci" / "debian-base"
+    if not layout.exists():
+        tars = sorted(Path("/var/cache/cube/debootstrap").glob("bookworm-*.tar"), key=lambda p: p.stat().st_size)
+        assert tars, "the e2e server builds base from a debootstrap tarball in /var/cache/cube/debootstrap"
+        oci_layout(layout, tars[0])
+    return layout
+
+
+def check_built_from_image(name: str) -> None:
+    sbx = Sandbox.create(template=name, timeout=120)
+    try:
+        assert sbx.files.read("/home/user/img.txt").strip() == "from-image"
+        assert "bookworm" in sbx.files.read("/etc/os-release")
+    finally:
+        sbx.kill()
+
+
+def test_build_from_a_local_oci_layout(e2b_env: CubeServer, debian_layout: Path) -> None:
+    logs: list[str] = []
+    name = f"e2e-img-{uuid.uuid4().hex[:8]}"
+    Template.build(Template().from_image("oci:debian-base").run_cmd("echo from-image > /home/user/img.txt"),
+                   name, on_build_logs=lambda e: logs.append(e.message))
+    assert any("Using the OCI layout" in m for m in logs), logs
+    check_built_from_image(name)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[str]:
+    """Debian's docker-registry on loopback (no auth, no TLS), stopped after the test."""
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'data'}\n"
+                      f"http:\n  addr: 127.0.0.1:{port}\n")
+    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "docker-registry did not start"
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_build_from_a_registry_image(e2b_env: CubeServer, debian_layout: Path, registry: str) -> None:
+    ref = f"{registry}/cube-test/debian:1"
+    subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{debian_layout}", f"docker://{ref}"],
+                   check=True, capture_output=True, timeout=600)
+    logs: list[str] = []
+    name = f"e2e-reg-{uuid.uuid4().hex[:8]}"
+    Template.build(Template().from_image(ref).run_cmd("echo from-image > /home/user/img.txt"),
+                   name, on_build_logs=lambda e: logs.append(e.message))
+    assert f"Pulling {ref}" in logs, logs
+    check_built_from_image(name)
