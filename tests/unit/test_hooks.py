@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import types
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +33,6 @@ from cube_core.config import LoadedConfig
 from cube_core.embedded import Embedded
 from cube_core.service import SandboxService
 from cube_core.store import SqliteStore
-
-
-@pytest.fixture
-async def cube(plugin_host: Callable[..., PluginHost], tmp_path: Path) -> AsyncIterator[Embedded]:
-    pair = Embedded(plugin_host(), SqliteStore(tmp_path / "db"))
-    await pair.start()
-    await pair.agent.ensure_templates(("base",))
-    yield pair
-    await pair.stop()
-
-
-@pytest.fixture
-def service(cube: Embedded) -> SandboxService:
-    return cube.service
 
 
 def test_hook_cube_addhooks(register_plugin: Callable[..., PluginHost]) -> None:

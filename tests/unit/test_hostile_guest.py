@@ -5,7 +5,7 @@ reason) and keeps serving every other team. Teardown runs every step whatever on
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +22,6 @@ from cube_core.pool import POOL_TEAM
 from cube_core.service import SandboxService
 from cube_core.state import SandboxState
 from cube_core.store import SqliteStore
-
-
-@pytest.fixture
-async def cube(plugin_host: Callable[..., PluginHost], tmp_path: Path) -> AsyncIterator[Embedded]:
-    pair = Embedded(plugin_host(), SqliteStore(tmp_path / "cube.db"))
-    await pair.start()
-    await pair.agent.ensure_templates(("base",))
-    yield pair
-    await pair.stop()
-
-
-@pytest.fixture
-def service(cube: Embedded) -> SandboxService:
-    return cube.service
 
 
 def spec(team: str, **kw: Any) -> SandboxSpec:

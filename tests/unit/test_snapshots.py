@@ -1,31 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-
 import pytest
 
-from cube_core._host import PluginHost
 from cube_core.embedded import Embedded
 from cube_core.errors import SnapshotInUseError, SnapshotNotFoundError
 from cube_core.models import SandboxSpec, SnapshotRef
 from cube_core.service import SandboxService
 from cube_core.state import SandboxState
-from cube_core.store import SqliteStore
-
-
-@pytest.fixture
-async def cube(plugin_host: Callable[..., PluginHost], tmp_path: Path) -> AsyncIterator[Embedded]:
-    pair = Embedded(plugin_host(), SqliteStore(tmp_path / "cube.db"))
-    await pair.start()
-    await pair.agent.ensure_templates(("base",))
-    yield pair
-    await pair.stop()
-
-
-@pytest.fixture
-def service(cube: Embedded) -> SandboxService:
-    return cube.service
 
 
 async def test_snapshot_tree_and_create_from_snapshot(cube: Embedded, service: SandboxService) -> None:
