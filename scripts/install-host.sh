@@ -4,8 +4,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 list="$here/apt-packages.txt"
+fallbacks="$here/apt-fallbacks.txt"
 stamp_dir=${CUBE_CACHE:-/var/cache/cube}/stamps
-key=$(grep -v '^#' "$list" | sha256sum | cut -c1-16)
+key=$(grep -hv '^#' "$list" "$fallbacks" | sha256sum | cut -c1-16)
 stamp="$stamp_dir/apt-$key"
 [[ -f "$stamp" ]] && exit 0
 mapfile -t pkgs < <(awk '!/^#/ && NF {print $1}' "$list")
@@ -22,6 +23,14 @@ if ((${#missing[@]})); then
   apt-get update -q
   apt-get install -y -q -o Dpkg::Progress-Fancy=1 --no-install-recommends "${missing[@]}"
 fi
+# A command some installs of its package do not ship comes from its fallback package (apt-fallbacks.txt).
+while read -r cmd pkg; do
+  if ! command -v "$cmd" >/dev/null 2>&1; then
+    [[ $(id -u) == 0 ]] || { echo "install-host: need root to apt-get install $pkg (for $cmd)" >&2; exit 1; }
+    echo "install-host: $cmd is missing: installing $pkg"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$pkg"
+  fi
+done < <(awk '!/^#/ && NF == 2' "$fallbacks")
 # Every command the list names must now be on PATH (a package that no longer ships one fails here).
 # PostgreSQL's server programs (initdb, pg_ctl) live in /usr/lib/postgresql/<version>/bin, off PATH.
 PATH="$PATH$(printf ':%s' /usr/lib/postgresql/*/bin)"

@@ -51,6 +51,19 @@ def package_lines() -> dict[str, str]:
     return owners
 
 
+FALLBACKS = REPO / "scripts" / "apt-fallbacks.txt"
+
+
+def fallback_packages() -> dict[str, str]:
+    """command -> the package install-host.sh installs when the listed package did not ship it."""
+    return {w[0]: w[1] for w in (raw.split("#", 1)[0].split() for raw in FALLBACKS.read_text().splitlines())
+            if len(w) == 2}
+
+
+def test_fallbacks_name_listed_commands() -> None:
+    assert set(fallback_packages()) <= set(package_lines()), "a fallback for a command no line names"
+
+
 def listed_packages() -> list[str]:
     return [w[0] for w in (raw.split("#", 1)[0].split() for raw in PACKAGES.read_text().splitlines()) if w]
 
@@ -200,7 +213,7 @@ def test_listed_commands_come_from_their_package() -> None:
         candidates = {path, str(Path(path).resolve())}
         candidates |= {c.replace("/usr/", "/", 1) for c in set(candidates) if c.startswith("/usr/")}
         owners = set().union(*(_dpkg_owner(c) for c in candidates))
-        if pkg not in owners and not owners & _depends(pkg):
+        if pkg not in owners and not owners & _depends(pkg) and fallback_packages().get(cmd) not in owners:
             wrong[cmd] = f"listed for {pkg}, but {path} belongs to {sorted(owners) or 'no package'}"
     assert not wrong, wrong
 
