@@ -16,7 +16,7 @@ import structlog
 
 from cube_core.config import ClusterSettings
 from cube_core.errors import NodeUnavailableError
-from cube_core.models import Node, NodeStatus, utcnow
+from cube_core.models import Node, NodeStatus, Sandbox, utcnow
 from cube_core.nodeclient import NodeClient
 from cube_core.pool import POOL_TEAM
 from cube_core.state import SandboxState
@@ -68,10 +68,11 @@ class NodeDirectory:
             self._clients[node_id] = cached
         return cached[1]
 
-    def placeable(self) -> list[Node]:
+    def placeable(self, live: list[Sandbox] | None = None) -> list[Node]:
         """Nodes that take new sandboxes (up, heartbeat fresh), with what the records reserve on
         each right now (so a sandbox placed a moment ago, before the node's next report, counts)."""
-        live = self.store.list_sandboxes(states=LIVE_STATES)
+        if live is None:
+            live = self.store.list_sandboxes(states=LIVE_STATES)
         out = []
         for node in self.records():
             if node.status != NodeStatus.UP or self._stale(node):

@@ -178,12 +178,12 @@ class SandboxService:
             out = [s for s in out if all(s.metadata.get(k) == v for k, v in metadata.items())]
         return out
 
-    def _place(self, spec: SandboxSpec, snapshot: SnapshotRef | None) -> Node:
+    def _place(self, spec: SandboxSpec, snapshot: SnapshotRef | None, live: builtins.list[Sandbox]) -> Node:
         """The node for a new sandbox: the scheduler's choice among the nodes that are up and
         have the template ready. From a sandbox snapshot: its own node (the files are there) when
         it takes sandboxes; otherwise one of the others, which copies the snapshot first (its
         origin must be reachable for that: draining is fine, down is not)."""
-        nodes = self.nodes.placeable()
+        nodes = self.nodes.placeable(live)
         if snapshot is not None and snapshot.node_id is not None:
             origin = [n for n in nodes if n.node_id == snapshot.node_id]
             if origin:
@@ -213,9 +213,10 @@ class SandboxService:
             raise AdmissionRejectedError(reason=rejection.reason, retryable=rejection.retryable)
         with self.store.exclusive("placement"):  # among masters: quota, capacity, node, record at once
             self.quotas.check_create(spec.team_id, spec.network)
-            if len(self.store.list_sandboxes(states=LIVE_STATES)) >= self.settings.max_sandboxes:
+            live = self.store.list_sandboxes(states=LIVE_STATES)  # read once: the cap and the nodes' usage
+            if len(live) >= self.settings.max_sandboxes:
                 raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
-            node = self._place(spec, snap)
+            node = self._place(spec, snap, live)
             now = utcnow()
             sandbox = Sandbox(
                 sandbox_id=ids.sandbox_id(), template_id=template.template_id,
