@@ -82,6 +82,11 @@ class CoreSettings(_Model):
     agents (``/sandboxes/{id}/metrics`` history, ``/sandboxes/{id}/logs``)."""
     observations_keep_s: int = Field(default=7 * 86400, ge=60)
     """How long those metric samples and log entries are kept, also after their sandbox ended."""
+    pause_to_disk_after_s: float = Field(default=600.0, ge=0)
+    """A sandbox paused this long is written out to disk (its memory and devices, incremental over
+    its template's snapshot) and its VM process ends: it then costs disk, not RAM; a resume (by
+    ``connect``, or by traffic with auto-resume) restores it. ``0``: never (paused sandboxes stay
+    in RAM). See docs/lifecycle.md."""
     pool: PoolSettings = Field(default_factory=PoolSettings)
     boot_mode: Literal["snapshot", "cold"] = "snapshot"
     """How a sandbox's VM starts when it does not come from the warm pool: ``snapshot`` restores

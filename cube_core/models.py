@@ -51,6 +51,8 @@ class SandboxSpec(Frozen):
     metadata: dict[str, str] = Field(default_factory=dict)
     env_vars: dict[str, str] = Field(default_factory=dict)
     auto_pause: bool = False
+    auto_resume: bool = False
+    """A paused sandbox is resumed by traffic for it (the edge proxy) as well as by ``connect``."""
     secure: bool = False
     network: NetworkPolicy = Field(default_factory=NetworkPolicy)
     cpu_count: int = Field(default=1, ge=1, le=64)
@@ -77,6 +79,12 @@ class Sandbox(Frozen):
     cpu_count: int = 1
     memory_mb: int = 512
     auto_pause: bool = False
+    auto_resume: bool = False
+    timeout_s: int | None = None
+    """The timeout it was created with: what a resume by traffic (``auto_resume``) gives it again."""
+    paused_at: datetime | None = None
+    """When it was paused (None unless ``paused``): after ``[core] pause_to_disk_after_s`` it is
+    written out to disk (``runtime.saved``) and its VM process ends."""
     secure: bool = False
     envd_access_token: str | None = None
     network: NetworkPolicy = Field(default_factory=NetworkPolicy)
@@ -322,6 +330,14 @@ class SandboxRuntime(Frozen):
     disk: DiskHandle | None = None
     nic: NicHandle | None = None
     parent_snapshot: str | None = None
+    saved: VmState | None = None
+    """A paused sandbox written out to disk: its memory and devices (an incremental snapshot of
+    the node's storage, ``saved.state_id``); ``vm`` is None then (no VM process runs), and a
+    resume restores it onto the same disk and network slot."""
+
+    @property
+    def on_disk(self) -> bool:
+        return self.saved is not None and self.vm is None
 
 
 class StateFile(Frozen):
@@ -365,5 +381,6 @@ class VmState(Frozen):
 
 VmSpec.model_rebuild()
 SnapshotRef.model_rebuild()
+SandboxRuntime.model_rebuild()
 Sandbox.model_rebuild()
 Template.model_rebuild()

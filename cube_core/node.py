@@ -183,7 +183,8 @@ class NodeAgent:
 
     def report(self) -> Node:
         """This node as the scheduler sees it: what its live sandboxes (warm-pool members
-        included) reserve (memory for every live one, vCPUs for those not paused), from the
+        included) reserve (memory for every live one but those paused to disk, vCPUs for those
+        not paused), from the
         records, so a sandbox placed a moment ago counts already."""
         mine = [s for s in self.store.list_sandboxes(states=LIVE_STATES) if s.node_id == self.node_id]
         users = [s for s in mine if s.team_id != POOL_TEAM]
@@ -194,7 +195,7 @@ class NodeAgent:
         return Node(node_id=self.node_id, url=self.url, cpu_total=os.cpu_count() or 1,
                     memory_mb_total=total_memory_mb(),
                     cpu_used=sum(s.cpu_count for s in mine if s.state != SandboxState.PAUSED),
-                    memory_mb_used=sum(s.memory_mb for s in mine), sandboxes=len(users),
+                    memory_mb_used=sum(s.memory_mb for s in mine if not s.runtime.on_disk), sandboxes=len(users),
                     sandboxes_paused=sum(1 for s in users if s.state == SandboxState.PAUSED),
                     pool=self.pool.sizes(), templates=tuple(sorted(self._ready)), disk_free_mb=disk_free,
                     isolation=self.vmm.isolation, snapshots=tuple(sorted(self._replicas)))
@@ -232,7 +233,11 @@ class NodeAgent:
                 continue
             runtime = sb.runtime
             alive = False
-            if runtime.vm is not None and CAP_REATTACH in self.vmm.capabilities:
+            if runtime.on_disk:  # written out while paused: no VM to re-attach, its files must be here
+                assert runtime.saved is not None
+                alive = sb.state == SandboxState.PAUSED and all(
+                    p.exists() for p in (runtime.saved.memory_file, runtime.saved.device_state))
+            elif runtime.vm is not None and CAP_REATTACH in self.vmm.capabilities:
                 try:
                     runtime = runtime.model_copy(update={"vm": await self.vmm.reattach(runtime.vm)})
                     alive = True
@@ -260,7 +265,9 @@ class NodeAgent:
 
     def _kept_snapshots(self) -> set[str]:
         snaps = self.store.list_snapshots()
-        return ({s.snapshot_id for s in snaps} | {s.base_state_id for s in snaps if s.base_state_id}
+        saved = {s.runtime.saved.state_id for s in self.store.list_sandboxes(states=LIVE_STATES)
+                 if s.runtime.saved is not None and s.node_id == self.node_id}
+        return (saved | {s.snapshot_id for s in snaps} | {s.base_state_id for s in snaps if s.base_state_id}
                 | {t.snapshot.snapshot_id for t in self.store.list_templates() if t.snapshot}
                 | {t.snapshot.snapshot_id for t in self._ready.values() if t.snapshot})
 
@@ -436,6 +443,9 @@ class NodeAgent:
             await _step(sandbox, "nic", functools.partial(self.network.release, runtime.nic), errors)
         if runtime.disk is not None:
             await _step(sandbox, "disk", functools.partial(self.storage.delete_disk, runtime.disk), errors)
+        if runtime.saved is not None:  # written out to disk while paused
+            await _step(sandbox, "saved state", functools.partial(self.storage.delete_snapshot,
+                                                                   runtime.saved.state_id), errors)
         return errors
 
     async def _free(self, sandbox: Sandbox) -> None:
@@ -446,6 +456,13 @@ class NodeAgent:
     def _runtime(self, sandbox_id: str) -> SandboxRuntime:
         runtime = self._live.get(sandbox_id)
         if runtime is None or runtime.vm is None:
+            raise SandboxNotFoundError(sandbox_id=sandbox_id)
+        return runtime
+
+    def _runtime_or_saved(self, sandbox_id: str) -> SandboxRuntime:
+        """The runtime of a sandbox with a VM, or written out to disk (no VM)."""
+        runtime = self._live.get(sandbox_id)
+        if runtime is None or (runtime.vm is None and runtime.saved is None):
             raise SandboxNotFoundError(sandbox_id=sandbox_id)
         return runtime
 
@@ -466,14 +483,85 @@ class NodeAgent:
         await self.vmm.pause(runtime.vm)
         self._paused.add(sandbox_id)
 
-    async def resume(self, sandbox_id: str) -> None:
-        """Resume, then give the guest the time again: best effort (the sandbox runs either way;
-        its clock is only behind by the pause), except that a guest that breaks the protocol
-        raises :class:`GuestProtocolError` (the control plane stops it)."""
-        vm = self._runtime(sandbox_id).vm
+    async def pause_to_disk(self, sandbox_id: str) -> SandboxRuntime:
+        """Write a paused sandbox out to disk and end its VM process: its memory and devices are
+        saved as an incremental snapshot (the pages it changed since its template) into the
+        storage's snapshot directory ``<sandbox id>-mem-<hex>``; its disk and network slot stay.
+        It then costs disk, not RAM; :meth:`resume` restores it. Answers the new runtime (``vm``
+        None, ``saved`` set), which the control plane records (a restarted node keeps it)."""
+        if CAP_SNAPSHOT not in self.vmm.capabilities:
+            raise UnsupportedOperation(driver=type(self.vmm).__name__, operation="pause to disk")
+        async with self._lock(sandbox_id):
+            runtime = self._runtime_or_saved(sandbox_id)
+            if runtime.on_disk:
+                return runtime
+            if sandbox_id not in self._paused:
+                raise InvalidStateError(sandbox_id=sandbox_id, state="running", required="paused")
+            vm = runtime.vm
+            assert vm is not None and runtime.disk is not None
+            state_id = f"{sandbox_id}-mem-{os.urandom(3).hex()}"
+            started = time.perf_counter()
+            try:
+                saved = await self.vmm.snapshot(vm, self.storage.snapshot_dir(state_id))
+            except BaseException:
+                await self.storage.delete_snapshot(state_id)
+                raise
+            try:
+                await self.vmm.shutdown(vm)
+            except CubeError as exc:
+                if await self.vmm.is_alive(vm):  # still running: it stays paused in RAM
+                    await self.storage.delete_snapshot(state_id)
+                    raise
+                log.warning("paused sandbox written out; its VM ended abnormally", sandbox_id=sandbox_id,
+                            error=str(exc))
+            runtime = runtime.evolve(vm=None, saved=saved)
+            self._live[sandbox_id] = runtime
+        log.info("paused sandbox written to disk", sandbox_id=sandbox_id, state_id=state_id,
+                 ms=round((time.perf_counter() - started) * 1000, 1))
+        return runtime
+
+    async def _restore_saved(self, sandbox_id: str, runtime: SandboxRuntime) -> SandboxRuntime:
+        """Start the VM of a sandbox written out to disk again from its saved state, on its own
+        disk and network slot (caller holds its lock); the saved state is deleted once it runs."""
+        saved = runtime.saved
+        assert saved is not None and runtime.disk is not None
+        record = self.store.get_sandbox(sandbox_id)
+        template = self._ready.get(record.template_id) if record is not None else None
+        started = time.perf_counter()
+        vm = await self.vmm.restore(saved, saved.clone_spec(
+            f"{sandbox_id}-r{os.urandom(3).hex()}", runtime.disk,
+            interpreter=template.interpreter if template is not None else False), runtime.nic)
+        runtime = runtime.evolve(vm=vm, saved=None)
+        self._live[sandbox_id] = runtime
+        try:
+            await self.storage.delete_snapshot(saved.state_id)
+        except CubeError as exc:  # the storage's gc frees it later
+            log.warning("saved state of a resumed sandbox not deleted", sandbox_id=sandbox_id, error=str(exc))
+        log.info("sandbox restored from disk", sandbox_id=sandbox_id, state_id=saved.state_id,
+                 ms=round((time.perf_counter() - started) * 1000, 1))
+        return runtime
+
+    async def resume(self, sandbox_id: str) -> SandboxRuntime:
+        """Resume (a sandbox written out to disk is restored first, onto its own disk and network
+        slot), then give the guest the time again: best effort (the sandbox runs either way; its
+        clock is only behind by the pause), except that a guest that breaks the protocol raises
+        :class:`GuestProtocolError` (the control plane stops it). Answers the sandbox's runtime
+        (new VM handles after a restore from disk)."""
+        async with self._lock(sandbox_id):
+            runtime = self._live.get(sandbox_id)
+            if runtime is not None and runtime.on_disk:
+                runtime = await self._restore_saved(sandbox_id, runtime)
+            else:
+                runtime = self._runtime(sandbox_id)
+                assert runtime.vm is not None
+                await self.vmm.resume(runtime.vm)
+            self._paused.discard(sandbox_id)
+        await self._sync_clock(sandbox_id, runtime)
+        return runtime
+
+    async def _sync_clock(self, sandbox_id: str, runtime: SandboxRuntime) -> None:
+        vm = runtime.vm
         assert vm is not None
-        await self.vmm.resume(vm)
-        self._paused.discard(sandbox_id)
         try:
             reply = await guest_call(self.vmm, vm, "sync_clock", {"clock_ns": time.time_ns()}, SyncClockReply,
                                      timeout=5.0)
@@ -485,12 +573,12 @@ class NodeAgent:
         log.debug("clock synced after resume", sandbox_id=sandbox_id, behind_ms=reply.behind_ms)
 
     async def update_policy(self, sandbox_id: str, policy: NetworkPolicy, rules: Sequence[EgressRule]) -> None:
-        nic = self._runtime(sandbox_id).nic
+        nic = self._runtime_or_saved(sandbox_id).nic
         assert nic is not None
         await self.network.update_policy(nic, policy, list(rules))
 
     async def audit(self, sandbox_id: str, limit: int) -> list[dict[str, object]]:
-        nic = self._runtime(sandbox_id).nic
+        nic = self._runtime_or_saved(sandbox_id).nic
         assert nic is not None
         return list(await self.network.audit(nic, limit=limit))
 

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cube_core.builds import engine_of
 from cube_core.buildspec import BuildJob
 from cube_core.errors import ConfigError, CubeError, NodeError, UnsupportedOperation
-from cube_core.models import ExecReply, Node, Sandbox
+from cube_core.models import ExecReply, Node, Sandbox, SandboxRuntime
 from cube_core.nodeclient import Launched, LaunchRequest, SavedSnapshot
 from cube_core.nodehttp import (
     PREFIX,
@@ -117,9 +117,13 @@ def _api(agent: NodeAgent) -> FastAPI:
     async def pause(sandbox_id: str) -> None:
         await agent.pause(sandbox_id)
 
-    @api.post(PREFIX + "/sandboxes/{sandbox_id}/resume", status_code=204, response_class=Response)
-    async def resume(sandbox_id: str) -> None:
-        await agent.resume(sandbox_id)
+    @api.post(PREFIX + "/sandboxes/{sandbox_id}/pause-to-disk")
+    async def pause_to_disk(sandbox_id: str) -> SandboxRuntime:
+        return await agent.pause_to_disk(sandbox_id)
+
+    @api.post(PREFIX + "/sandboxes/{sandbox_id}/resume")
+    async def resume(sandbox_id: str) -> SandboxRuntime:
+        return await agent.resume(sandbox_id)
 
     @api.post(PREFIX + "/sandboxes/{sandbox_id}/snapshots")
     async def snapshot(sandbox_id: str, request: SnapshotRequest) -> SavedSnapshot:

@@ -105,8 +105,14 @@ class NodeClient(Protocol):
 
     async def pause(self, sandbox_id: str) -> None: ...
 
-    async def resume(self, sandbox_id: str) -> None:
-        """Let it run again and give the guest the time (a paused VM's clock stood still)."""
+    async def pause_to_disk(self, sandbox_id: str) -> SandboxRuntime:
+        """Write a paused sandbox's memory and devices out to disk and end its VM process (its disk
+        and network slot stay); the runtime to record (``vm`` None, ``saved`` set)."""
+        ...
+
+    async def resume(self, sandbox_id: str) -> SandboxRuntime:
+        """Let it run again (restoring it first when it was written out to disk) and give the guest
+        the time (a paused VM's clock stood still); the runtime to record."""
         ...
 
     async def snapshot(self, sandbox_id: str, snapshot_id: str) -> SavedSnapshot:
@@ -168,8 +174,11 @@ class LocalNodeClient:
     async def pause(self, sandbox_id: str) -> None:
         await self.agent.pause(sandbox_id)
 
-    async def resume(self, sandbox_id: str) -> None:
-        await self.agent.resume(sandbox_id)
+    async def pause_to_disk(self, sandbox_id: str) -> SandboxRuntime:
+        return await self.agent.pause_to_disk(sandbox_id)
+
+    async def resume(self, sandbox_id: str) -> SandboxRuntime:
+        return await self.agent.resume(sandbox_id)
 
     async def snapshot(self, sandbox_id: str, snapshot_id: str) -> SavedSnapshot:
         return await self.agent.snapshot(sandbox_id, snapshot_id)

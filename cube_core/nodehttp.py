@@ -37,7 +37,7 @@ from cube_core.errors import (
     UnsupportedOperation,
     VmmError,
 )
-from cube_core.models import EgressRule, ExecReply, Frozen, NetworkPolicy, Node, Sandbox, SnapshotRef
+from cube_core.models import EgressRule, ExecReply, Frozen, NetworkPolicy, Node, Sandbox, SandboxRuntime, SnapshotRef
 from cube_core.nodeclient import Endpoint, Launched, LaunchRequest, SavedSnapshot
 from cube_core.snapshotfiles import Received, SnapshotExport, unpack
 
@@ -267,8 +267,14 @@ class HttpNodeClient:
     async def pause(self, sandbox_id: str) -> None:
         await self._call("POST", _path("sandboxes", sandbox_id, "pause"))
 
-    async def resume(self, sandbox_id: str) -> None:
-        await self._call("POST", _path("sandboxes", sandbox_id, "resume"))
+    async def pause_to_disk(self, sandbox_id: str) -> SandboxRuntime:
+        resp = await self._call("POST", _path("sandboxes", sandbox_id, "pause-to-disk"),
+                                timeout=self.timeouts.snapshot)
+        return self._parse(SandboxRuntime, resp)
+
+    async def resume(self, sandbox_id: str) -> SandboxRuntime:
+        resp = await self._call("POST", _path("sandboxes", sandbox_id, "resume"), timeout=self.timeouts.launch)
+        return self._parse(SandboxRuntime, resp)
 
     async def snapshot(self, sandbox_id: str, snapshot_id: str) -> SavedSnapshot:
         resp = await self._call("POST", _path("sandboxes", sandbox_id, "snapshots"),

@@ -82,6 +82,8 @@ class SandboxService:
         self.quotas = Quotas(host.config.data.quotas, store)
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._kept_in_ram: set[str] = set()
+        """Paused sandboxes their node could not write out to disk (not tried again)."""
         self.team_secrets = teamsecrets.TeamSecrets(store, self.settings)  # /secrets; needs [core] secrets_key
         self.template_builds = templatebuilds.TemplateBuilds(store, self.settings, nodes)  # the SDK's Template.build
         self.holder = f"{socket.gethostname()}:{self.settings.node_id}:{self.settings.state_dir}:{self.settings.port}"
@@ -154,6 +156,10 @@ class SandboxService:
     def get(self, team_id: str, sandbox_id: str) -> Sandbox:
         return self._record(sandbox_id, team_id)
 
+    def find(self, sandbox_id: str) -> Sandbox:
+        """Any team's live sandbox: for the edge proxy, which checks the sandbox's own tokens."""
+        return self._record(sandbox_id)
+
     def count_by_state(self) -> dict[str, int]:
         """Live sandboxes of every team by state (warm-pool members not counted), for metrics."""
         counts = {s.value: 0 for s in LIVE_STATES}
@@ -223,7 +229,8 @@ class SandboxService:
                 alias=template.aliases[0] if template.aliases else None, team_id=spec.team_id,
                 state=SandboxState.CREATING, started_at=now, end_at=now + timedelta(seconds=spec.timeout_s),
                 metadata=dict(spec.metadata), env_vars=dict(spec.env_vars), cpu_count=template.cpu_count,
-                memory_mb=template.memory_mb, auto_pause=spec.auto_pause, secure=spec.secure,
+                memory_mb=template.memory_mb, auto_pause=spec.auto_pause, auto_resume=spec.auto_resume,
+                timeout_s=spec.timeout_s, secure=spec.secure,
                 envd_access_token=ids.access_token() if spec.secure else None, network=spec.network,
                 node_id=node.node_id, isolation=node.isolation)
             self.store.put_sandbox(sandbox)
@@ -311,7 +318,7 @@ class SandboxService:
     async def _pause(self, sandbox_id: str) -> Sandbox:
         sb = self._record(sandbox_id)
         await self._node(sb).pause(sandbox_id)
-        return self._move(sb, SandboxState.PAUSED)
+        return self._move(sb.evolve(paused_at=utcnow()), SandboxState.PAUSED)
 
     async def resume(self, team_id: str, sandbox_id: str, timeout_s: int | None = None) -> Sandbox:
         """Resume a paused sandbox (``POST /sandboxes/{id}/resume``)."""
@@ -324,14 +331,48 @@ class SandboxService:
         sb = self._record(sandbox_id)
         self.quotas.check_resume(sb.team_id)
         try:
-            await self._node(sb).resume(sandbox_id)
+            runtime = await self._node(sb).resume(sandbox_id)
         except GuestProtocolError as exc:
             await self._fail(sandbox_id, exc)
             raise
-        sb = self._move(sb, SandboxState.RUNNING)
+        sb = self._move(sb.evolve(runtime=runtime, paused_at=None), SandboxState.RUNNING)
+        self._kept_in_ram.discard(sandbox_id)
         if timeout_s is not None:
             sb = sb.evolve(end_at=utcnow() + timedelta(seconds=timeout_s))
             self.store.put_sandbox(sb)
+        return sb
+
+    async def wake(self, sandbox_id: str) -> Sandbox:
+        """The record of a sandbox traffic arrived for (the edge proxy), resumed first when it is
+        paused with auto-resume; concurrent requests resume it once (the others wait for that
+        resume, then go). A resumed sandbox gets the timeout it was created with, from now."""
+        sb = self._record(sandbox_id)
+        if sb.state != SandboxState.PAUSED or not sb.auto_resume:
+            return sb
+        async with self._lock(sandbox_id):
+            sb = self._record(sandbox_id)
+            if sb.state == SandboxState.PAUSED and sb.auto_resume:
+                started = time.perf_counter()
+                on_disk = sb.runtime.on_disk
+                sb = await self._resume(sandbox_id, sb.timeout_s or self.settings.default_timeout_s)
+                log.info("sandbox resumed by traffic", sandbox_id=sandbox_id, from_disk=on_disk,
+                         ms=round((time.perf_counter() - started) * 1000, 1))
+        return sb
+
+    async def _into_ram(self, sb: Sandbox) -> Sandbox:
+        """A paused sandbox written out to disk, restored and paused again (for a snapshot or a
+        rollback, which need its VM); any other, unchanged. Caller holds its lock."""
+        if sb.state != SandboxState.PAUSED or not sb.runtime.on_disk:
+            return sb
+        node = self._node(sb)
+        try:
+            runtime = await node.resume(sb.sandbox_id)
+            await node.pause(sb.sandbox_id)
+        except GuestProtocolError as exc:
+            await self._fail(sb.sandbox_id, exc)
+            raise
+        sb = sb.evolve(runtime=runtime, paused_at=utcnow())
+        self.store.put_sandbox(sb)
         return sb
 
     async def connect(self, team_id: str, sandbox_id: str, timeout_s: int | None = None) -> Sandbox:
@@ -398,6 +439,7 @@ class SandboxService:
             if sb.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
                 raise InvalidStateError(sandbox_id=sandbox_id, state=sb.state.value, required="running or paused")
             self.quotas.check_snapshot(team_id)
+            sb = await self._into_ram(sb)
             snapshot_id = "snap" + ids.sandbox_id()[:16]
             saved = await self._node(sb).snapshot(sandbox_id, snapshot_id)
             ref = SnapshotRef(snapshot_id=snapshot_id, template_id=sb.template_id, sandbox_id=sandbox_id,
@@ -444,7 +486,8 @@ class SandboxService:
         self.quotas.check_fork(team_id, count)
         ref = await self.snapshot(team_id, sandbox_id, kind="fork")
         spec = SandboxSpec(template_id=ref.snapshot_id, team_id=team_id, metadata=sb.metadata,
-                           env_vars=sb.env_vars, auto_pause=sb.auto_pause, secure=sb.secure, network=sb.network,
+                           env_vars=sb.env_vars, auto_pause=sb.auto_pause, auto_resume=sb.auto_resume,
+                           secure=sb.secure, network=sb.network,
                            timeout_s=timeout_s or max(1, int((sb.end_at - utcnow()).total_seconds())))
         return [await self.create(spec) for _ in range(count)]
 
@@ -454,7 +497,7 @@ class SandboxService:
         if ref.sandbox_id != sandbox_id:
             raise SnapshotNotFoundError(snapshot_id=snapshot_id)
         async with self._lock(sandbox_id):
-            sb = self._record(sandbox_id, team_id)
+            sb = await self._into_ram(self._record(sandbox_id, team_id))
             try:
                 launched = await self._node(sb).rollback(sb, ref, paused=sb.state == SandboxState.PAUSED)
             except GuestProtocolError as exc:
@@ -474,6 +517,7 @@ class SandboxService:
                 if self.store.acquire_lease(REAPER_LEASE, self.holder, ttl_s=10.0):
                     self.nodes.mark_down()
                     await self.reap_expired()
+                    await self.write_out_paused()
             except Exception:
                 log.exception("timeout reaper failed")
 
@@ -483,6 +527,43 @@ class SandboxService:
         for sb in expired:
             await self._expire(sb)
         return len(expired)
+
+    async def write_out_paused(self) -> int:
+        """Write the sandboxes paused for ``[core] pause_to_disk_after_s`` out to disk (their VM
+        processes end); how many were. One the node cannot write out (its VMM cannot, or it has
+        volumes mounted: ``UnsupportedOperation``) stays paused in RAM."""
+        after = self.settings.pause_to_disk_after_s
+        if after <= 0:
+            return 0
+        cutoff = utcnow() - timedelta(seconds=after)
+        due = [s for s in self.store.list_sandboxes(states=(SandboxState.PAUSED,))
+               if s.team_id != POOL_TEAM and not s.runtime.on_disk and s.paused_at is not None
+               and s.paused_at <= cutoff and s.sandbox_id not in self._kept_in_ram]
+        written = 0
+        for sb in due:
+            written += await self._write_out(sb.sandbox_id)
+        return written
+
+    async def _write_out(self, sandbox_id: str) -> int:
+        async with self._lock(sandbox_id):
+            sb = self.store.get_sandbox(sandbox_id)
+            if sb is None or sb.state != SandboxState.PAUSED or sb.runtime.on_disk:
+                return 0
+            started = time.perf_counter()
+            try:
+                runtime = await self._node(sb).pause_to_disk(sandbox_id)
+            except NodeUnavailableError as exc:  # tried again once its node is back
+                log.info("paused sandbox not written out: its node is away", sandbox_id=sandbox_id, error=exc.message)
+                return 0
+            except CubeError as exc:
+                log.warning("paused sandbox stays in RAM: it cannot be written out", sandbox_id=sandbox_id,
+                            error=exc.message)
+                self._kept_in_ram.add(sandbox_id)
+                return 0
+            self.store.put_sandbox(sb.evolve(runtime=runtime))
+            log.info("paused sandbox written out to disk", sandbox_id=sandbox_id,
+                     ms=round((time.perf_counter() - started) * 1000, 1))
+            return 1
 
     async def _expire(self, sb: Sandbox) -> None:
         async with self._lock(sb.sandbox_id):

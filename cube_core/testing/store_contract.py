@@ -63,7 +63,8 @@ def full_sandbox(sandbox_id: str = "sbx-full", team_id: str = "team-a",
         started_at=T0, end_at=T0 + timedelta(seconds=300, microseconds=1),
         metadata={"user": "Zoë ✓", "quote": "it's \"fine\"; DROP TABLE x; --", "nul": "a\x00b", "empty": ""},
         env_vars={"PATH": "/usr/bin", "MULTI": "line1\nline2", "EMOJI": "🦀"},
-        cpu_count=4, memory_mb=2048, auto_pause=True, secure=True, envd_access_token="tok-\u00e9-123",
+        cpu_count=4, memory_mb=2048, auto_pause=True, auto_resume=True, timeout_s=3600,
+        paused_at=T0 + timedelta(seconds=7), secure=True, envd_access_token="tok-\u00e9-123",
         network=NetworkPolicy(allow_internet_access=False, allow_out=("10.0.0.0/8", "example.com"),
                               deny_out=("0.0.0.0/0",), allow_public_traffic=False),
         node_id="node-7", isolation="tcg", boot_id="boot-42", error="guest said: \u2603",
@@ -72,7 +73,10 @@ def full_sandbox(sandbox_id: str = "sbx-full", team_id: str = "team-a",
                         data={"ratio": 0.1, "big": 2**62, "flags": [True, None, "x"], "n": -1.5e-7}),
             disk=DiskHandle(disk_id="sbx-full", path=Path("/var/lib/cube/disks/sbx-full.qcow2")),
             nic=NicHandle(slot_id="s7", netns="cube-s7", tap="tap0", guest_address="100.64.0.30"),
-            parent_snapshot="snap-parent"))
+            parent_snapshot="snap-parent",
+            saved=VmState(state_id="sbx-full-mem-0a1b2c", memory_file=Path("/var/lib/cube/snapshots/m ✓"),
+                          device_state=Path("/var/lib/cube/snapshots/d"), memory_mb=512, kernel=Path("/k/vmlinux"),
+                          isolation="tcg", data={"format": "diff"}, base_state_id="snap-tpl")))
 
 
 def full_snapshot(snapshot_id: str = "snap-full", team_id: str | None = "team-a",

@@ -14,6 +14,9 @@ every SDK request in domain mode too), or when its ``Host`` is ``<port>-<sandbox
   port). That node runs :class:`cube_api_e2b.nodeedge.NodeEdge`, which forwards to its guest through
   the same :class:`Forwarder`. A node that cannot be reached is a 502 "The sandbox could not be
   reached: its node is unavailable" (not "not found": the sandbox may be fine).
+* A paused sandbox created with auto-resume is resumed for the request (after the access checks
+  below): the first requests wait for one resume (``service.wake``), then go. Without auto-resume a
+  paused sandbox is 502 "... was not found", as E2B's edge answers (docs/lifecycle.md).
 * Errors use the texts the SDK matches (§4.4): 502 "... was not found", 502 "... port is not open".
 * Access control (§4.3): on non-envd ports a sandbox with a traffic token requires
   ``E2B-Traffic-Access-Token``; on the envd port a secured sandbox requires ``X-Access-Token`` except
@@ -43,7 +46,7 @@ from typing import Any
 
 import httpx
 import structlog
-from cube_core import CubeError, SandboxState
+from cube_core import CubeError, Sandbox, SandboxState
 from cube_core.nodeclient import Endpoint
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -532,27 +535,44 @@ class EdgeProxy:
         """(endpoint, 0, "") where to go, or (None, status, message): an error to answer. A
         sandbox just created from the warm pool answers once its guest applied the create."""
         try:
+            sb = self.ctx.service.find(target.sandbox_id)
+        except CubeError as exc:
+            status, message = edge_error_for(exc)
+            return None, status, message
+        denied = self._check_access(sb, target, scope)
+        if denied is not None:
+            return None, *denied
+        if sb.state == SandboxState.PAUSED and not sb.auto_resume:
+            return None, 502, f"{SANDBOX_NOT_FOUND} (it is paused; connect to it to resume it)"
+        try:
+            if sb.state == SandboxState.PAUSED:
+                await self.ctx.service.wake(target.sandbox_id)  # the first request waits for the resume
             sb, endpoint = await self.ctx.service.endpoint(target.sandbox_id, target.port)
         except CubeError as exc:
             status, message = edge_error_for(exc)
             return None, status, message
-        if sb.state == SandboxState.PAUSED:
+        if sb.state == SandboxState.PAUSED:  # paused again meanwhile
             return None, 502, f"{SANDBOX_NOT_FOUND} (it is paused; connect to it to resume it)"
+        return endpoint, 0, ""
+
+    def _check_access(self, sb: Sandbox, target: Target, scope: Scope) -> tuple[int, str] | None:
+        """The edge's access rules (module docstring), checked before a paused sandbox is woken:
+        (status, message) when the request is refused."""
         method = str(scope.get("method", "GET")).upper()
         path = str(scope.get("path", "/"))
         if target.port == self.ctx.config.envd_port:
             if path in self.ctx.config.blocked_envd_paths:
-                return None, 403, f"{path} is reserved for the control plane"
+                return 403, f"{path} is reserved for the control plane"
             token = sb.envd_access_token
             if token and (method, path) not in ENVD_OPEN and path not in ENVD_SIGNABLE:
                 presented = _header(scope, ACCESS_TOKEN_HEADER.encode())
                 if presented is None or not hmac.compare_digest(presented.encode("latin-1"), token.encode()):
-                    return None, 401, "unauthorized access, please provide a valid access token"
+                    return 401, "unauthorized access, please provide a valid access token"
         elif not sb.network.allow_public_traffic:
             presented = _header(scope, TRAFFIC_TOKEN_HEADER.encode())
             if not self.ctx.tokens.check(sb.sandbox_id, presented):
-                return None, 403, f"missing or invalid {TRAFFIC_TOKEN_HEADER} for this sandbox"
-        return endpoint, 0, ""
+                return 403, f"missing or invalid {TRAFFIC_TOKEN_HEADER} for this sandbox"
+        return None
 
     async def http(self, target: Target, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint, status, message = await self._resolve(target, scope)

@@ -80,7 +80,7 @@ def detail_out(ctx: E2bContext, sb: Sandbox) -> SandboxDetailOut:
         domain=ctx.domain,
         network=NetworkConfigOut(allow_public_traffic=sb.network.allow_public_traffic,
                                  allow_out=list(sb.network.allow_out), deny_out=list(sb.network.deny_out)),
-        lifecycle=LifecycleOut(auto_resume=False, on_timeout="pause" if sb.auto_pause else "kill"))
+        lifecycle=LifecycleOut(auto_resume=sb.auto_resume, on_timeout="pause" if sb.auto_pause else "kill"))
 
 
 def template_out(ctx: E2bContext, template: Template) -> TemplateOut:

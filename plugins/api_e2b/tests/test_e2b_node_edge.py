@@ -206,11 +206,18 @@ class Plane:
             "sandbox_id": SID, "template_id": "base", "team_id": "team-a", "state": SandboxState.RUNNING,
             "started_at": now, "end_at": now + timedelta(minutes=5), "envd_access_token": "envd-tok"})
 
-    async def endpoint(self, sandbox_id: str, port: int) -> tuple[Sandbox, Endpoint]:
+    def find(self, sandbox_id: str) -> Sandbox:
         if self.failure is not None:
             raise self.failure
         if sandbox_id not in (SID, "gone"):
             raise SandboxNotFoundError(sandbox_id=sandbox_id)
+        return self.sandbox.model_copy(update={"sandbox_id": sandbox_id})
+
+    async def wake(self, sandbox_id: str) -> Sandbox:
+        return self.find(sandbox_id)
+
+    async def endpoint(self, sandbox_id: str, port: int) -> tuple[Sandbox, Endpoint]:
+        self.find(sandbox_id)
         # as HttpNodeClient.endpoint answers (cube_core/nodehttp.py)
         return self.sandbox.model_copy(update={"sandbox_id": sandbox_id}), Endpoint(
             host="10.0.0.5", port=7070, via=self.via,

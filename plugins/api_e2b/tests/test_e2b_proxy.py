@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import time
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -350,3 +351,36 @@ async def test_upstream_dying_mid_body_is_not_a_complete_response(cube) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_traffic_resumes_a_paused_sandbox_with_auto_resume(cube, upstream) -> None:
+    """The first requests wait for one resume, then go; without auto-resume a paused sandbox is
+    "not found" at the edge (E2B's answer); a request the edge refuses never wakes a sandbox."""
+    _, up_port = upstream
+    key = cube.key()
+    waking = await new_sandbox(cube, key, autoPause=True, autoResume={"enabled": True}, timeout=120)
+    private = await new_sandbox(cube, key, autoPause=True, autoResume={"enabled": True},
+                                network={"allowPublicTraffic": False})
+    plain = await new_sandbox(cube, key, autoPause=True)
+    for body in (waking, private, plain):
+        r = await cube.client.post(f"/sandboxes/{body['sandboxID']}/pause", headers=cube.headers(key))
+        assert r.status_code == 204
+    r = await cube.client.get(f"/sandboxes/{waking['sandboxID']}", headers=cube.headers(key))
+    assert r.json()["lifecycle"] == {"autoResume": True, "onTimeout": "pause"} and r.json()["state"] == "paused"
+    r = await cube.client.get(f"/sandboxes/{plain['sandboxID']}", headers=cube.headers(key))
+    assert r.json()["lifecycle"] == {"autoResume": False, "onTimeout": "pause"}
+    syncs_before = cube.agent.vmm.calls.count(("sync_clock", waking["sandboxID"]))
+    async with edge(cube) as (client, _):
+        r = await client.get("/headers", headers=to(plain["sandboxID"], up_port))
+        assert r.status_code == 502 and "was not found" in r.json()["message"]
+        r = await client.get("/headers", headers=to(private["sandboxID"], up_port))
+        assert r.status_code == 403  # no traffic token: refused before anything wakes
+        answers = await asyncio.gather(*(client.get("/status/200", headers=to(waking["sandboxID"], up_port))
+                                         for _ in range(5)))
+        assert [a.status_code for a in answers] == [200] * 5
+    assert cube.agent.vmm.calls.count(("sync_clock", waking["sandboxID"])) == syncs_before + 1  # resumed once
+    states = {b["sandboxID"]: cube.service.find(b["sandboxID"]).state.value for b in (waking, private, plain)}
+    assert states == {waking["sandboxID"]: "running", private["sandboxID"]: "paused", plain["sandboxID"]: "paused"}
+    resumed = cube.service.find(waking["sandboxID"])
+    left = (resumed.end_at - datetime.now(UTC)).total_seconds()
+    assert 100 < left <= 120  # a sandbox resumed by traffic gets the timeout it was created with

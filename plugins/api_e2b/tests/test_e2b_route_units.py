@@ -104,6 +104,12 @@ class Double:
         self.calls.append(("set_timeout", sandbox_id, timeout_s))
         return self.get(team_id, sandbox_id)
 
+    def find(self, sandbox_id: str) -> Sandbox:
+        raise SandboxNotFoundError(sandbox_id=sandbox_id)
+
+    async def wake(self, sandbox_id: str) -> Sandbox:
+        raise SandboxNotFoundError(sandbox_id=sandbox_id)
+
     async def endpoint(self, sandbox_id: str, port: int) -> tuple[Sandbox, Endpoint]:
         raise SandboxNotFoundError(sandbox_id=sandbox_id)
 

@@ -72,8 +72,9 @@ def spec_for(ctx: E2bContext, body: NewSandboxV2, team_id: str, *, secure: bool)
     if body.auto_pause_memory is False:
         raise InvalidRequestError(field="autoPauseMemory",
                                   reason="filesystem-only auto-pause is not supported; omit it or send true")
-    if body.auto_resume is not None and body.auto_resume.enabled:
-        raise InvalidRequestError(field="autoResume.enabled", reason="auto-resume is not supported")
+    auto_resume = body.auto_resume is not None and body.auto_resume.enabled
+    if auto_resume and not body.auto_pause:
+        raise InvalidRequestError(field="autoResume.enabled", reason="auto-resume needs autoPause (on timeout: pause)")
     if body.volume_mounts:
         raise InvalidRequestError(field="volumeMounts", reason="volumes are not supported")
     if body.mcp:
@@ -84,7 +85,7 @@ def spec_for(ctx: E2bContext, body: NewSandboxV2, team_id: str, *, secure: bool)
         template_id=body.template_id, team_id=team_id,
         timeout_s=ctx.default_timeout_s if body.timeout is None else body.timeout,
         metadata=dict(body.metadata or {}), env_vars=dict(body.env_vars or {}),
-        auto_pause=bool(body.auto_pause), secure=secure,
+        auto_pause=bool(body.auto_pause), auto_resume=auto_resume, secure=secure,
         network=network_policy(body.allow_internet_access, body.network))
 
 
