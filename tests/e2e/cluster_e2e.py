@@ -14,60 +14,32 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from cube_bench.servertoml import plugins_toml
 from cube_e2e import BOOT_TIMEOUT_S, CUBE, free_port
 
 from cube_core.testing.postgres import PostgresServer
 
-PLUGINS = """
-[vmm]
-plugin = "kvm"
-options = {{ run_dir = "{state}/vms", mem_dir = "/dev/shm/cube-cluster-{name}" }}
 
-[network]
-plugin = "ebpf"
-options = {{ subnet = "{subnet}" }}
+def _plugins(name: str, state: Path, subnet: str, scheduler: str) -> dict[str, Any]:
+    return {"state": state, "vmm": {"mem_dir": f"/dev/shm/cube-cluster-{name}"}, "network": {"subnet": subnet},
+            "scheduler": scheduler,
+            "cluster": {"token": {"env": "CUBE_CLUSTER_TOKEN"}, "heartbeat_s": 1.0, "down_after_s": 4.0}}
 
-[storage]
-plugin = "cow"
-options = {{ root = "{state}/storage" }}
 
-[scheduler]
-plugin = "{scheduler}"
+def node_toml(name: str, state: Path, *, subnet: str, templates: list[str], port: int, scheduler: str) -> str:
+    return plugins_toml(core={"node_id": name, "state_dir": state, "state": {"env": "CUBE_STATE_URL"},
+                              "templates": templates, "pool": {"size": 1}},
+                        node={"host": "127.0.0.1", "port": port}, **_plugins(name, state, subnet, scheduler))
 
-[[api]]
-plugin = "e2b"
 
-[cluster]
-token = {{ env = "CUBE_CLUSTER_TOKEN" }}
-heartbeat_s = 1.0
-down_after_s = 4.0
-"""
-
-NODE = """
-[core]
-node_id = "{name}"
-state_dir = "{state}"
-state = {{ env = "CUBE_STATE_URL" }}
-templates = {templates}
-pool = {{ size = 1 }}
-
-[node]
-host = "127.0.0.1"
-port = {port}
-""" + PLUGINS
-
-MASTER = """
-[core]
-node_id = "{name}"
-state_dir = "{state}"
-state = {{ env = "CUBE_STATE_URL" }}
-host = "127.0.0.1"
-port = {port}
-admin_port = {admin_port}
-""" + PLUGINS
+def master_toml(name: str, state: Path, *, port: int, admin_port: int, subnet: str, scheduler: str) -> str:
+    return plugins_toml(core={"node_id": name, "state_dir": state, "state": {"env": "CUBE_STATE_URL"},
+                              "host": "127.0.0.1", "port": port, "admin_port": admin_port},
+                        **_plugins(name, state, subnet, scheduler))
 
 
 @dataclass
@@ -135,8 +107,8 @@ class Cluster:
         state.mkdir(exist_ok=True)
         config = state / "plugins.toml"
         port = free_port()
-        config.write_text(MASTER.format(name=name, state=state, port=port, admin_port=free_port(),
-                                        subnet="100.83.0.0/16", scheduler=self.scheduler))
+        config.write_text(master_toml(name, state, port=port, admin_port=free_port(), subnet="100.83.0.0/16",
+                                      scheduler=self.scheduler))
         proc = Proc(name, [CUBE, "master", "--config", str(config)], state / "master.log", self.env)
         proc.start()
         self.extra.append(proc)
@@ -199,20 +171,20 @@ def cube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     cluster: Cluster | None = None
     try:
         nodes = {}
-        for name, subnet, templates in (("node-a", "100.80.0.0/16", '["base", "code-interpreter-v1"]'),
-                                        ("node-b", "100.81.0.0/16", '["base"]')):
+        for name, subnet, templates in (("node-a", "100.80.0.0/16", ["base", "code-interpreter-v1"]),
+                                        ("node-b", "100.81.0.0/16", ["base"])):
             state = root / name
             state.mkdir()
             config = state / "plugins.toml"
-            config.write_text(NODE.format(name=name, state=state, subnet=subnet, templates=templates,
-                                          port=free_port(), scheduler=scheduler))
+            config.write_text(node_toml(name, state, subnet=subnet, templates=templates, port=free_port(),
+                                        scheduler=scheduler))
             nodes[name] = Proc(name, [CUBE, "node", "--config", str(config)], state / "node.log", env)
         mstate = root / "master"
         mstate.mkdir()
         mconfig = mstate / "plugins.toml"
         port = free_port()
-        mconfig.write_text(MASTER.format(name="master-1", state=mstate, port=port, admin_port=free_port(),
-                                         subnet="100.82.0.0/16", scheduler=scheduler))
+        mconfig.write_text(master_toml("master-1", mstate, port=port, admin_port=free_port(), subnet="100.82.0.0/16",
+                                       scheduler=scheduler))
         master = Proc("master", [CUBE, "master", "--config", str(mconfig)], mstate / "master.log", env)
         cluster = Cluster(url=f"http://127.0.0.1:{port}", master=master, nodes=nodes, master_config=mconfig,
                           root=root, env=env, scheduler=scheduler)

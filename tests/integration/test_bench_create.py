@@ -183,3 +183,110 @@ async def test_boot_mode_decides_how_a_pool_miss_starts(plugin_host, cube_config
             == ["restore"]
     finally:
         await cube.stop()
+
+
+def test_server_configs_come_from_one_builder_and_parse(tmp_path: Path) -> None:
+    """``cube bench create``/``density``/``cluster`` and the cluster e2e write their plugins.toml
+    with :func:`cube_bench.servertoml.plugins_toml`: Cube's own parser accepts every one, with the
+    real plugins and what each server needs."""
+    from cube_bench.cluster import master_toml, node_toml
+    from cube_bench.create import server_toml
+    from cube_bench.density import Options as DensityOptions
+    from cube_bench.density import _server_config
+
+    from cube_core.config import parse_config
+
+    state = tmp_path / "s"
+    plan = plans(Options(concurrency=(1, 10), n=4, idle=2, modes=("pool_hit_personalize_at_create",)))[0]
+    serve = parse_config(server_toml(plan, state, port=3100, admin_port=3101, template="base",
+                                     mem_dir=Path("/dev/shm/m"))).data
+    assert [(s, getattr(serve, s).plugin) for s in ("vmm", "network", "storage", "scheduler")] == [
+        ("vmm", "kvm"), ("network", "ebpf"), ("storage", "cow"), ("scheduler", "binpack")]
+    assert [a.plugin for a in serve.api] == ["e2b"]
+    assert serve.vmm.options == {"run_dir": f"{state}/vms", "mem_dir": "/dev/shm/m", "jail": True}
+    assert serve.storage.options == {"root": f"{state}/storage"}
+    assert serve.core.pool.size == 10 and serve.core.pool.identity_at_join is False
+    assert (serve.core.port, serve.core.admin_port, serve.core.templates) == (3100, 3101, ("base",))
+    density = parse_config(_server_config(DensityOptions(max_sandboxes=30, vmm_options={"tb_size_mb": 8}), state,
+                                          1, 2, Path("/dev/shm/d"))).data
+    assert density.vmm.options["tb_size_mb"] == 8 and density.core.max_sandboxes == 40
+    node = parse_config(node_toml("n1", state, subnet="100.90.0.0/16", template="base", pool_size=3, port=7071)).data
+    assert (node.node.port, node.core.node_id, node.core.pool.size) == (7071, "n1", 3)
+    assert node.network.options == {"subnet": "100.90.0.0/16"} and node.scheduler.plugin == "spread"
+    master_text = master_toml("m", state, port=3200, admin_port=3201, subnet="100.99.0.0/16")
+    assert parse_config(master_text).data.cluster.token == {"env": "CUBE_CLUSTER_TOKEN"}  # resolved at start
+    assert '[scheduler]\nplugin = "spread"' in master_text  # cluster_e2e's set_scheduler edits this line
+
+
+def test_a_stopped_bench_server_leaves_no_sandbox_alive(tmp_path: Path) -> None:
+    """A node keeps its sandboxes running across its own stop, so a bench that stopped its server
+    with sandboxes still alive (a wave in flight when it failed, a create the SDK gave up on)
+    left their QEMU processes behind. ``stop_server`` kills the team's sandboxes through the API
+    first: a real ``cube serve`` (fake drivers, the E2B API) with three live sandboxes, one of
+    them paused, stops with every one recorded killed."""
+    import time
+
+    import httpx
+    from cube_bench.create import bench_credentials, cube_executable, free_port, stop_server
+
+    from cube_core.state import SandboxState
+    from cube_core.store import SqliteStore
+
+    state = tmp_path / "state"
+    state.mkdir()
+    credentials = bench_credentials(state)
+    port = free_port()
+    config = tmp_path / "plugins.toml"
+    config.write_text(f"""
+[core]
+state_dir = "{state}"
+port = {port}
+admin_port = {free_port()}
+templates = ["base"]
+kernel = "none"
+pool = {{ size = 0 }}
+
+[vmm]
+plugin = "fake"
+
+[network]
+plugin = "fake"
+
+[storage]
+plugin = "fake"
+options = {{ root = "{state}/storage" }}
+
+[scheduler]
+plugin = "fake"
+
+[[api]]
+plugin = "e2b"
+""")
+    with (tmp_path / "serve.log").open("w") as log_file:
+        proc = subprocess.Popen([cube_executable(), "serve", "--config", str(config)], stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, headers={"X-API-Key": credentials.secret}, timeout=30) as http:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if http.get("/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "serve.log").read_text()
+                time.sleep(0.2)
+            made = [http.post("/v2/sandboxes", json={"templateID": "base", "timeout": 600}) for _ in range(3)]
+            assert [r.status_code for r in made] == [201] * 3, made[0].text
+            ids = {r.json()["sandboxID"] for r in made}
+            assert http.post(f"/sandboxes/{sorted(ids)[0]}/pause").status_code == 204
+    finally:
+        stop_server(proc, state, url=url, api_key=credentials.secret)
+    assert proc.returncode is not None
+    store = SqliteStore(state / "cube.db")
+    try:
+        states = {s.sandbox_id: s.state for s in store.list_sandboxes(team_id=credentials.team_id)}
+    finally:
+        store.close()
+    assert set(states) == ids and set(states.values()) == {SandboxState.KILLED}, states

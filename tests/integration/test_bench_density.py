@@ -118,7 +118,7 @@ def test_server_config_carries_the_vmm_options_and_pool() -> None:
 
     opts = Options(max_sandboxes=30, pool_size=2, pool_warm_up=False, vmm_options={"tb_size_mb": 8, "mem_merge": False})
     config = tomllib.loads(_server_config(opts, Path("/s"), 1, 2, Path("/dev/shm/m")))
-    assert config["vmm"]["options"] == {"run_dir": "/s/vms", "mem_dir": "/dev/shm/m", "tb_size_mb": 8,
+    assert config["vmm"]["options"] == {"run_dir": "/s/vms", "mem_dir": "/dev/shm/m", "jail": True, "tb_size_mb": 8,
                                         "mem_merge": False}
     assert config["core"]["pool"]["size"] == 2 and config["core"]["pool"]["warm_up"] is False
     assert config["core"]["max_sandboxes"] == 42
@@ -135,7 +135,7 @@ def test_leftover_qemus_of_this_state_are_stopped_and_no_others(tmp_path: Path) 
     import time
 
     import pytest
-    from cube_bench.density import _kill_leftover_qemus
+    from cube_bench.create import kill_leftover_qemus
 
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("needs qemu-system-x86_64")
@@ -152,7 +152,7 @@ def test_leftover_qemus_of_this_state_are_stopped_and_no_others(tmp_path: Path) 
                 if (state / "vms" / "qemu.pid").exists():
                     break
                 time.sleep(0.05)
-        assert _kill_leftover_qemus(ours) == 1
+        assert kill_leftover_qemus(ours) == 1
         assert procs[0].wait(timeout=30) is not None
         assert procs[1].poll() is None
     finally:

@@ -37,6 +37,7 @@ SPAWN_NAMES = {"require_tool"}
 SERVER_PROGRAM_FUNCS = {"server_program"}  # cube_core.testing.postgres: name -> path off PATH
 EXTRA_BIN_DIRS = ("/usr/lib/postgresql/*/bin",)
 PROJECT_SCRIPTS = {"cube"}  # console scripts of this project's own distributions
+PYTHON_SCRIPTS = {"py-spy"}  # console scripts of Python dependencies pinned in a pyproject.toml (in the venv)
 NEED_RE = re.compile(r"(?:^|;)\s*need\s+([A-Za-z0-9_.+-]+)\s+([a-z0-9][a-z0-9.+-]+)")
 
 
@@ -163,7 +164,7 @@ def test_scanner_finds_what_the_code_runs() -> None:
 def test_every_command_the_code_runs_is_installed_by_the_setup() -> None:
     owners = package_lines()
     missing = {cmd: sorted(where)[:3] for cmd, where in commands_in_python().items()
-               if cmd not in owners and cmd not in PROJECT_SCRIPTS}
+               if cmd not in owners and cmd not in PROJECT_SCRIPTS | PYTHON_SCRIPTS}
     assert not missing, ("commands run by the code but not named in scripts/apt-packages.txt "
                          f"(add '<package> <command>' lines): {missing}")
 

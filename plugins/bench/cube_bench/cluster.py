@@ -24,7 +24,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -49,60 +48,38 @@ from cube_bench.create import (
     cube_executable,
     free_port,
     host_lock,
+    kill_leftover_qemus,
+    kill_team_sandboxes,
     local_server,
+    stop_server,
     summarize,
 )
+from cube_bench.servertoml import UNLIMITED_PLACEMENT, plugins_toml
 
 SETUPS: tuple[str, ...] = ("serve", "master_1node", "master_2nodes")
 
-PLUGINS = """
-[vmm]
-plugin = "kvm"
-options = {{ run_dir = "{state}/vms", mem_dir = "/dev/shm/cube-bench-{name}" }}
 
-[network]
-plugin = "ebpf"
-options = {{ subnet = "{subnet}" }}
+def node_toml(name: str, state: Path, *, subnet: str, template: str, pool_size: int, port: int) -> str:
+    """A ``cube node`` of the bench's cluster (state and token from the environment)."""
+    return plugins_toml(
+        core={"node_id": name, "state_dir": state, "state": {"env": "CUBE_STATE_URL"}, "templates": [template],
+              "pool": {"size": pool_size, "max_memory_mb": max(4096, pool_size * 128 + 1024)},
+              "max_sandboxes": 1000},
+        node={"host": "127.0.0.1", "port": port}, **_plugins(name, state, subnet))
 
-[storage]
-plugin = "cow"
-options = {{ root = "{state}/storage" }}
 
-[scheduler]
-plugin = "spread"
-options = {{ cpu_overcommit = 10000.0, memory_overcommit = 10000.0 }}
+def master_toml(name: str, state: Path, *, port: int, admin_port: int, subnet: str) -> str:
+    """The ``cube master`` of the bench's cluster."""
+    return plugins_toml(
+        core={"node_id": name, "state_dir": state, "state": {"env": "CUBE_STATE_URL"}, "host": "127.0.0.1",
+              "port": port, "admin_port": admin_port, "max_sandboxes": 1000},
+        **_plugins(name, state, subnet))
 
-[[api]]
-plugin = "e2b"
 
-[cluster]
-token = {{ env = "CUBE_CLUSTER_TOKEN" }}
-"""
-
-NODE = """
-[core]
-node_id = "{name}"
-state_dir = "{state}"
-state = {{ env = "CUBE_STATE_URL" }}
-templates = ["{template}"]
-pool = {{ size = {pool_size}, max_memory_mb = {pool_memory_mb} }}
-max_sandboxes = 1000
-
-[node]
-host = "127.0.0.1"
-port = {port}
-""" + PLUGINS
-
-MASTER = """
-[core]
-node_id = "{name}"
-state_dir = "{state}"
-state = {{ env = "CUBE_STATE_URL" }}
-host = "127.0.0.1"
-port = {port}
-admin_port = {admin_port}
-max_sandboxes = 1000
-""" + PLUGINS
+def _plugins(name: str, state: Path, subnet: str) -> dict[str, Any]:
+    return {"state": state, "vmm": {"mem_dir": f"/dev/shm/cube-bench-{name}"}, "network": {"subnet": subnet},
+            "scheduler": "spread", "scheduler_options": UNLIMITED_PLACEMENT,
+            "cluster": {"token": {"env": "CUBE_CLUSTER_TOKEN"}}}
 
 
 @dataclass(frozen=True)
@@ -116,19 +93,16 @@ class Options:
 
 
 @contextlib.contextmanager
-def _processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
+def _processes(root: Path) -> Iterator[list[tuple[subprocess.Popen[bytes], Path]]]:
+    """The cluster's processes with their state directories; stopped (the master first, then the
+    nodes) with :func:`~cube_bench.create.stop_server`, so no VM of ``root`` outlives them."""
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
     try:
         yield procs
     finally:
-        for proc in reversed(procs):  # the master first, then the nodes
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        for proc, state in reversed(procs):
+            stop_server(proc, state)
+        kill_leftover_qemus(root)
 
 
 @contextlib.contextmanager
@@ -140,29 +114,32 @@ def cluster(nodes: int, root: Path, *, template: str, pool_size: int, boot_timeo
     pg.start()
     try:
         env = {**os.environ, "CUBE_STATE_URL": pg.create_database(), "CUBE_CLUSTER_TOKEN": secrets.token_hex(32)}
-        with _processes() as procs:
+        with _processes(root) as procs:
             names = [f"bench-{i}" for i in range(nodes)]
             for i, name in enumerate(names):
                 state = root / name
                 state.mkdir(parents=True)
                 config = state / "plugins.toml"
-                config.write_text(NODE.format(name=name, state=state, subnet=f"100.9{i}.0.0/16", template=template,
-                                              pool_size=pool_size, pool_memory_mb=max(4096, pool_size * 128 + 1024),
-                                              port=free_port()))
-                procs.append(_spawn(["node", "--config", str(config)], out / f"cluster{nodes}-{name}.log", env))
+                config.write_text(node_toml(name, state, subnet=f"100.9{i}.0.0/16", template=template,
+                                            pool_size=pool_size, port=free_port()))
+                procs.append((_spawn(["node", "--config", str(config)], out / f"cluster{nodes}-{name}.log", env),
+                              state))
             mstate = root / "master"
             mstate.mkdir(parents=True)
             port, admin_port = free_port(), free_port()
             mconfig = mstate / "plugins.toml"
-            mconfig.write_text(MASTER.format(name="bench-master", state=mstate, port=port, admin_port=admin_port,
-                                             subnet="100.99.0.0/16"))
+            mconfig.write_text(master_toml("bench-master", mstate, port=port, admin_port=admin_port,
+                                           subnet="100.99.0.0/16"))
             log_path = out / f"cluster{nodes}-master.log"
-            procs.append(_spawn(["master", "--config", str(mconfig)], log_path, env))
+            procs.append((_spawn(["master", "--config", str(mconfig)], log_path, env), mstate))
             key = subprocess.run([cube_executable(), "keys", "create", "--team", "bench", "--config", str(mconfig)],
                                  capture_output=True, text=True, timeout=60, env=env, check=True).stdout.strip()
             url = f"http://127.0.0.1:{port}"
-            _wait_nodes(url, mconfig, env, names, template, procs, boot_timeout_s)
-            yield Target(url=url, api_key=key, admin_url=f"http://127.0.0.1:{admin_port}", log=log_path)
+            _wait_nodes(url, mconfig, env, names, template, [p for p, _ in procs], boot_timeout_s)
+            try:
+                yield Target(url=url, api_key=key, admin_url=f"http://127.0.0.1:{admin_port}", log=log_path)
+            finally:  # through the master, while every process still runs (see stop_server)
+                kill_team_sandboxes(url, key)
     finally:
         pg.stop()
         for i in range(nodes):

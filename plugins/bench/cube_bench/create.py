@@ -54,7 +54,9 @@ from cube_core.pool import POOL_TEAM
 from cube_core.state import SandboxState
 from cube_core.store import SqliteStore
 
+from cube_bench.profile import recording, summary
 from cube_bench.restore import cpu_ticks, meminfo_kib, percentile, smaps_rollup_kib
+from cube_bench.servertoml import UNLIMITED_PLACEMENT, plugins_toml
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +91,26 @@ class ModePlan:
     note: str = ""
     jail: bool = True
     identity_at_join: bool = True
+    warm_up: bool = True
+    vmm_options: tuple[tuple[str, Any], ...] = ()
+    """More ``[vmm.options]`` (key, value) pairs."""
+    max_sandboxes: int | None = None
+    """``[core] max_sandboxes``; default: room for the idle run, the pool and one wave."""
+
+
+def server_toml(plan: ModePlan, state: Path, *, port: int, admin_port: int, template: str, mem_dir: Path) -> str:
+    """The ``plugins.toml`` of the ``cube serve`` that measures ``plan``."""
+    pool_memory_mb = max(4096, plan.pool_size * 128 + 1024)  # the pool counts 1/8 of guest RAM per member
+    return plugins_toml(
+        core={"state_dir": state, "host": "127.0.0.1", "port": port, "admin_port": admin_port,
+              "templates": [template],
+              "pool": {"size": plan.pool_size, "max_memory_mb": pool_memory_mb,
+                       "identity_at_join": plan.identity_at_join, "warm_up": plan.warm_up},
+              "boot_mode": plan.boot_mode,
+              "max_sandboxes": plan.max_sandboxes or max(200, plan.idle_n + plan.pool_size
+                                                         + max(plan.concurrency) + 10)},
+        state=state, vmm={"mem_dir": mem_dir, "jail": plan.jail, **dict(plan.vmm_options)},
+        scheduler_options=UNLIMITED_PLACEMENT)
 
 
 @dataclass(frozen=True)
@@ -101,6 +123,7 @@ class Target:
     state_dir: Path | None = None
     log: Path | None = None
     team_id: str | None = None
+    pid: int | None = None
 
 
 @dataclass
@@ -126,6 +149,8 @@ class Options:
     settle_s: float = 2.0
     boot_timeout_s: float = 1500.0
     lock: Path = HOST_LOCK
+    profile: bool = False
+    """Sample the server's Python stacks with py-spy during the latency runs (our own servers)."""
 
 
 def plans(opts: Options) -> list[ModePlan]:
@@ -214,39 +239,6 @@ def host_lock(path: Path = HOST_LOCK, note: Note | None = None) -> Iterator[None
 
 # -- our own server ------------------------------------------------------------------------------
 
-SERVER_CONFIG = """\
-[core]
-state_dir = "{state}"
-host = "127.0.0.1"
-port = {port}
-admin_port = {admin_port}
-templates = ["{template}"]
-pool = {{ size = {pool_size}, max_memory_mb = {pool_memory_mb}, identity_at_join = {identity_at_join} }}
-boot_mode = "{boot_mode}"
-max_sandboxes = {max_sandboxes}
-
-[vmm]
-plugin = "kvm"
-options = {{ run_dir = "{state}/vms", mem_dir = "{mem_dir}", jail = {jail} }}
-
-[network]
-plugin = "ebpf"
-
-[storage]
-plugin = "cow"
-options = {{ root = "{state}/storage" }}
-
-[scheduler]
-plugin = "binpack"
-# the bench measures how many sandboxes the host holds: only max_sandboxes and the pool's
-# free-memory guard may limit it, not binpack's reservation model
-options = {{ cpu_overcommit = 10000.0, memory_overcommit = 10000.0 }}
-
-[[api]]
-plugin = "e2b"
-"""
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -283,12 +275,7 @@ def local_server(plan: ModePlan, state: Path, credentials: Credentials, *, templ
     port, admin_port = free_port(), free_port()
     mem_dir = Path(f"/dev/shm/cube-bench-{port}")
     config = state / f"plugins-{plan.name}.toml"
-    pool_memory_mb = max(4096, plan.pool_size * 128 + 1024)  # the pool counts 1/8 of guest RAM per member
-    config.write_text(SERVER_CONFIG.format(
-        state=state, port=port, admin_port=admin_port, template=template, pool_size=plan.pool_size,
-        pool_memory_mb=pool_memory_mb, boot_mode=plan.boot_mode, mem_dir=mem_dir,
-        jail="true" if plan.jail else "false", identity_at_join="true" if plan.identity_at_join else "false",
-        max_sandboxes=max(200, plan.idle_n + plan.pool_size + max(plan.concurrency) + 10)))
+    config.write_text(server_toml(plan, state, port=port, admin_port=admin_port, template=template, mem_dir=mem_dir))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log_file:
         proc = subprocess.Popen([cube_executable(), "serve", "--config", str(config)], stdout=log_file,
@@ -297,16 +284,87 @@ def local_server(plan: ModePlan, state: Path, credentials: Credentials, *, templ
     try:
         _wait_healthy(proc, url, log_path, boot_timeout_s)
         yield Target(url=url, api_key=credentials.secret, admin_url=f"http://127.0.0.1:{admin_port}",
-                     state_dir=state, log=log_path, team_id=credentials.team_id)
+                     state_dir=state, log=log_path, team_id=credentials.team_id, pid=proc.pid)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc, state, url=url, api_key=credentials.secret)
         shutil.rmtree(mem_dir, ignore_errors=True)
+
+
+def stop_server(proc: subprocess.Popen[bytes], state: Path, *, url: str | None = None, api_key: str | None = None,
+                note: Note | None = None) -> None:
+    """Stop a server the bench started, leaving no VM behind. A node keeps its sandboxes' VMs
+    running across its own restart (they run in sessions of their own), so stopping the server
+    alone would leave every sandbox still alive (a wave in flight when the bench failed, a
+    create the SDK gave up on but the server finished, a kill that failed): first every sandbox
+    of the bench's team is killed through the API, then the server gets SIGTERM (SIGKILL after
+    120 s), then any QEMU still running a VM of ``state`` is stopped."""
+    if url is not None and api_key is not None and proc.poll() is None:
+        killed = kill_team_sandboxes(url, api_key)
+        if killed and note:
+            note(f"killed {killed} sandboxes still alive at the end")
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    leftover = kill_leftover_qemus(state)
+    if leftover:
+        log.warning("bench: stopped QEMU processes the server left behind", count=leftover, state=str(state))
+        if note:
+            note(f"stopped {leftover} QEMU processes the server left behind")
+
+
+def kill_team_sandboxes(url: str, api_key: str, *, rounds: int = 20) -> int:
+    """Kill every running or paused sandbox of the API key's team; how many were killed."""
+    killed = 0
+    try:
+        with httpx.Client(base_url=url, headers={"X-API-Key": api_key}, timeout=60) as http:
+            for _ in range(rounds):  # a page at a time; killed ones leave the list
+                listed = http.get("/v2/sandboxes", params={"state": "running,paused", "limit": 100})
+                listed.raise_for_status()
+                ids = [item["sandboxID"] for item in listed.json()]
+                if not ids:
+                    break
+                for sandbox_id in ids:
+                    if http.delete(f"/sandboxes/{sandbox_id}").status_code in (204, 404):
+                        killed += 1
+    except httpx.HTTPError as exc:
+        log.warning("bench: could not kill the sandboxes left", error=f"{type(exc).__name__}: {exc}")
+    return killed
+
+
+def kill_leftover_qemus(state: Path) -> int:
+    """Stop the QEMU processes of VMs under ``state`` that are still running (a server that died
+    leaves its VMs: they run in their own sessions); the network slots go with the next node's
+    start-up sweep, the jail uid leases once their work directories are gone."""
+    marker = f"{state}/"
+    pids = [pid for pid in qemu_processes() if any(marker in arg for arg in _cmdline(pid))]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return []
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout_s: float) -> None:
@@ -463,17 +521,27 @@ class PoolWatch:
 
 
 async def latency_run(client: Client, pool: PoolWatch, *, concurrency: int, n: int, pool_size: int,
-                      note: Note) -> list[Sample]:
-    """``n`` creates in waves of ``concurrency``; every sandbox is killed after its wave."""
+                      note: Note) -> tuple[list[Sample], float]:
+    """``n`` creates in waves of ``concurrency``; every sandbox is killed after its wave. Also the
+    seconds the waves' creates took (from a wave's start until its last create returned; the
+    pool refills between waves and the first commands after the last 201 are not counted)."""
     samples: list[Sample] = []
+    busy = 0.0
     for start in range(0, n, concurrency):
         await pool.wait_full(pool_size)
         made = await asyncio.gather(*(client.create() for _ in range(min(concurrency, n - start))))
+        busy += max((s.create_ms or 0.0) for s, _ in made) / 1000  # the creates start together
         samples.extend(s for s, _ in made)
         await client.kill([sbx for _, sbx in made if sbx is not None])
         if concurrency > 1 or (start + 1) % 25 == 0 or start + 1 >= n:
             note(f"  c={concurrency}: {len(samples)}/{n} created")
-    return samples
+    return samples, busy
+
+
+def creates_per_s(samples: list[Sample], busy_s: float) -> float | None:
+    """Creates answered per second of the waves' create time (see :func:`latency_run`)."""
+    created = sum(1 for s in samples if s.create_ms is not None)
+    return round(created / busy_s, 2) if busy_s > 0 else None
 
 
 def summarize(samples: list[Sample], events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -630,8 +698,10 @@ async def _run_true(sbx: Any) -> bool:
     return True
 
 
-async def measure(plan: ModePlan, target: Target, *, template: str, settle_s: float, note: Note) -> dict[str, Any]:
-    """Every measurement of one mode against ``target``."""
+async def measure(plan: ModePlan, target: Target, *, template: str, settle_s: float, note: Note,
+                  profile_to: Path | None = None) -> dict[str, Any]:
+    """Every measurement of one mode against ``target``; with ``profile_to`` (and a server of
+    ours), py-spy samples the server during the latency runs into that file."""
     client = Client(target, template)
     pool = PoolWatch(target)
     pool_size = plan.pool_size
@@ -640,9 +710,14 @@ async def measure(plan: ModePlan, target: Target, *, template: str, settle_s: fl
         pool_size = await pool.ready() or 0
     try:
         raw: dict[int, list[Sample]] = {}
-        for c in plan.concurrency:
-            note(f"{plan.name}: {plan.n} creates at concurrency {c}")
-            raw[c] = await latency_run(client, pool, concurrency=c, n=plan.n, pool_size=pool_size, note=note)
+        busy: dict[int, float] = {}
+        profiling = (recording(target.pid, profile_to) if profile_to is not None and target.pid is not None
+                     else contextlib.nullcontext())
+        with profiling as profiled:
+            for c in plan.concurrency:
+                note(f"{plan.name}: {plan.n} creates at concurrency {c}")
+                raw[c], busy[c] = await latency_run(client, pool, concurrency=c, n=plan.n, pool_size=pool_size,
+                                                    note=note)
         idle: dict[str, Any] | None = None
         if plan.idle_n > 0:
             note(f"{plan.name}: {plan.idle_n} idle sandboxes")
@@ -655,7 +730,9 @@ async def measure(plan: ModePlan, target: Target, *, template: str, settle_s: fl
     return {
         "note": plan.note, "pool_size": pool_size, "boot_mode": plan.boot_mode,
         "isolation": started.get("isolation"),
-        "by_concurrency": {str(c): summarize(s, events) for c, s in raw.items()},
+        "by_concurrency": {str(c): {**summarize(s, events), "creates_per_s": creates_per_s(s, busy[c])}
+                           for c, s in raw.items()},
+        "profile": summary(profiled) if profiled is not None else None,
         "idle_mib_per_sandbox": idle["idle_mib_per_sandbox"] if idle else None,
         "idle": idle,
         "samples": {str(c): [[s.create_ms, s.first_cmd_ms] for s in samples] for c, samples in raw.items()},
@@ -690,8 +767,10 @@ def run(opts: Options, note: Note) -> dict[str, Any]:
                     with local_server(plan, state, credentials, template=opts.template,
                                       boot_timeout_s=opts.boot_timeout_s,
                                       log_path=opts.out / f"serve-{plan.name}.log") as target:
+                        profile_to = opts.out / f"profile-{plan.name}-{stamp}.txt" if opts.profile else None
                         modes[plan.name] = asyncio.run(measure(plan, target, template=opts.template,
-                                                               settle_s=opts.settle_s, note=note))
+                                                               settle_s=opts.settle_s, note=note,
+                                                               profile_to=profile_to))
                 partial.write_text(json.dumps(modes))  # what is measured survives a later failure
     reference = modes.get("pool_hit") or next(iter(modes.values()))
     result: dict[str, Any] = {
@@ -804,13 +883,14 @@ def tables(result: dict[str, Any]) -> list[Any]:
         return "-" if value is None else str(value)
 
     latency = Table("mode", "c", "n", "fail", "create p50", "p95", "p99", "first cmd p50", "p95", "p99",
-                    "restore p50", "served by", title="latency (ms)")
+                    "restore p50", "creates/s", "served by", title="latency (ms)")
     for name, mode in result["modes"].items():
         for c, s in mode["by_concurrency"].items():
             served = s.get("served_by")
             latency.add_row(name, c, str(s["n"]), str(s["failures"]), fmt(s["create_ms_p50"]),
                             fmt(s["create_ms_p95"]), fmt(s["create_ms_p99"]), fmt(s["first_cmd_ms_p50"]),
                             fmt(s["first_cmd_ms_p95"]), fmt(s["first_cmd_ms_p99"]), fmt(s.get("restore_ms_p50")),
+                            fmt(s.get("creates_per_s")),
                             " ".join(f"{k}={v}" for k, v in served.items() if v) if served else "-")
     idle = Table("mode", "N", "MemAvail drop MiB/sbx", "PSS med", "USS med", "CPU %/sbx",
                  "after cmd: MiB/sbx", "PSS med", "paused: CPU %/sbx", "pause p50/p95", "resume p50/p95",
@@ -836,4 +916,11 @@ def tables(result: dict[str, Any]) -> list[Any]:
     notes = Table("mode", "note", title="modes")
     for name, mode in result["modes"].items():
         notes.add_row(name, mode["note"])
-    return [notes, latency, idle, ratio, goals]
+    profiles = Table("mode", "function (module)", "% inclusive", "function (module)", "% self",
+                     title="server profile (py-spy, latency runs)")
+    for name, mode in result["modes"].items():
+        prof = mode.get("profile") or {}
+        for (inc, inc_pct), (own, own_pct) in zip(prof.get("inclusive_pct", [])[:15], prof.get("self_pct", [])[:15],
+                                                  strict=False):
+            profiles.add_row(name, inc, str(inc_pct), own, str(own_pct))
+    return [notes, latency, idle, ratio, goals, *([profiles] if profiles.row_count else [])]

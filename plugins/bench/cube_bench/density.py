@@ -26,7 +26,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import tempfile
@@ -231,37 +230,11 @@ async def fill(*, create: Callable[[], Awaitable[Any]], probe: Callable[[Any], A
 
 
 def _server_config(opts: Options, state: Path, port: int, admin_port: int, mem_dir: Path) -> str:
-    vmm = {"run_dir": str(state / "vms"), "mem_dir": str(mem_dir), **opts.vmm_options}
-    inline = ", ".join(f"{k} = {json.dumps(v)}" for k, v in vmm.items())
-    return f"""\
-[core]
-state_dir = "{state}"
-host = "127.0.0.1"
-port = {port}
-admin_port = {admin_port}
-templates = ["{opts.template}"]
-pool = {{ size = {opts.pool_size}, max_memory_mb = {max(4096, opts.pool_size * 128 + 1024)}, \
-warm_up = {"true" if opts.pool_warm_up else "false"} }}
-max_sandboxes = {opts.max_sandboxes + opts.pool_size + 10}
-
-[vmm]
-plugin = "kvm"
-options = {{ {inline} }}
-
-[network]
-plugin = "ebpf"
-
-[storage]
-plugin = "cow"
-options = {{ root = "{state}/storage" }}
-
-[scheduler]
-plugin = "binpack"
-options = {{ cpu_overcommit = 10000.0, memory_overcommit = 10000.0 }}
-
-[[api]]
-plugin = "e2b"
-"""
+    plan = bench_create.ModePlan("density", (opts.concurrency,), opts.max_sandboxes, 0, pool_size=opts.pool_size,
+                                 warm_up=opts.pool_warm_up, vmm_options=tuple(opts.vmm_options.items()),
+                                 max_sandboxes=opts.max_sandboxes + opts.pool_size + 10)
+    return bench_create.server_toml(plan, state, port=port, admin_port=admin_port, template=opts.template,
+                                    mem_dir=mem_dir)
 
 
 def ksm_counters() -> dict[str, int]:
@@ -446,39 +419,6 @@ def run(opts: Options, note: Note) -> dict[str, Any]:
     return result
 
 
-def _kill_leftover_qemus(state: Path) -> int:
-    """Stop the QEMU processes of VMs under ``state`` that are still running (a server that died
-    leaves its VMs: they run in their own sessions); the network slots go with the next node's
-    start-up sweep, the jail uid leases once their work directories are gone."""
-    marker = f"{state}/vms/"
-    pids = [pid for pid in bench_create.qemu_processes()
-            if any(marker in arg for arg in _cmdline(pid))]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return len(pids)
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
-    except OSError:
-        return []
-
-
 def _serve_and_measure(opts: Options, state: Path, credentials: bench_create.Credentials, stamp: str,
                        note: Note) -> dict[str, Any]:
     port, admin_port = bench_create.free_port(), bench_create.free_port()
@@ -503,14 +443,5 @@ def _serve_and_measure(opts: Options, state: Path, credentials: bench_create.Cre
             result["bound"] = f"cube serve exited ({proc.returncode}) at {result['count']} alive: {tail[-1:]}"
         return result
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        leftover = _kill_leftover_qemus(state)
-        if leftover:
-            note(f"stopped {leftover} QEMU processes the server left behind")
+        bench_create.stop_server(proc, state, url=url, api_key=credentials.secret, note=note)
         shutil.rmtree(mem_dir, ignore_errors=True)
