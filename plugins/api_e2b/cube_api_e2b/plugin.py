@@ -16,6 +16,7 @@ from cube_api_e2b.config import E2bConfig
 from cube_api_e2b.context import E2bContext, split_host_port
 from cube_api_e2b.metrics import ApiMetrics, MetricsServer, start_metrics_server
 from cube_api_e2b.nodeedge import NodeEdge
+from cube_api_e2b.outbound import tls_context
 from cube_api_e2b.proxy import EdgeProxy, EdgeProxyMiddleware, Forwarder
 from cube_api_e2b.routes import ROUTERS, SIGNED
 from cube_api_e2b.routing import BindContext
@@ -86,7 +87,7 @@ class E2bApiPlugin:
     async def _warm_envd(self, sandbox_id: str, address: str) -> None:
         host = f"[{address}]" if ":" in address else address
         try:
-            async with httpx.AsyncClient(timeout=30.0, trust_env=False) as http:
+            async with httpx.AsyncClient(timeout=30.0, trust_env=False, verify=tls_context()) as http:
                 reply = await http.get(f"http://{host}:{self.config.envd_port}/health")
         except httpx.HTTPError as exc:
             log.warning("warm pool: envd not reached", sandbox_id=sandbox_id, error=repr(exc))

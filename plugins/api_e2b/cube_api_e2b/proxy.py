@@ -65,6 +65,7 @@ from cube_api_e2b.errors import (
     edge_error_for,
 )
 from cube_api_e2b.metrics import ApiMetrics
+from cube_api_e2b.outbound import tls_context
 
 log = structlog.get_logger(__name__)
 
@@ -287,7 +288,7 @@ class Forwarder:
                 timeout=httpx.Timeout(cfg.proxy_idle_timeout_s, connect=cfg.proxy_connect_timeout_s),
                 limits=httpx.Limits(max_connections=cfg.proxy_max_connections, max_keepalive_connections=20),
                 cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),  # never keep cookies
-                follow_redirects=False, trust_env=False)
+                follow_redirects=False, trust_env=False, verify=tls_context())
             self._clients[sandbox_id] = client
         return client
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cube_api_e2b.auth import ACCESS_TOKEN_HEADER
 from cube_api_e2b.context import E2bContext
+from cube_api_e2b.outbound import tls_context
 from cube_api_e2b.proxy import endpoint_headers, endpoint_url
 from cube_api_e2b.schemas import SandboxMetricOut
 
@@ -53,7 +54,7 @@ async def sample(ctx: E2bContext, sb: Sandbox) -> SandboxMetricOut | None:
         headers.append((ACCESS_TOKEN_HEADER.lower().encode(), sb.envd_access_token.encode()))
     try:
         async with asyncio.timeout(SAMPLE_TIMEOUT_S), httpx.AsyncClient(  # total, not per read
-                timeout=SAMPLE_TIMEOUT_S, trust_env=False) as client, client.stream(
+                timeout=SAMPLE_TIMEOUT_S, trust_env=False, verify=tls_context()) as client, client.stream(
                 "GET", endpoint_url(endpoint, b"/metrics"), headers=headers) as response:
             response.raise_for_status()
             body = b""
