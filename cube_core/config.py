@@ -8,6 +8,7 @@ plugin's own ``Config`` model (see ``_host.py``); here we only check the shape a
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -176,6 +177,49 @@ class QuotaSettings(TeamQuota):
         return base.model_copy(update=own.model_dump(exclude_unset=True)) if own is not None else base
 
 
+class WebhookSettings(_Model):
+    """The ``[webhooks]`` section: where teams' webhooks may point and how deliveries are retried.
+
+    A webhook URL is an outbound request from the host chosen by a tenant (server-side request
+    forgery): by default only global unicast addresses are called (every address the name resolves
+    to, checked at each attempt, and the request goes to the checked address); loopback, private,
+    link-local (cloud metadata), shared (Cube's guests) and reserved addresses are refused unless
+    ``allow_networks`` names them. Redirects are never followed and no proxy from the environment
+    is used. See docs/webhooks.md."""
+
+    allow_networks: tuple[str, ...] = ()
+    """CIDRs a webhook may call besides public addresses, e.g. ``["10.20.0.0/24"]`` for an internal
+    receiver, ``["127.0.0.0/8"]`` for tests."""
+    deny_networks: tuple[str, ...] = ()
+    """CIDRs never called, even public ones or inside ``allow_networks``."""
+    require_https: bool = False
+    """Refuse ``http://`` URLs (the signature proves the sender, but the body travels in clear)."""
+    max_per_team: int = Field(default=20, ge=0, le=1000)
+    timeout_s: float = Field(default=15.0, gt=0, le=120)
+    """One attempt: connect, send, and the receiver's status line (the body is not read)."""
+    max_attempts: int = Field(default=8, ge=1, le=50)
+    """Attempts of one delivery before it is recorded ``failed``."""
+    backoff_s: float = Field(default=5.0, gt=0, le=86400)
+    """Delay after the first failed attempt; it doubles after each one (with +-20 % jitter)."""
+    backoff_max_s: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    """The longest delay between two attempts (also caps a receiver's ``Retry-After``)."""
+    poll_s: float = Field(default=1.0, gt=0, le=60)
+    """How often each master looks for due deliveries (new events wake it at once)."""
+
+    @field_validator("allow_networks", "deny_networks")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not a network (CIDR like 10.0.0.0/8 or an address)") from exc
+        return value
+
+    def networks(self, which: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(c, strict=False) for c in getattr(self, which))
+
+
 class SlotSection(_Model):
     plugin: str
     options: dict[str, Any] = Field(default_factory=dict)
@@ -255,6 +299,7 @@ class PluginsFile(_Model):
     api: tuple[ApiSection, ...] = ()
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     node: NodeSettings = Field(default_factory=NodeSettings)
     extensions: ExtensionsSection = Field(default_factory=ExtensionsSection)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from cube_core import credentials, ids, keys, teamsecrets, templatebuilds
+from cube_core import credentials, ids, keys, teamsecrets, teamwebhooks, templatebuilds, webhookdelivery, webhooks
 from cube_core._host import PluginHost
 from cube_core.config import CoreSettings
 from cube_core.errors import (
@@ -89,6 +89,10 @@ class SandboxService:
         self.holder = f"{socket.gethostname()}:{self.settings.node_id}:{self.settings.state_dir}:{self.settings.port}"
         """Who this control plane is when it takes a lease (one reaper among several masters):
         stable across restarts, so a restarted master takes its lease back at once."""
+        hooks_settings = host.config.data.webhooks
+        self.team_webhooks = teamwebhooks.TeamWebhooks(store, self.settings, hooks_settings)  # /events/webhooks
+        self.webhook_delivery = webhookdelivery.WebhookDelivery(
+            store, self.team_webhooks, hooks_settings, self.holder, keep_s=self.settings.observations_keep_s)
 
     # -- lifecycle of the service -------------------------------------------------------------
 
@@ -99,8 +103,11 @@ class SandboxService:
             self.nodes.mark_down()
             await self.reap_expired()
         self._reaper = asyncio.create_task(self._reap_forever(), name="cube-timeout-reaper")
+        bus = getattr(self, "events", None)  # the event bus (cube_core/events.py)
+        await self.webhook_delivery.start(bus.subscribe(None) if bus is not None else None)
 
     async def stop(self) -> None:
+        await self.webhook_delivery.stop()
         if self._reaper:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -618,6 +625,31 @@ class SandboxService:
 
     def delete_access_token(self, team_id: str, token_id: str) -> None:
         keys.delete_access_token(self.store, team_id, token_id)
+
+    # -- a team's webhooks (/events/webhooks): team-scoped; a signing secret is returned only by the
+    # create that generated it
+
+    def list_webhooks(self, team_id: str) -> builtins.list[webhooks.Webhook]:
+        return self.team_webhooks.list(team_id)
+
+    def get_webhook(self, team_id: str, webhook_id: str) -> webhooks.Webhook:
+        return self.team_webhooks.get(team_id, webhook_id)
+
+    def create_webhook(self, team_id: str, url: str, *, events: Sequence[str] | None = None, name: str = "",
+                       enabled: bool = True, secret: str | None = None) -> tuple[webhooks.Webhook, str | None]:
+        return self.team_webhooks.create(team_id, url, events=events, name=name, enabled=enabled, secret=secret)
+
+    def update_webhook(self, team_id: str, webhook_id: str, *, url: str | None = None,
+                       events: Sequence[str] | None = None, name: str | None = None, enabled: bool | None = None,
+                       secret: str | None = None) -> webhooks.Webhook:
+        return self.team_webhooks.update(team_id, webhook_id, url=url, events=events, name=name, enabled=enabled,
+                                         secret=secret)
+
+    def delete_webhook(self, team_id: str, webhook_id: str) -> None:
+        self.team_webhooks.delete(team_id, webhook_id)
+
+    def webhook_deliveries(self, team_id: str, webhook_id: str, limit: int = 100) -> builtins.list[webhooks.Delivery]:
+        return self.team_webhooks.deliveries(team_id, webhook_id, limit)
 
     # -- observations: sandboxes' metrics and logs, a team's sandbox counts ----------------------------
     # The nodes sample their running sandboxes (cube_core.sampling) into the store; these read it back,

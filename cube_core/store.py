@@ -31,6 +31,7 @@ from cube_core.errors import ConfigError
 from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
 from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.state import SandboxState
+from cube_core.webhooks import Delivery, DeliveryStatus, Webhook
 
 SCHEMA_VERSION = 1
 
@@ -164,6 +165,52 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def delete_access_token(self, team_id: str, token_id: str) -> bool: ...
 
+    # a team's webhooks and their deliveries (an outbox: cube_core.webhookdelivery sends them)
+    @abc.abstractmethod
+    def put_webhook(self, webhook: Webhook) -> None: ...
+    @abc.abstractmethod
+    def replace_webhook(self, webhook: Webhook) -> bool:
+        """Overwrite the team's webhook of that id; False (nothing written) if it has none."""
+
+    @abc.abstractmethod
+    def get_webhook(self, team_id: str, webhook_id: str) -> Webhook | None: ...
+    @abc.abstractmethod
+    def list_webhooks(self, team_id: str) -> list[Webhook]:
+        """The team's webhooks, oldest first."""
+
+    @abc.abstractmethod
+    def delete_webhook(self, team_id: str, webhook_id: str) -> bool:
+        """Delete the team's webhook and every delivery of it; False if it has none."""
+
+    @abc.abstractmethod
+    def add_deliveries(self, deliveries: Sequence[Delivery]) -> int:
+        """Record new deliveries; one whose id is recorded already is skipped (several masters
+        record the same event's deliveries under the same ids). How many were new."""
+
+    @abc.abstractmethod
+    def claim_deliveries(self, holder: str, now: datetime, limit: int, lease_s: float) -> list[Delivery]:
+        """Up to ``limit`` pending deliveries due at ``now`` (``next_attempt_at <= now``) that no one
+        holds (or whose claim expired), oldest due first, now held by ``holder`` for ``lease_s``.
+        Atomic: of several masters claiming at once, each delivery goes to one."""
+
+    @abc.abstractmethod
+    def finish_delivery(self, delivery: Delivery, holder: str) -> bool:
+        """Write an attempt's outcome (status, attempts, next time) and drop the claim, only while
+        ``holder`` holds it; False (nothing written) when it does not (its claim expired and another
+        master took it, or its webhook was deleted)."""
+
+    @abc.abstractmethod
+    def release_deliveries(self, holder: str) -> int:
+        """Drop every claim of ``holder`` (a master starting again: its old claims died with it)."""
+
+    @abc.abstractmethod
+    def list_deliveries(self, team_id: str, webhook_id: str, *, limit: int = 100) -> list[Delivery]:
+        """A webhook's deliveries, newest first."""
+
+    @abc.abstractmethod
+    def prune_deliveries(self, before: datetime) -> int:
+        """Drop the delivered and failed deliveries recorded before ``before``; how many went."""
+
     # observations: metric samples and log entries of sandboxes (cube_core.observations), kept
     # after a sandbox ends until prune_observations drops them
     @abc.abstractmethod
@@ -222,6 +269,13 @@ CREATE TABLE IF NOT EXISTS secrets (
 CREATE TABLE IF NOT EXISTS key_labels (id TEXT PRIMARY KEY, team_id TEXT NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS access_tokens (
   id TEXT PRIMARY KEY, team_id TEXT NOT NULL, token_hash TEXT UNIQUE NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS webhooks (id TEXT PRIMARY KEY, team_id TEXT NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS webhooks_team ON webhooks(team_id);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+  id TEXT PRIMARY KEY, webhook_id TEXT NOT NULL, team_id TEXT NOT NULL, status TEXT NOT NULL,
+  next_at REAL NOT NULL, created REAL NOT NULL, claimed_by TEXT, claim_until REAL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries(status, next_at);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_webhook ON webhook_deliveries(webhook_id, created);
 CREATE TABLE IF NOT EXISTS sandbox_metrics (
   sandbox_id TEXT NOT NULL, team_id TEXT NOT NULL, at REAL NOT NULL, body TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS sandbox_metrics_sandbox ON sandbox_metrics(sandbox_id, at);
@@ -473,6 +527,74 @@ class SqliteStore(StateStore):
         with self._tx() as db:
             return db.execute("DELETE FROM access_tokens WHERE id=? AND team_id=?",
                               (token_id, team_id)).rowcount == 1
+
+    # webhooks and deliveries
+    def put_webhook(self, webhook: Webhook) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO webhooks(id, team_id, body) VALUES (?,?,?)",
+                       (webhook.webhook_id, webhook.team_id, webhook.model_dump_json()))
+
+    def replace_webhook(self, webhook: Webhook) -> bool:
+        with self._tx() as db:
+            return db.execute("UPDATE webhooks SET body=? WHERE id=? AND team_id=?",
+                              (webhook.model_dump_json(), webhook.webhook_id, webhook.team_id)).rowcount == 1
+
+    def get_webhook(self, team_id: str, webhook_id: str) -> Webhook | None:
+        rows = self._rows("SELECT body FROM webhooks WHERE id=? AND team_id=?", (webhook_id, team_id))
+        return Webhook.model_validate_json(rows[0]) if rows else None
+
+    def list_webhooks(self, team_id: str) -> list[Webhook]:
+        return [Webhook.model_validate_json(b)
+                for b in self._rows("SELECT body FROM webhooks WHERE team_id=? ORDER BY rowid", (team_id,))]
+
+    def delete_webhook(self, team_id: str, webhook_id: str) -> bool:
+        with self._tx() as db:
+            gone = db.execute("DELETE FROM webhooks WHERE id=? AND team_id=?", (webhook_id, team_id)).rowcount == 1
+            if gone:
+                db.execute("DELETE FROM webhook_deliveries WHERE webhook_id=?", (webhook_id,))
+            return gone
+
+    def add_deliveries(self, deliveries: Sequence[Delivery]) -> int:
+        with self._tx() as db:
+            return sum(db.execute(
+                "INSERT OR IGNORE INTO webhook_deliveries(id, webhook_id, team_id, status, next_at, created, body) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (d.delivery_id, d.webhook_id, d.team_id, d.status.value, d.next_attempt_at.timestamp(),
+                 d.created_at.timestamp(), d.model_dump_json())).rowcount for d in deliveries)
+
+    def claim_deliveries(self, holder: str, now: datetime, limit: int, lease_s: float) -> list[Delivery]:
+        at = now.timestamp()
+        with self._tx() as db:  # BEGIN IMMEDIATE: one writer at a time, across processes too
+            rows = db.execute(
+                "SELECT id, body FROM webhook_deliveries WHERE status=? AND next_at<=? AND "
+                "(claim_until IS NULL OR claim_until<?) ORDER BY next_at, rowid LIMIT ?",
+                (DeliveryStatus.PENDING.value, at, at, limit)).fetchall()
+            db.executemany("UPDATE webhook_deliveries SET claimed_by=?, claim_until=? WHERE id=?",
+                           [(holder, at + lease_s, row[0]) for row in rows])
+        return [Delivery.model_validate_json(row[1]) for row in rows]
+
+    def finish_delivery(self, delivery: Delivery, holder: str) -> bool:
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE webhook_deliveries SET status=?, next_at=?, body=?, claimed_by=NULL, claim_until=NULL "
+                "WHERE id=? AND claimed_by=?",
+                (delivery.status.value, delivery.next_attempt_at.timestamp(), delivery.model_dump_json(),
+                 delivery.delivery_id, holder)).rowcount == 1
+
+    def release_deliveries(self, holder: str) -> int:
+        with self._tx() as db:
+            return int(db.execute("UPDATE webhook_deliveries SET claimed_by=NULL, claim_until=NULL "
+                                  "WHERE claimed_by=?", (holder,)).rowcount)
+
+    def list_deliveries(self, team_id: str, webhook_id: str, *, limit: int = 100) -> list[Delivery]:
+        return [Delivery.model_validate_json(b) for b in self._rows(
+            "SELECT body FROM webhook_deliveries WHERE team_id=? AND webhook_id=? ORDER BY created DESC, rowid DESC "
+            "LIMIT ?", (team_id, webhook_id, limit))]
+
+    def prune_deliveries(self, before: datetime) -> int:
+        with self._tx() as db:
+            return int(db.execute("DELETE FROM webhook_deliveries WHERE status<>? AND created<?",
+                                  (DeliveryStatus.PENDING.value, before.timestamp())).rowcount)
 
     # observations
     def add_metric_samples(self, samples: Sequence[MetricSample]) -> None:

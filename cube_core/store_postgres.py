@@ -34,6 +34,7 @@ from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
 from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.state import SandboxState
 from cube_core.store import StateStore
+from cube_core.webhooks import Delivery, DeliveryStatus, Webhook
 
 MIGRATIONS_TABLE = "cube_schema_migrations"
 # (version, what it does, SQL). Append only: a released migration is never edited.
@@ -92,6 +93,19 @@ CREATE TABLE template_builds (
   id text PRIMARY KEY, template_id text NOT NULL, created double precision NOT NULL,
   put_order bigint NOT NULL DEFAULT nextval('records_put_order'), body text NOT NULL);
 CREATE INDEX template_builds_template ON template_builds (template_id, created);
+"""),
+    (6, "teams' webhooks and their deliveries (an outbox claimed with FOR UPDATE SKIP LOCKED)", """
+CREATE TABLE webhooks (
+  id text PRIMARY KEY, team_id text NOT NULL,
+  put_order bigint NOT NULL DEFAULT nextval('records_put_order'), body text NOT NULL);
+CREATE INDEX webhooks_team ON webhooks (team_id);
+CREATE TABLE webhook_deliveries (
+  id text PRIMARY KEY, webhook_id text NOT NULL, team_id text NOT NULL, status text NOT NULL,
+  next_at double precision NOT NULL, created double precision NOT NULL, claimed_by text,
+  claim_until double precision, put_order bigint NOT NULL DEFAULT nextval('records_put_order'),
+  body text NOT NULL);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_at);
+CREATE INDEX webhook_deliveries_webhook ON webhook_deliveries (webhook_id, created);
 """),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -400,6 +414,81 @@ class PostgresStore(StateStore):
             row = conn.execute("DELETE FROM access_tokens WHERE id = %s AND team_id = %s RETURNING id",
                                (token_id, team_id)).fetchone()
         return row is not None
+
+    # webhooks and deliveries
+    def put_webhook(self, webhook: Webhook) -> None:
+        self._write("INSERT INTO webhooks (id, team_id, body) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET team_id = EXCLUDED.team_id, body = EXCLUDED.body",
+                    (webhook.webhook_id, webhook.team_id, webhook.model_dump_json()))
+
+    def replace_webhook(self, webhook: Webhook) -> bool:
+        with self._conn() as conn:
+            row = conn.execute("UPDATE webhooks SET body = %s WHERE id = %s AND team_id = %s RETURNING id",
+                               (webhook.model_dump_json(), webhook.webhook_id, webhook.team_id)).fetchone()
+        return row is not None
+
+    def get_webhook(self, team_id: str, webhook_id: str) -> Webhook | None:
+        rows = self._bodies("SELECT body FROM webhooks WHERE id = %s AND team_id = %s", (webhook_id, team_id))
+        return Webhook.model_validate_json(rows[0]) if rows else None
+
+    def list_webhooks(self, team_id: str) -> list[Webhook]:
+        return [Webhook.model_validate_json(b) for b in
+                self._bodies("SELECT body FROM webhooks WHERE team_id = %s ORDER BY put_order", (team_id,))]
+
+    def delete_webhook(self, team_id: str, webhook_id: str) -> bool:
+        with self._tx() as conn:
+            row = conn.execute("DELETE FROM webhooks WHERE id = %s AND team_id = %s RETURNING id",
+                               (webhook_id, team_id)).fetchone()
+            if row is not None:
+                conn.execute("DELETE FROM webhook_deliveries WHERE webhook_id = %s", (webhook_id,))
+        return row is not None
+
+    def add_deliveries(self, deliveries: Sequence[Delivery]) -> int:
+        added = 0
+        with self._tx() as conn:
+            for d in deliveries:
+                row = conn.execute(
+                    "INSERT INTO webhook_deliveries (id, webhook_id, team_id, status, next_at, created, body) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
+                    (d.delivery_id, d.webhook_id, d.team_id, d.status.value, d.next_attempt_at.timestamp(),
+                     d.created_at.timestamp(), d.model_dump_json())).fetchone()
+                added += row is not None
+        return added
+
+    def claim_deliveries(self, holder: str, now: datetime, limit: int, lease_s: float) -> list[Delivery]:
+        at = now.timestamp()
+        with self._conn() as conn:  # one statement: the rows another master is claiming are skipped
+            rows = conn.execute(
+                "UPDATE webhook_deliveries SET claimed_by = %s, claim_until = %s WHERE id IN ("
+                "SELECT id FROM webhook_deliveries WHERE status = %s AND next_at <= %s AND "
+                "(claim_until IS NULL OR claim_until < %s) ORDER BY next_at, put_order LIMIT %s "
+                "FOR UPDATE SKIP LOCKED) RETURNING next_at, put_order, body",
+                (holder, at + lease_s, DeliveryStatus.PENDING.value, at, at, limit)).fetchall()
+        return [Delivery.model_validate_json(r[2]) for r in sorted(rows, key=lambda r: (r[0], r[1]))]
+
+    def finish_delivery(self, delivery: Delivery, holder: str) -> bool:
+        with self._conn() as conn:
+            row = conn.execute(
+                "UPDATE webhook_deliveries SET status = %s, next_at = %s, body = %s, claimed_by = NULL, "
+                "claim_until = NULL WHERE id = %s AND claimed_by = %s RETURNING id",
+                (delivery.status.value, delivery.next_attempt_at.timestamp(), delivery.model_dump_json(),
+                 delivery.delivery_id, holder)).fetchone()
+        return row is not None
+
+    def release_deliveries(self, holder: str) -> int:
+        with self._conn() as conn:
+            return int(conn.execute("UPDATE webhook_deliveries SET claimed_by = NULL, claim_until = NULL "
+                                    "WHERE claimed_by = %s", (holder,)).rowcount)
+
+    def list_deliveries(self, team_id: str, webhook_id: str, *, limit: int = 100) -> list[Delivery]:
+        return [Delivery.model_validate_json(b) for b in self._bodies(
+            "SELECT body FROM webhook_deliveries WHERE team_id = %s AND webhook_id = %s "
+            "ORDER BY created DESC, put_order DESC LIMIT %s", (team_id, webhook_id, limit))]
+
+    def prune_deliveries(self, before: datetime) -> int:
+        with self._conn() as conn:
+            return int(conn.execute("DELETE FROM webhook_deliveries WHERE status <> %s AND created < %s",
+                                    (DeliveryStatus.PENDING.value, before.timestamp())).rowcount)
 
     # observations
     def add_metric_samples(self, samples: Sequence[MetricSample]) -> None:

@@ -83,12 +83,28 @@ class SecretBox:
         return base64.b64encode(nonce + sealed).decode()
 
     def open(self, secret: SecretRecord) -> str:
-        blob = base64.b64decode(secret.sealed)
+        return self.unseal(secret.team_id, secret.secret_id, secret.version, secret.sealed)
+
+    def unseal(self, team_id: str, record_id: str, version: int, sealed: str) -> str:
+        """The value :meth:`seal` sealed for this record identity (a secret, a webhook's signing secret)."""
+        blob = base64.b64decode(sealed)
         try:
-            return self._aead.decrypt(blob[:12], blob[12:], self._aad(secret)).decode()
+            return self._aead.decrypt(blob[:12], blob[12:], self._aad((team_id, record_id, version))).decode()
         except InvalidTag as exc:
-            raise ConfigError(f"secret {secret.secret_id} does not decrypt with [core] secrets_key: the key "
+            raise ConfigError(f"{record_id} does not decrypt with [core] secrets_key: the key "
                               "changed, or the record was altered") from exc
+
+
+def secret_box(settings: CoreSettings) -> SecretBox | None:
+    """The box of ``[core] secrets_key``, or ``None`` when it is unset. Resolved at start: a bad key
+    fails the start, not a request."""
+    if settings.secrets_key is None:
+        return None
+    text = resolve_secrets(settings.secrets_key, where="[core] secrets_key")
+    if not isinstance(text, str):
+        raise ConfigError('[core] secrets_key: expected a secret reference { env = "NAME" } / '
+                          '{ file = "/path" }')
+    return SecretBox(parse_key(text))
 
 
 def _check_value(value: str) -> None:
@@ -115,13 +131,7 @@ class TeamSecrets:
 
     def __init__(self, store: StateStore, settings: CoreSettings) -> None:
         self.store = store
-        self._box: SecretBox | None = None
-        if settings.secrets_key is not None:  # resolved at start: a bad key fails the start, not a request
-            text = resolve_secrets(settings.secrets_key, where="[core] secrets_key")
-            if not isinstance(text, str):
-                raise ConfigError('[core] secrets_key: expected a secret reference { env = "NAME" } / '
-                                  '{ file = "/path" }')
-            self._box = SecretBox(parse_key(text))
+        self._box = secret_box(settings)
 
     @property
     def box(self) -> SecretBox:

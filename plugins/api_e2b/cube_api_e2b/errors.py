@@ -47,6 +47,7 @@ from cube_core import (
 from cube_core.credentials import CredentialNotFoundError, SecretExistsError, SecretsDisabledError
 from cube_core.teamsecrets import SecretRequestError
 from cube_core.templatebuilds import BuildRequestError, TemplateNameTakenError, UploadRefusedError
+from cube_core.webhooks import WebhookLimitError, WebhookNotFoundError, WebhookRequestError, WebhooksDisabledError
 
 
 class InvalidRequestError(CubeError):
@@ -80,6 +81,10 @@ ERROR_TABLE: dict[type[CubeError], HttpError] = {
     # [core] secrets_key unset: 403 as E2B answers a feature not enabled for a team (the spec lists no
     # 501/503 for /secrets); the message says how to configure it, Should-Retry false.
     SecretsDisabledError: HttpError(403),
+    WebhookRequestError: HttpError(400),  # DestinationRefusedError too: the URL names a refused address
+    WebhookNotFoundError: HttpError(404),  # another team's webhook too
+    WebhookLimitError: HttpError(429),  # Should-Retry false: deleting a webhook frees a slot, not waiting
+    WebhooksDisabledError: HttpError(403),  # [core] secrets_key unset, as for /secrets
     AuthError: HttpError(401),
     SandboxNotFoundError: HttpError(404),
     TemplateNotFoundError: HttpError(404),

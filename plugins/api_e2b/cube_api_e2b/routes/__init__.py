@@ -23,6 +23,7 @@ from cube_api_e2b.routes import (
     snapshots,
     teams,
     templates,
+    webhooks,
 )
 
 ROUTERS: tuple[APIRouter, ...] = (
@@ -31,7 +32,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     builds.tags_router,  # before snapshots: DELETE /templates/tags vs DELETE /templates/{snapshotID}
     snapshots.router, templates.router,
     builds.router,
-    secrets.router, apikeys.router, accesstokens.router, logs.router, teams.router,
+    secrets.router, webhooks.router, apikeys.router, accesstokens.router, logs.router, teams.router,
 )
 """Every router that authenticates with an API key, in mounting order."""
 SIGNED: tuple[APIRouter, ...] = (builds.uploads,)
