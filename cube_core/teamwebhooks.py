@@ -166,6 +166,7 @@ class TeamWebhooks:
 
     def delete(self, team_id: str, webhook_id: str) -> None:
         """The webhook and its delivery log; its pending deliveries are not sent."""
+        self.box  # noqa: B018
         if not self.store.delete_webhook(team_id, webhook_id):
             raise WebhookNotFoundError(webhook_id=webhook_id)
 

@@ -58,6 +58,7 @@ log = structlog.get_logger(__name__)
 
 Resolver = Callable[[str, int], Awaitable[list[IpAddress]]]
 BATCH = 16
+LOST = "stream.lost"  # what a bus subscription yields after it dropped events (cube_core.events)
 USER_AGENT = "Cube-Webhooks/1 (+https://www.standardwebhooks.com)"
 
 
@@ -123,11 +124,20 @@ class WebhookDelivery:
         self.store.release_deliveries(self.holder)  # in-flight ones: sent again by whoever runs next
 
     async def _follow(self, events: AsyncIterator[EventLike]) -> None:
-        async for event in events:
-            try:
-                self.record(event)
-            except Exception:
-                log.exception("recording webhook deliveries failed", event_id=event.id, event_type=event.type)
+        try:
+            async for event in events:
+                if event.type == LOST:
+                    log.warning("webhook deliveries lost: the event bus dropped events this master fell behind on",
+                                lost=event.data.get("lost"))
+                    continue
+                try:
+                    self.record(event)
+                except Exception:
+                    log.exception("recording webhook deliveries failed", event_id=event.id, event_type=event.type)
+        finally:
+            close = getattr(events, "close", None)  # a bus Subscription: unregister it
+            if callable(close):
+                close()
 
     async def _work(self) -> None:
         last_prune = 0.0

@@ -259,6 +259,6 @@ def destination_problem(address: IpAddress, allow: Sequence[IpNetwork], deny: Se
         return None
     if address.is_global and not address.is_multicast:
         return None
-    kind = ("loopback" if address.is_loopback else "private" if address.is_private else
-            "link-local" if address.is_link_local else "not a public unicast")
+    kind = ("loopback" if address.is_loopback else "link-local" if address.is_link_local else
+            "private" if address.is_private else "non-public")
     return f"{address} is a {kind} address; the operator can allow it with [webhooks] allow_networks"

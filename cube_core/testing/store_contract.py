@@ -14,7 +14,9 @@ a re-put replaces the record (lists hold it once, at the position of its last pu
 snapshots and API keys are listed in the order of their last put, templates and nodes by id; an
 alias, a team name and a key hash each belong to the one record last put with it; a secret's
 name is unique within its team (the first add wins) and secrets, key labels and access tokens are
-only ever read, changed or deleted within their team; writes from one
+only ever read, changed or deleted within their team, and so are webhooks; a delivery id is
+recorded once, and a due delivery is claimed by one holder at a time (also from several threads
+and stores), its outcome written only by its holder; writes from one
 open store are seen by another, also when they write at the same time from several threads.
 """
 
@@ -50,6 +52,7 @@ from cube_core.models import (
 from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.state import SandboxState
 from cube_core.store import StateStore
+from cube_core.webhooks import Delivery, DeliveryAttempt, DeliveryStatus, Webhook
 
 StoreFactory = Callable[[], StateStore]
 T0 = datetime(2026, 12, 7, 1, 2, 3, 456789, tzinfo=UTC)
@@ -141,6 +144,23 @@ def full_token(token_id: str = "0b5e6c1e-0000-4000-8000-000000000001", team_id: 
                        masked_suffix="wxyz", length=40, created_at=T0)
 
 
+def full_webhook(webhook_id: str = "wh_1", team_id: str = "team-a") -> Webhook:
+    return Webhook(webhook_id=webhook_id, team_id=team_id, name="ops ✓", url="https://hooks.example.com/cube?x=1",
+                   events=("sandbox.created", "sandbox.killed"), enabled=False, sealed_secret="c2VhbGVk",
+                   disabled_reason="the receiver answered 410 Gone", created_at=T0,
+                   updated_at=T0 + timedelta(seconds=1))
+
+
+def full_delivery(delivery_id: str = "msg_1", webhook_id: str = "wh_1", team_id: str = "team-a",
+                  due: datetime = T0, created_at: datetime = T0,
+                  status: DeliveryStatus = DeliveryStatus.PENDING) -> Delivery:
+    return Delivery(delivery_id=delivery_id, webhook_id=webhook_id, team_id=team_id, event_id="evt-1 ✓",
+                    event_type="sandbox.created", payload='{"type":"sandbox.created","data":{"x":"Zoë"}}',
+                    status=status, attempts=(DeliveryAttempt(at=T0, status_code=503, error="the receiver answered 503",
+                                                             latency_ms=12.5),),
+                    next_attempt_at=due, created_at=created_at)
+
+
 def sandbox(sandbox_id: str, team_id: str = "team-a", state: SandboxState = SandboxState.RUNNING) -> Sandbox:
     return Sandbox(sandbox_id=sandbox_id, template_id="base", team_id=team_id, state=state, started_at=T0,
                    end_at=T0 + timedelta(seconds=60))
@@ -148,7 +168,8 @@ def sandbox(sandbox_id: str, team_id: str = "team-a", state: SandboxState = Sand
 
 ID_FIELDS: dict[type[BaseModel], str] = {Sandbox: "sandbox_id", SnapshotRef: "snapshot_id", ApiKey: "key_id",
                                          Template: "template_id", Node: "node_id", Team: "team_id",
-                                         SecretRecord: "secret_id", KeyLabel: "key_id", AccessToken: "token_id"}
+                                         SecretRecord: "secret_id", KeyLabel: "key_id", AccessToken: "token_id",
+                                         Webhook: "webhook_id", Delivery: "delivery_id"}
 
 
 def ids(records: Sequence[BaseModel]) -> list[str]:
@@ -525,6 +546,98 @@ class StoreContract:
         assert store.delete_access_token("team-a", record.token_id)
         assert not store.delete_access_token("team-a", record.token_id)
         assert store.list_access_tokens("team-a") == [] and store.list_access_tokens("team-b") == [other]
+
+    # -- webhooks and their deliveries (an outbox) ----------------------------------------------
+
+    def test_webhook_round_trips_and_is_only_seen_in_its_team(self, store: StateStore) -> None:
+        record = full_webhook()
+        assert_every_field_set(record)
+        store.put_webhook(record)
+        store.put_webhook(full_webhook("wh_2", "team-a").evolve(url="http://b.example"))
+        store.put_webhook(full_webhook("wh_3", "team-b"))
+        assert store.get_webhook("team-a", "wh_1") == record
+        assert store.get_webhook("team-b", "wh_1") is None
+        assert ids(store.list_webhooks("team-a")) == ["wh_1", "wh_2"] and ids(store.list_webhooks("team-b")) == ["wh_3"]
+        changed = record.evolve(enabled=True, disabled_reason=None, events=("sandbox.paused",))
+        assert store.replace_webhook(changed) and store.get_webhook("team-a", "wh_1") == changed
+        assert not store.replace_webhook(changed.evolve(team_id="team-b"))  # another team's id: nothing
+        assert not store.replace_webhook(full_webhook("wh_9"))
+        assert ids(store.list_webhooks("team-a")) == ["wh_1", "wh_2"]  # creation order, not last write
+        assert not store.delete_webhook("team-b", "wh_1")
+        assert store.delete_webhook("team-a", "wh_1") and not store.delete_webhook("team-a", "wh_1")
+        assert ids(store.list_webhooks("team-a")) == ["wh_2"]
+
+    def test_delivery_round_trips_and_an_id_is_recorded_once(self, store: StateStore) -> None:
+        record = full_delivery()
+        assert_every_field_set(record)
+        assert store.add_deliveries([record, full_delivery("msg_2", created_at=T0 + timedelta(seconds=1))]) == 2
+        assert store.add_deliveries([record.evolve(payload="another master's copy"), full_delivery("msg_3")]) == 1
+        assert store.list_deliveries("team-a", "wh_1")[-1] == record  # the first copy stays
+        assert ids(store.list_deliveries("team-a", "wh_1")) == ["msg_2", "msg_3", "msg_1"]  # newest, then last added
+        assert ids(store.list_deliveries("team-a", "wh_1", limit=1)) == ["msg_2"]  # newest first
+        assert store.list_deliveries("team-b", "wh_1") == [] and store.list_deliveries("team-a", "wh_2") == []
+
+    def test_claims_take_due_pending_unclaimed_deliveries_once(self, store: StateStore) -> None:
+        store.add_deliveries([full_delivery("msg_late", due=T0 + timedelta(seconds=60)),
+                              full_delivery("msg_b", due=T0 + timedelta(seconds=2)),
+                              full_delivery("msg_a", due=T0 + timedelta(seconds=1)),
+                              full_delivery("msg_done", status=DeliveryStatus.DELIVERED),
+                              full_delivery("msg_gave_up", status=DeliveryStatus.FAILED)])
+        now = T0 + timedelta(seconds=10)
+        assert ids(store.claim_deliveries("master-a", now, 10, lease_s=30)) == ["msg_a", "msg_b"]  # oldest due first
+        assert store.claim_deliveries("master-b", now, 10, lease_s=30) == []  # held
+        assert ids(store.claim_deliveries("master-b", now + timedelta(seconds=31), 1, lease_s=30)) == ["msg_a"]
+        # master-a's claim on msg_a expired and master-b took it: a's outcome is not written
+        sent = full_delivery("msg_a").evolve(status=DeliveryStatus.DELIVERED)
+        assert not store.finish_delivery(sent, "master-a")
+        assert store.finish_delivery(sent, "master-b")
+        assert not store.finish_delivery(sent, "master-b"), "the claim ends with the outcome"
+        retry = full_delivery("msg_b").evolve(next_attempt_at=now + timedelta(seconds=5))
+        assert store.finish_delivery(retry, "master-a")
+        assert store.claim_deliveries("master-a", now, 10, lease_s=30) == []  # not due yet
+        assert ids(store.claim_deliveries("master-a", now + timedelta(seconds=5), 10, lease_s=30)) == ["msg_b"]
+        assert store.release_deliveries("master-a") == 1  # a restart of master-a: its claims died with it
+        assert ids(store.claim_deliveries("master-c", now + timedelta(seconds=5), 10, lease_s=30)) == ["msg_b"]
+        by_id = {d.delivery_id: d for d in store.list_deliveries("team-a", "wh_1")}
+        assert by_id["msg_a"] == sent and by_id["msg_b"] == retry
+
+    def test_deleting_a_webhook_drops_its_deliveries_and_prune_keeps_pending(self, store: StateStore) -> None:
+        store.put_webhook(full_webhook("wh_1"))
+        store.put_webhook(full_webhook("wh_2"))
+        store.add_deliveries([full_delivery("msg_1", "wh_1"), full_delivery("msg_2", "wh_2"),
+                              full_delivery("msg_3", "wh_2", status=DeliveryStatus.DELIVERED),
+                              full_delivery("msg_4", "wh_2", status=DeliveryStatus.FAILED,
+                                            created_at=T0 + timedelta(hours=2))])
+        assert store.delete_webhook("team-a", "wh_1")
+        assert store.list_deliveries("team-a", "wh_1") == []
+        assert ids(store.claim_deliveries("m", T0 + timedelta(days=1), 10, lease_s=30)) == ["msg_2"]
+        assert store.prune_deliveries(T0 + timedelta(hours=1)) == 1  # the old delivered one; pending stays
+        assert sorted(ids(store.list_deliveries("team-a", "wh_2"))) == ["msg_2", "msg_4"]
+
+    def test_concurrent_claims_give_each_delivery_to_one_holder(self, store: StateStore,
+                                                                 open_store: StoreFactory) -> None:
+        stores = [store, open_store()]
+        store.add_deliveries([full_delivery(f"msg_{n:02}") for n in range(40)])
+        start = threading.Barrier(8)
+        claimed: list[str] = []
+        errors: list[BaseException] = []
+
+        def claim(n: int) -> None:
+            try:
+                start.wait(timeout=30)
+                for _ in range(5):
+                    got = stores[n % 2].claim_deliveries(f"master-{n}", T0 + timedelta(seconds=1), 3, lease_s=60)
+                    claimed.extend(ids(got))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        assert sorted(claimed) == [f"msg_{n:02}" for n in range(40)]  # every one, none twice
 
     # -- several open stores (a restart; two masters) -------------------------------------------
 

@@ -4,6 +4,7 @@ E2B SDKs. Templates are built on first use and cached by content hash (images un
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -88,6 +89,7 @@ port = {port}
 admin_port = {admin_port}
 templates = ["base", "code-interpreter-v1"]
 pool = {{ size = 1 }}
+secrets_key = {{ file = "{state}/secrets.key" }}
 
 [vmm]
 plugin = "kvm"
@@ -105,6 +107,12 @@ plugin = "binpack"
 
 [[api]]
 plugin = "e2b"
+
+[webhooks]
+allow_networks = ["127.0.0.0/8"]  # the tests' receivers listen on loopback
+backoff_s = 1
+backoff_max_s = 4
+max_attempts = 50
 """
 
 
@@ -114,6 +122,9 @@ def cube_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CubeServer
     port, admin_port = free_port(), free_port()
     config = state / "plugins.toml"
     config.write_text(CONFIG.format(state=state, port=port, admin_port=admin_port))
+    key_file = state / "secrets.key"  # [core] secrets_key: /secrets values and webhook secrets sealed with it
+    key_file.write_text(base64.b64encode(os.urandom(32)).decode())
+    key_file.chmod(0o600)
     log = state / "serve.log"
 
     def key(team: str) -> str:
