@@ -1,0 +1,218 @@
+"""Lifecycle with the real SDK on real microVMs: auto-pause on timeout, then a request through the
+edge proxy resumes the sandbox (auto-resume); a paused sandbox written out to disk (its QEMU ends)
+resumes with its processes and their memory intact, also after a restart of ``cube serve``.
+
+The module restarts the shared server with ``[core] pause_to_disk_after_s`` short; the restart in
+the pause-to-disk test puts the config back (so the module costs one restart of its own), or the
+module's end does."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cube_e2e import CubeServer
+from e2b import Sandbox, SandboxState
+from e2b.exceptions import SandboxException
+from test_e2e_legacy_sdk import legacy_python  # noqa: F401 - fixture
+
+from cube_core.models import Sandbox as SandboxRecord
+from cube_core.store import SqliteStore
+
+pytestmark = [pytest.mark.vm, pytest.mark.e2e]
+
+TO_DISK_AFTER_S = 4
+COUNTER = ("n=0; id=$(cat /proc/sys/kernel/random/uuid); "
+           "while :; do n=$((n+1)); echo \"$$ $id $n\" > /tmp/counter.tmp; mv /tmp/counter.tmp /tmp/counter; "
+           "sleep 0.2; done")
+"""A shell that keeps a random id and a counter in its memory and writes both out five times a
+second: after a resume the same process (pid) goes on with the same id, counting on from where it
+was (a restarted process would start at 1 with another id)."""
+
+
+@pytest.fixture(scope="module")
+def server(cube_server: CubeServer, monkeypatch_module: pytest.MonkeyPatch) -> Iterator[CubeServer]:
+    original = cube_server.config.read_text()
+    cube_server.stop()
+    setting = f"[core]\npause_to_disk_after_s = {TO_DISK_AFTER_S}\n"
+    cube_server.config.write_text(original.replace("[core]\n", setting, 1))
+    cube_server.start()
+    for name, value in cube_server.env().items():
+        monkeypatch_module.setenv(name, value)
+    monkeypatch_module.delenv("E2B_DOMAIN", raising=False)
+    try:
+        yield cube_server
+    finally:
+        if cube_server.config.read_text() != original:
+            cube_server.stop()
+            cube_server.config.write_text(original)
+            cube_server.start()
+
+
+def restart_with_the_original_config(server: CubeServer) -> None:
+    server.stop()
+    server.config.write_text(re.sub(r"^pause_to_disk_after_s = .*\n", "", server.config.read_text(), flags=re.M))
+    server.start()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def record(server: CubeServer, sandbox_id: str) -> SandboxRecord:
+    store = SqliteStore(server.state_dir / "cube.db")
+    try:
+        found = store.get_sandbox(sandbox_id)
+    finally:
+        store.close()
+    assert found is not None
+    return found
+
+
+def wait_for(check: object, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not after {timeout}s")
+        time.sleep(0.25)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a process in KiB."""
+    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    rss = int(re.search(r"^Rss:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
+    pss = int(re.search(r"^Pss:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
+    return rss, pss
+
+
+def start_counter(sbx: Sandbox) -> tuple[str, str, int]:
+    sbx.commands.run(COUNTER, background=True)
+    wait_for(lambda: sbx.files.exists("/tmp/counter"), "the counter writes")
+    time.sleep(0.5)
+    pid, ident, n = sbx.files.read("/tmp/counter").split()
+    return pid, ident, int(n)
+
+
+def check_counter(sbx: Sandbox, before: tuple[str, str, int]) -> None:
+    pid, ident, n = sbx.files.read("/tmp/counter").split()
+    assert (pid, ident) == before[:2], "another process: the counter's was lost"
+    assert int(n) >= before[2], f"the counter went back: {n} < {before[2]}"
+    time.sleep(0.6)
+    assert int(sbx.files.read("/tmp/counter").split()[2]) > int(n), "the counter does not go on"
+
+
+def test_filesystem_only_auto_pause_is_refused(server: CubeServer) -> None:
+    with pytest.raises(SandboxException) as info:
+        Sandbox.create(template="base", lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}})
+    assert info.value.status_code == 400 and "autoPauseMemory" in str(info.value)
+
+
+def test_auto_pause_on_timeout_then_traffic_resumes(server: CubeServer) -> None:
+    sbx = Sandbox.create(template="base", timeout=20, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    plain = Sandbox.create(template="base", timeout=600, lifecycle={"on_timeout": "pause"})
+    try:
+        info = sbx.get_info()
+        assert info.lifecycle == {"on_timeout": "pause", "auto_resume": True}
+        assert plain.get_info().lifecycle == {"on_timeout": "pause", "auto_resume": False}
+        sbx.files.write("/home/user/kept.txt", "before the pause")
+        counter = start_counter(sbx)
+        boot_id = sbx.commands.run("cat /proc/sys/kernel/random/boot_id").stdout
+        wait_for(lambda: Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED, "auto-paused at its timeout")
+        started = time.monotonic()
+        assert sbx.files.read("/home/user/kept.txt") == "before the pause"  # through the edge: wakes it
+        print(f"first request after the auto-pause answered in {time.monotonic() - started:.2f}s")
+        assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
+        check_counter(sbx, counter)
+        assert sbx.commands.run("cat /proc/sys/kernel/random/boot_id").stdout == boot_id
+        plain.pause()
+        assert not plain.is_running()  # no auto-resume: "not found" at the edge, as E2B answers
+        assert Sandbox.get_info(plain.sandbox_id).state == SandboxState.PAUSED
+    finally:
+        sbx.kill()
+        plain.kill()
+
+
+def test_pause_to_disk_then_resume_after_a_restart(server: CubeServer) -> None:
+    on_disk = Sandbox.create(template="base", timeout=600, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    connected = Sandbox.create(template="base", timeout=600)
+    try:
+        counters = {}
+        for sbx in (on_disk, connected):
+            sbx.files.write("/home/user/kept.txt", sbx.sandbox_id)
+            counters[sbx.sandbox_id] = start_counter(sbx)
+        pids = {s.sandbox_id: record(server, s.sandbox_id).runtime.vm.pid for s in (on_disk, connected)}  # type: ignore[union-attr]
+        for sbx in (on_disk, connected):
+            rss, pss = memory_kib(pids[sbx.sandbox_id])  # type: ignore[arg-type]
+            print(f"{sbx.sandbox_id}: QEMU before the pause: RSS {rss >> 10} MiB, PSS {pss >> 10} MiB")
+            sbx.pause()
+        for sbx in (on_disk, connected):
+            wait_for(lambda s=sbx: record(server, s.sandbox_id).runtime.on_disk, "written out to disk",
+                     timeout=TO_DISK_AFTER_S + 60)
+            saved = record(server, sbx.sandbox_id).runtime.saved
+            assert saved is not None
+            size = sum(p.stat().st_blocks * 512 for p in saved.memory_file.parent.iterdir())
+            print(f"{sbx.sandbox_id}: on disk: {size >> 10} KiB")
+            wait_for(lambda s=sbx: not alive(pids[s.sandbox_id]), "its QEMU ended", timeout=10)  # type: ignore[arg-type]
+
+        started = time.monotonic()
+        again = Sandbox.connect(connected.sandbox_id)  # from disk, before the restart
+        print(f"connect restored the sandbox from disk in {time.monotonic() - started:.2f}s")
+        assert again.files.read("/home/user/kept.txt") == connected.sandbox_id
+        check_counter(again, counters[connected.sandbox_id])
+        saved_dir = record(server, connected.sandbox_id).runtime
+        assert saved_dir.saved is None and saved_dir.vm is not None
+
+        on_disk_state = record(server, on_disk.sandbox_id).runtime.saved
+        assert on_disk_state is not None
+        restart_with_the_original_config(server)  # (the sandbox is on disk already)
+        assert Sandbox.get_info(on_disk.sandbox_id).state == SandboxState.PAUSED  # kept by the restart
+        started = time.monotonic()
+        assert on_disk.files.read("/home/user/kept.txt") == on_disk.sandbox_id  # traffic restores it
+        print(f"first request after the restart restored the sandbox in {time.monotonic() - started:.2f}s")
+        check_counter(on_disk, counters[on_disk.sandbox_id])
+        assert not on_disk_state.memory_file.parent.exists(), "the saved state was not deleted after the resume"
+    finally:
+        for sbx in (on_disk, connected):
+            runtime = record(server, sbx.sandbox_id).runtime
+            sbx.kill()
+            if runtime.disk is not None:
+                assert not runtime.disk.path.exists(), "its disk is left"
+            if runtime.saved is not None:
+                assert not runtime.saved.memory_file.parent.exists(), "its saved state is left"
+
+
+LEGACY_SCRIPT = r'''
+from e2b import Sandbox
+sbx = Sandbox.create(template="base", timeout=120, lifecycle={"on_timeout": "pause", "auto_resume": True})
+try:
+    assert sbx.get_info().lifecycle == {"on_timeout": "pause", "auto_resume": True}, sbx.get_info().lifecycle
+    sbx.files.write("/home/user/legacy.txt", "kept")
+    sbx.pause()
+    assert Sandbox.get_info(sbx.sandbox_id).state.value == "paused"
+    assert sbx.files.read("/home/user/legacy.txt") == "kept"  # the edge resumes it
+    assert Sandbox.get_info(sbx.sandbox_id).state.value == "running"
+finally:
+    sbx.kill()
+print("LEGACY-LIFECYCLE-OK")
+'''
+
+
+def test_legacy_sdk_auto_resume(server: CubeServer, legacy_python: Path) -> None:  # noqa: F811 - fixture
+    """SDK 2.45.1 sends the same lifecycle fields (autoPause, autoResume) as 2.63."""
+    result = subprocess.run([str(legacy_python), "-c", LEGACY_SCRIPT], capture_output=True, text=True, timeout=300,
+                            env={"PATH": "/usr/bin:/bin", **server.env()})
+    assert "LEGACY-LIFECYCLE-OK" in result.stdout, result.stdout + result.stderr
