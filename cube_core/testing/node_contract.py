@@ -20,7 +20,8 @@ The suite plays the control plane: it writes each sandbox's record (``creating``
 way the control plane does, and destroys every sandbox it launched. What it pins down: a launch
 answers a runtime with VM, disk and network slot and the guest's boot id, and the node counts the
 sandbox; exec answers the command's output; pause and resume; a snapshot of a running or paused
-sandbox keeps its state, and a sandbox launched from it or rolled back to it runs (same network
+sandbox keeps its state; a paused sandbox written out to disk (no VM, its disk and slot kept,
+no memory counted) resumes and can be destroyed; a sandbox launched from it or rolled back to it runs (same network
 slot for a rollback, paused again when asked); a deleted snapshot cannot be launched and the
 failed launch leaves nothing; policy and audit; the endpoint of a port; destroy frees and is
 idempotent; an unknown sandbox is :class:`~cube_core.errors.SandboxNotFoundError` (with its
@@ -241,6 +242,33 @@ class NodeClientContract:
         plane.move(paused, SandboxState.RUNNING)
         await _answers(plane.client, sandbox.sandbox_id, "resumed")
 
+    async def test_pause_to_disk_then_resume(self, plane: ControlPlane) -> None:
+        sandbox, launched = await plane.launch()
+        running = plane.move(sandbox, SandboxState.RUNNING, runtime=launched.runtime)
+        await plane.client.pause(sandbox.sandbox_id)
+        paused = plane.move(running, SandboxState.PAUSED)
+        before = await plane.client.status()
+        runtime = await plane.client.pause_to_disk(sandbox.sandbox_id)
+        assert runtime.vm is None and runtime.saved is not None and runtime.on_disk
+        assert runtime.disk == launched.runtime.disk and runtime.nic == launched.runtime.nic
+        paused = plane.move(paused, SandboxState.PAUSED, runtime=runtime)
+        assert (await plane.client.status()).memory_mb_used == before.memory_mb_used - sandbox.memory_mb
+        assert await plane.client.pause_to_disk(sandbox.sandbox_id) == runtime  # once
+        await plane.client.audit(sandbox.sandbox_id, 10)  # its network slot is kept
+        resumed = await plane.client.resume(sandbox.sandbox_id)
+        assert resumed.vm is not None and resumed.saved is None and resumed.nic == runtime.nic
+        plane.move(paused, SandboxState.RUNNING, runtime=resumed)
+        await _answers(plane.client, sandbox.sandbox_id, "restored-from-disk")
+
+    async def test_destroy_of_a_sandbox_on_disk(self, plane: ControlPlane) -> None:
+        sandbox, launched = await plane.launch()
+        running = plane.move(sandbox, SandboxState.RUNNING, runtime=launched.runtime)
+        await plane.client.pause(sandbox.sandbox_id)
+        runtime = await plane.client.pause_to_disk(sandbox.sandbox_id)
+        on_disk = plane.move(running, SandboxState.PAUSED, runtime=runtime)
+        assert await plane.destroy(on_disk) == []
+        assert await plane.client.destroy(on_disk) == []  # idempotent
+
     # -- snapshots, launch from one, rollback -----------------------------------------------------------
 
     async def test_a_snapshot_of_another_node_is_copied_once_and_launched_here(
@@ -365,11 +393,13 @@ class NodeClientContract:
 
     # -- errors ------------------------------------------------------------------------------------------
 
-    @pytest.mark.parametrize("operation", ["pause", "resume", "snapshot", "exec", "audit", "update_policy"])
+    @pytest.mark.parametrize("operation", ["pause", "pause_to_disk", "resume", "snapshot", "exec", "audit",
+                                           "update_policy"])
     async def test_an_unknown_sandbox_is_not_found(self, plane: ControlPlane, operation: str) -> None:
         client = plane.client
         calls: dict[str, Callable[[], Awaitable[object]]] = {
             "pause": lambda: client.pause(UNKNOWN),
+            "pause_to_disk": lambda: client.pause_to_disk(UNKNOWN),
             "resume": lambda: client.resume(UNKNOWN),
             "snapshot": lambda: client.snapshot(UNKNOWN, "snapcontractunknown0"),
             "exec": lambda: client.exec(UNKNOWN, ["true"], 5.0),
