@@ -227,11 +227,19 @@ class Build:
             return None
         self.say(f"Template {self.record.name} ({template.template_id}) is ready", step=FINALIZE_STEP)
         self.put(status=BuildStatus.READY, finished_at=utcnow())
+        self._finished()
         return template
+
+    def _finished(self) -> None:
+        build = self.record
+        self.agent.events.emit("template.build_finished", team_id=build.team_id, node_id=self.agent.node_id,
+                               status=build.status.value, template_id=build.template_id, build_id=build.build_id,
+                               name=build.name, reason=build.reason)
 
     def _fail(self, reason: str, step: str) -> None:
         self.say(f"Build failed: {reason}", level="error", step=step)
         self.put(status=BuildStatus.ERROR, reason=reason[:4000], reason_step=step, finished_at=utcnow())
+        self._finished()
         template = self.agent.store.get_template(self.record.template_id)
         if template is not None and template.status == TemplateStatus.BUILDING and template.snapshot is None:
             self.agent.store.put_template(template.model_copy(update={"status": TemplateStatus.FAILED}))

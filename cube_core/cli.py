@@ -167,6 +167,7 @@ def node(ctx: typer.Context, config: ConfigOpt = None,
 
 
 def _set_node_status(config: Path | None, name: str, status: Any) -> None:
+    from cube_core.events import EventBus
     from cube_core.models import NodeStatus
 
     def change() -> Any:
@@ -179,6 +180,10 @@ def _set_node_status(config: Path | None, name: str, status: Any) -> None:
             if status == NodeStatus.UP and node.status == NodeStatus.DOWN:
                 raise CubeError(f"node {name!r} is down: it is marked up again when it reports")
             store.put_node(node.evolve(status=status))
+            if node.status != status:  # masters on the same PostgreSQL store tell their subscribers
+                bus = EventBus(store.event_channel())
+                bus.emit(f"node.{status.value}", node_id=name, previous=node.status.value)
+                bus.flush()
             return node
         finally:
             store.close()

@@ -102,6 +102,28 @@ class CoreSettings(_Model):
     in base64 (``openssl rand -base64 32``) or 64 hex digits. Unset: the ``/secrets`` routes answer
     403 saying so. Losing it loses every secret (they cannot be decrypted)."""
 
+    operator_token: dict[str, str] | None = None
+    """The operator's token, a secret reference (``{ env = "CUBE_OPERATOR_TOKEN" }`` or
+    ``{ file = "/etc/cube/operator-token" }``) to 32+ random characters: it signs in to the
+    dashboard's all-teams view and reads every team's ``GET /events``. Unset: neither exists."""
+
+    def operator_secret(self) -> str | None:
+        """The resolved operator token (None when unset); a ``ConfigError`` when too short."""
+        if self.operator_token is None:
+            return None
+        value = resolve_secrets(self.operator_token, where="[core] operator_token")
+        if not isinstance(value, str) or len(value) < 32:
+            raise ConfigError("[core] operator_token must be a string of at least 32 characters "
+                              "(e.g. `openssl rand -hex 32`)")
+        return value
+
+    @field_validator("operator_token")
+    @classmethod
+    def _operator_token_shape(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and set(value) not in ({"env"}, {"file"}):
+            raise ValueError('operator_token is a secret reference: { env = "NAME" } or { file = "/path" }')
+        return value
+
     @field_validator("secrets_key")
     @classmethod
     def _secrets_key_shape(cls, value: dict[str, str] | str | None) -> dict[str, str] | str | None:

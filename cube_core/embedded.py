@@ -7,6 +7,7 @@ the same contract ``cube master`` uses over HTTP; both share one state store.
 from __future__ import annotations
 
 from cube_core._host import PluginHost
+from cube_core.events import EventBus
 from cube_core.node import NodeAgent
 from cube_core.nodeclient import LocalNodeClient
 from cube_core.nodes import NodeDirectory
@@ -18,14 +19,19 @@ class Embedded:
     def __init__(self, host: PluginHost, store: StateStore) -> None:
         cluster = host.config.data.cluster
         self.store = store
-        self.agent = NodeAgent(host, store, heartbeat_s=cluster.heartbeat_s)
-        self.service = SandboxService(host, store, NodeDirectory(store, cluster, local=LocalNodeClient(self.agent)))
+        self.events = EventBus(store.event_channel())
+        """One bus for both: the node publishes what it does on its own (builds, its status)."""
+        self.agent = NodeAgent(host, store, heartbeat_s=cluster.heartbeat_s, events=self.events)
+        self.service = SandboxService(host, store, NodeDirectory(store, cluster, local=LocalNodeClient(self.agent)),
+                                      events=self.events)
 
     async def start(self) -> None:
         """Node first (it reconciles and registers), then the control plane."""
+        await self.events.start()
         await self.agent.start()
         await self.service.start()
 
     async def stop(self) -> None:
         await self.service.stop()
         await self.agent.stop()
+        await self.events.stop()

@@ -41,6 +41,7 @@ from cube_core.errors import (
     TemplateNotFoundError,
     UnsupportedOperation,
 )
+from cube_core.events import EventBus
 from cube_core.guest import guest_call
 from cube_core.meminfo import total_memory_mb
 from cube_core.models import (
@@ -85,8 +86,12 @@ class NodeAgent:
     """The sandboxes of one node; see the module docstring."""
 
     def __init__(self, host: PluginHost, store: StateStore, *, url: str | None = None,
-                 heartbeat_s: float = 2.0, token: str | None = None) -> None:
+                 heartbeat_s: float = 2.0, token: str | None = None, events: EventBus | None = None) -> None:
         self.host = host
+        self._owns_events = events is None
+        self.events = events or EventBus(store.event_channel())
+        """Where this node publishes (sandboxes it stopped itself, its status, template builds):
+        the control plane's bus in ``cube serve``; its own, on the store's channel, in ``cube node``."""
         self.token = token
         """The cluster token, to fetch snapshot files from other nodes (``node_app`` sets it)."""
         self.store = store
@@ -124,6 +129,8 @@ class NodeAgent:
     # -- life cycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._owns_events:
+            await self.events.start()
         for driver in (self.storage, self.network, self.vmm):
             await driver.start()
         for template in self.store.list_templates():
@@ -147,6 +154,8 @@ class NodeAgent:
         await self.pool.stop()
         for driver in (self.vmm, self.network, self.storage):
             await driver.close()
+        if self._owns_events:
+            await self.events.stop()
 
     async def ensure_templates(self, names: Sequence[str],
                                lanes: Callable[[str], Progress] | None = None) -> None:
@@ -208,6 +217,9 @@ class NodeAgent:
         if current is not None and current.status == NodeStatus.DRAINING:
             node = node.evolve(status=NodeStatus.DRAINING)
         self.store.put_node(node)
+        if current is None or current.status == NodeStatus.DOWN:
+            self.events.emit("node.up", node_id=self.node_id, isolation=node.isolation,
+                             previous=current.status.value if current else None)
         return node
 
     async def _beat_forever(self) -> None:
@@ -252,9 +264,11 @@ class NodeAgent:
                 errors = await self.destroy(sb)
                 why = ("its VM was lost while the node agent was down" if not alive
                        else "the node agent stopped while it was being created")
-                self.store.put_sandbox(sb.evolve(state=SandboxState.ERROR, runtime=SandboxRuntime(),
-                                                 error="; ".join([why, *errors])[:2000]))
+                failed = sb.evolve(state=SandboxState.ERROR, runtime=SandboxRuntime(),
+                                   error="; ".join([why, *errors])[:2000])
+                self.store.put_sandbox(failed)
                 await self.host.hooks.sandbox_stopped(sb, StopReason.ERROR)
+                self._stopped(failed)
         live = [s.runtime for s in self.store.list_sandboxes(states=LIVE_STATES)
                 if s.node_id == self.node_id and s.team_id != POOL_TEAM]
         await self.network.sweep({r.nic.slot_id for r in live if r.nic})
@@ -356,10 +370,16 @@ class NodeAgent:
                 failed = record.evolve(state=SandboxState.ERROR, runtime=SandboxRuntime(), error=reason(exc))
                 self.store.put_sandbox(failed)
                 await self.host.hooks.sandbox_stopped(failed, StopReason.ERROR)
+                self._stopped(failed)
                 return
             if record is not None:
                 return
             await asyncio.sleep(0.2)
+
+    def _stopped(self, failed: Sandbox) -> None:
+        self.events.emit("sandbox.killed", team_id=failed.team_id, sandbox_id=failed.sandbox_id,
+                         node_id=self.node_id, state=failed.state.value, template_id=failed.template_id,
+                         reason=StopReason.ERROR.value, error=failed.error)
 
     async def until_applied(self, sandbox_id: str) -> None:
         """Return once the sandbox's guest applied its create message (at once for any other

@@ -16,6 +16,7 @@ import structlog
 
 from cube_core.config import ClusterSettings
 from cube_core.errors import NodeUnavailableError
+from cube_core.events import EventBus
 from cube_core.models import Node, NodeStatus, Sandbox, utcnow
 from cube_core.nodeclient import NodeClient
 from cube_core.pool import POOL_TEAM
@@ -35,6 +36,8 @@ class NodeDirectory:
         self.local = local
         self._remote = remote
         self._clients: dict[str, tuple[str, NodeClient]] = {}
+        self.events: EventBus | None = None
+        """Where node status changes are published (the service sets its bus)."""
 
     def _reachable(self, node: Node) -> bool:
         if self.local is not None and node.node_id == self.local.node_id:
@@ -94,6 +97,9 @@ class NodeDirectory:
                 log.warning("node down: no heartbeat", node_id=node.node_id,
                             last_heartbeat=node.heartbeat_at.isoformat())
                 marked.append(down)
+                if self.events is not None:
+                    self.events.emit("node.down", node_id=node.node_id,
+                                     last_heartbeat=node.heartbeat_at.isoformat())
         return marked
 
     async def aclose(self) -> None:
@@ -105,6 +111,9 @@ class NodeDirectory:
         self._clients.clear()
 
     def set_status(self, node_id: str, status: NodeStatus) -> Node:
-        node = self.get(node_id).evolve(status=status)
+        before = self.get(node_id)
+        node = before.evolve(status=status)
         self.store.put_node(node)
+        if self.events is not None and before.status != status:
+            self.events.emit(f"node.{status.value}", node_id=node_id, previous=before.status.value)
         return node

@@ -39,6 +39,7 @@ from cube_core.errors import (
     TemplateError,
     TemplateNotFoundError,
 )
+from cube_core.events import EventBus
 from cube_core.models import (
     ApiKey,
     NetworkPolicy,
@@ -73,10 +74,15 @@ TEAM_METRIC_POINTS = 500
 class SandboxService:
     """Create, find, change and stop sandboxes; templates, teams and API keys; see the module."""
 
-    def __init__(self, host: PluginHost, store: StateStore, nodes: NodeDirectory) -> None:
+    def __init__(self, host: PluginHost, store: StateStore, nodes: NodeDirectory, *,
+                 events: EventBus | None = None) -> None:
         self.host = host
         self.store = store
         self.nodes = nodes
+        self._owns_events = events is None
+        self.events = events or EventBus(store.event_channel())
+        """What happened, as it happens (:mod:`cube_core.events`): published here, where it happens."""
+        nodes.events = self.events
         self.settings: CoreSettings = host.config.data.core
         self.scheduler: Scheduler = host.hooks.scheduler()
         self.quotas = Quotas(host.config.data.quotas, store)
@@ -85,7 +91,8 @@ class SandboxService:
         self._kept_in_ram: set[str] = set()
         """Paused sandboxes their node could not write out to disk (not tried again)."""
         self.team_secrets = teamsecrets.TeamSecrets(store, self.settings)  # /secrets; needs [core] secrets_key
-        self.template_builds = templatebuilds.TemplateBuilds(store, self.settings, nodes)  # the SDK's Template.build
+        # the SDK's Template.build
+        self.template_builds = templatebuilds.TemplateBuilds(store, self.settings, nodes, self.events)
         self.holder = f"{socket.gethostname()}:{self.settings.node_id}:{self.settings.state_dir}:{self.settings.port}"
         """Who this control plane is when it takes a lease (one reaper among several masters):
         stable across restarts, so a restarted master takes its lease back at once."""
@@ -99,6 +106,8 @@ class SandboxService:
     async def start(self) -> None:
         """Reap what expired while no control plane ran (before the first request can extend
         it), then keep reaping in the background."""
+        if self._owns_events:
+            await self.events.start()
         if self.store.acquire_lease(REAPER_LEASE, self.holder, ttl_s=10.0):
             self.nodes.mark_down()
             await self.reap_expired()
@@ -112,6 +121,8 @@ class SandboxService:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        if self._owns_events:
+            await self.events.stop()
 
     # -- teams and keys ------------------------------------------------------------------------
 
@@ -271,7 +282,12 @@ class SandboxService:
                  served_by=launched.served_by, node_ms=launched.timings_ms,
                  total_ms=round((time.perf_counter() - started) * 1000, 1))
         await self.host.hooks.sandbox_created(sandbox)
+        self._emit("sandbox.created", sandbox)
         return sandbox
+
+    def _emit(self, type_: str, sb: Sandbox, **data: Any) -> None:
+        self.events.emit(type_, team_id=sb.team_id, sandbox_id=sb.sandbox_id, node_id=sb.node_id,
+                         state=sb.state.value, template_id=sb.template_id, **data)
 
     async def kill(self, team_id: str, sandbox_id: str) -> None:
         self._record(sandbox_id, team_id)
@@ -298,6 +314,8 @@ class SandboxService:
         final = sb.evolve(state=state, runtime=runtime, error=message[:2000] if message else None)
         self.store.put_sandbox(final)
         await self.host.hooks.sandbox_stopped(final, reason_)
+        self._emit("sandbox.expired" if reason_ == StopReason.TIMEOUT else "sandbox.killed", final,
+                   reason=reason_.value)
 
     async def _fail(self, sandbox_id: str, exc: GuestProtocolError) -> None:
         """Stop a sandbox whose guest broke the protocol (caller holds its lock); record why."""
@@ -314,6 +332,7 @@ class SandboxService:
         sb = self._record(sandbox_id, team_id)
         updated = sb.evolve(end_at=utcnow() + timedelta(seconds=timeout_s))
         self.store.put_sandbox(updated)
+        self._emit("sandbox.timeout_changed", updated, end_at=updated.end_at.isoformat())
         return updated
 
     async def pause(self, team_id: str, sandbox_id: str) -> Sandbox:
@@ -325,7 +344,9 @@ class SandboxService:
     async def _pause(self, sandbox_id: str) -> Sandbox:
         sb = self._record(sandbox_id)
         await self._node(sb).pause(sandbox_id)
-        return self._move(sb.evolve(paused_at=utcnow()), SandboxState.PAUSED)
+        paused = self._move(sb.evolve(paused_at=utcnow()), SandboxState.PAUSED)
+        self._emit("sandbox.paused", paused)
+        return paused
 
     async def resume(self, team_id: str, sandbox_id: str, timeout_s: int | None = None) -> Sandbox:
         """Resume a paused sandbox (``POST /sandboxes/{id}/resume``)."""
@@ -347,6 +368,7 @@ class SandboxService:
         if timeout_s is not None:
             sb = sb.evolve(end_at=utcnow() + timedelta(seconds=timeout_s))
             self.store.put_sandbox(sb)
+        self._emit("sandbox.resumed", sb, end_at=sb.end_at.isoformat())
         return sb
 
     async def wake(self, sandbox_id: str) -> Sandbox:
@@ -394,6 +416,7 @@ class SandboxService:
                 if end > sb.end_at:
                     sb = sb.evolve(end_at=end)
                     self.store.put_sandbox(sb)
+                    self._emit("sandbox.timeout_changed", sb, end_at=end.isoformat())
             return sb
 
     def _move(self, sb: Sandbox, target: SandboxState) -> Sandbox:
@@ -410,6 +433,7 @@ class SandboxService:
         await self._node(sb).update_policy(sandbox_id, policy, rules)
         updated = sb.evolve(network=policy)
         self.store.put_sandbox(updated)
+        self._emit("sandbox.policy_changed", updated, network=policy.model_dump(mode="json"))
         return updated
 
     async def network_audit(self, team_id: str, sandbox_id: str, limit: int = 1000) -> builtins.list[dict[str, Any]]:
@@ -455,6 +479,7 @@ class SandboxService:
                               names=(name,) if name else (), metadata={"kind": kind})
             self.store.put_snapshot(ref)
         await self.host.hooks.snapshot_taken(sb, ref)
+        self._emit("sandbox.snapshot", sb, snapshot_id=ref.snapshot_id, kind=kind)
         return ref
 
     def _template_snapshot_id(self, sb: Sandbox) -> str | None:

@@ -28,6 +28,7 @@ from cube_core.buildspec import TemplateBuild
 from cube_core.config import CoreSettings, state_url
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.errors import ConfigError
+from cube_core.events import EventChannel
 from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
 from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.state import SandboxState
@@ -244,6 +245,11 @@ class StateStore(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""
+
+    def event_channel(self) -> EventChannel | None:
+        """What carries events to the other processes sharing this store (:mod:`cube_core.events`);
+        None (the default, SQLite): one process serves, events stay in it."""
+        return None
 
 
 _DDL = """

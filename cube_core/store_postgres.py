@@ -18,7 +18,8 @@ each migration once); a database whose schema is newer than this Cube knows is r
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +31,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from cube_core.buildspec import TemplateBuild
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.errors import ConfigError
+from cube_core.events import EventChannel
 from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
 from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.state import SandboxState
@@ -109,6 +111,8 @@ CREATE INDEX webhook_deliveries_webhook ON webhook_deliveries (webhook_id, creat
 """),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+EVENTS_CHANNEL = "cube_events"
+"""The NOTIFY channel of :class:`PostgresEvents`."""
 # pg_advisory_xact_lock key: one 64-bit number for "Cube migrates this database"
 MIGRATION_LOCK = int.from_bytes(hashlib.sha256(b"cube state schema").digest()[:8], "big", signed=True)
 # pg_advisory_xact_lock(class, hashtext(value)) keys: "a write gives this unique value to a record"
@@ -158,6 +162,7 @@ class PostgresStore(StateStore):
     def __init__(self, dsn: str, *, min_connections: int = 1, max_connections: int = 8,
                  connect_timeout: float = 10.0) -> None:
         self.where = describe_dsn(dsn)
+        self._dsn = dsn
         try:  # one plain connection first: its error says why (refused, auth, no such database)
             with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, round(connect_timeout))) as conn:
                 migrate(conn)
@@ -553,3 +558,37 @@ class PostgresStore(StateStore):
 
     def close(self) -> None:
         self._pool.close()
+
+    def event_channel(self) -> PostgresEvents:
+        return PostgresEvents(self._dsn)
+
+
+class PostgresEvents(EventChannel):
+    """Events between processes over ``NOTIFY``/``LISTEN`` on :data:`EVENTS_CHANNEL`: a connection
+    of its own for each direction (a listening connection cannot come from the pool)."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._sender: psycopg.Connection[Any] | None = None
+
+    def send(self, payload: str) -> None:
+        if self._sender is None or self._sender.closed:
+            self._sender = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+        try:
+            self._sender.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, payload))
+        except psycopg.OperationalError:
+            self._sender.close()  # reconnect on the next one
+            raise
+
+    def listen(self, deliver: Callable[[str], None], stop: threading.Event) -> None:
+        with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+            deliver("")
+            while not stop.is_set():
+                for notify in conn.notifies(timeout=0.5):
+                    deliver(notify.payload)
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None

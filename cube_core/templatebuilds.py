@@ -29,6 +29,7 @@ from cube_core import ids
 from cube_core.buildspec import BuildJob, BuildLogLine, BuildPlan, BuildStatus, TemplateBuild
 from cube_core.config import CoreSettings
 from cube_core.errors import InvalidStateError, TemplateError, TemplateNotFoundError
+from cube_core.events import EventBus
 from cube_core.models import Template, TemplateStatus, utcnow
 from cube_core.nodes import NodeDirectory
 from cube_core.store import StateStore
@@ -68,9 +69,11 @@ def visible(template: Template, team_id: str) -> bool:
 
 
 class TemplateBuilds:
-    def __init__(self, store: StateStore, settings: CoreSettings, nodes: NodeDirectory) -> None:
+    def __init__(self, store: StateStore, settings: CoreSettings, nodes: NodeDirectory,
+                 events: EventBus | None = None) -> None:
         self.store = store
         self.nodes = nodes
+        self.events = events
         self.files = settings.state_dir / "build-files"
         self._key = secrets.token_bytes(32)
         """Signs upload URLs; per process (an upload goes to the master that gave the link)."""
@@ -185,6 +188,9 @@ class TemplateBuilds:
                                              "reason_step": "base", "finished_at": utcnow()})
             self.store.put_build(build)
             self._failed(build)
+            if self.events is not None:
+                self.events.emit("template.build_finished", team_id=team_id, status=build.status.value,
+                                 template_id=template_id, build_id=build_id, name=build.name, reason=build.reason)
         return build
 
     def _failed(self, build: TemplateBuild) -> None:

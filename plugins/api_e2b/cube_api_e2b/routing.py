@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -24,7 +25,7 @@ from fastapi.security import APIKeyHeader
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cube_api_e2b.auth import authenticate
+from cube_api_e2b.auth import api_key_from, authenticate
 from cube_api_e2b.context import E2bContext
 from cube_api_e2b.errors import InvalidRequestError, error_body, error_headers, http_error
 from cube_api_e2b.schemas import ErrorBody, SandboxOut
@@ -138,7 +139,7 @@ class E2bRoute(APIRoute):
         async def handler(request: Request) -> Response:
             ctx = context_of(request)
             try:
-                request.state.cube_team = authenticate(ctx.service, request.headers)
+                request.state.cube_team = self.authenticate(ctx, request)
                 response = await inner(request)
             except RequestValidationError as exc:
                 response = error_response(ctx, InvalidRequestError(validation_message(exc)))
@@ -157,6 +158,33 @@ class E2bRoute(APIRoute):
             return response
 
         return handler
+
+    def authenticate(self, ctx: E2bContext, request: Request) -> Team | None:
+        """The caller's team; :class:`AuthError` (401) when the key is missing or bad."""
+        return authenticate(ctx.service, request.headers)
+
+
+class TeamOrOperatorRoute(E2bRoute):
+    """Also lets the operator in (``[core] operator_token`` as the key or bearer token): the route
+    then sees the team ``None`` (every team) through :data:`Caller`."""
+
+    def authenticate(self, ctx: E2bContext, request: Request) -> Team | None:
+        presented = api_key_from(request.headers)
+        token = ctx.settings.operator_secret()
+        if token is not None and presented is not None and hmac.compare_digest(presented.encode(), token.encode()):
+            request.state.cube_operator = True
+            return None
+        return authenticate(ctx.service, request.headers)
+
+
+def current_caller(request: Request) -> Team | None:
+    """The team :class:`TeamOrOperatorRoute` authenticated, or None for the operator."""
+    if getattr(request.state, "cube_operator", False) is True:
+        return None
+    return current_team(request)
+
+
+Caller = Annotated[Team | None, Depends(current_caller)]
 
 
 # -- input checks shared by several routes ----------------------------------------------------------

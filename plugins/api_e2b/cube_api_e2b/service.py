@@ -15,6 +15,7 @@ from typing import Protocol
 
 from cube_core import CoreSettings, NetworkPolicy, Sandbox, SandboxSpec, SandboxState, SnapshotRef, Team, Template
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
+from cube_core.events import EventBus
 from cube_core.models import ApiKey
 from cube_core.nodeclient import Endpoint
 from cube_core.observations import LogEntry, LogLevel, MetricSample, TeamMetricName, TeamMetricPoint
@@ -25,6 +26,10 @@ from cube_core.webhooks import Delivery, Webhook
 class ControlPlane(Protocol):
     @property
     def settings(self) -> CoreSettings: ...
+    @property
+    def events(self) -> EventBus:
+        """What happens to sandboxes, nodes and builds (``GET /events``)."""
+        ...
 
     # -- who is calling --------------------------------------------------------------------------
     def authenticate(self, secret: str | None) -> Team: ...

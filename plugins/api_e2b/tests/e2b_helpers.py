@@ -42,12 +42,13 @@ def toml_value(value: Any) -> str:
 
 
 def e2b_config_text(state_dir: Path, options: dict[str, Any] | None = None, *, max_sandboxes: int = 200,
-                    pool_size: int = 0, extra: str = "") -> str:
-    """The fake config with the e2b API plugin; ``extra``: more TOML appended (e.g. ``[quotas]``)."""
+                    pool_size: int = 0, extra: str = "", core: str = "") -> str:
+    """The fake config with the e2b API plugin; ``extra``: more TOML appended (e.g. ``[quotas]``);
+    ``core``: more lines of ``[core]``."""
     text = "\n".join(line for line in FAKE_CONFIG.format(state_dir=state_dir).splitlines()
                      if not line.startswith("pool ="))
     text = text.replace("templates = []", f'templates = ["base"]\nmax_sandboxes = {max_sandboxes}\n'
-                                          f"pool = {{ size = {pool_size} }}")
+                                          f"pool = {{ size = {pool_size} }}\n{core}")
     opts = ", ".join(f"{k} = {toml_value(v)}" for k, v in (options or {}).items())
     text = text.replace('[[api]]\nplugin = "fake"', f'[[api]]\nplugin = "e2b"\noptions = {{ {opts} }}')
     return text + ("\n" + extra if extra else "")

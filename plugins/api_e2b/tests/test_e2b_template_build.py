@@ -47,7 +47,14 @@ async def test_build_rebuild_and_create(cube, build_env, tmp_path):
     url, key = build_env
     logs: list[str] = []
     alias = name()
+    team = cube.service.authenticate(key).team_id
+    events, others = cube.service.events.subscribe(team), cube.service.events.subscribe("another-team")
     info = await AsyncTemplate.build(template(tmp_path), alias, on_build_logs=lambda e: logs.append(e.message))
+    finished = [e for e in [await asyncio.wait_for(anext(events), 5)] if e.type == "template.build_finished"]
+    assert [(e.data["status"], e.data["build_id"], e.data["template_id"]) for e in finished] == [
+        ("ready", info.build_id, info.template_id)]
+    others.close()
+    assert not others._queue  # another team's subscription saw nothing of it
     assert any("Uploaded 'app.txt'" == m for m in logs)
     assert any("[builder 3/5] COPY app.txt /home/user/" in m for m in logs)
     assert not any("CACHED" in m for m in logs)
@@ -88,12 +95,16 @@ async def test_build_rebuild_and_create(cube, build_env, tmp_path):
 async def test_failing_step_reports_step_exit_code_and_output(cube, build_env, tmp_path):
     tpl = (AsyncTemplate(file_context_path=str(tmp_path)).from_template("base")
            .run_cmd("echo fine").run_cmd("false; exit 7").run_cmd("echo never"))
+    events = cube.service.events.subscribe()
     logs: list[str] = []
     with pytest.raises(BuildException) as err:
         await AsyncTemplate.build(tpl, name(), on_build_logs=lambda e: logs.append(e.message))
     assert "exit code 7" in str(err.value) and "[builder 2]" in str(err.value)
     assert any("failed with 7" in m for m in logs)
     assert not any("echo never" in m for m in logs)
+    finished = await asyncio.wait_for(anext(events), 5)
+    assert (finished.type, finished.data["status"]) == ("template.build_finished", "error")
+    assert "exit code 7" in finished.data["reason"]
 
 
 async def test_background_build_and_status(cube, build_env, tmp_path):

@@ -14,6 +14,7 @@ from cube_api_e2b.routes import (
     accesstokens,
     apikeys,
     builds,
+    events,
     lifecycle,
     logs,
     metrics,
@@ -33,6 +34,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     snapshots.router, templates.router,
     builds.router,
     secrets.router, webhooks.router, apikeys.router, accesstokens.router, logs.router, teams.router,
+    events.router,
 )
 """Every router that authenticates with an API key, in mounting order."""
 SIGNED: tuple[APIRouter, ...] = (builds.uploads,)
