@@ -88,6 +88,9 @@ class CoreSettings(_Model):
     its template's snapshot) and its VM process ends: it then costs disk, not RAM; a resume (by
     ``connect``, or by traffic with auto-resume) restores it. ``0``: never (paused sandboxes stay
     in RAM). See docs/lifecycle.md."""
+    pause_to_disk_below_mb: int = Field(default=512, ge=0)
+    """Memory pressure: while a node reports less available memory than this (MiB), its paused
+    sandboxes are written out to disk at once, whatever ``pause_to_disk_after_s`` says. ``0``: off."""
     pool: PoolSettings = Field(default_factory=PoolSettings)
     boot_mode: Literal["snapshot", "cold"] = "snapshot"
     """How a sandbox's VM starts when it does not come from the warm pool: ``snapshot`` restores

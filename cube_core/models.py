@@ -185,6 +185,9 @@ class Node(Frozen):
     templates: tuple[str, ...] = ()
     """Templates ready on this node."""
     disk_free_mb: int = 0
+    memory_mb_available: int = 0
+    """The host's available memory (``MemAvailable``) at the report; 0: unknown. Below ``[core]
+    pause_to_disk_below_mb`` its paused sandboxes are written out to disk at once."""
     isolation: Isolation = "none"
     snapshots: tuple[str, ...] = ()
     """Snapshots of other nodes this node holds a copy of (imported to launch from them); the

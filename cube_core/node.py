@@ -43,7 +43,7 @@ from cube_core.errors import (
 )
 from cube_core.events import EventBus
 from cube_core.guest import guest_call
-from cube_core.meminfo import total_memory_mb
+from cube_core.meminfo import available_memory_mb, total_memory_mb
 from cube_core.models import (
     EgressRule,
     ExecReply,
@@ -108,6 +108,8 @@ class NodeAgent:
                              storage=self.storage, destroy=self._free, node_id=self.node_id,
                              warm_up=host.hooks.pool_member_warm_up)
         self._live: dict[str, SandboxRuntime] = {}
+        self.memory_probe: Callable[[], int] = available_memory_mb
+        """The host's available memory in MiB, for the report (tests replace it)."""
         self._locks: dict[str, asyncio.Lock] = {}
         self._paused: set[str] = set()
         self._applied: dict[str, asyncio.Task[None]] = {}
@@ -207,6 +209,7 @@ class NodeAgent:
                     memory_mb_used=sum(s.memory_mb for s in mine if not s.runtime.on_disk), sandboxes=len(users),
                     sandboxes_paused=sum(1 for s in users if s.state == SandboxState.PAUSED),
                     pool=self.pool.sizes(), templates=tuple(sorted(self._ready)), disk_free_mb=disk_free,
+                    memory_mb_available=self.memory_probe(),
                     isolation=self.vmm.isolation, snapshots=tuple(sorted(self._replicas)))
 
     def beat(self) -> Node:

@@ -562,15 +562,18 @@ class SandboxService:
 
     async def write_out_paused(self) -> int:
         """Write the sandboxes paused for ``[core] pause_to_disk_after_s`` out to disk (their VM
-        processes end); how many were. One the node cannot write out (its VMM cannot, or it has
-        volumes mounted: ``UnsupportedOperation``) stays paused in RAM."""
-        after = self.settings.pause_to_disk_after_s
-        if after <= 0:
+        processes end), and every paused one of a node short of memory (it reports less available
+        than ``[core] pause_to_disk_below_mb``); how many were. One the node cannot write out (its
+        VMM cannot, or it has volumes mounted: a ``CubeError``) stays paused in RAM."""
+        after, floor = self.settings.pause_to_disk_after_s, self.settings.pause_to_disk_below_mb
+        short = {n.node_id for n in self.nodes.records() if 0 < n.memory_mb_available < floor}
+        if after <= 0 and not short:
             return 0
-        cutoff = utcnow() - timedelta(seconds=after)
+        cutoff = utcnow() - timedelta(seconds=after) if after > 0 else None
         due = [s for s in self.store.list_sandboxes(states=(SandboxState.PAUSED,))
-               if s.team_id != POOL_TEAM and not s.runtime.on_disk and s.paused_at is not None
-               and s.paused_at <= cutoff and s.sandbox_id not in self._kept_in_ram]
+               if s.team_id != POOL_TEAM and not s.runtime.on_disk and s.sandbox_id not in self._kept_in_ram
+               and (s.node_id in short or (cutoff is not None and s.paused_at is not None
+                                           and s.paused_at <= cutoff))]
         written = 0
         for sb in due:
             written += await self._write_out(sb.sandbox_id)

@@ -120,7 +120,8 @@ def full_build(build_id: str = "0b5e6c1e-0000-4000-8000-00000000b001", template_
 def full_node(node_id: str = "node-7") -> Node:
     return Node(node_id=node_id, url="http://10.1.2.3:7070", cpu_total=16, memory_mb_total=65536, cpu_used=3,
                 memory_mb_used=4096, sandboxes=5, sandboxes_paused=2, pool={"tpl-code": 3},
-                templates=("tpl-code", "base"), disk_free_mb=12345, isolation="tcg", status=NodeStatus.DRAINING,
+                templates=("tpl-code", "base"), disk_free_mb=12345, memory_mb_available=777, isolation="tcg",
+                status=NodeStatus.DRAINING,
                 heartbeat_at=T0, snapshots=("snap-copied-here",))
 
 

@@ -18,6 +18,13 @@ from cube_core.state import SandboxState
 from cube_core.store import SqliteStore
 
 
+@pytest.fixture(autouse=True)
+def plenty_of_memory(cube: Embedded) -> None:
+    """The host's available memory as the node reports it: well above pause_to_disk_below_mb."""
+    cube.agent.memory_probe = lambda: 8192
+    cube.agent.beat()
+
+
 def spec(**kw: Any) -> SandboxSpec:
     return SandboxSpec(template_id="base", team_id="t1", **kw)
 
@@ -182,3 +189,20 @@ async def test_a_sandbox_on_disk_without_its_files_is_failed_at_restart(
         assert lost is not None and lost.state == SandboxState.ERROR
     finally:
         await second.stop()
+
+
+async def test_a_node_short_of_memory_writes_its_paused_sandboxes_out_at_once(cube: Embedded) -> None:
+    service, agent = cube.service, cube.agent
+    sb = await service.create(spec())
+    running = await service.create(spec())
+    await service.pause("t1", sb.sandbox_id)  # just now: the delay (600 s) has not passed
+    assert await service.write_out_paused() == 0
+    agent.memory_probe = lambda: 100  # MiB available, below pause_to_disk_below_mb (512)
+    agent.beat()
+    assert await service.write_out_paused() == 1
+    assert service.find(sb.sandbox_id).runtime.on_disk
+    assert not service.find(running.sandbox_id).runtime.on_disk  # only paused ones
+    to_disk_after(cube, 0)  # the delay off: memory pressure still counts
+    other = await service.create(spec())
+    await service.pause("t1", other.sandbox_id)
+    assert await service.write_out_paused() == 1
