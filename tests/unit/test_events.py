@@ -113,7 +113,8 @@ async def test_expiry_is_published(cube: Embedded) -> None:
     sub = service.events.subscribe()
     sb = await service.create(SandboxSpec(template_id="base", team_id="t1", timeout_s=1))
     await asyncio.sleep(1.1)
-    assert await service.reap_expired() == 1
+    # the fixture's own reaper (every second) may have expired it first: either way, once
+    assert await service.reap_expired() in (0, 1)
     types = [e.type for e in await drain(sub) if e.sandbox_id == sb.sandbox_id]
     assert types == ["sandbox.created", "sandbox.expired"]
 
