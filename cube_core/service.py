@@ -24,6 +24,7 @@ import structlog
 
 from cube_core import credentials, ids, keys, teamsecrets, teamwebhooks, templatebuilds, webhookdelivery, webhooks
 from cube_core._host import PluginHost
+from cube_core.buildspec import TemplateBuild
 from cube_core.config import CoreSettings
 from cube_core.errors import (
     AdmissionRejectedError,
@@ -155,6 +156,11 @@ class SandboxService:
     def list_nodes(self) -> list[Node]:
         return self.nodes.records()
 
+    def list_builds(self, template_id: str, team_id: str | None = None) -> builtins.list[TemplateBuild]:
+        """The builds of a template the team may see (``team_id`` None: the operator), newest first."""
+        self.get_template(template_id, team_id)
+        return self.store.list_builds(template_id)
+
     # -- sandboxes -----------------------------------------------------------------------------
 
     async def current_state(self, sandbox_id: str) -> SandboxState:
@@ -193,6 +199,15 @@ class SandboxService:
             for template_id, n in node.pool.items():
                 sizes[template_id] = sizes.get(template_id, 0) + n
         return sizes
+
+    def owner_of(self, sandbox_id: str) -> str:
+        """The team of a live sandbox, for the operator's actions (which then act as that team)."""
+        return self._record(sandbox_id).team_id
+
+    def list_all(self, *, states: tuple[SandboxState, ...] | None = None) -> builtins.list[Sandbox]:
+        """Every team's sandboxes (warm-pool members not included), for the operator's view."""
+        wanted = states or (SandboxState.RUNNING, SandboxState.PAUSED)
+        return [s for s in self.store.list_sandboxes(states=wanted) if s.team_id != POOL_TEAM]
 
     def list(self, team_id: str, *, states: tuple[SandboxState, ...] | None = None,
              metadata: dict[str, str] | None = None) -> list[Sandbox]:

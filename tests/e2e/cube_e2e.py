@@ -37,6 +37,8 @@ class CubeServer:
     log: Path
     key_a: str
     key_b: str
+    operator_token: str = ""
+    """``[core] operator_token`` (the dashboard's all-teams view, every team's ``GET /events``)."""
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     """The running ``cube serve`` (one at a time: only one Cube node may run on a host)."""
 
@@ -90,6 +92,7 @@ admin_port = {admin_port}
 templates = ["base", "code-interpreter-v1"]
 pool = {{ size = 1 }}
 secrets_key = {{ file = "{state}/secrets.key" }}
+operator_token = {{ file = "{state}/operator.token" }}
 
 [vmm]
 plugin = "kvm"
@@ -108,6 +111,9 @@ plugin = "binpack"
 [[api]]
 plugin = "e2b"
 
+[[api]]
+plugin = "dashboard"
+
 [webhooks]
 allow_networks = ["127.0.0.0/8"]  # the tests' receivers listen on loopback
 backoff_s = 1
@@ -125,6 +131,9 @@ def cube_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CubeServer
     key_file = state / "secrets.key"  # [core] secrets_key: /secrets values and webhook secrets sealed with it
     key_file.write_text(base64.b64encode(os.urandom(32)).decode())
     key_file.chmod(0o600)
+    operator_token = os.urandom(24).hex()
+    (state / "operator.token").write_text(operator_token)
+    (state / "operator.token").chmod(0o600)
     log = state / "serve.log"
 
     def key(team: str) -> str:
@@ -134,7 +143,7 @@ def cube_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CubeServer
 
     key_a, key_b = key("team-a"), key("team-b")
     server = CubeServer(url=f"http://127.0.0.1:{port}", config=config, state_dir=state, log=log,
-                        key_a=key_a, key_b=key_b)
+                        key_a=key_a, key_b=key_b, operator_token=operator_token)
     try:
         server.start()
         yield server

@@ -1,0 +1,1 @@
+"""Cube's web dashboard (``[[api]] plugin = "dashboard"``): see docs/dashboard.md."""
