@@ -16,7 +16,7 @@ def test_default_config_names_real_plugins_never_fakes() -> None:
     data = cfg.data
     assert (data.vmm.plugin, data.network.plugin, data.storage.plugin, data.scheduler.plugin) == (
         "kvm", "ebpf", "cow", "binpack")
-    assert [a.plugin for a in data.api] == ["e2b"]
+    assert [a.plugin for a in data.api] == ["e2b", "dashboard"]
 
 
 def test_secret_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
