@@ -63,9 +63,10 @@ def test_live_list_kill_and_team_scoping(e2b_env: CubeServer, browser: Browser) 
         isolation = row(page, sb.sandbox_id).locator("td").nth(4).inner_text()
         assert isolation in ("kvm", "tcg"), isolation
 
-        # a sample or two for the sparklines, then the screenshots
-        sb.commands.run("head -c 20000000 /dev/urandom | sha256sum >/dev/null")
-        time.sleep(6)
+        # a few samples (every 5 s) for the sparklines, then the screenshots
+        sb.commands.run("head -c 60000000 /dev/urandom | sha256sum >/dev/null; sleep 8; "
+                        "head -c 30000000 /dev/urandom | sha256sum >/dev/null", timeout=120)
+        time.sleep(max(0.0, 16 - (time.monotonic() - created)))
         sb.set_timeout(600)  # an event: the page refreshes with the new samples
         expect(row(page, sb.sandbox_id).locator(".spark canvas").first).to_be_visible(timeout=20_000)
         IMG.mkdir(exist_ok=True)

@@ -12,7 +12,7 @@ function drawCharts(root) {
     var spark = el.classList.contains("spark");
     var color = key === "cpu" ? "#1f6feb" : "#8250df";
     var opts = {
-      width: spark ? 120 : Math.min(560, el.parentElement.clientWidth || 560),
+      width: spark ? 120 : 520,
       height: spark ? 28 : 200,
       legend: { show: !spark },
       cursor: { show: !spark },
