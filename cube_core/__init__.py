@@ -67,7 +67,7 @@ from cube_core.scheduler import Scheduler
 from cube_core.snapshotfiles import content_key
 from cube_core.state import SandboxState
 from cube_core.storage import Progress, RootfsImage, RootfsRecipe, StorageDriver
-from cube_core.vmm import CAP_PAUSE, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
+from cube_core.vmm import CAP_PAUSE, CAP_PRIORITY, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
 
 hookimpl = pluggy.HookimplMarker("cube")
 
@@ -77,7 +77,7 @@ from cube_core.models import Team  # noqa: E402
 from cube_core.service import SandboxService  # noqa: E402
 
 __all__ = [
-    "CAP_PAUSE", "CAP_REATTACH", "CAP_SNAPSHOT",
+    "CAP_PAUSE", "CAP_PRIORITY", "CAP_REATTACH", "CAP_SNAPSHOT",
     "AbnormalShutdownError", "AdmissionRejectedError", "AuthError", "CapacityError", "Check", "ConfigError",
     "CoreSettings", "CubeError", "DiskHandle", "EgressRule", "GuestProtocolError", "GuestTimeoutError",
     "InvalidStateError", "Isolation",

@@ -51,6 +51,12 @@ class PoolSettings(_Model):
     only sets the egress policy, resumes it and sends the guest the clock and env vars (without
     waiting for the answer: the edge holds the sandbox's first request until the guest applied
     them). ``false``: the old path, the whole personalization at create."""
+    background_refill: bool = True
+    """Refill at a lower priority than creates: a member is prepared (restored, personalized,
+    warmed up) at the lowest CPU priority of the node's VMs until a create takes it (where the
+    VMM supports it), and the refill does not start the next member while creates are being
+    served (waiting at most a few seconds). ``false``: the old way, members prepared at the
+    same priority as the sandboxes users wait for, whenever one is missing."""
 
 
 class CoreSettings(_Model):

@@ -71,7 +71,7 @@ from cube_core.state import SandboxState
 from cube_core.storage import Progress, StorageDriver
 from cube_core.store import StateStore
 from cube_core.templates import TemplateBuilder
-from cube_core.vmm import CAP_PAUSE, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
+from cube_core.vmm import CAP_PAUSE, CAP_PRIORITY, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
 
 log = structlog.get_logger(__name__)
 
@@ -297,6 +297,10 @@ class NodeAgent:
         return template
 
     async def launch(self, request: LaunchRequest) -> Launched:
+        with self.pool.serving():  # a background refill waits for the creates being served
+            return await self._launch(request)
+
+    async def _launch(self, request: LaunchRequest) -> Launched:
         sandbox, snapshot = request.sandbox, self._here(request.snapshot)
         template = self.local_template(sandbox.template_id)
         started = time.perf_counter()
@@ -436,6 +440,8 @@ class NodeAgent:
             await self.network.update_policy(runtime.nic, sandbox.network, list(rules))
         except UnsupportedOperation:
             pass  # this network driver applies no policy at all, for pool members or others
+        if CAP_PRIORITY in self.vmm.capabilities:  # it was prepared in the background
+            await self.vmm.set_priority(runtime.vm, background=False)
         await self.vmm.resume(runtime.vm)
 
     async def _personalize(self, sandbox: Sandbox, runtime: SandboxRuntime) -> PersonalizeReply:

@@ -16,7 +16,7 @@ import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 
 import structlog
@@ -42,12 +42,15 @@ from cube_core.network import NetworkDriver
 from cube_core.state import SandboxState
 from cube_core.storage import StorageDriver
 from cube_core.store import StateStore
-from cube_core.vmm import CAP_PAUSE, CAP_SNAPSHOT, VmmDriver
+from cube_core.vmm import CAP_PAUSE, CAP_PRIORITY, CAP_SNAPSHOT, VmmDriver
 
 log = structlog.get_logger(__name__)
 
 POOL_TEAM = "__pool__"
 """Reserved team id of pool members' records; no API key can belong to it."""
+REFILL_YIELD_MAX_S = 5.0
+"""With ``background_refill``: the longest the refill waits for the creates being served before
+it prepares the next member anyway (so a steady stream of creates cannot starve the pool)."""
 
 
 class WarmPool:
@@ -67,6 +70,9 @@ class WarmPool:
         self._members: dict[str, deque[Sandbox]] = {}
         self._templates: dict[str, Template] = {}
         self._wake = asyncio.Event()
+        self._serving = 0
+        self._no_creates = asyncio.Event()
+        self._no_creates.set()
         self._task: asyncio.Task[None] | None = None
         self.hits = 0
         self.misses = 0
@@ -123,6 +129,23 @@ class WarmPool:
         self._wake.set()
         return member
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Around a create served on this node (hit or miss): a background refill yields to it."""
+        self._serving += 1
+        self._no_creates.clear()
+        try:
+            yield
+        finally:
+            self._serving -= 1
+            if self._serving == 0:
+                self._no_creates.set()
+
+    async def _yield_to_creates(self) -> None:
+        if self._serving:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._no_creates.wait(), REFILL_YIELD_MAX_S)
+
     async def _refill_forever(self) -> None:
         while True:
             await self._wake.wait()
@@ -135,6 +158,8 @@ class WarmPool:
                     log.info("warm pool paused: memory is short", available_mb=self._memory_probe())
                     await asyncio.sleep(5)
                     break
+                if self.settings.background_refill:
+                    await self._yield_to_creates()
                 try:
                     member = await self._restore(template)
                 except Exception as exc:  # the pool keeps refilling whatever one restore did
@@ -211,6 +236,8 @@ class WarmPool:
             spec = snap.vm_state.clone_spec(owner, disk, interpreter=template.interpreter)
             vm = await self.vmm.restore(snap.vm_state, spec, nic)
             runtime = runtime.evolve(vm=vm)
+            if self.settings.background_refill and CAP_PRIORITY in self.vmm.capabilities:
+                await self.vmm.set_priority(vm, background=True)  # a create's node raises it again
             if identity:
                 record = await self._join(vm, record)
             if self.settings.warm_up:

@@ -19,6 +19,7 @@ from cube_core.storage import Progress
 CAP_SNAPSHOT = "snapshot"
 CAP_PAUSE = "pause"
 CAP_REATTACH = "reattach"
+CAP_PRIORITY = "priority"
 
 
 class VmmDriver(abc.ABC):
@@ -100,6 +101,12 @@ class VmmDriver(abc.ABC):
         """``state`` as a copy on this node: ``files`` maps every path of :meth:`state_files`
         to where it is here now; ``base`` is this node's copy of ``state.base_state_id`` (None when
         it has none). Blocking; raise :class:`VmmError` when the copy cannot be restored here."""
+
+    async def set_priority(self, vm: VmHandle, *, background: bool) -> None:
+        """Run ``vm`` at the lowest CPU priority among the node's VMs (``background``: a warm-pool
+        member being prepared, which must not slow the sandboxes users wait for) or at its
+        normal one again. Only where ``capabilities`` has :data:`CAP_PRIORITY`."""
+        raise UnsupportedOperation(driver=type(self).__name__, operation="set_priority")
 
     async def reattach(self, vm: VmHandle) -> VmHandle:
         """Take over a VM started by an earlier process of the node agent."""

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cube_core import (
     CAP_PAUSE,
+    CAP_PRIORITY,
     CAP_REATTACH,
     CAP_SNAPSHOT,
     Check,
@@ -55,7 +56,7 @@ class FakeConfig(BaseModel):
 
 
 class FakeVmm(VmmDriver):
-    capabilities: ClassVar[frozenset[str]] = frozenset({CAP_SNAPSHOT, CAP_PAUSE, CAP_REATTACH})
+    capabilities: ClassVar[frozenset[str]] = frozenset({CAP_SNAPSHOT, CAP_PAUSE, CAP_REATTACH, CAP_PRIORITY})
 
     def __init__(self) -> None:
         self.vms: dict[str, dict[str, Any]] = {}
@@ -95,6 +96,10 @@ class FakeVmm(VmmDriver):
             memory_file=files[state.memory_file], device_state=files[state.device_state],
             kernel=files.get(state.kernel, state.kernel),
             initrd=files.get(state.initrd, state.initrd) if state.initrd else None, data=data)
+
+    async def set_priority(self, vm: VmHandle, *, background: bool) -> None:
+        self._check(vm)["background"] = background
+        self.calls.append(("background" if background else "foreground", vm.vm_id))
 
     async def wait_ready(self, vm: VmHandle, *, timeout: float) -> dict[str, Any]:
         self._check(vm)

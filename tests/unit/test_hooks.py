@@ -342,7 +342,8 @@ async def test_hook_cube_pool_member_warm_up(cube_config_factory: Callable[..., 
         while cube.agent.pool.sizes() != {"base": 1}:
             assert asyncio.get_running_loop().time() < deadline, "the pool did not fill"
             await asyncio.sleep(0.01)
-        assert seen == [("__pool__", "base", "127.0.0.1", True, ["restore", "personalize", "warm_up"])]
+        assert seen == [("__pool__", "base", "127.0.0.1", True, ["restore", "background", "personalize",
+                                                                      "warm_up"])]
     finally:
         await cube.stop()
 

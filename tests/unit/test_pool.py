@@ -42,9 +42,9 @@ async def test_pool_fills_serves_and_refills(cube_config_factory: Callable[..., 
         members = service.store.list_sandboxes(team_id=POOL_TEAM)
         assert len(members) == 2 and all(m.state == SandboxState.PAUSED for m in members)
         assert all(not agent.vmm.vms[m.sandbox_id]["running"] for m in members)
-        for m in members:  # warmed up while running, then paused
+        for m in members:  # prepared in the background, warmed up while running, then paused
             ops = [op for op, vm in agent.vmm.calls if vm == m.sandbox_id]
-            assert ops == ["restore", "personalize", "warm_up"], ops
+            assert ops == ["restore", "background", "personalize", "warm_up"], ops
 
         sb = await service.create(SandboxSpec(template_id="base", team_id="t", env_vars={"X": "1"}))
         assert agent.pool.hits == 1
@@ -53,6 +53,9 @@ async def test_pool_fills_serves_and_refills(cube_config_factory: Callable[..., 
         assert sb.sandbox_id == vm_id  # a member joined as its sandbox: the id is the member's
         await agent.until_applied(sb.sandbox_id)  # what the edge waits for before the first request
         assert agent.vmm.vms[vm_id]["running"] and agent.vmm.vms[vm_id]["env"] == {"X": "1"}
+        assert agent.vmm.vms[vm_id]["background"] is False  # a user's sandbox at its normal priority
+        ops = [op for op, vm in agent.vmm.calls if vm == vm_id]
+        assert ops[ops.index("foreground") + 1:] == ["apply"], ops  # raised before it runs again
         await _wait_for(lambda: agent.pool.sizes() == {"base": 2})  # refilled
 
         await service.kill("t", sb.sandbox_id)
@@ -94,6 +97,38 @@ async def test_pool_warm_up_can_be_turned_off(cube_config_factory: Callable[...,
         await agent.ensure_templates(("base",))
         await _wait_for(lambda: agent.pool.sizes() == {"base": 1})
         assert not [op for op, _ in agent.vmm.calls if op == "warm_up"]
+    finally:
+        await cube.stop()
+
+
+@pytest.mark.parametrize("background", [True, False])
+async def test_background_refill_waits_for_the_creates_being_served(
+        cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        background: bool) -> None:
+    """``background_refill`` (the default): the refill does not prepare the next member while a
+    create is being served (bounded by ``REFILL_YIELD_MAX_S``), and members are prepared at the
+    lowest CPU priority; ``false``: the old way, neither."""
+    from cube_core import pool as pool_module
+
+    cfg = cube_config_factory()
+    host = PluginHost(cube_config_factory(cfg.text.replace(
+        "pool = { size = 0 }", f"pool = {{ size = 1, background_refill = {str(background).lower()} }}"))).load()
+    cube = Embedded(host, SqliteStore(tmp_path / "db"))
+    agent = cube.agent
+    await cube.start()
+    try:
+        await agent.ensure_templates(("base",))
+        await _wait_for(lambda: agent.pool.sizes() == {"base": 1})
+        monkeypatch.setattr(pool_module, "REFILL_YIELD_MAX_S", 0.5)
+        with agent.pool.serving():  # a create in flight on this node
+            taken = agent.pool.take("base")  # ... took the member: the refill wakes
+            assert taken is not None
+            await asyncio.sleep(0.25)
+            assert agent.pool.sizes() == {"base": 0 if background else 1}
+            await _wait_for(lambda: agent.pool.sizes() == {"base": 1})  # the bound: not starved
+        await agent.destroy(taken)
+        backgrounded = [vm for op, vm in agent.vmm.calls if op == "background"]
+        assert len(backgrounded) == (2 if background else 0)
     finally:
         await cube.stop()
 

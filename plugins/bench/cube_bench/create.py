@@ -70,7 +70,10 @@ QEMU jail (uid, namespaces, pivot_root) is ``pool_miss`` against ``pool_miss_noj
 LATE_IDENTITY_MODES: tuple[str, ...] = ("pool_hit_personalize_at_create",)
 """``pool_hit`` with ``[core] pool = { identity_at_join = false }``: the old create path, which
 personalizes the member fully (id, token, hostname, machine-id, RNG, clock, env) and waits for it."""
-ALL_MODES: tuple[str, ...] = MODES + NOJAIL_MODES + LATE_IDENTITY_MODES
+FOREGROUND_REFILL_MODES: tuple[str, ...] = ("pool_hit_foreground_refill",)
+"""``pool_hit`` with ``[core] pool = { background_refill = false }``: the old refill, members
+prepared at the same CPU priority as the users' sandboxes and without waiting for the creates."""
+ALL_MODES: tuple[str, ...] = MODES + NOJAIL_MODES + LATE_IDENTITY_MODES + FOREGROUND_REFILL_MODES
 TARGETS: dict[str, float] = {"create_ms_p50": 25.0, "create_ms_p95_at_max_c": 150.0,
                              "first_cmd_ms_p50": 80.0, "idle_mib_per_sandbox": 12.0}
 """Issue 5's goals for a pool hit on a 2-core box under TCG."""
@@ -92,6 +95,7 @@ class ModePlan:
     jail: bool = True
     identity_at_join: bool = True
     warm_up: bool = True
+    background_refill: bool = True
     vmm_options: tuple[tuple[str, Any], ...] = ()
     """More ``[vmm.options]`` (key, value) pairs."""
     max_sandboxes: int | None = None
@@ -105,7 +109,8 @@ def server_toml(plan: ModePlan, state: Path, *, port: int, admin_port: int, temp
         core={"state_dir": state, "host": "127.0.0.1", "port": port, "admin_port": admin_port,
               "templates": [template],
               "pool": {"size": plan.pool_size, "max_memory_mb": pool_memory_mb,
-                       "identity_at_join": plan.identity_at_join, "warm_up": plan.warm_up},
+                       "identity_at_join": plan.identity_at_join, "warm_up": plan.warm_up,
+                       "background_refill": plan.background_refill},
               "boot_mode": plan.boot_mode,
               "max_sandboxes": plan.max_sandboxes or max(200, plan.idle_n + plan.pool_size
                                                          + max(plan.concurrency) + 10)},
@@ -179,6 +184,9 @@ def plans(opts: Options) -> list[ModePlan]:
         "pool_hit_personalize_at_create": ModePlan(
             "pool_hit_personalize_at_create", opts.concurrency, opts.n, idle_n, pool_size=max(opts.concurrency),
             identity_at_join=False, note="pool_hit with pool.identity_at_join = false (the old path)"),
+        "pool_hit_foreground_refill": ModePlan(
+            "pool_hit_foreground_refill", opts.concurrency, opts.n, idle_n, pool_size=max(opts.concurrency),
+            background_refill=False, note="pool_hit with pool.background_refill = false (the old refill)"),
     }
     return [every[m] for m in ALL_MODES if m in opts.modes]
 
@@ -800,7 +808,7 @@ def ratios(modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     pool miss over pool hit at every concurrency both ran."""
     pairs = (("pool_miss", "pool_hit"), ("cold", "pool_hit"), ("cold", "pool_miss"),
              ("pool_miss", "pool_miss_nojail"), ("pool_hit", "pool_hit_nojail"),
-             ("pool_hit_personalize_at_create", "pool_hit"))
+             ("pool_hit_personalize_at_create", "pool_hit"), ("pool_hit_foreground_refill", "pool_hit"))
     out: dict[str, Any] = {}
     for metric in ("create_ms_p50", "create_ms_p95", "first_cmd_ms_p50", "first_cmd_ms_p95", "restore_ms_p50"):
         for slow, fast in pairs:
@@ -812,6 +820,10 @@ def ratios(modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
             a, b = _get(modes, "pool_miss", c, metric), _get(modes, "pool_hit", c, metric)
             if a is not None and b:
                 out.setdefault(f"pool_miss/pool_hit_{metric}", {})[c] = round(a / b, 1)
+        for metric in ("create_ms_p50", "create_ms_p95", "first_cmd_ms_p50", "first_cmd_ms_p95", "creates_per_s"):
+            a, b = _get(modes, "pool_hit_foreground_refill", c, metric), _get(modes, "pool_hit", c, metric)
+            if a is not None and b:
+                out.setdefault(f"pool_hit_foreground_refill/pool_hit_{metric}", {})[c] = round(a / b, 2)
     return out
 
 

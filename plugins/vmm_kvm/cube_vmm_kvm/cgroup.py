@@ -219,6 +219,14 @@ class VmCgroup:
                 if value:
                     _write(d / f"blkio.throttle.{name}_device", f"{dev} {value}")
 
+    def set_cpu_weight(self, weight: int) -> None:
+        """The VM's relative CPU weight (v2 ``cpu.weight`` 1-10000; v1 ``cpu.shares``, scaled as
+        in :meth:`apply`)."""
+        if self.version == 2:
+            _write(self.paths["cpu"] / "cpu.weight", str(weight))
+        else:
+            _write(self.paths["cpu"] / "cpu.shares", str(max(2, weight * 1024 // 100)))
+
     def add_pid(self, pid: int) -> None:
         """Move a process (all its threads) into this VM's cgroup in every hierarchy."""
         for directory in self.dirs:

@@ -225,6 +225,21 @@ def test_cgroup_layout_detection(tmp_path: Path) -> None:
     assert detect_layout(mounts) is None
 
 
+@pytest.mark.parametrize(("version", "file", "background", "normal"),
+                         [(2, "cpu.weight", "1", "100"), (1, "cpu.shares", "10", "1024")])
+def test_cgroup_cpu_weight_for_a_background_vm(tmp_path: Path, version: int, file: str, background: str,
+                                               normal: str) -> None:
+    """A warm-pool member is prepared at the lowest weight (``set_priority(background=True)``) and
+    gets the configured one back when a create takes it: the cgroup file each version reads."""
+    from cube_vmm_kvm.driver import BACKGROUND_CPU_WEIGHT
+
+    group = VmCgroup(version, {"cpu": tmp_path})  # type: ignore[arg-type]
+    group.set_cpu_weight(BACKGROUND_CPU_WEIGHT)
+    assert (tmp_path / file).read_text() == background
+    group.set_cpu_weight(100)
+    assert (tmp_path / file).read_text() == normal
+
+
 # -- control channel -----------------------------------------------------------------------------
 
 

@@ -138,6 +138,13 @@ async def test_cgroup_limits(kvm: KvmVmm, template: TemplateSnapshot, vm_factory
         assert (paths["pids"] / "pids.max").read_text().strip() == str(kvm.config.pids_max)
     # QEMU's threads are all accounted there (and stay under the limit).
     assert 1 <= int((paths["pids"] / "pids.current").read_text()) <= kvm.config.pids_max
+    # a warm-pool member is prepared in the background, and runs at its normal weight once taken
+    weight = paths["cpu"] / ("cpu.weight" if layout.version == 2 else "cpu.shares")
+    normal = weight.read_text().strip()
+    await kvm.set_priority(clone, background=True)
+    assert int(weight.read_text()) < int(normal)
+    await kvm.set_priority(clone, background=False)
+    assert weight.read_text().strip() == normal
     await kvm.shutdown(clone)
     assert not any(p.exists() for p in paths.values())
 
