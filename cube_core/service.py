@@ -113,8 +113,7 @@ class SandboxService:
             self.nodes.mark_down()
             await self.reap_expired()
         self._reaper = asyncio.create_task(self._reap_forever(), name="cube-timeout-reaper")
-        bus = getattr(self, "events", None)  # the event bus (cube_core/events.py)
-        await self.webhook_delivery.start(bus.subscribe(None) if bus is not None else None)
+        await self.webhook_delivery.start(self.events.subscribe(None))  # every team's events -> deliveries
 
     async def stop(self) -> None:
         await self.webhook_delivery.stop()

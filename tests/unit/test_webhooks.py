@@ -435,3 +435,50 @@ async def test_two_masters_send_an_event_once(tmp_path: Path, secrets_key: CoreS
     for w, s in ((a, stores[0]), (b, stores[1])):
         await w.stop()
         s.close()
+
+
+# -- the service: its own lifecycle events reach a receiver ------------------------------------------
+
+
+async def test_the_services_lifecycle_events_are_delivered(plugin_host: Any, cube_config_factory: Any,
+                                                           secrets_key: CoreSettings, tmp_path: Path,
+                                                           receiver: Receiver) -> None:
+    """Create, pause, resume, snapshot and kill on the fakes: each event of the bus is delivered once,
+    signed, stamped in the order it happened (the delivery worker runs in the service, not driven
+    by the test; deliveries of one batch go out concurrently, so arrival order is not promised)."""
+    from cube_core import SandboxSpec
+    from cube_core.embedded import Embedded
+    from cube_core.testing.fakes import FAKE_CONFIG
+
+    text = FAKE_CONFIG.format(state_dir=tmp_path / "state").replace(
+        "[core]\n", '[core]\nsecrets_key = { env = "CUBE_TEST_SECRETS_KEY" }\n', 1)
+    text += '\n[webhooks]\nallow_networks = ["127.0.0.0/8"]\n'
+    pair = Embedded(plugin_host(cube_config_factory(text)), SqliteStore(tmp_path / "cube.db"))
+    await pair.start()
+    try:
+        await pair.agent.ensure_templates(("base",))
+        service = pair.service
+        _, secret = service.create_webhook("team-a", receiver.url)
+        other, _ = service.create_webhook("team-b", receiver.url)
+        sb = await service.create(SandboxSpec(template_id="base", team_id="team-a"))
+        await service.pause("team-a", sb.sandbox_id)
+        await service.resume("team-a", sb.sandbox_id)
+        await service.snapshot("team-a", sb.sandbox_id)
+        await service.kill("team-a", sb.sandbox_id)
+        wanted = ["sandbox.created", "sandbox.paused", "sandbox.resumed", "sandbox.snapshot", "sandbox.killed"]
+        for _ in range(100):
+            if len(receiver.requests) >= len(wanted):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # nothing more comes
+        assert secret is not None
+        hook = standardwebhooks.Webhook(secret)
+        got = [hook.verify(body, headers) for headers, body in receiver.requests]
+        assert sorted(e["type"] for e in got) == sorted(wanted)  # each once
+        by_time = sorted(got, key=lambda e: datetime.fromisoformat(e["timestamp"]))
+        assert [e["type"] for e in by_time] == wanted  # stamped when it happened
+        assert {e["data"]["sandboxId"] for e in got} == {sb.sandbox_id}
+        assert service.webhook_deliveries("team-b", other.webhook_id) == []  # another team's events: none
+    finally:
+        await pair.stop()
+        pair.store.close()
