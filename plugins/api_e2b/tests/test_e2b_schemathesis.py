@@ -101,7 +101,9 @@ def api_schema(served_api: ServedApi) -> Any:
     return schemathesis.openapi.from_url(f"http://127.0.0.1:{served_api.port}/openapi.json")
 
 
-schema = schemathesis.pytest.from_fixture("api_schema")
+# GET /events streams server-sent events until the client leaves: a fuzzed call never gets a whole
+# answer (each would wait out its 30 s timeout, 50 times); plugins/api_e2b/tests/test_e2b_events.py tests it.
+schema = schemathesis.pytest.from_fixture("api_schema").exclude(path="/events", method="GET")
 
 
 @schema.parametrize()
