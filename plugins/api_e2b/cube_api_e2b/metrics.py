@@ -1,9 +1,10 @@
 """Prometheus metrics of the API and the edge, served as text on a separate admin port.
 
 Each plugin instance has its own registry (several apps may live in one process, e.g. in tests).
-``cube_sandboxes{state=...}`` and ``cube_warm_pool_members`` are asked of the control plane at scrape
-time (``count_by_state()``, ``pool_sizes()``), so they are exact even for sandboxes that the timeout
-reaper paused or killed. The admin server runs in the caller's event
+``cube_sandboxes{state=...}``, ``cube_warm_pool_members`` and the ``cube_node*`` gauges are asked of the
+control plane at scrape time (``count_by_state()``, ``pool_sizes()``, ``list_nodes()``), so they are
+exact even for sandboxes that the timeout reaper paused or killed. docs/metrics.md documents every
+metric (a test checks it against a live scrape). The admin server runs in the caller's event
 loop because the store may only be used from one loop.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import structlog
 from cube_core import SandboxState
+from cube_core.models import NodeStatus, utcnow
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -30,8 +32,8 @@ REPORTED_STATES = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAU
 
 
 class SandboxStateCollector(Collector):
-    """``cube_sandboxes{state}`` (live sandboxes of every team) and ``cube_warm_pool_members``,
-    read at scrape time."""
+    """``cube_sandboxes{state}`` (live sandboxes of every team), ``cube_warm_pool_members`` and the
+    nodes' reports (``cube_nodes{status}``, ``cube_node_*{node}``), read at scrape time."""
 
     def __init__(self) -> None:
         self.service: ControlPlane | None = None
@@ -50,6 +52,30 @@ class SandboxStateCollector(Collector):
         pool.add_metric([], members)
         yield family
         yield pool
+        yield from self._nodes()
+
+    def _nodes(self) -> Iterator[GaugeMetricFamily]:
+        nodes = self.service.list_nodes() if self.service is not None else []
+        by_status = GaugeMetricFamily("cube_nodes", "Registered nodes by status", labels=["status"])
+        for status in NodeStatus:
+            by_status.add_metric([status.value], sum(1 for n in nodes if n.status == status))
+        cpus = GaugeMetricFamily("cube_node_vcpus", "A node's vCPUs: total, and reserved by its running sandboxes",
+                                 labels=["node", "kind"])
+        memory = GaugeMetricFamily("cube_node_memory_bytes", "A node's memory for sandboxes: total, and "
+                                   "reserved by its live sandboxes and warm-pool members", labels=["node", "kind"])
+        sandboxes = GaugeMetricFamily("cube_node_sandboxes", "Live sandboxes on a node (paused included)",
+                                      labels=["node"])
+        age = GaugeMetricFamily("cube_node_heartbeat_age_seconds", "Seconds since a node last reported",
+                                labels=["node"])
+        now = utcnow()
+        for n in nodes:
+            cpus.add_metric([n.node_id, "total"], n.cpu_total)
+            cpus.add_metric([n.node_id, "used"], n.cpu_used)
+            memory.add_metric([n.node_id, "total"], n.memory_mb_total * 2**20)
+            memory.add_metric([n.node_id, "used"], n.memory_mb_used * 2**20)
+            sandboxes.add_metric([n.node_id], n.sandboxes)
+            age.add_metric([n.node_id], max(0.0, (now - n.heartbeat_at).total_seconds()))
+        yield from (by_status, cpus, memory, sandboxes, age)
 
 
 class ApiMetrics:

@@ -16,7 +16,7 @@ from typing import Protocol
 from cube_core import CoreSettings, NetworkPolicy, Sandbox, SandboxSpec, SandboxState, SnapshotRef, Team, Template
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.events import EventBus
-from cube_core.models import ApiKey
+from cube_core.models import ApiKey, Node
 from cube_core.nodeclient import Endpoint
 from cube_core.observations import LogEntry, LogLevel, MetricSample, TeamMetricName, TeamMetricPoint
 from cube_core.templatebuilds import TemplateBuilds
@@ -114,3 +114,4 @@ class ControlPlane(Protocol):
     # -- for metrics (every team) ----------------------------------------------------------------
     def count_by_state(self) -> dict[str, int]: ...
     def pool_sizes(self) -> dict[str, int]: ...
+    def list_nodes(self) -> builtins.list[Node]: ...
