@@ -27,6 +27,7 @@ from cube_core.nodeapi import edge_resolver, node_app
 from cube_core.nodehttp import HttpNodeClient
 from cube_core.nodes import NodeDirectory
 from cube_core.progress import LaneFactory
+from cube_core.requestctx import RequestContext
 from cube_core.service import SandboxService
 from cube_core.store import StateStore, open_store
 
@@ -148,6 +149,7 @@ def _api_app(host: PluginHost, service: SandboxService, lifespan: Lifespan,
         app.include_router(router)
     for factory in reversed(host.hooks.asgi_middleware(service)):
         app.add_middleware(factory)
+    app.add_middleware(RequestContext, name="api")  # outermost: the edge's lines carry the request id too
     return app
 
 

@@ -319,6 +319,23 @@ class NodeSettings(_Model):
         return self.url or f"http://{self.host}:{self.port}"
 
 
+class TelemetrySettings(_Model):
+    """The ``[telemetry]`` section: logs and traces (docs/observability.md)."""
+
+    log_format: Literal["auto", "json", "console"] = "auto"
+    """``json``: one JSON object per line (production, log shippers); ``console``: coloured
+    human lines; ``auto``: console on a terminal, JSON otherwise. ``$CUBE_LOG_FORMAT`` overrides."""
+    log_level: str = "info"
+    """``debug``, ``info``, ``warning``, ``error``; ``$CUBE_LOG_LEVEL`` overrides."""
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP collector base URL (``http://127.0.0.1:4318``; spans go to ``<url>/v1/traces``).
+    Unset (and no ``$OTEL_EXPORTER_OTLP_ENDPOINT``): no tracing at all, nothing imported."""
+    service_name: str = "cube"
+    """The ``service.name`` resource attribute of the spans (each process adds its role)."""
+    otlp_headers: dict[str, str] = Field(default_factory=dict)
+    """Extra HTTP headers for the collector (e.g. an auth token)."""
+
+
 class PluginsFile(_Model):
     """The whole ``plugins.toml``."""
 
@@ -333,6 +350,7 @@ class PluginsFile(_Model):
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     node: NodeSettings = Field(default_factory=NodeSettings)
     extensions: ExtensionsSection = Field(default_factory=ExtensionsSection)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
 
 class LoadedConfig(_Model):

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from cube_core import telemetry
 from cube_core.errors import GuestProtocolError
 from cube_core.models import GuestReply, VmHandle
 from cube_core.vmm import VmmDriver
@@ -22,7 +23,8 @@ async def guest_call(vmm: VmmDriver, vm: VmHandle, op: str, params: dict[str, An
                      timeout: float) -> R:
     """Call the guest agent and validate its reply with ``model``; a reply that does not fit raises
     :class:`GuestProtocolError` (whose reason names the fields, never their guest-chosen values)."""
-    reply = await vmm.guest_call(vm, op, params, timeout=timeout)
+    with telemetry.child_span(f"guest.{op}", vm_id=vm.vm_id):
+        reply = await vmm.guest_call(vm, op, params, timeout=timeout)
     try:
         return model.model_validate(reply)
     except ValidationError as exc:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import structlog
 
+from cube_core import telemetry
 from cube_core._host import PluginHost
 from cube_core.config import CoreSettings
 from cube_core.errors import (
@@ -43,6 +44,7 @@ from cube_core.errors import (
 )
 from cube_core.events import EventBus
 from cube_core.guest import guest_call
+from cube_core.log import bind_ids, with_ids
 from cube_core.meminfo import available_memory_mb, total_memory_mb
 from cube_core.models import (
     EgressRule,
@@ -296,9 +298,19 @@ class NodeAgent:
             raise TemplateNotFoundError(template=template_id)
         return template
 
+    @with_ids
     async def launch(self, request: LaunchRequest) -> Launched:
-        with self.pool.serving():  # a background refill waits for the creates being served
-            return await self._launch(request)
+        # a background refill waits for the creates being served
+        sb = request.sandbox
+        with self.pool.serving(), telemetry.span("node.launch", sandbox_id=sb.sandbox_id, node_id=self.node_id,
+                                                 template_id=sb.template_id) as launching:
+            launched = await self._launch(request)
+            if launching is not None:
+                launching.set_attributes({"cube.served_by": launched.served_by,
+                                          "cube.sandbox_id": launched.sandbox_id or sb.sandbox_id})
+            log.debug("launched", sandbox_id=launched.sandbox_id, served_by=launched.served_by,
+                      ms=launched.timings_ms)
+            return launched
 
     async def _launch(self, request: LaunchRequest) -> Launched:
         sandbox, snapshot = request.sandbox, self._here(request.snapshot)
@@ -309,6 +321,7 @@ class NodeAgent:
         if member is not None and joined:  # personalized at pool join: its id and token are the sandbox's
             sandbox = sandbox.evolve(sandbox_id=member.sandbox_id,
                                      envd_access_token=member.envd_access_token if sandbox.secure else None)
+            bind_ids(sandbox_id=sandbox.sandbox_id)
         runtime = member.runtime if member is not None else SandboxRuntime()
         self._live[sandbox.sandbox_id] = runtime
         boot_id, guest_ms = member.boot_id if member is not None else None, {}
@@ -410,39 +423,46 @@ class NodeAgent:
         snapshot (or a cold boot of the template image); ``_live`` follows each step so a failure
         frees what exists."""
         sid = sandbox.sandbox_id
-        nic = await self.network.allocate(sid, sandbox.network, list(rules))
+        with telemetry.span("network.allocate"):
+            nic = await self.network.allocate(sid, sandbox.network, list(rules))
         self._live[sid] = runtime = SandboxRuntime(nic=nic)
         snap = snapshot or template.snapshot
         if snap is not None and snap.vm_state is not None and snap.disk is not None and CAP_SNAPSHOT in \
                 self.vmm.capabilities and (snapshot is not None or self.settings.boot_mode == "snapshot"):
-            disk = await self.storage.create_disk(sid, snap.disk.path)
+            with telemetry.span("storage.create_disk"):
+                disk = await self.storage.create_disk(sid, snap.disk.path)
             self._live[sid] = runtime = runtime.evolve(disk=disk)
             spec = snap.vm_state.clone_spec(sid, disk, interpreter=template.interpreter)
-            vm = await self.vmm.restore(snap.vm_state, spec, nic)
+            with telemetry.span("vmm.restore", snapshot_id=snap.snapshot_id):
+                vm = await self.vmm.restore(snap.vm_state, spec, nic)
             self._live[sid] = runtime = runtime.evolve(vm=vm)
             return runtime
         if template.rootfs is None or template.kernel is None:
             raise TemplateError(f"template {template.template_id!r} has no image")
-        disk = await self.storage.create_disk(sid, Path(template.rootfs))
+        with telemetry.span("storage.create_disk"):
+            disk = await self.storage.create_disk(sid, Path(template.rootfs))
         self._live[sid] = runtime = runtime.evolve(disk=disk)
         vm_spec = VmSpec(vm_id=sid, kernel=Path(template.kernel),
                          initrd=Path(template.initrd) if template.initrd else None, rootfs_disk=disk,
                          memory_mb=template.memory_mb, interpreter=template.interpreter)
-        vm = await self.vmm.boot(vm_spec, nic)
-        self._live[sid] = runtime = runtime.evolve(vm=vm)
-        await self.vmm.wait_ready(vm, timeout=300.0)
+        with telemetry.span("vmm.boot"):
+            vm = await self.vmm.boot(vm_spec, nic)
+            self._live[sid] = runtime = runtime.evolve(vm=vm)
+            await self.vmm.wait_ready(vm, timeout=300.0)
         return runtime
 
     async def _adopt(self, sandbox: Sandbox, runtime: SandboxRuntime, rules: Sequence[EgressRule]) -> None:
         """Make a warm-pool member this sandbox's: its egress policy, then let it run."""
         assert runtime.vm is not None and runtime.nic is not None
         try:
-            await self.network.update_policy(runtime.nic, sandbox.network, list(rules))
+            with telemetry.span("network.update_policy"):
+                await self.network.update_policy(runtime.nic, sandbox.network, list(rules))
         except UnsupportedOperation:
             pass  # this network driver applies no policy at all, for pool members or others
         if CAP_PRIORITY in self.vmm.capabilities:  # it was prepared in the background
             await self.vmm.set_priority(runtime.vm, background=False)
-        await self.vmm.resume(runtime.vm)
+        with telemetry.span("vmm.resume"):
+            await self.vmm.resume(runtime.vm)
 
     async def _personalize(self, sandbox: Sandbox, runtime: SandboxRuntime) -> PersonalizeReply:
         assert runtime.vm is not None
@@ -455,6 +475,7 @@ class NodeAgent:
 
     # -- stop ------------------------------------------------------------------------------------
 
+    @with_ids
     async def destroy(self, sandbox: Sandbox, *, keep_applied: bool = False) -> list[str]:
         """Shut the VM down, then free its network slot and disk; every step runs. Uses the
         live handles, or the record's after a restart."""
@@ -504,6 +525,7 @@ class NodeAgent:
             raise SandboxNotFoundError(sandbox_id=sandbox_id)
         return runtime.nic.guest_address
 
+    @with_ids
     async def pause(self, sandbox_id: str) -> None:
         runtime = self._runtime(sandbox_id)
         if CAP_PAUSE not in self.vmm.capabilities:
@@ -512,6 +534,7 @@ class NodeAgent:
         await self.vmm.pause(runtime.vm)
         self._paused.add(sandbox_id)
 
+    @with_ids
     async def pause_to_disk(self, sandbox_id: str) -> SandboxRuntime:
         """Write a paused sandbox out to disk and end its VM process: its memory and devices are
         saved as an incremental snapshot (the pages it changed since its template) into the
@@ -570,6 +593,7 @@ class NodeAgent:
                  ms=round((time.perf_counter() - started) * 1000, 1))
         return runtime
 
+    @with_ids
     async def resume(self, sandbox_id: str) -> SandboxRuntime:
         """Resume (a sandbox written out to disk is restored first, onto its own disk and network
         slot), then give the guest the time again: best effort (the sandbox runs either way; its
@@ -601,16 +625,19 @@ class NodeAgent:
             return
         log.debug("clock synced after resume", sandbox_id=sandbox_id, behind_ms=reply.behind_ms)
 
+    @with_ids
     async def update_policy(self, sandbox_id: str, policy: NetworkPolicy, rules: Sequence[EgressRule]) -> None:
         nic = self._runtime_or_saved(sandbox_id).nic
         assert nic is not None
         await self.network.update_policy(nic, policy, list(rules))
 
+    @with_ids
     async def audit(self, sandbox_id: str, limit: int) -> list[dict[str, object]]:
         nic = self._runtime_or_saved(sandbox_id).nic
         assert nic is not None
         return list(await self.network.audit(nic, limit=limit))
 
+    @with_ids
     async def exec(self, sandbox_id: str, cmd: Sequence[str], timeout: float) -> ExecReply:
         vm = self._runtime(sandbox_id).vm
         assert vm is not None
@@ -618,6 +645,7 @@ class NodeAgent:
 
     # -- snapshots -------------------------------------------------------------------------------
 
+    @with_ids
     async def snapshot(self, sandbox_id: str, snapshot_id: str) -> SavedSnapshot:
         """Save a sandbox; a running one is paused for it and resumed after (a paused one stays)."""
         if CAP_SNAPSHOT not in self.vmm.capabilities:
@@ -830,6 +858,7 @@ class NodeAgent:
         disk = self.storage.adopt_layer(snap.snapshot_id, chain, received)
         return snap.evolve(vm_state=vm_state, disk=disk)
 
+    @with_ids
     async def rollback(self, sandbox: Sandbox, snapshot: SnapshotRef, *, paused: bool) -> Launched:
         """The sandbox's VM and disk become a restore of ``snapshot``; its network slot stays."""
         sid = sandbox.sandbox_id

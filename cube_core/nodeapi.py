@@ -42,6 +42,7 @@ from cube_core.nodehttp import (
     error_body,
     error_status,
 )
+from cube_core.requestctx import RequestContext
 from cube_core.snapshotfiles import Received, SnapshotExport
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ def node_app(agent: NodeAgent, *, token: str, edge: ASGIApp | None = None) -> AS
         raise ConfigError("[cluster] token is empty: a node agent never serves without one")
     if agent.token is None:
         agent.token = token  # the same token fetches snapshot files from the other nodes
-    return _ClusterGate(_api(agent), edge, token)
+    return RequestContext(_ClusterGate(_api(agent), edge, token), name="node")
 
 
 def _check_path(path_id: str, body_id: str) -> None:

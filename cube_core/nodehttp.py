@@ -26,6 +26,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, Field
 
+from cube_core import telemetry
 from cube_core.buildspec import BuildJob
 from cube_core.errors import (
     CubeError,
@@ -37,6 +38,7 @@ from cube_core.errors import (
     UnsupportedOperation,
     VmmError,
 )
+from cube_core.log import REQUEST_ID_HEADER, current_ids
 from cube_core.models import EgressRule, ExecReply, Frozen, NetworkPolicy, Node, Sandbox, SandboxRuntime, SnapshotRef
 from cube_core.nodeclient import Endpoint, Launched, LaunchRequest, SavedSnapshot
 from cube_core.snapshotfiles import Received, SnapshotExport, unpack
@@ -222,10 +224,12 @@ class HttpNodeClient:
 
     async def _call(self, method: str, path: str, *, body: BaseModel | None = None,
                     params: dict[str, str | int] | None = None, timeout: float | None = None) -> httpx.Response:
+        headers = {REQUEST_ID_HEADER: rid} if (rid := current_ids().get("request_id")) else {}
+        telemetry.inject(headers)  # the node's spans continue this trace
         try:
             resp = await self._client.request(
                 method, path, json=body.model_dump(mode="json") if body is not None else None, params=params,
-                timeout=timeout if timeout is not None else self.timeouts.default)
+                headers=headers, timeout=timeout if timeout is not None else self.timeouts.default)
         except httpx.TransportError as exc:
             detail = f"{method} {path}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
             log.warning("node unreachable", node_id=self._node_id, url=self.url, detail=detail)

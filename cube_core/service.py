@@ -22,7 +22,17 @@ from typing import Any
 
 import structlog
 
-from cube_core import credentials, ids, keys, teamsecrets, teamwebhooks, templatebuilds, webhookdelivery, webhooks
+from cube_core import (
+    credentials,
+    ids,
+    keys,
+    teamsecrets,
+    teamwebhooks,
+    telemetry,
+    templatebuilds,
+    webhookdelivery,
+    webhooks,
+)
 from cube_core._host import PluginHost
 from cube_core.buildspec import TemplateBuild
 from cube_core.config import CoreSettings
@@ -41,6 +51,7 @@ from cube_core.errors import (
     TemplateNotFoundError,
 )
 from cube_core.events import EventBus
+from cube_core.log import bind_ids, with_ids
 from cube_core.models import (
     ApiKey,
     NetworkPolicy,
@@ -232,8 +243,13 @@ class SandboxService:
             raise TemplateError(f"template {spec.template_id!r} is not ready on any node that takes sandboxes")
         return self.scheduler.place(spec, nodes)
 
+    @with_ids
     async def create(self, spec: SandboxSpec) -> Sandbox:
         """Create a sandbox from a template (id or alias) or from one of the team's snapshots."""
+        with telemetry.span("sandbox.create", team_id=spec.team_id, template_id=spec.template_id):
+            return await self._create(spec)
+
+    async def _create(self, spec: SandboxSpec) -> Sandbox:
         started = time.perf_counter()
         snap = self.store.get_snapshot(spec.template_id)
         if snap is not None and snap.team_id == spec.team_id:
@@ -254,7 +270,10 @@ class SandboxService:
             live = self.store.list_sandboxes(states=LIVE_STATES)  # read once: the cap and the nodes' usage
             if len(live) >= self.settings.max_sandboxes:
                 raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
-            node = self._place(spec, snap, live)
+            with telemetry.span("scheduler.place", live_sandboxes=len(live)) as placing:
+                node = self._place(spec, snap, live)
+                if placing is not None:
+                    placing.set_attribute("cube.node_id", node.node_id)
             now = utcnow()
             sandbox = Sandbox(
                 sandbox_id=ids.sandbox_id(), template_id=template.template_id,
@@ -266,6 +285,8 @@ class SandboxService:
                 envd_access_token=ids.access_token() if spec.secure else None, network=spec.network,
                 node_id=node.node_id, isolation=node.isolation)
             self.store.put_sandbox(sandbox)
+        bind_ids(sandbox_id=sandbox.sandbox_id, node_id=node.node_id)
+        telemetry.set_attributes(sandbox_id=sandbox.sandbox_id, node_id=node.node_id)
         client = self.nodes.client(node.node_id)
         try:
             if snap is not None and snap.node_id is not None and snap.node_id != node.node_id:
@@ -287,6 +308,8 @@ class SandboxService:
         if launched.sandbox_id is not None and launched.sandbox_id != provisional:
             # a warm-pool member personalized at join: it is its sandbox already (id and token)
             sandbox = sandbox.evolve(sandbox_id=launched.sandbox_id, envd_access_token=launched.envd_access_token)
+            bind_ids(sandbox_id=sandbox.sandbox_id)
+            telemetry.set_attributes(sandbox_id=sandbox.sandbox_id)
         sandbox = sandbox.evolve(state=SandboxState.RUNNING, runtime=launched.runtime, boot_id=launched.boot_id,
                                  end_at=utcnow() + timedelta(seconds=spec.timeout_s))
         self.store.put_sandbox(sandbox)
@@ -303,6 +326,7 @@ class SandboxService:
         self.events.emit(type_, team_id=sb.team_id, sandbox_id=sb.sandbox_id, node_id=sb.node_id,
                          state=sb.state.value, template_id=sb.template_id, **data)
 
+    @with_ids
     async def kill(self, team_id: str, sandbox_id: str) -> None:
         self._record(sandbox_id, team_id)
         async with self._lock(sandbox_id):
@@ -342,6 +366,7 @@ class SandboxService:
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
 
+    @with_ids
     async def set_timeout(self, team_id: str, sandbox_id: str, timeout_s: int) -> Sandbox:
         sb = self._record(sandbox_id, team_id)
         updated = sb.evolve(end_at=utcnow() + timedelta(seconds=timeout_s))
@@ -349,6 +374,7 @@ class SandboxService:
         self._emit("sandbox.timeout_changed", updated, end_at=updated.end_at.isoformat())
         return updated
 
+    @with_ids
     async def pause(self, team_id: str, sandbox_id: str) -> Sandbox:
         self._record(sandbox_id, team_id)
         async with self._lock(sandbox_id):
@@ -362,6 +388,7 @@ class SandboxService:
         self._emit("sandbox.paused", paused)
         return paused
 
+    @with_ids
     async def resume(self, team_id: str, sandbox_id: str, timeout_s: int | None = None) -> Sandbox:
         """Resume a paused sandbox (``POST /sandboxes/{id}/resume``)."""
         self._record(sandbox_id, team_id)
@@ -385,6 +412,7 @@ class SandboxService:
         self._emit("sandbox.resumed", sb, end_at=sb.end_at.isoformat())
         return sb
 
+    @with_ids
     async def wake(self, sandbox_id: str) -> Sandbox:
         """The record of a sandbox traffic arrived for (the edge proxy), resumed first when it is
         paused with auto-resume; concurrent requests resume it once (the others wait for that
@@ -418,6 +446,7 @@ class SandboxService:
         self.store.put_sandbox(sb)
         return sb
 
+    @with_ids
     async def connect(self, team_id: str, sandbox_id: str, timeout_s: int | None = None) -> Sandbox:
         """Return a running sandbox, resuming it if paused; the deadline only moves later."""
         sb = self._record(sandbox_id, team_id)
@@ -439,6 +468,7 @@ class SandboxService:
         self.store.put_sandbox(moved)
         return moved
 
+    @with_ids
     async def update_network(self, team_id: str, sandbox_id: str, policy: NetworkPolicy) -> Sandbox:
         sb = self._record(sandbox_id, team_id)
         self.quotas.check_policy(team_id, policy)
@@ -450,6 +480,7 @@ class SandboxService:
         self._emit("sandbox.policy_changed", updated, network=policy.model_dump(mode="json"))
         return updated
 
+    @with_ids
     async def network_audit(self, team_id: str, sandbox_id: str, limit: int = 1000) -> builtins.list[dict[str, Any]]:
         sb = self._record(sandbox_id, team_id)
         return await self._node(sb).audit(sandbox_id, limit)
@@ -462,6 +493,7 @@ class SandboxService:
         endpoint = await self._node(sb).endpoint(sandbox_id, port)
         return self._record(sandbox_id), endpoint
 
+    @with_ids
     async def exec(self, sandbox_id: str, cmd: builtins.list[str], timeout: float = 60.0) -> dict[str, Any]:
         """Run a command in the guest over the control channel (``cube sandbox exec``)."""
         sb = self._record(sandbox_id)
@@ -475,6 +507,7 @@ class SandboxService:
 
     # -- snapshots, fork, rollback ---------------------------------------------------------------
 
+    @with_ids
     async def snapshot(self, team_id: str, sandbox_id: str, *, name: str | None = None,
                        kind: str = "snapshot") -> SnapshotRef:
         """Save a running or paused sandbox (memory, devices, disk layer); it keeps its state."""
@@ -525,6 +558,7 @@ class SandboxService:
                     log.info("snapshot copy left on a node that is away", snapshot_id=snapshot_id,
                              node_id=node.node_id, error=exc.message)
 
+    @with_ids
     async def fork(self, team_id: str, sandbox_id: str, count: int = 1,
                    timeout_s: int | None = None) -> builtins.list[Sandbox]:
         """``count`` independent copies of a sandbox as it is now, each with a fresh identity."""
@@ -537,6 +571,7 @@ class SandboxService:
                            timeout_s=timeout_s or max(1, int((sb.end_at - utcnow()).total_seconds())))
         return [await self.create(spec) for _ in range(count)]
 
+    @with_ids
     async def rollback(self, team_id: str, sandbox_id: str, snapshot_id: str) -> Sandbox:
         """Put a sandbox back to one of its snapshots: same id, token and deadline."""
         ref = self.get_snapshot(team_id, snapshot_id)
@@ -593,6 +628,7 @@ class SandboxService:
             written += await self._write_out(sb.sandbox_id)
         return written
 
+    @with_ids
     async def _write_out(self, sandbox_id: str) -> int:
         async with self._lock(sandbox_id):
             sb = self.store.get_sandbox(sandbox_id)
@@ -614,6 +650,7 @@ class SandboxService:
                      ms=round((time.perf_counter() - started) * 1000, 1))
             return 1
 
+    @with_ids
     async def _expire(self, sb: Sandbox) -> None:
         async with self._lock(sb.sandbox_id):
             current = self.store.get_sandbox(sb.sandbox_id)

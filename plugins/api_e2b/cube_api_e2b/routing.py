@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import structlog
 from cube_core import AuthError, CubeError, Team
+from cube_core.log import bound_ids
 from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -139,8 +140,10 @@ class E2bRoute(APIRoute):
         async def handler(request: Request) -> Response:
             ctx = context_of(request)
             try:
-                request.state.cube_team = self.authenticate(ctx, request)
-                response = await inner(request)
+                request.state.cube_team = team = self.authenticate(ctx, request)
+                with bound_ids(team_id=team.team_id if team is not None else None,
+                               sandbox_id=request.path_params.get("sandbox_id")):
+                    response = await inner(request)
             except RequestValidationError as exc:
                 response = error_response(ctx, InvalidRequestError(validation_message(exc)))
             except CubeError as exc:
