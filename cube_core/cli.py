@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cube_core.cli_common import ConfigOpt, JsonOpt, err, guard, open_store, out, print_json, print_json_lines, state
+from cube_core.cli_events import events
+from cube_core.cli_sandbox import sandbox_app
 from cube_core.config import PluginsFile, load_config
 from cube_core.errors import CubeError, TemplateNotFoundError
 
@@ -28,19 +30,13 @@ config_app = typer.Typer(no_args_is_help=True, help="Inspect and validate plugin
 keys_app = typer.Typer(no_args_is_help=True, help="API keys (e2b_...) and teams.")
 template_app = typer.Typer(no_args_is_help=True, help="Template images and snapshots.")
 kernel_app = typer.Typer(no_args_is_help=True, help="The guest kernel.")
-sandbox_app = typer.Typer(no_args_is_help=True, help="Sandboxes on this machine.")
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
 app.add_typer(template_app, name="template")
 app.add_typer(kernel_app, name="kernel")
 app.add_typer(sandbox_app, name="sandbox")
 
-out = Console()
-err = Console(stderr=True)
-_state: dict[str, Any] = {"debug": False}
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="plugins.toml (default: $CUBE_CONFIG "
-                                                 "or the embedded default)")]
+_state = state
 
 
 @app.callback()
@@ -48,23 +44,8 @@ def main_options(debug: Annotated[bool, typer.Option("--debug", help="show trace
     _state["debug"] = debug
 
 
-def _guard(func: Callable[[], T]) -> T:
-    try:
-        return func()
-    except CubeError as exc:
-        if _state["debug"]:
-            raise
-        err.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-
-
-guard = _guard  # public for CLI extensions (cube-bench): CubeError -> one clear message, exit 2
-
-
-def _store(config: Path | None) -> Any:
-    from cube_core.store import open_store
-
-    return open_store(load_config(config).data.core)
+_guard = guard  # guard stays public here for CLI extensions (cube-bench): CubeError -> one message, exit 2
+_store = open_store
 
 
 # -- serve --------------------------------------------------------------------------------------
@@ -77,11 +58,9 @@ def serve(config: ConfigOpt = None,
           no_build: Annotated[bool, typer.Option("--no-build", help="do not build templates")] = False) -> None:
     """Run the whole system on this machine: API, edge proxy, scheduler and node agent."""
     from cube_core.app import create_app
-    from cube_core.log import configure_logging
     from cube_core.progress import progress_board
 
-    configure_logging()
-    cfg, plugin_host = _guard(lambda: _configured(config, host, port))
+    cfg, plugin_host = _guard(lambda: _configured(config, host, port, role="serve"))
     core = cfg.data.core
     with progress_board("build") as progress:
         application = _guard(lambda: create_app(plugin_host, build_templates=not no_build, progress=progress))
@@ -109,15 +88,24 @@ def _serve_http(plugin_host: Any, application: Any, host: str, port: int, *, api
                                   timeout_keep_alive=620)).run()
 
 
-def _configured(config: Path | None, host: str | None = None, port: int | None = None) -> tuple[Any, Any]:
-    """(config, loaded plugin host); ``host``/``port`` override ``[core]``'s."""
+def _configured(config: Path | None, host: str | None = None, port: int | None = None, *,
+                role: str) -> tuple[Any, Any]:
+    """(config, loaded plugin host) of a server; ``host``/``port`` override ``[core]``'s. Logs and
+    traces are set up from ``[telemetry]`` first (``role``: serve, master or node)."""
+    import atexit
+
+    from cube_core import telemetry
     from cube_core._host import PluginHost
+    from cube_core.log import configure_logging
 
     cfg = load_config(config)
     core = cfg.data.core
     if host or port is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"core": core.model_copy(
             update={k: v for k, v in (("host", host), ("port", port)) if v is not None})})})
+    configure_logging(settings=cfg.data.telemetry)
+    if telemetry.configure_tracing(cfg.data.telemetry, role=role):
+        atexit.register(telemetry.shutdown_tracing)  # the last spans are sent before the process ends
     return cfg, PluginHost(cfg).load()
 
 
@@ -128,10 +116,8 @@ def master(config: ConfigOpt = None,
     """Run a control plane: API, edge proxy and scheduler for the nodes registered in the shared
     PostgreSQL state store (run several behind a load balancer)."""
     from cube_core.app import create_master_app
-    from cube_core.log import configure_logging
 
-    configure_logging()
-    cfg, plugin_host = _guard(lambda: _configured(config, host, port))
+    cfg, plugin_host = _guard(lambda: _configured(config, host, port, role="master"))
     core = cfg.data.core
     if cfg.data.core.state is None:
         err.print("[yellow]warning:[/yellow] [core] state is unset: this master keeps its records in SQLite at "
@@ -153,11 +139,9 @@ def node(ctx: typer.Context, config: ConfigOpt = None,
     if ctx.invoked_subcommand is not None:
         return
     from cube_core.app import create_node_app
-    from cube_core.log import configure_logging
     from cube_core.progress import progress_board
 
-    configure_logging()
-    cfg, plugin_host = _guard(lambda: _configured(config))
+    cfg, plugin_host = _guard(lambda: _configured(config, role="node"))
     settings = cfg.data.node
     with progress_board("build") as progress:
         application = _guard(lambda: create_node_app(plugin_host, build_templates=not no_build, progress=progress))
@@ -351,10 +335,15 @@ def keys_create(team: Annotated[str, typer.Option(help="team name (created if ne
 
 
 @keys_app.command("ls")
-def keys_ls(config: ConfigOpt = None) -> None:
+def keys_ls(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """List API keys (prefix only)."""
     from cube_core import keys
 
+    if as_json:
+        print_json_lines({"key_id": k.key_id, "prefix": k.prefix, "team_id": k.team_id,
+                          "team": t.name if t else None, "created_at": k.created_at.isoformat(),
+                          "revoked": k.revoked} for k, t in _guard(lambda: keys.list_keys(_store(config))))
+        return
     table = Table("key id", "prefix", "team", "created", "revoked")
     for key, team_rec in _guard(lambda: keys.list_keys(_store(config))):
         table.add_row(key.key_id, key.prefix + "…", team_rec.name if team_rec else key.team_id,
@@ -376,16 +365,22 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="the full key id (key_..
 
 
 @kernel_app.command("build")
-def kernel_build(config: ConfigOpt = None) -> None:
-    """Build (or reuse from the cache) the guest kernel of the configured VMM; prints its path."""
+def kernel_build(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Build (or reuse from the cache) the guest kernel of the configured VMM; prints its path.
+    Progress: a bar on a terminal, JSON events on stderr otherwise."""
     from cube_core._host import PluginHost
+    from cube_core.log import configure_logging
     from cube_core.progress import progress_reporter
     from cube_core.templates import guest_kernel
 
+    configure_logging()
     cfg = _guard(lambda: load_config(config))
     vmm = _guard(lambda: PluginHost(cfg).load().hooks.vmm_driver())
     with progress_reporter("kernel") as progress:
         kernel, initrd = _guard(lambda: guest_kernel(cfg.data.core.kernel, vmm, progress))
+    if as_json:
+        print_json({"kernel": str(kernel), "initrd": str(initrd) if initrd else None})
+        return
     out.print(str(kernel) + (f" (initrd {initrd})" if initrd else ""))
 
 
@@ -424,8 +419,9 @@ def template_build(name: Annotated[str, typer.Argument(help="base, code-interpre
                                                                  help="OCI image layout tarball")] = None,
                    interpreter: Annotated[bool, typer.Option(help="start the code interpreter")] = False,
                    rebuild: Annotated[bool, typer.Option(help="build even if cached")] = False,
-                   config: ConfigOpt = None) -> None:
-    """Build a template: rootfs image, guest kernel, booted and snapshotted."""
+                   config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Build a template: rootfs image, guest kernel, booted and snapshotted. Progress: bars on a
+    terminal, JSON events on stderr otherwise."""
     from cube_core.progress import progress_reporter
     from cube_core.storage import RootfsRecipe
 
@@ -443,13 +439,19 @@ def template_build(name: Annotated[str, typer.Argument(help="base, code-interpre
             return await agent.templates.ensure(name, progress, rebuild=rebuild, recipe=recipe)
 
     template = with_node(config, action)
+    if as_json:
+        print_json(template)
+        return
     out.print(f"{template.template_id}: {template.status.value} "
               f"(snapshot {template.snapshot.snapshot_id if template.snapshot else '-'})")
 
 
 @template_app.command("ls")
-def template_ls(config: ConfigOpt = None) -> None:
+def template_ls(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """List templates."""
+    if as_json:
+        print_json_lines(_guard(lambda: _store(config).list_templates()))
+        return
     table = Table("id", "aliases", "status", "image MiB", "snapshot", "created")
     for t in _guard(lambda: _store(config).list_templates()):
         table.add_row(t.template_id, ", ".join(t.aliases), t.status.value, f"{t.rootfs_bytes / 2**20:.0f}",
@@ -458,7 +460,7 @@ def template_ls(config: ConfigOpt = None) -> None:
 
 
 @template_app.command("rm")
-def template_rm(name: str, config: ConfigOpt = None) -> None:
+def template_rm(name: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Remove a template record and its snapshot files (images stay cached by content hash)."""
 
     async def action(agent: Any) -> None:
@@ -474,67 +476,10 @@ def template_rm(name: str, config: ConfigOpt = None) -> None:
         agent.store.delete_template(template.template_id)
 
     with_node(config, action)
+    if as_json:
+        print_json({"template": name, "removed": True})
+        return
     out.print(f"removed {name}")
-
-
-@sandbox_app.command("ls")
-def sandbox_ls(config: ConfigOpt = None,
-               as_json: Annotated[bool, typer.Option("--json", help="one JSON object per sandbox")] = False) -> None:
-    """List live sandboxes of every team, on every node that shares this state store."""
-    from cube_core.service import LIVE_STATES
-
-    sandboxes = _guard(lambda: _store(config).list_sandboxes(states=LIVE_STATES))
-    if as_json:
-        for s in sandboxes:
-            print(json.dumps({"sandbox_id": s.sandbox_id, "team_id": s.team_id, "template_id": s.template_id,
-                              "state": s.state.value, "node_id": s.node_id, "isolation": s.isolation,
-                              "end_at": s.end_at.isoformat(),
-                              "vm_pid": s.runtime.vm.pid if s.runtime.vm is not None else None}))
-        return
-    table = Table("id", "team", "template", "state", "node", "isolation", "ends")
-    for s in sandboxes:
-        table.add_row(s.sandbox_id, s.team_id, s.template_id, s.state.value, s.node_id, s.isolation,
-                      s.end_at.isoformat(timespec="seconds"))
-    out.print(table)
-
-
-@sandbox_app.command("audit")
-def sandbox_audit(sandbox_id: str,
-                  key: Annotated[str, typer.Option("--key", envvar="E2B_API_KEY",
-                                                   help="an API key of the sandbox's team")],
-                  url: Annotated[str | None, typer.Option(
-                      "--url", help="default: host and port from plugins.toml")] = None,
-                  limit: Annotated[int, typer.Option("--limit")] = 100,
-                  as_json: Annotated[bool, typer.Option("--json", help="one JSON event per line")] = False,
-                  config: ConfigOpt = None) -> None:
-    """Recent egress decisions of a sandbox (from the running server's network audit log)."""
-    import httpx
-
-    if url is None:
-        core = _guard(lambda: load_config(config)).data.core
-        url = f"http://{'127.0.0.1' if core.host in ('0.0.0.0', '::') else core.host}:{core.port}"
-    try:
-        resp = httpx.get(f"{url}/sandboxes/{sandbox_id}/network/audit", params={"limit": limit},
-                         headers={"X-API-Key": key}, timeout=30)
-    except httpx.HTTPError as exc:
-        err.print(f"[red]cannot reach {escape(url)}: {escape(str(exc))}[/red]")
-        raise typer.Exit(2) from None
-    if resp.status_code != 200:
-        err.print(f"[red]{resp.status_code}: {escape(resp.text)}[/red]")
-        raise typer.Exit(2)
-    events: list[dict[str, Any]] = resp.json()["events"]
-    if as_json:
-        for event in events:
-            print(json.dumps(event))
-        return
-    table = Table("time", "kind", "verdict", "what", "reason / rule")
-    for e in events:
-        what = e.get("dst") or e.get("name") or json.dumps(e.get("policy", ""))
-        if e["kind"] == "flow":
-            what = f"{e.get('proto', e.get('ethertype', '?'))} {what}"
-        reason = e.get("rule") or e.get("reason") or ", ".join(e.get("answers", []))
-        table.add_row(str(e.get("ts", "")), e["kind"], e.get("verdict", ""), escape(str(what)), escape(str(reason)))
-    out.print(table)
 
 
 # -- sub-commands of other distributions -----------------------------------------------------------
@@ -571,6 +516,7 @@ def _add_missing(name: str, dist: str, problem: str | None) -> None:
         raise typer.Exit(2)
 
 
+app.command("events")(events)
 _add_cli_extensions()
 
 

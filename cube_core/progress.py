@@ -1,5 +1,7 @@
 """Progress display for long work (kernel build, template builds): one lane per job that runs at
-the same time, rich bars with the time left on a terminal, plain log lines elsewhere (CI, journald).
+the same time, rich bars with the time left on a terminal, progress events elsewhere (CI, journald,
+pipes): log lines with ``event="progress"``, ``task``, ``job``, ``step``, ``percent``,
+``elapsed_s`` and ``eta_s``, JSON objects when the log format is JSON (the default off a terminal).
 
 A lane is a :data:`cube_core.storage.Progress` function (``(step, fraction or None)``); a board
 hands out lanes by name, so work that overlaps (the kernel build beside a template's debootstrap)
@@ -69,7 +71,7 @@ def progress_board(title: str) -> Iterator[LaneFactory]:
             pct, phase, now = int((fraction or 0) * 100), step.split(":", 1)[0], time.monotonic()
             if phase != last_phase[0] or pct >= last_pct[0] + 10 or now - last_at[0] >= 30 or pct >= 100:
                 last_phase[0], last_pct[0], last_at[0] = phase, pct, now
-                log.info(title, **({"job": name} if name else {}), step=step,
+                log.info("progress", task=title, **({"job": name} if name else {}), step=step,
                          percent=pct if fraction is not None else None,
                          elapsed_s=round(time.monotonic() - started), eta_s=seconds_left(started, fraction))
 

@@ -268,6 +268,21 @@ class NetworkAuditOut(Response):
     events: list[dict[str, Any]]
 
 
+class ExecCommand(Request):
+    """Cube extension: ``POST /sandboxes/{id}/exec`` (``cube sandbox exec``)."""
+
+    cmd: list[str] = Field(min_length=1, max_length=256)
+    timeout: float = Field(default=60.0, gt=0, le=3600)
+
+
+class ExecOut(Response):
+    sandbox_id: str
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    truncated: bool
+
+
 class ForkSandbox(Request):
     timeout: int | None = Field(default=None, ge=0, le=86_400 * 30)
     count: int = Field(default=1, ge=1, le=20)

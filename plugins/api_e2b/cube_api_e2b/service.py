@@ -11,7 +11,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from cube_core import CoreSettings, NetworkPolicy, Sandbox, SandboxSpec, SandboxState, SnapshotRef, Team, Template
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
@@ -57,6 +57,7 @@ class ControlPlane(Protocol):
         ...
 
     # -- network ---------------------------------------------------------------------------------
+    async def exec(self, sandbox_id: str, cmd: builtins.list[str], timeout: float = 60.0) -> dict[str, Any]: ...
     async def update_network(self, team_id: str, sandbox_id: str, policy: NetworkPolicy) -> Sandbox: ...
     async def network_audit(self, team_id: str, sandbox_id: str,
                             limit: int = 1000) -> builtins.list[dict[str, object]]: ...

@@ -14,6 +14,7 @@ from cube_api_e2b.routes import (
     accesstokens,
     apikeys,
     builds,
+    commands,
     events,
     lifecycle,
     logs,
@@ -29,7 +30,7 @@ from cube_api_e2b.routes import (
 
 ROUTERS: tuple[APIRouter, ...] = (
     metrics.router,  # first: GET /sandboxes/metrics before GET /sandboxes/{sandbox_id}
-    sandboxes.router, lifecycle.router, network.router,
+    sandboxes.router, lifecycle.router, network.router, commands.router,
     builds.tags_router,  # before snapshots: DELETE /templates/tags vs DELETE /templates/{snapshotID}
     snapshots.router, templates.router,
     builds.router,
