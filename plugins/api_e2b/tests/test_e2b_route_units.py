@@ -30,6 +30,7 @@ from cube_core import (
     TemplateNotFoundError,
     TemplateStatus,
 )
+from cube_core.models import Node
 from cube_core.nodeclient import Endpoint
 from fastapi import APIRouter, FastAPI
 
@@ -150,6 +151,9 @@ class Double:
 
     def pool_sizes(self) -> dict[str, int]:
         return {"base": 2, "code-interpreter-v1": 1}
+
+    def list_nodes(self) -> list[Node]:
+        return [Node(node_id="n1", cpu_total=8, memory_mb_total=16384, cpu_used=3, memory_mb_used=2048, sandboxes=4)]
 
 
 def _typed(double: Double) -> ControlPlane:
@@ -293,3 +297,6 @@ def test_metrics_ask_the_control_plane(double: Double) -> None:
     text = metrics.render().decode()
     assert 'cube_sandboxes{state="running"} 3.0' in text and 'cube_sandboxes{state="paused"} 1.0' in text
     assert 'cube_sandboxes{state="creating"} 0.0' in text and "cube_warm_pool_members 3.0" in text
+    assert 'cube_nodes{status="up"} 1.0' in text and 'cube_nodes{status="down"} 0.0' in text
+    assert 'cube_node_vcpus{kind="used",node="n1"} 3.0' in text and 'cube_node_sandboxes{node="n1"} 4.0' in text
+    assert 'cube_node_memory_bytes{kind="total",node="n1"} 1.7179869184e+010' in text  # 16 GiB
