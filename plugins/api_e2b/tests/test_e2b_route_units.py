@@ -299,4 +299,4 @@ def test_metrics_ask_the_control_plane(double: Double) -> None:
     assert 'cube_sandboxes{state="creating"} 0.0' in text and "cube_warm_pool_members 3.0" in text
     assert 'cube_nodes{status="up"} 1.0' in text and 'cube_nodes{status="down"} 0.0' in text
     assert 'cube_node_vcpus{kind="used",node="n1"} 3.0' in text and 'cube_node_sandboxes{node="n1"} 4.0' in text
-    assert 'cube_node_memory_bytes{kind="total",node="n1"} 1.7179869184e+010' in text  # 16 GiB
+    assert 'cube_node_memory_bytes{kind="total",node="n1"} 1.7179869184e+10' in text  # 16 GiB
