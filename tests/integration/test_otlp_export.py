@@ -135,8 +135,7 @@ def test_a_real_cube_serve_exports_the_create_trace(receiver: Receiver, tmp_path
         proc.wait(timeout=30)
         log.close()
     spans = receiver.spans
-    create = [s for s in spans if s["attributes"].get("cube.sandbox_id") == sid or s["name"] == "api POST /v2/sandboxes"]
-    trace = next(s["trace"] for s in create if s["name"] == "api POST /v2/sandboxes")
+    trace = next(s["trace"] for s in spans if s["name"] == "api POST /v2/sandboxes")
     in_trace = {s["id"]: s for s in spans if s["trace"] == trace}
     parent = {s["name"]: in_trace[s["parent"]]["name"] if s["parent"] in in_trace else None for s in in_trace.values()}
     assert parent["api POST /v2/sandboxes"] is None
