@@ -1,9 +1,9 @@
 """``cube events``: follow the running server's event stream (``GET /events``, server-sent events).
 
 A team's API key (``--key``/``$E2B_API_KEY``) sees its team's events; the operator token
-(``--token``/``$CUBE_OPERATOR_TOKEN``, ``[core] operator_token``) sees every team's. The stream is
-followed until interrupted; a dropped connection is resumed after the last event seen
-(``Last-Event-ID``).
+(``--token``/``$CUBE_OPERATOR_TOKEN``, ``[core] operator_token``) sees every team's and the nodes'.
+The stream is followed until interrupted; a dropped connection is opened again (events of the gap
+are not replayed).
 """
 
 from __future__ import annotations
@@ -75,26 +75,29 @@ def events(key: KeyOpt = None, token: TokenOpt = None, url: UrlOpt = None, confi
     shown, delay = 0, 0.5
     while True:
         try:
-            with httpx.stream("GET", f"{base}/events", trust_env=False,
-                              headers={**headers, **({"Last-Event-ID": last_id} if last_id else {})},
+            with httpx.stream("GET", f"{base}/events", trust_env=False, headers=headers,
                               timeout=httpx.Timeout(10.0, read=None)) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     raise fail(f"{resp.status_code}: {_message(resp)}")
                 delay = 0.5
-                for event_id, kind, data in parse_sse(resp.iter_lines()):
+                for event_id, _kind, data in parse_sse(resp.iter_lines()):
                     last_id = event_id or last_id
-                    if kind != "message" and kind not in ("event", "cube"):
-                        if kind in ("lagged", "lost"):
-                            err.print(f"[yellow]{escape(data)}[/yellow]", highlight=False)
-                        continue
                     try:
                         event = json.loads(data)
                     except ValueError:
                         continue
-                    if types and not any(str(event.get("type", "")).startswith(t) for t in types):
+                    kind = str(event.get("type", ""))
+                    if kind == "stream.lost":  # this client read too slowly: the server dropped some
+                        err.print(f"[yellow]events lost: {escape(json.dumps(event.get('data', {})))}[/yellow]",
+                                  highlight=False)
                         continue
-                    print_json(event) if as_json else _show(event)
+                    if types and not any(kind.startswith(t) for t in types):
+                        continue
+                    if as_json:
+                        print_json(event)
+                    else:
+                        _show(event)
                     shown += 1
                     if count is not None and shown >= count:
                         return

@@ -29,7 +29,8 @@ CUBE = str(Path(sys.executable).with_name("cube"))
 
 def e2b_config(state_dir: Path) -> str:
     text = FAKE_CONFIG.format(state_dir=state_dir)
-    text = text.replace("templates = []", 'templates = ["base"]\nsample_interval_s = 0.2')
+    text = text.replace("templates = []", 'templates = ["base"]\nsample_interval_s = 0.2\n'
+                                          'operator_token = { env = "CUBE_TEST_OPERATOR_TOKEN" }')
     return text.replace('[[api]]\nplugin = "fake"', '[[api]]\nplugin = "e2b"\noptions = { metrics_on_startup = false }')
 
 
@@ -49,8 +50,12 @@ class Server:
         return proc.returncode, stdout.decode(), stderr.decode()
 
 
+OPERATOR = "operator-token-0123456789abcdef0123456789"
+
+
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
+async def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Server]:
+    monkeypatch.setenv("CUBE_TEST_OPERATOR_TOKEN", OPERATOR)
     config = tmp_path / "plugins.toml"
     config.write_text(e2b_config(tmp_path / "state"))
     host = PluginHost(parse_config(config.read_text(), path=config)).load()
@@ -127,6 +132,39 @@ async def test_sandbox_commands(server: Server) -> None:
     assert out.strip() == ""
     code, out, _ = await server.cube("sandbox", "ls", "--json", "--all")
     assert json.loads(out)["state"] == "killed"
+
+
+async def follow_until(server: Server, *args: str) -> tuple[int, str, str]:
+    """``cube events ARGS --count 1`` while sandboxes are created (one a second) until it prints."""
+    proc = await asyncio.create_subprocess_exec(
+        CUBE, "events", "--url", server.url, "--count", "1", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "250"})
+    try:
+        for _ in range(30):
+            await new_sandbox(server)
+            try:
+                await asyncio.wait_for(proc.wait(), 1.0)
+                break
+            except TimeoutError:
+                pass
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    stdout, stderr = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_events_follow_the_stream(server: Server) -> None:
+    code, out, err = await follow_until(server, "--key", server.key, "--json", "--type", "sandbox.")
+    assert code == 0, err
+    event = json.loads(out)
+    team_id = server.app.state.service.store.get_sandbox(event["sandbox_id"]).team_id  # type: ignore[attr-defined]
+    assert event["type"] == "sandbox.created" and event["team_id"] == team_id
+    code, out, err = await follow_until(server, "--token", OPERATOR)  # every team's, as a line
+    assert code == 0 and "sandbox.created" in out and "sandbox=" in out, (out, err)
+    code, _, err = await server.cube("events", "--url", server.url, "--key", "e2b_" + "0" * 40)
+    assert code == 2 and "401" in err, err
 
 
 async def test_template_ls_json(server: Server) -> None:
