@@ -522,3 +522,6 @@ _add_cli_extensions()
 
 def main() -> None:
     app()
+
+
+__all__ = ["ConfigOpt", "app", "guard", "main", "with_node"]  # what CLI extensions (cube-bench) import
