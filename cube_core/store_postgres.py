@@ -117,6 +117,9 @@ EVENTS_CHANNEL = "cube_events"
 MIGRATION_LOCK = int.from_bytes(hashlib.sha256(b"cube state schema").digest()[:8], "big", signed=True)
 # pg_advisory_xact_lock(class, hashtext(value)) keys: "a write gives this unique value to a record"
 TEAM_NAME_LOCK, KEY_HASH_LOCK, EXCLUSIVE_LOCK = 0x63756201, 0x63756202, 0x63756203
+# one lock for every alias write: a put drops the aliases its template held (rows in any order)
+# and takes new ones, so two puts trading aliases would otherwise lock each other's rows: deadlock
+TEMPLATE_ALIASES_LOCK = 0x63756204
 
 
 def describe_dsn(dsn: str) -> str:
@@ -239,6 +242,7 @@ class PostgresStore(StateStore):
     # templates: an alias names one template, the one last put with it
     def put_template(self, template: Template) -> None:
         with self._tx() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (TEMPLATE_ALIASES_LOCK,))
             conn.execute("INSERT INTO templates (id, body) VALUES (%s, %s) "
                          "ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
                          (template.template_id, template.model_dump_json()))
@@ -261,6 +265,7 @@ class PostgresStore(StateStore):
 
     def delete_template(self, template_id: str) -> None:
         with self._tx() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (TEMPLATE_ALIASES_LOCK,))
             conn.execute("DELETE FROM templates WHERE id = %s", (template_id,))
             conn.execute("DELETE FROM template_aliases WHERE template_id = %s", (template_id,))
 
