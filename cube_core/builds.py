@@ -111,28 +111,46 @@ def as_user(user: str, script: str) -> list[str]:
 
 
 class LayerIndex:
-    """``key -> layer file`` for cached step results on this node (a JSON file by the storage)."""
+    """``key -> layer file`` for cached step results on this node (a JSON file by the storage),
+    with the template whose build froze each layer (what :meth:`BuildEngine.forget` frees)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def _read(self) -> dict[str, str]:
+    def _read(self) -> dict[str, dict[str, str]]:
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
-        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): ({"path": v} if isinstance(v, str) else {str(a): str(b) for a, b in v.items()})
+                for k, v in data.items() if isinstance(v, (str, dict))}
 
-    def get(self, key: str) -> Path | None:
-        value = self._read().get(key)
-        return Path(value) if value and Path(value).is_file() else None
-
-    def put(self, key: str, layer: Path) -> None:
-        data = self._read()
-        data[key] = str(layer)
+    def _write(self, data: dict[str, dict[str, str]]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(data, sort_keys=True))
         os.replace(tmp, self.path)
+
+    def get(self, key: str) -> Path | None:
+        value = self._read().get(key, {}).get("path")
+        return Path(value) if value and Path(value).is_file() else None
+
+    def put(self, key: str, layer: Path, template_id: str) -> None:
+        data = self._read()
+        old = data.get(key, {})
+        # a cache hit (same layer) keeps the template that froze it
+        data[key] = old if old.get("path") == str(layer) else {"path": str(layer), "template": template_id}
+        self._write(data)
+
+    def pop_template(self, template_id: str) -> list[Path]:
+        """Forget the layers ``template_id``'s builds froze; their files."""
+        data = self._read()
+        gone = [k for k, v in data.items() if v.get("template") == template_id]
+        paths = [Path(data.pop(k)["path"]) for k in gone]
+        if gone:
+            self._write(data)
+        return paths
 
 
 def copy_archive(upload: Path, src: str, dest: str, owner: str, mode: str) -> bytes:
@@ -178,6 +196,21 @@ def copy_archive(upload: Path, src: str, dest: str, owner: str, mode: str) -> by
     return out.getvalue()
 
 
+def registry_host(ref: str) -> str:
+    """The registry an image reference names (Docker's rule: the first component, if it has a
+    ``.`` or ``:`` or is ``localhost``; otherwise Docker Hub)."""
+    first, sep, _ = ref.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
+
+
+def auth_json(host: str, username: str, password: str) -> str:
+    """A containers-auth.json granting ``username:password`` for ``host`` (skopeo ``--authfile``)."""
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return json.dumps({"auths": {host: {"auth": token}}})
+
+
 class BuildEngine:
     """Runs :class:`BuildJob` s on one node (one task per build)."""
 
@@ -191,6 +224,18 @@ class BuildEngine:
         task = asyncio.ensure_future(Build(self, job).run())
         self.tasks[job.build.build_id] = task
         task.add_done_callback(lambda _t: self.tasks.pop(job.build.build_id, None))
+
+    async def forget(self, template_id: str) -> list[str]:
+        """Free the layers the builds of ``template_id`` froze (it was deleted): the storage keeps
+        a layer that still backs another disk or layer (another template built over it) until
+        nothing does. The snapshot ids deleted."""
+        deleted = []
+        for path in self.index.pop_template(template_id):
+            snapshot_id = path.parent.name
+            if snapshot_id.startswith("blayer-"):
+                await self.agent.storage.delete_snapshot(snapshot_id)
+                deleted.append(snapshot_id)
+        return deleted
 
 
 class Build:
@@ -298,7 +343,7 @@ class Build:
                         disk, f"blayer-{keys[i][:24]}-{ids.short_id('')[:8]}")
                     last_layer = frozen.path
                 ran += 1
-                self.engine.index.put(keys[i], last_layer)
+                self.engine.index.put(keys[i], last_layer, self.record.template_id)
             self.put(steps_run=ran, steps_cached=start)
             await self._finalize(context)
             template_id = self.record.template_id
@@ -324,10 +369,9 @@ class Build:
             snapshot=SnapshotRef(snapshot_id=snapshot_id, template_id=template_id, vm_state=state,
                                  disk=frozen_disk, node_id=self.agent.node_id))
         self.agent.store.put_template(template)
+        self.agent.template_ready(template)  # first: a member being restored from the old snapshot is dropped
         if old is not None and old.snapshot is not None:  # warm members of the previous build go
-            while (member := self.agent.pool.take(template_id)) is not None:
-                await self.agent.pool._destroy(member)
-        self.agent.template_ready(template)
+            await self.agent.pool.drain(template_id)
         return template
 
     async def _image_parent(self, ref: str) -> Template:
@@ -368,11 +412,20 @@ class Build:
         if layout.exists():
             shutil.rmtree(layout)
         layout.parent.mkdir(parents=True, exist_ok=True)
-        proc = await asyncio.create_subprocess_exec(
-            skopeo, "copy", *(["--src-tls-verify=false"] if insecure else []), f"docker://{ref}",
-            f"oci:{layout}:latest", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
-        out, _ = await proc.communicate()
+        with tempfile.TemporaryDirectory(prefix="cube-pull-") as private:  # 0700
+            args = ["--src-tls-verify=false"] if insecure else []
+            if self.job.registry is not None:
+                # an auth file (0600, deleted after), never --src-creds: that would be in /proc/<pid>/cmdline
+                authfile = Path(private) / "auth.json"
+                authfile.touch(mode=0o600)
+                authfile.write_text(auth_json(registry_host(ref), self.job.registry.username,
+                                              self.job.registry.password))
+                args += ["--src-authfile", str(authfile)]
+                self.say(f"Using the registry credentials of {self.job.registry.username!r}", step=BASE_STEP)
+            proc = await asyncio.create_subprocess_exec(
+                skopeo, "copy", *args, f"docker://{ref}", f"oci:{layout}:latest", stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            out, _ = await proc.communicate()
         if proc.returncode != 0:
             raise StepFailed(step=BASE_STEP, reason=f"pulling {ref} failed: {out.decode(errors='replace')[-2000:]}")
 

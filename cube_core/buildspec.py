@@ -100,15 +100,25 @@ class TemplateBuild(Frozen):
         return self.model_copy(update={"logs": (self.logs + lines)[-LOG_LINES_MAX:]})
 
 
+class RegistryAuth(Frozen):
+    """Credentials for pulling ``plan.from_image`` from a private registry (the SDK's
+    ``fromImageRegistry``). Only ever in a :class:`BuildJob` on its way to the node: never in the
+    build record, never logged (``repr`` hides the password)."""
+
+    username: str = Field(min_length=1, max_length=1000)
+    password: str = Field(min_length=1, max_length=100_000, repr=False)
+
+
 class BuildJob(Frozen):
     """What the node gets: the build, its parent template (READY on that node) or the OCI image to
-    start from (``plan.from_image``), and where the uploaded files of its COPY steps are (hash ->
-    tar archive the SDK uploaded)."""
+    start from (``plan.from_image``, with ``registry`` credentials if it is private), and where the
+    uploaded files of its COPY steps are (hash -> tar archive the SDK uploaded)."""
 
     build: TemplateBuild
     plan: BuildPlan
     parent: Template | None = None
     files: dict[str, Path] = Field(default_factory=dict)
+    registry: RegistryAuth | None = None
 
 
 def layer_key(parent_key: str, step: BuildStep, context: dict[str, object]) -> str:

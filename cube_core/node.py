@@ -192,6 +192,22 @@ class NodeAgent:
         self._ready.pop(template_id, None)
         self.beat()
 
+    async def remove_template(self, template: Template) -> list[str]:
+        """``template`` was deleted: it stops serving here, its warm members go, and its snapshot
+        and the build layers only it used are freed. The snapshot ids deleted."""
+        from cube_core.builds import engine_of
+
+        self.template_removed(template.template_id)
+        drained = await self.pool.drain(template.template_id, forget=True)
+        deleted = []
+        if template.snapshot is not None and template.snapshot.snapshot_id not in self._kept_snapshots():
+            await self.storage.delete_snapshot(template.snapshot.snapshot_id)
+            deleted.append(template.snapshot.snapshot_id)
+        deleted += await engine_of(self).forget(template.template_id)
+        log.info("template removed", template_id=template.template_id, node_id=self.node_id,
+                 pool_members=drained, deleted=deleted)
+        return deleted
+
     # -- the node's report -----------------------------------------------------------------------
 
     def report(self) -> Node:

@@ -24,19 +24,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cube_core.builds import engine_of
 from cube_core.buildspec import BuildJob
 from cube_core.errors import ConfigError, CubeError, NodeError, UnsupportedOperation
-from cube_core.models import ExecReply, Node, Sandbox, SandboxRuntime
+from cube_core.models import ExecReply, Node, Sandbox, SandboxRuntime, Template
 from cube_core.nodeclient import Launched, LaunchRequest, SavedSnapshot
 from cube_core.nodehttp import (
     PREFIX,
     SANDBOX_HEADER,
     TOKEN_HEADER,
     AddressReply,
+    BuildFileReply,
     DestroyReply,
     ErrorBody,
     ExecRequest,
     HealthReply,
     ImportRequest,
     PolicyRequest,
+    RemovedReply,
     RollbackRequest,
     SnapshotRequest,
     error_body,
@@ -44,6 +46,7 @@ from cube_core.nodehttp import (
 )
 from cube_core.requestctx import RequestContext
 from cube_core.snapshotfiles import Received, SnapshotExport
+from cube_core.templatebuilds import build_file_path, save_upload
 
 if TYPE_CHECKING:
     from cube_core.node import NodeAgent
@@ -133,6 +136,22 @@ def _api(agent: NodeAgent) -> FastAPI:
     @api.post(PREFIX + "/builds", status_code=204, response_class=Response)
     async def build_template(job: BuildJob) -> None:
         engine_of(agent).start(job)
+
+    @api.get(PREFIX + "/build-files/{team_id}/{files_hash}")
+    async def build_file(team_id: str, files_hash: str) -> BuildFileReply:
+        path = build_file_path(agent.settings.state_dir, team_id, files_hash)
+        return BuildFileReply(present=path.is_file(), path=path)
+
+    @api.put(PREFIX + "/build-files/{team_id}/{files_hash}")
+    async def put_build_file(team_id: str, files_hash: str, request: Request) -> BuildFileReply:
+        path = build_file_path(agent.settings.state_dir, team_id, files_hash)
+        await save_upload(path, request.stream())
+        return BuildFileReply(present=True, path=path)
+
+    @api.post(PREFIX + "/templates/{template_id}/remove")
+    async def remove_template(template_id: str, template: Template) -> RemovedReply:
+        _check_path(template_id, template.template_id)
+        return RemovedReply(deleted=await agent.remove_template(template))
 
     @api.delete(PREFIX + "/snapshots/{snapshot_id}", status_code=204, response_class=Response)
     async def delete_snapshot(snapshot_id: str) -> None:

@@ -29,6 +29,7 @@ from cube_core.models import (
     Sandbox,
     SandboxRuntime,
     SnapshotRef,
+    Template,
     VmState,
 )
 from cube_core.snapshotfiles import Received
@@ -145,6 +146,11 @@ class NodeClient(Protocol):
         template is ready here); returns at once, the build's record tells how it goes."""
         ...
 
+    async def remove_template(self, template: Template) -> list[str]:
+        """``template`` was deleted (its record is gone): stop serving it here, destroy its warm
+        members, free its snapshot and the build layers only it used; the snapshot ids deleted."""
+        ...
+
     async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
         """Where ``port`` of the sandbox is reached from the control plane's process. A sandbox
         just taken from the warm pool is reached only once its guest applied its create message
@@ -205,6 +211,9 @@ class LocalNodeClient:
         from cube_core.builds import engine_of
 
         engine_of(self.agent).start(job)
+
+    async def remove_template(self, template: Template) -> list[str]:
+        return await self.agent.remove_template(template)
 
     async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
         return Endpoint(host=await self.agent.guest_address(sandbox_id), port=port)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -39,7 +39,17 @@ from cube_core.errors import (
     VmmError,
 )
 from cube_core.log import REQUEST_ID_HEADER, current_ids
-from cube_core.models import EgressRule, ExecReply, Frozen, NetworkPolicy, Node, Sandbox, SandboxRuntime, SnapshotRef
+from cube_core.models import (
+    EgressRule,
+    ExecReply,
+    Frozen,
+    NetworkPolicy,
+    Node,
+    Sandbox,
+    SandboxRuntime,
+    SnapshotRef,
+    Template,
+)
 from cube_core.nodeclient import Endpoint, Launched, LaunchRequest, SavedSnapshot
 from cube_core.snapshotfiles import Received, SnapshotExport, unpack
 
@@ -58,6 +68,16 @@ M = TypeVar("M", bound=BaseModel)
 
 class DestroyReply(Frozen):
     errors: list[str]
+
+
+class BuildFileReply(Frozen):
+    present: bool
+    path: Path
+    """Where the node keeps it."""
+
+
+class RemovedReply(Frozen):
+    deleted: list[str]
 
 
 class SnapshotRequest(Frozen):
@@ -223,13 +243,14 @@ class HttpNodeClient:
     # -- transport -----------------------------------------------------------------------------
 
     async def _call(self, method: str, path: str, *, body: BaseModel | None = None,
-                    params: dict[str, str | int] | None = None, timeout: float | None = None) -> httpx.Response:
+                    params: dict[str, str | int] | None = None, timeout: float | None = None,
+                    content: AsyncIterator[bytes] | None = None) -> httpx.Response:
         headers = {REQUEST_ID_HEADER: rid} if (rid := current_ids().get("request_id")) else {}
         telemetry.inject(headers)  # the node's spans continue this trace
         try:
             resp = await self._client.request(
                 method, path, json=body.model_dump(mode="json") if body is not None else None, params=params,
-                headers=headers, timeout=timeout if timeout is not None else self.timeouts.default)
+                content=content, headers=headers, timeout=timeout if timeout is not None else self.timeouts.default)
         except httpx.TransportError as exc:
             detail = f"{method} {path}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
             log.warning("node unreachable", node_id=self._node_id, url=self.url, detail=detail)
@@ -289,7 +310,28 @@ class HttpNodeClient:
         await self._call("DELETE", _path("snapshots", snapshot_id))
 
     async def build_template(self, job: BuildJob) -> None:
-        await self._call("POST", _path("builds"), body=job)
+        """The uploaded files of the build's COPY steps are on this (the control plane's) host:
+        the node gets each one it lacks first, and the job names its copies."""
+        files = {h: await self._send_build_file(job.build.team_id, h, path) for h, path in job.files.items()}
+        await self._call("POST", _path("builds"), body=job.model_copy(update={"files": files}))
+
+    async def _send_build_file(self, team_id: str, files_hash: str, path: Path) -> Path:
+        where = _path("build-files", team_id, files_hash)
+        there = self._parse(BuildFileReply, await self._call("GET", where))
+        if there.present:
+            return there.path
+
+        async def chunks() -> AsyncIterator[bytes]:
+            with path.open("rb") as fh:
+                while chunk := await asyncio.to_thread(fh.read, 1 << 20):
+                    yield chunk
+
+        resp = await self._call("PUT", where, content=chunks(), timeout=self.timeouts.transfer)
+        return self._parse(BuildFileReply, resp).path
+
+    async def remove_template(self, template: Template) -> list[str]:
+        resp = await self._call("POST", _path("templates", template.template_id, "remove"), body=template)
+        return self._parse(RemovedReply, resp).deleted
 
     async def import_snapshot(self, snapshot: SnapshotRef, origin: Node) -> Received:
         resp = await self._call("POST", _path("snapshots", snapshot.snapshot_id, "import"),

@@ -115,6 +115,25 @@ class WarmPool:
         self._members.setdefault(template.template_id, deque())
         self._wake.set()
 
+    async def drain(self, template_id: str, *, forget: bool = False) -> int:
+        """Destroy the members of ``template_id`` (it was rebuilt: new members come from its new
+        snapshot; ``forget``: it was deleted, keep no pool for it). How many went."""
+        if forget:
+            self._templates.pop(template_id, None)
+        queue = self._members.pop(template_id, deque()) if forget else self._members.get(template_id, deque())
+        count = 0
+        while queue:
+            await self._drop(queue.popleft())
+            count += 1
+        self._wake.set()
+        return count
+
+    async def _drop(self, member: Sandbox) -> None:
+        try:
+            await self._destroy(member)
+        finally:
+            self.store.delete_sandbox(member.sandbox_id)
+
     def take(self, template_id: str) -> Sandbox | None:
         """A ready, paused member for ``template_id`` (its record says where its VM, disk and NIC
         are), or None on a pool miss."""
@@ -166,6 +185,10 @@ class WarmPool:
                     log.warning("warm pool restore failed", template=template.template_id, error=repr(exc))
                     await asyncio.sleep(2)
                     break
+                current = self._templates.get(template.template_id)
+                if current is None or current.snapshot != template.snapshot:  # removed or rebuilt meanwhile
+                    await self._drop(member)
+                    continue
                 self._members[template.template_id].append(member)
 
     async def _join(self, vm: VmHandle, record: Sandbox) -> Sandbox:

@@ -159,6 +159,8 @@ class SandboxService:
     def get_template(self, template_id_or_alias: str, team_id: str | None = None) -> Template:
         """A template; with ``team_id``, another team's is "not found"."""
         template = self.store.get_template(template_id_or_alias)
+        if template is None and ":" in template_id_or_alias:  # name:tag
+            template = self.template_builds.tags.resolve(template_id_or_alias)
         if template is None or (team_id is not None and not templatebuilds.visible(template, team_id)):
             raise TemplateNotFoundError(template=template_id_or_alias)
         return template

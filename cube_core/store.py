@@ -80,7 +80,8 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def list_templates(self) -> list[Template]: ...
     @abc.abstractmethod
-    def delete_template(self, template_id: str) -> None: ...
+    def delete_template(self, template_id: str) -> None:
+        """Forget the template, its aliases and its build records."""
 
     @abc.abstractmethod
     def put_build(self, build: TemplateBuild) -> None:
@@ -382,6 +383,7 @@ class SqliteStore(StateStore):
         with self._tx() as db:
             db.execute("DELETE FROM templates WHERE id=?", (template_id,))
             db.execute("DELETE FROM template_aliases WHERE template_id=?", (template_id,))
+            db.execute("DELETE FROM template_builds WHERE template_id=?", (template_id,))
 
     # template builds
     def put_build(self, build: TemplateBuild) -> None:

@@ -268,6 +268,7 @@ class PostgresStore(StateStore):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (TEMPLATE_ALIASES_LOCK,))
             conn.execute("DELETE FROM templates WHERE id = %s", (template_id,))
             conn.execute("DELETE FROM template_aliases WHERE template_id = %s", (template_id,))
+            conn.execute("DELETE FROM template_builds WHERE template_id = %s", (template_id,))
 
     # template builds
     def put_build(self, build: TemplateBuild) -> None:

@@ -26,18 +26,20 @@ from pathlib import Path
 import structlog
 
 from cube_core import ids
-from cube_core.buildspec import BuildJob, BuildLogLine, BuildPlan, BuildStatus, TemplateBuild
+from cube_core.buildspec import BuildJob, BuildLogLine, BuildPlan, BuildStatus, RegistryAuth, TemplateBuild
 from cube_core.config import CoreSettings
-from cube_core.errors import InvalidStateError, TemplateError, TemplateNotFoundError
+from cube_core.errors import InvalidStateError, NodeUnavailableError, TemplateError, TemplateNotFoundError
 from cube_core.events import EventBus
 from cube_core.models import Template, TemplateStatus, utcnow
-from cube_core.nodes import NodeDirectory
+from cube_core.nodes import LIVE_STATES, NodeDirectory
+from cube_core.pool import POOL_TEAM
 from cube_core.store import StateStore
 
 log = structlog.get_logger(__name__)
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 HASH_RE = re.compile(r"[0-9a-f]{64}")
+TEAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 IMAGE_TEMPLATES = {"e2bdev/base": "base", "e2bdev/base:latest": "base",
                    "e2bdev/code-interpreter": "code-interpreter-v1",
                    "e2bdev/code-interpreter:latest": "code-interpreter-v1"}
@@ -57,10 +59,58 @@ class BuildRequestError(TemplateError):
     msg_fmt = "{reason}"
 
 
+class TemplateInUseError(TemplateError):
+    """Sandboxes, snapshots or a build still use the template (HTTP 409)."""
+
+    msg_fmt = "template {template!r} is in use: {detail}"
+
+
+class TemplateProtectedError(TemplateError):
+    """A built-in template: made by ``cube serve`` from plugins.toml, not deleted through the API (HTTP 403)."""
+
+    msg_fmt = "template {template!r} is built in; remove it from plugins.toml (or with the cube CLI) instead"
+
+
+class TagNotServedError(TemplateError):
+    """``name:tag`` names an older build than the one the template serves (HTTP 400)."""
+
+    msg_fmt = ("{ref!r} names build {build_id}, but the template serves its newest build ({current}) only: "
+               "build it again, or assign the tag to the newest build")
+
+
 class UploadRefusedError(TemplateError):
     """A file upload with a bad or missing signature, or too large (HTTP 403)."""
 
     msg_fmt = "upload refused: {reason}"
+
+
+def build_file_path(state_dir: Path, team_id: str, files_hash: str) -> Path:
+    """Where the tar archive the team uploaded for a COPY of ``files_hash`` is kept (on the master
+    that took the upload, and on a node that was sent it for a build)."""
+    if not HASH_RE.fullmatch(files_hash):
+        raise BuildRequestError(reason=f"invalid files hash {files_hash[:80]!r}: 64 lower-case hex digits")
+    if not TEAM_RE.fullmatch(team_id):
+        raise BuildRequestError(reason=f"invalid team id {team_id[:80]!r}")
+    return state_dir / "build-files" / team_id / f"{files_hash}.tar"
+
+
+async def save_upload(path: Path, chunks: AsyncIterator[bytes]) -> int:
+    """Write an upload to ``path`` (atomically, at most :data:`UPLOAD_MAX_BYTES`); its size."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    size = 0
+    try:
+        with open(tmp, "wb") as fh:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > UPLOAD_MAX_BYTES:
+                    raise UploadRefusedError(reason=f"more than {UPLOAD_MAX_BYTES} bytes")
+                fh.write(chunk)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return size
 
 
 def visible(template: Template, team_id: str) -> bool:
@@ -74,7 +124,7 @@ class TemplateBuilds:
         self.store = store
         self.nodes = nodes
         self.events = events
-        self.files = settings.state_dir / "build-files"
+        self.state_dir = settings.state_dir
         self._key = secrets.token_bytes(32)
         """Signs upload URLs; per process (an upload goes to the master that gave the link)."""
         self.tags = TemplateTags(self)
@@ -120,9 +170,7 @@ class TemplateBuilds:
     # -- files -----------------------------------------------------------------------------------
 
     def file_path(self, team_id: str, files_hash: str) -> Path:
-        if not HASH_RE.fullmatch(files_hash):
-            raise BuildRequestError(reason=f"invalid files hash {files_hash[:80]!r}: 64 lower-case hex digits")
-        return self.files / team_id / f"{files_hash}.tar"
+        return build_file_path(self.state_dir, team_id, files_hash)
 
     def file_link(self, team_id: str, template_id: str, files_hash: str) -> tuple[bool, str]:
         """Whether the team uploaded these files before, and the signature of an upload URL."""
@@ -141,26 +189,14 @@ class TemplateBuilds:
         template = self.store.get_template(template_id)
         if template is None or template.team_id is None:
             raise UploadRefusedError(reason="no such template")
-        path = self.file_path(template.team_id, files_hash)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        size = 0
-        try:
-            with open(tmp, "wb") as fh:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > UPLOAD_MAX_BYTES:
-                        raise UploadRefusedError(reason=f"more than {UPLOAD_MAX_BYTES} bytes")
-                    fh.write(chunk)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return size
+        return await save_upload(self.file_path(template.team_id, files_hash), chunks)
 
     # -- POST /v2/templates/{id}/builds/{buildID} ------------------------------------------------
 
-    async def start(self, team_id: str, template_id: str, build_id: str, plan: BuildPlan) -> TemplateBuild:
+    async def start(self, team_id: str, template_id: str, build_id: str, plan: BuildPlan, *,
+                    registry: RegistryAuth | None = None) -> TemplateBuild:
+        """Send the build to a node; ``registry``: credentials for ``plan.from_image`` (passed to the
+        node with the job, never recorded)."""
         build = self.get(team_id, template_id, build_id)
         if build.status != BuildStatus.WAITING:
             raise InvalidStateError(f"build {build_id} is {build.status.value}, it was started before")
@@ -181,7 +217,8 @@ class TemplateBuilds:
                                     "on any node that takes sandboxes")
             node = min(nodes, key=lambda n: (n.sandboxes, n.node_id))
             client = self.nodes.client(node.node_id)
-            await client.build_template(BuildJob(build=build, plan=plan, parent=parent, files=files))
+            await client.build_template(BuildJob(build=build, plan=plan, parent=parent, files=files,
+                                                 registry=registry if parent is None else None))
         except TemplateError as exc:
             build = build.with_log(BuildLogLine(level="error", message=exc.message, step="base"))
             build = build.model_copy(update={"status": BuildStatus.ERROR, "reason": exc.message,
@@ -192,6 +229,44 @@ class TemplateBuilds:
                 self.events.emit("template.build_finished", team_id=team_id, status=build.status.value,
                                  template_id=template_id, build_id=build_id, name=build.name, reason=build.reason)
         return build
+
+    # -- DELETE /templates/{id} ------------------------------------------------------------------
+
+    async def delete(self, template_ref: str, *, team_id: str | None) -> Template:
+        """Delete a built template (by id or name): refused while live sandboxes (paused ones
+        too), snapshots or a build use it; then its record, aliases and builds go, and every node
+        that serves it drops its warm members and frees its snapshot and the build layers only it
+        used. ``team_id`` None: the operator (any team's template)."""
+        template = self.store.get_template(template_ref.partition(":")[0])
+        if template is None or (team_id is not None and not visible(template, team_id)):
+            raise TemplateNotFoundError(template=template_ref)
+        if template.team_id is None:
+            raise TemplateProtectedError(template=template_ref)
+        tid = template.template_id
+        names = {tid, *template.aliases}
+        snapshot_id = template.snapshot.snapshot_id if template.snapshot else None
+        users = [s.sandbox_id for s in self.store.list_sandboxes(states=LIVE_STATES)
+                 if s.template_id == tid and s.team_id != POOL_TEAM]
+        snaps = [s.snapshot_id for s in self.store.list_snapshots()
+                 if s.template_id == tid or (snapshot_id and snapshot_id in (s.base_state_id, s.parent_id))]
+        building = [b.build_id for b in self.store.list_builds(tid) if b.status == BuildStatus.BUILDING]
+        building += [b.build_id for t in self.store.list_templates() if t.template_id != tid
+                     for b in self.store.list_builds(t.template_id)
+                     if b.status == BuildStatus.BUILDING and b.plan is not None and b.plan.from_template in names]
+        for what, found in (("sandboxes", users), ("snapshots", snaps), ("builds", building)):
+            if found:
+                raise TemplateInUseError(template=template_ref, detail=f"{what} {', '.join(found[:10])}"
+                                         + (f" and {len(found) - 10} more" if len(found) > 10 else ""))
+        self.store.delete_template(tid)
+        for node in self.nodes.records():
+            try:
+                deleted = await self.nodes.client(node.node_id).remove_template(template)
+            except NodeUnavailableError as exc:  # it frees the files when it starts again (storage gc)
+                log.info("template files left on a node that is away", template_id=tid, node_id=node.node_id,
+                         error=exc.message)
+                continue
+            log.info("template deleted on node", template_id=tid, node_id=node.node_id, deleted=deleted)
+        return template
 
     def _failed(self, build: TemplateBuild) -> None:
         template = self.store.get_template(build.template_id)
@@ -228,6 +303,22 @@ class TemplateTags:
         if template.team_id != team_id:
             raise TemplateNotFoundError(template=name)
         return template, [b for b in self.store.list_builds(template.template_id) if b.status == BuildStatus.READY]
+
+    def resolve(self, ref: str) -> Template | None:
+        """The template ``name:tag`` names, when the tag names the build it serves (a template
+        serves its newest build); None if there is no such template or tag. A tag on an older
+        build: :class:`TagNotServedError`. Any team's (the caller checks visibility)."""
+        name, _, tag = ref.partition(":")
+        template = self.store.get_template(name)
+        if template is None:
+            return None
+        builds = [b for b in self.store.list_builds(template.template_id) if b.status == BuildStatus.READY]
+        holder = next((b for b in builds if tag in b.tags), None)
+        if holder is None:
+            return template if tag == "default" and not builds else None
+        if holder.build_id != template.build_id:
+            raise TagNotServedError(ref=ref, build_id=holder.build_id, current=template.build_id or "-")
+        return template
 
     def list(self, team_id: str, name: str) -> list[tuple[str, TemplateBuild]]:
         """Every tag of the template and the build it names, by tag."""

@@ -34,10 +34,13 @@ Errors are compared by class and fields, so a transport must rebuild them exactl
 from __future__ import annotations
 
 import asyncio
+import io
+import tarfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -149,13 +152,24 @@ class NodeClientContract:
 
     # -- template builds ----------------------------------------------------------------------------
 
-    async def test_a_template_build_runs_in_the_background_and_then_serves(self, plane: ControlPlane) -> None:
+    async def test_a_template_build_runs_in_the_background_and_then_serves(self, plane: ControlPlane,
+                                                                          tmp_path: Path) -> None:
         build = TemplateBuild(build_id=str(uuid.uuid4()), template_id="tb" + ids.sandbox_id()[:12],
                               team_id="team-a", name="contract-build", memory_mb=plane.template.memory_mb)
         plane.store.put_build(build)
+        upload = tmp_path / "upload" / "files.tar"  # where the control plane keeps the SDK's upload
+        upload.parent.mkdir()
+        with tarfile.open(upload, "w") as tar:
+            data = b"copied-here\n"
+            info = tarfile.TarInfo("hello.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        files_hash = "c" * 64
         plan = BuildPlan(from_template=plane.template.template_id,
-                         steps=(BuildStep(type="RUN", args=("echo built-here",)),))
-        await plane.client.build_template(BuildJob(build=build, plan=plan, parent=plane.template))
+                         steps=(BuildStep(type="RUN", args=("echo built-here",)),
+                                BuildStep(type="COPY", args=("hello.txt", "/home/user/"), files_hash=files_hash)))
+        await plane.client.build_template(BuildJob(build=build, plan=plan, parent=plane.template,
+                                                   files={files_hash: upload}))
         deadline = time.monotonic() + 600
         record = plane.store.get_build(build.build_id)
         while record is not None and record.status not in (BuildStatus.READY, BuildStatus.ERROR):
@@ -163,11 +177,19 @@ class NodeClientContract:
             await asyncio.sleep(0.1)
             record = plane.store.get_build(build.build_id)
         assert record is not None and record.status == BuildStatus.READY, record
-        assert record.node_id == plane.client.node_id and record.steps_run == 1
+        assert record.node_id == plane.client.node_id and record.steps_run == 2
         assert any("RUN echo built-here" in line.message for line in record.logs)
+        assert any("COPY hello.txt /home/user/" in line.message for line in record.logs)
         template = plane.store.get_template(build.template_id)
         assert template is not None and template.team_id == "team-a" and template.snapshot is not None
         assert build.template_id in (await plane.client.status()).templates
+
+        # deleted: the control plane drops the record, then the node stops serving it and frees its files
+        plane.store.delete_template(template.template_id)
+        deleted = await plane.client.remove_template(template)
+        assert template.snapshot.snapshot_id in deleted
+        assert any(d.startswith("blayer-") for d in deleted), deleted
+        assert build.template_id not in (await plane.client.status()).templates
 
     # -- launch, exec, destroy -----------------------------------------------------------------------
 

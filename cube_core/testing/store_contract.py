@@ -317,6 +317,9 @@ class StoreContract:
         assert found is not None and found.status == BuildStatus.READY
         assert [b.build_id for b in store.list_builds("tpl-code")] == ["b-new", "b-old"]
         assert [b.build_id for b in store.list_builds("tpl-other")] == ["b-other"]
+        store.delete_template("tpl-code")  # its builds go with it, the others' stay
+        assert store.list_builds("tpl-code") == [] and store.get_build("b-old") is None
+        assert [b.build_id for b in store.list_builds("tpl-other")] == ["b-other"]
 
     # -- snapshots ------------------------------------------------------------------------------
 

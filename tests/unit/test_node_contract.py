@@ -20,6 +20,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cube_core import errors
 from cube_core._host import PluginHost
+from cube_core.builds import engine_of
+from cube_core.buildspec import BuildJob, BuildPlan, TemplateBuild
 from cube_core.config import LoadedConfig
 from cube_core.errors import (
     CubeError,
@@ -146,6 +148,30 @@ class TestHttpNodeClient(NodeClientContract):
     @pytest.fixture
     def node_client(self, http_client: HttpNodeClient) -> NodeClient:
         return http_client
+
+
+async def test_a_build_over_http_sends_the_uploaded_files_to_the_node(
+        http_client: HttpNodeClient, agent: NodeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control plane's uploads are on its own host: the node gets a copy in its state dir
+    (once), and the job it runs names that copy."""
+    started: list[BuildJob] = []
+    monkeypatch.setattr(engine_of(agent), "start", started.append)
+    upload = tmp_path / "elsewhere" / "files.tar"
+    upload.parent.mkdir()
+    upload.write_bytes(b"the SDK's tar archive" * 100_000)
+    build = TemplateBuild(build_id="b1", template_id="t1", team_id="team-a", name="t1")
+    job = BuildJob(build=build, plan=BuildPlan(from_template="base"), files={"d" * 64: upload})
+    await http_client.build_template(job)
+    copy = agent.settings.state_dir / "build-files" / "team-a" / f"{'d' * 64}.tar"
+    assert started[0].files == {"d" * 64: copy}
+    assert copy.read_bytes() == upload.read_bytes()
+    # present on the node: not sent again
+    mtime = copy.stat().st_mtime_ns
+    await http_client.build_template(job)
+    assert started[1].files == {"d" * 64: copy} and copy.stat().st_mtime_ns == mtime
+    with pytest.raises(errors.CubeError, match="Not Found|invalid team id"):  # never a path outside
+        await http_client.build_template(job.model_copy(update={"build": build.model_copy(
+            update={"team_id": "..%2Fx"})}))
 
 
 @contextlib.asynccontextmanager

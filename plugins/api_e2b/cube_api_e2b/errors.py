@@ -46,7 +46,14 @@ from cube_core import (
 )
 from cube_core.credentials import CredentialNotFoundError, SecretExistsError, SecretsDisabledError
 from cube_core.teamsecrets import SecretRequestError
-from cube_core.templatebuilds import BuildRequestError, TemplateNameTakenError, UploadRefusedError
+from cube_core.templatebuilds import (
+    BuildRequestError,
+    TagNotServedError,
+    TemplateInUseError,
+    TemplateNameTakenError,
+    TemplateProtectedError,
+    UploadRefusedError,
+)
 from cube_core.webhooks import WebhookLimitError, WebhookNotFoundError, WebhookRequestError, WebhooksDisabledError
 
 
@@ -90,6 +97,9 @@ ERROR_TABLE: dict[type[CubeError], HttpError] = {
     TemplateNotFoundError: HttpError(404),
     BuildRequestError: HttpError(400),
     TemplateNameTakenError: HttpError(409),
+    TemplateInUseError: HttpError(409),
+    TemplateProtectedError: HttpError(403),
+    TagNotServedError: HttpError(400),
     UploadRefusedError: HttpError(403),
     SnapshotNotFoundError: HttpError(404),
     SnapshotInUseError: HttpError(409),

@@ -177,6 +177,20 @@ async def test_tags_with_the_sdk(cube, build_env, tmp_path):
     with pytest.raises(Exception, match="not found"):
         await AsyncTemplate.assign_tags(f"{alias}:nope", ["x"])
 
+    # name:tag in create and exists: a tag on the build the template serves (its newest) resolves
+    url, key = build_env
+    third = await AsyncTemplate.build(AsyncTemplate().from_template("base").run_cmd("echo 3"), f"{alias}:v3")
+    assert third.tags == ["v3"]
+    assert await AsyncTemplate.exists(f"{alias}:v3") and not await AsyncTemplate.exists(f"{alias}:nope")
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}) as client:
+        made = await client.post("/sandboxes", json={"templateID": f"{alias}:v3", "timeout": 60})
+        assert made.status_code == 201, made.text
+        assert made.json()["templateID"] == third.template_id
+        older = await client.post("/sandboxes", json={"templateID": f"{alias}:v1", "timeout": 60})
+        assert older.status_code == 400 and "serves its newest build" in older.json()["message"], older.text
+        unknown = await client.post("/sandboxes", json={"templateID": f"{alias}:nope", "timeout": 60})
+        assert unknown.status_code == 404, unknown.text
+
 
 async def test_from_image_of_a_local_oci_layout_and_of_a_registry(cube, build_env, tmp_path):
     layouts = cube.service.settings.state_dir / "oci"
@@ -193,3 +207,125 @@ async def test_from_image_of_a_local_oci_layout_and_of_a_registry(cube, build_en
     # a registry the host cannot reach (or no skopeo on it): the build fails at its base step
     with pytest.raises(BuildException, match="skopeo|pulling"):
         await AsyncTemplate.build(AsyncTemplate().from_image("registry.invalid/x:1").run_cmd("true"), name())
+
+
+async def test_delete_a_built_template(cube, build_env, tmp_path):
+    url, key = build_env
+    alias = name()
+    info = await AsyncTemplate.build(template(tmp_path), alias)
+    tpl = cube.service.store.get_template(alias)
+    engine_index = cube.agent.storage.root / "build-layers.json"
+    assert info.template_id in engine_index.read_text()
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}) as client:
+        made = await client.post("/sandboxes", json={"templateID": alias, "timeout": 60})
+        assert made.status_code == 201, made.text
+        sandbox_id = made.json()["sandboxID"]
+        # in use by a sandbox (a paused one counts too): refused, nothing changes
+        busy = await client.delete(f"/templates/{alias}")
+        assert busy.status_code == 409 and sandbox_id in busy.json()["message"], busy.text
+        assert cube.service.store.get_template(alias) is not None
+        # another team: not found; a built-in template: refused
+        other = cube.key("team-b")
+        assert (await client.delete(f"/templates/{alias}", headers={"X-API-Key": other})).status_code == 404
+        builtin = await client.delete("/templates/base")
+        assert builtin.status_code == 403 and "built in" in builtin.json()["message"], builtin.text
+        assert (await client.delete(f"/sandboxes/{sandbox_id}")).status_code == 204
+        gone = await client.delete(f"/templates/{info.template_id}")
+        assert gone.status_code == 204, gone.text
+        assert (await client.delete(f"/templates/{alias}")).status_code == 404
+        assert (await client.post("/sandboxes", json={"templateID": alias, "timeout": 60})).status_code == 404
+    assert not await AsyncTemplate.exists(alias)
+    assert cube.service.store.list_builds(info.template_id) == []
+    assert info.template_id not in cube.agent.report().templates
+    assert info.template_id not in cube.agent.pool.sizes()
+    assert info.template_id not in engine_index.read_text()  # its layers are freed
+    assert not (cube.agent.storage.root / "snapshots" / tpl.snapshot.snapshot_id).exists()
+    # the name is free again
+    again = await AsyncTemplate.build(AsyncTemplate().from_template("base").run_cmd("echo again"), alias)
+    assert again.template_id != info.template_id
+
+
+FAKE_SKOPEO = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+auth = args[args.index("--src-authfile") + 1] if "--src-authfile" in args else None
+with open({out!r}, "w") as fh:
+    json.dump({{"args": args, "auth": json.load(open(auth)) if auth else None,
+               "mode": oct(os.stat(auth).st_mode & 0o777) if auth else None}}, fh)
+os.makedirs(args[-1].split(":")[1])
+"""
+
+
+async def test_from_image_with_registry_credentials(cube, build_env, tmp_path, monkeypatch):
+    """``from_image(..., username=, password=)``: the node's skopeo gets them in an auth file of
+    its own (0600, deleted after), never on its command line; the build record never holds them."""
+    import base64
+    import json
+    import sys
+
+    out = tmp_path / "skopeo.json"
+    fake = tmp_path / "bin" / "skopeo"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_SKOPEO.format(python=sys.executable, out=str(out)))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+    ref = "registry.example.com:5000/team/app:1"
+    info = await AsyncTemplate.build(
+        AsyncTemplate().from_image(ref, username="alice", password="s3cret-pw").run_cmd("true"), name())
+    seen = json.loads(out.read_text())
+    assert "s3cret-pw" not in " ".join(seen["args"]) and "--src-creds" not in seen["args"]
+    assert seen["mode"] == "0o600"
+    token = seen["auth"]["auths"]["registry.example.com:5000"]["auth"]
+    assert base64.b64decode(token).decode() == "alice:s3cret-pw"
+    assert not __import__("os").path.exists(seen["args"][seen["args"].index("--src-authfile") + 1])
+    record = cube.service.store.get_build(info.build_id)
+    assert "s3cret-pw" not in record.model_dump_json()
+    assert any("credentials of 'alice'" in line.message for line in record.logs)
+    # GCP: Google's basic-auth form; AWS: refused with what to do instead
+    await AsyncTemplate.build(AsyncTemplate().from_gcp_registry(
+        "gcr.io/p/app:1", service_account_json={"type": "service_account"}).run_cmd("true"), name())
+    auth = json.loads(out.read_text())["auth"]["auths"]["gcr.io"]["auth"]
+    assert base64.b64decode(auth).decode().startswith("_json_key:{")
+    with pytest.raises(BuildException, match="get-login-password"):
+        await AsyncTemplate.build(AsyncTemplate().from_aws_registry(
+            "1.dkr.ecr.us-west-2.amazonaws.com/app:1", access_key_id="AKIA", secret_access_key="x",
+            region="us-west-2").run_cmd("true"), name())
+
+
+DOCKERFILE = """FROM e2bdev/base:latest
+ARG FLAVOUR=plain
+ENV APP_HOME=/opt/app LEVEL=3
+RUN mkdir -p $APP_HOME && echo $FLAVOUR > $APP_HOME/flavour
+WORKDIR /opt/app
+COPY app.txt ./
+COPY --chown=user:user --chmod=0640 dir/ /opt/app/dir/
+ADD app.txt /opt/app/added.txt
+USER user
+EXPOSE 8000
+CMD ["python3", "-m", "http.server", "8000"]
+"""
+
+
+async def test_from_dockerfile(cube, build_env, tmp_path):
+    """Every step kind the SDK's Dockerfile parser emits runs: FROM e2bdev/base is ``base``,
+    ARG/ENV -> ENV, RUN, WORKDIR, COPY/ADD (with --chown/--chmod), USER, CMD -> start command."""
+    logs: list[str] = []
+    tpl = AsyncTemplate(file_context_path=str(tmp_path)).from_dockerfile(DOCKERFILE)
+    info = await AsyncTemplate.build(tpl, name(), on_build_logs=lambda e: logs.append(e.message))
+    record = cube.service.store.get_build(info.build_id)
+    assert record.status.value == "ready", logs
+    plan = record.plan
+    assert plan.from_image == "e2bdev/base:latest" and plan.start_cmd == "python3 -m http.server 8000"
+    kinds = [s.type for s in plan.steps]
+    assert set(kinds) == {"ENV", "RUN", "WORKDIR", "COPY", "USER"}, kinds
+    copies = [s.args for s in plan.steps if s.type == "COPY"]
+    assert ("dir/", "/opt/app/dir/", "user:user", "0640") in [tuple(a[:4]) for a in copies], copies
+    assert any("[builder" in m and "RUN mkdir -p $APP_HOME" in m for m in logs), logs
+
+    # a step kind Cube does not run: 400 naming it
+    url, key = build_env
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}) as client:
+        created = (await client.post("/v3/templates", json={"name": name()})).json()
+        resp = await client.post(f"/v2/templates/{created['templateID']}/builds/{created['buildID']}",
+                                 json={"fromTemplate": "base", "steps": [{"type": "HEALTHCHECK", "args": []}]})
+        assert resp.status_code == 400 and "'HEALTHCHECK' is not supported" in resp.json()["message"], resp.text

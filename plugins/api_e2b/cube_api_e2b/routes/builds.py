@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from cube_core import CubeError
-from cube_core.buildspec import BuildLogLine, BuildPlan, BuildStep, TemplateBuild
+from cube_core.buildspec import STEP_TYPES, BuildLogLine, BuildPlan, BuildStep, RegistryAuth, TemplateBuild
 from fastapi import APIRouter, Body, Query, Request, Response, Security
 from pydantic import Field
 
@@ -55,7 +55,7 @@ class FileUploadOut(Out):
 
 
 class StepIn(In):
-    type: Literal["RUN", "COPY", "ENV", "WORKDIR", "USER"]
+    type: str = Field(max_length=100)
     args: list[str] = Field(default_factory=list, max_length=10_000)
     files_hash: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     force: bool = False
@@ -64,7 +64,7 @@ class StepIn(In):
 class BuildStartV2(In):
     from_image: str | None = None
     from_template: str | None = None
-    from_image_registry: dict[str, str] | None = None
+    from_image_registry: dict[str, object] | None = None
     force: bool = False
     steps: list[StepIn] = Field(default_factory=list)
     start_cmd: str | None = None
@@ -151,13 +151,43 @@ async def upload_files(template_id: str, files_hash: str, request: Request, ctx:
              responses=errors(404, 409, 500), summary="Start a requested build")
 async def start_build(template_id: str, build_id: str, body: Annotated[BuildStartV2, Body()], team: CurrentTeam,
                       service: Service) -> Response:
-    if body.from_image_registry:
-        raise InvalidRequestError("fromImageRegistry: private registries are not supported yet")
+    for i, step in enumerate(body.steps):
+        if step.type not in STEP_TYPES:
+            raise InvalidRequestError(field=f"steps[{i}].type", reason=f"instruction {step.type[:100]!r} is not "
+                                      f"supported (Cube runs {', '.join(STEP_TYPES)})")
     plan = BuildPlan(from_image=body.from_image, from_template=body.from_template, force=body.force,
                      start_cmd=body.start_cmd, ready_cmd=body.ready_cmd,
                      steps=tuple(BuildStep.model_validate(s.model_dump()) for s in body.steps))
-    await service.template_builds.start(team.team_id, template_id, build_id, plan)
+    registry = registry_auth(body.from_image_registry, body.from_image) if body.from_image_registry else None
+    await service.template_builds.start(team.team_id, template_id, build_id, plan, registry=registry)
     return Response(status_code=202)
+
+
+def registry_auth(config: dict[str, object], image: str | None) -> RegistryAuth:
+    """The SDK's ``fromImageRegistry`` as credentials for the node's pull: ``registry``
+    (``from_image(..., username=, password=)``) as given; ``gcp`` as Google's basic-auth form
+    (user ``_json_key``, the service account JSON as password); ``aws`` is refused (ECR wants a
+    token from AWS's API, which a node here cannot reach: pass ``aws ecr get-login-password``'s
+    token as ``password`` with ``username="AWS"`` instead)."""
+    kind = config.get("type")
+    if not image:
+        raise InvalidRequestError(field="fromImageRegistry", reason="registry credentials need fromImage")
+    if kind == "registry":
+        username, password = config.get("username"), config.get("password")
+    elif kind == "gcp":
+        username, password = "_json_key", config.get("serviceAccountJson")
+    elif kind == "aws":
+        raise InvalidRequestError(field="fromImageRegistry", reason=(
+            "type 'aws' is not supported: ECR needs a token from AWS's API; use from_image(image, "
+            "username='AWS', password=<aws ecr get-login-password>) instead"))
+    else:
+        raise InvalidRequestError(field="fromImageRegistry.type", reason=f"unknown registry type {str(kind)[:40]!r}")
+    if not isinstance(username, str) or not username or not isinstance(password, str) or not password:
+        raise InvalidRequestError(field="fromImageRegistry", reason=f"type {kind!r} needs a username and a password")
+    try:
+        return RegistryAuth(username=username, password=password)
+    except ValueError:
+        raise InvalidRequestError(field="fromImageRegistry", reason="username or password too long") from None
 
 
 @router.get("/templates/{template_id}/builds/{build_id}/status", response_model=BuildInfoOut,

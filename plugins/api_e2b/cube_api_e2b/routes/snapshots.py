@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from cube_core import SnapshotNotFoundError
 from fastapi import APIRouter, Body, Query, Response, Security
 
 from cube_api_e2b.errors import InvalidRequestError
@@ -63,7 +64,10 @@ async def list_snapshots(team: CurrentTeam, service: Service, response: Response
 
 
 @router.delete("/templates/{template_id}", status_code=204, response_class=Response,
-               responses=errors(404, 409, 500), tags=["templates"],
-               summary="Delete a snapshot (templates are managed by cube)")
+               responses=errors(403, 404, 409, 500), tags=["templates"],
+               summary="Delete a snapshot, or a template the team built (not while sandboxes or snapshots use it)")
 async def delete_template(template_id: str, team: CurrentTeam, service: Service) -> None:
-    await service.delete_snapshot(team.team_id, template_id)
+    try:
+        await service.delete_snapshot(team.team_id, template_id)
+    except SnapshotNotFoundError:
+        await service.template_builds.delete(template_id, team_id=team.team_id)
