@@ -136,17 +136,21 @@ class LayerIndex:
         value = self._read().get(key, {}).get("path")
         return Path(value) if value and Path(value).is_file() else None
 
-    def put(self, key: str, layer: Path, template_id: str) -> None:
+    def put(self, key: str, layer: Path, template_id: str, depth: int) -> None:
+        """``depth``: the step's place in its chain (a layer backs only deeper ones)."""
         data = self._read()
         old = data.get(key, {})
         # a cache hit (same layer) keeps the template that froze it
-        data[key] = old if old.get("path") == str(layer) else {"path": str(layer), "template": template_id}
+        data[key] = old if old.get("path") == str(layer) else {"path": str(layer), "template": template_id,
+                                                                "depth": str(depth)}
         self._write(data)
 
     def pop_template(self, template_id: str) -> list[Path]:
-        """Forget the layers ``template_id``'s builds froze; their files."""
+        """Forget the layers ``template_id``'s builds froze; their files, deepest first (so that
+        each one is deleted after the layers built over it)."""
         data = self._read()
-        gone = [k for k, v in data.items() if v.get("template") == template_id]
+        gone = sorted((k for k, v in data.items() if v.get("template") == template_id),
+                      key=lambda k: -int(data[k].get("depth", "0")))
         paths = [Path(data.pop(k)["path"]) for k in gone]
         if gone:
             self._write(data)
@@ -343,7 +347,7 @@ class Build:
                         disk, f"blayer-{keys[i][:24]}-{ids.short_id('')[:8]}")
                     last_layer = frozen.path
                 ran += 1
-                self.engine.index.put(keys[i], last_layer, self.record.template_id)
+                self.engine.index.put(keys[i], last_layer, self.record.template_id, i)
             self.put(steps_run=ran, steps_cached=start)
             await self._finalize(context)
             template_id = self.record.template_id

@@ -149,20 +149,28 @@ def test_build_from_a_local_oci_layout(e2b_env: CubeServer, debian_layout: Path)
     check_built_from_image(name)
 
 
+REGISTRY_USER, REGISTRY_PASSWORD = "alice", "s3cret-" + uuid.uuid4().hex[:8]
+
+
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[str]:
-    """Debian's docker-registry on loopback (no auth, no TLS), stopped after the test."""
+    """Debian's docker-registry on loopback (no TLS) with htpasswd (bcrypt) auth, stopped after the test."""
+    import crypt  # deprecated (removed in 3.13); the stdlib's bcrypt here, no extra package  # noqa: PLC0415
+
     port = free_port()
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"{REGISTRY_USER}:{crypt.crypt(REGISTRY_PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH))}\n")
     config = tmp_path / "registry.yml"
     config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'data'}\n"
-                      f"http:\n  addr: 127.0.0.1:{port}\n")
+                      f"http:\n  addr: 127.0.0.1:{port}\n"
+                      f"auth:\n  htpasswd:\n    realm: cube-e2e\n    path: {htpasswd}\n")
     proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code == 401:  # up, wants auth
                     break
             except httpx.HTTPError:
                 pass
@@ -174,13 +182,21 @@ def registry(tmp_path: Path) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-def test_build_from_a_registry_image(e2b_env: CubeServer, debian_layout: Path, registry: str) -> None:
+def test_build_from_a_private_registry_image(e2b_env: CubeServer, debian_layout: Path, registry: str) -> None:
+    """``from_image(ref, username=, password=)`` against a registry with basic auth: without the
+    credentials the pull is refused, with them it works; the password is in no record or log."""
     ref = f"{registry}/cube-test/debian:1"
-    subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{debian_layout}", f"docker://{ref}"],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"--dest-creds={REGISTRY_USER}:{REGISTRY_PASSWORD}",
+                    f"oci:{debian_layout}", f"docker://{ref}"], check=True, capture_output=True, timeout=600)
+    with pytest.raises(BuildException, match="(?i)unauthorized|authentication required"):
+        Template.build(Template().from_image(ref).run_cmd("true"), f"e2e-noauth-{uuid.uuid4().hex[:8]}")
     logs: list[str] = []
     name = f"e2e-reg-{uuid.uuid4().hex[:8]}"
-    Template.build(Template().from_image(ref).run_cmd("echo from-image > /home/user/img.txt"),
-                   name, on_build_logs=lambda e: logs.append(e.message))
-    assert f"Pulling {ref}" in logs, logs
+    Template.build(Template().from_image(ref, username=REGISTRY_USER, password=REGISTRY_PASSWORD)
+                   .run_cmd("echo from-image > /home/user/img.txt"), name,
+                   on_build_logs=lambda e: logs.append(e.message))
+    assert f"Pulling {ref}" in logs and f"Using the registry credentials of {REGISTRY_USER!r}" in logs, logs
     check_built_from_image(name)
+    assert REGISTRY_PASSWORD not in e2b_env.log.read_text()
+    for db in e2b_env.state_dir.glob("cube.db*"):  # the store and its WAL
+        assert REGISTRY_PASSWORD.encode() not in db.read_bytes(), db
