@@ -51,8 +51,9 @@ def test_dockerfile_build_then_delete(e2b_env: CubeServer, tmp_path: Path) -> No
 
         storage = e2b_env.state_dir / "storage"
         index = json.loads((storage / "build-layers.json").read_text())
-        layers = [Path(v["path"]) for v in index.values()
-                  if isinstance(v, dict) and v.get("template") == info.template_id]
+        layers = [Path(v["path"]) for v in index.values()  # frozen layers (a first USER step keys the image)
+                  if isinstance(v, dict) and v.get("template") == info.template_id
+                  and Path(v["path"]).parent.name.startswith("blayer-")]
         assert layers and all(p.is_file() for p in layers), index
         snapshots = sorted(p.name for p in (storage / "snapshots").glob(f"tmpl-{info.template_id}-*"))
         assert snapshots, "the template's snapshot is on the disk"
@@ -67,6 +68,7 @@ def test_dockerfile_build_then_delete(e2b_env: CubeServer, tmp_path: Path) -> No
     assert gone.status_code == 204, gone.text
     assert not Template.exists(name)
     assert all(not p.exists() for p in layers), [p for p in layers if p.exists()]
+    assert (storage / "images").is_dir() and any((storage / "images").glob("*.ext4"))  # images stay
     assert not list((storage / "snapshots").glob(f"tmpl-{info.template_id}-*"))
     assert info.template_id not in (storage / "build-layers.json").read_text()
     pooled = [s for s in Sandbox.list().next_items() if s.template_id == info.template_id]
