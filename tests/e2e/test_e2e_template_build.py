@@ -10,6 +10,7 @@ import json
 import subprocess
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,11 +156,14 @@ REGISTRY_USER, REGISTRY_PASSWORD = "alice", "s3cret-" + uuid.uuid4().hex[:8]
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[str]:
     """Debian's docker-registry on loopback (no TLS) with htpasswd (bcrypt) auth, stopped after the test."""
-    import crypt  # deprecated (removed in 3.13); the stdlib's bcrypt here, no extra package  # noqa: PLC0415
+    with warnings.catch_warnings():  # crypt is deprecated (gone in 3.13); it is the stdlib's bcrypt here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # noqa: PLC0415
 
+        hashed = crypt.crypt(REGISTRY_PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH))
     port = free_port()
     htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_text(f"{REGISTRY_USER}:{crypt.crypt(REGISTRY_PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH))}\n")
+    htpasswd.write_text(f"{REGISTRY_USER}:{hashed}\n")
     config = tmp_path / "registry.yml"
     config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'data'}\n"
                       f"http:\n  addr: 127.0.0.1:{port}\n"
