@@ -40,7 +40,7 @@ log = structlog.get_logger(__name__)
 EVENT_TYPES: Final = (
     "sandbox.created", "sandbox.paused", "sandbox.resumed", "sandbox.killed", "sandbox.expired",
     "sandbox.snapshot", "sandbox.policy_changed", "sandbox.timeout_changed",
-    "node.up", "node.down", "node.draining", "template.build_finished",
+    "node.up", "node.down", "node.draining", "template.build_finished", "template.deleted",
 )
 """Every type the core publishes."""
 LOST: Final = "stream.lost"

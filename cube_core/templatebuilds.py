@@ -266,6 +266,9 @@ class TemplateBuilds:
                          error=exc.message)
                 continue
             log.info("template deleted on node", template_id=tid, node_id=node.node_id, deleted=deleted)
+        if self.events is not None:
+            self.events.emit("template.deleted", team_id=template.team_id, template_id=tid,
+                             name=template.aliases[0] if template.aliases else tid)
         return template
 
     def _failed(self, build: TemplateBuild) -> None:

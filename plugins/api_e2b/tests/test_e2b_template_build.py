@@ -230,8 +230,12 @@ async def test_delete_a_built_template(cube, build_env, tmp_path):
         builtin = await client.delete("/templates/base")
         assert builtin.status_code == 403 and "built in" in builtin.json()["message"], builtin.text
         assert (await client.delete(f"/sandboxes/{sandbox_id}")).status_code == 204
+        events = cube.service.events.subscribe(tpl.team_id)
         gone = await client.delete(f"/templates/{info.template_id}")
         assert gone.status_code == 204, gone.text
+        event = await asyncio.wait_for(anext(events), 5)
+        assert (event.type, event.data) == ("template.deleted", {"template_id": info.template_id, "name": alias})
+        events.close()
         assert (await client.delete(f"/templates/{alias}")).status_code == 404
         assert (await client.post("/sandboxes", json={"templateID": alias, "timeout": 60})).status_code == 404
     assert not await AsyncTemplate.exists(alias)
