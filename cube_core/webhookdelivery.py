@@ -30,6 +30,7 @@ import contextlib
 import ipaddress
 import random
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -77,11 +78,13 @@ async def resolve(host: str, port: int) -> list[IpAddress]:
 
 
 class WebhookDelivery:
-    """See the module. ``clock`` (Unix seconds), ``jitter`` and ``resolver`` are for tests."""
+    """See the module. ``clock`` (Unix seconds), ``jitter``, ``resolver`` and ``verify`` (the TLS
+    trust; default: the system's CAs) are for tests."""
 
     def __init__(self, store: StateStore, webhooks: TeamWebhooks, settings: WebhookSettings, holder: str, *,
                  clock: Callable[[], float] = time.time, jitter: Callable[[], float] | None = None,
-                 resolver: Resolver = resolve, keep_s: float = 7 * 86400) -> None:
+                 resolver: Resolver = resolve, keep_s: float = 7 * 86400,
+                 verify: ssl.SSLContext | bool = True) -> None:
         self.store = store
         self.webhooks = webhooks
         self.settings = settings
@@ -90,6 +93,7 @@ class WebhookDelivery:
         self.jitter = jitter or (lambda: random.uniform(0.8, 1.2))
         self.resolver = resolver
         self.keep_s = keep_s
+        self.verify = verify
         self.lease_s = settings.timeout_s + 30.0
         self._allow = settings.networks("allow_networks")
         self._deny = settings.networks("deny_networks")
@@ -177,7 +181,7 @@ class WebhookDelivery:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False,
+            self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False, verify=self.verify,
                                              timeout=httpx.Timeout(self.settings.timeout_s),
                                              headers={"user-agent": USER_AGENT})
         return self._client

@@ -482,3 +482,38 @@ async def test_the_services_lifecycle_events_are_delivered(plugin_host: Any, cub
     finally:
         await pair.stop()
         pair.store.close()
+
+
+async def test_https_goes_to_the_checked_address_with_the_urls_tls_name(store: SqliteStore, secrets_key: CoreSettings,
+                                                                      tmp_path: Path) -> None:
+    """The request is pinned to the resolved, checked address, yet TLS still verifies the URL's host
+    name (SNI and certificate check use it): a certificate for another name fails."""
+    import ssl
+
+    from cube_api_e2b.tls import ensure_certificates
+
+    files = ensure_certificates(tmp_path / "tls", "hooks.test")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(files.cert, files.key)
+    receiver = Receiver()
+    receiver.server.socket = server_ctx.wrap_socket(receiver.server.socket, server_side=True)
+    port = receiver.server.server_address[1]
+
+    async def resolver(host: str, port: int) -> list[Any]:
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    trust = ssl.create_default_context(cafile=str(files.ca_cert))
+    try:
+        w = worker(store, secrets_key, Clock(), resolver=resolver, verify=trust)
+        good, _ = w.webhooks.create("team-a", f"https://api.hooks.test:{port}/hook")
+        bad, _ = w.webhooks.create("team-a", f"https://wrong.example.org:{port}/hook")
+        w.record(FakeEvent("evt-1", "sandbox.created"))
+        await w.run_once()
+        (headers, _), = receiver.requests
+        assert headers["host"] == f"api.hooks.test:{port}"
+        assert store.list_deliveries("team-a", good.webhook_id)[0].status == DeliveryStatus.DELIVERED
+        (refused,) = store.list_deliveries("team-a", bad.webhook_id)
+        assert "CERTIFICATE_VERIFY_FAILED" in (refused.attempts[0].error or ""), refused.attempts[0].error
+        await w.stop()
+    finally:
+        receiver.close()
