@@ -35,19 +35,25 @@ class Server(ThreadingHTTPServer):
 
 
 class Receiver:
-    """Records every POST (headers, raw body); answers the queued statuses first, then 204."""
+    """Records every POST (headers, raw body); answers 503 to the first attempt of each delivery
+    of an event type in ``fail_first`` (deliveries go out concurrently: the type picks which), else 204."""
 
-    def __init__(self, port: int | None = None, answers: list[int] | None = None) -> None:
+    def __init__(self, port: int | None = None, fail_first: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
         self.requests: list[tuple[dict[str, str], bytes, float]] = []
-        self.answers = list(answers or [])
+        self.failed: set[str] = set()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                outer.requests.append(({k.lower(): v for k, v in self.headers.items()}, body, time.time()))
-                self.send_response(outer.answers.pop(0) if outer.answers else 204)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                outer.requests.append((headers, body, time.time()))
+                status = 204
+                if json.loads(body)["type"] in fail_first and headers["webhook-id"] not in outer.failed:
+                    outer.failed.add(headers["webhook-id"])
+                    status = 503
+                self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -103,7 +109,7 @@ def receivers() -> Iterator[list[Receiver]]:
 
 
 def test_signed_lifecycle_events_and_a_retry(e2b_env: CubeServer, receivers: list[Receiver]) -> None:
-    receiver = Receiver(answers=[503])  # fails first: the created event is retried
+    receiver = Receiver(fail_first=("sandbox.created",))  # fails first: the created event is retried
     receivers.append(receiver)
     webhook_id, secret = register(e2b_env, receiver.url,
                                   ["sandbox.created", "sandbox.paused", "sandbox.resumed", "sandbox.killed"])
@@ -122,7 +128,10 @@ def test_signed_lifecycle_events_and_a_retry(e2b_env: CubeServer, receivers: lis
                     if event["data"].get("sandboxId") == sandbox_id]
 
         wanted = ["sandbox.created", "sandbox.paused", "sandbox.resumed", "sandbox.killed"]
-        wait_for("the four lifecycle events", lambda: all(t in types() for t in wanted))
+        wait_for("the four lifecycle events, created twice (503, then the retry)",
+                 lambda: all(t in types() for t in wanted) and types().count("sandbox.created") == 2)
+        wait_for("the delivery log to show them delivered", lambda: sum(
+            d["status"] == "delivered" for d in deliveries(e2b_env, webhook_id)) == len(wanted))
         got = receiver.verified(secret)  # every one signed: verify() raised otherwise
         first_created = [h for h, e in got if e["type"] == "sandbox.created" and e["data"]["sandboxId"] == sandbox_id]
         assert len(first_created) == 2, "the 503 was retried"
