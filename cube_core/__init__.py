@@ -40,6 +40,14 @@ from cube_core.errors import (
     TemplateNotFoundError,
     UnsupportedOperation,
     VmmError,
+    VolumeError,
+    VolumeFullError,
+    VolumeInUseError,
+    VolumeMountedError,
+    VolumeNameTakenError,
+    VolumeNotFoundError,
+    VolumePathError,
+    VolumePathNotFoundError,
 )
 from cube_core.models import (
     DiskHandle,
@@ -61,12 +69,23 @@ from cube_core.models import (
     VmHandle,
     VmSpec,
     VmState,
+    Volume,
+    VolumeMount,
 )
 from cube_core.network import NetworkDriver
 from cube_core.scheduler import Scheduler
 from cube_core.snapshotfiles import content_key
 from cube_core.state import SandboxState
-from cube_core.storage import Progress, RootfsImage, RootfsRecipe, StorageDriver
+from cube_core.storage import (
+    CAP_VOLUMES,
+    VOLUME_DEVICE_BYTES,
+    Progress,
+    RootfsImage,
+    RootfsRecipe,
+    StorageDriver,
+    VolumeEntry,
+    VolumeStore,
+)
 from cube_core.vmm import CAP_PAUSE, CAP_PRIORITY, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
 
 hookimpl = pluggy.HookimplMarker("cube")
@@ -77,7 +96,7 @@ from cube_core.models import Team  # noqa: E402
 from cube_core.service import SandboxService  # noqa: E402
 
 __all__ = [
-    "CAP_PAUSE", "CAP_PRIORITY", "CAP_REATTACH", "CAP_SNAPSHOT",
+    "CAP_PAUSE", "CAP_PRIORITY", "CAP_REATTACH", "CAP_SNAPSHOT", "CAP_VOLUMES", "VOLUME_DEVICE_BYTES",
     "AbnormalShutdownError", "AdmissionRejectedError", "AuthError", "CapacityError", "Check", "ConfigError",
     "CoreSettings", "CubeError", "DiskHandle", "EgressRule", "GuestProtocolError", "GuestTimeoutError",
     "InvalidStateError", "Isolation",
@@ -91,5 +110,7 @@ __all__ = [
     "SchedulingError", "SnapshotInUseError", "SnapshotNotFoundError", "SnapshotRef", "StopReason",
     "StateFile", "StorageDriver", "StorageError", "Team", "Template", "TemplateBuildError", "TemplateError",
     "TemplateNotFoundError", "TemplateStatus", "UnsupportedOperation", "VmHandle", "VmSpec",
-    "VmState", "VmmDriver", "VmmError", "content_key", "hookimpl",
+    "VmState", "VmmDriver", "VmmError", "Volume", "VolumeEntry", "VolumeError", "VolumeFullError",
+    "VolumeInUseError", "VolumeMountedError", "VolumeMount", "VolumeNameTakenError", "VolumeNotFoundError",
+    "VolumePathError", "VolumePathNotFoundError", "VolumeStore", "content_key", "hookimpl",
 ]

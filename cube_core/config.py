@@ -80,6 +80,9 @@ class CoreSettings(_Model):
     """Templates ``cube serve`` builds on first start."""
     default_timeout_s: int = Field(default=300, ge=1)
     max_sandboxes: int = Field(default=200, ge=1)
+    volume_size_mb: int = Field(default=1024, ge=1, le=256 << 10)
+    """The quota (filesystem size) of a new volume when ``POST /volumes`` names none (the SDK's
+    ``Volume.create`` cannot); at most 256 GiB."""
     max_parallel_starts: int = Field(default=4, ge=1)
     """Creates that miss the warm pool start their VM (restore or boot, then personalize) at most
     this many at a time; the others wait their turn in arrival order (first come, first served),

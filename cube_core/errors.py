@@ -14,6 +14,8 @@ are chosen only by the API plugin, from this tree::
     ├── VmmError ── AbnormalShutdownError, GuestTimeoutError, GuestProtocolError
     ├── NetworkError
     ├── StorageError ── SnapshotNotFoundError, SnapshotInUseError, CapacityError
+    │   └── VolumeError ── VolumeNotFoundError, VolumePathError (── VolumePathNotFoundError),
+    │                      VolumeNameTakenError, VolumeFullError, VolumeInUseError (── VolumeMountedError)
     ├── SchedulingError ── NoCapacityError
     ├── NodeError ── NodeUnavailableError
     └── UnsupportedOperation
@@ -150,6 +152,50 @@ class SnapshotInUseError(StorageError):
 
 class CapacityError(StorageError):
     msg_fmt = "not enough {resource}: {detail}"
+
+
+class VolumeError(StorageError):
+    """A volume (``/volumes``, the volume content API, ``volumeMounts``) operation failed."""
+
+
+class VolumeNotFoundError(VolumeError):
+    """No such volume in the caller's team (another team's volumes are not found either)."""
+
+    msg_fmt = "volume {volume!r} not found"
+
+
+class VolumeNameTakenError(VolumeError):
+    msg_fmt = "volume name {name!r} is taken in this team"
+
+
+class VolumePathError(VolumeError):
+    """A path of the volume content API is malformed or names the wrong kind of entry."""
+
+    msg_fmt = "{path!r}: {reason}"
+
+
+class VolumePathNotFoundError(VolumePathError):
+    msg_fmt = "path {path!r} not found in volume {volume_id}"
+
+
+class VolumeFullError(VolumeError):
+    """A write needs more than the volume's quota (its size) leaves free."""
+
+    msg_fmt = "volume {volume_id} is full (its quota is {size_mb} MiB)"
+
+
+class VolumeInUseError(VolumeError):
+    """The volume is mounted read-write by a live sandbox: a second mount, its deletion and the
+    content API wait until that sandbox is gone (``detail`` names it)."""
+
+    msg_fmt = "volume {volume!r} is in use: {detail}"
+
+
+class VolumeMountedError(VolumeInUseError):
+    """An operation on a sandbox that cannot include its mounted volumes (a snapshot, a pause to
+    disk, a fork): refused while the sandbox has volumes mounted."""
+
+    msg_fmt = "sandbox {sandbox_id} has volumes mounted ({volumes}): {operation} is not supported"
 
 
 class SchedulingError(CubeError):

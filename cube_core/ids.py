@@ -17,6 +17,11 @@ def short_id(prefix: str) -> str:
     return f"{prefix}{''.join(secrets.choice(_ALPHABET) for _ in range(12))}"
 
 
+def volume_id() -> str:
+    """``vol_`` and 20 characters of ``[a-z0-9]``."""
+    return "vol_" + "".join(secrets.choice(_ALPHABET) for _ in range(20))
+
+
 def api_key() -> str:
     """A new ``e2b_<40 hex>`` API key."""
     return "e2b_" + secrets.token_hex(20)

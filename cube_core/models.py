@@ -42,6 +42,30 @@ class NetworkPolicy(Frozen):
     allow_public_traffic: bool = True
 
 
+class VolumeMount(Frozen):
+    """A volume mounted into a sandbox at ``path`` (E2B ``volumeMounts``: the volume by name)."""
+
+    name: str
+    path: str
+    read_only: bool = False
+    volume_id: str | None = None
+    """Set by the control plane when it resolves ``name`` in the sandbox's team."""
+
+
+class Volume(Frozen):
+    """The record of one team volume (``/volumes``): a filesystem of ``size_mb`` (its quota) kept
+    by the storage plugin of node ``node_id``, mountable into that node's sandboxes."""
+
+    volume_id: str
+    team_id: str
+    name: str
+    size_mb: int = Field(ge=1)
+    token: str = Field(repr=False)
+    """Bearer token of the volume content API (``Volume.token`` in the SDK)."""
+    node_id: str
+    created_at: datetime = Field(default_factory=lambda: utcnow())
+
+
 class SandboxSpec(Frozen):
     """What a client asked for; inert, no live resources."""
 
@@ -62,6 +86,7 @@ class SandboxSpec(Frozen):
     scheduler see)."""
     from_snapshot: str | None = None
     """Set by the service when ``template_id`` names a snapshot of the caller's team."""
+    volume_mounts: tuple[VolumeMount, ...] = ()
 
 
 class Sandbox(Frozen):
@@ -92,6 +117,8 @@ class Sandbox(Frozen):
     isolation: Isolation = "none"
     boot_id: str | None = None
     error: str | None = None
+    volume_mounts: tuple[VolumeMount, ...] = ()
+    """Volumes mounted in the sandbox (resolved: each has its ``volume_id``)."""
     runtime: SandboxRuntime = Field(default_factory=lambda: SandboxRuntime())
     """Where the live sandbox is on its node (driver handles), kept so a restarted node agent can
     re-attach; empty once it has stopped."""
@@ -290,6 +317,9 @@ class VmSpec(Frozen):
     interpreter: bool = False
     cmdline_extra: tuple[str, ...] = ()
     """Extra kernel parameters. Never ``--``: QEMU appends its device list after them."""
+    volumes: tuple[DiskHandle, ...] = ()
+    """Volume images for the VM's volume slots, in slot order (raw, ``readonly`` for a read-only
+    mount); the slots left over get an empty placeholder. More than the VMM's slots is an error."""
 
 
 class DiskHandle(Frozen):
@@ -375,11 +405,16 @@ class VmState(Frozen):
     base_state_id: str | None = None
     """The state (snapshot id) whose files this one needs to be restored, e.g. the template of an
     incremental snapshot; keep that snapshot as long as this one exists. None: self-contained."""
+    volume_slots: int = 0
+    """How many volume slots (spare block devices) the saved VM has: a clone restored from it
+    can mount that many volumes (VMs cannot gain devices after a snapshot)."""
 
-    def clone_spec(self, vm_id: str, disk: DiskHandle, *, interpreter: bool) -> VmSpec:
+    def clone_spec(self, vm_id: str, disk: DiskHandle, *, interpreter: bool,
+                   volumes: tuple[DiskHandle, ...] = ()) -> VmSpec:
         """The spec of a VM restored from this state onto ``disk``."""
         return VmSpec(vm_id=vm_id, kernel=self.kernel, initrd=self.initrd, rootfs_disk=disk,
-                      memory_mb=self.memory_mb, cpu_count=self.cpu_count, interpreter=interpreter)
+                      memory_mb=self.memory_mb, cpu_count=self.cpu_count, interpreter=interpreter,
+                      volumes=volumes)
 
 
 VmSpec.model_rebuild()

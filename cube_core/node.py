@@ -47,6 +47,7 @@ from cube_core.guest import guest_call
 from cube_core.log import bind_ids, with_ids
 from cube_core.meminfo import available_memory_mb, total_memory_mb
 from cube_core.models import (
+    DiskHandle,
     EgressRule,
     ExecReply,
     NetworkPolicy,
@@ -74,6 +75,7 @@ from cube_core.storage import Progress, StorageDriver
 from cube_core.store import StateStore
 from cube_core.templates import TemplateBuilder
 from cube_core.vmm import CAP_PAUSE, CAP_PRIORITY, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
+from cube_core.volumes import VolumeAnswer, VolumeCall, run_call
 
 log = structlog.get_logger(__name__)
 
@@ -332,7 +334,9 @@ class NodeAgent:
         sandbox, snapshot = request.sandbox, self._here(request.snapshot)
         template = self.local_template(sandbox.template_id)
         started = time.perf_counter()
-        member = self.pool.take(template.template_id) if self.pool.enabled and snapshot is None else None
+        # a sandbox that mounts volumes is restored with them in its volume slots: never a member
+        member = self.pool.take(template.template_id) if self.pool.enabled and snapshot is None \
+            and not sandbox.volume_mounts else None
         joined = member is not None and member.boot_id is not None and member.envd_access_token is not None
         if member is not None and joined:  # personalized at pool join: its id and token are the sandbox's
             sandbox = sandbox.evolve(sandbox_id=member.sandbox_id,
@@ -354,6 +358,8 @@ class NodeAgent:
                 else:
                     boot = await self._personalize(sandbox, runtime)
                     boot_id, guest_ms = boot.boot_id, boot.timings_ms
+                if sandbox.volume_mounts:
+                    await self._mount_volumes(sandbox, runtime)
                 done = time.perf_counter()
         except BaseException:
             await self.destroy(sandbox)
@@ -439,6 +445,7 @@ class NodeAgent:
         snapshot (or a cold boot of the template image); ``_live`` follows each step so a failure
         frees what exists."""
         sid = sandbox.sandbox_id
+        volumes = self._volume_disks(sandbox)
         with telemetry.span("network.allocate"):
             nic = await self.network.allocate(sid, sandbox.network, list(rules))
         self._live[sid] = runtime = SandboxRuntime(nic=nic)
@@ -448,7 +455,11 @@ class NodeAgent:
             with telemetry.span("storage.create_disk"):
                 disk = await self.storage.create_disk(sid, snap.disk.path)
             self._live[sid] = runtime = runtime.evolve(disk=disk)
-            spec = snap.vm_state.clone_spec(sid, disk, interpreter=template.interpreter)
+            if len(volumes) > snap.vm_state.volume_slots:
+                raise TemplateError(f"template {template.template_id!r}: its snapshot has "
+                                    f"{snap.vm_state.volume_slots} volume slots, {len(volumes)} volumes asked for "
+                                    "(rebuild the template: cube templates build --rebuild)")
+            spec = snap.vm_state.clone_spec(sid, disk, interpreter=template.interpreter, volumes=volumes)
             with telemetry.span("vmm.restore", snapshot_id=snap.snapshot_id):
                 vm = await self.vmm.restore(snap.vm_state, spec, nic)
             self._live[sid] = runtime = runtime.evolve(vm=vm)
@@ -460,7 +471,7 @@ class NodeAgent:
         self._live[sid] = runtime = runtime.evolve(disk=disk)
         vm_spec = VmSpec(vm_id=sid, kernel=Path(template.kernel),
                          initrd=Path(template.initrd) if template.initrd else None, rootfs_disk=disk,
-                         memory_mb=template.memory_mb, interpreter=template.interpreter)
+                         memory_mb=template.memory_mb, interpreter=template.interpreter, volumes=volumes)
         with telemetry.span("vmm.boot"):
             vm = await self.vmm.boot(vm_spec, nic)
             self._live[sid] = runtime = runtime.evolve(vm=vm)
@@ -479,6 +490,27 @@ class NodeAgent:
             await self.vmm.set_priority(runtime.vm, background=False)
         with telemetry.span("vmm.resume"):
             await self.vmm.resume(runtime.vm)
+
+    def _volume_disks(self, sandbox: Sandbox) -> tuple[DiskHandle, ...]:
+        """The images of the sandbox's volumes, in slot order (slot i holds mount i)."""
+        if not sandbox.volume_mounts:
+            return ()
+        store = self.storage.volume_store()
+        return tuple(store.disk(m.volume_id or "", read_only=m.read_only) for m in sandbox.volume_mounts)
+
+    async def _mount_volumes(self, sandbox: Sandbox, runtime: SandboxRuntime) -> None:
+        """Have the guest mount volume slot i at mount i's path (it drops what it cached of the
+        slot's placeholder first)."""
+        assert runtime.vm is not None
+        mounts = [{"slot": i, "path": m.path, "read_only": m.read_only} for i, m in enumerate(sandbox.volume_mounts)]
+        reply = await self.vmm.guest_call(runtime.vm, "mount_volumes", {"volumes": mounts}, timeout=60.0)
+        mounted = reply.get("mounted")
+        if not isinstance(mounted, list) or sorted(map(str, mounted)) != sorted(m.path for m in sandbox.volume_mounts):
+            raise GuestProtocolError(vm_id=runtime.vm.vm_id, reason=f"mount_volumes answered {reply!r:.200}")
+
+    async def volume(self, call: VolumeCall) -> VolumeAnswer:
+        """One operation on a volume of this node's storage driver."""
+        return await run_call(self.storage.volume_store(), call)
 
     async def _personalize(self, sandbox: Sandbox, runtime: SandboxRuntime) -> PersonalizeReply:
         assert runtime.vm is not None

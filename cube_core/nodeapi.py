@@ -47,6 +47,7 @@ from cube_core.nodehttp import (
 from cube_core.requestctx import RequestContext
 from cube_core.snapshotfiles import Received, SnapshotExport
 from cube_core.templatebuilds import build_file_path, save_upload
+from cube_core.volumes import VolumeAnswer, VolumeCall
 
 if TYPE_CHECKING:
     from cube_core.node import NodeAgent
@@ -152,6 +153,11 @@ def _api(agent: NodeAgent) -> FastAPI:
     async def remove_template(template_id: str, template: Template) -> RemovedReply:
         _check_path(template_id, template.template_id)
         return RemovedReply(deleted=await agent.remove_template(template))
+
+    @api.post(PREFIX + "/volumes/{volume_id}")
+    async def volume(volume_id: str, call: VolumeCall) -> VolumeAnswer:
+        _check_path(volume_id, call.volume_id)
+        return await agent.volume(call)
 
     @api.delete(PREFIX + "/snapshots/{snapshot_id}", status_code=204, response_class=Response)
     async def delete_snapshot(snapshot_id: str) -> None:

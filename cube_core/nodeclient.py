@@ -33,6 +33,7 @@ from cube_core.models import (
     VmState,
 )
 from cube_core.snapshotfiles import Received
+from cube_core.volumes import VolumeAnswer, VolumeCall
 
 if TYPE_CHECKING:
     from cube_core.node import NodeAgent
@@ -146,6 +147,10 @@ class NodeClient(Protocol):
         template is ready here); returns at once, the build's record tells how it goes."""
         ...
 
+    async def volume(self, call: VolumeCall) -> VolumeAnswer:
+        """Run one operation on a volume this node holds (``cube_core.volumes``)."""
+        ...
+
     async def remove_template(self, template: Template) -> list[str]:
         """``template`` was deleted (its record is gone): stop serving it here, destroy its warm
         members, free its snapshot and the build layers only it used; the snapshot ids deleted."""
@@ -211,6 +216,9 @@ class LocalNodeClient:
         from cube_core.builds import engine_of
 
         engine_of(self.agent).start(job)
+
+    async def volume(self, call: VolumeCall) -> VolumeAnswer:
+        return await self.agent.volume(call)
 
     async def remove_template(self, template: Template) -> list[str]:
         return await self.agent.remove_template(template)

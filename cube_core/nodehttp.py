@@ -52,6 +52,7 @@ from cube_core.models import (
 )
 from cube_core.nodeclient import Endpoint, Launched, LaunchRequest, SavedSnapshot
 from cube_core.snapshotfiles import Received, SnapshotExport, unpack
+from cube_core.volumes import VolumeAnswer, VolumeCall
 
 log = structlog.get_logger(__name__)
 
@@ -332,6 +333,10 @@ class HttpNodeClient:
     async def remove_template(self, template: Template) -> list[str]:
         resp = await self._call("POST", _path("templates", template.template_id, "remove"), body=template)
         return self._parse(RemovedReply, resp).deleted
+
+    async def volume(self, call: VolumeCall) -> VolumeAnswer:
+        resp = await self._call("POST", _path("volumes", call.volume_id), body=call, timeout=self.timeouts.transfer)
+        return self._parse(VolumeAnswer, resp)
 
     async def import_snapshot(self, snapshot: SnapshotRef, origin: Node) -> Received:
         resp = await self._call("POST", _path("snapshots", snapshot.snapshot_id, "import"),

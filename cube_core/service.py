@@ -49,6 +49,7 @@ from cube_core.errors import (
     SnapshotNotFoundError,
     TemplateError,
     TemplateNotFoundError,
+    VolumeMountedError,
 )
 from cube_core.events import EventBus
 from cube_core.log import bind_ids, with_ids
@@ -75,6 +76,7 @@ from cube_core.quotas import Quotas
 from cube_core.scheduler import Scheduler
 from cube_core.state import SandboxState, check_transition, require
 from cube_core.store import StateStore
+from cube_core.volumes import Volumes
 
 log = structlog.get_logger(__name__)
 
@@ -105,6 +107,7 @@ class SandboxService:
         self.team_secrets = teamsecrets.TeamSecrets(store, self.settings)  # /secrets; needs [core] secrets_key
         # the SDK's Template.build
         self.template_builds = templatebuilds.TemplateBuilds(store, self.settings, nodes, self.events)
+        self.volumes = Volumes(store, self.settings, nodes)  # /volumes, the content API, volumeMounts
         self.holder = f"{socket.gethostname()}:{self.settings.node_id}:{self.settings.state_dir}:{self.settings.port}"
         """Who this control plane is when it takes a lease (one reaper among several masters):
         stable across restarts, so a restarted master takes its lease back at once."""
@@ -229,12 +232,18 @@ class SandboxService:
             out = [s for s in out if all(s.metadata.get(k) == v for k, v in metadata.items())]
         return out
 
-    def _place(self, spec: SandboxSpec, snapshot: SnapshotRef | None, live: builtins.list[Sandbox]) -> Node:
+    def _place(self, spec: SandboxSpec, snapshot: SnapshotRef | None, live: builtins.list[Sandbox],
+               volume_node: str | None = None) -> Node:
         """The node for a new sandbox: the scheduler's choice among the nodes that are up and
         have the template ready. From a sandbox snapshot: its own node (the files are there) when
         it takes sandboxes; otherwise one of the others, which copies the snapshot first (its
         origin must be reachable for that: draining is fine, down is not)."""
         nodes = self.nodes.placeable(live)
+        if volume_node is not None:  # its volumes' node (they are not copied)
+            nodes = [n for n in nodes if n.node_id == volume_node]
+            if not nodes:
+                self.nodes.client(volume_node)  # NodeUnavailableError when down
+                raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
         if snapshot is not None and snapshot.node_id is not None:
             origin = [n for n in nodes if n.node_id == snapshot.node_id]
             if origin:
@@ -264,6 +273,8 @@ class SandboxService:
         # the VM is a clone of the template's snapshot: its size is the template's, whatever was asked
         spec = spec.evolve(template_id=template.template_id, cpu_count=template.cpu_count,
                            memory_mb=template.memory_mb)
+        mounts, volume_node = self.volumes.resolve(spec.team_id, spec.volume_mounts)
+        spec = spec.evolve(volume_mounts=mounts)
         rejection = self.host.hooks.admit_sandbox(spec)
         if rejection is not None:
             raise AdmissionRejectedError(reason=rejection.reason, retryable=rejection.retryable)
@@ -272,8 +283,9 @@ class SandboxService:
             live = self.store.list_sandboxes(states=LIVE_STATES)  # read once: the cap and the nodes' usage
             if len(live) >= self.settings.max_sandboxes:
                 raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
+            self.volumes.check_mountable(mounts, live)  # a read-write mount is exclusive
             with telemetry.span("scheduler.place", live_sandboxes=len(live)) as placing:
-                node = self._place(spec, snap, live)
+                node = self._place(spec, snap, live, volume_node)
                 if placing is not None:
                     placing.set_attribute("cube.node_id", node.node_id)
             now = utcnow()
@@ -285,7 +297,7 @@ class SandboxService:
                 memory_mb=template.memory_mb, auto_pause=spec.auto_pause, auto_resume=spec.auto_resume,
                 timeout_s=spec.timeout_s, secure=spec.secure,
                 envd_access_token=ids.access_token() if spec.secure else None, network=spec.network,
-                node_id=node.node_id, isolation=node.isolation)
+                node_id=node.node_id, isolation=node.isolation, volume_mounts=mounts)
             self.store.put_sandbox(sandbox)
         bind_ids(sandbox_id=sandbox.sandbox_id, node_id=node.node_id)
         telemetry.set_attributes(sandbox_id=sandbox.sandbox_id, node_id=node.node_id)
@@ -518,6 +530,9 @@ class SandboxService:
             sb = self._record(sandbox_id, team_id)
             if sb.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
                 raise InvalidStateError(sandbox_id=sandbox_id, state=sb.state.value, required="running or paused")
+            if sb.volume_mounts:  # a snapshot cannot hold (nor restore) a volume's content
+                raise VolumeMountedError(sandbox_id=sandbox_id, volumes=", ".join(m.name for m in sb.volume_mounts),
+                                         operation=kind)
             self.quotas.check_snapshot(team_id)
             sb = await self._into_ram(sb)
             snapshot_id = "snap" + ids.sandbox_id()[:16]

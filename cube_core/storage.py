@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from cube_core.errors import UnsupportedOperation
 from cube_core.models import DiskHandle, Frozen, StateFile
 
 Progress = Callable[[str, float | None], None]
@@ -35,6 +37,96 @@ class RootfsImage(Frozen):
     build_log: str = ""
 
 
+CAP_VOLUMES = "volumes"
+"""A storage driver that lists this answers :meth:`StorageDriver.volume_store`."""
+
+VOLUME_DEVICE_BYTES = 256 << 30
+"""The size every volume image has as a block device (sparse), and so every VM's volume slot: a
+clone of a snapshot must see devices of the size the snapshot saw. A volume's filesystem inside
+is the volume's quota (``size_mb``), at most this."""
+
+VOLUME_MAX_MB = VOLUME_DEVICE_BYTES >> 20
+
+
+class VolumeEntry(Frozen):
+    """One file, directory or symlink of a volume (the SDK's ``VolumeEntryStat``)."""
+
+    name: str
+    type: Literal["file", "directory", "symlink", "unknown"]
+    path: str
+    """Absolute within the volume (``/`` is its root)."""
+    size: int
+    mode: int
+    """Permission bits only (``0o644``)."""
+    uid: int
+    gid: int
+    atime: datetime
+    mtime: datetime
+    ctime: datetime
+    target: str | None = None
+    """A symlink's target."""
+
+
+class VolumeStore(abc.ABC):
+    """Volumes of one node: filesystem images kept by the storage plugin, mountable by that node's
+    VMs (:meth:`disk`) and read and written by the host without mounting them (the content API).
+
+    Paths are absolute within the volume (``/a/b``), already normalized by the core (no ``..``).
+    Content operations on a volume a VM writes are the caller's to prevent (the core refuses them
+    while a sandbox mounts it read-write). Errors: :class:`~cube_core.errors.VolumeNotFoundError`,
+    :class:`~cube_core.errors.VolumePathNotFoundError` (a path or its parent is missing),
+    :class:`~cube_core.errors.VolumePathError` (wrong kind of entry, exists already),
+    :class:`~cube_core.errors.VolumeFullError` (the quota is used up)."""
+
+    @abc.abstractmethod
+    async def create(self, volume_id: str, size_mb: int) -> None:
+        """An empty filesystem of ``size_mb`` (the quota) on a device of
+        :data:`VOLUME_DEVICE_BYTES`; its root owned by uid/gid 1000 (the sandboxes' user)."""
+
+    @abc.abstractmethod
+    async def delete(self, volume_id: str) -> None:
+        """Free the volume and everything in it; idempotent."""
+
+    @abc.abstractmethod
+    def ids(self) -> list[str]:
+        """The volumes this node holds."""
+
+    @abc.abstractmethod
+    def disk(self, volume_id: str, *, read_only: bool = False) -> DiskHandle:
+        """The volume's image for a VM's volume slot (raw, :data:`VOLUME_DEVICE_BYTES` long)."""
+
+    @abc.abstractmethod
+    async def stat(self, volume_id: str, path: str) -> VolumeEntry: ...
+
+    @abc.abstractmethod
+    async def list(self, volume_id: str, path: str, depth: int = 1) -> list[VolumeEntry]:
+        """The entries under the directory ``path``, ``depth`` levels down (1: its children)."""
+
+    @abc.abstractmethod
+    async def read(self, volume_id: str, path: str) -> bytes: ...
+
+    @abc.abstractmethod
+    async def write(self, volume_id: str, path: str, data: bytes, *, uid: int | None = None,
+                    gid: int | None = None, mode: int | None = None, parents: bool = False) -> VolumeEntry:
+        """Create or replace the file ``path``; ``parents`` creates missing directories above it.
+        Unset ``uid``/``gid`` are 1000, unset ``mode`` 0o644 (a replaced file keeps its own)."""
+
+    @abc.abstractmethod
+    async def make_dir(self, volume_id: str, path: str, *, uid: int | None = None, gid: int | None = None,
+                       mode: int | None = None, parents: bool = False) -> VolumeEntry:
+        """Create the directory ``path`` (``parents``: and missing ones above it; an existing
+        directory is then no error). Unset ``mode`` is 0o755."""
+
+    @abc.abstractmethod
+    async def remove(self, volume_id: str, path: str) -> None:
+        """Remove a file, symlink or directory (with its content)."""
+
+    @abc.abstractmethod
+    async def update(self, volume_id: str, path: str, *, uid: int | None = None, gid: int | None = None,
+                     mode: int | None = None) -> VolumeEntry:
+        """Change an entry's owner and permission bits."""
+
+
 class StorageDriver(abc.ABC):
     capabilities: ClassVar[frozenset[str]] = frozenset()
 
@@ -48,6 +140,10 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     def root(self) -> Path:
         """The directory under which this driver keeps everything."""
+
+    def volume_store(self) -> VolumeStore:
+        """This node's volumes (capability :data:`CAP_VOLUMES`)."""
+        raise UnsupportedOperation(driver=type(self).__name__, operation="volumes")
 
     @abc.abstractmethod
     async def build_rootfs(self, recipe: RootfsRecipe, progress: Progress | None = None) -> RootfsImage:

@@ -29,7 +29,7 @@ from cube_core.config import CoreSettings, state_url
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.errors import ConfigError
 from cube_core.events import EventChannel
-from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
+from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template, Volume
 from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.state import SandboxState
 from cube_core.webhooks import Delivery, DeliveryStatus, Webhook
@@ -155,6 +155,24 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def delete_secret(self, team_id: str, secret_id: str) -> bool: ...
 
+    # team volumes: a name is unique within its team
+    @abc.abstractmethod
+    def add_volume(self, volume: Volume) -> bool:
+        """Insert a new volume; False (nothing written) when its team has one of that name already.
+        Atomic: of two adds of one name at once, exactly one succeeds."""
+
+    @abc.abstractmethod
+    def get_volume(self, volume_id: str) -> Volume | None: ...
+    @abc.abstractmethod
+    def find_volume(self, team_id: str, name: str) -> Volume | None: ...
+    @abc.abstractmethod
+    def list_volumes(self, *, team_id: str | None = None, node_id: str | None = None) -> list[Volume]:
+        """Oldest first."""
+
+    @abc.abstractmethod
+    def delete_volume(self, volume_id: str) -> None:
+        """A no-op for a missing volume."""
+
     @abc.abstractmethod
     def put_key_label(self, label: KeyLabel) -> None: ...
     @abc.abstractmethod
@@ -272,6 +290,9 @@ CREATE TABLE IF NOT EXISTS api_keys (
   id TEXT PRIMARY KEY, team_id TEXT NOT NULL, key_hash TEXT UNIQUE NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS secrets (
   id TEXT PRIMARY KEY, team_id TEXT NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL,
+  UNIQUE (team_id, name));
+CREATE TABLE IF NOT EXISTS volumes (
+  id TEXT PRIMARY KEY, team_id TEXT NOT NULL, name TEXT NOT NULL, node_id TEXT NOT NULL, body TEXT NOT NULL,
   UNIQUE (team_id, name));
 CREATE TABLE IF NOT EXISTS key_labels (id TEXT PRIMARY KEY, team_id TEXT NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS access_tokens (
@@ -512,6 +533,36 @@ class SqliteStore(StateStore):
     def delete_secret(self, team_id: str, secret_id: str) -> bool:
         with self._tx() as db:
             return db.execute("DELETE FROM secrets WHERE id=? AND team_id=?", (secret_id, team_id)).rowcount == 1
+
+    # volumes
+    def add_volume(self, volume: Volume) -> bool:
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO volumes(id, team_id, name, node_id, body) VALUES (?,?,?,?,?)",
+                             (volume.volume_id, volume.team_id, volume.name, volume.node_id,
+                              volume.model_dump_json()))
+            return cur.rowcount == 1
+
+    def get_volume(self, volume_id: str) -> Volume | None:
+        rows = self._rows("SELECT body FROM volumes WHERE id=?", (volume_id,))
+        return Volume.model_validate_json(rows[0]) if rows else None
+
+    def find_volume(self, team_id: str, name: str) -> Volume | None:
+        rows = self._rows("SELECT body FROM volumes WHERE team_id=? AND name=?", (team_id, name))
+        return Volume.model_validate_json(rows[0]) if rows else None
+
+    def list_volumes(self, *, team_id: str | None = None, node_id: str | None = None) -> list[Volume]:
+        sql, args = "SELECT body FROM volumes WHERE 1=1", []
+        if team_id is not None:
+            sql += " AND team_id=?"
+            args.append(team_id)
+        if node_id is not None:
+            sql += " AND node_id=?"
+            args.append(node_id)
+        return [Volume.model_validate_json(b) for b in self._rows(sql + " ORDER BY rowid", tuple(args))]
+
+    def delete_volume(self, volume_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM volumes WHERE id=?", (volume_id,))
 
     def put_key_label(self, label: KeyLabel) -> None:
         with self._tx() as db:

@@ -32,7 +32,7 @@ from cube_core.buildspec import TemplateBuild
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.errors import ConfigError
 from cube_core.events import EventChannel
-from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template
+from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template, Volume
 from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.state import SandboxState
 from cube_core.store import StateStore
@@ -108,6 +108,13 @@ CREATE TABLE webhook_deliveries (
   body text NOT NULL);
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_at);
 CREATE INDEX webhook_deliveries_webhook ON webhook_deliveries (webhook_id, created);
+"""),
+    (7, "team volumes (name unique in its team; the node that holds each)", """
+CREATE TABLE volumes (
+  id text PRIMARY KEY, team_id text NOT NULL, name text NOT NULL, node_id text NOT NULL,
+  put_order bigint NOT NULL DEFAULT nextval('records_put_order'), body text NOT NULL,
+  UNIQUE (team_id, name));
+CREATE INDEX volumes_node ON volumes (node_id);
 """),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -399,6 +406,36 @@ class PostgresStore(StateStore):
             row = conn.execute("DELETE FROM secrets WHERE id = %s AND team_id = %s RETURNING id",
                                (secret_id, team_id)).fetchone()
         return row is not None
+
+    # volumes
+    def add_volume(self, volume: Volume) -> bool:
+        with self._conn() as conn:
+            row = conn.execute("INSERT INTO volumes (id, team_id, name, node_id, body) VALUES (%s, %s, %s, %s, %s) "
+                               "ON CONFLICT DO NOTHING RETURNING id",
+                               (volume.volume_id, volume.team_id, volume.name, volume.node_id,
+                                volume.model_dump_json())).fetchone()
+        return row is not None
+
+    def get_volume(self, volume_id: str) -> Volume | None:
+        rows = self._bodies("SELECT body FROM volumes WHERE id = %s", (volume_id,))
+        return Volume.model_validate_json(rows[0]) if rows else None
+
+    def find_volume(self, team_id: str, name: str) -> Volume | None:
+        rows = self._bodies("SELECT body FROM volumes WHERE team_id = %s AND name = %s", (team_id, name))
+        return Volume.model_validate_json(rows[0]) if rows else None
+
+    def list_volumes(self, *, team_id: str | None = None, node_id: str | None = None) -> list[Volume]:
+        sql, args = "SELECT body FROM volumes WHERE true", []
+        if team_id is not None:
+            sql += " AND team_id = %s"
+            args.append(team_id)
+        if node_id is not None:
+            sql += " AND node_id = %s"
+            args.append(node_id)
+        return [Volume.model_validate_json(b) for b in self._bodies(sql + " ORDER BY put_order", tuple(args))]
+
+    def delete_volume(self, volume_id: str) -> None:
+        self._write("DELETE FROM volumes WHERE id = %s", (volume_id,))
 
     def put_key_label(self, label: KeyLabel) -> None:
         self._write("INSERT INTO key_labels (id, team_id, body) VALUES (%s, %s, %s) "

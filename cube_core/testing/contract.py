@@ -33,6 +33,11 @@ from cube_core import (
     StorageDriver,
     VmmDriver,
     VmSpec,
+    VolumeFullError,
+    VolumeNotFoundError,
+    VolumePathError,
+    VolumePathNotFoundError,
+    VolumeStore,
 )
 
 VmSpecFactory = Callable[[str], VmSpec]
@@ -212,6 +217,84 @@ class StorageContract:
             assert not dead.path.exists()
         finally:
             await driver.delete_disk(live)
+
+
+class VolumeContract:
+    """What every storage plugin's volumes (capability ``volumes``) must do. Fixture: ``volumes``
+    (the driver's :class:`VolumeStore`, started)."""
+
+    async def test_create_write_read_list_remove(self, volumes: VolumeStore) -> None:
+        await volumes.create("vol-contract", 16)
+        try:
+            root = await volumes.stat("vol-contract", "/")
+            assert root.type == "directory" and root.uid == 1000 and root.gid == 1000
+            entry = await volumes.write("vol-contract", "/hello.txt", b"hi there\n")
+            assert (entry.type, entry.path, entry.name, entry.size) == ("file", "/hello.txt", "hello.txt", 9)
+            assert (entry.uid, entry.gid, entry.mode) == (1000, 1000, 0o644)
+            assert await volumes.read("vol-contract", "/hello.txt") == b"hi there\n"
+            await volumes.write("vol-contract", "/hello.txt", b"replaced")
+            assert await volumes.read("vol-contract", "/hello.txt") == b"replaced"
+            assert (await volumes.stat("vol-contract", "/hello.txt")).size == 8
+            with pytest.raises(VolumePathNotFoundError):
+                await volumes.write("vol-contract", "/no/such/dir/f", b"x")
+            deep = await volumes.write("vol-contract", "/a/b/c.bin", bytes(range(256)) * 4, parents=True,
+                                       mode=0o600, uid=0, gid=0)
+            assert (deep.mode, deep.uid, deep.gid, deep.size) == (0o600, 0, 0, 1024)
+            assert await volumes.read("vol-contract", "/a/b/c.bin") == bytes(range(256)) * 4
+            names = [e.path for e in await volumes.list("vol-contract", "/")]
+            assert sorted(names) == ["/a", "/hello.txt"]
+            deep_list = await volumes.list("vol-contract", "/", depth=3)
+            assert sorted(e.path for e in deep_list) == ["/a", "/a/b", "/a/b/c.bin", "/hello.txt"]
+            assert {e.path: e.type for e in deep_list}["/a/b"] == "directory"
+            await volumes.remove("vol-contract", "/a")
+            with pytest.raises(VolumePathNotFoundError):
+                await volumes.stat("vol-contract", "/a/b/c.bin")
+            with pytest.raises(VolumePathNotFoundError):
+                await volumes.read("vol-contract", "/a")
+            with pytest.raises(VolumePathNotFoundError):
+                await volumes.remove("vol-contract", "/ghost")
+        finally:
+            await volumes.delete("vol-contract")
+
+    async def test_directories_and_metadata(self, volumes: VolumeStore) -> None:
+        await volumes.create("vol-dirs", 16)
+        try:
+            made = await volumes.make_dir("vol-dirs", "/x/y/z", parents=True, mode=0o700)
+            assert (made.type, made.mode) == ("directory", 0o700)
+            with pytest.raises(VolumePathError):
+                await volumes.make_dir("vol-dirs", "/x/y/z")  # exists
+            assert (await volumes.make_dir("vol-dirs", "/x/y/z", parents=True)).path == "/x/y/z"
+            with pytest.raises(VolumePathNotFoundError):
+                await volumes.make_dir("vol-dirs", "/p/q")
+            with pytest.raises(VolumePathError):
+                await volumes.read("vol-dirs", "/x")  # a directory
+            changed = await volumes.update("vol-dirs", "/x/y", uid=12, gid=34, mode=0o711)
+            assert (changed.uid, changed.gid, changed.mode) == (12, 34, 0o711)
+            assert (await volumes.stat("vol-dirs", "/x/y")).mode == 0o711
+        finally:
+            await volumes.delete("vol-dirs")
+
+    async def test_quota_is_the_volume_size(self, volumes: VolumeStore) -> None:
+        await volumes.create("vol-quota", 8)
+        try:
+            await volumes.write("vol-quota", "/small", b"x" * (1 << 20))
+            with pytest.raises(VolumeFullError):
+                await volumes.write("vol-quota", "/big", b"y" * (9 << 20))
+            assert await volumes.read("vol-quota", "/small") == b"x" * (1 << 20)
+        finally:
+            await volumes.delete("vol-quota")
+
+    async def test_delete_and_disk(self, volumes: VolumeStore) -> None:
+        await volumes.create("vol-gone", 8)
+        disk = volumes.disk("vol-gone")
+        assert disk.format == "raw" and disk.path.exists() and not disk.readonly
+        assert volumes.disk("vol-gone", read_only=True).readonly
+        assert "vol-gone" in volumes.ids()
+        await volumes.delete("vol-gone")
+        await volumes.delete("vol-gone")  # idempotent
+        assert "vol-gone" not in volumes.ids() and not disk.path.exists()
+        with pytest.raises(VolumeNotFoundError):
+            await volumes.stat("vol-gone", "/")
 
 
 class SchedulerContract:

@@ -23,6 +23,7 @@ from cube_core import (
     CAP_PRIORITY,
     CAP_REATTACH,
     CAP_SNAPSHOT,
+    CAP_VOLUMES,
     Check,
     DiskHandle,
     EgressRule,
@@ -44,10 +45,12 @@ from cube_core import (
     VmmError,
     VmSpec,
     VmState,
+    VolumeStore,
     content_key,
     hookimpl,
 )
 from cube_core.snapshotfiles import key_name
+from cube_core.testing.memvolumes import MemoryVolumes
 
 
 class FakeConfig(BaseModel):
@@ -57,6 +60,9 @@ class FakeConfig(BaseModel):
 
 class FakeVmm(VmmDriver):
     capabilities: ClassVar[frozenset[str]] = frozenset({CAP_SNAPSHOT, CAP_PAUSE, CAP_REATTACH, CAP_PRIORITY})
+
+    volume_slots = 2
+    """Volume slots of every fake VM (and so of its snapshots)."""
 
     def __init__(self) -> None:
         self.vms: dict[str, dict[str, Any]] = {}
@@ -126,6 +132,9 @@ class FakeVmm(VmmDriver):
         if op == "personalize":
             state["env"] = dict((params or {}).get("env_vars", {}))
             event("sandbox started", sandbox_id=str((params or {}).get("sandbox_id")))
+        if op == "mount_volumes":
+            state["mounts"] = list((params or {}).get("volumes", []))
+            return {"mounted": [m["path"] for m in state["mounts"]]}
         if op == "apply":  # a member personalized at join: the create's env vars on top
             state["env"] = {**state["env"], **dict((params or {}).get("env_vars", {}))}
         if op == "exec":
@@ -164,7 +173,7 @@ class FakeVmm(VmmDriver):
         base: tuple[str, str] | None = self.vms[vm.vm_id].get("base")
         # like kvm: a clone is saved as a diff against the snapshot whose memory it maps
         return VmState(state_id=target_dir.name, memory_file=mem, device_state=dev, memory_mb=512,
-                       kernel=Path("/dev/null"), isolation="none",
+                       kernel=Path("/dev/null"), isolation="none", volume_slots=self.volume_slots,
                        base_state_id=base[0] if base else None,
                        data={"base_memory_file": base[1]} if base else {})
 
@@ -177,9 +186,13 @@ class FakeVmm(VmmDriver):
                 raise VmmError(f"base memory file {base[1]} of {state.state_id} is missing")
         else:
             base = (state.state_id, str(state.memory_file))
+        if len(spec.volumes) > state.volume_slots:
+            raise VmmError(f"snapshot {state.state_id} has {state.volume_slots} volume slots, "
+                           f"{len(spec.volumes)} volumes asked for")
         self.calls.append(("restore", spec.vm_id))
         handle = self._new(spec.vm_id, spec.rootfs_disk.path.parent)
         self.vms[spec.vm_id]["base"] = base
+        self.vms[spec.vm_id]["volumes"] = [v.path for v in spec.volumes]
         return handle
 
     async def reattach(self, vm: VmHandle) -> VmHandle:
@@ -223,12 +236,18 @@ class FakeNetwork(NetworkDriver):
 class MemoryStorage(StorageDriver):
     """Files in a temporary directory; 'images' are small marker files."""
 
+    capabilities: ClassVar[frozenset[str]] = frozenset({CAP_VOLUMES})
+
     def __init__(self, root: Path | None = None) -> None:
         self._root = root or Path(tempfile.mkdtemp(prefix="cube-fake-storage-"))
+        self._volumes = MemoryVolumes(self._root / "volumes")
 
     @property
     def root(self) -> Path:
         return self._root
+
+    def volume_store(self) -> VolumeStore:
+        return self._volumes
 
     async def build_rootfs(self, recipe: RootfsRecipe, progress: Progress | None = None) -> RootfsImage:
         digest = hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()

@@ -48,6 +48,8 @@ from cube_core.models import (
     TemplateStatus,
     VmHandle,
     VmState,
+    Volume,
+    VolumeMount,
 )
 from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.state import SandboxState
@@ -71,6 +73,7 @@ def full_sandbox(sandbox_id: str = "sbx-full", team_id: str = "team-a",
         network=NetworkPolicy(allow_internet_access=False, allow_out=("10.0.0.0/8", "example.com"),
                               deny_out=("0.0.0.0/0",), allow_public_traffic=False),
         node_id="node-7", isolation="tcg", boot_id="boot-42", error="guest said: \u2603",
+        volume_mounts=(VolumeMount(name="data ✓", path="/mnt/data", read_only=True, volume_id="vol_1"),),
         runtime=SandboxRuntime(
             vm=VmHandle(vm_id="sbx-full", pid=1234, isolation="tcg", workdir=Path("/run/cube/vms/sbx ✓"),
                         data={"ratio": 0.1, "big": 2**62, "flags": [True, None, "x"], "n": -1.5e-7}),
@@ -162,6 +165,12 @@ def full_delivery(delivery_id: str = "msg_1", webhook_id: str = "wh_1", team_id:
                     next_attempt_at=due, created_at=created_at)
 
 
+def full_volume(volume_id: str = "vol_1", team_id: str = "team-a", name: str = "data",
+                node_id: str = "node-7") -> Volume:
+    return Volume(volume_id=volume_id, team_id=team_id, name=name, size_mb=2048, token="tok-" + volume_id,
+                  node_id=node_id, created_at=T0)
+
+
 def sandbox(sandbox_id: str, team_id: str = "team-a", state: SandboxState = SandboxState.RUNNING) -> Sandbox:
     return Sandbox(sandbox_id=sandbox_id, template_id="base", team_id=team_id, state=state, started_at=T0,
                    end_at=T0 + timedelta(seconds=60))
@@ -170,7 +179,7 @@ def sandbox(sandbox_id: str, team_id: str = "team-a", state: SandboxState = Sand
 ID_FIELDS: dict[type[BaseModel], str] = {Sandbox: "sandbox_id", SnapshotRef: "snapshot_id", ApiKey: "key_id",
                                          Template: "template_id", Node: "node_id", Team: "team_id",
                                          SecretRecord: "secret_id", KeyLabel: "key_id", AccessToken: "token_id",
-                                         Webhook: "webhook_id", Delivery: "delivery_id"}
+                                         Webhook: "webhook_id", Delivery: "delivery_id", Volume: "volume_id"}
 
 
 def ids(records: Sequence[BaseModel]) -> list[str]:
@@ -466,6 +475,35 @@ class StoreContract:
         found = store.find_api_key("h2")  # a hash names one key: the last put with it
         assert found is not None and found.key_id == "k4"
         assert ids(store.list_api_keys(team_id="team-b")) == ["k4"]
+
+    # -- team volumes ------------------------------------------------------------------------------
+
+    def test_volume_round_trips_every_field_by_id_and_name(self, store: StateStore) -> None:
+        record = full_volume()
+        assert_every_field_set(record)
+        assert store.add_volume(record)
+        assert store.get_volume("vol_1") == record
+        assert store.find_volume("team-a", "data") == record
+        assert store.find_volume("team-b", "data") is None
+        assert store.list_volumes(team_id="team-a") == [record] and store.list_volumes(team_id="team-b") == []
+
+    def test_a_volume_name_is_unique_within_its_team_only(self, store: StateStore) -> None:
+        assert store.add_volume(full_volume("vol_1", "team-a", "db"))
+        assert not store.add_volume(full_volume("vol_2", "team-a", "db"))  # taken: nothing written
+        assert store.get_volume("vol_2") is None
+        assert store.add_volume(full_volume("vol_3", "team-b", "db", node_id="node-8"))
+        assert store.add_volume(full_volume("vol_4", "team-a", "other"))
+        assert ids(store.list_volumes(team_id="team-a")) == ["vol_1", "vol_4"]
+        assert ids(store.list_volumes(node_id="node-8")) == ["vol_3"]
+        assert ids(store.list_volumes()) == ["vol_1", "vol_3", "vol_4"]
+
+    def test_delete_a_volume_frees_its_name(self, store: StateStore, open_store: StoreFactory) -> None:
+        store.add_volume(full_volume("vol_1", "team-a", "db"))
+        store.delete_volume("vol_1")
+        store.delete_volume("vol_1")  # a no-op
+        assert store.get_volume("vol_1") is None and store.find_volume("team-a", "db") is None
+        assert store.add_volume(full_volume("vol_2", "team-a", "db"))
+        assert open_store().find_volume("team-a", "db") == full_volume("vol_2", "team-a", "db")  # persisted
 
     # -- a team's secrets, key labels, access tokens: never across teams ---------------------------
 

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from cube_core import DiskHandle, NetworkPolicy, NicHandle, VmSpec
-from cube_core.testing.contract import NetworkContract, SchedulerContract, StorageContract, VmmContract
+from cube_core import DiskHandle, NetworkPolicy, NicHandle, VmSpec, VolumeStore
+from cube_core.testing.contract import (
+    NetworkContract,
+    SchedulerContract,
+    StorageContract,
+    VmmContract,
+    VolumeContract,
+)
 from cube_core.testing.fakes import FakeNetwork, FakeVmm, FirstFitScheduler, MemoryStorage
 
 
@@ -55,6 +61,12 @@ class TestMemoryStorageContract(StorageContract):
         path = tmp_path / "base.img"
         path.write_text("base")
         return path
+
+
+class TestMemoryVolumesContract(VolumeContract):
+    @pytest.fixture
+    def volumes(self, tmp_path: Path) -> VolumeStore:
+        return MemoryStorage(tmp_path / "storage").volume_store()
 
 
 class TestFirstFitSchedulerContract(SchedulerContract):

@@ -43,6 +43,12 @@ from cube_core import (
     TemplateNotFoundError,
     UnsupportedOperation,
     VmmError,
+    VolumeFullError,
+    VolumeInUseError,
+    VolumeNameTakenError,
+    VolumeNotFoundError,
+    VolumePathError,
+    VolumePathNotFoundError,
 )
 from cube_core.credentials import CredentialNotFoundError, SecretExistsError, SecretsDisabledError
 from cube_core.teamsecrets import SecretRequestError
@@ -103,6 +109,12 @@ ERROR_TABLE: dict[type[CubeError], HttpError] = {
     UploadRefusedError: HttpError(403),
     SnapshotNotFoundError: HttpError(404),
     SnapshotInUseError: HttpError(409),
+    VolumeNotFoundError: HttpError(404),  # another team's volume too
+    VolumePathNotFoundError: HttpError(404),
+    VolumePathError: HttpError(400),
+    VolumeNameTakenError: HttpError(409),
+    VolumeInUseError: HttpError(409),  # mounted read-write elsewhere; VolumeMountedError: snapshot refused
+    VolumeFullError: HttpError(507),  # the volume's quota is used up
     InvalidStateError: HttpError(409),
     QuotaExceededError: HttpError(429),  # Should-Retry false: only freeing a slot helps, not waiting
     AdmissionRejectedError: HttpError(403),  # retryable rejections: 429, see http_error()

@@ -64,6 +64,8 @@ class SandboxAutoResumeConfig(Request):
 class SandboxVolumeMount(Request):
     name: str
     path: str
+    read_only: bool | None = None
+    """Cube's extension (``readOnly``); the SDK sends name and path only (read-write)."""
 
 
 class NewSandboxV2(Request):
@@ -164,6 +166,11 @@ class LifecycleOut(Response):
     on_timeout: Literal["kill", "pause"]
 
 
+class VolumeMountOut(Response):
+    name: str
+    path: str
+
+
 class ListedSandboxOut(Response):
     template_id: str
     alias: str | None = None
@@ -177,6 +184,7 @@ class ListedSandboxOut(Response):
     metadata: dict[str, str] | None = None
     state: E2bState
     envd_version: str
+    volume_mounts: list[VolumeMountOut] | None = None
 
 
 class SandboxDetailOut(ListedSandboxOut):

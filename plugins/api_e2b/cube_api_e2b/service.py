@@ -20,6 +20,7 @@ from cube_core.models import ApiKey, Node
 from cube_core.nodeclient import Endpoint
 from cube_core.observations import LogEntry, LogLevel, MetricSample, TeamMetricName, TeamMetricPoint
 from cube_core.templatebuilds import TemplateBuilds
+from cube_core.volumes import Volumes
 from cube_core.webhooks import Delivery, Webhook
 
 
@@ -74,6 +75,11 @@ class ControlPlane(Protocol):
     @property
     def template_builds(self) -> TemplateBuilds:
         """The SDK's ``Template.build``: records, uploaded files, the node that builds."""
+        ...
+
+    @property
+    def volumes(self) -> Volumes:
+        """Team volumes: ``/volumes``, the volume content API (its own token), ``volumeMounts``."""
         ...
 
     # -- the caller's team: secrets (never their values), webhooks, API keys, access tokens -------

@@ -15,6 +15,7 @@ from cube_api_e2b.schemas import (
     SandboxOut,
     SnapshotInfoOut,
     TemplateOut,
+    VolumeMountOut,
 )
 
 BUILD_STATUS: dict[TemplateStatus, BuildStatus] = {
@@ -67,7 +68,8 @@ def listed_out(ctx: E2bContext, sb: Sandbox, templates: TemplateLookup) -> Liste
         template_id=sb.template_id, alias=sb.alias, sandbox_id=sb.sandbox_id, client_id=sb.node_id,
         started_at=sb.started_at, end_at=sb.end_at, cpu_count=sb.cpu_count, memory_mb=sb.memory_mb,
         disk_size_mb=_disk_mb(templates, sb), metadata=dict(sb.metadata), state=e2b_state(sb.state),
-        envd_version=_envd_version(ctx, templates, sb))
+        envd_version=_envd_version(ctx, templates, sb),
+        volume_mounts=[VolumeMountOut(name=m.name, path=m.path) for m in sb.volume_mounts] or None)
 
 
 def detail_out(ctx: E2bContext, sb: Sandbox) -> SandboxDetailOut:

@@ -246,9 +246,8 @@ async def test_list_v2_filters_and_headers(double: Double) -> None:
 
 async def test_create_refuses_what_cube_cannot_do(double: Double) -> None:
     async with mount(sandboxes.router, double, default_timeout_s=42) as client:
-        mounts = [{"name": "v", "path": "/v"}]
-        r = await client.post("/v2/sandboxes", json={"templateID": "base", "volumeMounts": mounts})
-        assert r.status_code == 400 and r.json()["message"].startswith("volumeMounts:")
+        r = await client.post("/v2/sandboxes", json={"templateID": "base", "mcp": {"x": {}}})
+        assert r.status_code == 400 and r.json()["message"].startswith("mcp:")
         assert not [c for c in double.calls if c[0] == "create"]
         r = await client.post("/v2/sandboxes", json={"templateID": "base", "envVars": {"A": "1"}})
         assert r.status_code == 201 and r.json()["envdAccessToken"] == "tok"

@@ -25,6 +25,7 @@ from cube_api_e2b.routes import (
     snapshots,
     teams,
     templates,
+    volumes,
     webhooks,
 )
 
@@ -36,9 +37,11 @@ ROUTERS: tuple[APIRouter, ...] = (
     builds.router,
     secrets.router, webhooks.router, apikeys.router, accesstokens.router, logs.router, teams.router,
     events.router,
+    volumes.router,
 )
 """Every router that authenticates with an API key, in mounting order."""
-SIGNED: tuple[APIRouter, ...] = (builds.uploads,)
-"""Routers whose URLs carry their own signature instead (the template file upload link)."""
+SIGNED: tuple[APIRouter, ...] = (builds.uploads, volumes.content)
+"""Routers that authenticate otherwise: a signature in the URL (the template file upload link), the
+volume's own Bearer token (the volume content API)."""
 
 __all__ = ["ROUTERS", "SIGNED"]

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import structlog
-from cube_core import CubeError, Sandbox, SandboxSpec, SandboxState
+from cube_core import CubeError, Sandbox, SandboxSpec, SandboxState, VolumeMount
 from fastapi import APIRouter, Body, Query, Response, Security
 
 from cube_api_e2b.context import E2bContext
@@ -75,8 +75,6 @@ def spec_for(ctx: E2bContext, body: NewSandboxV2, team_id: str, *, secure: bool)
     auto_resume = body.auto_resume is not None and body.auto_resume.enabled
     if auto_resume and not body.auto_pause:
         raise InvalidRequestError(field="autoResume.enabled", reason="auto-resume needs autoPause (on timeout: pause)")
-    if body.volume_mounts:
-        raise InvalidRequestError(field="volumeMounts", reason="volumes are not supported")
     if body.mcp:
         raise InvalidRequestError(field="mcp", reason="the MCP gateway is not supported")
     if body.iam and body.iam.get("tokens"):
@@ -86,7 +84,9 @@ def spec_for(ctx: E2bContext, body: NewSandboxV2, team_id: str, *, secure: bool)
         timeout_s=ctx.default_timeout_s if body.timeout is None else body.timeout,
         metadata=dict(body.metadata or {}), env_vars=dict(body.env_vars or {}),
         auto_pause=bool(body.auto_pause), auto_resume=auto_resume, secure=secure,
-        network=network_policy(body.allow_internet_access, body.network))
+        network=network_policy(body.allow_internet_access, body.network),
+        volume_mounts=tuple(VolumeMount(name=m.name, path=m.path, read_only=bool(m.read_only))
+                            for m in body.volume_mounts or ()))
 
 
 async def create(ctx: E2bContext, service: ControlPlane, body: NewSandboxV2, team_id: str, *,
