@@ -17,6 +17,7 @@ from typing import ClassVar, TypeVar
 
 import structlog
 from cube_core import (
+    CAP_VOLUMES,
     DiskHandle,
     Progress,
     RootfsImage,
@@ -24,12 +25,14 @@ from cube_core import (
     StateFile,
     StorageDriver,
     StorageError,
+    VolumeStore,
 )
 
 from cube_storage_cow import hostfiles, rootfs
 from cube_storage_cow.commands import Cancelled
 from cube_storage_cow.config import CowConfig, default_guest_src
 from cube_storage_cow.layers import DiskLayers
+from cube_storage_cow.volumes import ImageVolumes
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +43,7 @@ class CowStorage(StorageDriver):
     """Content-addressed template images + copy-on-write disks + snapshot layers under ``config.root``."""
 
     capabilities: ClassVar[frozenset[str]] = frozenset({
-        "rootfs:debootstrap", "rootfs:dir", "rootfs:oci", "disk:qcow2", "disk:reflink", "disk:freeze"})
+        "rootfs:debootstrap", "rootfs:dir", "rootfs:oci", "disk:qcow2", "disk:reflink", "disk:freeze", CAP_VOLUMES})
 
     def __init__(self, config: CowConfig | None = None) -> None:
         self.config = config or CowConfig()
@@ -50,10 +53,14 @@ class CowStorage(StorageDriver):
             guest_src=self.config.guest_src or default_guest_src(), mirror=self.config.mirror,
             default_size_mb=self.config.image_size_mb, oci_policy=self.config.layer_policy())
         self.layers = DiskLayers(root, self.config.reflink)
+        self.volumes = ImageVolumes(root / "volumes")
 
     @property
     def root(self) -> Path:
         return self.config.root
+
+    def volume_store(self) -> VolumeStore:
+        return self.volumes
 
     async def start(self) -> None:
         def prepare() -> None:
@@ -64,6 +71,7 @@ class CowStorage(StorageDriver):
             for path in [*self.settings.images.glob("*.ext4"), *self.settings.images.glob("*.json")]:
                 hostfiles.close_to_others(path)  # images made before they were 0440
             self.layers.prepare()
+            self.volumes.prepare()
 
         await _in_thread(prepare)
 

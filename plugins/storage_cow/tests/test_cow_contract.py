@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cube_core.testing.contract import StorageContract
+from cube_core.testing.contract import StorageContract, VolumeContract
 
 pytestmark = pytest.mark.root
 
@@ -25,4 +25,30 @@ class TestCowStorageContract(StorageContract):
         d = make_driver(reflink=request.param)
         await d.start()
         yield d
+        await d.close()
+
+
+class TestCowVolumesContract(VolumeContract):
+    @pytest.fixture
+    async def volumes(self, make_driver):
+        d = make_driver(reflink="never")
+        await d.start()
+        yield d.volume_store()
+        await d.close()
+
+
+async def test_a_volume_image_is_a_sparse_slot_sized_device(make_driver) -> None:
+    from cube_core import VOLUME_DEVICE_BYTES
+
+    d = make_driver(reflink="never")
+    await d.start()
+    store = d.volume_store()
+    await store.create("vol-size", 64)
+    try:
+        image = store.disk("vol-size").path
+        assert image.stat().st_size == VOLUME_DEVICE_BYTES
+        assert image.stat().st_blocks * 512 < 16 << 20  # sparse: the filesystem's metadata only
+        assert [e.path for e in await store.list("vol-size", "/")] == []  # no lost+found
+    finally:
+        await store.delete("vol-size")
         await d.close()
