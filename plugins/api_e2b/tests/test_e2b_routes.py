@@ -110,7 +110,8 @@ async def test_domain_envd_version_and_traffic_token(cube_factory, openapi) -> N
     ({"templateID": "base", "autoResume": {"enabled": True}}, "autoResume.enabled"),
     ({"templateID": "base", "autoResume": {}}, "autoResume.enabled"),
     ({"templateID": "base", "autoPauseMemory": False}, "autoPauseMemory"),
-    ({"templateID": "base", "volumeMounts": [{"name": "v", "path": "/v"}]}, "volumeMounts"),
+    ({"templateID": "base", "volumeMounts": [{"name": "v", "path": "v"}]}, "volumeMounts[0].path"),
+    ({"templateID": "base", "volumeMounts": [{"name": "v"}]}, "volumeMounts[0].path"),
 ])
 async def test_create_bad_fields_are_400_naming_the_field(cube, openapi, body, field) -> None:
     r = await cube.client.post("/v2/sandboxes", json=body, headers=cube.headers(cube.key()))

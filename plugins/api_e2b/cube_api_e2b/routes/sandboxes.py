@@ -75,6 +75,9 @@ def spec_for(ctx: E2bContext, body: NewSandboxV2, team_id: str, *, secure: bool)
     auto_resume = body.auto_resume is not None and body.auto_resume.enabled
     if auto_resume and not body.auto_pause:
         raise InvalidRequestError(field="autoResume.enabled", reason="auto-resume needs autoPause (on timeout: pause)")
+    for i, mount in enumerate(body.volume_mounts or ()):
+        if not mount.path.startswith("/"):
+            raise InvalidRequestError(field=f"volumeMounts[{i}].path", reason="must be an absolute path")
     if body.mcp:
         raise InvalidRequestError(field="mcp", reason="the MCP gateway is not supported")
     if body.iam and body.iam.get("tokens"):
