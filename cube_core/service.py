@@ -630,7 +630,7 @@ class SandboxService:
         """Write the sandboxes paused for ``[core] pause_to_disk_after_s`` out to disk (their VM
         processes end), and every paused one of a node short of memory (it reports less available
         than ``[core] pause_to_disk_below_mb``); how many were. One the node cannot write out (its
-        VMM cannot, or it has volumes mounted: a ``CubeError``) stays paused in RAM."""
+        VMM cannot: a ``CubeError``) stays paused in RAM, and so does one with volumes mounted (never tried)."""
         after, floor = self.settings.pause_to_disk_after_s, self.settings.pause_to_disk_below_mb
         short = {n.node_id for n in self.nodes.records() if 0 < n.memory_mb_available < floor}
         if after <= 0 and not short:
@@ -638,6 +638,7 @@ class SandboxService:
         cutoff = utcnow() - timedelta(seconds=after) if after > 0 else None
         due = [s for s in self.store.list_sandboxes(states=(SandboxState.PAUSED,))
                if s.team_id != POOL_TEAM and not s.runtime.on_disk and s.sandbox_id not in self._kept_in_ram
+               and not s.volume_mounts
                and (s.node_id in short or (cutoff is not None and s.paused_at is not None
                                            and s.paused_at <= cutoff))]
         written = 0
