@@ -109,9 +109,9 @@ class EntryOut(Out):
 
 
 class MetadataPatch(In):
-    uid: int | None = None
-    gid: int | None = None
-    mode: int | None = None
+    uid: int | None = Field(default=None, ge=0, le=(1 << 32) - 2)
+    gid: int | None = Field(default=None, ge=0, le=(1 << 32) - 2)
+    mode: int | None = Field(default=None, ge=0, le=0o7777)
 
 
 def entry_out(entry: VolumeEntry) -> EntryOut:
