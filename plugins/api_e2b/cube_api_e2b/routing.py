@@ -133,10 +133,6 @@ def error_response(ctx: E2bContext, exc: CubeError) -> JSONResponse:
 class E2bRoute(APIRoute):
     """An ``APIRoute`` whose handler authenticates first and answers every error the E2B way."""
 
-    def authenticate(self, ctx: E2bContext, request: Request) -> Team | None:
-        """The caller's team, from its API key (:class:`AuthError` without a valid one)."""
-        return authenticate(ctx.service, request.headers)
-
     def get_route_handler(self) -> Handler:
         inner = super().get_route_handler()
         path = self.path
