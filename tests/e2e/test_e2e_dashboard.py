@@ -2,10 +2,12 @@
 against a real ``cube serve`` with real guests: sign in with a team's key, a sandbox created with
 the e2b SDK appears live (server-sent events; the page is not reloaded), killing it from the UI
 makes the SDK's next call fail with "not found", a team sees only its own sandboxes, the operator
-token sees every team's. Screenshots go to docs/img/ (the README shows one)."""
+token sees every team's. Screenshots go to a temporary directory; to refresh the ones in docs/img/
+(the README shows one) run it with ``CUBE_E2E_SCREENSHOTS=docs/img``."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,6 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's (scripts/apt-packages.txt); Playwright's own download cannot work here
-IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def row(page: Page, sandbox_id: str):  # noqa: ANN201 - playwright's Locator
     return page.locator(f"tr[data-sandbox='{sandbox_id}']")
 
 
-def test_live_list_kill_and_team_scoping(e2b_env: CubeServer, browser: Browser) -> None:
+def test_live_list_kill_and_team_scoping(e2b_env: CubeServer, browser: Browser, tmp_path: Path) -> None:
+    img = Path(os.environ.get("CUBE_E2E_SCREENSHOTS") or tmp_path)  # a test run leaves the checkout clean
     server = e2b_env
     page = signed_in(browser, server, server.key_a)
     expect(page.get_by_test_id("who")).to_have_text("team-a")
@@ -69,12 +71,12 @@ def test_live_list_kill_and_team_scoping(e2b_env: CubeServer, browser: Browser) 
         time.sleep(max(0.0, 16 - (time.monotonic() - created)))
         sb.set_timeout(600)  # an event: the page refreshes with the new samples
         expect(row(page, sb.sandbox_id).locator(".spark canvas").first).to_be_visible(timeout=20_000)
-        IMG.mkdir(exist_ok=True)
-        page.screenshot(path=str(IMG / "dashboard-sandboxes.png"))
+        img.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(img / "dashboard-sandboxes.png"))
         detail = page.context.new_page()
         detail.goto(f"{server.url}/dashboard/sandboxes/{sb.sandbox_id}")
         expect(detail.locator(".chart canvas").first).to_be_visible(timeout=20_000)
-        detail.screenshot(path=str(IMG / "dashboard-sandbox.png"), full_page=True)
+        detail.screenshot(path=str(img / "dashboard-sandbox.png"), full_page=True)
         detail.close()
 
         # the operator sees both teams' sandboxes
