@@ -455,6 +455,9 @@ class NodeAgent:
             with telemetry.span("storage.create_disk"):
                 disk = await self.storage.create_disk(sid, snap.disk.path)
             self._live[sid] = runtime = runtime.evolve(disk=disk)
+            if volumes and not snap.vm_state.volume_slots:
+                raise UnsupportedOperation(driver=type(self.vmm).__name__,
+                                           operation="volume mounts (its VMs have no volume slots)")
             if len(volumes) > snap.vm_state.volume_slots:
                 raise TemplateError(f"template {template.template_id!r}: its snapshot has "
                                     f"{snap.vm_state.volume_slots} volume slots, {len(volumes)} volumes asked for "

@@ -12,6 +12,7 @@ import pytest
 from cube_core.embedded import Embedded
 from cube_core.errors import (
     TemplateError,
+    UnsupportedOperation,
     VolumeInUseError,
     VolumeMountedError,
     VolumeNameTakenError,
@@ -19,6 +20,7 @@ from cube_core.errors import (
     VolumePathError,
 )
 from cube_core.models import SandboxSpec, VolumeMount, utcnow
+from cube_core.state import SandboxState
 from cube_core.volumes import VolumeCall, mount_path, normalize
 
 
@@ -116,3 +118,14 @@ async def test_one_sandbox_mounts_each_volume_and_path_once(cube: Embedded) -> N
         await cube.service.create(spec(VolumeMount(name="c", path="/z"), VolumeMount(name="a", path="/x"),
                                        VolumeMount(name="b", path="/y")))
     assert not [vm for vm in cube.agent.vmm.vms.values() if vm.get("volumes")]  # the failed VM is gone
+
+
+async def test_a_vmm_without_volume_slots_refuses_mounts(cube: Embedded) -> None:
+    template = cube.agent.local_template("base")
+    assert template.snapshot is not None and template.snapshot.vm_state is not None
+    no_slots = template.snapshot.evolve(vm_state=template.snapshot.vm_state.evolve(volume_slots=0))
+    cube.agent.template_ready(template.evolve(snapshot=no_slots))
+    await cube.service.volumes.create("t1", "v")
+    with pytest.raises(UnsupportedOperation, match="no volume slots"):
+        await cube.service.create(spec(VolumeMount(name="v", path="/v")))
+    assert not cube.store.list_sandboxes(team_id="t1", states=(SandboxState.RUNNING,))
