@@ -413,6 +413,7 @@ class SandboxService:
     async def _resume(self, sandbox_id: str, timeout_s: int | None) -> Sandbox:
         sb = self._record(sandbox_id)
         self.quotas.check_resume(sb.team_id)
+        from_disk = sb.runtime.on_disk
         try:
             runtime = await self._node(sb).resume(sandbox_id)
         except GuestProtocolError as exc:
@@ -423,7 +424,7 @@ class SandboxService:
         if timeout_s is not None:
             sb = sb.evolve(end_at=utcnow() + timedelta(seconds=timeout_s))
             self.store.put_sandbox(sb)
-        self._emit("sandbox.resumed", sb, end_at=sb.end_at.isoformat())
+        self._emit("sandbox.resumed", sb, end_at=sb.end_at.isoformat(), from_disk=from_disk)
         return sb
 
     @with_ids

@@ -206,3 +206,23 @@ async def test_a_node_short_of_memory_writes_its_paused_sandboxes_out_at_once(cu
     other = await service.create(spec())
     await service.pause("t1", other.sandbox_id)
     assert await service.write_out_paused() == 1
+
+
+async def test_resume_events_say_whether_from_disk(cube: Embedded) -> None:
+    service = cube.service
+    sub = service.events.subscribe("t1")
+    sb = await service.create(spec(auto_pause=True, auto_resume=True))
+    await service.pause("t1", sb.sandbox_id)
+    await service.wake(sb.sandbox_id)  # from RAM
+    await paused_long_ago(cube, sb)
+    assert await service.write_out_paused() == 1  # no event of its own: still "paused"
+    await service.wake(sb.sandbox_id)
+    got = []
+    while True:
+        try:
+            got.append(await asyncio.wait_for(anext(sub), 0.05))
+        except TimeoutError:
+            break
+    assert [(e.type, e.data.get("from_disk")) for e in got] == [
+        ("sandbox.created", None), ("sandbox.paused", None), ("sandbox.resumed", False),
+        ("sandbox.paused", None), ("sandbox.resumed", True)]
