@@ -653,6 +653,10 @@ class SandboxService:
             sb = self.store.get_sandbox(sandbox_id)
             if sb is None or sb.state != SandboxState.PAUSED or sb.runtime.on_disk:
                 return 0
+            if sb.volume_mounts:  # its volumes' slots are not part of a saved state: it stays in RAM
+                log.info("paused sandbox stays in RAM: it has volumes mounted", sandbox_id=sandbox_id)
+                self._kept_in_ram.add(sandbox_id)
+                return 0
             started = time.perf_counter()
             try:
                 runtime = await self._node(sb).pause_to_disk(sandbox_id)

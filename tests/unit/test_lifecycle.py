@@ -226,3 +226,15 @@ async def test_resume_events_say_whether_from_disk(cube: Embedded) -> None:
     assert [(e.type, e.data.get("from_disk")) for e in got] == [
         ("sandbox.created", None), ("sandbox.paused", None), ("sandbox.resumed", False),
         ("sandbox.paused", None), ("sandbox.resumed", True)]
+
+
+async def test_a_sandbox_with_volumes_stays_paused_in_ram(cube: Embedded) -> None:
+    from cube_core.models import VolumeMount
+
+    service = cube.service
+    await service.volumes.create("t1", "data")
+    sb = await service.create(spec(volume_mounts=(VolumeMount(name="data", path="/mnt/data"),)))
+    await paused_long_ago(cube, sb)
+    assert await service.write_out_paused() == 0
+    assert not service.find(sb.sandbox_id).runtime.on_disk
+    assert (await service.connect("t1", sb.sandbox_id)).state == SandboxState.RUNNING
