@@ -364,8 +364,6 @@ class NodeAgent:
         except BaseException:
             await self.destroy(sandbox)
             raise
-        if snapshot is not None:
-            runtime = runtime.evolve(parent_snapshot=snapshot.snapshot_id)
         self._live[sandbox.sandbox_id] = runtime
         timings = {"queued": (vm_started - started) * 1000, "vm": (personalize_started - vm_started) * 1000,
                    "apply_sent" if joined else "personalize": (done - personalize_started) * 1000,
@@ -465,7 +463,8 @@ class NodeAgent:
             spec = snap.vm_state.clone_spec(sid, disk, interpreter=template.interpreter, volumes=volumes)
             with telemetry.span("vmm.restore", snapshot_id=snap.snapshot_id):
                 vm = await self.vmm.restore(snap.vm_state, spec, nic)
-            self._live[sid] = runtime = runtime.evolve(vm=vm)
+            # the snapshot it came from (a rebuild of the template later does not change it)
+            self._live[sid] = runtime = runtime.evolve(vm=vm, parent_snapshot=snap.snapshot_id)
             return runtime
         if template.rootfs is None or template.kernel is None:
             raise TemplateError(f"template {template.template_id!r} has no image")

@@ -258,7 +258,7 @@ class WarmPool:
             runtime = runtime.evolve(disk=disk)
             spec = snap.vm_state.clone_spec(owner, disk, interpreter=template.interpreter)
             vm = await self.vmm.restore(snap.vm_state, spec, nic)
-            runtime = runtime.evolve(vm=vm)
+            runtime = runtime.evolve(vm=vm, parent_snapshot=snap.snapshot_id)  # the build it came from
             if self.settings.background_refill and CAP_PRIORITY in self.vmm.capabilities:
                 await self.vmm.set_priority(vm, background=True)  # a create's node raises it again
             if identity:

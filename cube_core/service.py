@@ -539,17 +539,13 @@ class SandboxService:
             snapshot_id = "snap" + ids.sandbox_id()[:16]
             saved = await self._node(sb).snapshot(sandbox_id, snapshot_id)
             ref = SnapshotRef(snapshot_id=snapshot_id, template_id=sb.template_id, sandbox_id=sandbox_id,
-                              parent_id=sb.runtime.parent_snapshot or self._template_snapshot_id(sb),
+                              parent_id=sb.runtime.parent_snapshot,
                               team_id=team_id, vm_state=saved.vm_state, disk=saved.disk, node_id=sb.node_id,
                               names=(name,) if name else (), metadata={"kind": kind})
             self.store.put_snapshot(ref)
         await self.host.hooks.snapshot_taken(sb, ref)
         self._emit("sandbox.snapshot", sb, snapshot_id=ref.snapshot_id, kind=kind)
         return ref
-
-    def _template_snapshot_id(self, sb: Sandbox) -> str | None:
-        template = self.store.get_template(sb.template_id)
-        return template.snapshot.snapshot_id if template and template.snapshot else None
 
     def list_snapshots(self, team_id: str, sandbox_id: str | None = None) -> builtins.list[SnapshotRef]:
         return self.store.list_snapshots(team_id=team_id, sandbox_id=sandbox_id)

@@ -86,3 +86,14 @@ async def test_snapshot_bases_are_kept_by_gc(cube: Embedded) -> None:
     cube.agent.storage.gc = gc  # type: ignore[method-assign]
     await cube.agent._reconcile()
     assert {"tmpl-old", "snap-diff", "snap-full"} <= kept[0]
+
+
+async def test_a_snapshot_names_the_build_its_sandbox_came_from(cube: Embedded, service: SandboxService) -> None:
+    """The parent is the template snapshot the sandbox was restored from, also after the template
+    was rebuilt (its record then names a newer snapshot)."""
+    before = service.get_template("base")
+    assert before.snapshot is not None
+    sb = await service.create(SandboxSpec(template_id="base", team_id="t"))
+    rebuilt = before.snapshot.model_copy(update={"snapshot_id": "snap-rebuilt"})
+    cube.service.store.put_template(before.model_copy(update={"snapshot": rebuilt}))
+    assert (await service.snapshot("t", sb.sandbox_id)).parent_id == before.snapshot.snapshot_id
