@@ -10,9 +10,9 @@ VENV_KEY := $(shell cat pyproject.toml $(PLUGINS) $(GUEST) | sha256sum | cut -c1
 VENV_STAMP := $(VENV)/.cube-$(VENV_KEY)
 PYTEST_ARGS ?=
 
-.PHONY: install host venv kernel serve test lint clean-venv
+.PHONY: install host venv kernel assets serve test lint clean-venv
 
-install: host venv kernel
+install: host venv kernel assets
 
 # Each step is a no-op when its inputs did not change: apt (a stamp keyed by the package list),
 # the venv (a stamp keyed by every pyproject.toml), the kernel (cached by the hash of its inputs).
@@ -34,13 +34,18 @@ $(VENV_STAMP): | host
 kernel: venv
 	@$(VENV)/bin/cube kernel build
 
+# the dashboard's chart library (npm's uplot, pinned by sha512), cached by content hash; a failure
+# only warns: the dashboard then serves its pages without charts
+assets: venv
+	@$(PY) -m cube_dashboard.assets >/dev/null || true
+
 # cube serve builds the guest kernel itself, beside the first template's root filesystem, and
 # serves `base` as soon as it is ready while `code-interpreter-v1` still builds.
-serve: host venv
+serve: host venv assets
 	$(VENV)/bin/cube serve
 
 # lint and types first (they need no kernel), then the kernel, then the tests that boot guests
-test: host venv
+test: host venv assets
 	$(VENV)/bin/ruff check cube_core plugins tests docs $(if $(GUEST),guest)
 	$(VENV)/bin/mypy cube_core $(dir $(wildcard plugins/*/cube_*/__init__.py))
 	$(if $(GUEST),cd guest && ../$(VENV)/bin/mypy)

@@ -203,3 +203,14 @@ def test_the_chart_library_is_fetched_once_and_checked(tmp_path: Path, monkeypat
     assert assets.ensure(tmp_path) == directory
     with pytest.raises(assets.AssetError, match="npm is not installed"):
         assets.ensure(tmp_path / "elsewhere")
+
+
+def test_the_set_up_step_fetches_into_the_cache_and_only_warns_without_npm(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``make serve``/``make test`` run ``python -m cube_dashboard.assets``: a server then fetches nothing."""
+    assert assets.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == str(assets.asset_dir(tmp_path))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert assets.main([str(tmp_path)]) == 0  # cached
+    assert assets.main([str(tmp_path / "elsewhere")]) == 1
+    assert "without charts" in capsys.readouterr().err
