@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +13,7 @@ import httpx
 import pytest
 from cube_core.app import create_app
 from cube_core.config import parse_config
-from e2b_helpers import OpenApi, Upstream, e2b_config_text, serve
+from e2b_helpers import SECRETS_KEY_ENV, OpenApi, Upstream, e2b_config_text, serve
 
 from cube_api_e2b.plugin import E2bApiPlugin
 
@@ -62,6 +64,44 @@ def cube_factory(plugin_host: Callable[..., Any], tmp_path: Path) -> Callable[..
                 yield Cube(app=app, plugin=plugin, client=client)
             if plugin.edge is not None:
                 await plugin.edge.aclose()
+
+    return make
+
+
+class App:
+    """An app on the fakes whose ``[core] secrets_key`` is set (or not): ``/secrets``, webhooks."""
+
+    def __init__(self, app: Any, client: httpx.AsyncClient, state: Path) -> None:
+        self.app, self.client, self.state = app, client, state
+
+    @property
+    def service(self) -> Any:
+        return self.app.state.service
+
+    def key(self, team: str = "team-a") -> dict[str, str]:
+        return {"X-API-Key": self.service.create_api_key(team)[1]}
+
+
+@pytest.fixture
+def make_app(plugin_host: Callable[..., Any], tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> Callable[..., contextlib.AbstractAsyncContextManager[App]]:
+    """``async with make_app(secrets_key=True, extra="") as cube``: a fresh random key in
+    :data:`SECRETS_KEY_ENV`, named by ``[core] secrets_key`` unless ``secrets_key=False``."""
+    monkeypatch.setenv(SECRETS_KEY_ENV, base64.b64encode(os.urandom(32)).decode())
+
+    @contextlib.asynccontextmanager
+    async def make(*, secrets_key: bool = True, extra: str = "") -> AsyncIterator[App]:
+        state = tmp_path / f"state{len(list(tmp_path.iterdir()))}"
+        core = f'secrets_key = {{ env = "{SECRETS_KEY_ENV}" }}' if secrets_key else ""
+        host = plugin_host(parse_config(e2b_config_text(state, extra=extra, core=core)))
+        app = create_app(host, build_templates=True)
+        async with app.router.lifespan_context(app):
+            await asyncio.wait_for(app.state.agent.ready.wait(), timeout=30)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cube.test") as c:
+                yield App(app, c, state)
+            edge = host.plugins["api:e2b"].edge
+            if edge is not None:
+                await edge.aclose()
 
     return make
 

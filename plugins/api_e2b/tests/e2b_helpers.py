@@ -41,6 +41,10 @@ def toml_value(value: Any) -> str:
     raise TypeError(f"cannot render {value!r} as TOML")
 
 
+SECRETS_KEY_ENV = "CUBE_TEST_SECRETS_KEY"
+"""The environment variable ``make_app`` (conftest) puts a fresh secrets key in."""
+
+
 def e2b_config_text(state_dir: Path, options: dict[str, Any] | None = None, *, max_sandboxes: int = 200,
                     pool_size: int = 0, extra: str = "", core: str = "") -> str:
     """The fake config with the e2b API plugin; ``extra``: more TOML appended (e.g. ``[quotas]``);

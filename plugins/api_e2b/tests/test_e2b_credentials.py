@@ -10,61 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import structlog
-from cube_core.app import create_app
 from cube_core.config import parse_config
 from cube_core.errors import ConfigError
 from cube_core.teamsecrets import SecretBox, parse_key
+from e2b_helpers import SECRETS_KEY_ENV as KEY_ENV
 from e2b_helpers import OpenApi, e2b_config_text, serve
 
-KEY_ENV = "CUBE_TEST_SECRETS_KEY"
 VALUE = "sk-live-Do-Not-Leak-7f3c9a"  # the secret value: searched for everywhere it must not be
-
-
-class App:
-    def __init__(self, app: Any, client: httpx.AsyncClient, state: Path) -> None:
-        self.app, self.client, self.state = app, client, state
-
-    @property
-    def service(self) -> Any:
-        return self.app.state.service
-
-    def key(self, team: str = "team-a") -> dict[str, str]:
-        return {"X-API-Key": self.service.create_api_key(team)[1]}
-
-
-@pytest.fixture
-def make_app(plugin_host: Callable[..., Any], tmp_path: Path,
-             monkeypatch: pytest.MonkeyPatch) -> Callable[..., contextlib.AbstractAsyncContextManager[App]]:
-    monkeypatch.setenv(KEY_ENV, base64.b64encode(os.urandom(32)).decode())
-
-    @contextlib.asynccontextmanager
-    async def make(*, secrets_key: bool = True) -> AsyncIterator[App]:
-        state = tmp_path / f"state{len(list(tmp_path.iterdir()))}"
-        text = e2b_config_text(state)
-        if secrets_key:
-            text = text.replace("[core]\n", f'[core]\nsecrets_key = {{ env = "{KEY_ENV}" }}\n', 1)
-        host = plugin_host(parse_config(text))
-        app = create_app(host, build_templates=True)
-        async with app.router.lifespan_context(app):
-            await asyncio.wait_for(app.state.agent.ready.wait(), timeout=30)
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cube.test") as c:
-                yield App(app, c, state)
-            edge = host.plugins["api:e2b"].edge
-            if edge is not None:
-                await edge.aclose()
-
-    return make
 
 
 def no_value(response: httpx.Response) -> httpx.Response:

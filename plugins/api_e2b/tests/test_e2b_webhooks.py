@@ -5,23 +5,13 @@ answers 403 saying how to set it."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import httpx
-import pytest
-from cube_core.app import create_app
-from cube_core.config import parse_config
-from e2b_helpers import e2b_config_text
-
-KEY_ENV = "CUBE_TEST_SECRETS_KEY"
+LOOPBACK = '[webhooks]\nallow_networks = ["127.0.0.0/8"]\n'
 HOOKS = "/events/webhooks"
 
 
@@ -35,40 +25,8 @@ class FakeEvent:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-class App:
-    def __init__(self, app: Any, client: httpx.AsyncClient) -> None:
-        self.app, self.client = app, client
-
-    @property
-    def service(self) -> Any:
-        return self.app.state.service
-
-    def key(self, team: str = "team-a") -> dict[str, str]:
-        return {"X-API-Key": self.service.create_api_key(team)[1]}
-
-
-@pytest.fixture
-def make_app(plugin_host: Callable[..., Any], tmp_path: Path,
-             monkeypatch: pytest.MonkeyPatch) -> Callable[..., contextlib.AbstractAsyncContextManager[App]]:
-    monkeypatch.setenv(KEY_ENV, base64.b64encode(os.urandom(32)).decode())
-
-    @contextlib.asynccontextmanager
-    async def make(*, secrets_key: bool = True) -> AsyncIterator[App]:
-        state = tmp_path / f"state{len(list(tmp_path.iterdir()))}"
-        text = e2b_config_text(state, extra='[webhooks]\nallow_networks = ["127.0.0.0/8"]\n')
-        if secrets_key:
-            text = text.replace("[core]\n", f'[core]\nsecrets_key = {{ env = "{KEY_ENV}" }}\n', 1)
-        app = create_app(plugin_host(parse_config(text)), build_templates=True)
-        async with app.router.lifespan_context(app):
-            await asyncio.wait_for(app.state.agent.ready.wait(), timeout=30)
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cube.test") as c:
-                yield App(app, c)
-
-    return make
-
-
 async def test_webhook_lifecycle_and_team_scoping(make_app: Any) -> None:
-    async with make_app() as cube:
+    async with make_app(extra=LOOPBACK) as cube:
         a, b = cube.key("team-a"), cube.key("team-b")
         made = await cube.client.post(HOOKS, headers=a, json={
             "name": "ops", "url": "http://127.0.0.1:9/hook", "events": ["sandbox.created", "sandbox.killed"]})
@@ -113,7 +71,7 @@ async def test_webhook_lifecycle_and_team_scoping(make_app: Any) -> None:
 
 
 async def test_bad_registrations_are_400_naming_the_field(make_app: Any) -> None:
-    async with make_app() as cube:
+    async with make_app(extra=LOOPBACK) as cube:
         a = cube.key()
         for body, field_name in (({"url": "http://10.0.0.1/x"}, "url"), ({"url": "http://169.254.169.254/"}, "url"),
                                  ({"url": "gopher://x.example.com"}, "url"),
@@ -131,7 +89,7 @@ async def test_bad_registrations_are_400_naming_the_field(make_app: Any) -> None
 
 
 async def test_without_secrets_key_every_route_is_403(make_app: Any) -> None:
-    async with make_app(secrets_key=False) as cube:
+    async with make_app(secrets_key=False, extra=LOOPBACK) as cube:
         a = cube.key()
         for method, path, body in (("GET", HOOKS, None), ("POST", HOOKS, {"url": "https://x.example.com"}),
                                    ("GET", f"{HOOKS}/wh_x", None), ("PATCH", f"{HOOKS}/wh_x", {"name": "n"}),
