@@ -231,37 +231,16 @@ def test_a_stopped_bench_server_leaves_no_sandbox_alive(tmp_path: Path) -> None:
 
     from cube_core.state import SandboxState
     from cube_core.store import SqliteStore
+    from cube_core.testing.fakes import FAKE_CONFIG
 
     state = tmp_path / "state"
     state.mkdir()
     credentials = bench_credentials(state)
     port = free_port()
     config = tmp_path / "plugins.toml"
-    config.write_text(f"""
-[core]
-state_dir = "{state}"
-port = {port}
-admin_port = {free_port()}
-templates = ["base"]
-kernel = "none"
-pool = {{ size = 0 }}
-
-[vmm]
-plugin = "fake"
-
-[network]
-plugin = "fake"
-
-[storage]
-plugin = "fake"
-options = {{ root = "{state}/storage" }}
-
-[scheduler]
-plugin = "fake"
-
-[[api]]
-plugin = "e2b"
-""")
+    config.write_text(FAKE_CONFIG.format(state_dir=state)
+                      .replace("templates = []", f'templates = ["base"]\nport = {port}\nadmin_port = {free_port()}')
+                      .replace('[[api]]\nplugin = "fake"', '[[api]]\nplugin = "e2b"'))
     with (tmp_path / "serve.log").open("w") as log_file:
         proc = subprocess.Popen([cube_executable(), "serve", "--config", str(config)], stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
