@@ -20,13 +20,13 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
 import structlog
-from cube_core import CubeError, SandboxService, SandboxState
-from cube_core.models import Sandbox, utcnow
+from cube_core import CubeError, SandboxService, SandboxSpec, SandboxState, SnapshotNotFoundError
+from cube_core.models import Sandbox, SnapshotRef, utcnow
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
 
-from cube_dashboard import assets
+from cube_dashboard import assets, processes, sizes
 from cube_dashboard.config import DashboardConfig
 from cube_dashboard.sessions import COOKIE, LOGIN_COOKIE, PATH, Sessions, Viewer, csrf_ok
 
@@ -117,6 +117,50 @@ def dashboard_router(service: SandboxService, config: DashboardConfig) -> APIRou
                 "left": (sb.end_at - now).total_seconds() if sb.state == SandboxState.RUNNING else None,
                 "series": json.dumps(series(sb))}
 
+    async def process_list(sb: Sandbox) -> tuple[list[processes.Process], str | None]:
+        """The guest's processes, or why there are none: a paused sandbox is not woken for it."""
+        if sb.state != SandboxState.RUNNING:
+            return [], f"{sb.state.value}: no processes listed"
+        try:
+            reply = await service.exec(sb.sandbox_id, processes.COMMAND, timeout=processes.TIMEOUT_S)
+        except CubeError as exc:
+            return [], f"unavailable: {exc.message}"
+        except (OSError, TimeoutError) as exc:
+            return [], f"unavailable: {exc or type(exc).__name__}"
+        if reply.get("exit_code") != 0:
+            return [], f"unavailable: the listing exited with {reply.get('exit_code')}"
+        return processes.parse(reply.get("stdout", "")), None
+
+    def snapshot_tree(team: str, sb: Sandbox, snaps: list[SnapshotRef]) -> list[dict[str, Any]]:
+        """The sandbox's snapshots as trees (parent -> children by ``parent_id``), each rooted at
+        the snapshot they grew from that is not the sandbox's own: its template's, or the
+        snapshot it was forked from."""
+        own = {s.snapshot_id for s in snaps}
+        children: dict[str, list[SnapshotRef]] = {}
+        outer: dict[str | None, list[SnapshotRef]] = {}  # grew from a snapshot not the sandbox's
+        for s in sorted(snaps, key=lambda s: s.created_at):
+            if s.parent_id in own:
+                children.setdefault(s.parent_id, []).append(s)
+            else:
+                outer.setdefault(s.parent_id, []).append(s)
+
+        def node(s: SnapshotRef) -> dict[str, Any]:
+            return {"s": s, "current": s.snapshot_id == sb.runtime.parent_snapshot,
+                    "children": [node(c) for c in children.get(s.snapshot_id, [])]}
+
+        roots = []
+        for parent, grown in outer.items():
+            label = "template snapshot"
+            if parent is not None:
+                try:
+                    ref = service.get_snapshot(team, parent)
+                    label = f"snapshot of sandbox {ref.sandbox_id}" if ref.sandbox_id else "snapshot"
+                except CubeError:
+                    pass  # a template's snapshot is not a team's
+            roots.append({"id": parent, "label": label, "current": parent == sb.runtime.parent_snapshot,
+                          "children": [node(c) for c in grown]})
+        return roots
+
     # -- sign-in ---------------------------------------------------------------------------------
 
     @router.get("")
@@ -188,15 +232,19 @@ def dashboard_router(service: SandboxService, config: DashboardConfig) -> APIRou
             return page(request, "missing.html", viewer, what=f"sandbox {sandbox_id}", why=exc.message)
         audit: list[dict[str, Any]] = []
         audit_error = None
+        listing = asyncio.ensure_future(process_list(sb))
         try:
             audit = await service.network_audit(team, sandbox_id, limit=200)
         except CubeError as exc:
             audit_error = exc.message
+        procs, procs_note = await listing
         counts = {"allow": sum(1 for a in audit if a.get("verdict") == "allow"),
                   "deny": sum(1 for a in audit if a.get("verdict") == "deny")}
         now = utcnow()
+        snaps = service.list_snapshots(team, sandbox_id)
         return page(request, "sandbox.html", viewer, r=row(sb, now), audit=audit[-50:][::-1], counts=counts,
-                    audit_error=audit_error, snapshots=service.list_snapshots(team, sandbox_id), live=True)
+                    audit_error=audit_error, snapshots=snaps, tree=snapshot_tree(team, sb, snaps),
+                    processes=procs, processes_note=procs_note, template_id=sb.template_id, live=True)
 
     @router.get("/templates")
     async def templates_page(request: Request) -> Response:
@@ -204,13 +252,16 @@ def dashboard_router(service: SandboxService, config: DashboardConfig) -> APIRou
         if viewer is None:
             return to_login()
         pool = service.pool_sizes()
+        nodes = service.list_nodes()
         listed = []
         for tpl in service.list_templates(viewer.team_id):
             try:
                 builds = service.list_builds(tpl.template_id, viewer.team_id)[:5]
             except CubeError:
                 builds = []
-            listed.append({"t": tpl, "pool": pool.get(tpl.template_id, 0), "builds": builds})
+            size = sizes.template_size(tpl, nodes)
+            listed.append({"t": tpl, "pool": pool.get(tpl.template_id, 0), "builds": builds,
+                           "image": sizes.human(size.image), "snapshot": sizes.human(size.snapshot)})
         return page(request, "templates.html", viewer, templates=listed, live=True)
 
     @router.get("/nodes")
@@ -284,8 +335,19 @@ def dashboard_router(service: SandboxService, config: DashboardConfig) -> APIRou
         return f"{sid} rolled back to {form.get('snapshot_id')}."
 
     async def fork(s: SandboxService, team: str, sid: str, form: dict[str, str]) -> str:
-        made = await s.fork(team, sid, 1)
-        return f"Forked {sid}: {', '.join(m.sandbox_id for m in made)}."
+        snapshot_id = form.get("snapshot_id")
+        if not snapshot_id:  # the sandbox as it is now
+            made = await s.fork(team, sid, 1)
+            return f"Forked {sid}: {', '.join(m.sandbox_id for m in made)}."
+        ref = s.get_snapshot(team, snapshot_id)  # another team's is not found
+        if ref.sandbox_id != sid:
+            raise SnapshotNotFoundError(snapshot_id=snapshot_id)
+        sb = s.get(team, sid)
+        made_one = await s.create(SandboxSpec(
+            template_id=snapshot_id, team_id=team, metadata=sb.metadata, env_vars=sb.env_vars,
+            auto_pause=sb.auto_pause, auto_resume=sb.auto_resume, secure=sb.secure, network=sb.network,
+            timeout_s=max(1, int((sb.end_at - utcnow()).total_seconds()))))
+        return f"Forked {snapshot_id} of {sid}: {made_one.sandbox_id}."
 
     for name, run in (("pause", pause), ("resume", resume), ("kill", kill), ("timeout", extend),
                       ("snapshot", snapshot), ("rollback", rollback), ("fork", fork)):

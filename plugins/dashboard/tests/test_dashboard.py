@@ -18,7 +18,7 @@ from cube_core.app import create_app
 from cube_core.config import parse_config
 from cube_core.testing.fakes import FAKE_CONFIG
 
-from cube_dashboard import assets
+from cube_dashboard import assets, processes, sizes
 
 OPERATOR = "op-" + "x" * 40
 
@@ -26,6 +26,7 @@ OPERATOR = "op-" + "x" * 40
 @contextlib.asynccontextmanager
 async def dashboard(plugin_host: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                     ) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The app (its ``state.service`` and ``state.agent``) and a client of it."""
     monkeypatch.setenv("CUBE_TEST_OPERATOR", OPERATOR)
     text = FAKE_CONFIG.format(state_dir=tmp_path / "state").replace(
         "templates = []", 'templates = ["base"]\noperator_token = { env = "CUBE_TEST_OPERATOR" }').replace(
@@ -35,7 +36,7 @@ async def dashboard(plugin_host: Callable[..., Any], tmp_path: Path, monkeypatch
         await asyncio.wait_for(app.state.agent.ready.wait(), timeout=30)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://cube.test") as client:
-            yield app.state.service, client
+            yield app, client
 
 
 def hidden(html: str, name: str = "csrf") -> str:
@@ -57,6 +58,13 @@ async def sign_in(client: httpx.AsyncClient, secret: str) -> str:
 @pytest.fixture
 async def cube(plugin_host: Callable[..., Any], tmp_path: Path,
                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    async with dashboard(plugin_host, tmp_path, monkeypatch) as (app, client):
+        yield app.state.service, client
+
+
+@pytest.fixture
+async def cube_app(plugin_host: Callable[..., Any], tmp_path: Path,
+                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     async with dashboard(plugin_host, tmp_path, monkeypatch) as pair:
         yield pair
 
@@ -214,3 +222,106 @@ def test_the_set_up_step_fetches_into_the_cache_and_only_warns_without_npm(
     assert assets.main([str(tmp_path)]) == 0  # cached
     assert assets.main([str(tmp_path / "elsewhere")]) == 1
     assert "without charts" in capsys.readouterr().err
+
+
+def section(html: str, heading: str) -> str:
+    """The page's part from ``<h2>heading</h2>`` to the next heading."""
+    start = html.index(f"<h2>{heading}</h2>")
+    end = html.find("<h2>", start + 1)
+    return html[start:end if end > 0 else len(html)]
+
+
+async def test_snapshots_show_as_a_tree_with_rollback_and_fork(cube: tuple[Any, httpx.AsyncClient]) -> None:
+    service, client = cube
+    team, key = service.create_api_key("team-a")
+    other, _ = service.create_api_key("team-b")
+    sb = await service.create(SandboxSpec(template_id="base", team_id=team.team_id, metadata={"app": "t"}))
+    theirs = await service.create(SandboxSpec(template_id="base", team_id=other.team_id))
+    foreign = await service.snapshot(other.team_id, theirs.sandbox_id)
+    base = service.get_template("base").snapshot.snapshot_id
+    a = await service.snapshot(team.team_id, sb.sandbox_id, name="first")
+    b = await service.snapshot(team.team_id, sb.sandbox_id)
+    await service.rollback(team.team_id, sb.sandbox_id, a.snapshot_id)
+    c = await service.snapshot(team.team_id, sb.sandbox_id)
+    assert (a.parent_id, b.parent_id, c.parent_id) == (base, base, a.snapshot_id)
+    csrf = await sign_in(client, key)
+    snaps = section((await client.get(f"/dashboard/sandboxes/{sb.sandbox_id}")).text, "Snapshots")
+    assert '<ul class="tree"' in snaps and f"template snapshot <code>{base}</code>" in snaps
+    # c is nested in a's item, which closes before its sibling b's
+    pos = {s.snapshot_id: snaps.index(f'<li data-snapshot="{s.snapshot_id}">') for s in (a, b, c)}
+    assert pos[a.snapshot_id] < pos[c.snapshot_id] < pos[b.snapshot_id]
+    a_item = snaps[pos[a.snapshot_id]:pos[b.snapshot_id]]
+    assert a_item.count("<ul>") == 1 and "current base" in a_item and "first" in a_item
+    assert snaps.count("Roll back</button>") == 3 and snaps.count("Fork from here</button>") == 3
+    assert foreign.snapshot_id not in snaps
+
+    async def act(action: str, **form: str) -> str:
+        r = await client.post(f"/dashboard/sandboxes/{sb.sandbox_id}/{action}",
+                              data={"csrf": csrf, "next": f"/dashboard/sandboxes/{sb.sandbox_id}", **form})
+        assert r.status_code == 303, r.text
+        return r.headers["location"]
+
+    assert "rolled+back" in await act("rollback", snapshot_id=b.snapshot_id)
+    assert service.get(team.team_id, sb.sandbox_id).runtime.parent_snapshot == b.snapshot_id
+    assert "Forked" in await act("fork", snapshot_id=c.snapshot_id)
+    [forked] = [s for s in service.list(team.team_id) if s.sandbox_id != sb.sandbox_id]
+    assert forked.runtime.parent_snapshot == c.snapshot_id and forked.metadata == {"app": "t"}
+    # a snapshot of another sandbox (here: another team's) is "not found"; nothing is created
+    assert "not+found" in (await act("fork", snapshot_id=foreign.snapshot_id)).lower()
+    assert "not+found" in (await act("rollback", snapshot_id=foreign.snapshot_id)).lower()
+    assert len(service.list(team.team_id)) == 2 and len(service.list(other.team_id)) == 1
+
+
+async def test_processes_are_listed_and_a_paused_sandbox_is_not_woken(
+        cube_app: tuple[Any, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    app, client = cube_app
+    service, vmm = app.state.service, app.state.agent.vmm
+    team, key = service.create_api_key("team-a")
+    sb = await service.create(SandboxSpec(template_id="base", team_id=team.team_id))
+    honest = vmm.guest_call
+    listed: list[Any] = []
+
+    async def guest_call(vm: Any, op: str, params: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+        if op == "exec" and (params or {}).get("cmd") == processes.COMMAND:
+            listed.append(vm.vm_id)
+            return {"exit_code": 0, "stdout": "1\t0\troot\t9000\t/sbin/cube-init\n"
+                    "42\t1\tuser\t2048\tpython3 app.py --port 8000\nnot a process line\n", "stderr": ""}
+        return await honest(vm, op, params, **kw)
+
+    monkeypatch.setattr(vmm, "guest_call", guest_call)
+    await sign_in(client, key)
+    procs = section((await client.get(f"/dashboard/sandboxes/{sb.sandbox_id}")).text, "Processes")
+    assert len(listed) == 1
+    assert "<td>42</td><td>1</td><td>user</td><td>2.0 MiB</td><td><code>python3 app.py --port 8000</code>" in procs
+    assert procs.count("<tr><td>") == 2
+    await service.pause(team.team_id, sb.sandbox_id)
+    procs = section((await client.get(f"/dashboard/sandboxes/{sb.sandbox_id}")).text, "Processes")
+    assert "paused: no processes listed" in procs and len(listed) == 1
+    assert service.get(team.team_id, sb.sandbox_id).state == SandboxState.PAUSED  # not woken
+
+
+def test_a_processes_listing_parses_the_guest_output() -> None:
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, *processes.COMMAND[1:]], capture_output=True, text=True, check=True)
+    found = processes.parse(out.stdout)
+    assert found and all(p.pid > 0 and p.cmd for p in found)
+    assert processes.parse("x\ty\n1\t\troot\t?\tsh\n") == [
+        processes.Process(pid=1, ppid=None, user="root", rss_kb=None, cmd="sh")]
+
+
+async def test_templates_show_their_size_on_disk(cube: tuple[Any, httpx.AsyncClient]) -> None:
+    service, client = cube
+    await sign_in(client, OPERATOR)
+    html = (await client.get("/dashboard/templates")).text
+    found = re.search(r'data-testid="disk-base">image ([^,]+), snapshot ([^<]+)<', html)
+    assert found, html
+    tpl = service.get_template("base")
+    files = [tpl.snapshot.vm_state.memory_file, tpl.snapshot.vm_state.device_state, tpl.snapshot.disk.path]
+    expected = sum(p.stat().st_blocks * 512 for p in set(files))
+    assert found.group(2) == sizes.human(expected) != "unknown"
+    assert found.group(1) == (sizes.human(tpl.rootfs_bytes) if tpl.rootfs_bytes else "unknown")
+    # a remote node's files are not read: unknown
+    remote = [n.evolve(url="http://node-b:9000") for n in service.list_nodes()]
+    assert sizes.template_size(tpl, remote).snapshot is None
+    assert sizes.human(3 << 30) == "3.0 GiB" and sizes.human(512) == "512 B"
