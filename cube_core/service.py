@@ -618,7 +618,7 @@ class SandboxService:
 
     async def reap_expired(self) -> int:
         now = utcnow()
-        expired = [s for s in self.store.list_sandboxes(states=(SandboxState.RUNNING,)) if s.end_at <= now]
+        expired = self.store.list_sandboxes(states=(SandboxState.RUNNING,), ends_by=now)
         for sb in expired:
             await self._expire(sb)
         return len(expired)

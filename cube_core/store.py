@@ -68,8 +68,12 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def get_sandbox(self, sandbox_id: str) -> Sandbox | None: ...
     @abc.abstractmethod
-    def list_sandboxes(self, *, team_id: str | None = None,
-                       states: tuple[SandboxState, ...] | None = None) -> list[Sandbox]: ...
+    def list_sandboxes(self, *, team_id: str | None = None, states: tuple[SandboxState, ...] | None = None,
+                       ends_by: datetime | None = None) -> list[Sandbox]:
+        """In put order; ``ends_by``: only those whose ``end_at`` is at or before it (to the
+        millisecond), chosen by the store: the reaper's scan every second parses the expired ones
+        only, not every live record."""
+
     @abc.abstractmethod
     def delete_sandbox(self, sandbox_id: str) -> None: ...
 
@@ -367,8 +371,8 @@ class SqliteStore(StateStore):
         rows = self._rows("SELECT body FROM sandboxes WHERE id=?", (sandbox_id,))
         return Sandbox.model_validate_json(rows[0]) if rows else None
 
-    def list_sandboxes(self, *, team_id: str | None = None,
-                       states: tuple[SandboxState, ...] | None = None) -> list[Sandbox]:
+    def list_sandboxes(self, *, team_id: str | None = None, states: tuple[SandboxState, ...] | None = None,
+                       ends_by: datetime | None = None) -> list[Sandbox]:
         sql, args = "SELECT body FROM sandboxes WHERE 1=1", []
         if team_id is not None:
             sql += " AND team_id=?"
@@ -376,6 +380,9 @@ class SqliteStore(StateStore):
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args.extend(s.value for s in states)
+        if ends_by is not None:  # julianday: ISO 8601 with or without fractions, Z or an offset
+            sql += " AND julianday(json_extract(body, '$.end_at')) <= julianday(?)"
+            args.append(ends_by.isoformat())
         return [Sandbox.model_validate_json(b) for b in self._rows(sql + " ORDER BY rowid", tuple(args))]
 
     def delete_sandbox(self, sandbox_id: str) -> None:

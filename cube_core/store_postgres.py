@@ -232,8 +232,8 @@ class PostgresStore(StateStore):
         rows = self._bodies("SELECT body FROM sandboxes WHERE id = %s", (sandbox_id,))
         return Sandbox.model_validate_json(rows[0]) if rows else None
 
-    def list_sandboxes(self, *, team_id: str | None = None,
-                       states: tuple[SandboxState, ...] | None = None) -> list[Sandbox]:
+    def list_sandboxes(self, *, team_id: str | None = None, states: tuple[SandboxState, ...] | None = None,
+                       ends_by: datetime | None = None) -> list[Sandbox]:
         sql, args = "SELECT body FROM sandboxes WHERE true", list[object]()
         if team_id is not None:
             sql += " AND team_id = %s"
@@ -241,6 +241,9 @@ class PostgresStore(StateStore):
         if states:
             sql += " AND state = ANY(%s)"
             args.append([s.value for s in states])
+        if ends_by is not None:
+            sql += " AND (body::jsonb ->> 'end_at')::timestamptz <= %s"
+            args.append(ends_by)
         return [Sandbox.model_validate_json(b) for b in self._bodies(sql + " ORDER BY put_order", tuple(args))]
 
     def delete_sandbox(self, sandbox_id: str) -> None:

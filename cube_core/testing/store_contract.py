@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -252,6 +252,24 @@ class StoreContract:
         assert store.list_sandboxes(team_id="team-c") == []
         assert store.list_sandboxes(states=(SandboxState.ERROR,)) == []
         assert ids(store.list_sandboxes(team_id="team-b", states=None)) == ["b1"]
+
+    def test_sandboxes_ending_by(self, store: StateStore) -> None:
+        """``ends_by`` compares instants (to the millisecond), not strings: fractions of a second,
+        another UTC offset."""
+        ends = {"whole": T0 + timedelta(seconds=10), "fraction": T0 + timedelta(seconds=10, microseconds=500_000),
+                "later": T0 + timedelta(seconds=11), "offset": (T0 + timedelta(seconds=9)).astimezone(
+                    timezone(timedelta(hours=-5)))}
+        for name, end in ends.items():
+            store.put_sandbox(sandbox(name).evolve(end_at=end))
+        store.put_sandbox(sandbox("paused", state=SandboxState.PAUSED).evolve(end_at=T0))
+        at = T0 + timedelta(seconds=10, microseconds=499_000)
+        assert ids(store.list_sandboxes(ends_by=at)) == ["whole", "offset", "paused"]
+        assert ids(store.list_sandboxes(states=(SandboxState.RUNNING,), ends_by=at)) == ["whole", "offset"]
+        assert ids(store.list_sandboxes(ends_by=T0 + timedelta(seconds=10, microseconds=500_000))) == [
+            "whole", "fraction", "offset", "paused"]
+        assert store.list_sandboxes(team_id="team-b", ends_by=T0 + timedelta(days=1)) == []
+        assert ids(store.list_sandboxes(ends_by=(T0 + timedelta(seconds=11)).astimezone(
+            timezone(timedelta(hours=3))))) == ["whole", "fraction", "later", "offset", "paused"]
 
     # -- templates ------------------------------------------------------------------------------
 
