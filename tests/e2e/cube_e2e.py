@@ -122,6 +122,14 @@ max_attempts = 50
 """
 
 
+def with_e2b_options(config: str, options: str) -> str:
+    """``config`` with ``options = {options}`` in its ``[[api]] plugin = "e2b"`` table (appending
+    it would put it in whatever table comes last: [webhooks] today)."""
+    table = '[[api]]\nplugin = "e2b"\n'
+    assert config.count(table) == 1, "the e2e config has one e2b API table"
+    return config.replace(table, f"{table}options = {{ {options} }}\n")
+
+
 @pytest.fixture(scope="session")
 def cube_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CubeServer]:
     state = tmp_path_factory.mktemp("cube-e2e")

@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from cube_e2e import CubeServer, free_port
+from cube_e2e import CubeServer, free_port, with_e2b_options
 from e2b import AsyncSandbox, CommandExitException, PtySize, Sandbox, SandboxNotRunningException
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
@@ -47,10 +47,15 @@ def conf(cube_server: CubeServer) -> Iterator[ConformanceServer]:
     cube_server.stop()
     domain = f"cube.localhost:{free_port()}"
     config = cube_server.state_dir / "plugins-conformance.toml"
-    config.write_text(cube_server.config.read_text() + f'options = {{ domain = "{domain}" }}\n')
+    config.write_text(with_e2b_options(cube_server.config.read_text(), f'domain = "{domain}"'))
     server = dataclasses.replace(cube_server, config=config, procs=[])
     started = time.monotonic()
-    server.start()
+    try:
+        server.start()
+    except BaseException:  # the other modules still get the shared server back
+        server.stop()
+        cube_server.start()
+        raise
     MEASURED["serve_restart_s"] = round(time.monotonic() - started, 2)
     try:
         yield ConformanceServer(server=server, domain=domain, ca=str(cube_server.state_dir / "tls" / "ca.pem"))

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from cube_e2e import CubeServer, free_port
+from cube_e2e import CubeServer, free_port, with_e2b_options
 from e2b import NotFoundException, RateLimitException, Sandbox, SandboxException
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
@@ -56,12 +56,17 @@ def tenants(cube_server: CubeServer) -> Iterator[TenantServer]:
     cube_server.stop()
     domain = f"cube.localhost:{free_port()}"
     config = cube_server.state_dir / "plugins-tenants.toml"
-    config.write_text(cube_server.config.read_text() + f'options = {{ domain = "{domain}" }}\n'
-                      f"\n[quotas.teams.{QUOTA_TEAM}]\nmax_sandboxes = 1\n")
+    config.write_text(with_e2b_options(cube_server.config.read_text(), f'domain = "{domain}"')
+                      + f"\n[quotas.teams.{QUOTA_TEAM}]\nmax_sandboxes = 1\n")
     server = dataclasses.replace(cube_server, config=config, procs=[])
-    out = server.keys("create", "--team", QUOTA_TEAM)
-    assert out.returncode == 0, out.stderr
-    server.start()
+    try:
+        out = server.keys("create", "--team", QUOTA_TEAM)
+        assert out.returncode == 0, out.stderr
+        server.start()
+    except BaseException:  # the other modules still get the shared server back
+        server.stop()
+        cube_server.start()
+        raise
     try:
         yield TenantServer(server=server, domain=domain, key_q=out.stdout.strip())
     finally:
