@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -30,7 +31,13 @@ CMD ["python3", "-m", "http.server", "8000"]
 """
 
 
-def test_dockerfile_build_then_delete(e2b_env: CubeServer, tmp_path: Path) -> None:
+@pytest.fixture
+def api(e2b_env: CubeServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=e2b_env.url, headers={"X-API-Key": e2b_env.key_a}, timeout=120) as client:
+        yield client
+
+
+def test_dockerfile_build_then_delete(e2b_env: CubeServer, api: httpx.Client, tmp_path: Path) -> None:
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "index.html").write_text("<p>from a Dockerfile</p>\n")
     (tmp_path / "app.txt").write_text("app\n")
@@ -58,7 +65,6 @@ def test_dockerfile_build_then_delete(e2b_env: CubeServer, tmp_path: Path) -> No
         snapshots = sorted(p.name for p in (storage / "snapshots").glob(f"tmpl-{info.template_id}-*"))
         assert snapshots, "the template's snapshot is on the disk"
 
-        api = httpx.Client(base_url=e2b_env.url, headers={"X-API-Key": e2b_env.key_a}, timeout=120)
         busy = api.delete(f"/templates/{name}")
         assert busy.status_code == 409 and sbx.sandbox_id in busy.json()["message"], busy.text
         assert api.delete(f"/templates/{name}", headers={"X-API-Key": e2b_env.key_b}).status_code == 404
@@ -73,5 +79,5 @@ def test_dockerfile_build_then_delete(e2b_env: CubeServer, tmp_path: Path) -> No
     assert info.template_id not in (storage / "build-layers.json").read_text()
     pooled = [s for s in Sandbox.list().next_items() if s.template_id == info.template_id]
     assert not pooled
-    health = httpx.get(f"{e2b_env.url}/health", timeout=10).json()
+    health = api.get("/health").json()
     assert info.template_id not in json.dumps(health)
