@@ -363,15 +363,16 @@ class Build:
                     await self.agent.vmm.shutdown(self.vm)
             await self.agent.network.release(nic)
             await self.agent.storage.delete_disk(disk)
+        snapshot = SnapshotRef(snapshot_id=snapshot_id, template_id=template_id, vm_state=state,
+                               disk=frozen_disk, node_id=self.agent.node_id)
+        self.put(snapshot=snapshot)  # kept while a tag names this build (after a rebuild too)
         old = self.agent.store.get_template(template_id)
         template = Template(
             template_id=template_id, aliases=old.aliases if old else (self.record.name,),
             status=TemplateStatus.READY, kernel=parent.kernel, initrd=parent.initrd, rootfs=str(last_layer),
             interpreter=parent.interpreter, cpu_count=self.record.cpu_count, memory_mb=self.record.memory_mb,
             envd_version=envd_version, team_id=self.record.team_id, build_id=self.record.build_id,
-            build_log="\n".join(line.message for line in self.record.logs)[-20_000:],
-            snapshot=SnapshotRef(snapshot_id=snapshot_id, template_id=template_id, vm_state=state,
-                                 disk=frozen_disk, node_id=self.agent.node_id))
+            build_log="\n".join(line.message for line in self.record.logs)[-20_000:], snapshot=snapshot)
         self.agent.store.put_template(template)
         self.agent.template_ready(template)  # first: a member being restored from the old snapshot is dropped
         if old is not None and old.snapshot is not None:  # warm members of the previous build go

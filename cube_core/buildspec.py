@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from cube_core.models import Frozen, Template, utcnow
+from cube_core.models import Frozen, SnapshotRef, Template, utcnow
 
 STEP_TYPES = ("RUN", "COPY", "ENV", "WORKDIR", "USER")
 """The SDK's instruction types (``e2b.template.types.InstructionType``)."""
@@ -95,6 +95,11 @@ class TemplateBuild(Frozen):
     steps_cached: int = 0
     created_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
+    snapshot: SnapshotRef | None = None
+    """The snapshot sandboxes of this build restore (set when it is ready, on the node that built
+    it): kept while a tag names the build or a sandbox or sandbox snapshot uses it, then freed
+    (None again, ``freed_at`` set; :meth:`cube_core.templatebuilds.TemplateBuilds.release`)."""
+    freed_at: datetime | None = None
 
     def with_log(self, *lines: BuildLogLine) -> TemplateBuild:
         return self.model_copy(update={"logs": (self.logs + lines)[-LOG_LINES_MAX:]})

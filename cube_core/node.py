@@ -306,7 +306,14 @@ class NodeAgent:
                  if s.runtime.saved is not None and s.node_id == self.node_id}
         return (saved | {s.snapshot_id for s in snaps} | {s.base_state_id for s in snaps if s.base_state_id}
                 | {t.snapshot.snapshot_id for t in self.store.list_templates() if t.snapshot}
-                | {t.snapshot.snapshot_id for t in self._ready.values() if t.snapshot})
+                | {t.snapshot.snapshot_id for t in self._ready.values() if t.snapshot}
+                | set(self._build_snapshots()))
+
+    def _build_snapshots(self) -> dict[str, SnapshotRef]:
+        """The snapshots of team template builds not freed yet (a tag names them, or something
+        still uses them; ``TemplateBuilds.release``), by id."""
+        return {b.snapshot.snapshot_id: b.snapshot for t in self.store.list_templates() if t.team_id is not None
+                for b in self.store.list_builds(t.template_id) if b.snapshot is not None}
 
     # -- launch ----------------------------------------------------------------------------------
 
@@ -757,7 +764,7 @@ class NodeAgent:
         for template in self._ready.values():
             if template.snapshot is not None and template.snapshot.snapshot_id == snapshot_id:
                 return template.snapshot
-        ref = self.store.get_snapshot(snapshot_id)
+        ref = self.store.get_snapshot(snapshot_id) or self._build_snapshots().get(snapshot_id)
         if ref is not None and ref.node_id in (None, self.node_id):
             return ref
         return None

@@ -82,6 +82,8 @@ log = structlog.get_logger(__name__)
 
 LIVE_STATES = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED)
 REAPER_LEASE = "reaper"
+RELEASE_EVERY_S = 5.0
+"""How often the reaper frees older template builds no tag names once their last user went."""
 TEAM_METRIC_POINTS = 500
 
 
@@ -103,6 +105,7 @@ class SandboxService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._kept_in_ram: set[str] = set()
+        self._next_release = 0.0
         """Paused sandboxes their node could not write out to disk (not tried again)."""
         self.team_secrets = teamsecrets.TeamSecrets(store, self.settings)  # /secrets; needs [core] secrets_key
         # the SDK's Template.build
@@ -163,7 +166,8 @@ class SandboxService:
         """A template; with ``team_id``, another team's is "not found"."""
         template = self.store.get_template(template_id_or_alias)
         if template is None and ":" in template_id_or_alias:  # name:tag
-            template = self.template_builds.tags.resolve(template_id_or_alias)
+            found = self.template_builds.tags.resolve(template_id_or_alias)
+            template = found[0] if found is not None else None
         if template is None or (team_id is not None and not templatebuilds.visible(template, team_id)):
             raise TemplateNotFoundError(template=template_id_or_alias)
         return template
@@ -232,18 +236,28 @@ class SandboxService:
             out = [s for s in out if all(s.metadata.get(k) == v for k, v in metadata.items())]
         return out
 
+    def _older_build(self, ref: str) -> TemplateBuild | None:
+        """The older build ``name:tag`` names (None: a plain name, or the build the template serves)."""
+        if ":" not in ref or self.store.get_template(ref) is not None:
+            return None
+        found = self.template_builds.tags.resolve(ref)
+        return found[1] if found is not None else None
+
     def _place(self, spec: SandboxSpec, snapshot: SnapshotRef | None, live: builtins.list[Sandbox],
-               volume_node: str | None = None) -> Node:
+               volume_node: str | None = None, *, of_build: bool = False) -> Node:
         """The node for a new sandbox: the scheduler's choice among the nodes that are up and
         have the template ready. From a sandbox snapshot: its own node (the files are there) when
         it takes sandboxes; otherwise one of the others, which copies the snapshot first (its
-        origin must be reachable for that: draining is fine, down is not)."""
+        origin must be reachable for that: draining is fine, down is not). From an older build's
+        snapshot (``of_build``) the same, among the nodes that have the template ready."""
         nodes = self.nodes.placeable(live)
         if volume_node is not None:  # its volumes' node (they are not copied)
             nodes = [n for n in nodes if n.node_id == volume_node]
             if not nodes:
                 self.nodes.client(volume_node)  # NodeUnavailableError when down
                 raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
+        if of_build:
+            nodes = [n for n in nodes if spec.template_id in n.templates]
         if snapshot is not None and snapshot.node_id is not None:
             origin = [n for n in nodes if n.node_id == snapshot.node_id]
             if origin:
@@ -270,9 +284,12 @@ class SandboxService:
         template = self.get_template(spec.template_id, spec.team_id)
         if template.status != TemplateStatus.READY:
             raise TemplateError(f"template {spec.template_id!r} is {template.status.value}, not ready")
-        # the VM is a clone of the template's snapshot: its size is the template's, whatever was asked
-        spec = spec.evolve(template_id=template.template_id, cpu_count=template.cpu_count,
-                           memory_mb=template.memory_mb)
+        build = self._older_build(spec.template_id) if snap is None else None
+        if build is not None:  # name:tag of an older build: its kept snapshot (never a warm-pool member)
+            snap = build.snapshot
+        # the VM is a clone of the template's (or the older build's) snapshot: its size, whatever was asked
+        size = build or template
+        spec = spec.evolve(template_id=template.template_id, cpu_count=size.cpu_count, memory_mb=size.memory_mb)
         mounts, volume_node = self.volumes.resolve(spec.team_id, spec.volume_mounts)
         spec = spec.evolve(volume_mounts=mounts)
         rejection = self.host.hooks.admit_sandbox(spec)
@@ -285,7 +302,7 @@ class SandboxService:
                 raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
             self.volumes.check_mountable(mounts, live)  # a read-write mount is exclusive
             with telemetry.span("scheduler.place", live_sandboxes=len(live)) as placing:
-                node = self._place(spec, snap, live, volume_node)
+                node = self._place(spec, snap, live, volume_node, of_build=build is not None)
                 if placing is not None:
                     placing.set_attribute("cube.node_id", node.node_id)
             now = utcnow()
@@ -293,8 +310,8 @@ class SandboxService:
                 sandbox_id=ids.sandbox_id(), template_id=template.template_id,
                 alias=template.aliases[0] if template.aliases else None, team_id=spec.team_id,
                 state=SandboxState.CREATING, started_at=now, end_at=now + timedelta(seconds=spec.timeout_s),
-                metadata=dict(spec.metadata), env_vars=dict(spec.env_vars), cpu_count=template.cpu_count,
-                memory_mb=template.memory_mb, auto_pause=spec.auto_pause, auto_resume=spec.auto_resume,
+                metadata=dict(spec.metadata), env_vars=dict(spec.env_vars), cpu_count=spec.cpu_count,
+                memory_mb=spec.memory_mb, auto_pause=spec.auto_pause, auto_resume=spec.auto_resume,
                 timeout_s=spec.timeout_s, secure=spec.secure,
                 envd_access_token=ids.access_token() if spec.secure else None, network=spec.network,
                 node_id=node.node_id, isolation=node.isolation, volume_mounts=mounts)
@@ -613,6 +630,9 @@ class SandboxService:
                     self.nodes.mark_down()
                     await self.reap_expired()
                     await self.write_out_paused()
+                    if time.monotonic() >= self._next_release:  # older builds no tag names, unused
+                        self._next_release = time.monotonic() + RELEASE_EVERY_S
+                        await self.template_builds.release()
             except Exception:
                 log.exception("timeout reaper failed")
 

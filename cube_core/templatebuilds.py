@@ -30,9 +30,10 @@ from cube_core.buildspec import BuildJob, BuildLogLine, BuildPlan, BuildStatus, 
 from cube_core.config import CoreSettings
 from cube_core.errors import InvalidStateError, NodeUnavailableError, TemplateError, TemplateNotFoundError
 from cube_core.events import EventBus
-from cube_core.models import Template, TemplateStatus, utcnow
+from cube_core.models import SnapshotRef, Template, TemplateStatus, utcnow
 from cube_core.nodes import LIVE_STATES, NodeDirectory
 from cube_core.pool import POOL_TEAM
+from cube_core.state import SandboxState
 from cube_core.store import StateStore
 
 log = structlog.get_logger(__name__)
@@ -72,10 +73,11 @@ class TemplateProtectedError(TemplateError):
 
 
 class TagNotServedError(TemplateError):
-    """``name:tag`` names an older build than the one the template serves (HTTP 400)."""
+    """``name:tag`` names an older build whose snapshot was not kept: one built before Cube kept
+    the snapshots of tagged builds (HTTP 400)."""
 
-    msg_fmt = ("{ref!r} names build {build_id}, but the template serves its newest build ({current}) only: "
-               "build it again, or assign the tag to the newest build")
+    msg_fmt = ("{ref!r} names build {build_id}, whose snapshot was not kept (built before Cube kept older "
+               "builds): build it again, or assign the tag to the newest build")
 
 
 class UploadRefusedError(TemplateError):
@@ -245,6 +247,8 @@ class TemplateBuilds:
         tid = template.template_id
         names = {tid, *template.aliases}
         snapshot_id = template.snapshot.snapshot_id if template.snapshot else None
+        older = [b.snapshot for b in self.store.list_builds(tid)  # kept for their tags: freed too
+                 if b.snapshot is not None and b.snapshot.snapshot_id != snapshot_id]
         users = [s.sandbox_id for s in self.store.list_sandboxes(states=LIVE_STATES)
                  if s.template_id == tid and s.team_id != POOL_TEAM]
         snaps = [s.snapshot_id for s in self.store.list_snapshots()
@@ -258,6 +262,8 @@ class TemplateBuilds:
                 raise TemplateInUseError(template=template_ref, detail=f"{what} {', '.join(found[:10])}"
                                          + (f" and {len(found) - 10} more" if len(found) > 10 else ""))
         self.store.delete_template(tid)
+        for snapshot in older:  # first: then the build layers under them are not kept for them
+            await self._free_files(snapshot)
         for node in self.nodes.records():
             try:
                 deleted = await self.nodes.client(node.node_id).remove_template(template)
@@ -270,6 +276,66 @@ class TemplateBuilds:
             self.events.emit("template.deleted", team_id=template.team_id, template_id=tid,
                              name=template.aliases[0] if template.aliases else tid)
         return template
+
+    # -- older builds: kept while a tag names them ------------------------------------------------
+
+    async def release(self, template_id: str | None = None) -> list[str]:
+        """Free the snapshots of older builds (not the one the template serves) that no tag names
+        any more and that no sandbox or sandbox snapshot uses; one still used is freed by a later
+        call after its last user went (the reaper calls this every few seconds). ``template_id``
+        None: every team template. The build ids freed."""
+        if template_id is not None:
+            found = self.store.get_template(template_id)
+            templates = [found] if found is not None else []
+        else:
+            templates = [t for t in self.store.list_templates() if t.team_id is not None]
+        freed: list[str] = []
+        for template in templates:
+            builds = [b for b in self.store.list_builds(template.template_id) if b.status == BuildStatus.READY]
+            older = [b for b in builds if b.snapshot is not None and b.build_id != template.build_id]
+            if not older:
+                continue
+            named = {b.build_id for _, b in named_builds(builds)}
+            for build in older:
+                assert build.snapshot is not None
+                if build.build_id in named:
+                    continue
+                users = self._users(build.snapshot.snapshot_id, template.template_id)
+                if users:
+                    log.debug("older build kept for its users", build_id=build.build_id, users=users[:10])
+                    continue
+                current = self.store.get_build(build.build_id)
+                if current is None or current.snapshot is None:
+                    continue
+                self.store.put_build(current.model_copy(update={"snapshot": None, "freed_at": utcnow(), "tags": ()}))
+                await self._free_files(build.snapshot)
+                log.info("older template build freed", template_id=template.template_id, build_id=build.build_id,
+                         snapshot_id=build.snapshot.snapshot_id)
+                freed.append(build.build_id)
+        return freed
+
+    def _users(self, snapshot_id: str, template_id: str) -> list[str]:
+        """What still needs a build's snapshot: sandbox snapshots saved as differences from it, and
+        the template's live sandboxes restored from it or from those (and the ones being created)."""
+        snaps = [s.snapshot_id for s in self.store.list_snapshots() if snapshot_id in (s.base_state_id, s.parent_id)]
+        known = {snapshot_id, *snaps}
+        sandboxes = [s.sandbox_id for s in self.store.list_sandboxes(states=LIVE_STATES)
+                     if s.template_id == template_id and s.team_id != POOL_TEAM
+                     and (s.state == SandboxState.CREATING or s.runtime.parent_snapshot in known
+                          or (s.runtime.saved is not None and s.runtime.saved.base_state_id == snapshot_id))]
+        return sandboxes + snaps
+
+    async def _free_files(self, snapshot: SnapshotRef) -> None:
+        """Delete a build's snapshot on the node that made it and on those holding a copy; a node
+        that is away frees it at its next start (storage ``gc``: no record keeps it)."""
+        for node in self.nodes.records():
+            if node.node_id != snapshot.node_id and snapshot.snapshot_id not in node.snapshots:
+                continue
+            try:
+                await self.nodes.client(node.node_id).delete_snapshot(snapshot.snapshot_id)
+            except NodeUnavailableError as exc:
+                log.info("build snapshot left on a node that is away", snapshot_id=snapshot.snapshot_id,
+                         node_id=node.node_id, error=exc.message)
 
     def _failed(self, build: TemplateBuild) -> None:
         template = self.store.get_template(build.template_id)
@@ -293,9 +359,21 @@ class TemplateBuilds:
         return template
 
 
+def named_builds(builds: list[TemplateBuild]) -> list[tuple[str, TemplateBuild]]:
+    """Every tag of a template's ready ``builds`` (newest first) and the build it names (the newest
+    holding it), by tag."""
+    named: dict[str, TemplateBuild] = {}
+    for build in builds:
+        for tag in build.tags:
+            named.setdefault(tag, build)
+    return sorted(named.items())
+
+
 class TemplateTags:
     """``name:tag`` -> build: each build carries the tags it was built or tagged with; a tag names
-    the newest ready build holding it (``default``: every build has it unless it was given tags)."""
+    the newest ready build holding it (``default``: every build has it unless it was given tags).
+    The template serves its newest build (its warm pool too); a tag of an older build restores that
+    build's snapshot, kept while a tag names it (:meth:`TemplateBuilds.release`)."""
 
     def __init__(self, builds: TemplateBuilds) -> None:
         self.builds = builds
@@ -307,10 +385,11 @@ class TemplateTags:
             raise TemplateNotFoundError(template=name)
         return template, [b for b in self.store.list_builds(template.template_id) if b.status == BuildStatus.READY]
 
-    def resolve(self, ref: str) -> Template | None:
-        """The template ``name:tag`` names, when the tag names the build it serves (a template
-        serves its newest build); None if there is no such template or tag. A tag on an older
-        build: :class:`TagNotServedError`. Any team's (the caller checks visibility)."""
+    def resolve(self, ref: str) -> tuple[Template, TemplateBuild | None] | None:
+        """The template ``name:tag`` names, and the older build to restore when the tag names
+        one (None: the build the template serves); None if there is no such template or tag. A
+        tag on an older build whose snapshot was not kept: :class:`TagNotServedError`. Any team's
+        (the caller checks visibility)."""
         name, _, tag = ref.partition(":")
         template = self.store.get_template(name)
         if template is None:
@@ -318,22 +397,21 @@ class TemplateTags:
         builds = [b for b in self.store.list_builds(template.template_id) if b.status == BuildStatus.READY]
         holder = next((b for b in builds if tag in b.tags), None)
         if holder is None:
-            return template if tag == "default" and not builds else None
-        if holder.build_id != template.build_id:
-            raise TagNotServedError(ref=ref, build_id=holder.build_id, current=template.build_id or "-")
-        return template
+            return (template, None) if tag == "default" and not builds else None
+        if holder.build_id == template.build_id:
+            return template, None
+        if holder.snapshot is None:
+            raise TagNotServedError(ref=ref, build_id=holder.build_id)
+        return template, holder
 
     def list(self, team_id: str, name: str) -> list[tuple[str, TemplateBuild]]:
         """Every tag of the template and the build it names, by tag."""
         _, builds = self._ready(team_id, name)
-        named: dict[str, TemplateBuild] = {}
-        for build in builds:  # newest first: the first holder of a tag wins
-            for tag in build.tags:
-                named.setdefault(tag, build)
-        return sorted(named.items())
+        return named_builds(builds)
 
     def assign(self, team_id: str, target: str, tags: tuple[str, ...]) -> TemplateBuild:
-        """Give ``tags`` to the build ``target`` (``name:tag``, the tag ``default`` if none) names."""
+        """Give ``tags`` to the build ``target`` (``name:tag``, the tag ``default`` if none) names;
+        a build the tags moved away from is freed by :meth:`TemplateBuilds.release`."""
         name, _, tag = target.partition(":")
         holder = dict(self.list(team_id, name)).get(tag or "default")
         if holder is None:
@@ -350,8 +428,11 @@ class TemplateTags:
         self.store.put_build(updated)
         return updated
 
-    def remove(self, team_id: str, name: str, tags: tuple[str, ...]) -> None:
-        _, builds = self._ready(team_id, name)
+    def remove(self, team_id: str, name: str, tags: tuple[str, ...]) -> Template:
+        """Take ``tags`` off the template's builds (:meth:`TemplateBuilds.release` then frees a
+        build no tag names any more); the template."""
+        template, builds = self._ready(team_id, name)
         for build in builds:
             if set(build.tags) & set(tags):
                 self.store.put_build(build.model_copy(update={"tags": tuple(t for t in build.tags if t not in tags)}))
+        return template

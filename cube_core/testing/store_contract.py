@@ -117,7 +117,8 @@ def full_build(build_id: str = "0b5e6c1e-0000-4000-8000-00000000b001", template_
         status=BuildStatus.ERROR, cpu_count=2, memory_mb=1024, plan=plan, node_id="node-7",
         logs=(BuildLogLine(timestamp=T0, level="error", message="exit code 7 ✓", step="1"),),
         reason="step 1 failed", reason_step="1", steps_run=1, steps_cached=2, created_at=created_at,
-        finished_at=T0 + timedelta(seconds=5))
+        finished_at=T0 + timedelta(seconds=5), snapshot=full_snapshot(f"tmpl-{template_id}", team_id=None),
+        freed_at=T0 + timedelta(minutes=5))
 
 
 def full_node(node_id: str = "node-7") -> Node:

@@ -177,19 +177,81 @@ async def test_tags_with_the_sdk(cube, build_env, tmp_path):
     with pytest.raises(Exception, match="not found"):
         await AsyncTemplate.assign_tags(f"{alias}:nope", ["x"])
 
-    # name:tag in create and exists: a tag on the build the template serves (its newest) resolves
+    # name:tag in create and exists: the newest build, or an older one a tag still names
     url, key = build_env
+    store, snapshots = cube.service.store, cube.agent.storage.root / "snapshots"
     third = await AsyncTemplate.build(AsyncTemplate().from_template("base").run_cmd("echo 3"), f"{alias}:v3")
     assert third.tags == ["v3"]
-    assert await AsyncTemplate.exists(f"{alias}:v3") and not await AsyncTemplate.exists(f"{alias}:nope")
+    assert await AsyncTemplate.exists(f"{alias}:v3") and await AsyncTemplate.exists(f"{alias}:v1")
+    assert not await AsyncTemplate.exists(f"{alias}:nope")
+    # the second build lost its tags and is not served any more: the reaper's release frees it
+    await cube.service.template_builds.release()  # (or the reaper did already)
+    freed = store.get_build(second.build_id)
+    assert freed.snapshot is None and freed.freed_at is not None
+    assert not list(snapshots.glob(f"tmpl-{third.template_id}-{second.build_id[:8]}-*"))
+    kept = store.get_build(first.build_id).snapshot
+    assert kept is not None and (snapshots / kept.snapshot_id).exists()
     async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}) as client:
         made = await client.post("/sandboxes", json={"templateID": f"{alias}:v3", "timeout": 60})
         assert made.status_code == 201, made.text
         assert made.json()["templateID"] == third.template_id
+        current = store.get_template(alias).snapshot
+        assert store.get_sandbox(made.json()["sandboxID"]).runtime.parent_snapshot == current.snapshot_id
         older = await client.post("/sandboxes", json={"templateID": f"{alias}:v1", "timeout": 60})
-        assert older.status_code == 400 and "serves its newest build" in older.json()["message"], older.text
+        assert older.status_code == 201, older.text
+        old_sandbox = older.json()["sandboxID"]
+        assert older.json()["templateID"] == third.template_id
+        assert store.get_sandbox(old_sandbox).runtime.parent_snapshot == kept.snapshot_id  # a pool miss
         unknown = await client.post("/sandboxes", json={"templateID": f"{alias}:nope", "timeout": 60})
         assert unknown.status_code == 404, unknown.text
+        other = cube.key("team-b")  # another team's tag: not found
+        theirs = await client.post("/sandboxes", json={"templateID": f"{alias}:v1", "timeout": 60},
+                                   headers={"X-API-Key": other})
+        assert theirs.status_code == 404, theirs.text
+        # no tag names the first build any more, but a sandbox runs from it: kept until it goes
+        await AsyncTemplate.remove_tags(alias, ["v1", "stable"])
+        assert (snapshots / kept.snapshot_id).exists() and store.get_build(first.build_id).snapshot is not None
+        assert not await AsyncTemplate.exists(f"{alias}:v1")
+        assert (await client.delete(f"/sandboxes/{old_sandbox}")).status_code == 204
+    await cube.service.template_builds.release()
+    assert store.get_build(first.build_id).freed_at is not None and not (snapshots / kept.snapshot_id).exists()
+    assert (snapshots / current.snapshot_id).exists()  # the template's own build stays
+
+
+async def test_an_older_build_stays_for_its_sandbox_snapshots_and_goes_with_the_template(cube, build_env):
+    url, key = build_env
+    alias = name()
+    store, snapshots = cube.service.store, cube.agent.storage.root / "snapshots"
+    first = await AsyncTemplate.build(AsyncTemplate().from_template("base").run_cmd("echo 1"), f"{alias}:v1")
+    second = await AsyncTemplate.build(AsyncTemplate().from_template("base").run_cmd("echo 2"), f"{alias}:v2")
+    v1 = store.get_build(first.build_id).snapshot
+    v2 = store.get_build(second.build_id).snapshot
+    assert v1 is not None and v2 is not None and v1.snapshot_id != v2.snapshot_id
+    assert v2.snapshot_id == store.get_template(alias).snapshot.snapshot_id
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}) as client:
+        made = await client.post("/sandboxes", json={"templateID": f"{alias}:v1", "timeout": 60})
+        assert made.status_code == 201, made.text
+        sandbox_id = made.json()["sandboxID"]
+        snap = await client.post(f"/sandboxes/{sandbox_id}/snapshots", json={})
+        assert snap.status_code in (200, 201), snap.text
+        snapshot_id = snap.json()["snapshotID"]
+        assert (await client.delete(f"/sandboxes/{sandbox_id}")).status_code == 204
+        # the tag moves to the newest build; the sandbox snapshot still needs v1's files
+        await AsyncTemplate.assign_tags(f"{alias}:v2", ["v1"])
+        assert await cube.service.template_builds.release(first.template_id) == []
+        assert (snapshots / v1.snapshot_id).exists()
+        again = await client.post("/sandboxes", json={"templateID": snapshot_id, "timeout": 60})
+        assert again.status_code == 201, again.text
+        assert (await client.delete(f"/sandboxes/{again.json()['sandboxID']}")).status_code == 204
+        assert (await client.delete(f"/templates/{snapshot_id}")).status_code == 204
+        await cube.service.template_builds.release()
+        assert store.get_build(first.build_id).freed_at is not None and not (snapshots / v1.snapshot_id).exists()
+        # a tagged older build goes with the template
+        third = await AsyncTemplate.build(AsyncTemplate().from_template("base").run_cmd("echo 3"), f"{alias}:v3")
+        v2 = store.get_build(second.build_id).snapshot
+        assert v2 is not None and (snapshots / v2.snapshot_id).exists()  # v2 and v1 still name it
+        assert (await client.delete(f"/templates/{alias}")).status_code == 204, third
+    assert not list(snapshots.glob(f"tmpl-{first.template_id}-*"))
 
 
 async def test_from_image_of_a_local_oci_layout_and_of_a_registry(cube, build_env, tmp_path):

@@ -247,13 +247,15 @@ class TagOut(Out):
                   responses=errors(404, 500), summary="Give tags to the build a name:tag names")
 async def assign_tags(body: Annotated[AssignTagsIn, Body()], team: CurrentTeam, service: Service) -> AssignedTagsOut:
     build = service.template_builds.tags.assign(team.team_id, body.target, tuple(body.tags))
+    await service.template_builds.release(build.template_id)  # a build the tags moved off may be free now
     return AssignedTagsOut(tags=list(body.tags), build_id=build.build_id)
 
 
 @tags_router.delete("/templates/tags", status_code=204, response_class=Response, responses=errors(404, 500),
                     summary="Take tags off a template's builds")
 async def delete_tags(body: Annotated[DeleteTagsIn, Body()], team: CurrentTeam, service: Service) -> Response:
-    service.template_builds.tags.remove(team.team_id, body.name, tuple(body.tags))
+    template = service.template_builds.tags.remove(team.team_id, body.name, tuple(body.tags))
+    await service.template_builds.release(template.template_id)  # a build no tag names: its files go
     return Response(status_code=204)
 
 
