@@ -228,7 +228,8 @@ class NodeAgent:
                     cpu_used=sum(s.cpu_count for s in mine if s.state != SandboxState.PAUSED),
                     memory_mb_used=sum(s.memory_mb for s in mine if not s.runtime.on_disk), sandboxes=len(users),
                     sandboxes_paused=sum(1 for s in users if s.state == SandboxState.PAUSED),
-                    pool=self.pool.sizes(), templates=tuple(sorted(self._ready)), disk_free_mb=disk_free,
+                    pool=self.pool.sizes(), templates=tuple(sorted(set(self._ready) - set(self._stale_templates()))),
+                    disk_free_mb=disk_free,
                     memory_mb_available=self.memory_probe(),
                     isolation=self.vmm.isolation, snapshots=tuple(sorted(self._replicas)))
 
@@ -249,6 +250,7 @@ class NodeAgent:
         while True:
             await asyncio.sleep(self.heartbeat_s)
             try:
+                await self._drop_stale()
                 self.beat()
             except Exception:
                 log.exception("heartbeat failed", node_id=self.node_id)
@@ -317,11 +319,34 @@ class NodeAgent:
 
     # -- launch ----------------------------------------------------------------------------------
 
-    def local_template(self, template_id: str) -> Template:
+    def local_template(self, template_id: str, *, any_build: bool = False) -> Template:
+        """The template as it serves here; ``any_build``: a restore of a given snapshot (a sandbox
+        snapshot's, an older build's) needs only the template's record, served here or not."""
         template = self._ready.get(template_id)
+        if template is None and any_build:
+            template = self.store.get_template(template_id)
         if template is None:
             raise TemplateNotFoundError(template=template_id)
         return template
+
+    def _stale_templates(self) -> list[str]:
+        """Team templates served here from a build that is no longer their newest: rebuilt on
+        another node (this one still holds the older build's files, for its tags)."""
+        stale = []
+        for template_id, template in self._ready.items():
+            if template.team_id is None:
+                continue
+            record = self.store.get_template(template_id)
+            if record is None or record.build_id != template.build_id:
+                stale.append(template_id)
+        return stale
+
+    async def _drop_stale(self) -> None:
+        for template_id in self._stale_templates():
+            self._ready.pop(template_id, None)
+            drained = await self.pool.drain(template_id, forget=True)
+            log.info("template rebuilt elsewhere: no longer served here", template_id=template_id,
+                     node_id=self.node_id, pool_members=drained)
 
     @with_ids
     async def launch(self, request: LaunchRequest) -> Launched:
@@ -339,7 +364,7 @@ class NodeAgent:
 
     async def _launch(self, request: LaunchRequest) -> Launched:
         sandbox, snapshot = request.sandbox, self._here(request.snapshot)
-        template = self.local_template(sandbox.template_id)
+        template = self.local_template(sandbox.template_id, any_build=snapshot is not None)
         started = time.perf_counter()
         # a sandbox that mounts volumes is restored with them in its volume slots: never a member
         member = self.pool.take(template.template_id) if self.pool.enabled and snapshot is None \
@@ -635,7 +660,7 @@ class NodeAgent:
         saved = runtime.saved
         assert saved is not None and runtime.disk is not None
         record = self.store.get_sandbox(sandbox_id)
-        template = self._ready.get(record.template_id) if record is not None else None
+        template = self.store.get_template(record.template_id) if record is not None else None
         started = time.perf_counter()
         vm = await self.vmm.restore(saved, saved.clone_spec(
             f"{sandbox_id}-r{os.urandom(3).hex()}", runtime.disk,
@@ -924,7 +949,7 @@ class NodeAgent:
         snapshot = here
         if snapshot.vm_state is None or snapshot.disk is None:
             raise UnsupportedOperation(driver=type(self.vmm).__name__, operation="rollback to a snapshot without files")
-        template = self.local_template(sandbox.template_id)
+        template = self.local_template(sandbox.template_id, any_build=True)
         async with self._lock(sid):
             old = self._runtime(sid)
             suffix = f"{sid}-r{os.urandom(3).hex()}"

@@ -244,20 +244,18 @@ class SandboxService:
         return found[1] if found is not None else None
 
     def _place(self, spec: SandboxSpec, snapshot: SnapshotRef | None, live: builtins.list[Sandbox],
-               volume_node: str | None = None, *, of_build: bool = False) -> Node:
+               volume_node: str | None = None) -> Node:
         """The node for a new sandbox: the scheduler's choice among the nodes that are up and
         have the template ready. From a sandbox snapshot: its own node (the files are there) when
         it takes sandboxes; otherwise one of the others, which copies the snapshot first (its
-        origin must be reachable for that: draining is fine, down is not). From an older build's
-        snapshot (``of_build``) the same, among the nodes that have the template ready."""
+        origin must be reachable for that: draining is fine, down is not). The same from an older
+        template build's snapshot (``name:tag``): the node that built it, or one serving the template."""
         nodes = self.nodes.placeable(live)
         if volume_node is not None:  # its volumes' node (they are not copied)
             nodes = [n for n in nodes if n.node_id == volume_node]
             if not nodes:
                 self.nodes.client(volume_node)  # NodeUnavailableError when down
                 raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
-        if of_build:
-            nodes = [n for n in nodes if spec.template_id in n.templates]
         if snapshot is not None and snapshot.node_id is not None:
             origin = [n for n in nodes if n.node_id == snapshot.node_id]
             if origin:
@@ -302,7 +300,7 @@ class SandboxService:
                 raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
             self.volumes.check_mountable(mounts, live)  # a read-write mount is exclusive
             with telemetry.span("scheduler.place", live_sandboxes=len(live)) as placing:
-                node = self._place(spec, snap, live, volume_node, of_build=build is not None)
+                node = self._place(spec, snap, live, volume_node)
                 if placing is not None:
                     placing.set_attribute("cube.node_id", node.node_id)
             now = utcnow()
