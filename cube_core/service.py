@@ -105,8 +105,9 @@ class SandboxService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._kept_in_ram: set[str] = set()
-        self._next_release = 0.0
         """Paused sandboxes their node could not write out to disk (not tried again)."""
+        self._next_release = 0.0
+        """When the reaper next frees older template builds (``time.monotonic()``)."""
         self.team_secrets = teamsecrets.TeamSecrets(store, self.settings)  # /secrets; needs [core] secrets_key
         # the SDK's Template.build
         self.template_builds = templatebuilds.TemplateBuilds(store, self.settings, nodes, self.events)
