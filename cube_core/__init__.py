@@ -52,6 +52,7 @@ from cube_core.errors import (
 from cube_core.models import (
     DiskHandle,
     EgressRule,
+    HttpRule,
     Isolation,
     NetworkPolicy,
     NicHandle,
@@ -72,7 +73,7 @@ from cube_core.models import (
     Volume,
     VolumeMount,
 )
-from cube_core.network import NetworkDriver
+from cube_core.network import CAP_HTTP_RULES, NetworkDriver, SecretSource
 from cube_core.scheduler import Scheduler
 from cube_core.snapshotfiles import content_key
 from cube_core.state import SandboxState
@@ -96,9 +97,9 @@ from cube_core.models import Team  # noqa: E402
 from cube_core.service import SandboxService  # noqa: E402
 
 __all__ = [
-    "CAP_PAUSE", "CAP_PRIORITY", "CAP_REATTACH", "CAP_SNAPSHOT", "CAP_VOLUMES", "VOLUME_DEVICE_BYTES",
+    "CAP_HTTP_RULES", "CAP_PAUSE", "CAP_PRIORITY", "CAP_REATTACH", "CAP_SNAPSHOT", "CAP_VOLUMES", "VOLUME_DEVICE_BYTES",
     "AbnormalShutdownError", "AdmissionRejectedError", "AuthError", "CapacityError", "Check", "ConfigError",
-    "CoreSettings", "CubeError", "DiskHandle", "EgressRule", "GuestProtocolError", "GuestTimeoutError",
+    "CoreSettings", "CubeError", "DiskHandle", "EgressRule", "GuestProtocolError", "HttpRule", "GuestTimeoutError",
     "InvalidStateError", "Isolation",
     "NetworkDriver", "NetworkError", "NetworkPolicy", "NicHandle", "NoCapacityError", "Node",
     "NodeError", "NodeStatus", "NodeUnavailableError",
@@ -107,7 +108,7 @@ __all__ = [
     "SandboxError", "SandboxFailedError", "SandboxRuntime", "SandboxNotFoundError", "SandboxService", "SandboxSpec",
     "SandboxState",
     "Scheduler",
-    "SchedulingError", "SnapshotInUseError", "SnapshotNotFoundError", "SnapshotRef", "StopReason",
+    "SchedulingError", "SecretSource", "SnapshotInUseError", "SnapshotNotFoundError", "SnapshotRef", "StopReason",
     "StateFile", "StorageDriver", "StorageError", "Team", "Template", "TemplateBuildError", "TemplateError",
     "TemplateNotFoundError", "TemplateStatus", "UnsupportedOperation", "VmHandle", "VmSpec",
     "VmState", "VmmDriver", "VmmError", "Volume", "VolumeEntry", "VolumeError", "VolumeFullError",

@@ -33,6 +33,18 @@ class Frozen(BaseModel):
         return self.model_validate({**self.model_dump(), **changes})
 
 
+class HttpRule(Frozen):
+    """One E2B ``network.rules`` entry: headers set on the sandbox's outbound HTTP requests to
+    ``host`` (a domain, ``*.domain``, an address or a CIDR), by the node's egress proxy.
+
+    Header values may hold ``${e2b.secrets.<name>}`` placeholders: they are kept as written
+    (never resolved here) and resolved by the proxy per request from the sandbox's team's
+    secrets, so a value never enters the guest, the policy records or their events."""
+
+    host: str
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
 class NetworkPolicy(Frozen):
     """Egress policy of one sandbox (E2B ``allow_internet_access`` + ``network`` options)."""
 
@@ -40,6 +52,8 @@ class NetworkPolicy(Frozen):
     allow_out: tuple[str, ...] = ()
     deny_out: tuple[str, ...] = ()
     allow_public_traffic: bool = True
+    rules: tuple[HttpRule, ...] = ()
+    """Header transforms, applied in order (a later rule's header replaces an earlier one's)."""
 
 
 class VolumeMount(Frozen):

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 from cube_core.errors import UnsupportedOperation
 from cube_core.models import EgressRule, NetworkPolicy, NicHandle
 
+CAP_HTTP_RULES = "http_rules"
+"""The driver applies :attr:`NetworkPolicy.rules` (header transforms on outbound HTTP)."""
+
+SecretSource = Callable[[str, str], Awaitable[str]]
+"""``(slot_id, name) -> value``: the current value of secret ``name`` of the team whose sandbox
+holds network slot ``slot_id``, read when a request needs it. Raises a
+:class:`~cube_core.errors.CubeError` (its message is safe to show that sandbox) when there is no
+such secret or it cannot be read here. The node agent gives it to the driver
+(:meth:`NetworkDriver.use_secrets`)."""
+
 
 class NetworkDriver(abc.ABC):
     capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    def use_secrets(self, source: SecretSource) -> None:  # noqa: B027 - optional hook, empty by default
+        """Where ``${e2b.secrets.<name>}`` placeholders of :attr:`NetworkPolicy.rules` are
+        resolved; called once by the node agent, before :meth:`start`. Only a driver with
+        :data:`CAP_HTTP_RULES` uses it."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Prepare host-wide networking (and sweep orphans of a crashed run)."""

@@ -29,6 +29,7 @@ import structlog
 from cube_core import telemetry
 from cube_core._host import PluginHost
 from cube_core.config import CoreSettings
+from cube_core.credentials import CredentialNotFoundError
 from cube_core.errors import (
     ConfigError,
     CubeError,
@@ -63,7 +64,7 @@ from cube_core.models import (
     TemplateStatus,
     VmSpec,
 )
-from cube_core.network import NetworkDriver
+from cube_core.network import CAP_HTTP_RULES, NetworkDriver
 from cube_core.nodeclient import Launched, LaunchRequest, SavedSnapshot
 from cube_core.nodehttp import HttpNodeClient
 from cube_core.pool import POOL_TEAM, WarmPool
@@ -73,6 +74,7 @@ from cube_core.snapshotfiles import NAME_RE, ExportedFile, Received, SnapshotExp
 from cube_core.state import SandboxState
 from cube_core.storage import Progress, StorageDriver
 from cube_core.store import StateStore
+from cube_core.teamsecrets import TeamSecrets
 from cube_core.templates import TemplateBuilder
 from cube_core.vmm import CAP_PAUSE, CAP_PRIORITY, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
 from cube_core.volumes import VolumeAnswer, VolumeCall, run_call
@@ -106,6 +108,10 @@ class NodeAgent:
         self.vmm: VmmDriver = host.hooks.vmm_driver()
         self.network: NetworkDriver = host.hooks.network_driver()
         self.storage: StorageDriver = host.hooks.storage_driver()
+        self.team_secrets = TeamSecrets(store, self.settings)
+        """Resolves the ``${e2b.secrets.<name>}`` placeholders of network rules, per request
+        (docs/api.md "Secrets in outbound requests")."""
+        self.network.use_secrets(self._slot_secret)
         self.templates = TemplateBuilder(store=store, storage=self.storage, vmm=self.vmm,
                                          network=self.network, kernel_setting=self.settings.kernel)
         self.pool = WarmPool(settings=self.settings.pool, store=store, vmm=self.vmm, network=self.network,
@@ -364,6 +370,7 @@ class NodeAgent:
 
     async def _launch(self, request: LaunchRequest) -> Launched:
         sandbox, snapshot = request.sandbox, self._here(request.snapshot)
+        self._check_rules(sandbox.network)
         template = self.local_template(sandbox.template_id, any_build=snapshot is not None)
         started = time.perf_counter()
         # a sandbox that mounts volumes is restored with them in its volume slots: never a member
@@ -709,9 +716,24 @@ class NodeAgent:
 
     @with_ids
     async def update_policy(self, sandbox_id: str, policy: NetworkPolicy, rules: Sequence[EgressRule]) -> None:
+        self._check_rules(policy)
         nic = self._runtime_or_saved(sandbox_id).nic
         assert nic is not None
         await self.network.update_policy(nic, policy, list(rules))
+
+    def _check_rules(self, policy: NetworkPolicy) -> None:
+        if policy.rules and CAP_HTTP_RULES not in self.network.capabilities:
+            raise UnsupportedOperation(driver=type(self.network).__name__, operation="network rules")
+
+    async def _slot_secret(self, slot_id: str, name: str) -> str:
+        """:data:`~cube_core.network.SecretSource`: secret ``name`` of the team of the sandbox
+        that holds ``slot_id`` on this node (never another team's: the slot decides the team)."""
+        sandbox_id = next((sid for sid, rt in list(self._live.items())
+                           if rt.nic is not None and rt.nic.slot_id == slot_id), None)
+        sandbox = await asyncio.to_thread(self.store.get_sandbox, sandbox_id) if sandbox_id else None
+        if sandbox is None or sandbox.team_id == POOL_TEAM:
+            raise CredentialNotFoundError(kind="secret", ident=name)
+        return await asyncio.to_thread(self.team_secrets.reveal, sandbox.team_id, name)
 
     @with_ids
     async def audit(self, sandbox_id: str, limit: int) -> list[dict[str, object]]:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from cube_core import (
+    CAP_HTTP_RULES,
     CAP_PAUSE,
     CAP_PRIORITY,
     CAP_REATTACH,
@@ -38,6 +39,7 @@ from cube_core import (
     RootfsRecipe,
     SandboxSpec,
     Scheduler,
+    SecretSource,
     StateFile,
     StorageDriver,
     VmHandle,
@@ -202,10 +204,15 @@ class FakeVmm(VmmDriver):
 
 
 class FakeNetwork(NetworkDriver):
-    capabilities: ClassVar[frozenset[str]] = frozenset({"policy"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"policy", CAP_HTTP_RULES})
 
     def __init__(self) -> None:
         self.slots: dict[str, NetworkPolicy] = {}
+        self.secrets: SecretSource | None = None
+        """What the node agent gave :meth:`use_secrets` (tests resolve through it)."""
+
+    def use_secrets(self, source: SecretSource) -> None:
+        self.secrets = source
 
     async def allocate(self, owner_id: str, policy: NetworkPolicy,
                        extra_rules: Sequence[EgressRule] = ()) -> NicHandle:

@@ -95,7 +95,8 @@ def _serve(log_path: str) -> None:  # pragma: no cover - runs inside the namespa
 
         def do_GET(self) -> None:
             host, port = self.connection.getsockname()[:2]
-            record(kind="http", dst=host, port=port, path=self.path, src=self.client_address[0])
+            record(kind="http", dst=host, port=port, path=self.path, src=self.client_address[0],
+                   headers=dict(self.headers.items()))
             if self.path.startswith("/slow/"):
                 seconds = float(self.path.split("/")[2])
                 self.send_response(200)

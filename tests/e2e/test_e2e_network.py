@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 import tomllib
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
@@ -27,7 +28,7 @@ import dns.update
 import httpx
 import pytest
 from cube_e2e import CUBE, CubeServer
-from e2b import Sandbox
+from e2b import Sandbox, Secret
 from networld import (
     API,
     CDN,
@@ -395,6 +396,72 @@ def test_domain_rules(make: Callable[..., Sandbox], internet: Internet, net_serv
     assert took < 5.5, took
     events = audit(net_server, sbx.sandbox_id)
     assert [e for e in flows(events, f"{API}:80", "deny") if e["reason"] == "revoked"], events
+
+
+def test_rules_inject_secrets_the_guest_never_sees(make: Callable[..., Sandbox], internet: Internet,
+                                                   net_server: CubeServer) -> None:
+    """``network.rules`` with ``Secret.fill``: the node's egress proxy sets the header on the
+    guest's plain-HTTP request to the rule's host, with the team's secret resolved per request.
+    The value arrives at the destination and nowhere else: not in the guest's environment or
+    processes, not at another host, not in what the guest reads back. A name of another team's
+    secret fails with a 502 and the request is never sent; the rule's host on an address the
+    guest picked (EVIL) is refused (421) without the header."""
+    value = f"sk-{uuid.uuid4().hex}"
+    Secret.create(name="rule-key", value=value)
+    Secret.create(name="team-b-key", value="b-value", api_key=net_server.key_b)
+    try:
+        sbx = make(network={
+            "allow_out": ["api.example.test", "cdn.example.test", EVIL, WEB], "deny_out": ["0.0.0.0/0"],
+            "rules": {"api.example.test": [{"transform": {"headers": {
+                          "Authorization": f"Bearer {Secret.fill('rule-key')}"}}}],
+                      "cdn.example.test": [{"transform": {"headers": {"X-Key": Secret.fill("team-b-key")}}}]}})
+        info = sbx.get_info().network
+        assert info is not None and info["rules"]["api.example.test"] == [
+            {"transform": {"headers": {"Authorization": "Bearer ${e2b.secrets.rule-key}"}}}]
+        tok = token("rule")
+
+        def curl(*args: str) -> str:
+            cmd = "curl -s -m 10 -D - " + " ".join(f"'{a}'" for a in args)
+            return sbx.commands.run(cmd, timeout=60).stdout
+
+        started = time.monotonic()
+        seen = curl("-H", "Authorization: guest-own", f"http://api.example.test/{tok}-api")
+        MEASURED["rule_request_s"] = round(time.monotonic() - started, 2)
+        assert seen.startswith("HTTP/1.") and " 200 " in seen.splitlines()[0], seen
+        (arrived,) = internet.events(kind="http", path=f"{tok}-api")
+        assert arrived["dst"] == API and arrived["headers"]["Authorization"] == f"Bearer {value}"
+        assert value not in seen
+
+        plain = curl(f"http://{WEB}/{tok}-plain")
+        assert " 200 " in plain.splitlines()[0], plain
+        (other,) = internet.events(kind="http", path=f"{tok}-plain")
+        assert value not in json.dumps(other) and "Authorization" not in other["headers"]
+
+        foreign = curl("-H", "Authorization: guest-own", f"http://cdn.example.test/{tok}-b")
+        assert " 502 " in foreign.splitlines()[0] and "team-b-key" in foreign, foreign
+        assert internet.events(kind="http", path=f"{tok}-b") == []
+
+        misdirected = curl("-H", "Host: api.example.test", f"http://{EVIL}/{tok}-evil")
+        assert " 421 " in misdirected.splitlines()[0], misdirected
+        assert internet.events(kind="http", path=f"{tok}-evil") == []
+
+        view = sbx.commands.run("env; cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n'; "
+                                "grep -rs sk- /etc /tmp /home 2>/dev/null | head -5; true", user="root", timeout=60)
+        assert value not in view.stdout and value not in view.stderr
+        kinds = [(e["verdict"], e["host"]) for e in audit(net_server, sbx.sandbox_id) if e["kind"] == "http"]
+        assert ("transform", "api.example.test") in kinds and ("deny", "cdn.example.test") in kinds
+        assert value not in json.dumps(audit(net_server, sbx.sandbox_id))
+
+        sbx.update_network({"allow_out": ["api.example.test"], "deny_out": ["0.0.0.0/0"],
+                            "rules": {"api.example.test": [{"transform": {"headers": {
+                                "X-Rotated": f"v={Secret.fill('rule-key')}"}}}]}})
+        Secret.update("rule-key", value=value + "-2")
+        curl(f"http://api.example.test/{tok}-updated")
+        (updated,) = internet.events(kind="http", path=f"{tok}-updated")
+        assert updated["headers"]["X-Rotated"] == f"v={value}-2" and "Authorization" not in updated["headers"]
+    finally:
+        Secret.destroy("rule-key")
+        Secret.destroy("team-b-key", api_key=net_server.key_b)
 
 
 def test_always_denied_ranges_stay_shut(make: Callable[..., Sandbox], internet: Internet,

@@ -159,6 +159,7 @@ class NetworkConfigOut(Response):
     allow_public_traffic: bool
     allow_out: list[str]
     deny_out: list[str]
+    rules: dict[str, list[dict[str, Any]]] | None = None
 
 
 class LifecycleOut(Response):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from cube_core import CubeError, Sandbox, SandboxState, SnapshotRef, Template, TemplateStatus
+from typing import Any
+
+from cube_core import CubeError, HttpRule, Sandbox, SandboxState, SnapshotRef, Template, TemplateStatus
 
 from cube_api_e2b.context import E2bContext
 from cube_api_e2b.schemas import (
@@ -81,8 +83,18 @@ def detail_out(ctx: E2bContext, sb: Sandbox) -> SandboxDetailOut:
         allow_internet_access=sb.network.allow_internet_access,
         domain=ctx.domain,
         network=NetworkConfigOut(allow_public_traffic=sb.network.allow_public_traffic,
-                                 allow_out=list(sb.network.allow_out), deny_out=list(sb.network.deny_out)),
+                                 allow_out=list(sb.network.allow_out), deny_out=list(sb.network.deny_out),
+                                 rules=rules_out(sb.network.rules)),
         lifecycle=LifecycleOut(auto_resume=sb.auto_resume, on_timeout="pause" if sb.auto_pause else "kill"))
+
+
+def rules_out(rules: tuple[HttpRule, ...]) -> dict[str, list[dict[str, Any]]] | None:
+    """``network.rules`` as E2B returns it: host -> rules in order (placeholders as written)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for rule in rules:
+        out.setdefault(rule.host, []).append({"transform": {"headers": dict(rule.headers)}}
+                                             if rule.headers else {})
+    return out or None
 
 
 def template_out(ctx: E2bContext, template: Template) -> TemplateOut:

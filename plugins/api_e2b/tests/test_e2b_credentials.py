@@ -326,3 +326,33 @@ async def test_sdk_secrets(make_app: Any, monkeypatch: pytest.MonkeyPatch) -> No
         monkeypatch.setenv("E2B_API_URL", f"http://127.0.0.1:{port}")
         with pytest.raises(SecretException, match="secrets_key"):
             await AsyncSecret.create("x", VALUE, api_key=cube.key()["X-API-Key"])
+
+
+# -- secrets in network rules ----------------------------------------------------------------------
+
+
+async def test_network_rules_resolve_only_the_sandbox_teams_secrets(make_app: Any) -> None:
+    """A sandbox's rules keep their placeholders (the API and the records never hold a value);
+    the node's secret source, given a slot, reads the secret of that slot's sandbox's team only."""
+    from cube_core.credentials import CredentialNotFoundError
+    async with make_app() as cube:
+        a, b = cube.key("team-a"), cube.key("team-b")
+        for h, name, value in ((a, "api-key", VALUE), (b, "b-only", "b")):
+            r = await cube.client.post("/secrets", headers=h, json={"name": name, "value": value})
+            assert r.status_code == 201
+        rules = {"api.example.com": [{"transform": {"headers": {"Authorization": "Bearer ${e2b.secrets.api-key}"}}}]}
+        r = no_value(await cube.client.post("/v2/sandboxes", headers=a, json={
+            "templateID": "base", "network": {"allowOut": ["api.example.com"], "rules": rules}}))
+        assert r.status_code == 201, r.text
+        sid = r.json()["sandboxID"]
+        detail = no_value(await cube.client.get(f"/sandboxes/{sid}", headers=a)).json()
+        assert detail["network"]["rules"] == rules
+        network = cube.app.state.agent.network
+        (slot,) = [s for s, p in network.slots.items() if p.rules]
+        assert await network.secrets(slot, "api-key") == VALUE
+        assert await network.secrets(slot, "API-KEY") == VALUE  # names are case-insensitive
+        for name in ("b-only", "missing"):
+            with pytest.raises(CredentialNotFoundError, match=name):
+                await network.secrets(slot, name)
+        with pytest.raises(CredentialNotFoundError):
+            await network.secrets("no-such-slot", "api-key")

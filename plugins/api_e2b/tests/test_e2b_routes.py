@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import cube_core
 import pytest
-from cube_core import Rejection, VmmError, hookimpl
+from cube_core import HttpRule, Rejection, VmmError, hookimpl
 from e2b_helpers import serve
 
 SANDBOX_ID = re.compile(r"^[a-z0-9]+$")
@@ -352,8 +352,21 @@ async def test_network_update_and_audit(cube, openapi) -> None:
     assert_error(r, 400, "denyOut[0]", openapi=openapi)
     r = await cube.client.put(f"/sandboxes/{sid}/network", json={"rules": {}}, headers=h)
     assert r.status_code == 204  # an empty rule set is no rule
-    r = await cube.client.put(f"/sandboxes/{sid}/network", json={"rules": {"a.com": [{}]}}, headers=h)
-    assert_error(r, 400, "rules", openapi=openapi)
+    bad = {"a.com": [{"transform": {"headers": {"A": "${e2b.identity.tokens.aws}"}}}]}
+    r = await cube.client.put(f"/sandboxes/{sid}/network", json={"rules": bad}, headers=h)
+    assert_error(r, 400, "rules.a.com[0].transform.headers.A", "e2b.identity", openapi=openapi)
+    for bad in ({"a b": []}, {"a.com": [{"headers": {}}]}, {"a.com": [{"transform": {"headers": {"A": "x\r\ny"}}}]}):
+        r = await cube.client.put(f"/sandboxes/{sid}/network", json={"rules": bad}, headers=h)
+        assert_error(r, 400, "rules.", openapi=openapi)
+    rules = {"API.example.com": [{"transform": {"headers": {"Authorization": "Bearer ${e2b.secrets.k}"}}}, {}]}
+    r = await cube.client.put(f"/sandboxes/{sid}/network", json={"rules": rules}, headers=h)
+    assert r.status_code == 204
+    assert cube.agent.network.slots[nic_slot].rules == (
+        HttpRule(host="api.example.com", headers={"Authorization": "Bearer ${e2b.secrets.k}"}),
+        HttpRule(host="api.example.com"))
+    detail = (await cube.client.get(f"/sandboxes/{sid}", headers=h)).json()
+    assert detail["network"]["rules"] == {"api.example.com": [
+        {"transform": {"headers": {"Authorization": "Bearer ${e2b.secrets.k}"}}}, {}]}
     r = await cube.client.get(f"/sandboxes/{sid}/network/audit", params={"limit": 5}, headers=h)
     openapi.check("GET", "/sandboxes/{sandboxID}/network/audit", r)
     assert r.json() == {"sandboxID": sid, "events": []}

@@ -83,6 +83,14 @@ class EbpfNetConfig(BaseModel):
     dns_tcp_per_sandbox: int = Field(default=4, ge=1)
     """Open TCP connections to the resolver per sandbox (each must send its query within 2 s)."""
 
+    http_rules: bool = True
+    """Apply E2B ``network.rules`` (header transforms on outbound plain HTTP, with
+    ``${e2b.secrets.<name>}`` resolved per request) through the node's egress proxy."""
+    http_proxy_port: int = Field(default=3129, ge=1, le=65535)
+    """The egress proxy's port on the resolver address (``.1`` of ``subnet``, on ``lo``)."""
+    http_ports: tuple[int, ...] = (80,)
+    """Destination ports of plain HTTP that the rules apply to."""
+
     audit_max_events: int = Field(default=10_000, ge=0)
     """Events kept in memory per sandbox for ``audit()``."""
     audit_dir: Path | None = None

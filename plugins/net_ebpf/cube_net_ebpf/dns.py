@@ -309,6 +309,13 @@ class Resolver:
                                 ttl + self.grace_s, rule.pattern)
         return ips
 
+    def addresses(self, name: str) -> set[str]:
+        """The IPv4 addresses ``name`` has upstream now (for the egress proxy's check that a
+        connection goes to the host its rules name); blocking."""
+        response = self._forward(dns.message.make_query(name, dns.rdatatype.A), tcp=False)
+        return {str(rdata.address) for rrset in response.answer if rrset.rdtype == dns.rdatatype.A
+                for rdata in rrset}
+
     def _forward(self, query: dns.message.Message, *, tcp: bool) -> dns.message.Message:
         if not self.upstreams:
             raise OSError("no upstream DNS server configured")

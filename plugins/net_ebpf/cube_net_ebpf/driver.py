@@ -20,10 +20,19 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import structlog
-from cube_core import EgressRule, NetworkDriver, NetworkError, NetworkPolicy, NicHandle
+from cube_core import (
+    CAP_HTTP_RULES,
+    EgressRule,
+    HttpRule,
+    NetworkDriver,
+    NetworkError,
+    NetworkPolicy,
+    NicHandle,
+    SecretSource,
+)
 from pyroute2 import IPRoute
 
-from cube_net_ebpf import bpfobject, host, libbpf, netns, nftables, slot
+from cube_net_ebpf import bpfobject, headerrules, host, libbpf, nat, netns, nftables, slot
 from cube_net_ebpf.addressing import (
     GUEST_MAC,
     TAP_NAME,
@@ -41,6 +50,7 @@ from cube_net_ebpf.config import EbpfNetConfig
 from cube_net_ebpf.dns import Client, Resolver, system_upstreams
 from cube_net_ebpf.dnslimits import DnsLimits
 from cube_net_ebpf.errors import map_network_errors
+from cube_net_ebpf.httpproxy import HttpProxy, ProxyClient
 from cube_net_ebpf.policy import CompiledPolicy, compile_policy
 from cube_net_ebpf.ranges import DeniedRanges, parse_networks
 
@@ -72,6 +82,8 @@ class _Slot:
     policy: CompiledPolicy
     source: dict[str, Any]
     """The policy as given (NetworkPolicy + extra rules), persisted for a restarted Cube."""
+    rules: tuple[HttpRule, ...] = ()
+    """``NetworkPolicy.rules``: its HTTP requests go through the egress proxy while not empty."""
 
     def nic(self) -> NicHandle:
         return NicHandle(slot_id=self.slot_id, netns=self.netns, tap=TAP_NAME,
@@ -92,7 +104,7 @@ class EbpfNetwork(NetworkDriver):
     :mod:`.nodenames`), and start-up cleanup and ``sweep`` only ever see this node's names.
     """
 
-    capabilities: ClassVar[frozenset[str]] = frozenset({"update_policy", "audit"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"update_policy", "audit", CAP_HTTP_RULES})
 
     def __init__(self, config: EbpfNetConfig, *,
                  test_guest_netns: GuestNetnsFactory | None = None) -> None:
@@ -123,6 +135,10 @@ class EbpfNetwork(NetworkDriver):
         self._host_netlink = slot.HostNetlink()
         self._reader: AuditReader | None = None
         self._resolver: Resolver | None = None
+        self._proxy: HttpProxy | None = None
+        self._secrets: SecretSource | None = None
+        self._http_slots: set[str] = set()
+        """Namespace addresses now in the host table's ``http_rule_slots`` set."""
         self._started = False
         self._closing = False
         self._start_lock = asyncio.Lock()
@@ -139,6 +155,15 @@ class EbpfNetwork(NetworkDriver):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool_executor(), functools.partial(func, *args))
 
+    def use_secrets(self, source: SecretSource) -> None:
+        self._secrets = source
+        if self._proxy is not None:
+            self._proxy.secrets = source
+
+    @property
+    def http_proxy(self) -> tuple[str, int] | None:
+        return (self.plan.resolver_addr, self.config.http_proxy_port) if self.config.http_rules else None
+
     @property
     def resolver(self) -> str | None:
         return self.plan.resolver_addr if self.config.dns else None
@@ -152,14 +177,23 @@ class EbpfNetwork(NetworkDriver):
         async with self._start_lock:
             if not self._started:
                 await self._run(self._start_sync)
+                if self.http_proxy is not None and self._proxy is None:
+                    proxy = HttpProxy(*self.http_proxy, self._proxy_client, self._addresses,
+                                      self.audit_log.add)
+                    proxy.secrets = self._secrets
+                    await proxy.start()
+                    self._proxy = proxy
                 self._started = True
 
     def _start_sync(self) -> None:
         with map_network_errors("network start"):
             host.raise_open_files_limit()
             nftables.ensure_loaded()  # its low descriptors, while they are free
+            if self.http_proxy is not None:
+                host.ensure_local_address(self.http_proxy[0])
             host.prepare(self.config.subnet, self.resolver, self.config.manage_forwarding,
-                         self.names)
+                         self.names, self.http_proxy, self.config.http_ports)
+            self._http_slots.clear()  # the table (and its set) was just made again
             own = parse_networks(host.own_addresses(self.config.subnet))
             self.denied = DeniedRanges(always=(*self._configured_denied.always, *own),
                                        openable=self._configured_denied.openable)
@@ -242,10 +276,12 @@ class EbpfNetwork(NetworkDriver):
             # not checked against the always-denied ranges: a rule the operator no longer allows
             # is kept (the filter ignores it) rather than leaving the slot unmanaged
             compiled = compile_policy(policy, rules, resolver=self.resolver)
-            rec = _Slot(slot_id, netns_name(slot_id, self.names), addr, ifindex, compiled, source)
+            rec = _Slot(slot_id, netns_name(slot_id, self.names), addr, ifindex, compiled, source,
+                        policy.rules)
             if self.filter is not None:
                 self.filter.register(ifindex, addr.host_addr, compiled)
             self._remember(rec)
+            self._sync_http(rec)
             recovered += 1
         if self.filter is not None:
             alive = set(self._by_ifindex)
@@ -255,8 +291,11 @@ class EbpfNetwork(NetworkDriver):
         return recovered
 
     async def close(self) -> None:
-        """Stop the resolver and the audit reader and drop the pool; slots of live sandboxes
-        and their filters stay (they keep enforcing policy while Cube is down)."""
+        """Stop the resolver, the egress proxy and the audit reader and drop the pool; slots of
+        live sandboxes and their filters stay (they keep enforcing policy while Cube is down)."""
+        if self._proxy is not None:
+            await self._proxy.close()
+            self._proxy = None
         if self._executor is not None:
             self._closing = True
             try:
@@ -334,6 +373,48 @@ class EbpfNetwork(NetworkDriver):
                 return None
             return Client(slot_id=rec.slot_id, ifindex=rec.ifindex, policy=rec.policy)
 
+    # -- egress proxy callbacks (event loop) ------------------------------------------------------
+
+    def _proxy_client(self, peer_ip: str) -> ProxyClient | None:
+        index = self.plan.index_of_addr(peer_ip)
+        with self._lock:
+            slot_id = self._by_index.get(index) if index is not None else None
+            rec = self._slots.get(slot_id) if slot_id else None
+            if rec is None or rec.addr.ns_addr != peer_ip:
+                return None
+            return ProxyClient(slot_id=rec.slot_id, rules=rec.rules)
+
+    async def _addresses(self, name: str) -> set[str]:
+        resolver = self._resolver
+        if resolver is not None:
+            return await asyncio.to_thread(resolver.addresses, name)
+        infos = await asyncio.get_running_loop().getaddrinfo(name, None, family=socket.AF_INET)
+        return {str(info[4][0]) for info in infos}
+
+    def _sync_http(self, rec: _Slot) -> None:
+        """Put the slot's address in the proxy's set exactly while it has rules (worker thread,
+        host namespace)."""
+        if self.http_proxy is None:
+            return
+        want = bool(rec.rules)
+        with self._lock:
+            have = rec.addr.ns_addr in self._http_slots
+            if want == have:
+                return
+            with map_network_errors("egress proxy redirect", slot_id=rec.slot_id):
+                nat.set_http_slot(self.names, rec.addr.ns_addr, want)
+            (self._http_slots.add if want else self._http_slots.discard)(rec.addr.ns_addr)
+
+    def _check_http_rules(self, policy: NetworkPolicy) -> None:
+        for i, rule in enumerate(policy.rules):
+            if self.http_proxy is None:
+                raise NetworkError("network rules are turned off on this node "
+                                   "([network.options] http_rules = false)",
+                                   field=f"rules[{i}]", reason="not supported by this node")
+            why = headerrules.check_rule(rule)
+            if why is not None:
+                raise NetworkError(f"rules[{rule.host}]: {why}", field=f"rules.{rule.host}", reason=why)
+
     def _dns_learn(self, ifindex: int, address: str, proto: int, port: int, ttl_s: float,
                    domain: str) -> int:
         if self.filter is None:
@@ -385,14 +466,17 @@ class EbpfNetwork(NetworkDriver):
 
     def _allocate_sync(self, owner_id: str, policy: NetworkPolicy,
                        extra_rules: tuple[EgressRule, ...]) -> NicHandle:
+        self._check_http_rules(policy)
         compiled = compile_policy(policy, extra_rules, resolver=self.resolver, denied=self.denied)
         source = {"policy": policy.model_dump(mode="json"),
                   "extra_rules": [r.model_dump(mode="json") for r in extra_rules]}
         rec = self._take_from_pool(owner_id, compiled, source)
         if rec is None:
             rec = self._build(owner_id, compiled, source)
+        rec.rules = policy.rules
         self._persist(rec)
         self._remember(rec)
+        self._sync_http(rec)
         self._schedule_pool_fill()
         return rec.nic()
 
@@ -448,6 +532,7 @@ class EbpfNetwork(NetworkDriver):
                      extra_rules: tuple[EgressRule, ...]) -> None:
         """Rewrite the slot's rules in place (map writes, no reload); established flows the new
         rules deny are revoked by the filter (their next packet is rejected)."""
+        self._check_http_rules(policy)
         compiled = compile_policy(policy, extra_rules, resolver=self.resolver, denied=self.denied)
         with self._lock:
             rec = self._slots.get(slot_id)
@@ -457,6 +542,8 @@ class EbpfNetwork(NetworkDriver):
                 with map_network_errors("policy update", slot_id=slot_id):
                     self.filter.apply(rec.ifindex, compiled)
             rec.policy = compiled
+            rec.rules = policy.rules
+            self._sync_http(rec)
             rec.source = {"policy": policy.model_dump(mode="json"),
                           "extra_rules": [r.model_dump(mode="json") for r in extra_rules]}
         self._persist(rec)
@@ -479,6 +566,9 @@ class EbpfNetwork(NetworkDriver):
         index = index_of_slot(slot_id)
         rec = self._forget(slot_id)
         with map_network_errors("slot release", slot_id=slot_id):
+            if rec is not None and rec.rules:
+                rec.rules = ()
+                self._sync_http(rec)
             if rec is not None and self.filter is not None:
                 self.filter.unregister(rec.ifindex)
             netns.remove(netns_name(slot_id, self.names))

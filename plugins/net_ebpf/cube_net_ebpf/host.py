@@ -41,7 +41,8 @@ def raise_open_files_limit() -> int:
 
 
 def prepare(subnet: str, resolver: str | None, manage_forwarding: bool,
-            names: HostNames = LOCAL) -> bool:
+            names: HostNames = LOCAL, http_proxy: tuple[str, int] | None = None,
+            http_ports: tuple[int, ...] = (80,)) -> bool:
     """Set up the host once per start; return whether only sandbox traffic is forwarded."""
     netns.ensure_rundir()
     forward_only = False
@@ -53,7 +54,8 @@ def prepare(subnet: str, resolver: str | None, manage_forwarding: bool,
             log.info("enabled IPv4 forwarding for sandbox traffic only")
         forward_only = FORWARDING_MARKER.exists()
     nat.apply_host(nat.HostRules(subnet=subnet, resolver=resolver,
-                                 forward_only_sandboxes=forward_only, names=names))
+                                 forward_only_sandboxes=forward_only, names=names,
+                                 http_proxy=http_proxy, http_ports=http_ports))
     return forward_only
 
 

@@ -14,7 +14,11 @@ On the host (table ``inet cube``; ``inet cube_<tag>`` for a node other than ``lo
   so the guest fails fast), nor each other (nor the sandboxes of other nodes on the host);
 - what sandboxes send elsewhere is forwarded and masqueraded;
 - when Cube had to turn IPv4 forwarding on, nothing but sandbox traffic (of any node on the
-  host) is forwarded.
+  host) is forwarded;
+- TCP to ``http_ports`` from the sandboxes in the set ``http_rule_slots`` (those with
+  ``network.rules``) is DNATed to the node's egress HTTP proxy (:mod:`.httpproxy`), which reads
+  the original destination back with ``SO_ORIGINAL_DST``; the eBPF filter on the host link has
+  judged that destination before this DNAT (tc ingress runs before netfilter).
 """
 
 from __future__ import annotations
@@ -69,6 +73,12 @@ class HostRules:
     resolver: str | None
     forward_only_sandboxes: bool
     names: HostNames = LOCAL
+    http_proxy: tuple[str, int] | None = None
+    """The egress HTTP proxy's address and port (``None``: no proxy, no redirect)."""
+    http_ports: tuple[int, ...] = (80,)
+
+
+HTTP_SET = "http_rule_slots"
 
 
 def host_ruleset(rules: HostRules) -> str:
@@ -86,6 +96,19 @@ def host_ruleset(rules: HostRules) -> str:
         resolver_in = (f"    iifname {vh} ip daddr {rules.resolver} meta l4proto {{ tcp, udp }} "
                        "th dport 53 accept\n")
         resolver_guard = f"    ip daddr {rules.resolver} drop\n"
+    proxy_in = proxy_nat = ""
+    if rules.http_proxy:
+        addr, port = rules.http_proxy
+        ports = ", ".join(str(p) for p in rules.http_ports)
+        proxy_in = (f"    iifname {vh} ip daddr {addr} tcp dport {port} ct status dnat accept\n")
+        proxy_nat = f"""  set {HTTP_SET} {{
+    type ipv4_addr;
+  }}
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname {vh} ip saddr @{HTTP_SET} tcp dport {{ {ports} }} dnat ip to {addr}:{port}
+  }}
+"""
     isolate = ""
     if rules.forward_only_sandboxes:
         if family != vh:  # other nodes' sandbox traffic is theirs to judge, not this guard's
@@ -95,10 +118,10 @@ def host_ruleset(rules: HostRules) -> str:
     return f"""add table inet {table}
 delete table inet {table}
 table inet {table} {{
-  chain input {{
+{proxy_nat}  chain input {{
     type filter hook input priority filter - 5; policy accept;
     iifname {vh} ct state established,related accept
-{resolver_in}    iifname {vh} meta l4proto tcp reject with tcp reset
+{resolver_in}{proxy_in}    iifname {vh} meta l4proto tcp reject with tcp reset
     iifname {vh} reject with icmpx admin-prohibited
 {resolver_guard}  }}
   chain forward {{
@@ -123,6 +146,12 @@ def apply_slot(ns_addr: str, resolver: str | None) -> None:
 
 def apply_host(rules: HostRules) -> None:
     nftables.run(host_ruleset(rules))
+
+
+def set_http_slot(names: HostNames, ns_addr: str, present: bool) -> None:
+    """Add or remove a slot's namespace address in the proxy's set (host namespace)."""
+    verb = "add" if present else "delete"
+    nftables.run(f"{verb} element inet {names.nft_table} {HTTP_SET} {{ {ns_addr} }}\n")
 
 
 def remove_host(names: HostNames = LOCAL) -> None:
