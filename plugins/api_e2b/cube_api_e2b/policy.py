@@ -48,6 +48,7 @@ SECRET_PLACEHOLDER = re.compile(r"\$\{e2b\.secrets\.[^{}\x00-\x1f\x7f-\x9f]+\}")
 ANY_PLACEHOLDER = re.compile(r"\$\{e2b\.[^{}]*\}")
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
 MAX_RULE_HOSTS = 64
+MAX_RULES = 256
 
 
 def _rules(field: str, raw: dict[str, Any] | None) -> tuple[HttpRule, ...]:
@@ -56,6 +57,8 @@ def _rules(field: str, raw: dict[str, Any] | None) -> tuple[HttpRule, ...]:
     out: list[HttpRule] = []
     if len(raw or {}) > MAX_RULE_HOSTS:
         raise InvalidRequestError(field=field, reason=f"at most {MAX_RULE_HOSTS} hosts")
+    if sum(len(v) for v in (raw or {}).values() if isinstance(v, list)) > MAX_RULES:
+        raise InvalidRequestError(field=field, reason=f"at most {MAX_RULES} rules in all")
     for host, rules in (raw or {}).items():
         where = f"{field}.{host}"
         name = host.strip().lower()
