@@ -30,9 +30,10 @@ INTERPRETER_PACKAGES = ("python3-ipykernel", "python3-jupyter-client", "python3-
                         # satisfies python3-fonttools' "python3-scipy | python3-munkres" without
                         # scipy, whose python3-pythran drags in g++, python3-dev and boost (~600 MB)
                         "python3-munkres",
-                        # R and JavaScript/TypeScript contexts: IRkernel, and the node that runs the
-                        # npm kernels of cube_storage_cow.jupyter_kernels
-                        "r-cran-irkernel", "nodejs")
+                        # R, JavaScript/TypeScript and Java contexts: IRkernel, the node that runs the
+                        # npm kernels of cube_storage_cow.jupyter_kernels and the JDK (JShell) that
+                        # runs its PyPI Java kernel
+                        "r-cran-irkernel", "nodejs", "openjdk-17-jdk-headless")
 CACHE_FORMAT = "debootstrap-tar-1"
 """Bump when the cached tarball's content would change for the same package set."""
 APT_DIR = Path("/etc/apt")

@@ -200,7 +200,7 @@ def _populate(p: Plan, tree: Path, settings: BuildSettings, progress: ProgressFn
         debootstrap.populate(tree, suite=recipe.suite, packages=p.packages, mirror=mirror,
                              cache_dir=settings.cache, progress=progress, cancel=cancel, log_lines=lines)
         if recipe.interpreter:
-            progress("installing the npm Jupyter kernels (JavaScript, TypeScript)", 0.62)
+            progress("installing the npm and PyPI Jupyter kernels (JavaScript, TypeScript, Java)", 0.62)
             jupyter_kernels.install(tree, cache_dir=settings.cache, arch=debootstrap.host_arch(), cancel=cancel,
                                     log_lines=lines)
     elif recipe.source == "dir":

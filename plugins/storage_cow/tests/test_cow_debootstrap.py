@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 from cow_helpers import REPO, copy_guest, ext4_cat, ext4_ls, ext4_stat, fsck_clean
-from cube_core import RootfsRecipe
+from cube_core import RootfsRecipe, StorageError
 
 from cube_storage_cow import BASE, CODE_INTERPRETER, CowConfig, CowStorage, jupyter_kernels
 from cube_storage_cow.debootstrap import BASE_PACKAGES, host_mirror, packages_for
@@ -62,7 +63,7 @@ async def test_code_interpreter_recipe_end_to_end(tmp_path: Path):
     image = await driver.build_rootfs(CODE_INTERPRETER)
     img = image.path
     fsck_clean(img)
-    assert image.bytes_allocated < 1200 << 20
+    assert image.bytes_allocated < 1500 << 20
     assert "scipy" not in ext4_ls(img, "/usr/lib/python3/dist-packages")  # python3-munkres kept it out
     assert any(n.startswith("fontlist") for n in ext4_ls(img, "/home/user/.cache/matplotlib"))
     out = in_image(img, ["/usr/bin/python3", "-c",
@@ -71,10 +72,14 @@ async def test_code_interpreter_recipe_end_to_end(tmp_path: Path):
                          "plt.savefig('/tmp/x.png'); print(numpy.arange(3).sum(), pandas.Series([1, 2]).sum())"],
                    user=True)
     assert out.split() == ["3", "3"]
-    # the other languages' kernels: IRkernel from Debian, tslab (JS + TS) from npm on Debian's node
+    # the other languages' kernels: IRkernel from Debian, tslab (JS + TS) from npm on Debian's node,
+    # jjava (PyPI) on Debian's JDK
     specs = in_image(img, ["/usr/bin/python3", "-c", "from jupyter_client.kernelspec import find_kernel_specs; "
                            "print(' '.join(sorted(find_kernel_specs())))"], user=True)
-    assert specs.split() == ["ir", "jslab", "python3", "tslab"]
+    assert specs.split() == ["ir", "java", "jslab", "python3", "tslab"]
+    assert "jshell" in in_image(img, ["/usr/bin/java", "--list-modules"], user=True)
+    assert ext4_stat(img, f"{jupyter_kernels.JAVA_DIR}/jjava.jar")["type"] == "regular"
+    assert "jmods" not in ext4_ls(img, "/usr/lib/jvm/java-17-openjdk-amd64")
     assert in_image(img, ["/usr/bin/node", "/opt/cube/node/node_modules/tslab/bin/tslab", "--version"],
                     user=True).strip()
     assert in_image(img, ["/usr/bin/Rscript", "-e", "library(IRkernel); cat('ok')"], user=True) == "ok"
@@ -93,6 +98,8 @@ def in_image(image: Path, argv: list[str], *, user: bool = False) -> str:
         subprocess.run(["mount", "-o", "ro,loop", str(image), mnt], check=True)
         try:
             subprocess.run(["mount", "-t", "tmpfs", "tmpfs", f"{mnt}/tmp"], check=True)
+            # /proc: ld.so resolves $ORIGIN (java's RPATH to libjli.so) through /proc/self/exe
+            subprocess.run(["mount", "-t", "proc", "proc", f"{mnt}/proc"], check=True)
             try:
                 prefix = ["chroot", *(["--userspec=1000:1000"] if user else []), mnt, "/usr/bin/env", "-i",
                           f"HOME={'/home/user' if user else '/root'}", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
@@ -100,6 +107,7 @@ def in_image(image: Path, argv: list[str], *, user: bool = False) -> str:
                 assert proc.returncode == 0, proc.stdout + proc.stderr
                 return proc.stdout
             finally:
+                subprocess.run(["umount", f"{mnt}/proc"], check=True)
                 subprocess.run(["umount", f"{mnt}/tmp"], check=True)
         finally:
             subprocess.run(["umount", mnt], check=True)
@@ -145,3 +153,15 @@ def test_npm_kernels_are_part_of_the_image_hash(tmp_path: Path, monkeypatch: pyt
     assert plan(CODE_INTERPRETER, settings).content_hash != before
     assert plan(BASE, settings).content_hash == base_before
     assert jupyter_kernels.tarball(tmp_path, "amd64") != jupyter_kernels.tarball(tmp_path, "arm64")
+    java = plan(CODE_INTERPRETER, settings).content_hash
+    monkeypatch.setattr(jupyter_kernels, "JJAVA", ("jjava", "1.0a7", "0" * 64))
+    assert plan(CODE_INTERPRETER, settings).content_hash != java
+
+
+def test_java_kernel_wheel_is_checked_against_its_pin(tmp_path: Path):
+    """A cached wheel whose sha256 is not the pinned one is refused (nothing is fetched: it exists)."""
+    whl = jupyter_kernels.wheel(tmp_path)
+    whl.parent.mkdir(parents=True)
+    whl.write_bytes(b"not the wheel")
+    with pytest.raises(StorageError, match="expected " + jupyter_kernels.JJAVA[2]):
+        jupyter_kernels.java_kernel_jar(tmp_path, threading.Event(), [])
