@@ -1,13 +1,13 @@
-"""Code-interpreter contexts: a Jupyter kernel per python/javascript/typescript/r context, a bash
-process per bash context.
+"""Code-interpreter contexts: a Jupyter kernel per python/javascript/typescript/r/java context, a
+bash process per bash context.
 
 Jupyter contexts are driven through ``jupyter_client.AsyncKernelManager``; outputs are mapped to
 the NDJSON lines of E2B_PROTOCOL.md §6. Kernels: ``python3`` (ipykernel), ``jslab`` and ``tslab``
-(npm's tslab, JavaScript and TypeScript), ``ir`` (IRkernel); a language whose kernelspec is not
-installed is refused (400). A bash context is one persistent ``bash`` process: each cell is
-written to a file and ``source``d in that shell (state such as ``cd`` and variables persists),
-stdout/stderr stream back, and a sentinel line carries the exit status. A non-zero status becomes
-an ``error`` line (name ``ExitCode``, value the status).
+(npm's tslab, JavaScript and TypeScript), ``ir`` (IRkernel), ``java`` (jjava on JShell); a
+language whose kernelspec is not installed is refused (400). A bash context is one persistent
+``bash`` process: each cell is written to a file and ``source``d in that shell (state such as
+``cd`` and variables persists), stdout/stderr stream back, and a sentinel line carries the exit
+status. A non-zero status becomes an ``error`` line (name ``ExitCode``, value the status).
 
 Kernels run as root in the context's cwd, like upstream's Jupyter server.
 """
@@ -41,6 +41,8 @@ ABORT_RETRY_PAUSE_S = 0.25
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ERROR_LINE = re.compile(r"^([A-Za-z_$][\w$]*(?:Error|Exception)): (.*)$")
 """``TypeError: x is not a function``: what node prints for an uncaught exception."""
+_JJAVA_EVAL = re.compile(r"^([A-Za-z_$][\w$]*(?:\.[A-Za-z_$][\w$]*)+), (.*)$", re.DOTALL)
+"""``java.lang.IllegalStateException, boom``: jjava's value for an exception a cell threw."""
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 Line = dict[str, Any]
@@ -351,6 +353,33 @@ def r_env_push_code(values: dict[str, str]) -> str:
             f"invisible(Sys.setenv({_r_args(values)}))")
 
 
+def _java_sets(values: dict[str, str]) -> str:
+    # a JSON string literal (ASCII, \uXXXX escapes) is a Java string literal too
+    return "\n".join(f"System.setProperty({_json(k)}, {_json(v)});" for k, v in values.items())
+
+
+def java_env_code(values: dict[str, str]) -> str:
+    """Java cannot change its process environment: like upstream, env vars become system
+    properties (``System.getProperty``); the sandbox's own env vars are the kernel's environment
+    (``System.getenv``) from its start."""
+    return _java_sets(values)
+
+
+def java_env_push_code(values: dict[str, str]) -> str:
+    keys = ", ".join(_json(k) for k in values)
+    return ("var cubeSavedEnv = new java.util.HashMap<String, String>();\n"
+            f"for (String k : new String[] {{{keys}}})\n"
+            "    cubeSavedEnv.put(k, System.getProperty(k));\n" + _java_sets(values))
+
+
+JAVA_ENV_POP_CODE = """\
+for (var e : cubeSavedEnv.entrySet()) {
+    if (e.getValue() == null) System.clearProperty(e.getKey());
+    else System.setProperty(e.getKey(), e.getValue());
+}
+"""
+
+
 R_ENV_POP_CODE = """\
 local({
   for (k in names(.cube_saved_env)) {
@@ -456,6 +485,10 @@ class JupyterContext(Context):
     def reseed_code(self) -> str | None:
         """Reseed the language's random generator from fresh entropy (None: it cannot be)."""
         return None
+
+    def error_name_value(self, ename: str, evalue: str) -> tuple[str, str]:
+        """An ``error`` line's ``name`` and ``value`` from the kernel's ``ename``/``evalue``."""
+        return ename, evalue
 
     def warm_code(self) -> str | None:
         """A cell that loads what every real cell needs (run once, before the snapshot)."""
@@ -599,10 +632,11 @@ class JupyterContext(Context):
             job.emit(result_line(content.get("data") or {}, False))
         elif mtype == "error":
             turn.errored = True
+            name, value = self.error_name_value(content.get("ename", ""), content.get("evalue", ""))
             job.emit({
                 "type": "error",
-                "name": content.get("ename", ""),
-                "value": content.get("evalue", ""),
+                "name": name,
+                "value": value,
                 "traceback": "\n".join(content.get("traceback") or []),
             })
         elif mtype == "status" and content.get("execution_state") == "idle":
@@ -715,6 +749,34 @@ class RContext(JupyterContext):
 
     def reseed_code(self) -> str:
         return f"set.seed({secrets.randbelow(2**31 - 1)}L)"
+
+
+class JavaContext(JupyterContext):
+    """jjava (JShell). Not a default context (nor upstream's): its JVM starts on first use, see
+    guest/README.md for the cost under TCG. ``java.util.Random`` seeds itself per instance, so
+    there is no reseed code."""
+
+    language = "java"
+    kernel_name = "java"
+
+    def error_name_value(self, ename: str, evalue: str) -> tuple[str, str]:
+        """jjava wraps an exception the cell threw as ``RuntimeException`` with the value
+        ``"<class>, <message>"``; upstream's kernel (IJava, which jjava forked) reports JShell's
+        ``EvalException`` with the exception's own message: give that shape (the class stays at
+        the top of the traceback). A null message is jjava's ``"null"``, IJava's ``""``."""
+        m = _JJAVA_EVAL.match(evalue) if ename == "RuntimeException" else None
+        if m is None:
+            return ename, evalue
+        return "EvalException", "" if m.group(2) == "null" else m.group(2)
+
+    def env_code(self, values: dict[str, str]) -> str:
+        return java_env_code(values)
+
+    def env_push_code(self, values: dict[str, str]) -> str:
+        return java_env_push_code(values)
+
+    def env_pop_code(self) -> str:
+        return JAVA_ENV_POP_CODE
 
 
 # --- bash -------------------------------------------------------------------------------
@@ -904,6 +966,8 @@ class ContextManager:
             ctx = NodeContext(self.state, cwd, lang)
         elif lang == "r":
             ctx = RContext(self.state, cwd)
+        elif lang == "java":
+            ctx = JavaContext(self.state, cwd)
         elif lang == "bash":
             ctx = BashContext(self.state, cwd, self.scratch_dir)
         else:  # a kernelspec we have no glue code for

@@ -50,12 +50,12 @@ def test_available_follows_installed_kernelspecs(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     _spec(tmp_path, "tslab", "typescript")
     _spec(tmp_path, "ir", "R")
+    _spec(tmp_path, "java", "java")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     available = ContextManager(AgentState(), str(tmp_path)).available()
-    assert {"bash", "python", "typescript", "r"} <= available
+    assert {"bash", "python", "typescript", "r", "java"} <= available
     if "jslab" not in kernels.installed_kernels():
         assert "javascript" not in available
-    assert "java" not in available or "java" in kernels.installed_kernels()
 
 
 def test_missing_kernel_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,3 +255,29 @@ def test_cell_right_after_an_error_is_not_lost(tmp_path: Path,
             await manager.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_java_errors_take_upstreams_shape() -> None:
+    """jjava's wrapped exception becomes IJava's EvalException + message (E2B's kernel); a
+    compilation error and a RuntimeException of the kernel itself pass through."""
+    ctx = kernels.JavaContext(AgentState(), "/")
+    assert ctx.error_name_value("RuntimeException", "java.lang.IllegalStateException, boom") == (
+        "EvalException", "boom")
+    assert ctx.error_name_value("RuntimeException", "a.B$C, two\nlines, x") == (
+        "EvalException", "two\nlines, x")
+    assert ctx.error_name_value("RuntimeException", "java.lang.NullPointerException, null") == (
+        "EvalException", "")
+    assert ctx.error_name_value("CompilationException", "x, y") == ("CompilationException", "x, y")
+    assert ctx.error_name_value("RuntimeException", "no class here") == (
+        "RuntimeException", "no class here")
+
+
+def test_java_env_glue() -> None:
+    """Env vars become system properties (upstream's choice: Java cannot set its environment);
+    the values are JSON string literals, which Java reads the same (checked in a real JShell by
+    the e2e test)."""
+    push = kernels.java_env_push_code({"A": 'q"\\\n', "B": "ü"})
+    assert 'for (String k : new String[] {"A", "B"})\n' in push
+    assert 'System.setProperty("A", "q\\"\\\\\\n");' in push
+    assert 'System.setProperty("B", "\\u00fc");' in push
+    assert "System.clearProperty(e.getKey())" in kernels.JAVA_ENV_POP_CODE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import pytest
 from cube_e2e import CubeServer
@@ -111,23 +112,42 @@ def test_bash(ci: Sandbox) -> None:
     assert execution.logs.stdout == ["42\n"]
 
 
-def test_java_is_refused(ci: Sandbox) -> None:
-    with pytest.raises(Exception, match="not installed"):
-        ci.run_code("1 + 1", language="java")
+def test_java(ci: Sandbox) -> None:
+    """jjava on Debian's JDK. Not a default context (upstream's neither): this first java cell
+    starts the JVM, within the SDK's default run_code timeout under TCG too."""
+    started = time.monotonic()
+    execution = ci.run_code("System.out.println(1+1);", language="java")
+    first = time.monotonic() - started
+    rss = ci.commands.run("ps -o rss= -C java").stdout.split()
+    print(f"first java run_code: {first:.1f}s; JVM RSS {rss} KiB")
+    assert execution.error is None, execution.error
+    assert execution.logs.stdout == ["2\n"]
+    assert ci.run_code("int n = 40;\nn + 2", language="java").text == "42"
+    failed = ci.run_code('throw new IllegalStateException("boom");', language="java")
+    assert failed.error is not None and (failed.error.name, failed.error.value) == ("EvalException", "boom")
+    assert "java.lang.IllegalStateException: boom" in failed.error.traceback
+    value = 'ü "q"'
+    env = ci.run_code('System.getProperty("CUBE_J")', language="java", envs={"CUBE_J": value})
+    assert env.text == value  # env vars are system properties in Java, as upstream
+    assert ci.run_code('String.valueOf(System.getProperty("CUBE_J"))', language="java").text == "null"
 
 
-@pytest.mark.parametrize("language", ["javascript", "r"])
+@pytest.mark.parametrize("language", ["javascript", "r", "java"])
 def test_restart_context(ci: Sandbox, language: str) -> None:
     """Within the SDK's default request timeout, under TCG too."""
     ctx = ci.create_code_context(language=language)
-    assign = {"javascript": "Reflect.set(globalThis, 'kept', 1)", "r": "kept <- 1"}[language]
-    probe = {"javascript": "Reflect.has(globalThis, 'kept')", "r": "exists('kept')"}[language]
+    assign = {"javascript": "Reflect.set(globalThis, 'kept', 1)", "r": "kept <- 1",
+              "java": 'System.setProperty("kept", "1");'}[language]
+    probe = {"javascript": "Reflect.has(globalThis, 'kept')", "r": "exists('kept')",
+             "java": 'String.valueOf(System.getProperty("kept"))'}[language]
     ci.run_code(assign, context=ctx)
     before = ci.run_code(probe, context=ctx)
     ci.restart_code_context(ctx)
     after = ci.run_code(probe, context=ctx)
     if language == "javascript":
         assert (before.logs.stdout, after.logs.stdout) == (["true\n"], ["false\n"])
+    elif language == "java":
+        assert (before.text, after.text) == ("1", "null")
     else:
         assert ([r.text for r in before.results], [r.text for r in after.results]) == (
             ["[1] TRUE"], ["[1] FALSE"])
