@@ -173,7 +173,9 @@ def cube_asgi_middleware(service: SandboxService) -> Sequence[Any]:
 def cube_egress_rules(spec: SandboxSpec) -> Sequence[EgressRule]:
     """Contribute egress rules for a new sandbox, on top of its own network policy.
 
-    Called once per sandbox create, before its network slot is allocated. Many implementers; the
+    Called once per sandbox create, before its network slot is allocated, and again when its
+    slot's policy is set anew (a policy update; a slot re-created after a host reboot, with a
+    spec holding the sandbox's template, team and network policy). Many implementers; the
     rules are concatenated (a deny wins over an allow for the same target). Should not raise.
 
     :param spec: the sandbox being created.

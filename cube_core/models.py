@@ -89,6 +89,8 @@ class SandboxSpec(Frozen):
     metadata: dict[str, str] = Field(default_factory=dict)
     env_vars: dict[str, str] = Field(default_factory=dict)
     auto_pause: bool = False
+    auto_pause_memory: bool = True
+    """False: the pause at the timeout keeps only the disk (a filesystem-only pause)."""
     auto_resume: bool = False
     """A paused sandbox is resumed by traffic for it (the edge proxy) as well as by ``connect``."""
     secure: bool = False
@@ -118,6 +120,8 @@ class Sandbox(Frozen):
     cpu_count: int = 1
     memory_mb: int = 512
     auto_pause: bool = False
+    auto_pause_memory: bool = True
+    """False: the pause at the timeout keeps only the disk (a filesystem-only pause)."""
     auto_resume: bool = False
     timeout_s: int | None = None
     """The timeout it was created with: what a resume by traffic (``auto_resume``) gives it again."""
@@ -385,6 +389,17 @@ class SandboxRuntime(Frozen):
     @property
     def on_disk(self) -> bool:
         return self.saved is not None and self.vm is None
+
+    @property
+    def disk_only(self) -> bool:
+        """Paused without its memory (a filesystem-only pause): no VM, no saved state; its disk
+        and network slot stay, and a resume boots it from its disk."""
+        return self.vm is None and self.saved is None and self.disk is not None
+
+    @property
+    def without_vm(self) -> bool:
+        """Paused with no VM process: written out to disk, or filesystem only."""
+        return self.on_disk or self.disk_only
 
 
 class StateFile(Frozen):

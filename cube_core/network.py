@@ -47,6 +47,15 @@ class NetworkDriver(abc.ABC):
     async def sweep(self, live: Iterable[str]) -> int:
         """Remove every slot whose ``slot_id`` is not in ``live``; return how many went."""
 
+    async def recreate(self, nic: NicHandle, policy: NetworkPolicy,
+                       extra_rules: Sequence[EgressRule] = ()) -> NicHandle:
+        """Make sure the slot of ``nic`` exists, as after :meth:`allocate`: one a host reboot
+        removed is built again with the same ``slot_id``, guest address and MAC, and ``policy``;
+        one that exists is left as it is. Answers the slot's handle now (driver data such as
+        interface indexes may differ). Called by the node for sandboxes that outlive their VM
+        (written out to disk, paused without memory) before their VM starts again."""
+        raise UnsupportedOperation(driver=type(self).__name__, operation="recreate")
+
     async def update_policy(self, nic: NicHandle, policy: NetworkPolicy,
                             extra_rules: Sequence[EgressRule] = ()) -> None:
         raise UnsupportedOperation(driver=type(self).__name__, operation="update_policy")

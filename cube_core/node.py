@@ -57,6 +57,7 @@ from cube_core.models import (
     PersonalizeReply,
     Sandbox,
     SandboxRuntime,
+    SandboxSpec,
     SnapshotRef,
     StopReason,
     SyncClockReply,
@@ -232,7 +233,7 @@ class NodeAgent:
         return Node(node_id=self.node_id, url=self.url, cpu_total=os.cpu_count() or 1,
                     memory_mb_total=total_memory_mb(),
                     cpu_used=sum(s.cpu_count for s in mine if s.state != SandboxState.PAUSED),
-                    memory_mb_used=sum(s.memory_mb for s in mine if not s.runtime.on_disk), sandboxes=len(users),
+                    memory_mb_used=sum(s.memory_mb for s in mine if not s.runtime.without_vm), sandboxes=len(users),
                     sandboxes_paused=sum(1 for s in users if s.state == SandboxState.PAUSED),
                     pool=self.pool.sizes(), templates=tuple(sorted(set(self._ready) - set(self._stale_templates()))),
                     disk_free_mb=disk_free,
@@ -276,10 +277,21 @@ class NodeAgent:
                 continue
             runtime = sb.runtime
             alive = False
-            if runtime.on_disk:  # written out while paused: no VM to re-attach, its files must be here
-                assert runtime.saved is not None
-                alive = sb.state == SandboxState.PAUSED and all(
-                    p.exists() for p in (runtime.saved.memory_file, runtime.saved.device_state))
+            if runtime.without_vm:  # paused with no VM (written out, or filesystem only): its files must be here
+                assert runtime.disk is not None
+                files = [runtime.disk.path]
+                if runtime.saved is not None:
+                    files += [runtime.saved.memory_file, runtime.saved.device_state]
+                alive = sb.state == SandboxState.PAUSED and all(p.exists() for p in files)
+                if alive:
+                    try:
+                        runtime = await self._recreate_slot(sb, runtime)
+                    except CubeError as exc:
+                        log.warning("cannot re-create the network slot of a sandbox on disk",
+                                    sandbox_id=sb.sandbox_id, error=str(exc))
+                        alive = False
+                    if alive and runtime != sb.runtime:
+                        self.store.put_sandbox(sb.evolve(runtime=runtime))
             elif runtime.vm is not None and CAP_REATTACH in self.vmm.capabilities:
                 try:
                     runtime = runtime.model_copy(update={"vm": await self.vmm.reattach(runtime.vm)})
@@ -307,6 +319,19 @@ class NodeAgent:
         for gone in [r for r in self._replicas if r not in kept]:  # deleted while this node was away
             self._forget_replica(gone)
         await self.storage.gc({r.disk.disk_id for r in live if r.disk}, kept)
+
+    async def _recreate_slot(self, sb: Sandbox, runtime: SandboxRuntime) -> SandboxRuntime:
+        """The network slot of a sandbox without a VM, built again if a host reboot removed it
+        (same address, the sandbox's egress policy), so that it can be restored into it."""
+        if runtime.nic is None:
+            return runtime
+        rules = self.host.hooks.egress_rules(SandboxSpec(template_id=sb.template_id, team_id=sb.team_id,
+                                                         network=sb.network))
+        try:
+            nic = await self.network.recreate(runtime.nic, sb.network, rules)
+        except UnsupportedOperation:
+            return runtime  # a driver whose slots outlive a reboot, or none at all
+        return runtime.evolve(nic=nic)
 
     def _kept_snapshots(self) -> set[str]:
         snaps = self.store.list_snapshots()
@@ -599,9 +624,9 @@ class NodeAgent:
         return runtime
 
     def _runtime_or_saved(self, sandbox_id: str) -> SandboxRuntime:
-        """The runtime of a sandbox with a VM, or written out to disk (no VM)."""
+        """The runtime of a sandbox with a VM, or paused without one (written out, filesystem only)."""
         runtime = self._live.get(sandbox_id)
-        if runtime is None or (runtime.vm is None and runtime.saved is None):
+        if runtime is None or (runtime.vm is None and not runtime.without_vm):
             raise SandboxNotFoundError(sandbox_id=sandbox_id)
         return runtime
 
@@ -634,7 +659,7 @@ class NodeAgent:
             raise UnsupportedOperation(driver=type(self.vmm).__name__, operation="pause to disk")
         async with self._lock(sandbox_id):
             runtime = self._runtime_or_saved(sandbox_id)
-            if runtime.on_disk:
+            if runtime.without_vm:
                 return runtime
             if sandbox_id not in self._paused:
                 raise InvalidStateError(sandbox_id=sandbox_id, state="running", required="paused")
@@ -658,6 +683,70 @@ class NodeAgent:
             runtime = runtime.evolve(vm=None, saved=saved)
             self._live[sandbox_id] = runtime
         log.info("paused sandbox written to disk", sandbox_id=sandbox_id, state_id=state_id,
+                 ms=round((time.perf_counter() - started) * 1000, 1))
+        return runtime
+
+    @with_ids
+    async def drop_memory(self, sandbox_id: str) -> SandboxRuntime:
+        """A filesystem-only pause: end the sandbox's VM and forget its memory (a saved state
+        too), keeping its disk and network slot; :meth:`resume` then boots it from its disk. A
+        running guest is asked to sync its disks first; a paused one loses the writes it had not
+        synced, as after a power cut. A running guest that does not answer is not paused (the
+        guest call's error is raised). Answers the runtime to record (no VM, no saved state)."""
+        async with self._lock(sandbox_id):
+            runtime = self._runtime_or_saved(sandbox_id)
+            if runtime.disk is None:
+                raise UnsupportedOperation(driver=type(self.storage).__name__, operation="filesystem-only pause")
+            vm = runtime.vm
+            if vm is not None:
+                if sandbox_id not in self._paused:  # a guest that does not answer keeps running
+                    await guest_call(self.vmm, vm, "exec", {"cmd": ["sync"]}, ExecReply, timeout=60.0)
+                    if CAP_PAUSE in self.vmm.capabilities:
+                        await self.vmm.pause(vm)
+                self._paused.add(sandbox_id)
+                await self.vmm.shutdown(vm)
+            saved = runtime.saved
+            runtime = runtime.evolve(vm=None, saved=None)
+            self._live[sandbox_id] = runtime
+            self._paused.add(sandbox_id)
+        if saved is not None:
+            try:
+                await self.storage.delete_snapshot(saved.state_id)
+            except CubeError as exc:  # the storage's gc frees it later
+                log.warning("saved state of a sandbox paused without memory not deleted", sandbox_id=sandbox_id,
+                            error=str(exc))
+        log.info("sandbox paused without its memory", sandbox_id=sandbox_id, had_vm=vm is not None)
+        return runtime
+
+    async def _boot_from_disk(self, sandbox_id: str, runtime: SandboxRuntime) -> SandboxRuntime:
+        """Boot the VM of a sandbox paused without memory from its own disk (its template's kernel)
+        in its own network slot, then personalize it as the same sandbox (caller holds its lock)."""
+        assert runtime.disk is not None
+        record = self.store.get_sandbox(sandbox_id)
+        if record is None:
+            raise SandboxNotFoundError(sandbox_id=sandbox_id)
+        template = self.local_template(record.template_id)
+        if template.kernel is None:
+            raise TemplateError(f"template {template.template_id!r} has no kernel to boot sandbox {sandbox_id} with")
+        started = time.perf_counter()
+        spec = VmSpec(vm_id=f"{sandbox_id}-b{os.urandom(3).hex()}", kernel=Path(template.kernel),
+                      initrd=Path(template.initrd) if template.initrd else None, rootfs_disk=runtime.disk,
+                      memory_mb=template.memory_mb, interpreter=template.interpreter,
+                      volumes=self._volume_disks(record))
+        async with self._start_gate:
+            vm = await self.vmm.boot(spec, runtime.nic)
+            runtime = runtime.evolve(vm=vm)
+            self._live[sandbox_id] = runtime
+            try:
+                await self.vmm.wait_ready(vm, timeout=300.0)
+                await self._personalize(record, runtime)
+                if record.volume_mounts:
+                    await self._mount_volumes(record, runtime)
+            except BaseException:
+                await self.vmm.shutdown(vm)
+                self._live[sandbox_id] = runtime = runtime.evolve(vm=None)
+                raise
+        log.info("sandbox booted from its disk", sandbox_id=sandbox_id,
                  ms=round((time.perf_counter() - started) * 1000, 1))
         return runtime
 
@@ -693,6 +782,10 @@ class NodeAgent:
             runtime = self._live.get(sandbox_id)
             if runtime is not None and runtime.on_disk:
                 runtime = await self._restore_saved(sandbox_id, runtime)
+            elif runtime is not None and runtime.disk_only:
+                runtime = await self._boot_from_disk(sandbox_id, runtime)
+                self._paused.discard(sandbox_id)
+                return runtime  # personalized just now: its clock is right
             else:
                 runtime = self._runtime(sandbox_id)
                 assert runtime.vm is not None

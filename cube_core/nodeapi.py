@@ -126,6 +126,10 @@ def _api(agent: NodeAgent) -> FastAPI:
     async def pause_to_disk(sandbox_id: str) -> SandboxRuntime:
         return await agent.pause_to_disk(sandbox_id)
 
+    @api.post(PREFIX + "/sandboxes/{sandbox_id}/drop-memory")
+    async def drop_memory(sandbox_id: str) -> SandboxRuntime:
+        return await agent.drop_memory(sandbox_id)
+
     @api.post(PREFIX + "/sandboxes/{sandbox_id}/resume")
     async def resume(sandbox_id: str) -> SandboxRuntime:
         return await agent.resume(sandbox_id)

@@ -112,6 +112,12 @@ class NodeClient(Protocol):
         and network slot stay); the runtime to record (``vm`` None, ``saved`` set)."""
         ...
 
+    async def drop_memory(self, sandbox_id: str) -> SandboxRuntime:
+        """End a sandbox's VM and forget its memory, keeping its disk and network slot (a
+        filesystem-only pause): a running guest syncs its disks first. A later ``resume`` boots
+        it from its own disk. The runtime to record (``vm`` and ``saved`` None)."""
+        ...
+
     async def resume(self, sandbox_id: str) -> SandboxRuntime:
         """Let it run again (restoring it first when it was written out to disk) and give the guest
         the time (a paused VM's clock stood still); the runtime to record."""
@@ -187,6 +193,9 @@ class LocalNodeClient:
 
     async def pause_to_disk(self, sandbox_id: str) -> SandboxRuntime:
         return await self.agent.pause_to_disk(sandbox_id)
+
+    async def drop_memory(self, sandbox_id: str) -> SandboxRuntime:
+        return await self.agent.drop_memory(sandbox_id)
 
     async def resume(self, sandbox_id: str) -> SandboxRuntime:
         return await self.agent.resume(sandbox_id)

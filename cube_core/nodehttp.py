@@ -298,6 +298,11 @@ class HttpNodeClient:
                                 timeout=self.timeouts.snapshot)
         return self._parse(SandboxRuntime, resp)
 
+    async def drop_memory(self, sandbox_id: str) -> SandboxRuntime:
+        resp = await self._call("POST", _path("sandboxes", sandbox_id, "drop-memory"),
+                                timeout=self.timeouts.snapshot)
+        return self._parse(SandboxRuntime, resp)
+
     async def resume(self, sandbox_id: str) -> SandboxRuntime:
         resp = await self._call("POST", _path("sandboxes", sandbox_id, "resume"), timeout=self.timeouts.launch)
         return self._parse(SandboxRuntime, resp)

@@ -310,7 +310,8 @@ class SandboxService:
                 alias=template.aliases[0] if template.aliases else None, team_id=spec.team_id,
                 state=SandboxState.CREATING, started_at=now, end_at=now + timedelta(seconds=spec.timeout_s),
                 metadata=dict(spec.metadata), env_vars=dict(spec.env_vars), cpu_count=spec.cpu_count,
-                memory_mb=spec.memory_mb, auto_pause=spec.auto_pause, auto_resume=spec.auto_resume,
+                memory_mb=spec.memory_mb, auto_pause=spec.auto_pause, auto_pause_memory=spec.auto_pause_memory,
+                auto_resume=spec.auto_resume,
                 timeout_s=spec.timeout_s, secure=spec.secure,
                 envd_access_token=ids.access_token() if spec.secure else None, network=spec.network,
                 node_id=node.node_id, isolation=node.isolation, volume_mounts=mounts)
@@ -405,15 +406,20 @@ class SandboxService:
         return updated
 
     @with_ids
-    async def pause(self, team_id: str, sandbox_id: str) -> Sandbox:
+    async def pause(self, team_id: str, sandbox_id: str, *, memory: bool = True) -> Sandbox:
+        """Pause a running sandbox; ``memory=False``: a filesystem-only pause (its VM ends, its
+        disk and network slot stay; a resume boots it from its disk: files kept, processes not)."""
         self._record(sandbox_id, team_id)
         async with self._lock(sandbox_id):
-            return await self._pause(sandbox_id)
+            return await self._pause(sandbox_id, memory)
 
     @require(SandboxState.RUNNING)
-    async def _pause(self, sandbox_id: str) -> Sandbox:
+    async def _pause(self, sandbox_id: str, memory: bool = True) -> Sandbox:
         sb = self._record(sandbox_id)
-        await self._node(sb).pause(sandbox_id)
+        if memory:
+            await self._node(sb).pause(sandbox_id)
+        else:
+            sb = sb.evolve(runtime=await self._node(sb).drop_memory(sandbox_id))
         paused = self._move(sb.evolve(paused_at=utcnow()), SandboxState.PAUSED)
         self._emit("sandbox.paused", paused)
         return paused
@@ -449,11 +455,11 @@ class SandboxService:
         paused with auto-resume; concurrent requests resume it once (the others wait for that
         resume, then go). A resumed sandbox gets the timeout it was created with, from now."""
         sb = self._record(sandbox_id)
-        if sb.state != SandboxState.PAUSED or not sb.auto_resume:
-            return sb
+        if sb.state != SandboxState.PAUSED or not sb.auto_resume or sb.runtime.disk_only:
+            return sb  # paused without memory: only an explicit connect or resume boots it
         async with self._lock(sandbox_id):
             sb = self._record(sandbox_id)
-            if sb.state == SandboxState.PAUSED and sb.auto_resume:
+            if sb.state == SandboxState.PAUSED and sb.auto_resume and not sb.runtime.disk_only:
                 started = time.perf_counter()
                 on_disk = sb.runtime.on_disk
                 sb = await self._resume(sandbox_id, sb.timeout_s or self.settings.default_timeout_s)
@@ -464,7 +470,7 @@ class SandboxService:
     async def _into_ram(self, sb: Sandbox) -> Sandbox:
         """A paused sandbox written out to disk, restored and paused again (for a snapshot or a
         rollback, which need its VM); any other, unchanged. Caller holds its lock."""
-        if sb.state != SandboxState.PAUSED or not sb.runtime.on_disk:
+        if sb.state != SandboxState.PAUSED or not sb.runtime.without_vm:
             return sb
         node = self._node(sb)
         try:
@@ -478,11 +484,17 @@ class SandboxService:
         return sb
 
     @with_ids
-    async def connect(self, team_id: str, sandbox_id: str, timeout_s: int | None = None) -> Sandbox:
-        """Return a running sandbox, resuming it if paused; the deadline only moves later."""
+    async def connect(self, team_id: str, sandbox_id: str, timeout_s: int | None = None, *,
+                      memory: bool = True) -> Sandbox:
+        """Return a running sandbox, resuming it if paused; the deadline only moves later.
+        ``memory=False`` (the SDK's ``on_resume="reboot"``): a paused sandbox's memory is dropped
+        and it boots from its disk (a running one is left as it is)."""
         sb = self._record(sandbox_id, team_id)
         async with self._lock(sandbox_id):
             sb = self._record(sandbox_id, team_id)
+            if sb.state == SandboxState.PAUSED and not memory and not sb.runtime.disk_only:
+                sb = sb.evolve(runtime=await self._node(sb).drop_memory(sandbox_id))
+                self.store.put_sandbox(sb)
             if sb.state == SandboxState.PAUSED:
                 sb = await self._resume(sandbox_id, None)
             if timeout_s is not None:
@@ -596,7 +608,8 @@ class SandboxService:
         self.quotas.check_fork(team_id, count)
         ref = await self.snapshot(team_id, sandbox_id, kind="fork")
         spec = SandboxSpec(template_id=ref.snapshot_id, team_id=team_id, metadata=sb.metadata,
-                           env_vars=sb.env_vars, auto_pause=sb.auto_pause, auto_resume=sb.auto_resume,
+                           env_vars=sb.env_vars, auto_pause=sb.auto_pause, auto_pause_memory=sb.auto_pause_memory,
+                           auto_resume=sb.auto_resume,
                            secure=sb.secure, network=sb.network,
                            timeout_s=timeout_s or max(1, int((sb.end_at - utcnow()).total_seconds())))
         return [await self.create(spec) for _ in range(count)]
@@ -653,7 +666,7 @@ class SandboxService:
             return 0
         cutoff = utcnow() - timedelta(seconds=after) if after > 0 else None
         due = [s for s in self.store.list_sandboxes(states=(SandboxState.PAUSED,))
-               if s.team_id != POOL_TEAM and not s.runtime.on_disk and s.sandbox_id not in self._kept_in_ram
+               if s.team_id != POOL_TEAM and not s.runtime.without_vm and s.sandbox_id not in self._kept_in_ram
                and not s.volume_mounts
                and (s.node_id in short or (cutoff is not None and s.paused_at is not None
                                            and s.paused_at <= cutoff))]
@@ -666,7 +679,7 @@ class SandboxService:
     async def _write_out(self, sandbox_id: str) -> int:
         async with self._lock(sandbox_id):
             sb = self.store.get_sandbox(sandbox_id)
-            if sb is None or sb.state != SandboxState.PAUSED or sb.runtime.on_disk:
+            if sb is None or sb.state != SandboxState.PAUSED or sb.runtime.without_vm:
                 return 0
             if sb.volume_mounts:  # its volumes' slots are not part of a saved state: it stays in RAM
                 log.info("paused sandbox stays in RAM: it has volumes mounted", sandbox_id=sandbox_id)
@@ -696,7 +709,7 @@ class SandboxService:
                 return
             if current.auto_pause:
                 try:
-                    await self._pause(sb.sandbox_id)
+                    await self._pause(sb.sandbox_id, current.auto_pause_memory)
                     return
                 except (InvalidStateError, NodeUnavailableError) as exc:
                     log.info("auto-pause impossible, killing", sandbox_id=sb.sandbox_id, error=str(exc))

@@ -230,6 +230,11 @@ class FakeNetwork(NetworkDriver):
             del self.slots[s]
         return len(gone)
 
+    async def recreate(self, nic: NicHandle, policy: NetworkPolicy,
+                       extra_rules: Sequence[EgressRule] = ()) -> NicHandle:
+        self.slots.setdefault(nic.slot_id, policy)
+        return nic
+
     async def update_policy(self, nic: NicHandle, policy: NetworkPolicy,
                             extra_rules: Sequence[EgressRule] = ()) -> None:
         if nic.slot_id not in self.slots:

@@ -282,6 +282,20 @@ class NodeClientContract:
         plane.move(paused, SandboxState.RUNNING, runtime=resumed)
         await _answers(plane.client, sandbox.sandbox_id, "restored-from-disk")
 
+    async def test_drop_memory_then_resume_boots_from_the_disk(self, plane: ControlPlane) -> None:
+        sandbox, launched = await plane.launch()
+        running = plane.move(sandbox, SandboxState.RUNNING, runtime=launched.runtime)
+        runtime = await plane.client.drop_memory(sandbox.sandbox_id)
+        assert runtime.vm is None and runtime.saved is None and runtime.disk_only
+        assert runtime.disk == launched.runtime.disk and runtime.nic == launched.runtime.nic
+        paused = plane.move(running, SandboxState.PAUSED, runtime=runtime)
+        await plane.client.audit(sandbox.sandbox_id, 10)  # its network slot is kept
+        booted = await plane.client.resume(sandbox.sandbox_id)
+        assert booted.vm is not None and booted.disk == runtime.disk and booted.nic == runtime.nic
+        assert launched.runtime.vm is not None and booted.vm.vm_id != launched.runtime.vm.vm_id
+        plane.move(paused, SandboxState.RUNNING, runtime=booted)
+        await _answers(plane.client, sandbox.sandbox_id, "booted-from-disk")
+
     async def test_destroy_of_a_sandbox_on_disk(self, plane: ControlPlane) -> None:
         sandbox, launched = await plane.launch()
         running = plane.move(sandbox, SandboxState.RUNNING, runtime=launched.runtime)
@@ -415,13 +429,14 @@ class NodeClientContract:
 
     # -- errors ------------------------------------------------------------------------------------------
 
-    @pytest.mark.parametrize("operation", ["pause", "pause_to_disk", "resume", "snapshot", "exec", "audit",
-                                           "update_policy"])
+    @pytest.mark.parametrize("operation", ["pause", "pause_to_disk", "drop_memory", "resume", "snapshot", "exec",
+                                           "audit", "update_policy"])
     async def test_an_unknown_sandbox_is_not_found(self, plane: ControlPlane, operation: str) -> None:
         client = plane.client
         calls: dict[str, Callable[[], Awaitable[object]]] = {
             "pause": lambda: client.pause(UNKNOWN),
             "pause_to_disk": lambda: client.pause_to_disk(UNKNOWN),
+            "drop_memory": lambda: client.drop_memory(UNKNOWN),
             "resume": lambda: client.resume(UNKNOWN),
             "snapshot": lambda: client.snapshot(UNKNOWN, "snapcontractunknown0"),
             "exec": lambda: client.exec(UNKNOWN, ["true"], 5.0),

@@ -1,6 +1,7 @@
 """Lifecycle with the real SDK on real microVMs: auto-pause on timeout, then a request through the
 edge proxy resumes the sandbox (auto-resume); a paused sandbox written out to disk (its QEMU ends)
-resumes with its processes and their memory intact, also after a restart of ``cube serve``.
+resumes with its processes and their memory intact, also after a restart of ``cube serve`` and
+after a (simulated) host reboot.
 
 The module restarts the shared server with ``[core] pause_to_disk_after_s`` short; the restart in
 the pause-to-disk test puts the config back (so the module costs one restart of its own), or the
@@ -8,7 +9,11 @@ module's end does."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,10 +22,11 @@ from pathlib import Path
 import pytest
 from cube_e2e import CubeServer
 from e2b import Sandbox, SandboxState
-from e2b.exceptions import SandboxException
+from e2b.exceptions import InvalidArgumentException
 from test_e2e_legacy_sdk import legacy_python  # noqa: F401 - fixture
 
 from cube_core.models import Sandbox as SandboxRecord
+from cube_core.state import SandboxState as RecordState
 from cube_core.store import SqliteStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
@@ -75,6 +81,59 @@ def record(server: CubeServer, sandbox_id: str) -> SandboxRecord:
     return found
 
 
+def records(server: CubeServer) -> list[SandboxRecord]:
+    store = SqliteStore(server.state_dir / "cube.db")
+    try:
+        return store.list_sandboxes()
+    finally:
+        store.close()
+
+
+def qemu_pids(server: CubeServer) -> list[int]:
+    """The server's QEMU processes (their command line names their work dir under its state dir)."""
+    marker = f"{server.state_dir}/vms/".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def simulate_host_reboot(server: CubeServer) -> None:
+    """With ``cube serve`` stopped, remove what a reboot of the host removes: every QEMU process
+    (killed), the network namespaces with their taps and veths, the egress filter's pinned maps and
+    the host's nftables table, the VMs' cgroups and jail uid leases, and the tmpfs-backed
+    directories (/run: the VMs' work dirs and the network slots' state files; /dev/shm: RAM
+    files). The state store, the disks and the saved memory are on disk and stay."""
+    pids = qemu_pids(server)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not any(alive(p) for p in pids), "the QEMU processes ended", timeout=30)
+    vms = server.state_dir / "vms"
+    for record_file in vms.glob("*/vm.json"):
+        vm = json.loads(record_file.read_text())
+        for path in (vm.get("cgroup_paths") or {}).values():
+            if Path(path).is_dir():
+                Path(path).rmdir()
+        if vm.get("jail_uid"):
+            Path(f"/run/cube/uids/{vm['jail_uid']}").unlink(missing_ok=True)
+    shutil.rmtree(vms)
+    slots = {r.runtime.nic.slot_id for r in records(server) if r.runtime.nic is not None}
+    for name in os.listdir("/run/netns"):
+        if name.startswith("cube-") and (name[5:] in slots or name.startswith("cube-.pool-")):
+            subprocess.run(["ip", "netns", "delete", name], check=True)
+    for slot_id in slots:
+        Path(f"/run/cube/net/{slot_id}.json").unlink(missing_ok=True)
+    shutil.rmtree("/sys/fs/bpf/cube", ignore_errors=True)
+    subprocess.run(["nft", "delete", "table", "inet", "cube"], check=False, capture_output=True)
+    port = server.url.rsplit(":", 1)[1]
+    shutil.rmtree(f"/dev/shm/cube-e2e-{port}", ignore_errors=True)
+
+
 def wait_for(check: object, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():  # type: ignore[operator]
@@ -115,10 +174,50 @@ def check_counter(sbx: Sandbox, before: tuple[str, str, int]) -> None:
     assert int(sbx.files.read("/tmp/counter").split()[2]) > int(n), "the counter does not go on"
 
 
-def test_filesystem_only_auto_pause_is_refused(server: CubeServer) -> None:
-    with pytest.raises(SandboxException) as info:
-        Sandbox.create(template="base", lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}})
-    assert info.value.status_code == 400 and "autoPauseMemory" in str(info.value)
+def test_filesystem_only_pause_then_connect_boots_from_the_disk(server: CubeServer) -> None:
+    """``pause(mode="filesystem")``, the auto-pause ``{"action": "pause", "mode": "filesystem"}``
+    and ``connect(on_resume="reboot")`` of a memory-paused sandbox: its QEMU ends, no memory is
+    kept; ``connect`` boots it from its own disk as the same sandbox (id, token, env vars): files
+    are there, processes are not, commands work."""
+    with pytest.raises(InvalidArgumentException):  # refused by the SDK; the API's 400 is in the route tests
+        Sandbox.create(template="base", lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"},
+                                                   "auto_resume": True})
+    explicit = Sandbox.create(template="base", timeout=600, envs={"KEPT": "env"})
+    auto = Sandbox.create(template="base", timeout=30,
+                          lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}})
+    rebooted = Sandbox.create(template="base", timeout=600)
+    boxes = (explicit, auto, rebooted)
+    try:
+        pids = {}
+        for sbx in boxes:
+            sbx.files.write("/home/user/kept.txt", sbx.sandbox_id)
+            start_counter(sbx)
+            pids[sbx.sandbox_id] = record(server, sbx.sandbox_id).runtime.vm.pid  # type: ignore[union-attr]
+        explicit.pause(mode="filesystem")
+        rebooted.pause()
+        wait_for(lambda: Sandbox.get_info(auto.sandbox_id).state == SandboxState.PAUSED, "auto-paused", timeout=90)
+        for sbx in (explicit, auto):
+            wait_for(lambda s=sbx: not alive(pids[s.sandbox_id]), "its QEMU ended", timeout=30)  # type: ignore[arg-type]
+            runtime = record(server, sbx.sandbox_id).runtime
+            assert runtime.disk_only and runtime.saved is None and runtime.disk is not None
+            assert runtime.disk.path.exists()
+        assert alive(pids[rebooted.sandbox_id])  # paused with its memory, for now
+
+        for sbx, how in ((explicit, "restore"), (auto, "restore"), (rebooted, "reboot")):
+            started = time.monotonic()
+            again = Sandbox.connect(sbx.sandbox_id, on_resume=how)  # type: ignore[arg-type]
+            print(f"{sbx.sandbox_id}: connect ({how}) booted it from its disk in {time.monotonic() - started:.2f}s")
+            assert again.sandbox_id == sbx.sandbox_id
+            assert again.files.read("/home/user/kept.txt") == sbx.sandbox_id  # the files persist
+            ps = again.commands.run("ps -eo args").stdout
+            assert "counter" not in ps and "sleep 0.2" not in ps, "a process survived the reboot"
+            assert again.commands.run("echo ok").stdout.strip() == "ok"
+            assert not alive(pids[sbx.sandbox_id])
+            assert record(server, sbx.sandbox_id).runtime.vm is not None
+        assert Sandbox.connect(explicit.sandbox_id).commands.run("echo $KEPT").stdout.strip() == "env"
+    finally:
+        for sbx in boxes:
+            sbx.kill()
 
 
 def test_auto_pause_on_timeout_then_traffic_resumes(server: CubeServer) -> None:
@@ -193,6 +292,52 @@ def test_pause_to_disk_then_resume_after_a_restart(server: CubeServer) -> None:
                 assert not runtime.disk.path.exists(), "its disk is left"
             if runtime.saved is not None:
                 assert not runtime.saved.memory_file.parent.exists(), "its saved state is left"
+
+
+def test_paused_sandbox_survives_a_host_reboot(server: CubeServer) -> None:
+    """A sandbox written out to disk is restored after a (simulated) host reboot into a network
+    slot built again with its address and egress policy; a running one whose VM the reboot
+    ended is recorded failed and freed."""
+    paused = Sandbox.create(template="base", timeout=600, lifecycle={"on_timeout": "pause"},
+                            allow_internet_access=False)
+    running = Sandbox.create(template="base", timeout=600)
+    try:
+        paused.files.write("/home/user/kept.txt", "across the reboot")
+        counter = start_counter(paused)
+        before = record(server, paused.sandbox_id).runtime
+        assert before.nic is not None
+        paused.pause()
+        wait_for(lambda: record(server, paused.sandbox_id).runtime.on_disk, "written out to disk",
+                 timeout=TO_DISK_AFTER_S + 60)
+        lost_disk = record(server, running.sandbox_id).runtime.disk
+        assert lost_disk is not None and lost_disk.path.exists()
+
+        server.stop()
+        simulate_host_reboot(server)
+        assert not Path(f"/run/netns/{before.nic.netns}").exists()
+        server.start()
+
+        failed = record(server, running.sandbox_id)
+        assert failed.state == RecordState.ERROR and "lost" in (failed.error or "")
+        assert not lost_disk.path.exists(), "the lost sandbox's disk was not freed"
+        kept = record(server, paused.sandbox_id)
+        assert kept.state == RecordState.PAUSED and kept.runtime.on_disk
+        assert kept.runtime.nic is not None and kept.runtime.nic.guest_address == before.nic.guest_address
+        assert Path(f"/run/netns/{before.nic.netns}").exists(), "its network slot was not built again"
+        assert Sandbox.get_info(paused.sandbox_id).state == SandboxState.PAUSED
+
+        started = time.monotonic()
+        again = Sandbox.connect(paused.sandbox_id)
+        print(f"connect after the reboot restored the sandbox in {time.monotonic() - started:.2f}s")
+        assert again.files.read("/home/user/kept.txt") == "across the reboot"
+        check_counter(again, counter)
+        assert again.commands.run("echo ok").stdout.strip() == "ok"
+        # its egress policy came back with the slot: still no internet
+        probe = again.commands.run("timeout 5 bash -c 'echo > /dev/tcp/1.1.1.1/80' && echo open || echo closed")
+        assert probe.stdout.strip() == "closed"
+    finally:
+        paused.kill()
+        running.kill()
 
 
 LEGACY_SCRIPT = r'''

@@ -146,7 +146,8 @@ async def test_a_sandbox_that_cannot_be_written_out_stays_in_ram(cube: Embedded,
     assert (await service.connect("t1", sb.sandbox_id)).state == SandboxState.RUNNING
 
 
-async def test_a_sandbox_on_disk_survives_a_restart(plugin_host: Callable[..., PluginHost], tmp_path: Path) -> None:
+async def test_a_sandbox_on_disk_survives_a_restart_and_a_reboot(
+        plugin_host: Callable[..., PluginHost], tmp_path: Path) -> None:
     host = plugin_host()
     first = Embedded(host, SqliteStore(tmp_path / "cube.db"))
     await first.start()
@@ -156,11 +157,15 @@ async def test_a_sandbox_on_disk_survives_a_restart(plugin_host: Callable[..., P
     assert await first.service.write_out_paused() == 1
     directory = saved_dir(first, first.service.find(sb.sandbox_id))
     await first.stop()
+    network = host.hooks.network_driver()
+    assert sb.runtime.nic is not None and sb.runtime.nic.slot_id in network.slots
+    network.slots.clear()  # a host reboot: the network slots are gone
     second = Embedded(host, SqliteStore(tmp_path / "cube.db"))
     await second.start()
     try:
         kept = second.service.find(sb.sandbox_id)
         assert kept.state == SandboxState.PAUSED and kept.runtime.on_disk
+        assert sb.runtime.nic.slot_id in network.slots  # built again at the node's start
         assert directory.is_dir()  # reconcile's garbage collection kept its saved state
         woken = await second.service.wake(sb.sandbox_id)
         assert woken.state == SandboxState.RUNNING and woken.runtime.vm is not None
@@ -238,3 +243,67 @@ async def test_a_sandbox_with_volumes_stays_paused_in_ram(cube: Embedded) -> Non
     assert await service.write_out_paused() == 0
     assert not service.find(sb.sandbox_id).runtime.on_disk
     assert (await service.connect("t1", sb.sandbox_id)).state == SandboxState.RUNNING
+
+
+async def test_filesystem_only_pause_then_connect_boots_from_its_disk(cube: Embedded) -> None:
+    service, agent = cube.service, cube.agent
+    sb = await service.create(spec(env_vars={"A": "1"}))
+    assert sb.runtime.vm is not None
+    old_vm = sb.runtime.vm.vm_id
+    before = agent.report().memory_mb_used
+    paused = await service.pause("t1", sb.sandbox_id, memory=False)
+    assert paused.state == SandboxState.PAUSED and paused.runtime.disk_only
+    assert old_vm not in agent.vmm.vms  # its VM ended, no saved state
+    assert agent.report().memory_mb_used == before - sb.memory_mb
+    assert await service.write_out_paused() == 0  # nothing to write out
+    back = await service.connect("t1", sb.sandbox_id)
+    assert back.state == SandboxState.RUNNING and back.runtime.vm is not None
+    assert back.runtime.vm.vm_id != old_vm
+    assert back.runtime.disk == sb.runtime.disk and back.runtime.nic == sb.runtime.nic
+    assert ("personalize", back.runtime.vm.vm_id) in agent.vmm.calls  # the same sandbox again: id, token, env
+    assert agent.vmm.vms[back.runtime.vm.vm_id]["env"] == {"A": "1"}
+    await service.kill("t1", sb.sandbox_id)
+    assert not any((agent.storage.root / "disks").glob(f"{sb.sandbox_id}*"))
+
+
+async def test_auto_pause_without_memory_and_no_wake_by_traffic(cube: Embedded) -> None:
+    service = cube.service
+    sb = await service.create(spec(auto_pause=True, auto_pause_memory=False, auto_resume=True))
+    await service.set_timeout("t1", sb.sandbox_id, 0)
+    await asyncio.sleep(0.01)
+    assert await service.reap_expired() == 1
+    paused = service.find(sb.sandbox_id)
+    assert paused.state == SandboxState.PAUSED and paused.runtime.disk_only
+    assert (await service.wake(sb.sandbox_id)).state == SandboxState.PAUSED  # traffic does not boot it
+    assert (await service.connect("t1", sb.sandbox_id)).state == SandboxState.RUNNING
+
+
+async def test_connect_without_memory_reboots_a_paused_sandbox(cube: Embedded) -> None:
+    service, agent = cube.service, cube.agent
+    sb = await service.create(spec())
+    await paused_long_ago(cube, sb)
+    assert await service.write_out_paused() == 1
+    directory = saved_dir(cube, service.find(sb.sandbox_id))
+    back = await service.connect("t1", sb.sandbox_id, memory=False)
+    assert back.state == SandboxState.RUNNING and back.runtime.saved is None
+    assert not directory.exists()  # its memory was dropped, not restored
+    assert back.runtime.vm is not None and ("personalize", back.runtime.vm.vm_id) in agent.vmm.calls
+
+
+async def test_a_sandbox_paused_without_memory_survives_a_restart(
+        plugin_host: Callable[..., PluginHost], tmp_path: Path) -> None:
+    host = plugin_host()
+    first = Embedded(host, SqliteStore(tmp_path / "cube.db"))
+    await first.start()
+    await first.agent.ensure_templates(("base",))
+    sb = await first.service.create(spec())
+    await first.service.pause("t1", sb.sandbox_id, memory=False)
+    await first.stop()
+    second = Embedded(host, SqliteStore(tmp_path / "cube.db"))
+    await second.start()
+    try:
+        kept = second.service.find(sb.sandbox_id)
+        assert kept.state == SandboxState.PAUSED and kept.runtime.disk_only
+        assert (await second.service.connect("t1", sb.sandbox_id)).state == SandboxState.RUNNING
+    finally:
+        await second.stop()

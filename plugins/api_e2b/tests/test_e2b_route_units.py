@@ -91,14 +91,17 @@ class Double:
         self.get(team_id, sandbox_id)
         self.calls.append(("kill", sandbox_id))
 
-    async def pause(self, team_id: str, sandbox_id: str) -> Sandbox:
+    async def pause(self, team_id: str, sandbox_id: str, *, memory: bool = True) -> Sandbox:
+        self.calls.append(("pause", sandbox_id, memory))
         return self.get(team_id, sandbox_id)
 
     async def resume(self, team_id: str, sandbox_id: str, timeout_s: int | None = None) -> Sandbox:
         return self.get(team_id, sandbox_id)
 
-    async def connect(self, team_id: str, sandbox_id: str, timeout_s: int | None = None) -> Sandbox:
-        self.calls.append(("connect", sandbox_id, timeout_s))
+    async def connect(self, team_id: str, sandbox_id: str, timeout_s: int | None = None, *,
+                      memory: bool = True) -> Sandbox:
+        call = ("connect", sandbox_id, timeout_s)
+        self.calls.append(call if memory else (*call, "reboot"))
         return self.add(sandbox_id, SandboxState.RUNNING)
 
     async def set_timeout(self, team_id: str, sandbox_id: str, timeout_s: int) -> Sandbox:
@@ -199,7 +202,7 @@ async def test_connect_answers_201_only_when_it_resumed(double: Double) -> None:
         assert ("connect", "zzz", 30) in double.calls
         double.add("zzz", SandboxState.PAUSED)
         r = await client.post("/v2/sandboxes/zzz/connect", json={"timeout": 30, "memory": False})
-        assert r.status_code == 400 and "memory" in r.json()["message"]
+        assert r.status_code == 201 and ("connect", "zzz", 30, "reboot") in double.calls  # boots from its disk
         r = await client.post("/sandboxes/run/connect", json={"timeout": 601})
         assert r.status_code == 400 and r.json()["message"].startswith("timeout: must be at most 600")
         r = await client.post("/v2/sandboxes/nope/connect", json={})

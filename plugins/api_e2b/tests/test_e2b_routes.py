@@ -109,7 +109,8 @@ async def test_domain_envd_version_and_traffic_token(cube_factory, openapi) -> N
     ({"templateID": "base", "network": {"maskRequestHost": "x"}}, "network.maskRequestHost"),
     ({"templateID": "base", "autoResume": {"enabled": True}}, "autoResume.enabled"),
     ({"templateID": "base", "autoResume": {}}, "autoResume.enabled"),
-    ({"templateID": "base", "autoPauseMemory": False}, "autoPauseMemory"),
+    ({"templateID": "base", "autoPause": True, "autoPauseMemory": False, "autoResume": {"enabled": True}},
+     "autoResume.enabled"),
     ({"templateID": "base", "volumeMounts": [{"name": "v", "path": "v"}]}, "volumeMounts[0].path"),
     ({"templateID": "base", "volumeMounts": [{"name": "v"}]}, "volumeMounts[0].path"),
 ])
@@ -304,9 +305,7 @@ async def test_pause_connect_resume(cube, openapi) -> None:
     assert_error(r, 409)  # already paused: the SDK returns False
     assert (await cube.client.get(f"/sandboxes/{sid}", headers=h)).json()["state"] == "paused"
     r = await cube.client.post(f"/v2/sandboxes/{sid}/connect", json={"memory": False}, headers=h)
-    assert_error(r, 400, "memory", openapi=openapi)  # a cold boot is refused, never silently downgraded
-    r = await cube.client.post(f"/v2/sandboxes/{sid}/connect", json={}, headers=h)
-    openapi.check("POST", "/v2/sandboxes/{sandboxID}/connect", r)
+    openapi.check("POST", "/v2/sandboxes/{sandboxID}/connect", r)  # memory dropped: boots from its disk
     assert r.status_code == 201 and r.json()["sandboxID"] == sid and r.json()["envdAccessToken"]
     r = await cube.client.post(f"/v2/sandboxes/{sid}/connect", json={"timeout": 900}, headers=h)
     openapi.check("POST", "/v2/sandboxes/{sandboxID}/connect", r)
@@ -325,7 +324,11 @@ async def test_pause_connect_resume(cube, openapi) -> None:
     openapi.check("POST", "/sandboxes/{sandboxID}/resume", r)
     assert r.status_code == 201
     r = await cube.client.post(f"/sandboxes/{sid}/pause", json={"memory": False}, headers=h)
-    assert_error(r, 400, "memory", openapi=openapi)
+    openapi.check("POST", "/sandboxes/{sandboxID}/pause", r)
+    assert r.status_code == 204  # filesystem only: its VM ended, its disk kept
+    assert cube.service.store.get_sandbox(sid).runtime.disk_only
+    r = await cube.client.post(f"/v2/sandboxes/{sid}/connect", json={}, headers=h)
+    assert r.status_code == 201 and cube.service.store.get_sandbox(sid).runtime.vm is not None
     r = await cube.client.post("/v2/sandboxes/nope/connect", json={}, headers=h)
     openapi.check("POST", "/v2/sandboxes/{sandboxID}/connect", r)
     assert_error(r, 404)

@@ -141,6 +141,14 @@ class SlotIndexes:
         with self._lock:
             self._used.add(index)
 
+    def claim(self, index: int) -> bool:
+        """Reserve ``index`` itself; False if it is taken."""
+        with self._lock:
+            if index in self._used:
+                return False
+            self._used.add(index)
+            return True
+
     def take(self, is_free: Callable[[int], bool] = lambda _i: True) -> int:
         """Reserve the next index that is neither taken nor refused by ``is_free``."""
         with self._lock:

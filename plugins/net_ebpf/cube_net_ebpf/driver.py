@@ -426,14 +426,19 @@ class EbpfNetwork(NetworkDriver):
     def _index_is_free(self, index: int) -> bool:
         return not _link_exists(host_if_name(index, self.names))
 
-    def _build(self, owner_id: str | None, policy: CompiledPolicy, source: dict[str, Any]) -> _Slot:
-        """Build a slot for ``owner_id`` (None: a pool slot)."""
-        try:
-            index = self.indexes.take(self._index_is_free)
-        except LookupError as exc:
-            raise NetworkError("no free network slot", owner_id=owner_id) from exc
+    def _build(self, owner_id: str | None, policy: CompiledPolicy, source: dict[str, Any],
+               at: tuple[int, str] | None = None) -> _Slot:
+        """Build a slot for ``owner_id`` (None: a pool slot), or at ``at`` (an index the
+        caller reserved, and the slot id to give it)."""
+        if at is not None:
+            index, slot_id = at
+        else:
+            try:
+                index = self.indexes.take(self._index_is_free)
+            except LookupError as exc:
+                raise NetworkError("no free network slot", owner_id=owner_id) from exc
+            slot_id = slot_id_for(owner_id, index) if owner_id is not None else f"{POOL_PREFIX}{index}"
         addr = self.plan.slot(index)
-        slot_id = slot_id_for(owner_id, index) if owner_id is not None else f"{POOL_PREFIX}{index}"
         guest_ns = self._test_guest_netns(index) if self._test_guest_netns else None
         spec = slot.SlotSpec(netns=netns_name(slot_id, self.names), addr=addr, resolver=self.resolver,
                              guest_veth_netns=guest_ns)
@@ -486,9 +491,13 @@ class EbpfNetwork(NetworkDriver):
             if not self._pool:
                 return None
             pooled = self._pool.popleft()
-        slot_id = slot_id_for(owner_id, pooled.addr.index)
+        return self._adopt_pooled(pooled, slot_id_for(owner_id, pooled.addr.index), policy, source)
+
+    def _adopt_pooled(self, pooled: _Slot, slot_id: str, policy: CompiledPolicy,
+                      source: dict[str, Any]) -> _Slot | None:
+        """Make a slot taken out of the pool ``slot_id``'s (None: it broke and was released)."""
         try:
-            with map_network_errors("slot from pool", owner_id=owner_id, slot_id=slot_id):
+            with map_network_errors("slot from pool", slot_id=slot_id):
                 netns.rename(pooled.netns, netns_name(slot_id, self.names))
                 if self.filter is not None:
                     self.filter.register(pooled.ifindex, pooled.addr.host_addr, policy)
@@ -523,6 +532,54 @@ class EbpfNetwork(NetworkDriver):
         finally:
             with self._lock:
                 self._pool_building -= 1
+
+    async def recreate(self, nic: NicHandle, policy: NetworkPolicy,
+                       extra_rules: Sequence[EgressRule] = ()) -> NicHandle:
+        await self.start()
+        return await self._run(self._recreate_sync, nic.slot_id, policy, tuple(extra_rules))
+
+    def _recreate_sync(self, slot_id: str, policy: NetworkPolicy,
+                       extra_rules: tuple[EgressRule, ...]) -> NicHandle:
+        """The slot ``slot_id`` again, at its own index (so the same addresses), after a host
+        reboot removed it. A pool slot built meanwhile at that index (every index looked free
+        then) is taken over: it has the very addresses."""
+        with self._lock:
+            known = self._slots.get(slot_id)
+        if known is not None:
+            return known.nic()
+        index = index_of_slot(slot_id)
+        if index is None or slot_id.startswith(POOL_PREFIX):
+            raise NetworkError(f"not a sandbox's network slot: {slot_id}", slot_id=slot_id)
+        if netns.path_of(netns_name(slot_id, self.names)).exists():  # without its state: built anew
+            self._release_sync(slot_id)
+            self._draining.discard(index)
+        compiled = compile_policy(policy, extra_rules, resolver=self.resolver, denied=self.denied)
+        source = {"policy": policy.model_dump(mode="json"),
+                  "extra_rules": [r.model_dump(mode="json") for r in extra_rules]}
+        rec: _Slot | None = None
+        deadline = time.monotonic() + 10.0
+        while rec is None:
+            with self._lock:
+                holder = self._slots.get(self._by_index.get(index, ""))
+                pooled = holder if holder is not None and any(p is holder for p in self._pool) else None
+                if pooled is not None:
+                    self._pool.remove(pooled)
+                claimed = holder is None and self.indexes.claim(index)
+            if pooled is not None:
+                rec = self._adopt_pooled(pooled, slot_id, compiled, source)
+            elif claimed:
+                if not self._index_is_free(index):  # a link of an earlier slot is still going away
+                    self.indexes.free(index)
+                    raise NetworkError(f"network slot index {index} is still in use", slot_id=slot_id)
+                rec = self._build(None, compiled, source, at=(index, slot_id))
+            elif holder is not None or time.monotonic() > deadline:
+                raise NetworkError(f"network slot index {index} is taken by another slot", slot_id=slot_id)
+            else:  # a pool slot is being built there: it joins the pool in a moment
+                time.sleep(0.05)
+        self._persist(rec)
+        self._remember(rec)
+        log.info("network slot re-created", slot_id=slot_id, index=index)
+        return rec.nic()
 
     async def update_policy(self, nic: NicHandle, policy: NetworkPolicy,
                             extra_rules: Sequence[EgressRule] = ()) -> None:

@@ -258,3 +258,46 @@ def test_real_tap_answers_the_guest_like_a_gateway(net_driver):
             os.close(fd)
         slot.destroy(spec.netns, spec.addr.host_if)
         net_driver.indexes.free(index)
+
+
+async def test_recreate_after_a_reboot_gives_the_same_slot():
+    """A host reboot removes a slot's namespace, links and state file; ``recreate`` builds it
+    again at its own index (same slot id, addresses, MAC) with the given policy, takes over a
+    pool slot built at that index meanwhile, and leaves an existing slot as it is."""
+    first = EbpfNetwork(EbpfNetConfig(pool_size=0, dns=False))
+    await first.start()
+    nic = await first.allocate("rebooted", NetworkPolicy(allow_internet_access=False))
+    await first.close()
+    import cube_net_ebpf.netns as netns_mod
+
+    netns_mod.remove(nic.netns)  # what a reboot removes (the kernel then deletes its links)
+    (EbpfNetConfig().state_dir / f"{nic.slot_id}.json").unlink()
+    assert nettools.wait_until(lambda: nic.data["host_if"] not in nettools.links())
+
+    again = EbpfNetwork(EbpfNetConfig(pool_size=0, dns=False))
+    await again.start()
+    try:
+        back = await again.recreate(nic, NetworkPolicy(allow_out=["8.8.8.8"]))
+        assert (back.slot_id, back.netns, back.guest_address, back.guest_mac) == \
+            (nic.slot_id, nic.netns, nic.guest_address, nic.guest_mac)
+        assert back.data["host_if"] == nic.data["host_if"] and back.netns in nettools.netns_list()
+        source = json.loads((again.config.state_dir / f"{nic.slot_id}.json").read_text())
+        assert source["policy"]["allow_out"] == ["8.8.8.8"]  # the policy given, persisted
+        assert await again.recreate(nic, NetworkPolicy()) == back  # exists: left as it is
+        await again.release(back)
+    finally:
+        await again.close()
+
+    pooled = EbpfNetwork(EbpfNetConfig(pool_size=1, dns=False))
+    await pooled.start()
+    try:
+        assert nettools.wait_until(lambda: len(pooled._pool) == 1)
+        index = pooled._pool[0].addr.index
+        lost = nic.model_copy(update={"slot_id": f"lost-{index}", "netns": f"cube-lost-{index}"})
+        back = await pooled.recreate(lost, NetworkPolicy())
+        assert back.data["index"] == index and back.netns == f"cube-lost-{index}"
+        names = nettools.netns_list()
+        assert back.netns in names and f"cube-.pool-{index}" not in names
+        await pooled.release(back)
+    finally:
+        await pooled.close()

@@ -8,7 +8,6 @@ from cube_core import SandboxState, Team
 from fastapi import APIRouter, Body, Response, Security
 
 from cube_api_e2b.context import E2bContext
-from cube_api_e2b.errors import InvalidRequestError
 from cube_api_e2b.routing import (
     API_KEY_SCHEME,
     SANDBOX_RESPONSE,
@@ -40,9 +39,8 @@ async def connect(ctx: E2bContext, service: ControlPlane, team: Team, sandbox_id
     """201 when a paused sandbox was resumed, else 200."""
     check_timeout(ctx, "timeout", timeout)
     before = service.get(team.team_id, sandbox_id)
-    if memory is False and before.state == SandboxState.PAUSED:
-        raise InvalidRequestError(field="memory", reason="resuming without memory (cold boot) is not supported")
-    sb = await service.connect(team.team_id, sandbox_id, ctx.default_timeout_s if timeout is None else timeout)
+    sb = await service.connect(team.team_id, sandbox_id, ctx.default_timeout_s if timeout is None else timeout,
+                               memory=memory is not False)
     response.status_code = 201 if before.state == SandboxState.PAUSED else 200
     return sandbox_out(ctx, sb)
 
@@ -51,9 +49,7 @@ async def connect(ctx: E2bContext, service: ControlPlane, team: Team, sandbox_id
              responses=errors(400, 404, 409, 500), summary="Pause a sandbox (409 if already paused)")
 async def pause(sandbox_id: str, team: CurrentTeam, service: Service,
                 body: Annotated[SandboxPauseRequest | None, Body()] = None) -> None:
-    if body is not None and body.memory is False:
-        raise InvalidRequestError(field="memory", reason="filesystem-only pause is not supported")
-    await service.pause(team.team_id, sandbox_id)
+    await service.pause(team.team_id, sandbox_id, memory=body is None or body.memory is not False)
 
 
 @router.post("/sandboxes/{sandbox_id}/resume", status_code=201, **SANDBOX_RESPONSE,

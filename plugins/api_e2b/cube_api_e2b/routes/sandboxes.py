@@ -69,12 +69,13 @@ def parse_metadata(value: str | None) -> dict[str, str] | None:
 def spec_for(ctx: E2bContext, body: NewSandboxV2, team_id: str, *, secure: bool) -> SandboxSpec:
     """The core's spec of a create request; what Cube cannot do is a 400 naming the field."""
     check_timeout(ctx, "timeout", body.timeout)
-    if body.auto_pause_memory is False:
-        raise InvalidRequestError(field="autoPauseMemory",
-                                  reason="filesystem-only auto-pause is not supported; omit it or send true")
     auto_resume = body.auto_resume is not None and body.auto_resume.enabled
     if auto_resume and not body.auto_pause:
         raise InvalidRequestError(field="autoResume.enabled", reason="auto-resume needs autoPause (on timeout: pause)")
+    if auto_resume and body.auto_pause_memory is False:
+        raise InvalidRequestError(field="autoResume.enabled",
+                                  reason="auto-resume is not supported with autoPauseMemory false: a sandbox paused "
+                                         "without memory boots again only by an explicit connect")
     for i, mount in enumerate(body.volume_mounts or ()):
         if not mount.path.startswith("/"):
             raise InvalidRequestError(field=f"volumeMounts[{i}].path", reason="must be an absolute path")
@@ -86,7 +87,8 @@ def spec_for(ctx: E2bContext, body: NewSandboxV2, team_id: str, *, secure: bool)
         template_id=body.template_id, team_id=team_id,
         timeout_s=ctx.default_timeout_s if body.timeout is None else body.timeout,
         metadata=dict(body.metadata or {}), env_vars=dict(body.env_vars or {}),
-        auto_pause=bool(body.auto_pause), auto_resume=auto_resume, secure=secure,
+        auto_pause=bool(body.auto_pause), auto_pause_memory=body.auto_pause_memory is not False,
+        auto_resume=auto_resume, secure=secure,
         network=network_policy(body.allow_internet_access, body.network),
         volume_mounts=tuple(VolumeMount(name=m.name, path=m.path, read_only=bool(m.read_only))
                             for m in body.volume_mounts or ()))
