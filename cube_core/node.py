@@ -689,23 +689,40 @@ class NodeAgent:
     @with_ids
     async def drop_memory(self, sandbox_id: str) -> SandboxRuntime:
         """A filesystem-only pause: end the sandbox's VM and forget its memory (a saved state
-        too), keeping its disk and network slot; :meth:`resume` then boots it from its disk. A
-        running guest is asked to sync its disks first; a paused one loses the writes it had not
-        synced, as after a power cut. A running guest that does not answer is not paused (the
-        guest call's error is raised). Answers the runtime to record (no VM, no saved state)."""
+        too), keeping its disk and network slot; :meth:`resume` then boots it from its disk. The
+        guest is asked to sync its disks first: a running one must answer (else the error is
+        raised and it keeps running); a paused one is resumed for it (one written out to disk is
+        restored for it) and, if it does not answer, loses the writes it had not synced, as after
+        a power cut. Answers the runtime to record (no VM, no saved state)."""
         async with self._lock(sandbox_id):
             runtime = self._runtime_or_saved(sandbox_id)
             if runtime.disk is None:
                 raise UnsupportedOperation(driver=type(self.storage).__name__, operation="filesystem-only pause")
+            saved, strict = runtime.saved, runtime.vm is not None and sandbox_id not in self._paused
+            try:  # a paused guest's memory may hold writes its disk lacks: let it run to sync them
+                if runtime.on_disk:
+                    runtime = await self._restore_saved(sandbox_id, runtime)
+                    saved = None  # deleted once restored
+                elif runtime.vm is not None and not strict:
+                    await self.vmm.resume(runtime.vm)
+            except CubeError as exc:
+                log.warning("paused sandbox not resumed to sync its disks before dropping its memory",
+                            sandbox_id=sandbox_id, error=str(exc))
             vm = runtime.vm
             if vm is not None:
-                if sandbox_id not in self._paused:  # a guest that does not answer keeps running
-                    await guest_call(self.vmm, vm, "exec", {"cmd": ["sync"]}, ExecReply, timeout=60.0)
-                    if CAP_PAUSE in self.vmm.capabilities:
+                try:
+                    await guest_call(self.vmm, vm, "exec", {"cmd": ["sync"]}, ExecReply,
+                                     timeout=60.0 if strict else 15.0)
+                except CubeError as exc:
+                    if strict:
+                        raise
+                    log.warning("guest did not sync its disks before its memory was dropped", sandbox_id=sandbox_id,
+                                error=str(exc))
+                if CAP_PAUSE in self.vmm.capabilities:
+                    with contextlib.suppress(CubeError):
                         await self.vmm.pause(vm)
                 self._paused.add(sandbox_id)
                 await self.vmm.shutdown(vm)
-            saved = runtime.saved
             runtime = runtime.evolve(vm=None, saved=None)
             self._live[sandbox_id] = runtime
             self._paused.add(sandbox_id)
@@ -725,13 +742,13 @@ class NodeAgent:
         record = self.store.get_sandbox(sandbox_id)
         if record is None:
             raise SandboxNotFoundError(sandbox_id=sandbox_id)
-        template = self.local_template(record.template_id)
-        if template.kernel is None:
-            raise TemplateError(f"template {template.template_id!r} has no kernel to boot sandbox {sandbox_id} with")
+        template = self._ready.get(record.template_id) or self.store.get_template(record.template_id)
+        if template is None or template.kernel is None:
+            raise TemplateError(f"template {record.template_id!r}: no kernel to boot sandbox {sandbox_id} with")
         started = time.perf_counter()
         spec = VmSpec(vm_id=f"{sandbox_id}-b{os.urandom(3).hex()}", kernel=Path(template.kernel),
                       initrd=Path(template.initrd) if template.initrd else None, rootfs_disk=runtime.disk,
-                      memory_mb=template.memory_mb, interpreter=template.interpreter,
+                      memory_mb=record.memory_mb, cpu_count=record.cpu_count, interpreter=template.interpreter,
                       volumes=self._volume_disks(record))
         async with self._start_gate:
             vm = await self.vmm.boot(spec, runtime.nic)

@@ -114,8 +114,9 @@ class NodeClient(Protocol):
 
     async def drop_memory(self, sandbox_id: str) -> SandboxRuntime:
         """End a sandbox's VM and forget its memory, keeping its disk and network slot (a
-        filesystem-only pause): a running guest syncs its disks first. A later ``resume`` boots
-        it from its own disk. The runtime to record (``vm`` and ``saved`` None)."""
+        filesystem-only pause): the guest syncs its disks first (a paused one is let run for it,
+        best effort). A later ``resume`` boots it from its own disk. The runtime to record (``vm``
+        and ``saved`` None)."""
         ...
 
     async def resume(self, sandbox_id: str) -> SandboxRuntime:
