@@ -68,7 +68,7 @@ from cube_core.models import (
 from cube_core.network import CAP_HTTP_RULES, NetworkDriver
 from cube_core.nodeclient import Launched, LaunchRequest, SavedSnapshot
 from cube_core.nodehttp import HttpNodeClient
-from cube_core.pool import POOL_TEAM, WarmPool
+from cube_core.pool import DEFAULT_POLICY, POOL_TEAM, WarmPool
 from cube_core.sampling import attach as start_sampling
 from cube_core.sampling import detach as stop_sampling
 from cube_core.snapshotfiles import NAME_RE, ExportedFile, Received, SnapshotExport, content_key, key_name, stream
@@ -545,13 +545,15 @@ class NodeAgent:
         return runtime
 
     async def _adopt(self, sandbox: Sandbox, runtime: SandboxRuntime, rules: Sequence[EgressRule]) -> None:
-        """Make a warm-pool member this sandbox's: its egress policy, then let it run."""
+        """Make a warm-pool member this sandbox's: its egress policy (unless the default, which the
+        pool wrote), then let it run."""
         assert runtime.vm is not None and runtime.nic is not None
-        try:
-            with telemetry.span("network.update_policy"):
-                await self.network.update_policy(runtime.nic, sandbox.network, list(rules))
-        except UnsupportedOperation:
-            pass  # this network driver applies no policy at all, for pool members or others
+        if sandbox.network != DEFAULT_POLICY or rules:  # the pool wrote the default one already
+            try:
+                with telemetry.span("network.update_policy"):
+                    await self.network.update_policy(runtime.nic, sandbox.network, list(rules))
+            except UnsupportedOperation:
+                pass  # this network driver applies no policy at all, for pool members or others
         if CAP_PRIORITY in self.vmm.capabilities:  # it was prepared in the background
             await self.vmm.set_priority(runtime.vm, background=False)
         with telemetry.span("vmm.resume"):

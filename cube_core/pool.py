@@ -23,7 +23,7 @@ import structlog
 
 from cube_core import ids
 from cube_core.config import PoolSettings
-from cube_core.errors import CubeError, GuestProtocolError, TemplateError
+from cube_core.errors import CubeError, GuestProtocolError, TemplateError, UnsupportedOperation
 from cube_core.guest import guest_call
 from cube_core.meminfo import available_memory_mb
 from cube_core.models import (
@@ -46,6 +46,9 @@ from cube_core.vmm import CAP_PAUSE, CAP_PRIORITY, CAP_SNAPSHOT, VmmDriver
 
 log = structlog.get_logger(__name__)
 
+DEFAULT_POLICY = NetworkPolicy()
+"""The egress policy of a create that asks for nothing special. Every member has it written once
+it is paused (it prepared with egress closed), so taking one for such a create writes nothing."""
 POOL_TEAM = "__pool__"
 """Reserved team id of pool members' records; no API key can belong to it."""
 REFILL_YIELD_MAX_S = 5.0
@@ -228,6 +231,14 @@ class WarmPool:
             await self._plugins_warm_up(record, nic.guest_address)
         log.debug("warm pool: member warmed up", vm_id=vm.vm_id, ms=reply.ms)
 
+    async def _default_policy(self, nic: NicHandle) -> None:
+        """Open the paused member's egress to the default policy (it prepared with none), so a
+        create that asks for the default writes nothing (see ``DEFAULT_POLICY``)."""
+        try:
+            await self.network.update_policy(nic, DEFAULT_POLICY, [])
+        except UnsupportedOperation:
+            pass  # this network driver applies no policy at all
+
     def _most_needed(self) -> Template | None:
         budget = self.settings.max_memory_mb
         used = sum(len(q) * self._templates[t].memory_mb // 8 for t, q in self._members.items())
@@ -266,6 +277,7 @@ class WarmPool:
             if self.settings.warm_up:
                 await self._warm_up(vm, nic, record)
             await self.vmm.pause(vm)
+            await self._default_policy(nic)
         except BaseException:
             await self._destroy(record.evolve(runtime=runtime))
             self.store.delete_sandbox(owner)

@@ -208,6 +208,8 @@ class FakeNetwork(NetworkDriver):
 
     def __init__(self) -> None:
         self.slots: dict[str, NetworkPolicy] = {}
+        self.updates: list[tuple[str, NetworkPolicy, tuple[EgressRule, ...]]] = []
+        """Every ``update_policy`` call: slot, policy, extra rules."""
         self.secrets: SecretSource | None = None
         """What the node agent gave :meth:`use_secrets` (tests resolve through it)."""
 
@@ -240,6 +242,7 @@ class FakeNetwork(NetworkDriver):
         if nic.slot_id not in self.slots:
             raise VmmError(f"no slot {nic.slot_id}")
         self.slots[nic.slot_id] = policy
+        self.updates.append((nic.slot_id, policy, tuple(extra_rules)))
 
     async def audit(self, nic: NicHandle, *, limit: int = 1000) -> list[dict[str, Any]]:
         return []

@@ -7,13 +7,14 @@ from typing import Any
 
 import pytest
 
+from cube_core import hookimpl
 from cube_core._host import PluginHost
 from cube_core.config import LoadedConfig
 from cube_core.embedded import Embedded
 from cube_core.errors import CubeError, GuestProtocolError, SandboxFailedError
-from cube_core.models import SandboxSpec, VmHandle
+from cube_core.models import EgressRule, NetworkPolicy, SandboxSpec, VmHandle
 from cube_core.node import NodeAgent
-from cube_core.pool import POOL_TEAM
+from cube_core.pool import DEFAULT_POLICY, POOL_TEAM
 from cube_core.state import SandboxState
 from cube_core.store import SqliteStore
 
@@ -64,6 +65,72 @@ async def test_pool_fills_serves_and_refills(cube_config_factory: Callable[..., 
         await cube.stop()
     assert cube.store.list_sandboxes(team_id=POOL_TEAM) == []  # members destroyed on stop
     assert agent.vmm.vms == {}
+
+
+async def test_members_wait_paused_with_the_default_policy_written(
+        cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path) -> None:
+    """A member prepares with egress closed and gets the default policy once paused, so a create
+    asking for the default writes no policy; any other policy (or plugin rules) is written."""
+    host = PluginHost(_pooled(cube_config_factory, 3)).load()
+    cube = Embedded(host, SqliteStore(tmp_path / "db"))
+    service, agent = cube.service, cube.agent
+    network = agent.network
+    running_at_write: list[bool] = []
+    update = network.update_policy
+
+    async def spy(nic: Any, policy: NetworkPolicy, extra_rules: Any = ()) -> None:
+        vm_id = nic.slot_id.removeprefix("fake-")
+        running_at_write.append(bool(agent.vmm.vms.get(vm_id, {}).get("running")))
+        await update(nic, policy, extra_rules)
+
+    network.update_policy = spy  # type: ignore[method-assign]
+    await cube.start()
+    try:
+        await agent.ensure_templates(("base",))
+        await _wait_for(lambda: agent.pool.sizes() == {"base": 3})
+        members = service.store.list_sandboxes(team_id=POOL_TEAM)
+        for m in members:
+            assert network.slots[m.runtime.nic.slot_id] == DEFAULT_POLICY
+        assert [p for _, p, _ in network.updates] == [DEFAULT_POLICY] * 3
+        assert running_at_write == [False] * 3  # written while paused: closed while it warmed up
+        assert all(not network.slots[s].allow_internet_access for s in network.slots
+                   if s not in {m.runtime.nic.slot_id for m in members})  # a refill preparing: closed
+
+        network.updates.clear()
+        default = await service.create(SandboxSpec(template_id="base", team_id="t"))
+        assert [s for s, _, _ in network.updates if s == default.runtime.nic.slot_id] == []  # nothing written
+        assert network.slots[default.runtime.nic.slot_id] == DEFAULT_POLICY
+
+        closed = NetworkPolicy(allow_internet_access=False, allow_out=("198.18.0.1",))
+        other = await service.create(SandboxSpec(template_id="base", team_id="t", network=closed))
+        assert [(p, r) for s, p, r in network.updates if s == other.runtime.nic.slot_id] == [(closed, ())]
+        assert network.slots[other.runtime.nic.slot_id] == closed
+    finally:
+        await cube.stop()
+
+
+async def test_plugin_rules_are_written_at_create_on_a_default_policy(
+        cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path) -> None:
+    host = PluginHost(_pooled(cube_config_factory, 1)).load()
+    rule = EgressRule(action="deny", target="198.19.0.0/16")
+
+    class Rules:
+        @hookimpl
+        def cube_egress_rules(self, spec: SandboxSpec) -> list[EgressRule]:
+            return [rule]
+
+    host.register(Rules(), "rules")
+    cube = Embedded(host, SqliteStore(tmp_path / "db"))
+    await cube.start()
+    try:
+        await cube.agent.ensure_templates(("base",))
+        await _wait_for(lambda: cube.agent.pool.sizes() == {"base": 1})
+        sb = await cube.service.create(SandboxSpec(template_id="base", team_id="t"))
+        assert cube.agent.pool.hits == 1
+        writes = [(p, r) for s, p, r in cube.agent.network.updates if s == sb.runtime.nic.slot_id]
+        assert writes[-1] == (DEFAULT_POLICY, (rule,))
+    finally:
+        await cube.stop()
 
 
 async def test_pool_members_of_a_crashed_run_are_destroyed(cube_config_factory: Callable[..., LoadedConfig],
