@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
 import json
 import shutil
@@ -178,12 +179,23 @@ class EbpfNetwork(NetworkDriver):
             if not self._started:
                 await self._run(self._start_sync)
                 if self.http_proxy is not None and self._proxy is None:
-                    proxy = HttpProxy(*self.http_proxy, self._proxy_client, self._addresses,
-                                      self.audit_log.add)
-                    proxy.secrets = self._secrets
-                    await proxy.start()
-                    self._proxy = proxy
+                    await self._start_proxy(*self.http_proxy)
                 self._started = True
+
+    async def _start_proxy(self, address: str, port: int) -> None:
+        proxy = HttpProxy(address, port, self._proxy_client, self._addresses, self.audit_log.add)
+        proxy.secrets = self._secrets
+        try:
+            await proxy.start()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise NetworkError(f"egress proxy: cannot listen on {address}:{port}: {exc}") from exc
+            # another process of this node (a CLI command beside `cube serve`) serves it; its
+            # slots are this node's too, and the host table sends their requests there
+            log.warning("egress proxy address in use: another Cube process of this node serves it",
+                        address=address, port=port)
+            return
+        self._proxy = proxy
 
     def _start_sync(self) -> None:
         with map_network_errors("network start"):
