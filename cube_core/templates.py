@@ -67,7 +67,7 @@ class TemplateBuilder:
         async with self._locks.setdefault(name, asyncio.Lock()):
             current = self.store.get_template(name)
             if current and current.status == TemplateStatus.READY and not rebuild and \
-                    self.files_present(current):
+                    self.files_present(current) and self._slots_match(current):
                 return current
             return await self._build(name, recipe or self._recipe(name), progress,
                                      kernel_progress if kernel_progress is not None else progress)
@@ -76,6 +76,11 @@ class TemplateBuilder:
         if name not in BUILTIN_RECIPES:
             raise TemplateBuildError(template=name, reason="no recipe; known: " + ", ".join(BUILTIN_RECIPES))
         return BUILTIN_RECIPES[name]
+
+    def _slots_match(self, t: Template) -> bool:
+        """Its snapshot's VMs have the volume slots this VMM gives VMs now (else it is rebuilt)."""
+        state = t.snapshot.vm_state if t.snapshot else None
+        return state is None or state.volume_slots == self.vmm.volume_slots
 
     @staticmethod
     def files_present(t: Template) -> bool:

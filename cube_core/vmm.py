@@ -33,6 +33,12 @@ class VmmDriver(abc.ABC):
         """What separates a guest from the host: ``kvm``, ``tcg`` (emulation; not a security
         boundary) or ``none`` (fakes)."""
 
+    @property
+    def volume_slots(self) -> int:
+        """Spare block devices every VM of this driver gets for volumes (``VmSpec.volumes``; a
+        snapshot keeps its count in ``VmState.volume_slots``); 0: no volumes."""
+        return 0
+
     async def start(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Prepare the driver (find binaries, choose the accelerator). Called once."""
 

@@ -63,12 +63,13 @@ class FakeConfig(BaseModel):
 class FakeVmm(VmmDriver):
     capabilities: ClassVar[frozenset[str]] = frozenset({CAP_SNAPSHOT, CAP_PAUSE, CAP_REATTACH, CAP_PRIORITY})
 
-    volume_slots = 2
-    """Volume slots of every fake VM (and so of its snapshots)."""
-
     def __init__(self) -> None:
         self.vms: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, str]] = []
+
+    @property
+    def volume_slots(self) -> int:
+        return 2
 
     @property
     def isolation(self) -> Isolation:

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from . import AGENT_VERSION, ENVD_VERSION
+from . import AGENT_VERSION, ENVD_VERSION, volumes
 from .connect import FLAG_END_STREAM, decode_envelopes, encode_envelope
 from .control import ControlChannel, OpError, Reply, decode_entropy
 from .envd import Envd
@@ -174,6 +174,7 @@ class Agent:
             "prepare_snapshot": self.op_prepare_snapshot,
             "exec": self.op_exec,
             "observe": self.op_observe,
+            "mount_volumes": self.op_mount_volumes,
         }
 
     async def op_ping(self, req: dict[str, Any]) -> Reply:
@@ -311,6 +312,13 @@ class Agent:
                          template_id=state.template_id, envd_version=ENVD_VERSION)
         return {"boot_id": state.boot_id, "applied": applied,
                 "timings_ms": {"apply": round((time.monotonic() - started) * 1000, 2)}}
+
+    async def op_mount_volumes(self, req: dict[str, Any]) -> Reply:
+        """Mount the host's volumes: ``volumes`` is ``[{"slot", "path", "read_only"}]``."""
+        mounted = await volumes.mount_all(volumes.parse(req), system_calls=self.opts.system_calls)
+        for path in mounted:
+            self.state.events.add("info", "volume mounted", path=path)
+        return {"mounted": mounted}
 
     async def op_observe(self, req: dict[str, Any]) -> Reply:
         """The current metrics and the log entries after the host's cursor ``after`` (at most

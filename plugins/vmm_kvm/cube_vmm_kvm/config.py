@@ -91,6 +91,10 @@ class KvmConfig(BaseModel):
     qmp_timeout_s: float = Field(default=10.0, gt=0)
     """How long to wait for QMP to answer after spawn, and for most QMP commands."""
     snapshot_timeout_s: float = Field(default=60.0, gt=0)
+    volume_slots: int = Field(default=2, ge=0, le=8)
+    """Spare virtio-blk devices every VM gets for volumes (``microvm`` has no hotplug, and clones
+    keep their snapshot's devices): a sandbox can mount this many volumes. Changing it changes the
+    template snapshots (they are rebuilt)."""
     clone_snapshot: Literal["diff", "full"] = "diff"
     """How a clone is saved: ``diff`` (the pages it changed since its template + device state,
     proportional to what the guest wrote) or ``full`` (all guest RAM in the migration stream, as

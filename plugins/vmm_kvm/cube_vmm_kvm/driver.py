@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -26,8 +26,10 @@ from cube_core import (
     CAP_PRIORITY,
     CAP_REATTACH,
     CAP_SNAPSHOT,
+    VOLUME_DEVICE_BYTES,
     AbnormalShutdownError,
     ConfigError,
+    DiskHandle,
     Isolation,
     NicHandle,
     Progress,
@@ -86,6 +88,29 @@ BACKGROUND_CPU_WEIGHT = 1
 default 100 of the others, it runs on what they leave idle."""
 
 
+def volume_drives(vm_id: str, workdir: Path, volumes: Sequence[DiskHandle],
+                  slots: int) -> tuple[tuple[Path, bool], ...]:
+    """The VM's volume slots: ``volumes`` first (raw images of the slot size), then an empty sparse
+    placeholder of its own in ``workdir`` for each slot left (never shared: a guest may write it)."""
+    if len(volumes) > slots:
+        raise VmmError(f"VM {vm_id}: {len(volumes)} volumes, but it has {slots} volume slots")
+    drives: list[tuple[Path, bool]] = []
+    for volume in volumes:
+        size = volume.path.stat().st_size
+        if volume.format != "raw" or size != VOLUME_DEVICE_BYTES:
+            raise VmmError(f"VM {vm_id}: volume image {volume.path} is not a raw {VOLUME_DEVICE_BYTES}-byte device")
+        drives.append((volume.path, volume.readonly))
+    for i in range(len(volumes), slots):
+        placeholder = workdir / f"volume-slot{i}.img"
+        fd = os.open(placeholder, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, VOLUME_DEVICE_BYTES)
+        finally:
+            os.close(fd)
+        drives.append((placeholder, False))
+    return tuple(drives)
+
+
 class KvmVmm(VmmDriver):
     """QEMU ``microvm`` VMs: KVM where the host can run a stock guest, else TCG."""
 
@@ -119,6 +144,10 @@ class KvmVmm(VmmDriver):
     @property
     def isolation(self) -> Isolation:
         return self.accel.isolation
+
+    @property
+    def volume_slots(self) -> int:
+        return self.config.volume_slots
 
     async def start(self) -> None:
         """Find QEMU, choose the accelerator, prepare directories and cgroups."""
@@ -244,6 +273,9 @@ class KvmVmm(VmmDriver):
             os.chmod(machine.ram_file, 0o640 if machine.ram_readonly else 0o660)
         if not machine.disk_readonly:
             os.chown(machine.disk_path, uid, uid)
+        for path, readonly in machine.volume_drives:
+            if not readonly:
+                os.chown(path, uid, uid)
         for path in jail.read_only_inputs(machine):
             jail.grant_read(path, uid, (cfg.jail_group,), cfg.jail_group)
         procs = tuple(d / "cgroup.procs" for d in group.dirs) if group is not None else ()
@@ -289,6 +321,7 @@ class KvmVmm(VmmDriver):
                 append=machine.append,
                 cpu_model=machine.cpu_model, pic=machine.pic, has_nic=tap_fd is not None,
                 guest_mac=machine.guest_mac, send_configuration=machine.send_configuration,
+                volume_slots=len(machine.volume_drives),
                 cgroup_version=group.version if group else 0,
                 cgroup_paths=group.paths if group else {}, jail_uid=uid, **record_fields)
             persist.save(record)
@@ -343,6 +376,7 @@ class KvmVmm(VmmDriver):
             disk = spec.rootfs_disk
             started = time.monotonic()
             try:
+                drives = await self._run(volume_drives, spec.vm_id, workdir, spec.volumes, self.config.volume_slots)
                 tap_fd = await self._open_tap(nic)
                 machine = MachineSpec(
                     vm_id=spec.vm_id, workdir=workdir, kernel=self.config.kernel or spec.kernel,
@@ -351,7 +385,7 @@ class KvmVmm(VmmDriver):
                     disk_format=disk.format, disk_readonly=disk.readonly, disk_cache=self.config.disk_cache,
                     tb_size_mb=self.config.tb_size_mb, pic=self.config.pic, tap_fd=tap_fd,
                     guest_mac=(nic.guest_mac if nic else None), incoming=False, seccomp=self.config.seccomp,
-                    initrd=spec.initrd, **self._machine_extras())
+                    initrd=spec.initrd, volume_drives=drives, **self._machine_extras())
                 live = await self._launch(machine, {"ram_owned": True}, spec.cpu_count)
             except BaseException:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -443,13 +477,14 @@ class KvmVmm(VmmDriver):
             memory_file, state_path, fields, details = saved
             total_ms = (time.monotonic() - started) * 1000
             data = SnapshotRecord(accel=rec.accel, append=rec.append, cpu_model=rec.cpu_model, pic=rec.pic,
-                                  has_nic=rec.has_nic, guest_mac=rec.guest_mac, **fields)
+                                  has_nic=rec.has_nic, guest_mac=rec.guest_mac, volume_slots=rec.volume_slots,
+                                  **fields)
             log.info("vm snapshot saved", vm_id=vm.vm_id, format=data.format, save_ms=round(data.save_ms, 1),
                      total_ms=round(total_ms, 1), state_bytes=state_path.stat().st_size, **details)
             return VmState(state_id=target_dir.name, memory_file=memory_file, device_state=state_path,
                            memory_mb=rec.memory_mb, cpu_count=rec.cpu_count, kernel=rec.kernel,
                            initrd=rec.initrd, isolation=rec.isolation, data=data.model_dump(mode="json"),
-                           base_state_id=data.base_state_id)
+                           base_state_id=data.base_state_id, volume_slots=rec.volume_slots)
 
     def state_files(self, state: VmState) -> list[StateFile]:
         """``memory.ram`` (``shared``) or ``memory.diff`` (``diff``; its base RAM file comes with
@@ -616,6 +651,7 @@ class KvmVmm(VmmDriver):
             live: _LiveVm | None = None
             applied: memdiff.DiffStats | None = None
             try:
+                drives = await self._run(volume_drives, spec.vm_id, workdir, spec.volumes, saved.volume_slots)
                 tap_fd = await self._open_tap(nic)
                 machine = MachineSpec(
                     vm_id=spec.vm_id, workdir=workdir, kernel=state.kernel, append=saved.append,
@@ -624,7 +660,8 @@ class KvmVmm(VmmDriver):
                     disk_readonly=disk.readonly, disk_cache=self.config.disk_cache,
                     tb_size_mb=self.config.tb_size_mb, pic=saved.pic, tap_fd=tap_fd,
                     guest_mac=(nic.guest_mac if nic else None), incoming=True, seccomp=self.config.seccomp,
-                    initrd=state.initrd, send_configuration=saved.config_section, **self._machine_extras())
+                    initrd=state.initrd, send_configuration=saved.config_section, volume_drives=drives,
+                    **self._machine_extras())
                 live = await self._launch(machine, {"ram_owned": owned, "restored_from": state.state_id,
                                                     "base_state_id": base_state_id}, spec.cpu_count)
                 spawned = time.monotonic()

@@ -60,6 +60,8 @@ class VmRecord(_Model):
     send_configuration: bool = True
     """QEMU's ``migration.send-configuration`` (off for clones of ``diff`` snapshots)."""
     jail_uid: int | None = None
+    volume_slots: int = 0
+    """Spare virtio-blk devices (``cube-vol<i>``) the VM has for volumes; a snapshot keeps the count."""
     """The uid (and gid) the VM's jailed QEMU runs as (leased; freed at shutdown); None unjailed."""
 
 
@@ -78,6 +80,7 @@ class SnapshotRecord(_Model):
     pic: bool
     has_nic: bool
     guest_mac: str | None = None
+    volume_slots: int = 0
     save_ms: float = 0.0
     config_section: bool = True
     """Whether ``device_state`` carries QEMU's configuration section (never for ``diff``)."""

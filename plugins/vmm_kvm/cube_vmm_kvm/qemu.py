@@ -34,6 +34,8 @@ PR_SET_CHILD_SUBREAPER = 36
 CONSOLE_ID = "console"
 RAM_ID = "mem"
 """Id of the guest-RAM memory backend, and so the name of its RAM block."""
+VOLUME_SERIAL = "cube-vol"
+"""Serial of volume slot i: ``cube-vol<i>`` (the guest agent finds the slot by it)."""
 QEMU_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
 """The whole environment of a QEMU (jailed or not): nothing of the node agent's is inherited
 (its environment may hold the secrets that ``{env=...}`` references in plugins.toml point at)."""
@@ -87,6 +89,9 @@ class MachineSpec:
     mem_merge: bool = True
     """``madvise(MADV_MERGEABLE)`` on guest RAM, so KSM (when the host runs it) can merge identical
     pages across VMs. QEMU's default; ``mem-merge=off`` is only written when off."""
+    volume_drives: tuple[tuple[Path, bool], ...] = ()
+    """The VM's volume slots in order: (raw image, read-only). A slot is a virtio-blk device with
+    serial ``cube-vol<i>``, after every other device (the guest's other devices keep their order)."""
     send_configuration: bool = True
     """Whether migration streams carry QEMU's configuration section (and one is expected on
     load). Off for a clone restored from a ``diff`` snapshot, whose device state (saved with
@@ -164,6 +169,10 @@ def build_argv(qemu_binary: str, m: MachineSpec) -> list[str]:
     if m.tap_fd is not None:
         argv += ["-netdev", f"tap,id=n0,fd={m.tap_fd}",
                  "-device", f"virtio-net-device,netdev=n0,mac={m.guest_mac or '52:54:00:00:00:21'}"]
+    for i, (path, readonly) in enumerate(m.volume_drives):
+        argv += ["-drive", f"if=none,id=vol{i},file={_opt(path)},format=raw,cache={m.disk_cache}"
+                 + (",readonly=on" if readonly else ""),
+                 "-device", f"virtio-blk-device,drive=vol{i},serial={VOLUME_SERIAL}{i}"]
     argv += [
         "-qmp", f"unix:{_opt(m.qmp_socket)},server=on,wait=off",
     ]
