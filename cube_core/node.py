@@ -507,7 +507,7 @@ class NodeAgent:
         snapshot (or a cold boot of the template image); ``_live`` follows each step so a failure
         frees what exists."""
         sid = sandbox.sandbox_id
-        volumes = self._volume_disks(sandbox)
+        volumes = await self._volume_disks(sandbox)
         with telemetry.span("network.allocate"):
             nic = await self.network.allocate(sid, sandbox.network, list(rules))
         self._live[sid] = runtime = SandboxRuntime(nic=nic)
@@ -559,12 +559,12 @@ class NodeAgent:
         with telemetry.span("vmm.resume"):
             await self.vmm.resume(runtime.vm)
 
-    def _volume_disks(self, sandbox: Sandbox) -> tuple[DiskHandle, ...]:
+    async def _volume_disks(self, sandbox: Sandbox) -> tuple[DiskHandle, ...]:
         """The images of the sandbox's volumes, in slot order (slot i holds mount i)."""
         if not sandbox.volume_mounts:
             return ()
         store = self.storage.volume_store()
-        return tuple(store.disk(m.volume_id or "", read_only=m.read_only) for m in sandbox.volume_mounts)
+        return tuple([await store.disk(m.volume_id or "", read_only=m.read_only) for m in sandbox.volume_mounts])
 
     async def _mount_volumes(self, sandbox: Sandbox, runtime: SandboxRuntime) -> None:
         """Have the guest mount volume slot i at mount i's path (it drops what it cached of the

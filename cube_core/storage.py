@@ -92,8 +92,10 @@ class VolumeStore(abc.ABC):
         """The volumes this node holds."""
 
     @abc.abstractmethod
-    def disk(self, volume_id: str, *, read_only: bool = False) -> DiskHandle:
-        """The volume's image for a VM's volume slot (raw, :data:`VOLUME_DEVICE_BYTES` long)."""
+    async def disk(self, volume_id: str, *, read_only: bool = False) -> DiskHandle:
+        """The volume's image for a VM's volume slot (raw, :data:`VOLUME_DEVICE_BYTES` long), ready
+        to be mounted: for a read-only mount, which cannot replay a journal, a filesystem a guest
+        left uncleanly (a killed sandbox) is made consistent first."""
 
     @abc.abstractmethod
     async def stat(self, volume_id: str, path: str) -> VolumeEntry: ...

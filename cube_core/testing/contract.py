@@ -286,9 +286,9 @@ class VolumeContract:
 
     async def test_delete_and_disk(self, volumes: VolumeStore) -> None:
         await volumes.create("vol-gone", 8)
-        disk = volumes.disk("vol-gone")
+        disk = await volumes.disk("vol-gone")
         assert disk.format == "raw" and disk.path.exists() and not disk.readonly
-        assert volumes.disk("vol-gone", read_only=True).readonly
+        assert (await volumes.disk("vol-gone", read_only=True)).readonly
         assert "vol-gone" in volumes.ids()
         await volumes.delete("vol-gone")
         await volumes.delete("vol-gone")  # idempotent

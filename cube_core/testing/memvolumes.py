@@ -93,7 +93,7 @@ class MemoryVolumes(VolumeStore):
     def ids(self) -> list[str]:
         return sorted(self._volumes)
 
-    def disk(self, volume_id: str, *, read_only: bool = False) -> DiskHandle:
+    async def disk(self, volume_id: str, *, read_only: bool = False) -> DiskHandle:
         self._get(volume_id)
         return DiskHandle(disk_id=f"volume-{volume_id}", path=self.root / f"{volume_id}.img", format="raw",
                           readonly=read_only)

@@ -23,7 +23,8 @@ sandbox; exec answers the command's output; pause and resume; a snapshot of a ru
 sandbox keeps its state; a paused sandbox written out to disk (no VM, its disk and slot kept,
 no memory counted) resumes and can be destroyed; a sandbox launched from it or rolled back to it runs (same network
 slot for a rollback, paused again when asked); a deleted snapshot cannot be launched and the
-failed launch leaves nothing; policy and audit; the endpoint of a port; destroy frees and is
+failed launch leaves nothing; a launch with volume mounts starts
+a VM (never a pool member) and volume calls reach the node's volumes; policy and audit; the endpoint of a port; destroy frees and is
 idempotent; an unknown sandbox is :class:`~cube_core.errors.SandboxNotFoundError` (with its
 ``sandbox_id``) for every operation, an unknown template :class:`~cube_core.errors.TemplateNotFoundError`;
 a snapshot of another node is copied (its base first, each file once) and launched from, and its
@@ -47,10 +48,11 @@ import pytest
 from cube_core import ids
 from cube_core.buildspec import BuildJob, BuildPlan, BuildStatus, BuildStep, TemplateBuild
 from cube_core.errors import CubeError, SandboxNotFoundError, SnapshotNotFoundError, TemplateNotFoundError
-from cube_core.models import EgressRule, NetworkPolicy, Node, Sandbox, SnapshotRef, Template, utcnow
+from cube_core.models import EgressRule, NetworkPolicy, Node, Sandbox, SnapshotRef, Template, VolumeMount, utcnow
 from cube_core.nodeclient import Launched, LaunchRequest, NodeClient
 from cube_core.state import SandboxState
 from cube_core.store import StateStore
+from cube_core.volumes import VolumeCall
 
 UNKNOWN = "sbxcontractunknown00"
 
@@ -251,6 +253,24 @@ class NodeClientContract:
 
     async def test_destroy_of_a_sandbox_never_launched_is_a_no_op(self, plane: ControlPlane) -> None:
         assert await plane.client.destroy(plane.record()) == []
+
+    async def test_a_launch_with_volume_mounts_and_the_volume_calls(self, plane: ControlPlane) -> None:
+        """A sandbox that mounts volumes is started with them in its VM's volume slots (never a
+        warm-pool member), and the volume's content is read and written through the node."""
+        vid = "vol" + ids.sandbox_id()[:12]
+        await plane.client.volume(VolumeCall(op="create", volume_id=vid, size_mb=16))
+        try:
+            await plane.client.volume(VolumeCall(op="write", volume_id=vid, path="/a.txt", data=b"node"))
+            mounts = (VolumeMount(name="data", path="/mnt/data", volume_id=vid),
+                      VolumeMount(name="data", path="/mnt/ro", read_only=True, volume_id=vid))
+            sandbox, launched = await plane.launch(volume_mounts=mounts)
+            assert launched.served_by == "start" and launched.sandbox_id == sandbox.sandbox_id
+            await _answers(plane.client, sandbox.sandbox_id, "mounted")
+            assert await plane.destroy(sandbox) == []
+            read = await plane.client.volume(VolumeCall(op="read", volume_id=vid, path="/a.txt"))
+            assert read.data == b"node"
+        finally:
+            await plane.client.volume(VolumeCall(op="delete", volume_id=vid))
 
     # -- pause, resume ---------------------------------------------------------------------------------
 

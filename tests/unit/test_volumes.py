@@ -64,7 +64,7 @@ async def test_read_write_mounts_are_exclusive_and_block_delete_and_content(cube
     sb = await service.create(spec(VolumeMount(name="data", path="/mnt/data")))
     assert sb.volume_mounts[0].volume_id == vol.volume_id
     vm = cube.agent.vmm.vms[sb.sandbox_id]
-    assert vm["volumes"] == [cube.agent.storage.volume_store().disk(vol.volume_id).path]
+    assert vm["volumes"] == [(await cube.agent.storage.volume_store().disk(vol.volume_id)).path]
     assert vm["mounts"] == [{"slot": 0, "path": "/mnt/data", "read_only": False}]
     for mount in (VolumeMount(name="data", path="/x"), VolumeMount(name="data", path="/x", read_only=True)):
         with pytest.raises(VolumeInUseError, match=f"read-write by sandbox {sb.sandbox_id}"):

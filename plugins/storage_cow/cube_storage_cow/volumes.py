@@ -213,9 +213,11 @@ class ImageVolumes(VolumeStore):
     def ids(self) -> list[str]:
         return sorted(p.name.removesuffix(".ext4") for p in self.root.glob("*.ext4") if not p.name.startswith("."))
 
-    def disk(self, volume_id: str, *, read_only: bool = False) -> DiskHandle:
+    async def disk(self, volume_id: str, *, read_only: bool = False) -> DiskHandle:
         image = self._image(volume_id)
-        if not image.exists():
+        if read_only:  # mounted ``noload``: the journal of a guest killed while writing is replayed here
+            await self._locked(volume_id, self._open, volume_id)
+        elif not image.exists():
             raise VolumeNotFoundError(volume=volume_id)
         return DiskHandle(disk_id=f"volume-{volume_id}", path=image, format="raw", readonly=read_only)
 

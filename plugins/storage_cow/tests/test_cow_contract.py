@@ -45,10 +45,33 @@ async def test_a_volume_image_is_a_sparse_slot_sized_device(make_driver) -> None
     store = d.volume_store()
     await store.create("vol-size", 64)
     try:
-        image = store.disk("vol-size").path
+        image = (await store.disk("vol-size")).path
         assert image.stat().st_size == VOLUME_DEVICE_BYTES
         assert image.stat().st_blocks * 512 < 16 << 20  # sparse: the filesystem's metadata only
         assert [e.path for e in await store.list("vol-size", "/")] == []  # no lost+found
     finally:
         await store.delete("vol-size")
+        await d.close()
+
+
+async def test_a_read_only_mount_gets_a_consistent_filesystem(make_driver) -> None:
+    """A guest killed while it wrote leaves a filesystem marked not clean; a read-only mount
+    (``noload``: no journal replay in the guest) gets it checked first, a read-write one as it is."""
+    import subprocess
+
+    from cube_storage_cow.volumes import _needs_check
+
+    d = make_driver(reflink="never")
+    await d.start()
+    store = d.volume_store()
+    await store.create("vol-dirty", 16)
+    try:
+        image = (await store.disk("vol-dirty")).path
+        subprocess.run(["debugfs", "-w", "-R", "ssv state 0", str(image)], check=True, capture_output=True)
+        assert _needs_check(image)
+        assert not (await store.disk("vol-dirty")).readonly and _needs_check(image)  # the guest replays
+        assert (await store.disk("vol-dirty", read_only=True)).readonly
+        assert not _needs_check(image)
+    finally:
+        await store.delete("vol-dirty")
         await d.close()
