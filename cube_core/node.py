@@ -517,7 +517,7 @@ class NodeAgent:
             with telemetry.span("storage.create_disk"):
                 disk = await self.storage.create_disk(sid, snap.disk.path)
             self._live[sid] = runtime = runtime.evolve(disk=disk)
-            if volumes and not snap.vm_state.volume_slots:
+            if volumes and not self.vmm.volume_slots:
                 raise UnsupportedOperation(driver=type(self.vmm).__name__,
                                            operation="volume mounts (its VMs have no volume slots)")
             if len(volumes) > snap.vm_state.volume_slots:

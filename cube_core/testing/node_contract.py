@@ -23,9 +23,9 @@ sandbox; exec answers the command's output; pause and resume; a snapshot of a ru
 sandbox keeps its state; a paused sandbox written out to disk (no VM, its disk and slot kept,
 no memory counted) resumes and can be destroyed; a sandbox launched from it or rolled back to it runs (same network
 slot for a rollback, paused again when asked); a deleted snapshot cannot be launched and the
-failed launch leaves nothing; a launch with volume mounts starts
-a VM (never a pool member) and volume calls reach the node's volumes; policy and audit; the endpoint of a port; destroy frees and is
-idempotent; an unknown sandbox is :class:`~cube_core.errors.SandboxNotFoundError` (with its
+failed launch leaves nothing; a launch with volume mounts starts a VM (never a pool member)
+and volume calls reach the node's volumes; policy and audit; the endpoint of a port; destroy
+frees and is idempotent; an unknown sandbox is :class:`~cube_core.errors.SandboxNotFoundError` (with its
 ``sandbox_id``) for every operation, an unknown template :class:`~cube_core.errors.TemplateNotFoundError`;
 a snapshot of another node is copied (its base first, each file once) and launched from, and its
 deleted copy cannot be launched from any more.

@@ -4,7 +4,7 @@ A volume is created and changed through the content API with no sandbox; sandbox
 read-write (a volume slot of its VM, restored from the template snapshot with the volume's image
 in it), reads that file, writes another and hits the quota (ENOSPC); a second read-write mount
 meanwhile is a 409, and so are the content API and the deletion; A is killed (its QEMU and its VM
-directory with the spare slot's placeholder are gone); sandbox B mounts the volume read-only right
+directory are gone); sandbox B mounts the volume read-only right
 away (the journal A left is replayed first) and sees A's write, the guest refuses writes there, a
 read-write mount meanwhile is a 409 and the content API can read but not change it; B is killed
 and the content API sees and changes what A wrote; another team cannot see the volume; the volume
@@ -33,14 +33,15 @@ def volume_env(e2b_env: CubeServer, monkeypatch: pytest.MonkeyPatch) -> CubeServ
     return e2b_env
 
 
-def _workdir(server: CubeServer, sandbox_id: str) -> Path:
+def _vm(server: CubeServer, sandbox_id: str) -> tuple[Path, int]:
+    """The VM directory and QEMU pid of a sandbox."""
     store = SqliteStore(server.state_dir / "cube.db")
     try:
         record = store.get_sandbox(sandbox_id)
     finally:
         store.close()
-    assert record is not None and record.runtime.vm is not None
-    return Path(str(record.runtime.vm.model_dump(mode="json")["workdir"]))
+    assert record is not None and record.runtime.vm is not None and record.runtime.vm.pid is not None
+    return Path(str(record.runtime.vm.model_dump(mode="json")["workdir"])), record.runtime.vm.pid
 
 
 def _qemus(workdir: Path) -> list[str]:
@@ -70,9 +71,11 @@ def test_volume_data_across_two_sandboxes(volume_env: CubeServer) -> None:
         assert [e.name for e in vol.list("/")] == ["seed"]
 
         a = Sandbox.create(template="base", timeout=120, volume_mounts={"/mnt/data": vol})
-        a_dir = _workdir(volume_env, a.sandbox_id)
+        a_dir, a_pid = _vm(volume_env, a.sandbox_id)
         try:
-            assert (a_dir / "volume-slot1.img").exists()  # the spare slot's own placeholder
+            argv = Path(f"/proc/{a_pid}/cmdline").read_text().split("\0")
+            drives = [arg for arg in argv if arg.startswith("if=none,id=vol")]  # slot 1: empty, no file
+            assert len(drives) == 2 and f"/{vol.volume_id}.ext4," in drives[0] and "driver=null-co" in drives[1], drives
             assert a.get_info().volume_mounts == [{"name": "e2e-data", "path": "/mnt/data"}]
             assert a.files.read("/mnt/data/seed/hello.txt") == "written with no sandbox\n"
             out = a.commands.run("echo from-a > /mnt/data/from-a.txt && sync && stat -c %U /mnt/data/from-a.txt",
@@ -90,7 +93,7 @@ def test_volume_data_across_two_sandboxes(volume_env: CubeServer) -> None:
                 Volume.destroy(vol.volume_id)
         finally:
             a.kill()
-        assert not a_dir.exists() and _qemus(a_dir) == []  # no QEMU, no placeholder left
+        assert not a_dir.exists() and _qemus(a_dir) == []  # no QEMU, nothing of the VM left
 
         # read-only (Cube's readOnly: the SDK cannot ask for it), right after A was killed
         raw = httpx.post(f"{volume_env.url}/sandboxes", headers={"X-API-Key": volume_env.key_a}, timeout=300,
@@ -98,7 +101,7 @@ def test_volume_data_across_two_sandboxes(volume_env: CubeServer) -> None:
                                "volumeMounts": [{"name": "e2e-data", "path": "/ro", "readOnly": True}]})
         assert raw.status_code == 201, raw.text
         b = Sandbox.connect(raw.json()["sandboxID"])
-        b_dir = _workdir(volume_env, b.sandbox_id)
+        b_dir, _ = _vm(volume_env, b.sandbox_id)
         try:
             assert b.files.read("/ro/from-a.txt") == "from-a\n"
             assert "ro" in _mount_options(b, "/ro")

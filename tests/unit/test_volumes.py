@@ -120,12 +120,17 @@ async def test_one_sandbox_mounts_each_volume_and_path_once(cube: Embedded) -> N
     assert not [vm for vm in cube.agent.vmm.vms.values() if vm.get("volumes")]  # the failed VM is gone
 
 
-async def test_a_vmm_without_volume_slots_refuses_mounts(cube: Embedded) -> None:
+async def test_a_vmm_without_volume_slots_refuses_mounts(cube: Embedded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """501 from a VMM whose VMs have no volume slots; a template snapshot made without them (an
+    older Cube) on a VMM that has them: rebuild the template."""
     template = cube.agent.local_template("base")
     assert template.snapshot is not None and template.snapshot.vm_state is not None
     no_slots = template.snapshot.evolve(vm_state=template.snapshot.vm_state.evolve(volume_slots=0))
     cube.agent.template_ready(template.evolve(snapshot=no_slots))
     await cube.service.volumes.create("t1", "v")
+    with pytest.raises(TemplateError, match="rebuild the template"):
+        await cube.service.create(spec(VolumeMount(name="v", path="/v")))
+    monkeypatch.setattr(type(cube.agent.vmm), "volume_slots", property(lambda self: 0))
     with pytest.raises(UnsupportedOperation, match="no volume slots"):
         await cube.service.create(spec(VolumeMount(name="v", path="/v")))
     assert not cube.store.list_sandboxes(team_id="t1", states=(SandboxState.RUNNING,))

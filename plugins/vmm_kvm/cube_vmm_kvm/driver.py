@@ -88,26 +88,19 @@ BACKGROUND_CPU_WEIGHT = 1
 default 100 of the others, it runs on what they leave idle."""
 
 
-def volume_drives(vm_id: str, workdir: Path, volumes: Sequence[DiskHandle],
-                  slots: int) -> tuple[tuple[Path, bool], ...]:
-    """The VM's volume slots: ``volumes`` first (raw images of the slot size), then an empty sparse
-    placeholder of its own in ``workdir`` for each slot left (never shared: a guest may write it)."""
+def volume_drives(vm_id: str, volumes: Sequence[DiskHandle], slots: int) -> tuple[tuple[Path | None, bool], ...]:
+    """The VM's volume slots: ``volumes`` first (raw images of the slot size), then a placeholder
+    (``None``: QEMU's ``null-co`` device, which reads zeros and drops writes, so a guest that
+    writes an empty slot fills no host disk) for each slot left."""
     if len(volumes) > slots:
         raise VmmError(f"VM {vm_id}: {len(volumes)} volumes, but it has {slots} volume slots")
-    drives: list[tuple[Path, bool]] = []
+    drives: list[tuple[Path | None, bool]] = []
     for volume in volumes:
         size = volume.path.stat().st_size
         if volume.format != "raw" or size != VOLUME_DEVICE_BYTES:
             raise VmmError(f"VM {vm_id}: volume image {volume.path} is not a raw {VOLUME_DEVICE_BYTES}-byte device")
         drives.append((volume.path, volume.readonly))
-    for i in range(len(volumes), slots):
-        placeholder = workdir / f"volume-slot{i}.img"
-        fd = os.open(placeholder, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, VOLUME_DEVICE_BYTES)
-        finally:
-            os.close(fd)
-        drives.append((placeholder, False))
+    drives += [(None, False)] * (slots - len(volumes))
     return tuple(drives)
 
 
@@ -274,7 +267,7 @@ class KvmVmm(VmmDriver):
         if not machine.disk_readonly:
             os.chown(machine.disk_path, uid, uid)
         for path, readonly in machine.volume_drives:
-            if not readonly:
+            if path is not None and not readonly:
                 os.chown(path, uid, uid)
         for path in jail.read_only_inputs(machine):
             jail.grant_read(path, uid, (cfg.jail_group,), cfg.jail_group)
@@ -376,7 +369,7 @@ class KvmVmm(VmmDriver):
             disk = spec.rootfs_disk
             started = time.monotonic()
             try:
-                drives = await self._run(volume_drives, spec.vm_id, workdir, spec.volumes, self.config.volume_slots)
+                drives = await self._run(volume_drives, spec.vm_id, spec.volumes, self.config.volume_slots)
                 tap_fd = await self._open_tap(nic)
                 machine = MachineSpec(
                     vm_id=spec.vm_id, workdir=workdir, kernel=self.config.kernel or spec.kernel,
@@ -651,7 +644,7 @@ class KvmVmm(VmmDriver):
             live: _LiveVm | None = None
             applied: memdiff.DiffStats | None = None
             try:
-                drives = await self._run(volume_drives, spec.vm_id, workdir, spec.volumes, saved.volume_slots)
+                drives = await self._run(volume_drives, spec.vm_id, spec.volumes, saved.volume_slots)
                 tap_fd = await self._open_tap(nic)
                 machine = MachineSpec(
                     vm_id=spec.vm_id, workdir=workdir, kernel=state.kernel, append=saved.append,

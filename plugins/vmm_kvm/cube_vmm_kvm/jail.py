@@ -186,7 +186,7 @@ def read_only_inputs(machine: MachineSpec) -> list[Path]:
     """The files a VM reads but must never write: kernel, initrd, the backing images of its disk."""
     inputs = [machine.kernel] + ([machine.initrd] if machine.initrd is not None else [])
     return inputs + backing_chain(machine.disk_path, machine.disk_format) + [
-        path for path, readonly in machine.volume_drives if readonly]
+        path for path, readonly in machine.volume_drives if path is not None and readonly]
 
 
 def grant_read(path: Path, gid: int, groups: Sequence[int], group: int) -> None:
@@ -225,7 +225,8 @@ def plan(machine: MachineSpec, *, qemu_binary: str, uid: int, gid: int, groups: 
         Bind(machine.ram_file, machine.ram_file, rw=machine.ram_shared or not machine.ram_readonly),
         Bind(machine.sock_dir, machine.sock_dir, rw=True, dir=True),
     ]
-    binds += [Bind(path, path, rw=True) for path, readonly in machine.volume_drives if not readonly]
+    binds += [Bind(path, path, rw=True) for path, readonly in machine.volume_drives
+              if path is not None and not readonly]
     devices = [_char_device(p) for p in HOST_DEVICES]
     if machine.accel == "kvm":
         devices.append(_char_device("/dev/kvm", owner=True))

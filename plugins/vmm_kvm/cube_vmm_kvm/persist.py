@@ -60,9 +60,9 @@ class VmRecord(_Model):
     send_configuration: bool = True
     """QEMU's ``migration.send-configuration`` (off for clones of ``diff`` snapshots)."""
     jail_uid: int | None = None
+    """The uid (and gid) the VM's jailed QEMU runs as (leased; freed at shutdown); None unjailed."""
     volume_slots: int = 0
     """Spare virtio-blk devices (``cube-vol<i>``) the VM has for volumes; a snapshot keeps the count."""
-    """The uid (and gid) the VM's jailed QEMU runs as (leased; freed at shutdown); None unjailed."""
 
 
 class SnapshotRecord(_Model):

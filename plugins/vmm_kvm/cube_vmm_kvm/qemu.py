@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-from cube_core import VmmError
+from cube_core import VOLUME_DEVICE_BYTES, VmmError
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 log = structlog.get_logger(__name__)
@@ -89,9 +89,10 @@ class MachineSpec:
     mem_merge: bool = True
     """``madvise(MADV_MERGEABLE)`` on guest RAM, so KSM (when the host runs it) can merge identical
     pages across VMs. QEMU's default; ``mem-merge=off`` is only written when off."""
-    volume_drives: tuple[tuple[Path, bool], ...] = ()
-    """The VM's volume slots in order: (raw image, read-only). A slot is a virtio-blk device with
-    serial ``cube-vol<i>``, after every other device (the guest's other devices keep their order)."""
+    volume_drives: tuple[tuple[Path | None, bool], ...] = ()
+    """The VM's volume slots in order: (raw image, read-only); no image: an empty slot (``null-co``,
+    zeros, writes dropped). A slot is a virtio-blk device with serial ``cube-vol<i>``, after every
+    other device (the guest's other devices keep their order)."""
     send_configuration: bool = True
     """Whether migration streams carry QEMU's configuration section (and one is expected on
     load). Off for a clone restored from a ``diff`` snapshot, whose device state (saved with
@@ -170,8 +171,9 @@ def build_argv(qemu_binary: str, m: MachineSpec) -> list[str]:
         argv += ["-netdev", f"tap,id=n0,fd={m.tap_fd}",
                  "-device", f"virtio-net-device,netdev=n0,mac={m.guest_mac or '52:54:00:00:00:21'}"]
     for i, (path, readonly) in enumerate(m.volume_drives):
-        argv += ["-drive", f"if=none,id=vol{i},file={_opt(path)},format=raw,cache={m.disk_cache}"
-                 + (",readonly=on" if readonly else ""),
+        backend = f"file={_opt(path)},format=raw,cache={m.disk_cache}" if path is not None else \
+            f"driver=null-co,size={VOLUME_DEVICE_BYTES},read-zeroes=on"
+        argv += ["-drive", f"if=none,id=vol{i},{backend}" + (",readonly=on" if readonly else ""),
                  "-device", f"virtio-blk-device,drive=vol{i},serial={VOLUME_SERIAL}{i}"]
     argv += [
         "-qmp", f"unix:{_opt(m.qmp_socket)},server=on,wait=off",

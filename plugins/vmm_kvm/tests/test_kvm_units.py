@@ -457,17 +457,22 @@ def test_cgroup_on_this_host() -> None:
 
 
 def test_argv_volume_slots_come_last_with_their_serials(tmp_path: Path) -> None:
-    m = _machine(tmp_path, tap_fd=7, volume_drives=((Path("/v/a.ext4"), False), (Path("/v/b,c.ext4"), True)))
+    from cube_core import VOLUME_DEVICE_BYTES
+
+    m = _machine(tmp_path, tap_fd=7, volume_drives=((Path("/v/a.ext4"), False), (Path("/v/b,c.ext4"), True),
+                                                    (None, False)))
     argv = build_argv("qemu", m)
     devices = _opt(argv, "-device")
-    assert devices[-2:] == ["virtio-blk-device,drive=vol0,serial=cube-vol0",
-                            "virtio-blk-device,drive=vol1,serial=cube-vol1"]
+    assert devices[-3:] == ["virtio-blk-device,drive=vol0,serial=cube-vol0",
+                            "virtio-blk-device,drive=vol1,serial=cube-vol1",
+                            "virtio-blk-device,drive=vol2,serial=cube-vol2"]
     assert devices[0] == "virtio-blk-device,drive=root"  # the root disk stays the first (vda)
     assert _opt(argv, "-drive")[1:] == ["if=none,id=vol0,file=/v/a.ext4,format=raw,cache=writeback",
-                                        "if=none,id=vol1,file=/v/b,,c.ext4,format=raw,cache=writeback,readonly=on"]
+                                        "if=none,id=vol1,file=/v/b,,c.ext4,format=raw,cache=writeback,readonly=on",
+                                        f"if=none,id=vol2,driver=null-co,size={VOLUME_DEVICE_BYTES},read-zeroes=on"]
 
 
-def test_volume_drives_fill_free_slots_with_own_placeholders(tmp_path: Path) -> None:
+def test_volume_drives_fill_free_slots_with_null_placeholders(tmp_path: Path) -> None:
     from cube_core import VOLUME_DEVICE_BYTES, DiskHandle, VmmError
 
     from cube_vmm_kvm.driver import volume_drives
@@ -476,13 +481,12 @@ def test_volume_drives_fill_free_slots_with_own_placeholders(tmp_path: Path) -> 
     with open(image, "wb") as fh:
         fh.truncate(VOLUME_DEVICE_BYTES)
     vol = DiskHandle(disk_id="v", path=image, format="raw", readonly=True)
-    drives = volume_drives("vm1", tmp_path, [vol], 3)
-    assert drives[0] == (image, True)
-    assert [p.name for p, _ in drives[1:]] == ["volume-slot1.img", "volume-slot2.img"]
-    assert all(p.stat().st_size == VOLUME_DEVICE_BYTES and p.stat().st_blocks == 0 and not ro for p, ro in drives[1:])
+    assert volume_drives("vm1", [vol], 3) == ((image, True), (None, False), (None, False))
+    assert volume_drives("vm0", [], 2) == ((None, False), (None, False))
+    assert list(tmp_path.iterdir()) == [image]  # no placeholder file: nothing for a guest to fill
     with pytest.raises(VmmError, match="2 volume slots"):
-        volume_drives("vm2", tmp_path / "x", [vol, vol, vol], 2)
+        volume_drives("vm2", [vol, vol, vol], 2)
     small = DiskHandle(disk_id="s", path=tmp_path / "small", format="raw")
     small.path.write_bytes(b"x")
     with pytest.raises(VmmError, match="not a raw"):
-        volume_drives("vm3", tmp_path, [small], 2)
+        volume_drives("vm3", [small], 2)
