@@ -37,6 +37,10 @@ class CowConfig(BaseModel):
     the filesystem of ``root`` supports it (``auto``)."""
     image_size_mb: int = Field(default=2048, ge=64)
     """ext4 image size (sparse) when a recipe does not set ``size_mb`` itself."""
+    volume_tool_uid: int | None = Field(default=410000, ge=1, le=(1 << 32) - 2)
+    """The uid (and gid) e2fsprogs run as on a volume image a guest wrote (the content API, the
+    journal replay): no other groups, no capabilities, only that image reachable. A uid nothing
+    else runs as, outside ``[vmm.options] uid_range`` (default 400000-409999). None: as Cube."""
 
     # OCI images are untrusted input (docs/templates.md, "Untrusted images")
     oci_allow_devices: bool = False

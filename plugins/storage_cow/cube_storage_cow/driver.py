@@ -53,7 +53,7 @@ class CowStorage(StorageDriver):
             guest_src=self.config.guest_src or default_guest_src(), mirror=self.config.mirror,
             default_size_mb=self.config.image_size_mb, oci_policy=self.config.layer_policy())
         self.layers = DiskLayers(root, self.config.reflink)
-        self.volumes = ImageVolumes(root / "volumes")
+        self.volumes = ImageVolumes(root / "volumes", self.config.volume_tool_uid)
 
     @property
     def root(self) -> Path:

@@ -6,6 +6,11 @@ mounts it through a VM's volume slot; the host never mounts a filesystem a guest
 kernel: the content API runs e2fsprogs' ``debugfs`` (userspace) on the image, after ``e2fsck -p``
 has replayed the journal of a guest that did not unmount it (a killed sandbox). The core keeps
 content calls away from an image that a sandbox mounts read-write.
+
+A filesystem a guest wrote is hostile input, so e2fsprogs run on it as an unprivileged uid
+(``volume_tool_uid``: no groups, no capabilities, own session) that reaches only that image, through
+a descriptor Cube opened (``/proc/self/fd/N``; the image's directory stays root's), and exchanges
+file content through memfds, never through paths Cube reads back.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import struct
 import subprocess
-import tempfile
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -42,6 +47,7 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+TOOL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 USER_ID = 1000
 """Owner of a volume's root and, by default, of what the content API creates: the sandboxes' user."""
 TIMEOUT_S = 300.0
@@ -59,20 +65,41 @@ def _quote(name: str) -> str:
     return f'"{name}"'
 
 
+def run_tool(argv: Sequence[str], image: Path, *, uid: int | None, write: bool, stdin: bytes | None = None,
+             pass_fds: Sequence[int] = ()) -> subprocess.CompletedProcess[bytes]:
+    """Run e2fsprogs' ``argv`` on ``image`` (appended as ``/proc/self/fd/N``) as ``uid`` (gid the
+    same, no other groups; None: as this process). The image is made ``uid``'s own (its owner only:
+    the group a jailed QEMU reads it with stays)."""
+    fd = os.open(image, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        user: dict[str, Any] = {}
+        if uid is not None:
+            st = os.fstat(fd)
+            if st.st_uid != uid:
+                os.fchown(fd, uid, -1)
+            if stat.S_IMODE(st.st_mode) & 0o600 != 0o600:
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o600)
+            user = {"user": uid, "group": uid, "extra_groups": []}
+        return subprocess.run([*argv, f"/proc/self/fd/{fd}"], input=stdin, capture_output=True, timeout=TIMEOUT_S,
+                              check=False, pass_fds=(fd, *pass_fds), env=TOOL_ENV, cwd="/", start_new_session=True,
+                              **user)
+    finally:
+        os.close(fd)
+
+
 class Debugfs:
     """One image, through ``debugfs`` (blocking; the caller serializes calls per image)."""
 
-    def __init__(self, image: Path) -> None:
+    def __init__(self, image: Path, uid: int | None) -> None:
         self.image = image
+        self.uid = uid
 
-    def run(self, commands: Sequence[str], *, write: bool = False) -> str:
+    def run(self, commands: Sequence[str], *, write: bool = False, pass_fds: Sequence[int] = ()) -> str:
         """Run ``commands`` in one ``debugfs`` process; its output, or :class:`_Failed` with what it
         printed on stderr (every error of debugfs goes there)."""
-        with tempfile.NamedTemporaryFile("w", prefix="cube-debugfs-", suffix=".cmds") as script:
-            script.write("\n".join(commands) + "\n")
-            script.flush()
-            argv = ["debugfs", *(["-w"] if write else []), "-f", script.name, str(self.image)]
-            proc = subprocess.run(argv, capture_output=True, timeout=TIMEOUT_S, check=False)
+        script = ("\n".join(commands) + "\n").encode()
+        proc = run_tool(["debugfs", *(["-w"] if write else []), "-f", "-"], self.image, uid=self.uid, write=write,
+                        stdin=script, pass_fds=pass_fds)
         errors = [line for line in proc.stderr.decode(errors="replace").splitlines()
                   if line.strip() and not line.startswith("debugfs ")]
         if proc.returncode != 0 or errors:
@@ -146,8 +173,10 @@ def _children(listing: str) -> list[tuple[str, int]]:
 class ImageVolumes(VolumeStore):
     """Volumes of :class:`~cube_storage_cow.driver.CowStorage` (see the module docstring)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tool_uid: int | None = None) -> None:
         self.root = root
+        self.tool_uid = tool_uid if os.geteuid() == 0 else None
+        """Who runs e2fsprogs on an image (None: this process, when it cannot switch users)."""
         self._locks: dict[str, asyncio.Lock] = {}
 
     def prepare(self) -> None:
@@ -171,13 +200,12 @@ class ImageVolumes(VolumeStore):
         if not image.exists():
             raise VolumeNotFoundError(volume=volume_id)
         if _needs_check(image):
-            proc = subprocess.run(["e2fsck", "-f", "-p", str(image)], capture_output=True, timeout=TIMEOUT_S,
-                                  check=False)
+            proc = run_tool(["e2fsck", "-f", "-p"], image, uid=self.tool_uid, write=True)
             if proc.returncode >= 4:
                 raise StorageError(f"volume {volume_id}: its filesystem is damaged (e2fsck: "
                                    f"{proc.stdout.decode(errors='replace')[-300:]})")
             log.info("volume filesystem checked after an unclean stop", volume_id=volume_id, rc=proc.returncode)
-        return Debugfs(image)
+        return Debugfs(image, self.tool_uid)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -200,7 +228,7 @@ class ImageVolumes(VolumeStore):
                                   capture_output=True, timeout=TIMEOUT_S, check=False)
             if proc.returncode != 0:
                 raise StorageError(f"mkfs.ext4 for volume {volume_id}: {proc.stderr.decode(errors='replace')[-300:]}")
-            Debugfs(tmp).run(["rmdir lost+found"], write=True)  # not part of the user's content
+            Debugfs(tmp, self.tool_uid).run(["rmdir lost+found"], write=True)  # not part of the user's content
             os.replace(tmp, image)
         finally:
             tmp.unlink(missing_ok=True)
@@ -281,15 +309,22 @@ class ImageVolumes(VolumeStore):
 
     def _read(self, image: Path, path: str) -> bytes:
         fs = self._fs(image)
-        if self._stat_in(fs, image, path).type != "file":
+        entry = self._stat_in(fs, image, path)
+        if entry.type != "file":
             raise VolumePathError(path=path, reason="is not a file")
-        with tempfile.TemporaryDirectory(prefix="cube-volume-") as tmp:
-            out = Path(tmp) / "content"
+        out = os.memfd_create("cube-volume-read", os.MFD_CLOEXEC)
+        try:
             try:
-                fs.run([f"dump {_quote(path)} {_quote(str(out))}"])
+                fs.run([f"dump {_quote(path)} /proc/self/fd/{out}"], pass_fds=(out,))
             except _Failed as exc:
                 raise self._error(image, path, exc) from None
-            return out.read_bytes()
+            with os.fdopen(os.dup(out), "rb") as fh:
+                data = fh.read(entry.size + 1)
+            if len(data) != entry.size:
+                raise StorageError(f"debugfs dumped {len(data)} bytes of {path!r}, its size is {entry.size}")
+            return data
+        finally:
+            os.close(out)
 
     async def write(self, volume_id: str, path: str, data: bytes, *, uid: int | None = None,
                     gid: int | None = None, mode: int | None = None, parents: bool = False) -> VolumeEntry:
@@ -339,15 +374,19 @@ class ImageVolumes(VolumeStore):
         final_mode = mode if mode is not None else (old.mode if old else 0o644)
         final_uid = uid if uid is not None else (old.uid if old else USER_ID)
         final_gid = gid if gid is not None else (old.gid if old else USER_ID)
-        with tempfile.TemporaryDirectory(prefix="cube-volume-") as tmp:
-            src = Path(tmp) / "content"
-            src.write_bytes(data)
+        src = os.memfd_create("cube-volume-write", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(os.dup(src), "wb") as fh:
+                fh.write(data)
             try:
-                fs.run([f"cd {_quote(str(p.parent))}", f"write {_quote(str(src))} {_quote(tmp_name)}"], write=True)
+                fs.run([f"cd {_quote(str(p.parent))}", f"write /proc/self/fd/{src} {_quote(tmp_name)}"], write=True,
+                       pass_fds=(src,))
             except _Failed as exc:
                 with contextlib.suppress(_Failed):
                     fs.run([f"rm {tmp_q}"], write=True)
                 raise self._error(image, path, exc) from None
+        finally:
+            os.close(src)
         commands = [f"cd {_quote(str(p.parent))}"]
         if old is not None:
             commands.append(f"rm {_quote(p.name)}")

@@ -75,3 +75,40 @@ async def test_a_read_only_mount_gets_a_consistent_filesystem(make_driver) -> No
     finally:
         await store.delete("vol-dirty")
         await d.close()
+
+
+async def test_e2fsprogs_run_unprivileged_with_only_the_image(make_driver, tmp_path: Path) -> None:
+    """What a tool run on a volume image (a hostile filesystem) can do: its own uid, no groups, no
+    capabilities; the image through the descriptor only, not by its path; no root-only file."""
+    import os
+    import subprocess
+
+    from cube_storage_cow.volumes import run_tool
+
+    d = make_driver(reflink="never")
+    await d.start()
+    store = d.volume_store()
+    await store.create("vol-priv", 16)
+    try:
+        await store.write("vol-priv", "/a.txt", b"content")
+        image = (await store.disk("vol-priv")).path
+        uid = store.tool_uid
+        assert uid is not None and uid == d.config.volume_tool_uid and image.stat().st_uid == uid
+        secret = tmp_path / "root-only"
+        secret.write_text("secret")
+        secret.chmod(0o600)
+        probe = (f'id -u; id -G; grep CapEff /proc/self/status; head -c 4 "$0"; echo; '
+                 f'head -c 4 {image} 2>&1; cat {secret} 2>&1; test -w "$0" && echo writable')
+        out = run_tool(["sh", "-c", probe], image, uid=uid, write=True).stdout.decode().splitlines()
+        assert out[0] == str(uid) and out[1] == str(uid), out
+        assert out[2].split() == ["CapEff:", "0000000000000000"], out
+        assert len(out[3]) == 4  # the image through /proc/self/fd/N
+        assert "Permission denied" in out[4] and "Permission denied" in out[5], out
+        assert out[6] == "writable"
+        assert await store.read("vol-priv", "/a.txt") == b"content"
+        listing = subprocess.run(["ls", "-ld", str(image.parent)], capture_output=True, text=True).stdout
+        assert listing.startswith("drwx------"), listing
+        assert os.stat(image.parent).st_uid == 0
+    finally:
+        await store.delete("vol-priv")
+        await d.close()
