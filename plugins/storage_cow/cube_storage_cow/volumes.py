@@ -205,6 +205,8 @@ class ImageVolumes(VolumeStore):
                 raise StorageError(f"volume {volume_id}: its filesystem is damaged (e2fsck: "
                                    f"{proc.stdout.decode(errors='replace')[-300:]})")
             log.info("volume filesystem checked after an unclean stop", volume_id=volume_id, rc=proc.returncode)
+            with contextlib.suppress(_Failed):  # e2fsck makes one; not the user's content (kept if not empty)
+                Debugfs(image, self.tool_uid).run(["rmdir lost+found"], write=True)
         return Debugfs(image, self.tool_uid)
 
     # -- lifecycle ------------------------------------------------------------------------------

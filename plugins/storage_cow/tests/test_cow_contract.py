@@ -67,11 +67,14 @@ async def test_a_read_only_mount_gets_a_consistent_filesystem(make_driver) -> No
     await store.create("vol-dirty", 16)
     try:
         image = (await store.disk("vol-dirty")).path
+        await store.write("vol-dirty", "/a.txt", b"kept")
         subprocess.run(["debugfs", "-w", "-R", "ssv state 0", str(image)], check=True, capture_output=True)
         assert _needs_check(image)
         assert not (await store.disk("vol-dirty")).readonly and _needs_check(image)  # the guest replays
         assert (await store.disk("vol-dirty", read_only=True)).readonly
         assert not _needs_check(image)
+        # e2fsck's lost+found is not the user's content
+        assert [e.path for e in await store.list("vol-dirty", "/")] == ["/a.txt"]
     finally:
         await store.delete("vol-dirty")
         await d.close()
