@@ -751,7 +751,7 @@ class NodeAgent:
         spec = VmSpec(vm_id=f"{sandbox_id}-b{os.urandom(3).hex()}", kernel=Path(template.kernel),
                       initrd=Path(template.initrd) if template.initrd else None, rootfs_disk=runtime.disk,
                       memory_mb=record.memory_mb, cpu_count=record.cpu_count, interpreter=template.interpreter,
-                      volumes=self._volume_disks(record))
+                      volumes=await self._volume_disks(record))
         async with self._start_gate:
             vm = await self.vmm.boot(spec, runtime.nic)
             runtime = runtime.evolve(vm=vm)
