@@ -217,9 +217,13 @@ class Agent:
         arrives. It leaves nothing behind: the finished process is forgotten."""
         started = time.monotonic()
         url = f"http://127.0.0.1:{self.opts.envd_port}"
-        body = encode_envelope({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "true"]}})
+        # the request of the E2B SDK's commands.run (envd >= 0.4: no Authorization, so envd's
+        # default user; stdin off; a deadline and a keep-alive ping interval), so the same
+        # branches are warm
+        body = encode_envelope({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "true"]},
+                                "stdin": False})
         headers = {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
-                   "Authorization": "Basic dXNlcjo="}  # user "user", as the SDK sends it
+                   "Connect-Timeout-Ms": "60000", "Keepalive-Ping-Interval": "50"}
         if self.state.access_token:  # a member personalized at pool join has its sandbox's token
             headers["X-Access-Token"] = self.state.access_token
         timeout = aiohttp.ClientTimeout(total=float(req.get("timeout", 20)))
