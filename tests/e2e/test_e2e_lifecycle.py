@@ -103,6 +103,20 @@ def qemu_pids(server: CubeServer) -> list[int]:
     return found
 
 
+def remove_cgroup(path: Path) -> bool:
+    """rmdir a VM's cgroup, killing what is left in it (a reboot ends every process); False while
+    it is busy (a killed process not reaped yet)."""
+    try:
+        for pid in (path / "cgroup.procs").read_text().split():
+            os.kill(int(pid), signal.SIGKILL)
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
 def simulate_host_reboot(server: CubeServer) -> None:
     """With ``cube serve`` stopped, remove what a reboot of the host removes: every QEMU process
     (killed), the network namespaces with their taps and veths, the egress filter's pinned maps and
@@ -117,8 +131,7 @@ def simulate_host_reboot(server: CubeServer) -> None:
     for record_file in vms.glob("*/vm.json"):
         vm = json.loads(record_file.read_text())
         for path in (vm.get("cgroup_paths") or {}).values():
-            if Path(path).is_dir():
-                Path(path).rmdir()
+            wait_for(lambda p=Path(path): remove_cgroup(p), f"cgroup {path} removed", timeout=30)
         if vm.get("jail_uid"):
             Path(f"/run/cube/uids/{vm['jail_uid']}").unlink(missing_ok=True)
     shutil.rmtree(vms)
