@@ -3,9 +3,9 @@ edge proxy resumes the sandbox (auto-resume); a paused sandbox written out to di
 resumes with its processes and their memory intact, also after a restart of ``cube serve`` and
 after a (simulated) host reboot.
 
-The module restarts the shared server with ``[core] pause_to_disk_after_s`` short; the restart in
-the pause-to-disk test puts the config back (so the module costs one restart of its own), or the
-module's end does."""
+The module restarts the shared server with ``[core] pause_to_disk_after_s`` short, and its end puts
+the config back. Restarts inside the module (the pause-to-disk test's, the simulated reboot's) keep
+the setting, so every test sees it whatever order the tests run in."""
 
 from __future__ import annotations
 
@@ -57,12 +57,6 @@ def server(cube_server: CubeServer, monkeypatch_module: pytest.MonkeyPatch) -> I
             cube_server.stop()
             cube_server.config.write_text(original)
             cube_server.start()
-
-
-def restart_with_the_original_config(server: CubeServer) -> None:
-    server.stop()
-    server.config.write_text(re.sub(r"^pause_to_disk_after_s = .*\n", "", server.config.read_text(), flags=re.M))
-    server.start()
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +285,8 @@ def test_pause_to_disk_then_resume_after_a_restart(server: CubeServer) -> None:
 
         on_disk_state = record(server, on_disk.sandbox_id).runtime.saved
         assert on_disk_state is not None
-        restart_with_the_original_config(server)  # (the sandbox is on disk already)
+        server.stop()  # a restart of cube serve, the sandbox on disk already
+        server.start()
         assert Sandbox.get_info(on_disk.sandbox_id).state == SandboxState.PAUSED  # kept by the restart
         started = time.monotonic()
         assert on_disk.files.read("/home/user/kept.txt") == on_disk.sandbox_id  # traffic restores it
