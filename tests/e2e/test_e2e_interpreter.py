@@ -14,7 +14,9 @@ pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
 @pytest.fixture(scope="module")
 def ci(cube_server: CubeServer):
-    sbx = Sandbox.create(timeout=600, api_key=cube_server.key_a, api_url=cube_server.url,
+    # the module's tests share this sandbox for ~10-15 min under TCG (the java tests start a JVM:
+    # ~70 s); 600 s expired it before the last tests in the CI run, so it lives for 30 min
+    sbx = Sandbox.create(timeout=1800, api_key=cube_server.key_a, api_url=cube_server.url,
                          sandbox_url=cube_server.url)
     yield sbx
     sbx.kill()
