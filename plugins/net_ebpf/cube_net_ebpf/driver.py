@@ -376,25 +376,24 @@ class EbpfNetwork(NetworkDriver):
 
     # -- DNS callbacks (resolver threads) --------------------------------------------------------
 
-    def _dns_client(self, peer_ip: str) -> Client | None:
+    def _peer_slot(self, peer_ip: str) -> _Slot | None:
+        """The slot whose guest side has the address ``peer_ip``; the caller holds ``_lock``."""
         index = self.plan.index_of_addr(peer_ip)
+        slot_id = self._by_index.get(index) if index is not None else None
+        rec = self._slots.get(slot_id) if slot_id else None
+        return rec if rec is not None and rec.addr.ns_addr == peer_ip else None
+
+    def _dns_client(self, peer_ip: str) -> Client | None:
         with self._lock:
-            slot_id = self._by_index.get(index) if index is not None else None
-            rec = self._slots.get(slot_id) if slot_id else None
-            if rec is None or rec.addr.ns_addr != peer_ip:
-                return None
-            return Client(slot_id=rec.slot_id, ifindex=rec.ifindex, policy=rec.policy)
+            rec = self._peer_slot(peer_ip)
+            return None if rec is None else Client(slot_id=rec.slot_id, ifindex=rec.ifindex, policy=rec.policy)
 
     # -- egress proxy callbacks (event loop) ------------------------------------------------------
 
     def _proxy_client(self, peer_ip: str) -> ProxyClient | None:
-        index = self.plan.index_of_addr(peer_ip)
         with self._lock:
-            slot_id = self._by_index.get(index) if index is not None else None
-            rec = self._slots.get(slot_id) if slot_id else None
-            if rec is None or rec.addr.ns_addr != peer_ip:
-                return None
-            return ProxyClient(slot_id=rec.slot_id, rules=rec.rules)
+            rec = self._peer_slot(peer_ip)
+            return None if rec is None else ProxyClient(slot_id=rec.slot_id, rules=rec.rules)
 
     async def _addresses(self, name: str) -> set[str]:
         resolver = self._resolver
