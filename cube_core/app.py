@@ -1,11 +1,14 @@
 """The HTTP apps of the three commands; each app's lifespan starts and stops what it runs.
 
 - :func:`create_app` (``cube serve``): control plane + node agent in one process.
-- :func:`create_master_app` (``cube master``): control plane only; nodes over HTTP.
+- :func:`create_master_app` (``cube master``): control plane only; nodes over HTTP. It also
+  serves its nodes under ``/cluster/v1`` (:mod:`cube_core.masterapi`: the secrets a node's egress
+  proxy needs).
 - :func:`create_node_app` (``cube node``): node agent only, serving masters (``/node/v1``) and the
   sandbox traffic they forward.
 
-The API apps add only ``GET /health``; every other route comes from ``cube_api_routers``.
+The API apps add only ``GET /health`` (and a master's ``/cluster/v1``); every other route comes
+from ``cube_api_routers``.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cube_core._host import PluginHost
 from cube_core.embedded import Embedded
+from cube_core.masterapi import cluster_router
 from cube_core.models import Node, NodeStatus
 from cube_core.node import NodeAgent
 from cube_core.nodeapi import edge_resolver, node_app
 from cube_core.nodehttp import HttpNodeClient
 from cube_core.nodes import NodeDirectory
+from cube_core.nodesecrets import MasterSecrets, PlacedSecrets
 from cube_core.progress import LaneFactory
 from cube_core.requestctx import RequestContext
 from cube_core.service import SandboxService
@@ -79,6 +84,7 @@ def create_master_app(host: PluginHost, *, store: StateStore | None = None) -> F
         return HttpNodeClient(node.node_id, node.url, token)
 
     service = SandboxService(host, store, NodeDirectory(store, cluster, remote=remote))
+    secrets = PlacedSecrets(store, service.team_secrets, cluster)
 
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
@@ -96,7 +102,9 @@ def create_master_app(host: PluginHost, *, store: StateStore | None = None) -> F
         return True, {"nodes": {n.node_id: n.status.value for n in nodes},
                       "nodes_up": sum(1 for n in nodes if n.status == NodeStatus.UP)}
 
-    return _api_app(host, service, lifespan, health)
+    app = _api_app(host, service, lifespan, health)
+    app.include_router(cluster_router(secrets, token))  # what nodes ask (behind the cluster token)
+    return app
 
 
 def create_node_app(host: PluginHost, *, store: StateStore | None = None, build_templates: bool = True,
@@ -107,8 +115,15 @@ def create_node_app(host: PluginHost, *, store: StateStore | None = None, build_
     token = settings.cluster.secret()
     owns_store = store is None
     store = store or open_store(settings.core)
-    agent = NodeAgent(host, store, url=settings.node.advertised(), heartbeat_s=settings.cluster.heartbeat_s)
+    masters = MasterSecrets(settings.cluster.masters, token, settings.cluster)
+    agent = NodeAgent(host, store, url=settings.node.advertised(), heartbeat_s=settings.cluster.heartbeat_s,
+                      secrets=masters.reveal)
     inner = node_app(agent, token=token, edge=host.hooks.node_edge(edge_resolver(agent)))
+    if settings.core.secrets_key is not None:
+        log.warning("[core] secrets_key is not used by cube node: a node asks a master for each secret; "
+                    "remove the key from this node's config (with it, this host could read every team's secrets)")
+    if not settings.cluster.masters:
+        log.warning("[cluster] masters is not set: secrets in network rules will not resolve on this node")
 
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
@@ -118,6 +133,7 @@ def create_node_app(host: PluginHost, *, store: StateStore | None = None, build_
                 yield
         finally:
             await agent.stop()
+            await masters.aclose()
             if owns_store:
                 store.close()
 

@@ -290,6 +290,24 @@ class ClusterSettings(_Model):
     down_after_s: float = Field(default=10.0, gt=0, le=3600)
     """A node whose last report is older than this is marked down: its sandboxes answer 503 until
     it reports again, and new sandboxes go elsewhere."""
+    masters: tuple[str, ...] = ()
+    """Nodes only: base URLs of the masters' API (``http://10.0.0.2:3000``, or one load balancer
+    in front of them), tried in order. A node asks a master for each ``${e2b.secrets.<name>}``
+    its egress proxy resolves (docs/cluster.md "Secrets"); unset, such requests answer 502."""
+    secret_lookups_per_s: float = Field(default=20.0, gt=0, le=10000)
+    """Secret look-ups one sandbox may cause per second (the node's egress proxy resolving the
+    placeholders of its ``network.rules``), counted by the node before it asks and by each master
+    before it reads the store; beyond it the request answers 502 to the guest."""
+    secret_lookup_burst: int = Field(default=40, ge=1, le=100000)
+    """Look-ups one sandbox may make at once above that rate."""
+
+    @field_validator("masters")
+    @classmethod
+    def _master_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            if not re.fullmatch(r"https?://[^/?#\s]+/?", url):
+                raise ValueError(f"masters: {url!r} is not a base URL (http://host:port)")
+        return tuple(url.rstrip("/") for url in value)
 
     @model_validator(mode="after")
     def _window(self) -> ClusterSettings:

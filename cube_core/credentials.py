@@ -10,7 +10,9 @@ Errors, all :class:`~cube_core.errors.CubeError`::
     └── CredentialError
         ├── CredentialNotFoundError   (another team's is "not found" too)
         ├── SecretExistsError
-        └── SecretsDisabledError      ([core] secrets_key is not set)
+        ├── SecretsDisabledError      ([core] secrets_key is not set)
+        ├── SecretLookupLimitedError  (a sandbox's egress proxy asks too often)
+        └── SecretLookupUnavailableError (a node reached no master to ask)
 """
 
 from __future__ import annotations
@@ -77,3 +79,16 @@ class SecretsDisabledError(CredentialError):
     msg_fmt = ("secrets are disabled on this server: its operator must set a key to encrypt them, "
                '[core] secrets_key = {{ env = "CUBE_SECRETS_KEY" }} (32 random bytes in base64, '
                "e.g. `openssl rand -base64 32`)")
+
+
+class SecretLookupLimitedError(CredentialError):
+    """A sandbox caused more secret look-ups than ``[cluster] secret_lookups_per_s`` allows."""
+
+    msg_fmt = "too many secret look-ups from this sandbox (at most {rate:g} a second): try again later"
+
+
+class SecretLookupUnavailableError(CredentialError):
+    """A node could not ask a master for a secret (none configured, or none answered). The
+    message is shown to the guest: it names no master; ``detail`` is for the node's log."""
+
+    msg_fmt = "this node could not ask the control plane for it ({reason}); try again later"

@@ -1,7 +1,9 @@
 """A control plane and its node agent in one process: what ``cube serve`` runs (and tests).
 
 The control plane reaches the agent through a :class:`~cube_core.nodeclient.LocalNodeClient`,
-the same contract ``cube master`` uses over HTTP; both share one state store.
+the same contract ``cube master`` uses over HTTP; both share one state store. The agent reads
+secrets from the control plane in process (:class:`~cube_core.nodesecrets.PlacedSecrets`), as
+a ``cube node`` asks a master over HTTP.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from cube_core.events import EventBus
 from cube_core.node import NodeAgent
 from cube_core.nodeclient import LocalNodeClient
 from cube_core.nodes import NodeDirectory
+from cube_core.nodesecrets import PlacedSecrets
 from cube_core.service import SandboxService
 from cube_core.store import StateStore
 
@@ -24,6 +27,9 @@ class Embedded:
         self.agent = NodeAgent(host, store, heartbeat_s=cluster.heartbeat_s, events=self.events)
         self.service = SandboxService(host, store, NodeDirectory(store, cluster, local=LocalNodeClient(self.agent)),
                                       events=self.events)
+        self.agent.secrets = PlacedSecrets(store, self.service.team_secrets, cluster).reveal
+        """The agent's egress proxy reads secrets from this control plane, in process, with the
+        checks a master makes for its nodes."""
 
     async def start(self) -> None:
         """Node first (it reconciles and registers), then the control plane."""

@@ -29,7 +29,7 @@ import structlog
 from cube_core import telemetry
 from cube_core._host import PluginHost
 from cube_core.config import CoreSettings
-from cube_core.credentials import CredentialNotFoundError
+from cube_core.credentials import CredentialNotFoundError, SecretLookupUnavailableError
 from cube_core.errors import (
     ConfigError,
     CubeError,
@@ -68,6 +68,7 @@ from cube_core.models import (
 from cube_core.network import CAP_HTTP_RULES, NetworkDriver
 from cube_core.nodeclient import Launched, LaunchRequest, SavedSnapshot
 from cube_core.nodehttp import HttpNodeClient
+from cube_core.nodesecrets import SecretLookup
 from cube_core.pool import DEFAULT_POLICY, POOL_TEAM, WarmPool
 from cube_core.sampling import attach as start_sampling
 from cube_core.sampling import detach as stop_sampling
@@ -75,7 +76,6 @@ from cube_core.snapshotfiles import NAME_RE, ExportedFile, Received, SnapshotExp
 from cube_core.state import SandboxState
 from cube_core.storage import Progress, StorageDriver
 from cube_core.store import StateStore
-from cube_core.teamsecrets import TeamSecrets
 from cube_core.templates import TemplateBuilder
 from cube_core.vmm import CAP_PAUSE, CAP_PRIORITY, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
 from cube_core.volumes import VolumeAnswer, VolumeCall, run_call
@@ -93,7 +93,8 @@ class NodeAgent:
     """The sandboxes of one node; see the module docstring."""
 
     def __init__(self, host: PluginHost, store: StateStore, *, url: str | None = None,
-                 heartbeat_s: float = 2.0, token: str | None = None, events: EventBus | None = None) -> None:
+                 heartbeat_s: float = 2.0, token: str | None = None, events: EventBus | None = None,
+                 secrets: SecretLookup | None = None) -> None:
         self.host = host
         self._owns_events = events is None
         self.events = events or EventBus(store.event_channel())
@@ -109,9 +110,10 @@ class NodeAgent:
         self.vmm: VmmDriver = host.hooks.vmm_driver()
         self.network: NetworkDriver = host.hooks.network_driver()
         self.storage: StorageDriver = host.hooks.storage_driver()
-        self.team_secrets = TeamSecrets(store, self.settings)
-        """Resolves the ``${e2b.secrets.<name>}`` placeholders of network rules, per request
-        (docs/api.md "Secrets in outbound requests")."""
+        self.secrets: SecretLookup | None = secrets
+        """Where the ``${e2b.secrets.<name>}`` placeholders of network rules are read, per request
+        (:mod:`cube_core.nodesecrets`): the control plane, in process or over HTTP. ``None``:
+        they do not resolve here."""
         self.network.use_secrets(self._slot_secret)
         self.templates = TemplateBuilder(store=store, storage=self.storage, vmm=self.vmm,
                                          network=self.network, kernel_setting=self.settings.kernel)
@@ -839,13 +841,15 @@ class NodeAgent:
 
     async def _slot_secret(self, slot_id: str, name: str) -> str:
         """:data:`~cube_core.network.SecretSource`: secret ``name`` of the team of the sandbox
-        that holds ``slot_id`` on this node (never another team's: the slot decides the team)."""
+        that holds ``slot_id`` on this node, as the control plane answers it (it checks that the
+        sandbox is placed here and decides the team: never one the guest names)."""
         sandbox_id = next((sid for sid, rt in list(self._live.items())
                            if rt.nic is not None and rt.nic.slot_id == slot_id), None)
-        sandbox = await asyncio.to_thread(self.store.get_sandbox, sandbox_id) if sandbox_id else None
-        if sandbox is None or sandbox.team_id == POOL_TEAM:
+        if sandbox_id is None:
             raise CredentialNotFoundError(kind="secret", ident=name)
-        return await asyncio.to_thread(self.team_secrets.reveal, sandbox.team_id, name)
+        if self.secrets is None:
+            raise SecretLookupUnavailableError(reason="no control plane to ask is configured")
+        return await self.secrets(self.node_id, sandbox_id, name)
 
     @with_ids
     async def audit(self, sandbox_id: str, limit: int) -> list[dict[str, object]]:

@@ -3,10 +3,11 @@
 A value is sealed with AES-256-GCM under the configured key, with a fresh 96-bit nonce per
 version and the record's identity (team, secret id, version) as associated data: a sealed value
 copied into another record (another team's, another version) does not open. The records keep only
-the sealed value; nothing here logs, returns or stores a value in clear. No route reveals a value:
-:meth:`TeamSecrets.reveal` is for the node agent, which resolves the ``${e2b.secrets.<name>}``
-placeholders of a sandbox's ``network.rules`` per request (docs/api.md "Secrets in outbound
-requests").
+the sealed value; nothing here logs, returns or stores a value in clear. No API route reveals a
+value: :meth:`TeamSecrets.reveal` is for :class:`~cube_core.nodesecrets.PlacedSecrets`, which
+answers a node's egress proxy resolving the ``${e2b.secrets.<name>}`` placeholders of a
+sandbox's ``network.rules`` per request (docs/api.md "Secrets in outbound requests"). Only the
+control plane holds the key; nodes ask it.
 
 Names are lower-cased before storage (the canonical form the API returns); ``sec_`` is reserved
 for ids, so a route's ``{secretID}`` is an id when it starts with ``sec_`` and a name otherwise.
@@ -187,6 +188,6 @@ class TeamSecrets:
             raise CredentialNotFoundError(kind="secret", ident=secret)
 
     def reveal(self, team_id: str, secret: str) -> str:
-        """The current value, for the node's egress proxy only (``NodeAgent._slot_secret``):
-        no route calls this."""
+        """The current value, for a node's egress proxy only (through ``PlacedSecrets``): no
+        API route calls this."""
         return self.box.open(self.get(team_id, secret))

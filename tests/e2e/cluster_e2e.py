@@ -1,9 +1,11 @@
 """A real cluster on this box: a throwaway PostgreSQL, one ``cube master`` and two ``cube node``
 processes (real plugins, real microVMs), each node with its own node id, state dir, network
-subnet and ports. The SDKs talk to the master only."""
+subnet and ports. The SDKs talk to the master only. Masters hold ``[core] secrets_key``; nodes
+do not (not even in their environment): they ask a master for each secret (``[cluster] masters``)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -24,21 +26,24 @@ from cube_e2e import BOOT_TIMEOUT_S, CUBE, free_port
 from cube_core.testing.postgres import PostgresServer
 
 
-def _plugins(name: str, state: Path, subnet: str, scheduler: str) -> dict[str, Any]:
+def _plugins(name: str, state: Path, subnet: str, scheduler: str, **cluster: Any) -> dict[str, Any]:
     return {"state": state, "vmm": {"mem_dir": f"/dev/shm/cube-cluster-{name}"}, "network": {"subnet": subnet},
             "scheduler": scheduler,
-            "cluster": {"token": {"env": "CUBE_CLUSTER_TOKEN"}, "heartbeat_s": 1.0, "down_after_s": 4.0}}
+            "cluster": {"token": {"env": "CUBE_CLUSTER_TOKEN"}, "heartbeat_s": 1.0, "down_after_s": 4.0, **cluster}}
 
 
-def node_toml(name: str, state: Path, *, subnet: str, templates: list[str], port: int, scheduler: str) -> str:
+def node_toml(name: str, state: Path, *, subnet: str, templates: list[str], port: int, scheduler: str,
+              masters: list[str]) -> str:
     return plugins_toml(core={"node_id": name, "state_dir": state, "state": {"env": "CUBE_STATE_URL"},
                               "templates": templates, "pool": {"size": 1}},
-                        node={"host": "127.0.0.1", "port": port}, **_plugins(name, state, subnet, scheduler))
+                        node={"host": "127.0.0.1", "port": port},
+                        **_plugins(name, state, subnet, scheduler, masters=masters))
 
 
 def master_toml(name: str, state: Path, *, port: int, admin_port: int, subnet: str, scheduler: str) -> str:
     return plugins_toml(core={"node_id": name, "state_dir": state, "state": {"env": "CUBE_STATE_URL"},
-                              "host": "127.0.0.1", "port": port, "admin_port": admin_port},
+                              "host": "127.0.0.1", "port": port, "admin_port": admin_port,
+                              "secrets_key": {"env": "CUBE_SECRETS_KEY"}},
                         **_plugins(name, state, subnet, scheduler))
 
 
@@ -165,11 +170,14 @@ def cube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     pg = PostgresServer()
     pg.start()
     url = pg.create_database()
-    env = {**os.environ, "CUBE_STATE_URL": url, "CUBE_CLUSTER_TOKEN": secrets.token_hex(32)}
+    node_env = {**os.environ, "CUBE_STATE_URL": url, "CUBE_CLUSTER_TOKEN": secrets.token_hex(32)}
+    node_env.pop("CUBE_SECRETS_KEY", None)
+    env = {**node_env, "CUBE_SECRETS_KEY": base64.b64encode(os.urandom(32)).decode()}  # masters only
     scheduler = os.environ.get("CUBE_CLUSTER_SCHEDULER", "spread")
     procs: list[Proc] = []
     cluster: Cluster | None = None
     try:
+        port = free_port()
         nodes = {}
         for name, subnet, templates in (("node-a", "100.80.0.0/16", ["base", "code-interpreter-v1"]),
                                         ("node-b", "100.81.0.0/16", ["base"])):
@@ -177,12 +185,11 @@ def cube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             state.mkdir()
             config = state / "plugins.toml"
             config.write_text(node_toml(name, state, subnet=subnet, templates=templates, port=free_port(),
-                                        scheduler=scheduler))
-            nodes[name] = Proc(name, [CUBE, "node", "--config", str(config)], state / "node.log", env)
+                                        scheduler=scheduler, masters=[f"http://127.0.0.1:{port}"]))
+            nodes[name] = Proc(name, [CUBE, "node", "--config", str(config)], state / "node.log", node_env)
         mstate = root / "master"
         mstate.mkdir()
         mconfig = mstate / "plugins.toml"
-        port = free_port()
         mconfig.write_text(master_toml("master-1", mstate, port=port, admin_port=free_port(), subnet="100.82.0.0/16",
                                        scheduler=scheduler))
         master = Proc("master", [CUBE, "master", "--config", str(mconfig)], mstate / "master.log", env)

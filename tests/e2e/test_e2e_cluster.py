@@ -1,7 +1,8 @@
 """A cluster on this box (PostgreSQL + ``cube master`` + two ``cube node``), driven by the
 unmodified E2B SDKs through the master only: placement over both nodes by the scheduler
-(``spread`` here), sandbox traffic routed master -> node -> guest, a node crash and its return,
-a master restart. The order of the tests matters: they share one cluster."""
+(``spread`` here), sandbox traffic routed master -> node -> guest, secrets of network rules read
+by a node from the master, a node crash and its return, a master restart. The order of the
+tests matters: they share one cluster."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import os
 import signal
 import subprocess
 import time
+import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 from cluster_e2e import Cluster
 from cube_net_ebpf.nodenames import HostNames, node_tag
-from e2b import PtySize, Sandbox, SandboxQuery, SandboxState
+from e2b import PtySize, Sandbox, SandboxQuery, SandboxState, Secret
 from e2b_code_interpreter import Sandbox as CodeSandbox
+from networld import API, Internet, token
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
@@ -70,6 +74,60 @@ def test_template_only_on_one_node_goes_there(sdk: Cluster) -> None:
     with CodeSandbox.create(timeout=300) as sbx:
         assert _node_of(sdk, sbx.sandbox_id) == "node-a"  # node-b has no code-interpreter-v1
         assert sbx.run_code("6 * 7").text == "42"
+
+
+@pytest.mark.root
+@pytest.mark.ebpf
+def test_a_node_without_the_key_sets_a_secret_header_through_the_master(
+        sdk: Cluster, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``network.rules`` with ``Secret.fill`` on a ``cube node`` that has no ``secrets_key``: the
+    node's egress proxy asks the master for the value per request, so the header arrives at the
+    test internet's server with the secret (an update is used by the next request), an unknown
+    secret is a 502 and nothing is sent, and neither the guest nor the node's log sees the value."""
+    for proc in sdk.nodes.values():
+        assert "CUBE_SECRETS_KEY" not in proc.env and "secrets_key" not in Path(proc.argv[-1]).read_text()
+    world = Internet(tmp_path_factory.mktemp("internet"))
+    world.start()
+    value = f"sk-{uuid.uuid4().hex}"
+    Secret.create(name="node-key", value=value)
+    sbx = None
+    try:
+        rule = {API: [{"transform": {"headers": {"Authorization": f"Bearer {Secret.fill('node-key')}",
+                                                  "X-Missing": Secret.fill("no-such-key")}}}]}
+        sbx = Sandbox.create(template="base", timeout=300, network={
+            "allow_out": [API], "deny_out": ["0.0.0.0/0"],
+            "rules": {API: [{"transform": {"headers": {"Authorization": f"Bearer {Secret.fill('node-key')}"}}}]}})
+        node = _node_of(sdk, sbx.sandbox_id)
+        tok = token("cluster-secret")
+
+        def curl(path: str) -> str:
+            return sbx.commands.run(f"curl -s -m 10 -D - http://{API}/{tok}-{path}", timeout=60).stdout
+
+        started = time.monotonic()
+        seen = curl("first")
+        print(f"\nrule request through {node} (secret from the master): {time.monotonic() - started:.2f}s")
+        assert " 200 " in seen.splitlines()[0] and value not in seen, seen
+        (arrived,) = world.events(kind="http", path=f"{tok}-first")
+        assert arrived["headers"]["Authorization"] == f"Bearer {value}"
+
+        Secret.update("node-key", value=value + "-2")
+        curl("updated")
+        (updated,) = world.events(kind="http", path=f"{tok}-updated")
+        assert updated["headers"]["Authorization"] == f"Bearer {value}-2"  # nothing cached on the node
+
+        sbx.update_network({"allow_out": [API], "deny_out": ["0.0.0.0/0"], "rules": rule})
+        missing = curl("missing")
+        assert " 502 " in missing.splitlines()[0] and "no-such-key" in missing, missing
+        assert world.events(kind="http", path=f"{tok}-missing") == []
+        view = sbx.commands.run("env; cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'; true",
+                                user="root", timeout=60)
+        assert value not in view.stdout
+        assert value not in sdk.nodes[node].log.read_text()
+    finally:
+        if sbx is not None:
+            sbx.kill()
+        Secret.destroy("node-key")
+        world.stop()
 
 
 def test_pause_resume_and_snapshot_on_a_node(sdk: Cluster) -> None:
