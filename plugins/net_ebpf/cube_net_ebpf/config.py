@@ -90,6 +90,19 @@ class EbpfNetConfig(BaseModel):
     """The egress proxy's port on the resolver address (``.1`` of ``subnet``, on ``lo``)."""
     http_ports: tuple[int, ...] = (80,)
     """Destination ports of plain HTTP that the rules apply to."""
+    https_ports: tuple[int, ...] = (443,)
+    """Destination ports of HTTPS that the rules apply to: a connection there whose TLS server
+    name is a domain of the sandbox's rules is inspected (terminated with a certificate of the
+    node's egress CA, which the node's guests trust); every other one is spliced untouched.
+    ``[]`` turns HTTPS rules off (and no CA is made or sent to guests)."""
+    https_proxy_port: int = Field(default=3130, ge=1, le=65535)
+    """The egress proxy's HTTPS listener on the resolver address."""
+    upstream_ca_file: Path | None = None
+    """Extra CA certificates (a PEM bundle) the proxy trusts, besides the host's store, when it
+    verifies a rule host's real certificate (an internal API with a private CA; the tests)."""
+    ca_dir: Path | None = None
+    """Where the node's egress CA lives (``ca.key`` 0600, ``ca.pem``). Default:
+    ``<[core] state_dir>/egress-ca`` (kept across reboots: paused sandboxes trust it)."""
 
     audit_max_events: int = Field(default=10_000, ge=0)
     """Events kept in memory per sandbox for ``audit()``."""

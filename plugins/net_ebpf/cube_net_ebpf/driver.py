@@ -11,6 +11,7 @@ import functools
 import json
 import shutil
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -50,8 +51,9 @@ from cube_net_ebpf.bpffilter import EgressFilter
 from cube_net_ebpf.config import EbpfNetConfig
 from cube_net_ebpf.dns import Client, Resolver, system_upstreams
 from cube_net_ebpf.dnslimits import DnsLimits
+from cube_net_ebpf.egressca import EgressCa
 from cube_net_ebpf.errors import map_network_errors
-from cube_net_ebpf.httpproxy import HttpProxy, ProxyClient
+from cube_net_ebpf.httpproxy import HttpProxy, ProxyClient, TlsInspection, upstream_context
 from cube_net_ebpf.policy import CompiledPolicy, compile_policy
 from cube_net_ebpf.ranges import DeniedRanges, parse_networks
 
@@ -138,6 +140,8 @@ class EbpfNetwork(NetworkDriver):
         self._resolver: Resolver | None = None
         self._proxy: HttpProxy | None = None
         self._secrets: SecretSource | None = None
+        self.ca: EgressCa | None = None
+        """The node's egress CA, while HTTPS rules are on (``https_ports``)."""
         self._http_slots: set[str] = set()
         """Namespace addresses now in the host table's ``http_rule_slots`` set."""
         self._started = False
@@ -166,6 +170,15 @@ class EbpfNetwork(NetworkDriver):
         return (self.plan.resolver_addr, self.config.http_proxy_port) if self.config.http_rules else None
 
     @property
+    def https_proxy_port(self) -> int | None:
+        return self.config.https_proxy_port if self.config.http_rules and self.config.https_ports else None
+
+    def guest_trust(self) -> str | None:
+        """The node's egress CA (PEM) while HTTPS rules are on: guests must trust it for the
+        proxy's inspection of their HTTPS to rule hosts."""
+        return self.ca.pem if self.ca is not None else None
+
+    @property
     def resolver(self) -> str | None:
         return self.plan.resolver_addr if self.config.dns else None
 
@@ -183,7 +196,13 @@ class EbpfNetwork(NetworkDriver):
                 self._started = True
 
     async def _start_proxy(self, address: str, port: int) -> None:
-        proxy = HttpProxy(address, port, self._proxy_client, self._addresses, self.audit_log.add)
+        tls = None
+        if self.ca is not None and self.https_proxy_port is not None:
+            try:
+                tls = TlsInspection(self.ca, self.https_proxy_port, upstream_context(self.config.upstream_ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise NetworkError(f"egress proxy: upstream_ca_file {self.config.upstream_ca_file}: {exc}") from exc
+        proxy = HttpProxy(address, port, self._proxy_client, self._addresses, self.audit_log.add, tls=tls)
         proxy.secrets = self._secrets
         try:
             await proxy.start()
@@ -204,7 +223,11 @@ class EbpfNetwork(NetworkDriver):
             if self.http_proxy is not None:
                 host.ensure_local_address(self.http_proxy[0])
             host.prepare(self.config.subnet, self.resolver, self.config.manage_forwarding,
-                         self.names, self.http_proxy, self.config.http_ports)
+                         self.names, self.http_proxy, self.config.http_ports,
+                         self.https_proxy_port, self.config.https_ports)
+            if self.https_proxy_port is not None and self.ca is None:
+                self.ca = EgressCa.load_or_create(self.config.ca_dir or self.config.state_dir / "egress-ca",
+                                                  f"Cube egress CA of {socket.gethostname()[:40]}")
             self._http_slots.clear()  # the table (and its set) was just made again
             own = parse_networks(host.own_addresses(self.config.subnet))
             self.denied = DeniedRanges(always=(*self._configured_denied.always, *own),

@@ -42,7 +42,8 @@ def raise_open_files_limit() -> int:
 
 def prepare(subnet: str, resolver: str | None, manage_forwarding: bool,
             names: HostNames = LOCAL, http_proxy: tuple[str, int] | None = None,
-            http_ports: tuple[int, ...] = (80,)) -> bool:
+            http_ports: tuple[int, ...] = (80,), https_proxy_port: int | None = None,
+            https_ports: tuple[int, ...] = (443,)) -> bool:
     """Set up the host once per start; return whether only sandbox traffic is forwarded."""
     netns.ensure_rundir()
     forward_only = False
@@ -55,7 +56,8 @@ def prepare(subnet: str, resolver: str | None, manage_forwarding: bool,
         forward_only = FORWARDING_MARKER.exists()
     nat.apply_host(nat.HostRules(subnet=subnet, resolver=resolver,
                                  forward_only_sandboxes=forward_only, names=names,
-                                 http_proxy=http_proxy, http_ports=http_ports))
+                                 http_proxy=http_proxy, http_ports=http_ports,
+                                 https_proxy_port=https_proxy_port, https_ports=https_ports))
     return forward_only
 
 

@@ -16,8 +16,9 @@ On the host (table ``inet cube``; ``inet cube_<tag>`` for a node other than ``lo
 - when Cube had to turn IPv4 forwarding on, nothing but sandbox traffic (of any node on the
   host) is forwarded;
 - TCP to ``http_ports`` from the sandboxes in the set ``http_rule_slots`` (those with
-  ``network.rules``) is DNATed to the node's egress HTTP proxy (:mod:`.httpproxy`), which reads
-  the original destination back with ``SO_ORIGINAL_DST``; the eBPF filter on the host link has
+  ``network.rules``) is DNATed to the node's egress HTTP proxy (:mod:`.httpproxy`), TCP to
+  ``https_ports`` to its HTTPS listener; it reads the original destination back with
+  ``SO_ORIGINAL_DST``; the eBPF filter on the host link has
   judged that destination before this DNAT (tc ingress runs before netfilter).
 """
 
@@ -76,6 +77,9 @@ class HostRules:
     http_proxy: tuple[str, int] | None = None
     """The egress HTTP proxy's address and port (``None``: no proxy, no redirect)."""
     http_ports: tuple[int, ...] = (80,)
+    https_proxy_port: int | None = None
+    """The proxy's HTTPS listener (same address); ``None``: HTTPS is not redirected."""
+    https_ports: tuple[int, ...] = (443,)
 
 
 HTTP_SET = "http_rule_slots"
@@ -101,13 +105,20 @@ def host_ruleset(rules: HostRules) -> str:
         addr, port = rules.http_proxy
         ports = ", ".join(str(p) for p in rules.http_ports)
         proxy_in = (f"    iifname {vh} ip daddr {addr} tcp dport {port} ct status dnat accept\n")
+        tls_nat = ""
+        if rules.https_proxy_port and rules.https_ports:
+            tls_port = rules.https_proxy_port
+            tls_ports = ", ".join(str(p) for p in rules.https_ports)
+            proxy_in += f"    iifname {vh} ip daddr {addr} tcp dport {tls_port} ct status dnat accept\n"
+            tls_nat = (f"    iifname {vh} ip saddr @{HTTP_SET} tcp dport {{ {tls_ports} }} "
+                       f"dnat ip to {addr}:{tls_port}\n")
         proxy_nat = f"""  set {HTTP_SET} {{
     type ipv4_addr;
   }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname {vh} ip saddr @{HTTP_SET} tcp dport {{ {ports} }} dnat ip to {addr}:{port}
-  }}
+{tls_nat}  }}
 """
     isolate = ""
     if rules.forward_only_sandboxes:

@@ -24,6 +24,8 @@ class EbpfNetPlugin:
         set stay as set)."""
         if self._driver is None:
             self.config = self.config.for_node(settings.node_id)
+            if self.config.ca_dir is None:
+                self.config = self.config.model_copy(update={"ca_dir": settings.state_dir / "egress-ca"})
 
     @hookimpl
     def cube_network_driver(self) -> NetworkDriver:

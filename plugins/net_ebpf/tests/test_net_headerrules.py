@@ -77,6 +77,11 @@ def test_host_table_redirects_only_listed_slots() -> None:
     assert "set http_rule_slots" in script
     assert 'iifname "vh*" ip saddr @http_rule_slots tcp dport { 80 } dnat ip to 100.64.0.1:3129' in script
     assert 'ip daddr 100.64.0.1 tcp dport 3129 ct status dnat accept' in script
+    assert "3130" not in script  # HTTPS is redirected only with its listener
+    tls = host_ruleset(HostRules(subnet="100.64.0.0/10", resolver="100.64.0.1", forward_only_sandboxes=False,
+                                 http_proxy=("100.64.0.1", 3129), https_proxy_port=3130, https_ports=(443, 8443)))
+    assert 'iifname "vh*" ip saddr @http_rule_slots tcp dport { 443, 8443 } dnat ip to 100.64.0.1:3130' in tls
+    assert 'ip daddr 100.64.0.1 tcp dport 3130 ct status dnat accept' in tls
     plain = host_ruleset(HostRules(subnet="100.64.0.0/10", resolver=None, forward_only_sandboxes=False))
     assert "http_rule_slots" not in plain and "3129" not in plain
 
