@@ -31,6 +31,13 @@ class NetworkDriver(abc.ABC):
     async def start(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Prepare host-wide networking (and sweep orphans of a crashed run)."""
 
+    def guest_trust(self) -> str | None:
+        """PEM certificates this node's guests must trust, or ``None``: the CA of a driver that
+        inspects their HTTPS (to apply :attr:`NetworkPolicy.rules`). Known after :meth:`start`.
+        The node sends it to a guest when it makes the guest a sandbox (pool join, personalize),
+        never into a template snapshot: each node has its own."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release driver-wide resources; slots of live sandboxes stay."""
 

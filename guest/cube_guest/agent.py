@@ -22,7 +22,14 @@ from .control import ControlChannel, OpError, Reply, decode_entropy
 from .envd import Envd
 from .metrics import MetricsSampler
 from .state import AgentState
-from .system import new_machine_id, reseed_kernel_rng, set_clock, set_hostname
+from .system import (
+    TRUST_ENV,
+    install_trust,
+    new_machine_id,
+    reseed_kernel_rng,
+    set_clock,
+    set_hostname,
+)
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +257,9 @@ class Agent:
         token = req.get("access_token")
         if token is not None and not isinstance(token, str):
             raise OpError("'access_token' must be a string or null")
+        trust = req.get("trust_pem")
+        if trust is not None and not (isinstance(trust, str) and "-----BEGIN CERTIFICATE" in trust):
+            raise OpError("'trust_pem' must be PEM certificates or null")
         marks = [time.monotonic()]
         applied = await self._reseed(entropy)
         marks.append(time.monotonic())
@@ -266,12 +276,18 @@ class Agent:
         new_machine_id(system_root=self.opts.system_root)
         applied.append("machine_id")
         marks.append(time.monotonic())
+        install_trust(trust, system_root=self.opts.system_root)
+        applied.append("trust")
+        marks.append(time.monotonic())
         state = self.state
         state.sandbox_id = req.get("sandbox_id") or state.sandbox_id
         state.template_id = req.get("template_id") or state.template_id
         state.metadata = dict(metadata)
         env = {str(k): str(v) for k, v in env_vars.items()}
         env.setdefault("E2B_SANDBOX", "true")
+        if trust:
+            for name, value in TRUST_ENV.items():
+                env.setdefault(name, value)
         if state.sandbox_id:
             env.setdefault("E2B_SANDBOX_ID", str(state.sandbox_id))
         if state.template_id:
@@ -285,7 +301,7 @@ class Agent:
         state.events.clear()
         state.events.add("info", "sandbox started", sandbox_id=state.sandbox_id,
                          template_id=state.template_id, envd_version=ENVD_VERSION)
-        steps = ("reseed", "clock_hostname", "machine_id", "identity_env")
+        steps = ("reseed", "clock_hostname", "machine_id", "trust", "identity_env")
         timings = {k: round((b - a) * 1000, 2)
                    for k, a, b in zip(steps, marks[:-1], marks[1:], strict=True)}
         return {"boot_id": state.boot_id, "applied": applied, "timings_ms": timings}

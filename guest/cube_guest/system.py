@@ -1,7 +1,7 @@
 """Guest OS changes made when a snapshot clone becomes a sandbox.
 
-Kernel CRNG reseed, wall clock, hostname, machine-id. Every function here changes
-the machine it runs on; the agent skips the syscalls under ``--no-system-calls``
+Kernel CRNG reseed, wall clock, hostname, machine-id, the node's egress CA. Every function
+here changes the machine it runs on; the agent skips the syscalls under ``--no-system-calls``
 (host test harness) and writes the /etc files below ``--system-root``.
 """
 
@@ -56,6 +56,64 @@ def new_machine_id(*, system_root: str) -> str:
     os.makedirs(etc, exist_ok=True)
     _atomic_write(os.path.join(etc, "machine-id"), machine_id + "\n")
     return machine_id
+
+
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+"""The system bundle (Debian's): OpenSSL's default, so curl, Python's ssl and most tools use it."""
+CA_FILE = "/usr/local/share/ca-certificates/cube-egress.crt"
+"""Where Debian keeps a local CA (``update-ca-certificates`` would keep it in the bundle too)."""
+TRUST_ENV = {"SSL_CERT_FILE": CA_BUNDLE, "REQUESTS_CA_BUNDLE": CA_BUNDLE,
+             "NODE_EXTRA_CA_CERTS": CA_BUNDLE}
+"""For the tools that bring their own CA list (requests and httpx use certifi's, Node its own):
+set for envd's processes while the node sends a CA, unless the sandbox's env vars set them."""
+_BEGIN = ("# cube: the node's egress CA (HTTPS inspection of network.rules hosts); "
+          "replaced on each personalize\n")
+_END = "# cube: end of the node's egress CA\n"
+
+
+def install_trust(pem: str | None, *, system_root: str) -> bool:
+    """Make the guest trust exactly ``pem`` (the CA of the node that made it a sandbox) besides
+    the system's CAs: its block in the system bundle replaces any earlier node's, ``None``
+    removes it. Idempotent and spawns nothing (no ``update-ca-certificates``); writes only
+    what changes. Returns whether a file changed."""
+    bundle = _under(system_root, CA_BUNDLE)
+    try:
+        with open(bundle) as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        text = ""
+    kept = text
+    start = kept.find(_BEGIN)
+    if start >= 0:
+        end = kept.find(_END, start)
+        kept = kept[:start] + (kept[end + len(_END):] if end >= 0 else "")
+    block = f"{_BEGIN}{pem.strip()}\n{_END}" if pem else ""
+    if kept and not kept.endswith("\n"):
+        kept += "\n"
+    changed = False
+    if kept + block != text:
+        os.makedirs(os.path.dirname(bundle), exist_ok=True)
+        _atomic_write(bundle, kept + block)
+        changed = True
+    local = _under(system_root, CA_FILE)
+    if pem:
+        try:
+            with open(local) as fh:
+                same = fh.read() == pem.strip() + "\n"
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            _atomic_write(local, pem.strip() + "\n")
+            changed = True
+    elif os.path.exists(local):
+        os.unlink(local)
+        changed = True
+    return changed
+
+
+def _under(root: str, path: str) -> str:
+    return os.path.join(root, path.lstrip("/"))
 
 
 def _atomic_write(path: str, text: str) -> None:

@@ -11,6 +11,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,6 +145,27 @@ def test_exec_and_prepare_snapshot(ctl_agent: tuple[AgentProc, Port]) -> None:
     assert r["ok"] and isinstance(r["closed_idle"], int)
 
 
+NODE_CA = "-----BEGIN CERTIFICATE-----\nTk9ERSBDQQ==\n-----END CERTIFICATE-----\n"
+
+
+def test_install_trust_replaces_the_block_and_keeps_the_rest(tmp_path: Path) -> None:
+    from cube_guest.system import install_trust
+
+    bundle = tmp_path / "etc/ssl/certs/ca-certificates.crt"
+    bundle.parent.mkdir(parents=True)
+    bundle.write_text("-----BEGIN CERTIFICATE-----\nU1lTVEVN\n-----END CERTIFICATE-----")
+    system = bundle.read_text()
+    assert install_trust(NODE_CA, system_root=str(tmp_path))
+    assert not install_trust(NODE_CA, system_root=str(tmp_path))  # idempotent: nothing written
+    other = NODE_CA.replace("Tk9ERSBDQQ==", "T1RIRVI=")  # another node's CA (a snapshot moved)
+    assert install_trust(other, system_root=str(tmp_path))
+    text = bundle.read_text()
+    assert text.startswith(system + "\n") and other in text and NODE_CA not in text
+    assert install_trust(None, system_root=str(tmp_path))
+    assert bundle.read_text() == system + "\n"
+    assert not (tmp_path / "usr/local/share/ca-certificates/cube-egress.crt").exists()
+
+
 def test_apply_after_identity_at_join(ctl_agent: tuple[AgentProc, Port]) -> None:
     """A pool member personalized as its future sandbox (token included) warms up through envd
     with its own token; at create, ``apply`` sets the env vars and, for a non-secure sandbox,
@@ -151,8 +173,8 @@ def test_apply_after_identity_at_join(ctl_agent: tuple[AgentProc, Port]) -> None
     agent, port = ctl_agent
     r = port.call("personalize", sandbox_id="isbxjoin", template_id="base", env_vars={},
                   access_token=TOKEN, hostname="isbxjoin", clock_ns=time.time_ns(),
-                  entropy=_entropy())
-    assert r["ok"] is True, r
+                  entropy=_entropy(), trust_pem=NODE_CA)
+    assert r["ok"] is True and "trust" in r["applied"], r
     try:
         r = port.call("warm_up")
         assert r["ok"] is True and r["events"] >= 1, r
@@ -161,13 +183,22 @@ def test_apply_after_identity_at_join(ctl_agent: tuple[AgentProc, Port]) -> None
             assert port.call("apply", **bad)["ok"] is False, bad
         status, _ = http("GET", f"{agent.envd_url}/envs")
         assert status == 401  # still the member's token
-        r = port.call("apply", clock_ns=time.time_ns(), env_vars={"A_VAR": "at-create"},
-                      keep_token=False)
+        r = port.call("apply", clock_ns=time.time_ns(), env_vars={"A_VAR": "at-create",
+                      "NODE_EXTRA_CA_CERTS": "/mine.pem"}, keep_token=False)
         assert r["ok"] is True and "env_vars" in r["applied"], r
         status, body = http("GET", f"{agent.envd_url}/envs")
         assert status == 200, body  # a non-secure sandbox: no token any more
         envs = json.loads(body)
         assert envs["A_VAR"] == "at-create" and envs["E2B_SANDBOX_ID"] == "isbxjoin"
+        # the node's CA: in the system bundle, and the tools with their own CA list pointed at
+        # it, unless the sandbox's env vars say otherwise
+        bundle = agent.sysroot / "etc/ssl/certs/ca-certificates.crt"
+        assert bundle.read_text().count(NODE_CA) == 1
+        local = agent.sysroot / "usr/local/share/ca-certificates/cube-egress.crt"
+        assert local.read_text() == NODE_CA
+        system = "/etc/ssl/certs/ca-certificates.crt"
+        assert envs["SSL_CERT_FILE"] == envs["REQUESTS_CA_BUNDLE"] == system
+        assert envs["NODE_EXTRA_CA_CERTS"] == "/mine.pem"
     finally:
         port.call("personalize", entropy=_entropy(), access_token=None, env_vars={})
 

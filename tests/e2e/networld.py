@@ -5,14 +5,16 @@ plain sockets, independent of the code under test:
   documentation address), routed from the host through a veth, with HTTP servers, a UDP echo
   server and an authoritative DNS server for ``example.test``. It also plays the cloud metadata
   service (169.254.169.254: the host's route to it points into the namespace while the world
-  runs, and is put back after) and a private host (10.255.255.10, which the tests' operator
-  config makes openable). Every request and query it gets is logged, so a test can show that a
-  denied attempt never arrived. Nothing here ever sends a packet to a real outside address.
+  runs, and is put back after), HTTPS on 443 with a certificate of the world's own test CA
+  (``Internet.ca_file``; for the names of :data:`TLS_NAMES`), and a private host
+  (10.255.255.10, which the tests' operator config makes openable). Every request and query it
+  gets is logged, so a test can show that a denied attempt never arrived. Nothing here ever
+  sends a packet to a real outside address.
 * :class:`HostService`: a TCP server on the host (all addresses) that counts connections.
 * :class:`Slot`: a sandbox's network slot as the host sees it (namespace, addresses).
 * :func:`guest`: run network probes inside a real guest through the E2B SDK.
 
-Run as ``python networld.py serve LOG`` inside the namespace, this file is the servers.
+Run as ``python networld.py serve LOG SERVER_PEM`` inside the namespace, this file is the servers.
 """
 
 from __future__ import annotations
@@ -62,6 +64,44 @@ ZONE: dict[str, tuple[str, int]] = {
 }
 ZONE6: dict[str, tuple[str, int]] = {"dual.example.test.": (WEB6, 60)}
 UDP_ECHO_PORT = 7777
+TLS_NAMES = ("api.example.test", "cdn.example.test", "evil.example.test")
+TEST_CA_NAME = "Cube e2e test internet CA"
+
+
+def make_test_ca(workdir: Path) -> tuple[Path, Path]:
+    """A CA (``test-ca.pem``) and one server certificate for :data:`TLS_NAMES` signed by it
+    (``server.pem``: certificate then key), with ``cryptography`` (not the code under test)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TEST_CA_NAME)])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_NAMES[0])]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in TLS_NAMES]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca_file, server_file = workdir / "test-ca.pem", workdir / "server.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    server_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return ca_file, server_file
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -71,7 +111,8 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 # -- the servers inside the namespace -------------------------------------------------------------
 
 
-def _serve(log_path: str) -> None:  # pragma: no cover - runs inside the namespace
+def _serve(log_path: str, server_pem: str) -> None:  # pragma: no cover - runs inside the namespace
+    import ssl
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     import dns.flags
@@ -128,6 +169,19 @@ def _serve(log_path: str) -> None:  # pragma: no cover - runs inside the namespa
     def http(server_cls: type[ThreadingHTTPServer], addr: str, port: int) -> None:
         server_cls((addr, port), Handler).serve_forever()
 
+    class TlsServer(Server4):
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            # the handshake in the request's thread (a stuck client stalls only itself)
+            try:
+                request.settimeout(10)
+                conn = tls.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError):
+                return
+            super().finish_request(conn, client_address)
+
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(server_pem)
+
     def udp_echo(addr: str) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind((addr, UDP_ECHO_PORT))  # one socket per address: replies come from it
@@ -163,6 +217,7 @@ def _serve(log_path: str) -> None:  # pragma: no cover - runs inside the namespa
 
     threads = [threading.Thread(target=http, args=(Server4, "0.0.0.0", p), daemon=True)
                for p in (80, 8080)]
+    threads.append(threading.Thread(target=http, args=(TlsServer, "0.0.0.0", 443), daemon=True))
     threads.append(threading.Thread(target=http, args=(Server6, WEB6, 80), daemon=True))
     threads += [threading.Thread(target=udp_echo, args=(addr,), daemon=True) for addr in ADDRESSES]
     threads.append(threading.Thread(target=dns_server, daemon=True))
@@ -183,6 +238,8 @@ class Internet:
 
     def __init__(self, workdir: Path) -> None:
         self.log = workdir / "internet.jsonl"
+        self.ca_file, self.server_pem = make_test_ca(workdir)
+        """The test CA of the world's HTTPS servers (trusted by Cube as ``upstream_ca_file``)."""
         self._server: subprocess.Popen[str] | None = None
         self._saved_routes: dict[str, list[str]] = {}
 
@@ -208,7 +265,8 @@ class Internet:
             self._saved_routes[prefix] = sh("ip", "route", "show", "exact", prefix).stdout.split()
             sh("ip", "route", "replace", prefix, "via", INET_SIDE, "dev", HOST_IF)
         self._server = subprocess.Popen(
-            ["ip", "netns", "exec", INET_NS, sys.executable, __file__, "serve", str(self.log)],
+            ["ip", "netns", "exec", INET_NS, sys.executable, __file__, "serve", str(self.log),
+             str(self.server_pem)],
             stdout=subprocess.PIPE, text=True)
         assert self._server.stdout is not None
         if self._server.stdout.readline().strip() != "ready":
@@ -507,4 +565,4 @@ def guest(sbx: Any, *ops: str, timeout: float = 2.0, user: str = "user") -> list
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
-    _serve(sys.argv[2])
+    _serve(sys.argv[2], sys.argv[3])

@@ -38,6 +38,7 @@ from networld import (
     PRIVATE,
     PRIVATE_CLOSED,
     SVC,
+    TEST_CA_NAME,
     UDP_ECHO_PORT,
     WEB,
     WEB6,
@@ -109,7 +110,7 @@ def net_server(cube_server: CubeServer, internet: Internet) -> Iterator[CubeServ
     internet's DNS server as upstream. The internet exists first, so the host's side of its veth
     is among the host addresses Cube denies to sandboxes. Only one Cube node runs at a time."""
     cube_server.stop()
-    text = cube_server.config.read_text() + NET_OPTIONS
+    text = cube_server.config.read_text() + NET_OPTIONS + f'upstream_ca_file = "{internet.ca_file}"\n'
     tomllib.loads(text)  # the base config must not set network options inline
     config = cube_server.state_dir / "plugins-net.toml"
     config.write_text(text)
@@ -462,6 +463,71 @@ def test_rules_inject_secrets_the_guest_never_sees(make: Callable[..., Sandbox],
     finally:
         Secret.destroy("rule-key")
         Secret.destroy("team-b-key", api_key=net_server.key_b)
+
+
+def test_rules_inject_secrets_into_https_the_guest_never_sees(make: Callable[..., Sandbox], internet: Internet,
+                                                              net_server: CubeServer) -> None:
+    """The same over HTTPS: the node's egress proxy inspects TLS to a rule's host only (its
+    certificate there is signed by the node's egress CA, which the node installed in the guest
+    when it made it a sandbox), checks the real server's certificate (the test internet's CA,
+    given to Cube as ``upstream_ca_file``) and sets the header with the secret. curl and
+    Python's urllib (and requests where the image has it) succeed without any option; a host
+    without rules passes through untouched (the guest sees the real certificate); the guest
+    holds the CA certificate, never its key, and never the secret."""
+    value = f"sk-tls-{uuid.uuid4().hex}"
+    Secret.create(name="tls-key", value=value)
+    try:
+        sbx = make(network={
+            "allow_out": ["api.example.test", "cdn.example.test"], "deny_out": ["0.0.0.0/0"],
+            "rules": {"api.example.test": [{"transform": {"headers": {
+                "Authorization": f"Bearer {Secret.fill('tls-key')}"}}}]}})
+        tok = token("tls")
+
+        def run(cmd: str) -> str:
+            done = sbx.commands.run(cmd, timeout=90)
+            return done.stdout + done.stderr
+
+        started = time.monotonic()
+        seen = run(f"curl -sS -v -m 20 -H 'Authorization: guest-own' https://api.example.test/{tok}-curl 2>&1")
+        MEASURED["https_rule_request_s"] = round(time.monotonic() - started, 2)
+        assert "< HTTP/1.1 200" in seen and "hello from" in seen, seen
+        assert "Cube egress CA" in seen  # curl -v names the issuer: the node's CA, not the server's
+        (arrived,) = internet.events(kind="http", path=f"{tok}-curl")
+        assert arrived["dst"] == API and arrived["port"] == 443, arrived
+        assert arrived["headers"]["Authorization"] == f"Bearer {value}"
+        assert value not in seen
+
+        urllib = run("python3 -c \"import urllib.request as u; "
+                     f"print(u.urlopen('https://api.example.test/{tok}-urllib', timeout=20).read().decode())\"")
+        assert "hello from" in urllib, urllib
+        (arrived,) = internet.events(kind="http", path=f"{tok}-urllib")
+        assert arrived["headers"]["Authorization"] == f"Bearer {value}"
+        requests = run("python3 -c 'import requests' 2>/dev/null && python3 -c \"import requests; "
+                       f"print(requests.get('https://api.example.test/{tok}-requests', timeout=20).text)\" "
+                       "|| echo no-requests")
+        if "no-requests" not in requests:  # certifi's own list: REQUESTS_CA_BUNDLE points at the system's
+            assert "hello from" in requests, requests
+            assert internet.events(kind="http", path=f"{tok}-requests")[0]["headers"]["Authorization"] \
+                == f"Bearer {value}"
+
+        # no rule for cdn.example.test: spliced, so the guest sees the real server's certificate,
+        # which it does not trust (the test CA is not in its store) and nothing is set on it
+        other = run(f"curl -sS -v -k -m 20 https://cdn.example.test/{tok}-other 2>&1")
+        assert TEST_CA_NAME in other and "Cube egress CA" not in other, other
+        assert "rc=60" in run(f"curl -sS -m 20 -o /dev/null https://cdn.example.test/{tok}-x; echo rc=$?")
+        (plain,) = internet.events(kind="http", path=f"{tok}-other")
+        assert plain["dst"] == CDN and "Authorization" not in plain["headers"]
+
+        view = run("env; cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'; "
+                   "echo keys=$(grep -rls 'PRIVATE KEY' /etc/ssl/certs /usr/local/share/ca-certificates | wc -l); "
+                   "echo certs=$(grep -c 'BEGIN CERTIFICATE' /usr/local/share/ca-certificates/cube-egress.crt)")
+        assert value not in view and "keys=0" in view and "certs=1" in view, view[-300:]
+        assert "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" in view
+        events = [e for e in audit(net_server, sbx.sandbox_id) if e["kind"] == "http"]
+        assert [e for e in events if e["verdict"] == "transform" and e["port"] == 443]
+        assert value not in json.dumps(events)
+    finally:
+        Secret.destroy("tls-key")
 
 
 def test_always_denied_ranges_stay_shut(make: Callable[..., Sandbox], internet: Internet,
