@@ -177,7 +177,10 @@ def _serve(log_path: str, server_pem: str) -> None:  # pragma: no cover - runs i
                 conn = tls.wrap_socket(request, server_side=True)
             except (OSError, ssl.SSLError):
                 return
-            super().finish_request(conn, client_address)
+            try:
+                super().finish_request(conn, client_address)
+            finally:
+                conn.close()
 
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(server_pem)
