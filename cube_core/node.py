@@ -21,7 +21,7 @@ import functools
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -125,9 +125,11 @@ class NodeAgent:
         """The host's available memory in MiB, for the report (tests replace it)."""
         self._locks: dict[str, asyncio.Lock] = {}
         self._paused: set[str] = set()
-        self._applied: dict[str, asyncio.Task[None]] = {}
-        """Sandboxes taken from the pool whose guest was sent its create message (clock, env
-        vars): the edge holds their traffic until it is applied (:meth:`until_applied`)."""
+        self._starting: dict[str, asyncio.Task[None]] = {}
+        """Sandboxes taken from the pool whose start runs after the create answered: the resume,
+        then the create message (clock, env vars). Every operation on such a sandbox waits for
+        it (:meth:`_held`, :meth:`settled`); the edge holds its traffic until the guest applied
+        the message (:meth:`until_applied`); a kill ends it first."""
         self._ready: dict[str, Template] = {}
         """Templates whose files are on this node, by id."""
         self._start_gate = asyncio.Semaphore(self.settings.max_parallel_starts)
@@ -161,6 +163,9 @@ class NodeAgent:
         start_sampling(self)  # metrics samples and log entries of the running sandboxes
 
     async def stop(self) -> None:
+        starting = [task for task in self._starting.values() if not task.done()]
+        if starting:  # the VMs outlive this agent: none is left paused half-way through its start
+            await asyncio.wait(starting, timeout=APPLY_TIMEOUT_S + 5.0)
         if self._heartbeat:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -416,11 +421,13 @@ class NodeAgent:
                 vm_started = time.perf_counter()
                 if member is not None:
                     await self._adopt(sandbox, runtime, request.rules)
+                    if not joined or self.settings.pool.resume_at_create:
+                        await self._let_run(runtime)
                 else:
                     runtime = await self._start_vm(sandbox, template, snapshot, request.rules)
                 personalize_started = time.perf_counter()
                 if joined:
-                    self._send_apply(sandbox, runtime)
+                    self._start_after_answer(sandbox, runtime, resume=not self.settings.pool.resume_at_create)
                 else:
                     boot = await self._personalize(sandbox, runtime)
                     boot_id, guest_ms = boot.boot_id, boot.timings_ms
@@ -439,37 +446,52 @@ class NodeAgent:
                         sandbox_id=sandbox.sandbox_id, envd_access_token=sandbox.envd_access_token,
                         timings_ms={k: round(v, 1) for k, v in timings.items()})
 
-    def _send_apply(self, sandbox: Sandbox, runtime: SandboxRuntime) -> None:
-        """Send a member personalized at join what depends on the request (the clock, the env
-        vars, whether it keeps its access token) without waiting for the answer; the edge waits
-        for it (:meth:`until_applied`). A guest that fails to apply it is failed: its VM stopped,
-        its record ``error``."""
+    def _start_after_answer(self, sandbox: Sandbox, runtime: SandboxRuntime, *, resume: bool) -> None:
+        """Start a member personalized at join as ``sandbox`` after the create answered: let it
+        run (``resume``; unless ``[core] pool.resume_at_create`` did before the answer), then send
+        what depends on the request (the clock, the env vars, whether it keeps its access token).
+        Every operation on the sandbox orders after this start (:meth:`_held`), its first request
+        after the guest applied the message (:meth:`until_applied`). A guest that fails either is
+        failed: its VM stopped, its record ``error``."""
         assert runtime.vm is not None
-        vm, sid = runtime.vm, sandbox.sandbox_id
+        sid = sandbox.sandbox_id
         params = {"clock_ns": time.time_ns(), "env_vars": sandbox.env_vars,
                   "keep_token": sandbox.envd_access_token is not None}
 
-        async def apply() -> None:
-            sent = time.perf_counter()
+        async def start() -> None:
+            began = time.perf_counter()
             try:
-                reply = await guest_call(self.vmm, vm, "apply", params, PersonalizeReply, timeout=APPLY_TIMEOUT_S)
+                if resume:
+                    await self._let_run(runtime)
+                    params["clock_ns"] = time.time_ns()
+                sent = time.perf_counter()
+                assert runtime.vm is not None
+                reply = await guest_call(self.vmm, runtime.vm, "apply", params, PersonalizeReply,
+                                         timeout=APPLY_TIMEOUT_S)
             except CubeError as exc:
-                log.warning("sandbox failed to apply its create message", sandbox_id=sid, error=str(exc))
+                log.warning("sandbox failed to start", sandbox_id=sid, error=str(exc))
                 await self._fail_unapplied(sandbox, exc)
                 raise
-            log.info("create message applied", sandbox_id=sid, ms=round((time.perf_counter() - sent) * 1000, 1),
+            done = time.perf_counter()
+            log.info("create message applied", sandbox_id=sid, ms=round((done - sent) * 1000, 1),
+                     resume_ms=round((sent - began) * 1000, 1) if resume else None,
                      guest_ms=reply.timings_ms.get("apply"))
 
-        task = asyncio.create_task(apply(), name=f"cube-apply-{sid}")
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read by waiters, or here
-        self._applied[sid] = task
+        def finished(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is None and self._starting.get(sid) is task:
+                del self._starting[sid]  # started: nothing to wait for any more
+            # a failed start stays, so that its first request answers why (read there, or here)
+
+        task = asyncio.create_task(start(), name=f"cube-start-{sid}")
+        task.add_done_callback(finished)
+        self._starting[sid] = task
 
     async def _fail_unapplied(self, sandbox: Sandbox, exc: CubeError) -> None:
         """Stop a sandbox whose guest did not apply its create message, and record why (the
         control plane writes its record as the launch returns: it is waited for, briefly)."""
         if self._live.get(sandbox.sandbox_id) is None:
             return  # destroyed meanwhile
-        await self.destroy(sandbox, keep_applied=True)
+        await self.destroy(sandbox)
         for _ in range(50):
             record = self.store.get_sandbox(sandbox.sandbox_id)
             if record is not None and record.state in LIVE_STATES:
@@ -487,21 +509,38 @@ class NodeAgent:
                          node_id=self.node_id, state=failed.state.value, template_id=failed.template_id,
                          reason=StopReason.ERROR.value, error=failed.error)
 
+    def starting(self, sandbox_id: str) -> bool:
+        """Whether the sandbox's start (:meth:`_start_after_answer`) still runs."""
+        task = self._starting.get(sandbox_id)
+        return task is not None and not task.done()
+
+    async def settled(self, sandbox_id: str) -> None:
+        """Return once the sandbox's start is over, however it ended (at once for any other
+        sandbox, and inside the start itself). Bounded: the start is (QMP and guest timeouts)."""
+        task = self._starting.get(sandbox_id)
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            await asyncio.wait({task})
+
+    @contextlib.asynccontextmanager
+    async def _held(self, sandbox_id: str) -> AsyncIterator[None]:
+        """The one way into a live sandbox for an operation: after its start (:meth:`settled`),
+        under its lock."""
+        await self.settled(sandbox_id)
+        async with self._lock(sandbox_id):
+            yield
+
     async def until_applied(self, sandbox_id: str) -> None:
         """Return once the sandbox's guest applied its create message (at once for any other
         sandbox); :class:`SandboxFailedError` when it did not (in :data:`APPLY_TIMEOUT_S`)."""
-        task = self._applied.get(sandbox_id)
-        if task is None:
+        await self.settled(sandbox_id)
+        task = self._starting.get(sandbox_id)
+        if task is None or task is asyncio.current_task():
             return
-        if not task.done():
-            await asyncio.wait({task}, timeout=APPLY_TIMEOUT_S + 5.0)
-        if not task.done() or task.cancelled():
+        if task.cancelled():
             raise SandboxFailedError(sandbox_id=sandbox_id, reason="its guest did not apply the create message")
         exc = task.exception()
         if exc is not None:
             raise SandboxFailedError(sandbox_id=sandbox_id, reason=reason(exc))
-        if self._applied.get(sandbox_id) is task:
-            del self._applied[sandbox_id]
 
     async def _start_vm(self, sandbox: Sandbox, template: Template, snapshot: SnapshotRef | None,
                         rules: Sequence[EgressRule]) -> SandboxRuntime:
@@ -548,7 +587,7 @@ class NodeAgent:
 
     async def _adopt(self, sandbox: Sandbox, runtime: SandboxRuntime, rules: Sequence[EgressRule]) -> None:
         """Make a warm-pool member this sandbox's: its egress policy (unless the default, which the
-        pool wrote), then let it run."""
+        pool wrote), before it runs again (:meth:`_let_run`)."""
         assert runtime.vm is not None and runtime.nic is not None
         if sandbox.network != DEFAULT_POLICY or rules:  # the pool wrote the default one already
             try:
@@ -556,6 +595,10 @@ class NodeAgent:
                     await self.network.update_policy(runtime.nic, sandbox.network, list(rules))
             except UnsupportedOperation:
                 pass  # this network driver applies no policy at all, for pool members or others
+
+    async def _let_run(self, runtime: SandboxRuntime) -> None:
+        """A paused warm-pool member runs again, at a user's sandbox's CPU priority."""
+        assert runtime.vm is not None
         if CAP_PRIORITY in self.vmm.capabilities:  # it was prepared in the background
             await self.vmm.set_priority(runtime.vm, background=False)
         with telemetry.span("vmm.resume"):
@@ -595,12 +638,14 @@ class NodeAgent:
     # -- stop ------------------------------------------------------------------------------------
 
     @with_ids
-    async def destroy(self, sandbox: Sandbox, *, keep_applied: bool = False) -> list[str]:
+    async def destroy(self, sandbox: Sandbox) -> list[str]:
         """Shut the VM down, then free its network slot and disk; every step runs. Uses the
-        live handles, or the record's after a restart."""
-        applying = None if keep_applied else self._applied.pop(sandbox.sandbox_id, None)
-        if applying is not None and not applying.done():
-            applying.cancel()
+        live handles, or the record's after a restart. A start still running is ended first."""
+        starting = self._starting.get(sandbox.sandbox_id)
+        if starting is not None and starting is not asyncio.current_task():  # (a failed start destroys too)
+            del self._starting[sandbox.sandbox_id]
+            starting.cancel()
+            await asyncio.wait({starting})
         runtime = self._live.pop(sandbox.sandbox_id, None) or sandbox.runtime
         self._locks.pop(sandbox.sandbox_id, None)
         self._paused.discard(sandbox.sandbox_id)
@@ -646,12 +691,13 @@ class NodeAgent:
 
     @with_ids
     async def pause(self, sandbox_id: str) -> None:
-        runtime = self._runtime(sandbox_id)
-        if CAP_PAUSE not in self.vmm.capabilities:
-            raise InvalidStateError(sandbox_id=sandbox_id, state="running", required="pausable")
-        assert runtime.vm is not None
-        await self.vmm.pause(runtime.vm)
-        self._paused.add(sandbox_id)
+        async with self._held(sandbox_id):
+            runtime = self._runtime(sandbox_id)
+            if CAP_PAUSE not in self.vmm.capabilities:
+                raise InvalidStateError(sandbox_id=sandbox_id, state="running", required="pausable")
+            assert runtime.vm is not None
+            await self.vmm.pause(runtime.vm)
+            self._paused.add(sandbox_id)
 
     @with_ids
     async def pause_to_disk(self, sandbox_id: str) -> SandboxRuntime:
@@ -662,7 +708,7 @@ class NodeAgent:
         None, ``saved`` set), which the control plane records (a restarted node keeps it)."""
         if CAP_SNAPSHOT not in self.vmm.capabilities:
             raise UnsupportedOperation(driver=type(self.vmm).__name__, operation="pause to disk")
-        async with self._lock(sandbox_id):
+        async with self._held(sandbox_id):
             runtime = self._runtime_or_saved(sandbox_id)
             if runtime.without_vm:
                 return runtime
@@ -699,7 +745,7 @@ class NodeAgent:
         raised and it keeps running); a paused one is resumed for it (one written out to disk is
         restored for it) and, if it does not answer, loses the writes it had not synced, as after
         a power cut. Answers the runtime to record (no VM, no saved state)."""
-        async with self._lock(sandbox_id):
+        async with self._held(sandbox_id):
             runtime = self._runtime_or_saved(sandbox_id)
             if runtime.disk is None:
                 raise UnsupportedOperation(driver=type(self.storage).__name__, operation="filesystem-only pause")
@@ -800,7 +846,7 @@ class NodeAgent:
         clock is only behind by the pause), except that a guest that breaks the protocol raises
         :class:`GuestProtocolError` (the control plane stops it). Answers the sandbox's runtime
         (new VM handles after a restore from disk)."""
-        async with self._lock(sandbox_id):
+        async with self._held(sandbox_id):
             runtime = self._live.get(sandbox_id)
             if runtime is not None and runtime.on_disk:
                 runtime = await self._restore_saved(sandbox_id, runtime)
@@ -832,9 +878,10 @@ class NodeAgent:
     @with_ids
     async def update_policy(self, sandbox_id: str, policy: NetworkPolicy, rules: Sequence[EgressRule]) -> None:
         self._check_rules(policy)
-        nic = self._runtime_or_saved(sandbox_id).nic
-        assert nic is not None
-        await self.network.update_policy(nic, policy, list(rules))
+        async with self._held(sandbox_id):
+            nic = self._runtime_or_saved(sandbox_id).nic
+            assert nic is not None
+            await self.network.update_policy(nic, policy, list(rules))
 
     def _check_rules(self, policy: NetworkPolicy) -> None:
         if policy.rules and CAP_HTTP_RULES not in self.network.capabilities:
@@ -854,12 +901,14 @@ class NodeAgent:
 
     @with_ids
     async def audit(self, sandbox_id: str, limit: int) -> list[dict[str, object]]:
+        await self.settled(sandbox_id)  # a read: no lock
         nic = self._runtime_or_saved(sandbox_id).nic
         assert nic is not None
         return list(await self.network.audit(nic, limit=limit))
 
     @with_ids
     async def exec(self, sandbox_id: str, cmd: Sequence[str], timeout: float) -> ExecReply:
+        await self.settled(sandbox_id)  # no lock: commands may run side by side
         vm = self._runtime(sandbox_id).vm
         assert vm is not None
         return await guest_call(self.vmm, vm, "exec", {"cmd": list(cmd)}, ExecReply, timeout=timeout)
@@ -871,7 +920,7 @@ class NodeAgent:
         """Save a sandbox; a running one is paused for it and resumed after (a paused one stays)."""
         if CAP_SNAPSHOT not in self.vmm.capabilities:
             raise UnsupportedOperation(driver=type(self.vmm).__name__, operation="snapshot")
-        async with self._lock(sandbox_id):
+        async with self._held(sandbox_id):
             runtime = self._runtime(sandbox_id)
             assert runtime.vm is not None and runtime.disk is not None
             was_running = sandbox_id not in self._paused
@@ -1089,7 +1138,7 @@ class NodeAgent:
         if snapshot.vm_state is None or snapshot.disk is None:
             raise UnsupportedOperation(driver=type(self.vmm).__name__, operation="rollback to a snapshot without files")
         template = self.local_template(sandbox.template_id, any_build=True)
-        async with self._lock(sid):
+        async with self._held(sid):
             old = self._runtime(sid)
             suffix = f"{sid}-r{os.urandom(3).hex()}"
             disk = await self.storage.create_disk(suffix, snapshot.disk.path)

@@ -68,9 +68,10 @@ class Sampler:
             await asyncio.sleep(self.interval_s)
 
     def sandboxes(self) -> list[Sandbox]:
-        """The running sandboxes of this node (warm-pool members are nobody's)."""
+        """The running sandboxes of this node that finished starting (warm-pool members are nobody's)."""
         return [sb for sb in self.agent.store.list_sandboxes(states=(SandboxState.RUNNING,))
-                if sb.node_id == self.agent.node_id and sb.team_id != POOL_TEAM and sb.runtime.vm is not None]
+                if sb.node_id == self.agent.node_id and sb.team_id != POOL_TEAM and sb.runtime.vm is not None
+                and not self.agent.starting(sb.sandbox_id)]  # a sandbox still starting: the next round
 
     async def tick(self) -> int:
         """One round: observe every running sandbox of this node at once; how many answered."""

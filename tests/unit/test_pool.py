@@ -11,10 +11,11 @@ from cube_core import hookimpl
 from cube_core._host import PluginHost
 from cube_core.config import LoadedConfig
 from cube_core.embedded import Embedded
-from cube_core.errors import CubeError, GuestProtocolError, SandboxFailedError
+from cube_core.errors import CubeError, GuestProtocolError, SandboxFailedError, SandboxNotFoundError
 from cube_core.models import EgressRule, NetworkPolicy, SandboxSpec, VmHandle
 from cube_core.node import NodeAgent
 from cube_core.pool import DEFAULT_POLICY, POOL_TEAM
+from cube_core.sampling import sampler_of
 from cube_core.state import SandboxState
 from cube_core.store import SqliteStore
 
@@ -223,10 +224,11 @@ class Gate:
 
 
 async def _pooled_cube(factory: Callable[..., LoadedConfig], tmp_path: Path, *,
-                       identity_at_join: bool = True) -> Embedded:
+                       identity_at_join: bool = True, resume_at_create: bool = False) -> Embedded:
     cfg = factory()
     text = cfg.text.replace("pool = { size = 0 }",
-                            f"pool = {{ size = 2, identity_at_join = {str(identity_at_join).lower()} }}")
+                            f"pool = {{ size = 2, identity_at_join = {str(identity_at_join).lower()}, "
+                            f"resume_at_create = {str(resume_at_create).lower()} }}")
     cube = Embedded(PluginHost(factory(text)).load(), SqliteStore(tmp_path / "db"))
     await cube.start()
     await cube.agent.ensure_templates(("base",))
@@ -291,5 +293,179 @@ async def test_without_identity_at_join_a_create_personalizes_the_member(
         assert vm_id.startswith("pool") and sb.sandbox_id != vm_id  # the control plane's id
         assert [op for op, vm in agent.vmm.calls if vm == vm_id][-1] == "personalize"
         assert agent.vmm.vms[vm_id]["env"] == {"X": "1"}  # done when create returns
+    finally:
+        await cube.stop()
+
+
+class ResumeGate:
+    """The fake VMM's ``resume`` waits until ``open`` is set: what a QMP ``cont`` does on a busy
+    host (its answer needs the member's QEMU main loop to run). Every VM operation and guest call
+    is written to ``log`` as it completes."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.open = asyncio.Event()
+        self.log: list[tuple[str, str]] = []
+        vmm = agent.vmm
+        resume, pause, snapshot, shutdown, guest_call = vmm.resume, vmm.pause, vmm.snapshot, vmm.shutdown, \
+            vmm.guest_call
+
+        async def gated_resume(vm: VmHandle) -> None:
+            await self.open.wait()
+            await resume(vm)
+            self.log.append(("resume", vm.vm_id))
+
+        async def logged_pause(vm: VmHandle) -> None:
+            await pause(vm)
+            self.log.append(("pause", vm.vm_id))
+
+        async def logged_snapshot(vm: VmHandle, target_dir: Path) -> Any:
+            self.log.append(("snapshot", vm.vm_id))
+            return await snapshot(vm, target_dir)
+
+        async def logged_shutdown(vm: VmHandle, *, timeout: float = 10.0) -> None:
+            self.log.append(("shutdown", vm.vm_id))
+            await shutdown(vm, timeout=timeout)
+
+        async def logged_guest_call(vm: VmHandle, op: str, params: dict[str, Any] | None = None, *,
+                                    timeout: float = 10.0) -> dict[str, Any]:
+            reply = await guest_call(vm, op, params, timeout=timeout)  # the fake fails a paused VM's call
+            self.log.append((op, vm.vm_id))
+            return reply
+
+        vmm.resume = gated_resume  # type: ignore[method-assign]
+        vmm.pause = logged_pause  # type: ignore[method-assign]
+        vmm.snapshot = logged_snapshot  # type: ignore[method-assign]
+        vmm.shutdown = logged_shutdown  # type: ignore[method-assign]
+        vmm.guest_call = logged_guest_call  # type: ignore[method-assign]
+
+    def of(self, vm_id: str) -> list[str]:
+        return [op for op, vm in self.log if vm == vm_id]
+
+
+async def _held_back(task: asyncio.Task[Any]) -> None:
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not task.done(), "the operation did not wait for the sandbox's start"
+
+
+async def test_the_create_answers_before_the_member_resumes(
+        cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path) -> None:
+    """The QMP ``cont`` is not on the create's path: the create answers with the member still
+    paused; the sandbox's start resumes it, then sends the create message, and the first request
+    waits for both."""
+    cube = await _pooled_cube(cube_config_factory, tmp_path)
+    service, agent = cube.service, cube.agent
+    gate = ResumeGate(agent)
+    try:
+        sb = await service.create(SandboxSpec(template_id="base", team_id="t", env_vars={"X": "1"}))
+        assert sb.state == SandboxState.RUNNING and not agent.vmm.vms[sb.sandbox_id]["running"]
+        assert agent.starting(sb.sandbox_id)
+        assert sb.sandbox_id not in {s.sandbox_id for s in sampler_of(agent).sandboxes()}  # metrics: next round
+        first = asyncio.create_task(service.endpoint(sb.sandbox_id, 49983))
+        await _held_back(first)
+        gate.open.set()
+        await first
+        assert gate.of(sb.sandbox_id) == ["resume", "apply"] and agent.vmm.vms[sb.sandbox_id]["env"] == {"X": "1"}
+        assert not agent.starting(sb.sandbox_id)
+    finally:
+        gate.open.set()
+        await cube.stop()
+
+
+async def _pause(service: Any, sid: str) -> None:
+    await service.pause("t", sid)
+
+
+async def _snapshot(service: Any, sid: str) -> None:
+    await service.snapshot("t", sid)
+
+
+async def _exec(service: Any, sid: str) -> None:
+    await service.exec(sid, ["true"])
+
+
+async def _network(service: Any, sid: str) -> None:
+    await service.update_network("t", sid, NetworkPolicy(allow_internet_access=False))
+
+
+async def _audit(service: Any, sid: str) -> None:
+    await service.network_audit("t", sid)
+
+
+@pytest.mark.parametrize(("operation", "after"), [
+    (_pause, ["resume", "apply", "pause"]),
+    (_snapshot, ["resume", "apply", "pause", "snapshot", "resume"]),
+    (_exec, ["resume", "apply", "exec"]),
+    (_network, ["resume", "apply"]),
+    (_audit, ["resume", "apply"]),
+], ids=["pause", "snapshot", "exec", "network", "audit"])
+async def test_every_operation_on_a_sandbox_orders_after_its_start(
+        cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path,
+        operation: Callable[[Any, str], Any], after: list[str]) -> None:
+    cube = await _pooled_cube(cube_config_factory, tmp_path)
+    service, agent = cube.service, cube.agent
+    gate = ResumeGate(agent)
+    try:
+        sb = await service.create(SandboxSpec(template_id="base", team_id="t"))
+        assert sb.runtime.nic is not None
+        slot = sb.runtime.nic.slot_id
+
+        def writes() -> int:
+            return sum(1 for s, _, _ in agent.network.updates if s == slot)
+
+        written = writes()  # the default policy, at pool join
+        task = asyncio.create_task(operation(service, sb.sandbox_id))
+        await _held_back(task)
+        assert gate.of(sb.sandbox_id) == [] and writes() == written
+        gate.open.set()
+        await task
+        assert gate.of(sb.sandbox_id)[:len(after)] == after, gate.log
+        assert writes() == written + (1 if operation is _network else 0)
+    finally:
+        gate.open.set()
+        await cube.stop()
+
+
+async def test_a_kill_during_the_start_ends_the_start_first(
+        cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path) -> None:
+    cube = await _pooled_cube(cube_config_factory, tmp_path)
+    service, agent = cube.service, cube.agent
+    gate = ResumeGate(agent)
+    try:
+        sb = await service.create(SandboxSpec(template_id="base", team_id="t"))
+        start = agent._starting[sb.sandbox_id]
+        await service.kill("t", sb.sandbox_id)  # the resume never answers: the kill does not wait for it
+        assert start.done() and gate.of(sb.sandbox_id) == ["shutdown"] and sb.sandbox_id not in agent.vmm.vms
+        assert service.store.get_sandbox(sb.sandbox_id).state == SandboxState.KILLED
+        with pytest.raises(SandboxNotFoundError):
+            await service.endpoint(sb.sandbox_id, 49983)
+    finally:
+        gate.open.set()
+        await cube.stop()
+
+
+async def test_node_stop_waits_for_a_start_in_flight(
+        cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path) -> None:
+    """The VMs outlive their node agent: none may be left paused half-way through its start."""
+    cube = await _pooled_cube(cube_config_factory, tmp_path)
+    service, agent = cube.service, cube.agent
+    gate = ResumeGate(agent)
+    sb = await service.create(SandboxSpec(template_id="base", team_id="t"))
+    stopping = asyncio.create_task(agent.stop())
+    await _held_back(stopping)
+    gate.open.set()
+    await stopping
+    assert gate.of(sb.sandbox_id)[:2] == ["resume", "apply"] and not agent.starting(sb.sandbox_id)
+    await cube.stop()
+
+
+async def test_resume_at_create_resumes_before_the_answer(
+        cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path) -> None:
+    cube = await _pooled_cube(cube_config_factory, tmp_path, resume_at_create=True)
+    service, agent = cube.service, cube.agent
+    try:
+        sb = await service.create(SandboxSpec(template_id="base", team_id="t"))
+        assert agent.vmm.vms[sb.sandbox_id]["running"]  # resumed before the answer (the old path)
+        await agent.until_applied(sb.sandbox_id)
     finally:
         await cube.stop()
