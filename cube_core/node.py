@@ -461,19 +461,21 @@ class NodeAgent:
         async def start() -> None:
             began = time.perf_counter()
             try:
-                if resume:
-                    await self._let_run(runtime)
-                    params["clock_ns"] = time.time_ns()
-                sent = time.perf_counter()
-                assert runtime.vm is not None
-                reply = await guest_call(self.vmm, runtime.vm, "apply", params, PersonalizeReply,
-                                         timeout=APPLY_TIMEOUT_S)
+                with self.pool.serving():  # a background refill still yields to this create
+                    await starting(began)
             except CubeError as exc:
                 log.warning("sandbox failed to start", sandbox_id=sid, error=str(exc))
                 await self._fail_unapplied(sandbox, exc)
                 raise
-            done = time.perf_counter()
-            log.info("create message applied", sandbox_id=sid, ms=round((done - sent) * 1000, 1),
+
+        async def starting(began: float) -> None:
+            if resume:
+                await self._let_run(runtime)
+                params["clock_ns"] = time.time_ns()
+            sent = time.perf_counter()
+            assert runtime.vm is not None
+            reply = await guest_call(self.vmm, runtime.vm, "apply", params, PersonalizeReply, timeout=APPLY_TIMEOUT_S)
+            log.info("create message applied", sandbox_id=sid, ms=round((time.perf_counter() - sent) * 1000, 1),
                      resume_ms=round((sent - began) * 1000, 1) if resume else None,
                      guest_ms=reply.timings_ms.get("apply"))
 
