@@ -225,6 +225,7 @@ class Gate:
 
 async def _pooled_cube(factory: Callable[..., LoadedConfig], tmp_path: Path, *,
                        identity_at_join: bool = True, resume_at_create: bool = False) -> Embedded:
+    """A cube with a full pool of 2 (``resume_at_create`` false unless asked: the start path)."""
     cfg = factory()
     text = cfg.text.replace("pool = { size = 0 }",
                             f"pool = {{ size = 2, identity_at_join = {str(identity_at_join).lower()}, "
