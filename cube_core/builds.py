@@ -32,7 +32,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -112,22 +112,34 @@ def as_user(user: str, script: str) -> list[str]:
 
 class LayerIndex:
     """``key -> layer file`` for cached step results on this node (a JSON file by the storage),
-    with the template whose build froze each layer (what :meth:`BuildEngine.forget` frees)."""
+    with the template whose build froze each layer (what :meth:`BuildEngine.forget` frees) and the
+    builds whose chain uses it (what :meth:`BuildEngine.free_build` frees: a layer no build uses
+    any more). A layer a forced rebuild froze again under the same key takes the key; the one it
+    replaced stays listed (under ``<key>~<its snapshot id>``, never looked up) while builds use it.
+    Entries written before builds were listed carry none and stay until their template goes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def _read(self) -> dict[str, dict[str, str]]:
+    def _read(self) -> dict[str, dict[str, Any]]:
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
         if not isinstance(data, dict):
             return {}
-        return {str(k): ({"path": v} if isinstance(v, str) else {str(a): str(b) for a, b in v.items()})
-                for k, v in data.items() if isinstance(v, (str, dict))}
+        out: dict[str, dict[str, Any]] = {}
+        for key, value in data.items():
+            if isinstance(value, str):
+                out[str(key)] = {"path": value}
+            elif isinstance(value, dict):
+                entry: dict[str, Any] = {str(a): str(b) for a, b in value.items() if a != "builds"}
+                if isinstance(value.get("builds"), list):
+                    entry["builds"] = [str(b) for b in value["builds"]]
+                out[str(key)] = entry
+        return out
 
-    def _write(self, data: dict[str, dict[str, str]]) -> None:
+    def _write(self, data: dict[str, dict[str, Any]]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(data, sort_keys=True))
         os.replace(tmp, self.path)
@@ -136,22 +148,64 @@ class LayerIndex:
         value = self._read().get(key, {}).get("path")
         return Path(value) if value and Path(value).is_file() else None
 
-    def put(self, key: str, layer: Path, template_id: str, depth: int) -> None:
+    def use(self, key: str, build_id: str) -> Path | None:
+        """The layer of ``key`` for a build that starts from it (a cache hit): listed as used by
+        ``build_id`` too, in the same step as the look-up (so freeing another build cannot take
+        it in between)."""
+        data = self._read()
+        entry = data.get(key, {})
+        value = entry.get("path")
+        if not value or not Path(value).is_file():
+            return None
+        if "builds" in entry and build_id not in entry["builds"]:
+            entry["builds"].append(build_id)
+            self._write(data)
+        return Path(value)
+
+    def put(self, key: str, layer: Path, template_id: str, depth: int, build_id: str) -> None:
         """``depth``: the step's place in its chain (a layer backs only deeper ones)."""
         data = self._read()
         old = data.get(key, {})
-        # a cache hit (same layer) keeps the template that froze it
-        data[key] = old if old.get("path") == str(layer) else {"path": str(layer), "template": template_id,
-                                                                "depth": str(depth)}
+        if old.get("path") == str(layer):  # a cache hit (same layer) keeps the template that froze it
+            if "builds" in old and build_id not in old["builds"]:
+                old["builds"].append(build_id)
+        else:
+            if old.get("builds"):  # frozen again (a forced step): the old layer stays for its builds
+                data[f"{key}~{Path(old['path']).parent.name}"] = old
+            data[key] = {"path": str(layer), "template": template_id, "depth": str(depth), "builds": [build_id]}
         self._write(data)
 
     def pop_template(self, template_id: str) -> list[Path]:
         """Forget the layers ``template_id``'s builds froze; their files, deepest first (so that
         each one is deleted after the layers built over it)."""
         data = self._read()
-        gone = sorted((k for k, v in data.items() if v.get("template") == template_id),
-                      key=lambda k: -int(data[k].get("depth", "0")))
-        paths = [Path(data.pop(k)["path"]) for k in gone]
+        return self._pop(data, [k for k, v in data.items() if v.get("template") == template_id])
+
+    def pop_build(self, build_id: str) -> list[Path]:
+        """``build_id`` was freed: it uses its layers no more. Forget the layers no build uses now
+        (those only it used); their files, deepest first. A file several keys name (an ``ENV``
+        step shares its parent's layer) goes only when none of them has a build left."""
+        data = self._read()
+        touched = False
+        for entry in data.values():
+            if build_id in entry.get("builds", ()):
+                entry["builds"].remove(build_id)
+                touched = True
+        if not touched:
+            return []
+        by_path: dict[str, list[str]] = {}
+        for key, entry in data.items():
+            by_path.setdefault(entry.get("path", ""), []).append(key)
+        unused = [key for keys in by_path.values()
+                  if all("builds" in data[k] and not data[k]["builds"] for k in keys) for key in keys]
+        paths = self._pop(data, unused)
+        if not unused:
+            self._write(data)
+        return paths
+
+    def _pop(self, data: dict[str, dict[str, Any]], gone: list[str]) -> list[Path]:
+        gone = sorted(gone, key=lambda k: -int(data[k].get("depth", "0")))
+        paths = list(dict.fromkeys(Path(data.pop(k)["path"]) for k in gone))
         if gone:
             self._write(data)
         return paths
@@ -233,10 +287,20 @@ class BuildEngine:
         """Free the layers the builds of ``template_id`` froze (it was deleted): the storage keeps
         a layer that still backs another disk or layer (another template built over it) until
         nothing does. The snapshot ids deleted."""
+        return await self._delete(self.index.pop_template(template_id))
+
+    async def free_build(self, build_id: str) -> list[str]:
+        """Free the layers only ``build_id`` used (it was freed: no tag names it, nothing uses its
+        snapshot); a layer another build's chain uses (a cache hit, the template's newest build)
+        stays, and the storage keeps one that still backs a disk or layer (a snapshot's, a
+        template's built over it) until nothing does. The snapshot ids deleted."""
+        return await self._delete(self.index.pop_build(build_id))
+
+    async def _delete(self, paths: list[Path]) -> list[str]:
         deleted = []
-        for path in self.index.pop_template(template_id):
+        for path in paths:
             snapshot_id = path.parent.name
-            if snapshot_id.startswith("blayer-"):
+            if snapshot_id.startswith("blayer-"):  # not a template image (a first ENV step names it)
                 await self.agent.storage.delete_snapshot(snapshot_id)
                 deleted.append(snapshot_id)
         return deleted
@@ -309,10 +373,12 @@ class Build:
         start, base = 0, Path(parent.rootfs or "")
         if not plan.force:
             for i in range(min(first_forced, n), 0, -1):
-                layer = self.engine.index.get(keys[i - 1])
+                layer = self.engine.index.use(keys[i - 1], self.record.build_id)  # kept for this build now
                 if layer is not None:
                     start, base = i, layer
                     break
+        for cached in keys[:max(start - 1, 0)]:  # the cached steps under it: this build's chain too
+            self.engine.index.use(cached, self.record.build_id)
         context = Context()
         for i, step in enumerate(steps[:start]):
             context.apply(step)
@@ -347,7 +413,7 @@ class Build:
                         disk, f"blayer-{keys[i][:24]}-{ids.short_id('')[:8]}")
                     last_layer = frozen.path
                 ran += 1
-                self.engine.index.put(keys[i], last_layer, self.record.template_id, i)
+                self.engine.index.put(keys[i], last_layer, self.record.template_id, i, self.record.build_id)
             self.put(steps_run=ran, steps_cached=start)
             await self._finalize(context)
             template_id = self.record.template_id

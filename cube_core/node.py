@@ -224,6 +224,45 @@ class NodeAgent:
                  pool_members=drained, deleted=deleted)
         return deleted
 
+    async def free_build(self, build_id: str, snapshot: SnapshotRef | None) -> list[str]:
+        """The template build ``build_id`` was freed (``TemplateBuilds.release``): its snapshot
+        goes if it is here (this node made it, or holds a copy: then with the build layers copied
+        in under the copy), and so do the build layers only that build used. The snapshot ids
+        deleted."""
+        from cube_core.builds import engine_of
+
+        deleted = []
+        if snapshot is not None and (snapshot.node_id == self.node_id or snapshot.snapshot_id in self._replicas):
+            copied = self._copied_build_layers(snapshot.snapshot_id)
+            await self.delete_snapshot(snapshot.snapshot_id)
+            deleted.append(snapshot.snapshot_id)
+            for layer in copied:  # the storage keeps one another copy is still layered on
+                await self.storage.delete_snapshot(layer)
+                deleted.append(layer)
+        deleted += await engine_of(self).free_build(build_id)
+        if deleted:
+            log.info("template build freed", build_id=build_id, node_id=self.node_id, deleted=deleted)
+        return deleted
+
+    def _copied_build_layers(self, snapshot_id: str) -> list[str]:
+        """The build layers (``blayer-*``) right under this node's copy of ``snapshot_id``, top
+        first: copied in with it (a build that started from a cached layer is layered on it)."""
+        replica = self._replicas.get(snapshot_id)
+        if replica is None or replica.disk is None:
+            return []
+        try:
+            chain = self.storage.layer_files(replica.disk)
+        except CubeError as exc:
+            log.warning("cannot read the layers of a snapshot copy", snapshot_id=snapshot_id, error=exc.message)
+            return []
+        layers = []
+        for item in chain[1:]:
+            sid = (item.key or "").removeprefix("layer:")
+            if not (item.key or "").startswith("layer:blayer-"):
+                break
+            layers.append(sid)
+        return layers
+
     # -- the node's report -----------------------------------------------------------------------
 
     def report(self) -> Node:

@@ -35,6 +35,7 @@ from cube_core.nodehttp import (
     DestroyReply,
     ErrorBody,
     ExecRequest,
+    FreeBuildRequest,
     HealthReply,
     ImportRequest,
     PolicyRequest,
@@ -157,6 +158,10 @@ def _api(agent: NodeAgent) -> FastAPI:
     async def remove_template(template_id: str, template: Template) -> RemovedReply:
         _check_path(template_id, template.template_id)
         return RemovedReply(deleted=await agent.remove_template(template))
+
+    @api.post(PREFIX + "/builds/{build_id}/free")
+    async def free_build(build_id: str, body: FreeBuildRequest) -> RemovedReply:
+        return RemovedReply(deleted=await agent.free_build(build_id, body.snapshot))
 
     @api.post(PREFIX + "/volumes/{volume_id}")
     async def volume(volume_id: str, call: VolumeCall) -> VolumeAnswer:

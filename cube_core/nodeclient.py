@@ -163,6 +163,13 @@ class NodeClient(Protocol):
         members, free its snapshot and the build layers only it used; the snapshot ids deleted."""
         ...
 
+    async def free_build(self, build_id: str, snapshot: SnapshotRef | None) -> list[str]:
+        """The template build ``build_id`` was freed (no tag names it, nothing uses it): delete its
+        ``snapshot`` if this node holds it or a copy (with the build layers copied in under the
+        copy), and the build layers only that build used (a layer another build uses, or that
+        still backs a disk or layer, stays); idempotent. The snapshot ids deleted."""
+        ...
+
     async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
         """Where ``port`` of the sandbox is reached from the control plane's process. A sandbox
         just taken from the warm pool is reached only once its guest applied its create message
@@ -232,6 +239,9 @@ class LocalNodeClient:
 
     async def remove_template(self, template: Template) -> list[str]:
         return await self.agent.remove_template(template)
+
+    async def free_build(self, build_id: str, snapshot: SnapshotRef | None) -> list[str]:
+        return await self.agent.free_build(build_id, snapshot)
 
     async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
         return Endpoint(host=await self.agent.guest_address(sandbox_id), port=port)

@@ -85,6 +85,10 @@ class SnapshotRequest(Frozen):
     snapshot_id: str
 
 
+class FreeBuildRequest(Frozen):
+    snapshot: SnapshotRef | None = None
+
+
 class RollbackRequest(Frozen):
     sandbox: Sandbox
     snapshot: SnapshotRef
@@ -337,6 +341,10 @@ class HttpNodeClient:
 
     async def remove_template(self, template: Template) -> list[str]:
         resp = await self._call("POST", _path("templates", template.template_id, "remove"), body=template)
+        return self._parse(RemovedReply, resp).deleted
+
+    async def free_build(self, build_id: str, snapshot: SnapshotRef | None) -> list[str]:
+        resp = await self._call("POST", _path("builds", build_id, "free"), body=FreeBuildRequest(snapshot=snapshot))
         return self._parse(RemovedReply, resp).deleted
 
     async def volume(self, call: VolumeCall) -> VolumeAnswer:

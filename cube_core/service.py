@@ -82,8 +82,6 @@ log = structlog.get_logger(__name__)
 
 LIVE_STATES = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED)
 REAPER_LEASE = "reaper"
-RELEASE_EVERY_S = 5.0
-"""How often the reaper frees older template builds no tag names once their last user went."""
 TEAM_METRIC_POINTS = 500
 
 
@@ -106,8 +104,11 @@ class SandboxService:
         self._reaper: asyncio.Task[None] | None = None
         self._kept_in_ram: set[str] = set()
         """Paused sandboxes their node could not write out to disk (not tried again)."""
-        self._next_release = 0.0
-        """When the reaper next frees older template builds (``time.monotonic()``)."""
+        self._reaping = False
+        """Whether this control plane held the reaper lease at its last try."""
+        self._sweep_builds = False
+        """Every older template build that can be freed is due to be (the reaper lease was gained)."""
+        self._freeing: asyncio.Task[None] | None = None
         self.team_secrets = teamsecrets.TeamSecrets(store, self.settings)  # /secrets; needs [core] secrets_key
         # the SDK's Template.build
         self.template_builds = templatebuilds.TemplateBuilds(store, self.settings, nodes, self.events)
@@ -127,18 +128,24 @@ class SandboxService:
         it), then keep reaping in the background."""
         if self._owns_events:
             await self.events.start()
-        if self.store.acquire_lease(REAPER_LEASE, self.holder, ttl_s=10.0):
+        builds = self.events.subscribe(None)  # before anything can happen: no event is missed
+        if self._take_lease():
             self.nodes.mark_down()
             await self.reap_expired()
+            await self._sweep_builds_if_due()  # before the first request
         self._reaper = asyncio.create_task(self._reap_forever(), name="cube-timeout-reaper")
+        self._freeing = asyncio.create_task(self.template_builds.free_on_events(builds, lambda: self._reaping),
+                                            name="cube-build-release")
         await self.webhook_delivery.start(self.events.subscribe(None))  # every team's events -> deliveries
 
     async def stop(self) -> None:
         await self.webhook_delivery.stop()
-        if self._reaper:
-            self._reaper.cancel()
+        for task in (self._reaper, self._freeing):
+            if task is None:
+                continue
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+                await task
         if self._owns_events:
             await self.events.stop()
 
@@ -334,6 +341,7 @@ class SandboxService:
             final = sandbox.evolve(state=SandboxState.ERROR, error=reason(exc))
             self.store.put_sandbox(final)
             await self.host.hooks.sandbox_stopped(final, StopReason.ERROR)
+            await self._free_builds(final.template_id)  # one being created held every older build
             raise
         provisional = sandbox.sandbox_id
         if launched.sandbox_id is not None and launched.sandbox_id != provisional:
@@ -599,6 +607,8 @@ class SandboxService:
                 except NodeUnavailableError as exc:  # it drops the copy when it starts again
                     log.info("snapshot copy left on a node that is away", snapshot_id=snapshot_id,
                              node_id=node.node_id, error=exc.message)
+        if ref.template_id:
+            await self._free_builds(ref.template_id)  # it may have been an older build's last user
 
     @with_ids
     async def fork(self, team_id: str, sandbox_id: str, count: int = 1,
@@ -638,15 +648,34 @@ class SandboxService:
         while True:
             await asyncio.sleep(1.0)
             try:
-                if self.store.acquire_lease(REAPER_LEASE, self.holder, ttl_s=10.0):
+                if self._take_lease():
                     self.nodes.mark_down()
                     await self.reap_expired()
                     await self.write_out_paused()
-                    if time.monotonic() >= self._next_release:  # older builds no tag names, unused
-                        self._next_release = time.monotonic() + RELEASE_EVERY_S
-                        await self.template_builds.release()
+                    await self._sweep_builds_if_due()
             except Exception:
                 log.exception("timeout reaper failed")
+
+    def _take_lease(self) -> bool:
+        """Take or keep the reaper lease. Gaining it (at start, or from a master that went) starts
+        with one sweep of the older template builds that could be freed (their trigger may have
+        been lost in a crash; :meth:`TemplateBuilds.release`): :meth:`_sweep_builds_if_due`."""
+        held = self.store.acquire_lease(REAPER_LEASE, self.holder, ttl_s=10.0)
+        self._sweep_builds = self._sweep_builds or (held and not self._reaping)
+        self._reaping = held
+        return held
+
+    async def _sweep_builds_if_due(self) -> None:
+        if self._sweep_builds:
+            self._sweep_builds = False
+            await self._free_builds(None)
+
+    async def _free_builds(self, template_id: str | None) -> None:
+        """:meth:`TemplateBuilds.release` after something that can free a build; never raises."""
+        try:
+            await self.template_builds.release(template_id)
+        except Exception:  # noqa: BLE001 - the next trigger (or the next start's sweep) tries again
+            log.exception("freeing older template builds failed", template_id=template_id)
 
     async def reap_expired(self) -> int:
         now = utcnow()

@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import structlog
@@ -29,8 +29,8 @@ from cube_core import ids
 from cube_core.buildspec import BuildJob, BuildLogLine, BuildPlan, BuildStatus, RegistryAuth, TemplateBuild
 from cube_core.config import CoreSettings
 from cube_core.errors import InvalidStateError, NodeUnavailableError, TemplateError, TemplateNotFoundError
-from cube_core.events import EventBus
-from cube_core.models import SnapshotRef, Template, TemplateStatus, utcnow
+from cube_core.events import LOST, EventBus, Subscription
+from cube_core.models import Template, TemplateStatus, utcnow
 from cube_core.nodes import LIVE_STATES, NodeDirectory
 from cube_core.pool import POOL_TEAM
 from cube_core.state import SandboxState
@@ -46,6 +46,8 @@ IMAGE_TEMPLATES = {"e2bdev/base": "base", "e2bdev/base:latest": "base",
                    "e2bdev/code-interpreter:latest": "code-interpreter-v1"}
 """``from_image`` names Cube maps to its own templates (``from_base_image()`` is ``e2bdev/base``)."""
 UPLOAD_MAX_BYTES = 1 << 30
+RELEASE_EVENTS = ("sandbox.killed", "sandbox.expired", "sandbox.created", "template.build_finished")
+"""Events after which an older build of the event's template may be free (:meth:`TemplateBuilds.free_on_events`)."""
 
 
 class TemplateNameTakenError(TemplateError):
@@ -247,7 +249,7 @@ class TemplateBuilds:
         tid = template.template_id
         names = {tid, *template.aliases}
         snapshot_id = template.snapshot.snapshot_id if template.snapshot else None
-        older = [b.snapshot for b in self.store.list_builds(tid)  # kept for their tags: freed too
+        older = [b for b in self.store.list_builds(tid)  # kept for their tags: freed too
                  if b.snapshot is not None and b.snapshot.snapshot_id != snapshot_id]
         users = [s.sandbox_id for s in self.store.list_sandboxes(states=LIVE_STATES)
                  if s.template_id == tid and s.team_id != POOL_TEAM]
@@ -262,8 +264,8 @@ class TemplateBuilds:
                 raise TemplateInUseError(template=template_ref, detail=f"{what} {', '.join(found[:10])}"
                                          + (f" and {len(found) - 10} more" if len(found) > 10 else ""))
         self.store.delete_template(tid)
-        for snapshot in older:  # first: then the build layers under them are not kept for them
-            await self._free_files(snapshot)
+        for build in older:  # first: then the build layers under them are not kept for them
+            await self._free_files(build)
         for node in self.nodes.records():
             try:
                 deleted = await self.nodes.client(node.node_id).remove_template(template)
@@ -280,10 +282,12 @@ class TemplateBuilds:
     # -- older builds: kept while a tag names them ------------------------------------------------
 
     async def release(self, template_id: str | None = None) -> list[str]:
-        """Free the snapshots of older builds (not the one the template serves) that no tag names
-        any more and that no sandbox or sandbox snapshot uses; one still used is freed by a later
-        call after its last user went (the reaper calls this every few seconds). ``template_id``
-        None: every team template. The build ids freed."""
+        """Free older builds (not the one the template serves) that no tag names any more and
+        that no sandbox or sandbox snapshot uses: their snapshots and the build layers only they
+        used, on every node. Called when something that can free a build happened
+        (:meth:`free_on_events`, the tag routes, a deleted snapshot, a failed create); one still
+        used is freed by the call after its last user went. ``template_id`` None: every team
+        template (the sweep when a control plane starts reaping). The build ids freed."""
         if template_id is not None:
             found = self.store.get_template(template_id)
             templates = [found] if found is not None else []
@@ -308,11 +312,34 @@ class TemplateBuilds:
                 if current is None or current.snapshot is None:
                     continue
                 self.store.put_build(current.model_copy(update={"snapshot": None, "freed_at": utcnow(), "tags": ()}))
-                await self._free_files(build.snapshot)
+                await self._free_files(build)
                 log.info("older template build freed", template_id=template.template_id, build_id=build.build_id,
                          snapshot_id=build.snapshot.snapshot_id)
                 freed.append(build.build_id)
         return freed
+
+    async def free_on_events(self, events: Subscription, leader: Callable[[], bool]) -> None:
+        """Run :meth:`release` for the template of each event after which one of its older builds
+        may be free: a sandbox of it ended (``sandbox.killed``/``expired``: it may have used an
+        older build) or finished being created (one being created counts as a user of every
+        build), a build of it is ready (a rebuild takes ``default`` and other tags it was given);
+        a lost stream (``stream.lost``) releases every template. Only while ``leader()`` (this
+        control plane holds the reaper lease: one master frees, not all). Runs until cancelled."""
+        async for event in events:
+            if event.type == LOST:
+                template_id: str | None = None
+            elif event.type in RELEASE_EVENTS and isinstance(event.data.get("template_id"), str):
+                if event.type == "template.build_finished" and event.data.get("status") != BuildStatus.READY.value:
+                    continue
+                template_id = event.data["template_id"]
+            else:
+                continue
+            if not leader():
+                continue
+            try:
+                await self.release(template_id)
+            except Exception:  # noqa: BLE001 - the next event (or the next start's sweep) tries again
+                log.exception("freeing older template builds failed", template_id=template_id)
 
     def _users(self, snapshot_id: str, template_id: str) -> list[str]:
         """What still needs a build's snapshot: sandbox snapshots saved as differences from it, and
@@ -325,17 +352,19 @@ class TemplateBuilds:
                           or (s.runtime.saved is not None and s.runtime.saved.base_state_id == snapshot_id))]
         return sandboxes + snaps
 
-    async def _free_files(self, snapshot: SnapshotRef) -> None:
-        """Delete a build's snapshot on the node that made it and on those holding a copy; a node
-        that is away frees it at its next start (storage ``gc``: no record keeps it)."""
+    async def _free_files(self, build: TemplateBuild) -> None:
+        """Free a build's files on every node (``NodeClient.free_build``): its snapshot where it
+        was made and where a copy is, and the build layers only it used where it was built. A node
+        that is away frees them at its next start (storage ``gc``: no record keeps them)."""
         for node in self.nodes.records():
-            if node.node_id != snapshot.node_id and snapshot.snapshot_id not in node.snapshots:
-                continue
             try:
-                await self.nodes.client(node.node_id).delete_snapshot(snapshot.snapshot_id)
+                deleted = await self.nodes.client(node.node_id).free_build(build.build_id, build.snapshot)
             except NodeUnavailableError as exc:
-                log.info("build snapshot left on a node that is away", snapshot_id=snapshot.snapshot_id,
+                log.info("build files left on a node that is away", build_id=build.build_id,
                          node_id=node.node_id, error=exc.message)
+                continue
+            if deleted:
+                log.info("build files freed on node", build_id=build.build_id, node_id=node.node_id, deleted=deleted)
 
     def _failed(self, build: TemplateBuild) -> None:
         template = self.store.get_template(build.template_id)
