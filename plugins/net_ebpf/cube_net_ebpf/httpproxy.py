@@ -1,5 +1,5 @@
 """The node's egress HTTP proxy: applies a sandbox's ``network.rules`` header transforms to its
-plain-HTTP requests, resolving ``${e2b.secrets.<name>}`` per request, so a secret's value never
+HTTP and HTTPS requests, resolving ``${e2b.secrets.<name>}`` per request, so a secret's value never
 enters the guest.
 
 How traffic gets here (:mod:`.nat`): the host table DNATs TCP to ``http_ports`` from the
@@ -24,6 +24,13 @@ Per connection (the guest is hostile; every step has a bound):
    request goes upstream with the rules' headers replacing the guest's, ``Connection: close``
    and its body re-framed by h11; the answer is relayed as it comes, and the connection ends
    after it (one request per connection).
+
+HTTPS (``https_ports``, a second listener): the ClientHello is peeked, not consumed
+(:mod:`.clienthello`). A server name that is a domain of the sandbox's rules, on a connection
+to one of that name's addresses, is inspected: TLS ends here with a leaf of the node's egress
+CA (:mod:`.egressca`; ALPN http/1.1 only), the request must name the same ``Host``, and it goes
+through the same steps 1-3 above, upstream over TLS verified for that name (a failure: 502,
+nothing sent). Any other connection (no TLS, no name, another name) is spliced byte for byte.
 
 Each transform and each refusal is an audit event (``kind: http``) of the sandbox, with header
 names only, never values.
