@@ -134,6 +134,7 @@ class FakeVmm(VmmDriver):
 
         if op == "personalize":
             state["env"] = dict((params or {}).get("env_vars", {}))
+            state["trust_pem"] = (params or {}).get("trust_pem")
             event("sandbox started", sandbox_id=str((params or {}).get("sandbox_id")))
         if op == "mount_volumes":
             state["mounts"] = list((params or {}).get("volumes", []))
@@ -213,9 +214,14 @@ class FakeNetwork(NetworkDriver):
         """Every ``update_policy`` call: slot, policy, extra rules."""
         self.secrets: SecretSource | None = None
         """What the node agent gave :meth:`use_secrets` (tests resolve through it)."""
+        self.trust: str | None = None
+        """What :meth:`guest_trust` answers (tests set a PEM)."""
 
     def use_secrets(self, source: SecretSource) -> None:
         self.secrets = source
+
+    def guest_trust(self) -> str | None:
+        return self.trust
 
     async def allocate(self, owner_id: str, policy: NetworkPolicy,
                        extra_rules: Sequence[EgressRule] = ()) -> NicHandle:

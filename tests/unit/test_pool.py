@@ -18,6 +18,7 @@ from cube_core.pool import DEFAULT_POLICY, POOL_TEAM
 from cube_core.sampling import sampler_of
 from cube_core.state import SandboxState
 from cube_core.store import SqliteStore
+from cube_core.testing.fakes import FakeNetwork
 
 
 async def _wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -37,6 +38,8 @@ async def test_pool_fills_serves_and_refills(cube_config_factory: Callable[..., 
     host = PluginHost(_pooled(cube_config_factory, 2)).load()
     cube = Embedded(host, SqliteStore(tmp_path / "db"))
     service, agent = cube.service, cube.agent
+    assert isinstance(agent.network, FakeNetwork)
+    agent.network.trust = "-----BEGIN CERTIFICATE-----\nnode CA\n"
     await cube.start()
     try:
         await agent.ensure_templates(("base",))
@@ -44,6 +47,8 @@ async def test_pool_fills_serves_and_refills(cube_config_factory: Callable[..., 
         members = service.store.list_sandboxes(team_id=POOL_TEAM)
         assert len(members) == 2 and all(m.state == SandboxState.PAUSED for m in members)
         assert all(not agent.vmm.vms[m.sandbox_id]["running"] for m in members)
+        # the node's CA went to each member as it joined (the network driver's guest_trust)
+        assert all(agent.vmm.vms[m.sandbox_id]["trust_pem"] == agent.network.trust for m in members)
         for m in members:  # prepared in the background, warmed up while running, then paused
             ops = [op for op, vm in agent.vmm.calls if vm == m.sandbox_id]
             assert ops == ["restore", "background", "personalize", "warm_up"], ops
@@ -288,12 +293,15 @@ async def test_without_identity_at_join_a_create_personalizes_the_member(
         cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path) -> None:
     cube = await _pooled_cube(cube_config_factory, tmp_path, identity_at_join=False)
     service, agent = cube.service, cube.agent
+    assert isinstance(agent.network, FakeNetwork)
+    agent.network.trust = "-----BEGIN CERTIFICATE-----\nnode CA\n"
     try:
         sb = await service.create(SandboxSpec(template_id="base", team_id="t", env_vars={"X": "1"}))
         vm_id = sb.runtime.vm.vm_id if sb.runtime.vm else ""
         assert vm_id.startswith("pool") and sb.sandbox_id != vm_id  # the control plane's id
         assert [op for op, vm in agent.vmm.calls if vm == vm_id][-1] == "personalize"
         assert agent.vmm.vms[vm_id]["env"] == {"X": "1"}  # done when create returns
+        assert agent.vmm.vms[vm_id]["trust_pem"] == agent.network.trust  # the node's CA, at create
     finally:
         await cube.stop()
 
