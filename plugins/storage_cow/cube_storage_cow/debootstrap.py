@@ -18,8 +18,8 @@ from pathlib import Path
 import structlog
 from cube_core import RootfsRecipe, StorageError
 
-from cube_storage_cow import commands, hostfiles
-from cube_storage_cow.locks import exclusive, is_held
+from cube_storage_cow import buildcache, commands, hostfiles
+from cube_storage_cow.locks import is_held
 
 log = structlog.get_logger(__name__)
 
@@ -171,28 +171,16 @@ def _ensure(tarball: Path, build: Callable[[Path], None], cancel: threading.Even
     if tarball.is_file():
         log_lines.append(f"debootstrap cache: reused {tarball}")
         return
-    with exclusive(tarball.with_name(f".{tarball.name}.lock"), cancel):
-        if tarball.is_file():
-            return
-        work = tarball.with_name(f".{tarball.stem}.work")
-        tmp = tarball.with_name(f".{tarball.name}.tmp")
-        _remove_tree(work)  # a crashed earlier attempt (we hold the lock)
-        work.mkdir(mode=0o755)
-        try:
-            build(work)
-            progress("saving the Debian tree to the cache", None)
-            for deb in (work / "var/cache/apt/archives").glob("*.deb"):
-                deb.unlink()
-            commands.run(["tar", "-cpf", tmp, "-C", work, *TAR_FLAGS, "."], cancel=cancel)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, tarball)
-            _fsync_dir(tarball.parent)
-            log_lines.append(f"debootstrap cache: wrote {tarball}")
-        finally:
-            _remove_tree(work)
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+
+    def make(work: Path, out: Path) -> None:
+        build(work)
+        progress("saving the Debian tree to the cache", None)
+        for deb in (work / "var/cache/apt/archives").glob("*.deb"):
+            deb.unlink()
+        commands.run(["tar", "-cpf", out, "-C", work, *TAR_FLAGS, "."], cancel=cancel)
+
+    if buildcache.ensure_file(tarball, make, cancel, remove_work=_remove_tree):
+        log_lines.append(f"debootstrap cache: wrote {tarball}")
 
 
 def _debootstrap(work: Path, *, suite: str, packages: tuple[str, ...], mirror: str, progress: StepProgress,
@@ -276,14 +264,6 @@ def _mounts_under(path: Path) -> list[str]:
     with open("/proc/self/mounts") as fh:
         mounts = [line.split()[1] for line in fh]
     return sorted((m for m in mounts if m.startswith(f"{path}/")), reverse=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _DebootstrapMeter:

@@ -16,6 +16,7 @@ every directory is closed to "other"; files are owned by root:
 :func:`make_dir` and :func:`close_to_others` only remove "other" bits of what exists (never add,
 never chown), so a VMM jail that later grants a per-VM uid or group access to its own files is
 not undone by a restart. Only ``build/`` trees are forced to exactly 0700 (:func:`private_dir`).
+:func:`fsync_dir` makes a rename or a new entry in a directory durable.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def private_dir(path: Path) -> Path:
     if not _created(path, PRIVATE_DIR_MODE):
         os.chmod(path, PRIVATE_DIR_MODE)
     return path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _created(path: Path, mode: int) -> bool:

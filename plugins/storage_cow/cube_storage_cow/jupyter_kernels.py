@@ -24,7 +24,6 @@ Each interpreter image gets the npm tree unpacked at :data:`PREFIX`, the Java ke
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -32,12 +31,12 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from cube_core import StorageError
 
-from cube_storage_cow import commands, hostfiles, inroot
-from cube_storage_cow.locks import exclusive
+from cube_storage_cow import buildcache, commands, inroot
 
 NPM_PACKAGES = ("tslab@1.0.22",)
 """Pinned npm packages of the interpreter image."""
@@ -106,40 +105,25 @@ def _ensure(tar: Path, cancel: threading.Event, log_lines: list[str]) -> None:
     if tar.is_file():
         log_lines.append(f"npm cache: reused {tar}")
         return
-    hostfiles.private_dir(tar.parent)
-    with exclusive(tar.with_name(f".{tar.name}.lock"), cancel):
-        if tar.is_file():
-            return
-        commands.require_tool("npm", "npm")
-        work = tar.with_name(f".{tar.stem}.work")
-        tmp = tar.with_name(f".{tar.name}.tmp")
-        inroot.remove_host_path(work)
-        work.mkdir(mode=0o755)
-        started = time.monotonic()
-        try:
-            home = work / ".home"
-            home.mkdir()
-            env = {**os.environ, "HOME": str(home), "npm_config_update_notifier": "false"}
-            commands.run(["npm", "install", "--ignore-scripts", "--omit=dev", "--no-audit", "--no-fund",
-                          "--no-save", "--prefix", work, *NPM_PACKAGES], cancel=cancel, env=env)
-            inroot.remove_host_path(home)
-            for rel in _PRUNE:
-                inroot.remove_host_path(work / rel)
-            # tslab finds @types/node (console, process, ...) from the cell's cwd upwards, else in
-            # its own node_modules/@types; npm hoisted it to the top
-            types = work / "node_modules/tslab/node_modules/@types"
-            if not inroot.lexists(types):
-                types.parent.mkdir(exist_ok=True)
-                types.symlink_to("../../@types")
-            commands.run(["tar", "-cpf", tmp, "-C", work, *TAR_FLAGS, "node_modules"], cancel=cancel)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, tar)
-            log_lines.append(f"npm install {' '.join(NPM_PACKAGES)} took {time.monotonic() - started:.1f}s")
-        finally:
-            inroot.remove_host_path(work)
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+    commands.require_tool("npm", "npm")
+
+    def make(work: Path, out: Path) -> None:
+        home = work / ".home"
+        home.mkdir()
+        env = {**os.environ, "HOME": str(home), "npm_config_update_notifier": "false"}
+        commands.run(["npm", "install", "--ignore-scripts", "--omit=dev", "--no-audit", "--no-fund",
+                      "--no-save", "--prefix", work, *NPM_PACKAGES], cancel=cancel, env=env)
+        for rel in _PRUNE:
+            inroot.remove_host_path(work / rel)
+        # tslab finds @types/node (console, process, ...) from the cell's cwd upwards, else in
+        # its own node_modules/@types; npm hoisted it to the top
+        types = work / "node_modules/tslab/node_modules/@types"
+        if not inroot.lexists(types):
+            types.parent.mkdir(exist_ok=True)
+            types.symlink_to("../../@types")
+        commands.run(["tar", "-cpf", out, "-C", work, *TAR_FLAGS, "node_modules"], cancel=cancel)
+
+    _made(f"npm install {' '.join(NPM_PACKAGES)}", tar, make, cancel, log_lines)
 
 
 def wheel(cache_dir: Path) -> Path:
@@ -171,28 +155,25 @@ def java_kernel_jar(cache_dir: Path, cancel: threading.Event, log_lines: list[st
 
 def _download_wheel(whl: Path, cancel: threading.Event, log_lines: list[str]) -> None:
     name, version, digest = JJAVA
-    hostfiles.private_dir(whl.parent)
-    with exclusive(whl.with_name(f".{whl.name}.lock"), cancel):
-        if whl.is_file():
-            return
-        work = whl.with_name(f".{whl.stem}.work")
-        inroot.remove_host_path(work)
-        work.mkdir(mode=0o700)
-        started = time.monotonic()
-        try:
-            requirements = work / "requirements.txt"
-            requirements.write_text(f"{name}=={version} --hash=sha256:{digest}\n")
-            # the interpreter running Cube has pip (python3 -m venv); the index is the host's pip config
-            commands.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                          "--require-hashes", "--disable-pip-version-check", "--no-input", "-r", requirements,
-                          "-d", work / "dist"], cancel=cancel, env={**os.environ, "HOME": str(work)})
-            got = work / "dist" / whl.name
-            with open(got, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(got, whl)
-            log_lines.append(f"pip download {name}=={version} took {time.monotonic() - started:.1f}s")
-        finally:
-            inroot.remove_host_path(work)
+
+    def make(work: Path, out: Path) -> None:
+        requirements = work / "requirements.txt"
+        requirements.write_text(f"{name}=={version} --hash=sha256:{digest}\n")
+        # the interpreter running Cube has pip (python3 -m venv); the index is the host's pip config
+        commands.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                      "--require-hashes", "--disable-pip-version-check", "--no-input", "-r", requirements,
+                      "-d", work / "dist"], cancel=cancel, env={**os.environ, "HOME": str(work)})
+        os.replace(work / "dist" / whl.name, out)
+
+    _made(f"pip download {name}=={version}", whl, make, cancel, log_lines)
+
+
+def _made(what: str, target: Path, make: Callable[[Path, Path], None], cancel: threading.Event,
+          log_lines: list[str]) -> None:
+    """:func:`.buildcache.ensure_file`, with how long ``what`` took in the build log."""
+    started = time.monotonic()
+    if buildcache.ensure_file(target, make, cancel):
+        log_lines.append(f"{what} took {time.monotonic() - started:.1f}s")
 
 
 def _sha256(path: Path) -> str:

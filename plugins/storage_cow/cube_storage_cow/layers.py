@@ -75,14 +75,6 @@ def backing_file(path: Path) -> Path | None:
     return backing if backing.is_absolute() else path.parent / backing
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _inside(path: Path, directory: Path) -> bool:
     try:
         path.resolve().relative_to(directory.resolve())
@@ -200,7 +192,7 @@ class DiskLayers:
                     os.fsync(fh.fileno())
                 os.chmod(tmp, hostfiles.SHARED_FILE_MODE)
                 os.replace(tmp, target)
-                _fsync_dir(directory)
+                hostfiles.fsync_dir(directory)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
@@ -300,7 +292,7 @@ class DiskLayers:
                     os.fsync(fh.fileno())
                 os.chmod(came, hostfiles.SHARED_FILE_MODE)
                 os.replace(came, dest)
-                _fsync_dir(dest.parent)
+                hostfiles.fsync_dir(dest.parent)
         top = self.local_layer(f"layer:{snapshot_id}")
         if top is None:
             raise StorageError(f"snapshot {snapshot_id}: no disk layer after the copy")
