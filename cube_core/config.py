@@ -52,12 +52,12 @@ class PoolSettings(_Model):
     clock and env vars (without waiting for the answer: the edge holds the sandbox's first
     request until the guest applied them). ``false``: the old path, the whole personalization at
     create."""
-    resume_at_create: bool = True
-    """With ``identity_at_join``: resume the member (QMP ``cont``) before the create answers (the
-    path so far). ``false``: the create answers once the egress policy is written; the resume runs
-    in the sandbox's start, with the create message, and the sandbox's first request and every
-    operation on it wait for that start (issue 13 §1; the default once the A/B in docs/bench.md
-    has run on real guests)."""
+    resume_at_create: bool = False
+    """With ``identity_at_join``: ``true`` resumes the member (QMP ``cont``) before the create
+    answers (the old path, kept for the A/B). ``false`` (the default): the create answers once
+    the egress policy is written; the resume runs in the sandbox's start, with the create
+    message, and the sandbox's first request and every operation on it wait for that start
+    (issue 13 §1)."""
     background_refill: bool = True
     """Refill at a lower priority than creates: a member is prepared (restored, personalized,
     warmed up) at the lowest CPU priority of the node's VMs until a create takes it (where the
