@@ -48,16 +48,10 @@ class PoolSettings(_Model):
     identity_at_join: bool = True
     """A member is personalized, when it joins, as the sandbox it will become: its id (the
     sandbox's), envd access token, hostname, machine-id, fresh RNG state. A create that takes it
-    only sets the egress policy, resumes it (see ``resume_at_create``) and sends the guest the
-    clock and env vars (without waiting for the answer: the edge holds the sandbox's first
-    request until the guest applied them). ``false``: the old path, the whole personalization at
-    create."""
-    resume_at_create: bool = False
-    """With ``identity_at_join``: ``true`` resumes the member (QMP ``cont``) before the create
-    answers (the old path, kept for the A/B). ``false`` (the default): the create answers once
-    the egress policy is written; the resume runs in the sandbox's start, with the create
-    message, and the sandbox's first request and every operation on it wait for that start
-    (issue 13 §1)."""
+    only sets the egress policy and answers; the sandbox's start then resumes it and sends the
+    guest the clock and env vars (the edge holds the sandbox's first request, and every other
+    operation on it waits, until that start is over). ``false``: the old path, the whole
+    personalization at create."""
     background_refill: bool = True
     """Refill at a lower priority than creates: a member is prepared (restored, personalized,
     warmed up) at the lowest CPU priority of the node's VMs until a create takes it (where the

@@ -460,13 +460,13 @@ class NodeAgent:
                 vm_started = time.perf_counter()
                 if member is not None:
                     await self._adopt(sandbox, runtime, request.rules)
-                    if not joined or self.settings.pool.resume_at_create:
+                    if not joined:  # else its start does (after the answer)
                         await self._let_run(runtime)
                 else:
                     runtime = await self._start_vm(sandbox, template, snapshot, request.rules)
                 personalize_started = time.perf_counter()
                 if joined:
-                    self._start_after_answer(sandbox, runtime, resume=not self.settings.pool.resume_at_create)
+                    self._start_after_answer(sandbox, runtime)
                 else:
                     boot = await self._personalize(sandbox, runtime)
                     boot_id, guest_ms = boot.boot_id, boot.timings_ms
@@ -485,9 +485,9 @@ class NodeAgent:
                         sandbox_id=sandbox.sandbox_id, envd_access_token=sandbox.envd_access_token,
                         timings_ms={k: round(v, 1) for k, v in timings.items()})
 
-    def _start_after_answer(self, sandbox: Sandbox, runtime: SandboxRuntime, *, resume: bool) -> None:
+    def _start_after_answer(self, sandbox: Sandbox, runtime: SandboxRuntime) -> None:
         """Start a member personalized at join as ``sandbox`` after the create answered: let it
-        run (``resume``; unless ``[core] pool.resume_at_create`` did before the answer), then send
+        run again (its CPU priority, QMP ``cont``: not on the create's path), then send
         what depends on the request (the clock, the env vars, whether it keeps its access token).
         Every operation on the sandbox orders after this start (:meth:`_held`), its first request
         after the guest applied the message (:meth:`until_applied`). A guest that fails either is
@@ -508,14 +508,13 @@ class NodeAgent:
                 raise
 
         async def starting(began: float) -> None:
-            if resume:
-                await self._let_run(runtime)
-                params["clock_ns"] = time.time_ns()
+            await self._let_run(runtime)
+            params["clock_ns"] = time.time_ns()
             sent = time.perf_counter()
             assert runtime.vm is not None
             reply = await guest_call(self.vmm, runtime.vm, "apply", params, PersonalizeReply, timeout=APPLY_TIMEOUT_S)
             log.info("create message applied", sandbox_id=sid, ms=round((time.perf_counter() - sent) * 1000, 1),
-                     resume_ms=round((sent - began) * 1000, 1) if resume else None,
+                     resume_ms=round((sent - began) * 1000, 1),
                      guest_ms=reply.timings_ms.get("apply"))
 
         def finished(task: asyncio.Task[None]) -> None:

@@ -229,12 +229,10 @@ class Gate:
 
 
 async def _pooled_cube(factory: Callable[..., LoadedConfig], tmp_path: Path, *,
-                       identity_at_join: bool = True, resume_at_create: bool = False) -> Embedded:
-    """A cube with a full pool of 2 (``resume_at_create`` false unless asked: the start path)."""
+                       identity_at_join: bool = True) -> Embedded:
     cfg = factory()
     text = cfg.text.replace("pool = { size = 0 }",
-                            f"pool = {{ size = 2, identity_at_join = {str(identity_at_join).lower()}, "
-                            f"resume_at_create = {str(resume_at_create).lower()} }}")
+                            f"pool = {{ size = 2, identity_at_join = {str(identity_at_join).lower()} }}")
     cube = Embedded(PluginHost(factory(text)).load(), SqliteStore(tmp_path / "db"))
     await cube.start()
     await cube.agent.ensure_templates(("base",))
@@ -467,14 +465,3 @@ async def test_node_stop_waits_for_a_start_in_flight(
     assert gate.of(sb.sandbox_id)[:2] == ["resume", "apply"] and not agent.starting(sb.sandbox_id)
     await cube.stop()
 
-
-async def test_resume_at_create_resumes_before_the_answer(
-        cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path) -> None:
-    cube = await _pooled_cube(cube_config_factory, tmp_path, resume_at_create=True)
-    service, agent = cube.service, cube.agent
-    try:
-        sb = await service.create(SandboxSpec(template_id="base", team_id="t"))
-        assert agent.vmm.vms[sb.sandbox_id]["running"]  # resumed before the answer (the old path)
-        await agent.until_applied(sb.sandbox_id)
-    finally:
-        await cube.stop()

@@ -73,11 +73,7 @@ personalizes the member fully (id, token, hostname, machine-id, RNG, clock, env)
 FOREGROUND_REFILL_MODES: tuple[str, ...] = ("pool_hit_foreground_refill",)
 """``pool_hit`` with ``[core] pool = { background_refill = false }``: the old refill, members
 prepared at the same CPU priority as the users' sandboxes and without waiting for the creates."""
-RESUME_AT_CREATE_MODES: tuple[str, ...] = ("pool_hit_resume_at_create",)
-"""``pool_hit`` with ``[core] pool = { resume_at_create = true }``: the member resumed (QMP
-``cont``) before the create answers, instead of in the sandbox's start after it."""
-ALL_MODES: tuple[str, ...] = (MODES + NOJAIL_MODES + LATE_IDENTITY_MODES + FOREGROUND_REFILL_MODES
-                              + RESUME_AT_CREATE_MODES)
+ALL_MODES: tuple[str, ...] = MODES + NOJAIL_MODES + LATE_IDENTITY_MODES + FOREGROUND_REFILL_MODES
 TARGETS: dict[str, float] = {"create_ms_p50": 25.0, "create_ms_p95_at_max_c": 150.0,
                              "first_cmd_ms_p50": 80.0, "idle_mib_per_sandbox": 12.0}
 """Issue 5's goals for a pool hit on a 2-core box under TCG."""
@@ -100,7 +96,6 @@ class ModePlan:
     identity_at_join: bool = True
     warm_up: bool = True
     background_refill: bool = True
-    resume_at_create: bool = False
     vmm_options: tuple[tuple[str, Any], ...] = ()
     """More ``[vmm.options]`` (key, value) pairs."""
     max_sandboxes: int | None = None
@@ -115,8 +110,7 @@ def server_toml(plan: ModePlan, state: Path, *, port: int, admin_port: int, temp
               "templates": [template],
               "pool": {"size": plan.pool_size, "max_memory_mb": pool_memory_mb,
                        "identity_at_join": plan.identity_at_join, "warm_up": plan.warm_up,
-                       "background_refill": plan.background_refill,
-                       "resume_at_create": plan.resume_at_create},
+                       "background_refill": plan.background_refill},
               "boot_mode": plan.boot_mode,
               "max_sandboxes": plan.max_sandboxes or max(200, plan.idle_n + plan.pool_size
                                                          + max(plan.concurrency) + 10)},
@@ -193,9 +187,6 @@ def plans(opts: Options) -> list[ModePlan]:
         "pool_hit_foreground_refill": ModePlan(
             "pool_hit_foreground_refill", opts.concurrency, opts.n, idle_n, pool_size=max(opts.concurrency),
             background_refill=False, note="pool_hit with pool.background_refill = false (the old refill)"),
-        "pool_hit_resume_at_create": ModePlan(
-            "pool_hit_resume_at_create", opts.concurrency, opts.n, idle_n, pool_size=max(opts.concurrency),
-            resume_at_create=True, note="pool_hit with pool.resume_at_create = true (resumed before 201)"),
     }
     return [every[m] for m in ALL_MODES if m in opts.modes]
 
@@ -817,8 +808,7 @@ def ratios(modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     pool miss over pool hit at every concurrency both ran."""
     pairs = (("pool_miss", "pool_hit"), ("cold", "pool_hit"), ("cold", "pool_miss"),
              ("pool_miss", "pool_miss_nojail"), ("pool_hit", "pool_hit_nojail"),
-             ("pool_hit_personalize_at_create", "pool_hit"), ("pool_hit_foreground_refill", "pool_hit"),
-             ("pool_hit_resume_at_create", "pool_hit"))
+             ("pool_hit_personalize_at_create", "pool_hit"), ("pool_hit_foreground_refill", "pool_hit"))
     out: dict[str, Any] = {}
     for metric in ("create_ms_p50", "create_ms_p95", "first_cmd_ms_p50", "first_cmd_ms_p95", "restore_ms_p50"):
         for slow, fast in pairs:
