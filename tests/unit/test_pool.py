@@ -464,4 +464,3 @@ async def test_node_stop_waits_for_a_start_in_flight(
     await stopping
     assert gate.of(sb.sandbox_id)[:2] == ["resume", "apply"] and not agent.starting(sb.sandbox_id)
     await cube.stop()
-
