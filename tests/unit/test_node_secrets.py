@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from test_node_contract import served
 
 from cube_core._host import PluginHost
-from cube_core.app import create_master_app
+from cube_core.app import create_master_app, create_node_app
 from cube_core.config import ClusterSettings, LoadedConfig
 from cube_core.credentials import (
     CredentialNotFoundError,
@@ -253,3 +253,25 @@ def test_masters_must_be_base_urls() -> None:
     for bad in ("10.0.0.2:3000", "http://m:3000/api", "ftp://m"):
         with pytest.raises(ValueError, match="base URL"):
             ClusterSettings(masters=(bad,))
+
+
+def test_cube_node_asks_its_masters_and_ignores_a_secrets_key(
+        plugin_host: Callable[..., PluginHost], cube_config_factory: Callable[..., LoadedConfig], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``create_node_app``: the agent's secret source is the masters of ``[cluster] masters``; a
+    ``secrets_key`` left in a node's config is reported at start and never read."""
+    monkeypatch.setenv("CUBE_TEST_CLUSTER_TOKEN", TOKEN)
+    monkeypatch.delenv("CUBE_TEST_SECRETS_KEY", raising=False)  # reading it would fail the start
+    text = (FAKE_CONFIG.format(state_dir=tmp_path / "node").replace(
+        "[core]\n", '[core]\nnode_id = "node-a"\nsecrets_key = { env = "CUBE_TEST_SECRETS_KEY" }\n', 1)
+        + '\n[cluster]\ntoken = { env = "CUBE_TEST_CLUSTER_TOKEN" }\nmasters = ["http://10.9.9.9:3000/"]\n')
+    store = SqliteStore(tmp_path / "cube.db")
+    try:
+        with capture_logs() as logs:
+            app = create_node_app(plugin_host(cube_config_factory(text)), store=store)
+        agent: NodeAgent = app.agent  # type: ignore[attr-defined]
+        masters = agent.secrets.__self__  # type: ignore[union-attr]
+        assert isinstance(masters, MasterSecrets) and masters.masters == ["http://10.9.9.9:3000"]
+    finally:
+        store.close()
+    assert any("secrets_key is not used by cube node" in e["event"] for e in logs), logs
