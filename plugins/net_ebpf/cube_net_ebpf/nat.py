@@ -89,10 +89,12 @@ def host_ruleset(rules: HostRules) -> str:
     """The nft script for the node's host table (replaces it atomically).
 
     Rules about this node's own links match ``<host_if_prefix>*``; the sandbox-to-sandbox drop
-    and the forwarding guard match every node's links (``vh*``). For ``local`` both are ``vh*``,
-    so its table is what it always was."""
+    and the forwarding guard match every node's links (``vh*``). Node ``local``'s own links are
+    ``vh<digits>`` (a tag starts with a letter), so they match ``vh0*`` .. ``vh9*``: its table
+    never rejects what another node's sandboxes send their own resolver or egress proxy."""
     table = rules.names.nft_table
-    vh = f'"{rules.names.host_if_prefix}*"'
+    vh = (f'"{rules.names.host_if_prefix}*"' if rules.names.tag
+          else "{ " + ", ".join(f'"{FAMILY_PREFIX}{d}*"' for d in range(10)) + " }")
     family = f'"{FAMILY_PREFIX}*"'
     resolver_in = ""
     resolver_guard = ""

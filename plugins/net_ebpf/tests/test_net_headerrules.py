@@ -71,16 +71,21 @@ def test_rule_checks() -> None:
     assert headerrules.check_rule(rule("not a host")) is not None
 
 
+LOCAL_LINKS = '{ "vh0*", "vh1*", "vh2*", "vh3*", "vh4*", "vh5*", "vh6*", "vh7*", "vh8*", "vh9*" }'
+"""Node ``local``'s own links (``vh<index>``) in its host table."""
+
+
 def test_host_table_redirects_only_listed_slots() -> None:
     script = host_ruleset(HostRules(subnet="100.64.0.0/10", resolver="100.64.0.1",
                                     forward_only_sandboxes=False, http_proxy=("100.64.0.1", 3129)))
     assert "set http_rule_slots" in script
-    assert 'iifname "vh*" ip saddr @http_rule_slots tcp dport { 80 } dnat ip to 100.64.0.1:3129' in script
+    assert f"iifname {LOCAL_LINKS} ip saddr @http_rule_slots tcp dport {{ 80 }} dnat ip to 100.64.0.1:3129" in script
     assert 'ip daddr 100.64.0.1 tcp dport 3129 ct status dnat accept' in script
     assert "3130" not in script  # HTTPS is redirected only with its listener
     tls = host_ruleset(HostRules(subnet="100.64.0.0/10", resolver="100.64.0.1", forward_only_sandboxes=False,
                                  http_proxy=("100.64.0.1", 3129), https_proxy_port=3130, https_ports=(443, 8443)))
-    assert 'iifname "vh*" ip saddr @http_rule_slots tcp dport { 443, 8443 } dnat ip to 100.64.0.1:3130' in tls
+    assert (f"iifname {LOCAL_LINKS} ip saddr @http_rule_slots tcp dport {{ 443, 8443 }} "
+            "dnat ip to 100.64.0.1:3130") in tls
     assert 'ip daddr 100.64.0.1 tcp dport 3130 ct status dnat accept' in tls
     plain = host_ruleset(HostRules(subnet="100.64.0.0/10", resolver=None, forward_only_sandboxes=False))
     assert "http_rule_slots" not in plain and "3129" not in plain

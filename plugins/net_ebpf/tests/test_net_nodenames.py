@@ -115,5 +115,12 @@ def test_host_table_of_another_node():
     guard = script.split("oifname \"vhywoy*\" drop\n", 1)[1]
     assert guard.startswith('    iifname "vh*" accept\n    oifname "vh*" ct state established,related accept\n'
                             "    drop\n")
-    local = host_ruleset(HostRules(subnet="100.64.0.0/10", resolver=None, forward_only_sandboxes=True))
-    assert 'oifname "vh*" drop\n    drop\n' in local  # node local's table is as it always was
+    # node local's own links are vh<digits> (a tag starts with a letter): its table claims those
+    # only, so it never rejects what another node's sandboxes send their resolver or egress proxy
+    local = host_ruleset(HostRules(subnet="100.64.0.0/10", resolver="100.64.0.1", forward_only_sandboxes=True))
+    own = '{ "vh0*", "vh1*", "vh2*", "vh3*", "vh4*", "vh5*", "vh6*", "vh7*", "vh8*", "vh9*" }'
+    assert f"iifname {own} meta l4proto tcp reject with tcp reset" in local
+    assert 'iifname "vh*" meta l4proto tcp reject' not in local
+    assert f"oifname != {own} masquerade" in local and 'iifname "vh*" oifname "vh*" drop' in local
+    assert local.split(f"oifname {own} drop\n", 1)[1].startswith(
+        '    iifname "vh*" accept\n    oifname "vh*" ct state established,related accept\n    drop\n')

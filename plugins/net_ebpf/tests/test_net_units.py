@@ -121,8 +121,9 @@ def test_nft_scripts_mention_what_they_must():
     assert "delete table" not in slot  # a new namespace needs no delete (it costs ~15 ms)
     assert "dnat to 100.64.0.1" not in slot_ruleset("100.64.0.6", None)
     host = host_ruleset(HostRules("100.64.0.0/10", "100.64.0.1", forward_only_sandboxes=True))
-    assert 'iifname "vh*" meta l4proto tcp reject with tcp reset' in host
-    assert 'iifname "vh*" reject with icmpx admin-prohibited' in host
+    own = '{ "vh0*", "vh1*", "vh2*", "vh3*", "vh4*", "vh5*", "vh6*", "vh7*", "vh8*", "vh9*" }'  # node local's links
+    assert f"iifname {own} meta l4proto tcp reject with tcp reset" in host
+    assert f"iifname {own} reject with icmpx admin-prohibited" in host
     assert 'iifname "vh*" oifname "vh*" drop' in host
     assert host.rstrip().endswith("}") and "\n    drop\n" in host
     assert "\n    drop\n" not in host_ruleset(HostRules("100.64.0.0/10", None, False))
