@@ -26,6 +26,7 @@ import shlex
 import signal
 import uuid
 from abc import ABC, abstractmethod
+from queue import Empty
 from typing import Any
 
 from .state import AgentState
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 KERNEL_START_TIMEOUT_S = 600.0
 SILENT_TIMEOUT_S = 30.0
 LIVENESS_CHECK_S = 2.0
+READY_RETRY_S = 10.0
 REPLY_GRACE_S = 2.0
 ABORT_RETRIES = 2
 ABORT_RETRY_PAUSE_S = 0.25
@@ -452,8 +454,10 @@ class JupyterContext(Context):
 
     async def _connect(self) -> None:
         self.kc = self.km.client()
-        self.kc.start_channels()
-        await self.kc.wait_for_ready(timeout=KERNEL_START_TIMEOUT_S)
+        # no heartbeat channel: liveness is the kernel's process (km.is_alive); its pings woke
+        # every kernel and a thread of the agent each second, minutes of CPU under TCG
+        self.kc.start_channels(hb=False)
+        await self._wait_ready()
         self._tasks = [
             asyncio.get_running_loop().create_task(self._route_iopub()),
             asyncio.get_running_loop().create_task(self._drain_shell()),
@@ -462,6 +466,32 @@ class JupyterContext(Context):
         if setup:
             await self.silent(setup)
         self.env_generation = self.state.env_generation
+
+    async def _wait_ready(self) -> None:
+        """Wait for the kernel's ``kernel_info_reply``, with its iopub connected (as
+        jupyter_client's ``wait_for_ready``, which asks again every second: a start of minutes
+        under TCG then answered hundreds of requests). Asks again after READY_RETRY_S."""
+        deadline = asyncio.get_running_loop().time() + KERNEL_START_TIMEOUT_S
+        while True:
+            self.kc.kernel_info()
+            asked = asyncio.get_running_loop().time()
+            while asyncio.get_running_loop().time() - asked < READY_RETRY_S:
+                try:
+                    msg = await self.kc.get_shell_msg(timeout=LIVENESS_CHECK_S)
+                except Empty:
+                    if not await self.km.is_alive():
+                        raise RuntimeError("the kernel died before it replied") from None
+                    continue
+                if msg["msg_type"] != "kernel_info_reply":
+                    continue
+                try:  # iopub connected? (a SUB socket misses what came before it joined)
+                    await self.kc.get_iopub_msg(timeout=0.2)
+                except Empty:
+                    break  # ask again
+                self.kc._handle_kernel_info_reply(msg)  # the protocol version it speaks
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"the kernel did not reply in {KERNEL_START_TIMEOUT_S:.0f}s")
 
     def extra_env(self) -> dict[str, str]:
         return {}
