@@ -281,3 +281,36 @@ def test_java_env_glue() -> None:
     assert 'System.setProperty("A", "q\\"\\\\\\n");' in push
     assert 'System.setProperty("B", "\\u00fc");' in push
     assert "System.clearProperty(e.getKey())" in kernels.JAVA_ENV_POP_CODE
+
+
+def test_a_slow_start_is_asked_for_kernel_info_rarely_without_heartbeat(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """jupyter_client's ``wait_for_ready`` asks a starting kernel for ``kernel_info`` every
+    second (a start of minutes under TCG then answers hundreds at its end); the agent asks once
+    per READY_RETRY_S, and opens no heartbeat channel (its pings woke every idle kernel)."""
+    from jupyter_client.asynchronous.client import AsyncKernelClient
+
+    _slow_python_kernel(tmp_path, 4)
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    asked: list[str] = []
+    real = AsyncKernelClient.kernel_info
+
+    def counting(self: AsyncKernelClient) -> str:
+        asked.append("kernel_info")
+        return real(self)
+
+    monkeypatch.setattr(AsyncKernelClient, "kernel_info", counting)
+
+    async def scenario() -> None:
+        manager = ContextManager(AgentState(), str(tmp_path))
+        ctx = await manager.create("python", str(tmp_path))
+        try:
+            assert 1 <= len(asked) <= 2  # 2: iopub had not joined when the first reply came
+            assert ctx.kc._hb_channel is None  # type: ignore[attr-defined]
+            results = await _lines(ctx, "6 * 7")
+            assert [ln["text"] for ln in results if ln["type"] == "result"] == ["42"]
+        finally:
+            await manager.shutdown()
+
+    asyncio.run(scenario())
