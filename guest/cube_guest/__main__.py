@@ -66,7 +66,19 @@ def _find_virtio_port(path: str) -> str | None:
     return None
 
 
+RUNTIME_ENV = ("CUBE_RUNTIME", "PYTHONHOME", "PYTHONPATH")
+"""What cube-init sets to run the agent on the runtime bundle (images without python3): once the
+interpreter has started they are not needed, and no process the agent spawns may inherit them."""
+
+
+def drop_runtime_env(environ: dict[str, str] | os._Environ[str]) -> None:
+    if environ.get("CUBE_RUNTIME"):
+        for key in RUNTIME_ENV:
+            environ.pop(key, None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    drop_runtime_env(os.environ)
     opts = parse_args(argv)
     logging.basicConfig(
         level=str(opts.extra.get("log_level", "INFO")).upper(),

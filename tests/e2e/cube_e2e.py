@@ -5,6 +5,8 @@ E2B SDKs. Templates are built on first use and cached by content hash (images un
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -170,3 +172,35 @@ def e2b_env(cube_server: CubeServer, monkeypatch: pytest.MonkeyPatch) -> CubeSer
     monkeypatch.delenv("E2B_DOMAIN", raising=False)
     monkeypatch.delenv("E2B_ACCESS_TOKEN", raising=False)
     return cube_server
+
+
+def oci_layout(layout: Path, layer_tar: Path) -> None:
+    """A one-layer OCI image layout (uncompressed layer) from a root filesystem tarball."""
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def blob(data: bytes) -> tuple[str, int]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return f"sha256:{digest}", len(data)
+
+    h = hashlib.sha256()
+    with layer_tar.open("rb") as src, (blobs / "layer.tmp").open("wb") as dst:
+        while chunk := src.read(1 << 20):
+            h.update(chunk)
+            dst.write(chunk)
+    (blobs / "layer.tmp").rename(blobs / h.hexdigest())
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": f"sha256:{h.hexdigest()}",
+             "size": layer_tar.stat().st_size}
+    config_digest, config_size = blob(json.dumps({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]}}).encode())
+    manifest_digest, manifest_size = blob(json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                   "size": config_size},
+        "layers": [layer]}).encode())
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
+        "size": manifest_size, "platform": {"architecture": "amd64", "os": "linux"}}]}))
+    (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))

@@ -5,8 +5,6 @@ the build with its exit code."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import subprocess
 import time
 import uuid
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cube_e2e import CubeServer, free_port
+from cube_e2e import CubeServer, free_port, oci_layout
 from e2b import BuildException, Sandbox, Template, wait_for_port
 
 pytestmark = pytest.mark.e2e
@@ -86,38 +84,6 @@ def test_build_create_rebuild_and_fail(e2b_env: CubeServer, tmp_path: Path) -> N
         Template.build(failing, f"{name}-bad", on_build_logs=lambda e: logs.append(e.message))
     assert "exit code 3" in str(err.value) and "going-wrong" in str(err.value), str(err.value)
     assert "going-wrong" in logs
-
-
-def oci_layout(layout: Path, layer_tar: Path) -> None:
-    """A one-layer OCI image layout (uncompressed layer) from a root filesystem tarball."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-
-    def blob(data: bytes) -> tuple[str, int]:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return f"sha256:{digest}", len(data)
-
-    h = hashlib.sha256()
-    with layer_tar.open("rb") as src, (blobs / "layer.tmp").open("wb") as dst:
-        while chunk := src.read(1 << 20):
-            h.update(chunk)
-            dst.write(chunk)
-    (blobs / "layer.tmp").rename(blobs / h.hexdigest())
-    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": f"sha256:{h.hexdigest()}",
-             "size": layer_tar.stat().st_size}
-    config_digest, config_size = blob(json.dumps({
-        "architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]}}).encode())
-    manifest_digest, manifest_size = blob(json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
-                   "size": config_size},
-        "layers": [layer]}).encode())
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
-        "size": manifest_size, "platform": {"architecture": "amd64", "os": "linux"}}]}))
-    (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,10 @@ class CowConfig(BaseModel):
     """The guest folder (``cube_guest/`` + ``init/cube-init``); default: the repo's ``guest/`` found
     relative to this package, else ``/opt/cube/guest-src``."""
     mirror: str | None = None
+    agent_runtime: bool = True
+    """Put the agent runtime bundle (:mod:`cube_storage_cow.runtime`) into ``oci`` and ``dir`` trees
+    without Debian's python3 + aiohttp, and refuse trees without /bin/sh. Off only for tests that
+    build tiny trees that never boot."""
     """Debian mirror for debootstrap; default: the one configured in this host's /etc/apt."""
     reflink: Reflink = "auto"
     """Per-sandbox disks as reflink copies (``always``), qcow2 overlays (``never``), or reflink where

@@ -51,7 +51,8 @@ class CowStorage(StorageDriver):
         self.settings = rootfs.BuildSettings(
             images=root / "images", work=root / "build", cache=self.config.cache,
             guest_src=self.config.guest_src or default_guest_src(), mirror=self.config.mirror,
-            default_size_mb=self.config.image_size_mb, oci_policy=self.config.layer_policy())
+            default_size_mb=self.config.image_size_mb, oci_policy=self.config.layer_policy(),
+            agent_runtime=self.config.agent_runtime)
         self.layers = DiskLayers(root, self.config.reflink)
         self.volumes = ImageVolumes(root / "volumes", self.config.volume_tool_uid)
 

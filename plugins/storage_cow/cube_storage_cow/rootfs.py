@@ -32,14 +32,14 @@ from typing import Any
 import structlog
 from cube_core import RootfsImage, RootfsRecipe, StorageError, TemplateBuildError
 
-from cube_storage_cow import accounts, commands, debootstrap, hostfiles, inroot, jupyter_kernels, login, oci
+from cube_storage_cow import accounts, commands, debootstrap, hostfiles, inroot, jupyter_kernels, login, oci, runtime
 from cube_storage_cow.guest import GuestFiles
 from cube_storage_cow.layertar import LayerPolicy
 from cube_storage_cow.locks import exclusive, is_held
 
 log = structlog.get_logger(__name__)
 
-BUILDER_VERSION = "cube-storage-cow/rootfs/3"
+BUILDER_VERSION = "cube-storage-cow/rootfs/4"
 """Part of every image hash: bump it when the builder's output changes for the same inputs."""
 HASH_PREFIX = 32
 RESOLVER = "169.254.0.22"
@@ -70,6 +70,8 @@ class BuildSettings:
     default_size_mb: int = 2048
     oci_policy: LayerPolicy = LayerPolicy()
     """What OCI layers may contain (devices, setuid, capabilities) and size caps."""
+    agent_runtime: bool = True
+    """``oci``/``dir`` trees: require /bin/sh and add :mod:`.runtime` when python3 + aiohttp are missing."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,12 @@ def _build_locked(p: Plan, settings: BuildSettings, progress: ProgressFn,
     try:
         progress(f"preparing {p.recipe.source} tree", 0.0)
         _populate(p, tree, settings, progress, cancel, lines)
+        if p.recipe.source != "debootstrap" and settings.agent_runtime:
+            runtime.check_tree(tree)
+            if not runtime.usable_python(tree):
+                progress("adding the agent runtime (the image has no python3 with aiohttp)", 0.6)
+                runtime.install(tree, cache_dir=settings.cache, mirror=settings.mirror, cancel=cancel,
+                                log_lines=lines, progress=progress)
         progress("installing the guest agent and user", 0.65)
         customize(tree, p.guest)
         slim(tree)

@@ -19,7 +19,7 @@ def make_driver(tmp_path: Path, guest_src: Path):
 
     def make(**options: object) -> CowStorage:
         opts = {"root": tmp_path / "root", "cache": tmp_path / "cache", "guest_src": guest_src,
-                "image_size_mb": 64, **options}
+                "image_size_mb": 64, "agent_runtime": False, **options}
         return CowStorage(CowConfig.model_validate(opts))
 
     return make

@@ -35,7 +35,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, guest_src: Path) -> Built:
     source = make_source_tree(tmp / "src", escape)
     before = tree_fingerprint(source)
     driver = CowStorage(CowConfig(root=tmp / "root", cache=tmp / "cache", guest_src=guest_src,
-                                  image_size_mb=64))
+                                  image_size_mb=64, agent_runtime=False))
     recipe = RootfsRecipe(name="mini", source="dir", path=source)
     steps: list[tuple[str, float | None]] = []
 
