@@ -79,7 +79,7 @@ def test_debian_without_python3(e2b_env: CubeServer, tmp_path: Path) -> None:
             assert leak not in out.stdout, out.stdout
         sbx.files.write("/home/user/note.txt", "written through the bundled agent")
         assert sbx.files.read("/home/user/note.txt") == "written through the bundled agent"
-        assert sbx.commands.run("cat /home/user/note.txt; id -un").stdout.split("\n")[:2] == [
+        assert sbx.commands.run("cat /home/user/note.txt; echo; id -un").stdout.split("\n")[:2] == [
             "written through the bundled agent", "user"]
     finally:
         sbx.kill()
