@@ -613,9 +613,16 @@ class NodeAgent:
             return runtime
         if template.rootfs is None or template.kernel is None:
             raise TemplateError(f"template {template.template_id!r} has no image")
+        # a filesystem snapshot (no memory): a cold boot of its disk layer with the template's kernel
+        fs_snapshot = snapshot if snapshot is not None and snapshot.vm_state is None else None
+        if fs_snapshot is not None and fs_snapshot.disk is None:
+            raise SnapshotNotFoundError(snapshot_id=fs_snapshot.snapshot_id, detail="it has no disk layer")
+        base = fs_snapshot.disk.path if fs_snapshot is not None and fs_snapshot.disk is not None \
+            else Path(template.rootfs)
         with telemetry.span("storage.create_disk"):
-            disk = await self.storage.create_disk(sid, Path(template.rootfs))
-        self._live[sid] = runtime = runtime.evolve(disk=disk)
+            disk = await self.storage.create_disk(sid, base)
+        self._live[sid] = runtime = runtime.evolve(
+            disk=disk, parent_snapshot=fs_snapshot.snapshot_id if fs_snapshot is not None else None)
         vm_spec = VmSpec(vm_id=sid, kernel=Path(template.kernel),
                          initrd=Path(template.initrd) if template.initrd else None, rootfs_disk=disk,
                          memory_mb=template.memory_mb, interpreter=template.interpreter, volumes=volumes)
@@ -956,8 +963,12 @@ class NodeAgent:
     # -- snapshots -------------------------------------------------------------------------------
 
     @with_ids
-    async def snapshot(self, sandbox_id: str, snapshot_id: str) -> SavedSnapshot:
-        """Save a sandbox; a running one is paused for it and resumed after (a paused one stays)."""
+    async def snapshot(self, sandbox_id: str, snapshot_id: str, *, memory: bool = True) -> SavedSnapshot:
+        """Save a sandbox; a running one is paused for it and resumed after (a paused one stays).
+        ``memory=False``: :meth:`_freeze_filesystem`."""
+        if not memory:
+            async with self._lock(sandbox_id):
+                return SavedSnapshot(disk=await self._freeze_filesystem(sandbox_id, snapshot_id))
         if CAP_SNAPSHOT not in self.vmm.capabilities:
             raise UnsupportedOperation(driver=type(self.vmm).__name__, operation="snapshot")
         async with self._held(sandbox_id):
@@ -976,6 +987,35 @@ class NodeAgent:
                 if was_running:
                     await self.vmm.resume(runtime.vm)
         return SavedSnapshot(vm_state=state, disk=frozen)
+
+    async def _freeze_filesystem(self, sandbox_id: str, snapshot_id: str) -> DiskHandle:
+        """A filesystem snapshot: the guest syncs its disks (a paused one is let run for it),
+        its VM is paused (QEMU flushes its disk) and the disk frozen as a layer, as for a memory
+        snapshot but without memory or devices; the sandbox is left as it was (caller holds its
+        lock). A sandbox without a VM (paused without memory) has its disk frozen as it is."""
+        runtime = self._runtime_or_saved(sandbox_id)
+        if runtime.disk is None:
+            raise UnsupportedOperation(driver=type(self.storage).__name__, operation="filesystem snapshot")
+        vm, was_paused = runtime.vm, sandbox_id in self._paused
+        if vm is not None and CAP_PAUSE not in self.vmm.capabilities:
+            raise UnsupportedOperation(driver=type(self.vmm).__name__, operation="filesystem snapshot (pause)")
+        if vm is not None and was_paused:
+            await self.vmm.resume(vm)  # its memory may hold writes its disk lacks
+        try:
+            if vm is not None:
+                await guest_call(self.vmm, vm, "exec", {"cmd": ["sync"]}, ExecReply, timeout=60.0)
+                await self.vmm.pause(vm)
+            try:
+                return await self.storage.freeze_disk(runtime.disk, snapshot_id)
+            except BaseException:
+                await self.storage.delete_snapshot(snapshot_id)
+                raise
+        finally:
+            if vm is not None and not was_paused:
+                await self.vmm.resume(vm)
+            elif vm is not None:
+                with contextlib.suppress(CubeError):  # paused again, as it was
+                    await self.vmm.pause(vm)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         await self.storage.delete_snapshot(snapshot_id)  # keeps a disk layer live sandboxes still use
@@ -1034,10 +1074,10 @@ class NodeAgent:
 
     def _export(self, snapshot_id: str) -> SnapshotExport:
         ref = self.local_snapshot(snapshot_id)
-        if ref is None or ref.vm_state is None or ref.disk is None:
+        if ref is None or ref.disk is None:
             raise SnapshotNotFoundError(snapshot_id=snapshot_id, detail=f"no files of it on node {self.node_id}")
         files: list[ExportedFile] = []
-        for i, item in enumerate(self.vmm.state_files(ref.vm_state)):
+        for i, item in enumerate(self.vmm.state_files(ref.vm_state) if ref.vm_state else ()):  # none: a filesystem one
             files.append(ExportedFile(name=f"vm-{i}-{item.path.name}", role="vm", file=item,
                                       size=item.path.stat().st_size))
         for i, item in enumerate(self.storage.layer_files(ref.disk)):
@@ -1108,7 +1148,7 @@ class NodeAgent:
                 return Received(snapshot_id=snapshot_id)
             export = await peer.snapshot_manifest(snapshot_id)
             snap = export.snapshot
-            assert snap.vm_state is not None and snap.disk is not None
+            assert snap.disk is not None
             base: SnapshotRef | None = None
             before = Received(snapshot_id=snapshot_id)
             if snap.base_state_id is not None:
@@ -1138,7 +1178,6 @@ class NodeAgent:
     def _place_copy(self, export: SnapshotExport, snap: SnapshotRef, base: SnapshotRef | None,
                     present: dict[str, Path], incoming: Path) -> SnapshotRef:
         """Blocking: move what came into place, hand the state and the layers to the drivers."""
-        assert snap.vm_state is not None
         directory = incoming.parent
         paths: dict[Path, Path] = {}
         received: dict[str, Path] = {}
@@ -1164,7 +1203,8 @@ class NodeAgent:
                 dest = directory / item.file.path.name
                 os.replace(came, dest)
                 paths[item.file.path] = dest
-        vm_state = self.vmm.relocate(snap.vm_state, paths, base.vm_state if base else None)
+        vm_state = self.vmm.relocate(snap.vm_state, paths, base.vm_state if base else None) \
+            if snap.vm_state is not None else None  # a filesystem snapshot: its disk only
         disk = self.storage.adopt_layer(snap.snapshot_id, chain, received)
         return snap.evolve(vm_state=vm_state, disk=disk)
 

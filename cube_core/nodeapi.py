@@ -137,7 +137,7 @@ def _api(agent: NodeAgent) -> FastAPI:
 
     @api.post(PREFIX + "/sandboxes/{sandbox_id}/snapshots")
     async def snapshot(sandbox_id: str, request: SnapshotRequest) -> SavedSnapshot:
-        return await agent.snapshot(sandbox_id, request.snapshot_id)
+        return await agent.snapshot(sandbox_id, request.snapshot_id, memory=request.memory)
 
     @api.post(PREFIX + "/builds", status_code=204, response_class=Response)
     async def build_template(job: BuildJob) -> None:

@@ -67,9 +67,10 @@ class Launched(Frozen):
 
 
 class SavedSnapshot(Frozen):
-    """What a node wrote for a snapshot: the VM's state and its frozen disk layer."""
+    """What a node wrote for a snapshot: the VM's state and its frozen disk layer (no VM state:
+    a filesystem snapshot, ``memory=False``)."""
 
-    vm_state: VmState
+    vm_state: VmState | None = None
     disk: DiskHandle
 
 
@@ -124,8 +125,9 @@ class NodeClient(Protocol):
         the time (a paused VM's clock stood still); the runtime to record."""
         ...
 
-    async def snapshot(self, sandbox_id: str, snapshot_id: str) -> SavedSnapshot:
-        """Save memory, devices and disk layer; a running sandbox is paused meanwhile and resumed."""
+    async def snapshot(self, sandbox_id: str, snapshot_id: str, *, memory: bool = True) -> SavedSnapshot:
+        """Save memory, devices and disk layer; a running sandbox is paused meanwhile and resumed.
+        ``memory=False``: a filesystem snapshot, the disk layer only (the guest syncs first)."""
         ...
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
@@ -208,8 +210,8 @@ class LocalNodeClient:
     async def resume(self, sandbox_id: str) -> SandboxRuntime:
         return await self.agent.resume(sandbox_id)
 
-    async def snapshot(self, sandbox_id: str, snapshot_id: str) -> SavedSnapshot:
-        return await self.agent.snapshot(sandbox_id, snapshot_id)
+    async def snapshot(self, sandbox_id: str, snapshot_id: str, *, memory: bool = True) -> SavedSnapshot:
+        return await self.agent.snapshot(sandbox_id, snapshot_id, memory=memory)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         await self.agent.delete_snapshot(snapshot_id)

@@ -83,6 +83,7 @@ class RemovedReply(Frozen):
 
 class SnapshotRequest(Frozen):
     snapshot_id: str
+    memory: bool = True
 
 
 class FreeBuildRequest(Frozen):
@@ -311,9 +312,10 @@ class HttpNodeClient:
         resp = await self._call("POST", _path("sandboxes", sandbox_id, "resume"), timeout=self.timeouts.launch)
         return self._parse(SandboxRuntime, resp)
 
-    async def snapshot(self, sandbox_id: str, snapshot_id: str) -> SavedSnapshot:
+    async def snapshot(self, sandbox_id: str, snapshot_id: str, *, memory: bool = True) -> SavedSnapshot:
         resp = await self._call("POST", _path("sandboxes", sandbox_id, "snapshots"),
-                                body=SnapshotRequest(snapshot_id=snapshot_id), timeout=self.timeouts.snapshot)
+                                body=SnapshotRequest(snapshot_id=snapshot_id, memory=memory),
+                                timeout=self.timeouts.snapshot)
         return self._parse(SavedSnapshot, resp)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:

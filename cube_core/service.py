@@ -560,8 +560,10 @@ class SandboxService:
 
     @with_ids
     async def snapshot(self, team_id: str, sandbox_id: str, *, name: str | None = None,
-                       kind: str = "snapshot") -> SnapshotRef:
-        """Save a running or paused sandbox (memory, devices, disk layer); it keeps its state."""
+                       kind: str = "snapshot", memory: bool = True) -> SnapshotRef:
+        """Save a running or paused sandbox (memory, devices, disk layer); it keeps its state.
+        ``memory=False`` (the SDK's ``mode="filesystem"``): its disk layer only; a sandbox created
+        from it boots fresh from that disk (a new identity, no processes)."""
         self._record(sandbox_id, team_id)
         async with self._lock(sandbox_id):
             sb = self._record(sandbox_id, team_id)
@@ -573,7 +575,7 @@ class SandboxService:
             self.quotas.check_snapshot(team_id)
             sb = await self._into_ram(sb)
             snapshot_id = "snap" + ids.sandbox_id()[:16]
-            saved = await self._node(sb).snapshot(sandbox_id, snapshot_id)
+            saved = await self._node(sb).snapshot(sandbox_id, snapshot_id, memory=memory)
             ref = SnapshotRef(snapshot_id=snapshot_id, template_id=sb.template_id, sandbox_id=sandbox_id,
                               parent_id=sb.runtime.parent_snapshot,
                               team_id=team_id, vm_state=saved.vm_state, disk=saved.disk, node_id=sb.node_id,

@@ -241,3 +241,31 @@ async def test_a_control_plane_that_starts_frees_what_a_crash_left(
         assert record.freed_at is not None and record.snapshot is None  # before start() returned
     finally:
         await service.stop()
+
+
+async def test_a_filesystem_snapshot_boots_where_its_disk_is(
+        cluster: tuple[SandboxService, dict[str, NodeAgent]]) -> None:
+    """A filesystem snapshot (``memory=False``: a disk layer, no VM state) boots a new sandbox
+    from a disk over that layer on its node; while that node drains, on the other, which copies the
+    disk layers first (no memory files to copy)."""
+    service, agents = cluster
+    team = "team-fs"
+    source = await service.create(SandboxSpec(template_id="base", team_id=team))
+    origin = source.node_id or ""
+    other = next(n for n in agents if n != origin)
+    snap = await service.snapshot(team, source.sandbox_id, memory=False)
+    assert snap.vm_state is None and snap.disk is not None and snap.node_id == origin
+    here = await service.create(SandboxSpec(template_id=snap.snapshot_id, team_id=team))
+    assert here.node_id == origin and here.runtime.parent_snapshot == snap.snapshot_id
+    assert here.runtime.disk is not None and here.runtime.disk.path.read_text() == str(snap.disk.path)
+    service.nodes.set_status(origin, NodeStatus.DRAINING)
+    moved = await service.create(SandboxSpec(template_id=snap.snapshot_id, team_id=team))
+    assert moved.node_id == other and moved.runtime.parent_snapshot == snap.snapshot_id
+    copy = agents[other].local_snapshot(snap.snapshot_id)
+    assert copy is not None and copy.vm_state is None and copy.disk is not None
+    assert moved.runtime.disk is not None and moved.runtime.disk.path.read_text() == str(copy.disk.path)
+    service.nodes.set_status(origin, NodeStatus.UP)
+    for sb in (source, here, moved):
+        await service.kill(team, sb.sandbox_id)
+    await service.delete_snapshot(team, snap.snapshot_id)
+    assert snap.snapshot_id not in agents[other].report().snapshots

@@ -599,3 +599,25 @@ async def test_served_by_uvicorn(cube) -> None:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             r = await client.post("/v2/sandboxes", json={"templateID": "base"}, headers=cube.headers(cube.key()))
     assert r.status_code == 201 and SANDBOX_ID.match(r.json()["sandboxID"])
+
+
+async def test_a_filesystem_snapshot_boots_new_sandboxes_from_its_disk(cube, openapi) -> None:
+    """``"memory": false`` (the SDK's ``mode="filesystem"``): the disk layer only; a sandbox
+    created from it is a cold boot of a disk over that layer (a new sandbox), the source runs on."""
+    key = cube.key()
+    sid = (await create(cube, key))["sandboxID"]
+    r = await cube.client.post(f"/sandboxes/{sid}/snapshots", json={"memory": False}, headers=cube.headers(key))
+    openapi.check("POST", "/sandboxes/{sandboxID}/snapshots", r)
+    assert r.status_code == 201, r.text
+    ref = cube.service.store.get_snapshot(r.json()["snapshotID"])
+    assert ref.vm_state is None and ref.disk is not None and ref.sandbox_id == sid
+    assert cube.service.store.get_sandbox(sid).state.value == "running"
+    r = await cube.client.post("/v2/sandboxes", json={"templateID": ref.snapshot_id}, headers=cube.headers(key))
+    assert r.status_code == 201, r.text
+    child = cube.service.store.get_sandbox(r.json()["sandboxID"])
+    assert child.sandbox_id != sid and child.runtime.parent_snapshot == ref.snapshot_id
+    assert child.runtime.disk.path.read_text() == str(ref.disk.path)  # (a fake disk holds its base's path)
+    assert ("boot", child.sandbox_id) in cube.agent.vmm.calls  # booted, not restored
+    r = await cube.client.post(f"/sandboxes/{sid}/rollback", json={"snapshotID": ref.snapshot_id},
+                               headers=cube.headers(key))
+    assert r.status_code >= 400, r.text  # no memory to roll a sandbox back to

@@ -31,9 +31,7 @@ async def fork(sandbox_id: str, team: CurrentTeam, ctx: Context, service: Servic
 async def snapshot(sandbox_id: str, team: CurrentTeam, service: Service,
                    body: Annotated[NewSnapshot | None, Body()] = None) -> SnapshotInfoOut:
     body = body or NewSnapshot()
-    if body.memory is False:
-        raise InvalidRequestError(field="memory", reason="filesystem-only snapshots are not supported")
-    ref = await service.snapshot(team.team_id, sandbox_id, name=body.name)
+    ref = await service.snapshot(team.team_id, sandbox_id, name=body.name, memory=body.memory is not False)
     return snapshot_out(ref)
 
 
