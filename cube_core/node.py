@@ -679,7 +679,7 @@ class NodeAgent:
             "env_vars": sandbox.env_vars, "access_token": sandbox.envd_access_token,
             "hostname": sandbox.sandbox_id[:16], "clock_ns": time.time_ns(),
             "entropy": base64.b64encode(os.urandom(64)).decode(), "metadata": sandbox.metadata,
-            "trust_pem": self.network.guest_trust(),
+            "trust_pem": self.network.guest_trust(), "aslr": self.vmm.guest_aslr,
         }, PersonalizeReply, timeout=30.0)
 
     # -- stop ------------------------------------------------------------------------------------

@@ -205,7 +205,8 @@ class WarmPool:
             "sandbox_id": owner, "template_id": record.template_id, "env_vars": {},
             "access_token": record.envd_access_token, "hostname": owner[:16], "clock_ns": time.time_ns(),
             "metadata": {}, "entropy": base64.b64encode(os.urandom(64)).decode(),
-            "trust_pem": self.network.guest_trust()}, PersonalizeReply, timeout=60.0)
+            "trust_pem": self.network.guest_trust(), "aslr": self.vmm.guest_aslr}, PersonalizeReply,
+            timeout=60.0)
         return record.evolve(boot_id=reply.boot_id)
 
     async def _warm_up(self, vm: VmHandle, nic: NicHandle, record: Sandbox) -> None:
@@ -222,7 +223,8 @@ class WarmPool:
                     "sandbox_id": owner, "template_id": template_id, "env_vars": {}, "access_token": None,
                     "hostname": owner[:16], "clock_ns": time.time_ns(), "metadata": {},
                     "entropy": base64.b64encode(os.urandom(64)).decode(),
-                    "trust_pem": self.network.guest_trust()}, GuestReply, timeout=60.0)
+                    "trust_pem": self.network.guest_trust(), "aslr": self.vmm.guest_aslr},
+                    GuestReply, timeout=60.0)
             reply = await guest_call(self.vmm, vm, "warm_up", {}, WarmUpReply, timeout=60.0)
         except GuestProtocolError:
             raise

@@ -39,6 +39,14 @@ class VmmDriver(abc.ABC):
         snapshot keeps its count in ``VmState.volume_slots``); 0: no volumes."""
         return 0
 
+    @property
+    def guest_aslr(self) -> bool:
+        """Whether this driver's guests randomize process layouts (ASLR). The node tells each
+        guest when it makes it a sandbox (``personalize``). A driver turns it off where it costs
+        more than it protects: under TCG every new process's code is translated again because
+        its addresses are new (docs/bench.md, session 20)."""
+        return True
+
     async def start(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Prepare the driver (find binaries, choose the accelerator). Called once."""
 

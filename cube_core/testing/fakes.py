@@ -66,10 +66,16 @@ class FakeVmm(VmmDriver):
     def __init__(self) -> None:
         self.vms: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, str]] = []
+        self.aslr = True
+        """What :attr:`guest_aslr` answers (tests turn it off)."""
 
     @property
     def volume_slots(self) -> int:
         return 2
+
+    @property
+    def guest_aslr(self) -> bool:
+        return self.aslr
 
     @property
     def isolation(self) -> Isolation:
@@ -135,6 +141,7 @@ class FakeVmm(VmmDriver):
         if op == "personalize":
             state["env"] = dict((params or {}).get("env_vars", {}))
             state["trust_pem"] = (params or {}).get("trust_pem")
+            state["aslr"] = (params or {}).get("aslr")
             event("sandbox started", sandbox_id=str((params or {}).get("sandbox_id")))
         if op == "mount_volumes":
             state["mounts"] = list((params or {}).get("volumes", []))

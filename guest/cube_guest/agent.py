@@ -27,6 +27,7 @@ from .system import (
     install_trust,
     new_machine_id,
     reseed_kernel_rng,
+    set_aslr,
     set_clock,
     set_hostname,
 )
@@ -260,6 +261,9 @@ class Agent:
         trust = req.get("trust_pem")
         if trust is not None and not (isinstance(trust, str) and "-----BEGIN CERTIFICATE" in trust):
             raise OpError("'trust_pem' must be PEM certificates or null")
+        aslr = req.get("aslr")
+        if aslr is not None and not isinstance(aslr, bool):
+            raise OpError("'aslr' must be a boolean or null")
         marks = [time.monotonic()]
         applied = await self._reseed(entropy)
         marks.append(time.monotonic())
@@ -272,6 +276,9 @@ class Agent:
             set_hostname(hostname, system_root=self.opts.system_root,
                          syscall=self.opts.system_calls)
             applied.append("hostname")
+        if aslr is not None and self.opts.system_calls:
+            set_aslr(aslr)  # before envd runs the sandbox's first process (the warm-up's too)
+            applied.append("aslr")
         marks.append(time.monotonic())
         new_machine_id(system_root=self.opts.system_root)
         applied.append("machine_id")

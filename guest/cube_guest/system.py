@@ -1,6 +1,6 @@
 """Guest OS changes made when a snapshot clone becomes a sandbox.
 
-Kernel CRNG reseed, wall clock, hostname, machine-id, the node's egress CA. Every function
+Kernel CRNG reseed, wall clock, hostname, machine-id, ASLR, the node's egress CA. Every function
 here changes the machine it runs on; the agent skips the syscalls under ``--no-system-calls``
 (host test harness) and writes the /etc files below ``--system-root``.
 """
@@ -48,6 +48,22 @@ def set_hostname(name: str, *, system_root: str, syscall: bool) -> None:
     lines = [ln for ln in lines if not ln.startswith("127.0.1.1")]
     lines.append(f"127.0.1.1\t{name}")
     _atomic_write(hosts_path, "\n".join(lines) + "\n")
+
+
+RANDOMIZE_VA_SPACE = "/proc/sys/kernel/randomize_va_space"
+
+
+def set_aslr(enabled: bool, *, path: str = RANDOMIZE_VA_SPACE) -> bool:
+    """Turn address-space layout randomization for new processes on (``2``, the kernel's
+    default, unless the image chose ``1``) or off (``0``), as the node asks; writes only on a
+    change. Returns whether it wrote."""
+    with open(path) as fh:
+        current = fh.read().strip()
+    if enabled == (current != "0"):
+        return False
+    with open(path, "w") as fh:
+        fh.write("2\n" if enabled else "0\n")
+    return True
 
 
 def new_machine_id(*, system_root: str) -> str:

@@ -364,3 +364,16 @@ def test_observe_metrics_and_process_events(
     port.call("personalize", entropy=_entropy(), access_token=None, env_vars={})
     again = port.call("observe", after=0, limit=100)["logs"]
     assert [e["message"] for e in again] == ["sandbox started"]
+
+
+def test_set_aslr_writes_only_a_change(tmp_path: Path) -> None:
+    from cube_guest.system import set_aslr
+
+    knob = tmp_path / "randomize_va_space"
+    knob.write_text("2\n")
+    assert not set_aslr(True, path=str(knob)) and knob.read_text() == "2\n"
+    assert set_aslr(False, path=str(knob)) and knob.read_text() == "0\n"
+    assert not set_aslr(False, path=str(knob))
+    assert set_aslr(True, path=str(knob)) and knob.read_text() == "2\n"
+    knob.write_text("1\n")  # the image's own choice of "on" is kept
+    assert not set_aslr(True, path=str(knob)) and knob.read_text() == "1\n"

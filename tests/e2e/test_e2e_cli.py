@@ -33,6 +33,10 @@ def test_sandbox_commands_on_a_real_guest(e2b_env: CubeServer) -> None:
         assert row["state"] == "running" and row["team_id"]
         detail = json.loads(cube(e2b_env, "sandbox", "inspect", sbx.sandbox_id, "--json").stdout)
         assert detail["isolation"] in ("kvm", "tcg") and "envd_access_token" not in detail
+        # [vmm.options] guest_aslr = "auto": off under TCG (each new process is translated again
+        # when its addresses are new), the kernel's default under KVM
+        aslr = sbx.commands.run("cat /proc/sys/kernel/randomize_va_space").stdout.strip()
+        assert aslr == ("0" if detail["isolation"] == "tcg" else "2"), (detail["isolation"], aslr)
 
         ran = cube(e2b_env, "sandbox", "exec", sbx.sandbox_id, "--", "sh", "-c", "echo cli-$((6*7)); exit 3")
         assert ran.returncode == 3 and ran.stdout == "cli-42\n", (ran.returncode, ran.stdout, ran.stderr)

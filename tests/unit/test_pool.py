@@ -40,6 +40,7 @@ async def test_pool_fills_serves_and_refills(cube_config_factory: Callable[..., 
     service, agent = cube.service, cube.agent
     assert isinstance(agent.network, FakeNetwork)
     agent.network.trust = "-----BEGIN CERTIFICATE-----\nnode CA\n"
+    agent.vmm.aslr = False  # what the kvm VMM says under TCG
     await cube.start()
     try:
         await agent.ensure_templates(("base",))
@@ -49,6 +50,7 @@ async def test_pool_fills_serves_and_refills(cube_config_factory: Callable[..., 
         assert all(not agent.vmm.vms[m.sandbox_id]["running"] for m in members)
         # the node's CA went to each member as it joined (the network driver's guest_trust)
         assert all(agent.vmm.vms[m.sandbox_id]["trust_pem"] == agent.network.trust for m in members)
+        assert all(agent.vmm.vms[m.sandbox_id]["aslr"] is False for m in members)  # the VMM's choice
         for m in members:  # prepared in the background, warmed up while running, then paused
             ops = [op for op, vm in agent.vmm.calls if vm == m.sandbox_id]
             assert ops == ["restore", "background", "personalize", "warm_up"], ops
@@ -300,6 +302,7 @@ async def test_without_identity_at_join_a_create_personalizes_the_member(
         assert [op for op, vm in agent.vmm.calls if vm == vm_id][-1] == "personalize"
         assert agent.vmm.vms[vm_id]["env"] == {"X": "1"}  # done when create returns
         assert agent.vmm.vms[vm_id]["trust_pem"] == agent.network.trust  # the node's CA, at create
+        assert agent.vmm.vms[vm_id]["aslr"] is True  # the fake VMM's default, at create
     finally:
         await cube.stop()
 

@@ -23,6 +23,14 @@ class KvmConfig(BaseModel):
     """TCG translation-cache size per VM (ignored under KVM). The largest part of an idle sandbox
     under TCG: a sandbox that ran a few commands has all of it resident (see docs/bench.md,
     "Memory per sandbox"); smaller saves memory and costs command latency (retranslation)."""
+    guest_aslr: Literal["auto", "on", "off"] = "auto"
+    """Address-space layout randomization inside the guests (``kernel.randomize_va_space``, set
+    by the guest agent when the node makes a guest a sandbox). ``auto``: on under KVM, off under
+    TCG. QEMU 7.2's TCG keys a translation by the guest's virtual address, so with ASLR every new
+    process (each ``commands.run`` starts a ``bash``) is translated from scratch: measured,
+    ``commands.run("true")`` 153 -> 33 ms p50 with it off (docs/bench.md). Off weakens exploit
+    mitigation for the sandbox's own processes against each other, not the VM boundary (and a
+    TCG guest is not a security boundary anyway: docs/security.md)."""
     mem_merge: bool = True
     """Mark guest RAM mergeable (``madvise(MADV_MERGEABLE)``, QEMU's ``mem-merge``, its default),
     so that KSM, when the host runs it (``/sys/kernel/mm/ksm/run = 1``), can merge identical

@@ -142,6 +142,12 @@ class KvmVmm(VmmDriver):
     def volume_slots(self) -> int:
         return self.config.volume_slots
 
+    @property
+    def guest_aslr(self) -> bool:
+        if self.config.guest_aslr == "auto":
+            return self.accel.accel != "tcg"
+        return self.config.guest_aslr == "on"
+
     async def start(self) -> None:
         """Find QEMU, choose the accelerator, prepare directories and cgroups."""
         binary = shutil.which(self.config.qemu_binary)

@@ -490,3 +490,11 @@ def test_volume_drives_fill_free_slots_with_null_placeholders(tmp_path: Path) ->
     small.path.write_bytes(b"x")
     with pytest.raises(VmmError, match="not a raw"):
         volume_drives("vm3", [small], 2)
+
+
+@pytest.mark.parametrize(("setting", "accel", "aslr"), [
+    ("auto", "tcg", False), ("auto", "kvm", True), ("on", "tcg", True), ("off", "kvm", False)])
+def test_guest_aslr_is_off_under_tcg_by_default(tmp_path: Path, setting: str, accel: str, aslr: bool) -> None:
+    vmm = KvmVmm(KvmConfig.model_validate({"guest_aslr": setting}))
+    vmm._accel = detect(accel, sys_root=_fake_sys(tmp_path, "kvm_intel"))
+    assert vmm.guest_aslr is aslr
