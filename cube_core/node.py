@@ -15,7 +15,6 @@ recorded as failed, and whatever is left of stopped ones is freed.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import os
@@ -44,7 +43,7 @@ from cube_core.errors import (
     UnsupportedOperation,
 )
 from cube_core.events import EventBus
-from cube_core.guest import guest_call
+from cube_core.guest import guest_call, personalize_params
 from cube_core.log import bind_ids, with_ids
 from cube_core.meminfo import available_memory_mb, total_memory_mb
 from cube_core.models import (
@@ -674,13 +673,10 @@ class NodeAgent:
 
     async def _personalize(self, sandbox: Sandbox, runtime: SandboxRuntime) -> PersonalizeReply:
         assert runtime.vm is not None
-        return await guest_call(self.vmm, runtime.vm, "personalize", {
-            "sandbox_id": sandbox.sandbox_id, "template_id": sandbox.template_id,
-            "env_vars": sandbox.env_vars, "access_token": sandbox.envd_access_token,
-            "hostname": sandbox.sandbox_id[:16], "clock_ns": time.time_ns(),
-            "entropy": base64.b64encode(os.urandom(64)).decode(), "metadata": sandbox.metadata,
-            "trust_pem": self.network.guest_trust(), "aslr": self.vmm.guest_aslr,
-        }, PersonalizeReply, timeout=30.0)
+        return await guest_call(self.vmm, runtime.vm, "personalize", personalize_params(
+            self.vmm, self.network, sandbox_id=sandbox.sandbox_id, template_id=sandbox.template_id,
+            access_token=sandbox.envd_access_token, env_vars=sandbox.env_vars, metadata=sandbox.metadata),
+            PersonalizeReply, timeout=30.0)
 
     # -- stop ------------------------------------------------------------------------------------
 

@@ -11,10 +11,7 @@ start-up every recorded member is destroyed (the pool is rebuilt, never trusted 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import os
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
@@ -24,7 +21,7 @@ import structlog
 from cube_core import ids
 from cube_core.config import PoolSettings
 from cube_core.errors import CubeError, GuestProtocolError, TemplateError, UnsupportedOperation
-from cube_core.guest import guest_call
+from cube_core.guest import guest_call, personalize_params
 from cube_core.meminfo import available_memory_mb
 from cube_core.models import (
     GuestReply,
@@ -201,12 +198,9 @@ class WarmPool:
         record keeps the token and the guest's boot id; a create then only sends the clock and
         the env vars. A guest that fails this is not a member."""
         owner = record.sandbox_id
-        reply = await guest_call(self.vmm, vm, "personalize", {
-            "sandbox_id": owner, "template_id": record.template_id, "env_vars": {},
-            "access_token": record.envd_access_token, "hostname": owner[:16], "clock_ns": time.time_ns(),
-            "metadata": {}, "entropy": base64.b64encode(os.urandom(64)).decode(),
-            "trust_pem": self.network.guest_trust(), "aslr": self.vmm.guest_aslr}, PersonalizeReply,
-            timeout=60.0)
+        reply = await guest_call(self.vmm, vm, "personalize", personalize_params(
+            self.vmm, self.network, sandbox_id=owner, template_id=record.template_id,
+            access_token=record.envd_access_token), PersonalizeReply, timeout=60.0)
         return record.evolve(boot_id=reply.boot_id)
 
     async def _warm_up(self, vm: VmHandle, nic: NicHandle, record: Sandbox) -> None:
@@ -219,11 +213,8 @@ class WarmPool:
         owner, template_id = record.sandbox_id, record.template_id
         try:
             if record.boot_id is None:
-                await guest_call(self.vmm, vm, "personalize", {
-                    "sandbox_id": owner, "template_id": template_id, "env_vars": {}, "access_token": None,
-                    "hostname": owner[:16], "clock_ns": time.time_ns(), "metadata": {},
-                    "entropy": base64.b64encode(os.urandom(64)).decode(),
-                    "trust_pem": self.network.guest_trust(), "aslr": self.vmm.guest_aslr},
+                await guest_call(self.vmm, vm, "personalize", personalize_params(
+                    self.vmm, self.network, sandbox_id=owner, template_id=template_id, access_token=None),
                     GuestReply, timeout=60.0)
             reply = await guest_call(self.vmm, vm, "warm_up", {}, WarmUpReply, timeout=60.0)
         except GuestProtocolError:
