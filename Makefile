@@ -52,8 +52,9 @@ test: host venv assets
 	@$(VENV)/bin/cube kernel build
 	$(VENV)/bin/pytest --ignore=tests/e2e $(PYTEST_ARGS)
 	$(VENV)/bin/pytest tests/e2e --ignore=tests/e2e/test_e2e_cluster.py $(PYTEST_ARGS)
-	# a cluster (master + two nodes) on this box, after the single-box server has stopped: a node
-	# named `local` claims every vh* link of the host (plugins/net_ebpf/README.md)
+	# a cluster (master + two nodes) on this box, in its own step after the single-box server has
+	# stopped, so the two suites do not share the 2 cores (the nft tables of node `local` and the
+	# cluster's nodes coexist: plugins/net_ebpf/README.md)
 	$(VENV)/bin/pytest tests/e2e/test_e2e_cluster.py $(PYTEST_ARGS)
 	$(if $(GUEST),cd guest && ../$(VENV)/bin/pytest $(PYTEST_ARGS))
 
