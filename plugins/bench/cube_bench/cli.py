@@ -166,6 +166,10 @@ def bench_density(
         probe_runs: Annotated[int, typer.Option(help="commands.run('true') per probe")] = 5,
         ksm_pages_to_scan: Annotated[int | None, typer.Option(help="with --ksm on: ksmd pages per "
                                                                    "wake-up for the run")] = None,
+        zram: Annotated[str | None, typer.Option(help="set up a zram swap device of this size (e.g. 8G) "
+                                                      "for the run, removed after (scripts/zram-swap.sh)")] = None,
+        idle_wait: Annotated[float, typer.Option(help="seconds to wait after the fill before measuring "
+                                                      "(idle reclaim)")] = 0.0,
         out_dir: Annotated[Path, typer.Option("--out", help="where the JSON and the serve log go")] = Path(
             "bench-results"),
         as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line")] = False) -> None:
@@ -193,15 +197,17 @@ def bench_density(
                    pool_size=pool, pool_warm_up=warm_up, vmm_options=options,
                    ksm=None if ksm == "keep" else ksm == "on",
                    ksm_pages_to_scan=ksm_pages_to_scan, probe_every=probe_every, probe_runs=probe_runs,
-                   out=out_dir)
+                   zram=zram, idle_wait_s=idle_wait, out=out_dir)
     result = guard(lambda: run(opts, lambda message: err.print(message, highlight=False)))
     table = Table("measure", "value")
-    for key in ("count", "bound", "mib_per_sandbox", "pss_mib_median", "uss_mib_median", "mem_available_mib",
-                "cmd_ms_p50_at", "idle_cpu", "ksm", "fill_s", "file"):
+    for key in ("count", "bound", "mib_per_sandbox", "pss_mib_median", "uss_mib_median", "swap_pss_mib_median",
+                "mem_available_mib", "zram_mib", "cmd_ms_p50_at", "idle_sandbox_cmd_ms", "idle_cpu", "ksm",
+                "fill_s", "file"):
         table.add_row(key, json.dumps(result.get(key)))
-    parts = Table("part (median MiB)", "Rss", "Pss", "Private_Dirty", "Shared", "Size")
+    parts = Table("part (median MiB)", "Rss", "Pss", "Private_Dirty", "Shared", "SwapPss", "Size")
     for name, v in result.get("breakdown_mib_median", {}).items():
-        parts.add_row(name, *(str(v.get(k, "-")) for k in ("Rss", "Pss", "Private_Dirty", "Shared", "Size")))
+        parts.add_row(name, *(str(v.get(k, "-")) for k in ("Rss", "Pss", "Private_Dirty", "Shared", "SwapPss",
+                                                           "Size")))
     for t in (table, parts):
         (err if as_json else out).print(t)
     if as_json:

@@ -76,6 +76,11 @@ class Options:
     """With KSM running: after the fill, wait for this many more full scans (at most
     ``ksm_wait_s``) before measuring, so merging has caught up."""
     ksm_wait_s: float = 300.0
+    zram: str | None = None
+    """Set up a zram swap device of this size (``scripts/zram-swap.sh setup``) for the run and
+    remove it after (for ``[vmm.options] idle_reclaim``); None leaves the host's swap as it is."""
+    idle_wait_s: float = 0.0
+    """After the fill, wait this long before measuring (so idle reclaim reached every sandbox)."""
     out: Path = Path("bench-results")
     template: str = "base"
     settle_s: float = 3.0
@@ -140,7 +145,7 @@ def smaps_breakdown(pid: int, ram_paths: Sequence[str] = ("/dev/shm/",)) -> dict
             path = " ".join(fields[5:]) if len(fields) > 5 else ""
             current = parts.setdefault(classify(path, perms, ram_paths),
                                        {"Size": 0, "Rss": 0, "Pss": 0, "Private_Dirty": 0, "Private_Clean": 0,
-                                        "Shared": 0, "mappings": 0})
+                                        "Shared": 0, "SwapPss": 0, "mappings": 0})
             current["mappings"] += 1
             continue
         key = fields[0].rstrip(":")
@@ -260,6 +265,21 @@ def ksmd_cpu_s() -> float | None:
     return None
 
 
+ZRAM_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "zram-swap.sh"
+
+
+def zram_mib() -> dict[str, dict[str, float]]:
+    """Per zram device (``/sys/block/zramN/mm_stat``): data stored, compressed, RAM used (MiB)."""
+    out = {}
+    for dev in sorted(Path("/sys/block").glob("zram*")):
+        with contextlib.suppress(OSError, ValueError):
+            f = [int(x) for x in (dev / "mm_stat").read_text().split()[:3]]
+            if f[0]:
+                out[dev.name] = {"orig_data": round(f[0] / 2**20, 1), "compressed": round(f[1] / 2**20, 1),
+                                 "mem_used_total": round(f[2] / 2**20, 1)}
+    return out
+
+
 def _pids(state: Path, ids: set[str]) -> list[int]:
     store = SqliteStore(state / "cube.db")
     try:
@@ -333,6 +353,9 @@ async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, not
                           before_create=wait_pool if opts.pool_size else None)
         await pool.wait_full(opts.pool_size)
         await asyncio.sleep(opts.settle_s)
+        if opts.idle_wait_s:
+            note(f"waiting {opts.idle_wait_s:g} s (idle reclaim)")
+            await asyncio.sleep(opts.idle_wait_s)
         if ksm_counters().get("run") == 1:
             scans = ksm_counters().get("full_scans", 0) + opts.ksm_scans
             deadline = time.monotonic() + opts.ksm_wait_s
@@ -360,13 +383,29 @@ async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, not
         def med(key: str) -> float | None:
             return round(statistics.median(r.get(key, 0) for r in rollups) / MIB, 1) if rollups else None
 
+        # a sandbox idle since the fill (reclaimed, with idle reclaim on): its first command pays
+        # the page faults back; the next ones are steady
+        firsts, steady = [], []
+        for sbx in random.sample([s for s in alive if s.sandbox_id in idle_ids], min(5, len(idle_ids))):
+            first = await _probe(sbx, 1)
+            if first is not None:
+                firsts.append(first)
+            rest = await _probe(sbx, opts.probe_runs)
+            if rest is not None:
+                steady.append(rest)
+
         quarters = at_quarters(done.probes, done.count)
+        zram = zram_mib()
         return {
             "count": done.count, "bound": done.bound, "failures": done.failures[:5],
             "mib_per_sandbox": round((available_before - available_after) / MIB / max(1, done.count), 1),
             "mem_available_mib": {"before": available_before // MIB, "after": available_after // MIB,
                                   "total": total // MIB},
             "pss_mib_median": med("Pss"), "uss_mib_median": med("Uss"), "rss_mib_median": med("Rss"),
+            "swap_pss_mib_median": med("SwapPss"), "zram_mib": zram,
+            "idle_sandbox_cmd_ms": {"first_p50": round(statistics.median(firsts), 1) if firsts else None,
+                                    "first": firsts,
+                                    "then_p50": round(statistics.median(steady), 1) if steady else None},
             "breakdown_mib_median": median_breakdown(breakdowns), "breakdown_n": len(breakdowns),
             "breakdown_of": "never probed" if idle_ids else "probed (every sandbox ran probe commands)",
             "cmd_ms_p50_at": {q: ({"count": p.count, "cmd_ms_p50": p.cmd_ms_p50} if p else None)
@@ -399,19 +438,28 @@ def run(opts: Options, note: Note) -> dict[str, Any]:
             settings[KSM_RUN] = "1" if opts.ksm else "2"
             if opts.ksm_pages_to_scan:
                 settings[KSM_DIR / "pages_to_scan"] = str(opts.ksm_pages_to_scan)
+        zram_state = state / "zram-swap.dev"
         try:
             for path, value in settings.items():
                 ksm_old[path] = path.read_text().strip()
                 path.write_text(value)
+            if opts.zram:
+                subprocess.run([str(ZRAM_SCRIPT), "setup", opts.zram], check=True, capture_output=True,
+                               env={**os.environ, "CUBE_ZRAM_STATE": str(zram_state)})
+                note(f"zram swap of {opts.zram} set up for the run")
             result = _serve_and_measure(opts, state, credentials, stamp, note)
         finally:
             for path, value in ksm_old.items():
                 path.write_text(value)
+            if zram_state.exists():
+                subprocess.run([str(ZRAM_SCRIPT), "teardown"], check=True,
+                               env={**os.environ, "CUBE_ZRAM_STATE": str(zram_state)})
     result.update({"options": {"max": opts.max_sandboxes, "min_available_pct": opts.min_available_pct,
                                "concurrency": opts.concurrency, "pool_size": opts.pool_size,
                                "pool_warm_up": opts.pool_warm_up,
                                "vmm_options": opts.vmm_options, "ksm": opts.ksm,
-                               "ksm_pages_to_scan": opts.ksm_pages_to_scan},
+                               "ksm_pages_to_scan": opts.ksm_pages_to_scan, "zram": opts.zram,
+                               "idle_wait_s": opts.idle_wait_s},
                    "host": {"cpus": os.cpu_count(), "mem_total_mib": meminfo_kib("MemTotal") // MIB}})
     path = opts.out / f"bench-density-{stamp}.json"
     path.write_text(json.dumps(result, indent=1))

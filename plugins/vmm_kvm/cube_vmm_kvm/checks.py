@@ -1,5 +1,6 @@
 """What ``cube doctor`` checks for the ``kvm`` VMM: QEMU and its TCG, KVM (the same decision
-:func:`accel.detect` makes for every VM), cgroups and ``/dev/net/tun``."""
+:func:`accel.detect` makes for every VM), cgroups, ``/dev/net/tun`` and the swap idle reclaim
+pages into."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from cube_core import Check
 from .accel import detect
 from .cgroup import detect_layout
 from .config import KvmConfig
+from .reclaim import swap_devices, usable_swap
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -65,6 +67,18 @@ def check_tun(dev: Path = Path("/dev/net/tun")) -> Check:
     return Check("tun", "fail", f"{dev} missing", "modprobe tun (or mknod /dev/net/tun c 10 200)")
 
 
+def check_reclaim(config: KvmConfig, swaps: Path = Path("/proc/swaps")) -> Check:
+    """Idle reclaim (``[vmm.options] idle_reclaim``) and the swap it needs: RAM-backed unless
+    ``idle_reclaim_disk_swap``."""
+    if not config.idle_reclaim:
+        return Check("idle_reclaim", "ok", "off ([vmm.options] idle_reclaim = false)")
+    ok, why = usable_swap(swap_devices(swaps), allow_disk=config.idle_reclaim_disk_swap)
+    if ok:
+        return Check("idle_reclaim", "ok", f"idle VMs are paged out to {why}")
+    return Check("idle_reclaim", "warn", f"off: {why}",
+                 "scripts/zram-swap.sh setup 8G (RAM-backed swap; see plugins/vmm_kvm/README.md, \"Idle reclaim\")")
+
+
 def doctor_checks(config: KvmConfig) -> list[Check]:
     qemu, tcg = check_qemu(config.qemu_binary)
-    return [qemu, check_kvm(config), tcg, check_cgroups(config), check_tun()]
+    return [qemu, check_kvm(config), tcg, check_cgroups(config), check_tun(), check_reclaim(config)]

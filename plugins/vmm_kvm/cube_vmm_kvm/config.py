@@ -81,6 +81,22 @@ class KvmConfig(BaseModel):
     """Relative CPU weight of a VM (cgroup v2 ``cpu.weight``; v1 ``cpu.shares`` = weight * 1024 / 100)."""
     swap_mb: int = Field(default=0, ge=0)
     """Swap a VM may use on top of its memory limit (v2 ``memory.swap.max``, v1 ``memsw``)."""
+    idle_reclaim: bool = True
+    """Page idle VMs' private memory (translation cache, QEMU's heap, guest pages written) out to
+    RAM-backed swap (zram), where it is kept compressed: a warm-pool member right after its pause,
+    a running VM once it has been idle for ``idle_reclaim_after_s``. Needs swap on the host
+    (``scripts/zram-swap.sh``); without it this stays off (logged once, ``cube doctor`` says so).
+    Costs the first command after a reclaim its page faults back (docs/bench.md). With it on and
+    ``swap_mb = 0``, a VM may swap up to its memory limit (cgroup v2 ``memory.swap.max``)."""
+    idle_reclaim_after_s: float = Field(default=20.0, ge=1.0)
+    """How long a running VM must be idle before it is reclaimed (one task checks all VMs every
+    half of this)."""
+    idle_reclaim_cpu_pct: float = Field(default=2.0, gt=0.0)
+    """Idle: its QEMU used less than this % of one core over the window (an idle TCG guest uses
+    0.1-0.5 %)."""
+    idle_reclaim_disk_swap: bool = False
+    """Reclaim also when the host's swap is on a disk (a partition or file, not zram). Off: guest
+    memory would be written to a disk and outlive the VM there (docs/security.md)."""
     io_read_bps: int = Field(default=256 << 20, ge=0)
     io_write_bps: int = Field(default=128 << 20, ge=0)
     io_read_iops: int = Field(default=8000, ge=0)

@@ -50,6 +50,7 @@ from .control import ControlChannel
 from .guest_kernel import resolve as resolve_guest_kernel
 from .persist import SnapshotRecord, VmRecord
 from .qemu import MachineSpec, Qmp
+from .reclaim import Reclaimer
 from .tap import open_tap
 
 log = structlog.get_logger(__name__)
@@ -120,6 +121,7 @@ class KvmVmm(VmmDriver):
         self._ram_readonly = False
         self._vms: dict[str, _LiveVm] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._reclaimer: Reclaimer | None = None
 
     # -- driver-wide ---------------------------------------------------------------------------
 
@@ -172,12 +174,21 @@ class KvmVmm(VmmDriver):
             qemu.set_child_subreaper()
             self._spare = jail.Jailer.start()
         self._tsc_khz = host_tsc_khz()
+        if self.config.idle_reclaim:
+            self._reclaimer = Reclaimer(lambda: {k: v.record.pid for k, v in self._vms.items()},
+                                        window_s=self.config.idle_reclaim_after_s,
+                                        cpu_pct=self.config.idle_reclaim_cpu_pct,
+                                        allow_disk=self.config.idle_reclaim_disk_swap)
+            self._reclaimer.start()
         log.info("vmm started", qemu=binary, accel=self.accel.accel, isolation=self.accel.isolation,
                  reason=self.accel.reason, jail=self.config.jail, readonly_template_ram=self._ram_readonly,
                  cgroup_version=self._cgroups.version if self._cgroups else None)
 
     async def close(self) -> None:
         """Drop our QMP and control connections; the VMs keep running."""
+        reclaimer, self._reclaimer = self._reclaimer, None
+        if reclaimer is not None:
+            await reclaimer.close()
         spare, self._spare = self._spare, None
         if spare is not None:
             await self._run(spare.close)
@@ -219,10 +230,18 @@ class KvmVmm(VmmDriver):
         quota = None if cfg.cpu_cores_per_vcpu == 0 else max(1000, int(cpu_count * cfg.cpu_cores_per_vcpu * period))
         return CgroupLimits(cpu_quota_us=quota, cpu_period_us=period,
                             memory_bytes=(memory_mb + cfg.memory_overhead_mb) << 20, pids_max=cfg.pids_max,
-                            swap_bytes=cfg.swap_mb << 20, cpu_weight=cfg.cpu_weight,
+                            swap_bytes=self._swap_bytes(memory_mb), cpu_weight=cfg.cpu_weight,
                             io_device=block_device(disk) if disk is not None else None,
                             io_read_bps=cfg.io_read_bps, io_write_bps=cfg.io_write_bps,
                             io_read_iops=cfg.io_read_iops, io_write_iops=cfg.io_write_iops)
+
+    def _swap_bytes(self, memory_mb: int) -> int:
+        """``swap_mb``; with idle reclaim and ``swap_mb = 0``, the memory limit (what a VM may
+        have paged out; on cgroup v2 ``memory.swap.max = 0`` would make every page-out fail)."""
+        cfg = self.config
+        if cfg.swap_mb == 0 and cfg.idle_reclaim:
+            return (memory_mb + cfg.memory_overhead_mb) << 20
+        return cfg.swap_mb << 20
 
     def _workdir(self, vm_id: str) -> Path:
         workdir = self.config.run_dir / qemu.check_vm_id(vm_id)
@@ -428,10 +447,14 @@ class KvmVmm(VmmDriver):
     async def pause(self, vm: VmHandle) -> None:
         live = await self._get(vm)
         await live.qmp.execute("stop", timeout=self.config.qmp_timeout_s)
+        if self._reclaimer is not None:
+            self._reclaimer.paused(vm.vm_id, live.record.pid)
 
     async def resume(self, vm: VmHandle) -> None:
         live = await self._get(vm)
         await live.qmp.execute("cont", timeout=self.config.qmp_timeout_s)
+        if self._reclaimer is not None:
+            self._reclaimer.tracker.mark_busy(vm.vm_id)
 
     async def set_priority(self, vm: VmHandle, *, background: bool) -> None:
         """The VM's cgroup CPU weight: :data:`BACKGROUND_CPU_WEIGHT` or ``cpu_weight`` again

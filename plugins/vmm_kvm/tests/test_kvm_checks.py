@@ -30,4 +30,4 @@ def test_doctor_checks(tmp_path: Path) -> None:
     assert check_tun(tmp_path / "no-tun").status == "fail"
     plugin = KvmPlugin(KvmConfig())
     names = [c.name for c in plugin.cube_doctor_checks()]
-    assert names == ["qemu", "kvm", "tcg", "cgroups", "tun"]
+    assert names == ["qemu", "kvm", "tcg", "cgroups", "tun", "idle_reclaim"]

@@ -1,0 +1,296 @@
+"""Idle reclaim: page an idle VM's private memory out to RAM-backed (compressed) swap.
+
+Most of an idle sandbox under TCG is anonymous memory it does not touch while idle: the
+translation cache, QEMU's heap and thread arenas, the guest pages it wrote (private copies of its
+template's RAM file). This module moves those pages to swap with ``process_madvise(MADV_PAGEOUT)``
+on the QEMU process, which
+
+- works the same under cgroup v1 and v2 (v1 has no ``memory.reclaim``; this host runs v1),
+- takes only pages the process maps alone: the kernel skips a page whose map count is above one,
+  so the template's RAM file pages that other clones map stay in the page cache (a cgroup-wide
+  reclaim would evict those shared pages that happen to be charged to this VM),
+- costs one ``/proc/<pid>/maps`` read and a few system calls per VM, no scan of anything else.
+
+When a VM is reclaimed: a paused VM (a warm-pool member) right after its pause; a running VM once
+its QEMU process used less than ``idle_reclaim_cpu_pct`` of a core over ``idle_reclaim_after_s``,
+then not again until it has been busy (above the threshold over one window) since. One task per
+driver looks at all VMs every ``idle_reclaim_after_s / 2`` (one ``/proc/<pid>/stat`` read per VM).
+
+Swap must be RAM-backed (zram: ``scripts/zram-swap.sh``): guest memory is never written to a
+disk unless ``idle_reclaim_disk_swap = true`` (docs/security.md). Without usable swap the
+reclaimer stays off and says so once (and ``cube doctor`` says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+MADV_PAGEOUT = 21
+SYS_PROCESS_MADVISE = 440  # x86_64 and aarch64 (asm-generic) alike
+IOV_MAX = 1024
+_SKIP_NAMES = ("[vvar", "[vdso", "[vsyscall", "anon_inode:", "/dev/", "/memfd:")
+
+
+@dataclass(frozen=True)
+class SwapDevice:
+    name: str
+    """As in ``/proc/swaps``: ``/dev/zram0``, ``/swapfile``, ``/dev/sda2``."""
+    kind: str
+    """``partition`` or ``file``."""
+    size_kib: int
+    used_kib: int
+
+    @property
+    def ram_backed(self) -> bool:
+        """zram keeps what is swapped out in (compressed) RAM; anything else is a disk."""
+        return re.fullmatch(r"/dev/zram\d+", self.name) is not None
+
+
+def swap_devices(swaps: Path = Path("/proc/swaps")) -> list[SwapDevice]:
+    """The active swap areas (empty when none, or when ``/proc/swaps`` cannot be read)."""
+    try:
+        lines = swaps.read_text().splitlines()[1:]
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 4:
+            found.append(SwapDevice(parts[0].replace("\\040", " "), parts[1], int(parts[2]), int(parts[3])))
+    return found
+
+
+def usable_swap(devices: list[SwapDevice], *, allow_disk: bool) -> tuple[bool, str]:
+    """Whether idle reclaim may run with these swap areas, and why (for the log and doctor)."""
+    if not devices:
+        return False, "no swap configured (set up zram: scripts/zram-swap.sh setup)"
+    disk = [d.name for d in devices if not d.ram_backed]
+    if disk and not allow_disk:
+        return False, (f"disk-backed swap {', '.join(disk)}: guest memory is not written to a disk "
+                       "(remove it, or set [vmm.options] idle_reclaim_disk_swap = true)")
+    ram = [d for d in devices if d.ram_backed]
+    size = sum(d.size_kib for d in devices) >> 10
+    what = ", ".join(d.name for d in devices)
+    return True, f"swap {what} ({size} MiB{', RAM-backed' if len(ram) == len(devices) else ', incl. disk'})"
+
+
+@dataclass
+class _VmIdle:
+    cpu_s: float
+    at: float
+    """CPU seconds at the last observation, and when (monotonic s)."""
+    idle_since: float
+    reclaimed: bool = False
+
+
+@dataclass
+class IdleTracker:
+    """Which VMs to reclaim now, from their QEMU CPU time sampled over time (pure logic).
+
+    ``observe`` is called once per tick per VM with the process's CPU seconds so far. Between two
+    observations a VM is busy if it used at least ``cpu_pct`` % of a core; it is reclaimed once it
+    has not been busy for ``window_s``, and not again until it has been busy since.
+    """
+
+    window_s: float
+    cpu_pct: float
+    _vms: dict[str, _VmIdle] = field(default_factory=dict)
+
+    def observe(self, vm_id: str, cpu_s: float, now: float) -> bool:
+        state = self._vms.get(vm_id)
+        if state is None or cpu_s < state.cpu_s:  # new VM, or a new process under the same id
+            self._vms[vm_id] = _VmIdle(cpu_s, now, now)
+            return False
+        used, interval = cpu_s - state.cpu_s, now - state.at
+        state.cpu_s, state.at = cpu_s, now
+        # at least half a window: two ticks close together do not make a blip look busy
+        if used >= self.cpu_pct / 100 * max(interval, self.window_s / 2):
+            state.idle_since, state.reclaimed = now, False
+            return False
+        if now - state.idle_since < self.window_s or state.reclaimed:
+            return False
+        state.reclaimed = True
+        return True
+
+    def mark_reclaimed(self, vm_id: str, cpu_s: float, now: float) -> None:
+        """A VM reclaimed outside the ticks (right after a pause)."""
+        self._vms[vm_id] = _VmIdle(cpu_s, now, now, reclaimed=True)
+
+    def mark_busy(self, vm_id: str) -> None:
+        """A VM resumed: forget it, so it gets a whole window before the next reclaim."""
+        self._vms.pop(vm_id, None)
+
+    def forget(self, vm_id: str) -> None:
+        self._vms.pop(vm_id, None)
+
+    def known(self) -> set[str]:
+        return set(self._vms)
+
+
+def process_cpu_s(pid: int, proc: Path = Path("/proc")) -> float | None:
+    """User + system CPU seconds of a process (all its threads), None when it is gone."""
+    try:
+        text = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    # fields[0] is the state (field 3 of stat(5)); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pageout_ranges(maps_text: str) -> Iterator[tuple[int, int]]:
+    """The address ranges of ``/proc/<pid>/maps`` worth paging out: private mappings (anonymous
+    memory, the heap, private file mappings such as a clone's guest RAM and the relocated data of
+    libraries), not shared ones (a template's ``share=on`` RAM) nor special ones (vdso, devices:
+    ``process_madvise`` stops at the first range it refuses)."""
+    for line in maps_text.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 5 or parts[1][3] != "p" or parts[1][0] != "r":
+            continue
+        name = parts[5] if len(parts) == 6 else ""
+        if name.startswith(_SKIP_NAMES):
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        yield start, end
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def pageout(pid: int, proc: Path = Path("/proc")) -> int:
+    """``MADV_PAGEOUT`` every private range of ``pid``; returns the bytes of address space
+    advised (not what moved: the kernel skips shared, locked and unevictable pages). Raises
+    ``OSError`` when the process is gone or the call is refused."""
+    ranges = list(pageout_ranges((proc / str(pid) / "maps").read_text()))
+    fd = os.pidfd_open(pid)
+    done = 0
+    try:
+        for first in range(0, len(ranges), IOV_MAX):
+            batch = ranges[first:first + IOV_MAX]
+            iov = (_Iovec * len(batch))(*(_Iovec(s, e - s) for s, e in batch))
+            result = _libc.syscall(ctypes.c_long(SYS_PROCESS_MADVISE), ctypes.c_long(fd), iov,
+                                   ctypes.c_long(len(batch)), ctypes.c_long(MADV_PAGEOUT), ctypes.c_long(0))
+            if result < 0:
+                err = ctypes.get_errno()
+                if err == 0 or err == 12:  # ENOMEM: a range went away under us (QEMU unmapped it)
+                    continue
+                raise OSError(err, f"process_madvise(MADV_PAGEOUT) of pid {pid}: {os.strerror(err)}")
+            done += result
+    finally:
+        os.close(fd)
+    return done
+
+
+def swapped_kib(pid: int, proc: Path = Path("/proc")) -> int:
+    """``VmSwap`` of a process (KiB), 0 when unknown."""
+    try:
+        for line in (proc / str(pid) / "status").read_text().splitlines():
+            if line.startswith("VmSwap:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Reclaimer:
+    """The node's one reclaim task: every ``window_s / 2`` it samples each VM's QEMU CPU time and
+    pages out those idle for a window; :meth:`paused` pages out a VM right after its pause."""
+
+    def __init__(self, vms: Callable[[], dict[str, int]], *, window_s: float, cpu_pct: float,
+                 allow_disk: bool, swaps: Path = Path("/proc/swaps"), proc: Path = Path("/proc")) -> None:
+        self._vms = vms
+        """vm_id -> QEMU pid of the VMs running now (the driver's)."""
+        self.tracker = IdleTracker(window_s, cpu_pct)
+        self._allow_disk = allow_disk
+        self._swaps = swaps
+        self._proc = proc
+        self._usable: bool | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+        self.reclaimed = 0
+        """VMs paged out so far (for logs and tests)."""
+
+    def usable(self) -> bool:
+        """Whether there is swap to reclaim into; logs when that changes (once at start)."""
+        ok, why = usable_swap(swap_devices(self._swaps), allow_disk=self._allow_disk)
+        if ok != self._usable:
+            (log.info if ok else log.warning)("idle reclaim " + ("on" if ok else "off"), reason=why)
+            self._usable = ok
+        return ok
+
+    def start(self) -> None:
+        self.usable()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="idle-reclaim")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._task, *self._pending) if t is not None]
+        self._task = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.tracker.window_s / 2)
+            try:
+                await loop.run_in_executor(None, self.tick)
+            except Exception:  # noqa: BLE001 - a failed tick must not end the task
+                log.exception("idle reclaim tick failed")
+
+    def tick(self, now: float | None = None) -> list[str]:
+        """One pass over the VMs (blocking: run it off the event loop); returns those paged out."""
+        now = time.monotonic() if now is None else now
+        vms = self._vms()
+        for gone in self.tracker.known() - set(vms):
+            self.tracker.forget(gone)
+        if not self.usable():
+            return []
+        done = []
+        for vm_id, pid in vms.items():
+            cpu = process_cpu_s(pid, self._proc)
+            if cpu is not None and self.tracker.observe(vm_id, cpu, now) and self._pageout(vm_id, pid, "idle"):
+                done.append(vm_id)
+        return done
+
+    def paused(self, vm_id: str, pid: int) -> None:
+        """Page out a VM that was just paused (in the background: the pause does not wait)."""
+        if not self.usable():
+            return
+
+        def run() -> None:
+            if self._pageout(vm_id, pid, "paused"):
+                self.tracker.mark_reclaimed(vm_id, process_cpu_s(pid, self._proc) or 0.0, time.monotonic())
+
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(run))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def _pageout(self, vm_id: str, pid: int, why: str) -> bool:
+        began = time.monotonic()
+        before = swapped_kib(pid, self._proc)
+        try:
+            pageout(pid, self._proc)
+        except OSError as exc:
+            log.warning("idle reclaim failed", vm_id=vm_id, pid=pid, error=str(exc))
+            return False
+        self.reclaimed += 1
+        log.debug("vm reclaimed", vm_id=vm_id, why=why, ms=round((time.monotonic() - began) * 1000, 1),
+                  swapped_mib=round((swapped_kib(pid, self._proc) - before) / 1024, 1))
+        return True

@@ -1,0 +1,119 @@
+"""Idle reclaim's decisions (no VM, no swap): which VMs are idle, which swap is usable, which
+ranges of a process are paged out, and the doctor check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cube_vmm_kvm import KvmConfig
+from cube_vmm_kvm.checks import check_reclaim
+from cube_vmm_kvm.reclaim import IdleTracker, Reclaimer, pageout_ranges, swap_devices, usable_swap
+
+HEADER = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+
+
+def _swaps(tmp_path: Path, *lines: str) -> Path:
+    path = tmp_path / "swaps"
+    path.write_text(HEADER + "".join(line + "\n" for line in lines))
+    return path
+
+
+def test_idle_after_a_whole_quiet_window_then_once_until_busy() -> None:
+    t = IdleTracker(window_s=20, cpu_pct=2.0)
+    assert not t.observe("a", 1.0, 0)  # first sight: a window starts
+    assert not t.observe("a", 1.1, 10)  # quiet, but only half a window
+    assert t.observe("a", 1.2, 20)  # 0.2 s of CPU in 20 s = 1 % < 2 %: reclaim
+    assert not t.observe("a", 1.2, 40)  # still idle: not again
+    assert not t.observe("a", 1.25, 400)
+    assert not t.observe("a", 2.5, 410)  # 1.25 s in 10 s: busy, the idle window starts again
+    assert not t.observe("a", 2.5, 420)
+    assert t.observe("a", 2.55, 430)  # idle for a window since it was busy: reclaim again
+
+
+def test_busy_vm_is_never_reclaimed_and_resume_restarts_the_window() -> None:
+    t = IdleTracker(window_s=20, cpu_pct=2.0)
+    cpu = 0.0
+    for now in range(0, 200, 10):
+        cpu += 0.5  # 5 % of a core
+        assert not t.observe("busy", cpu, now)
+    t.mark_reclaimed("p", 3.0, 0)  # paged out at its pause
+    assert not t.observe("p", 3.0, 30)  # paused, idle: already reclaimed
+    t.mark_busy("p")  # resumed
+    assert not t.observe("p", 3.0, 40)
+    assert t.observe("p", 3.1, 60)
+    assert not t.observe("p", 0.1, 70)  # CPU went down: a new process under that id, a new window
+    assert t.known() == {"busy", "p"}
+
+
+def test_swap_must_be_ram_backed_unless_allowed(tmp_path: Path) -> None:
+    assert swap_devices(tmp_path / "missing") == []
+    assert usable_swap([], allow_disk=False)[0] is False
+    zram = swap_devices(_swaps(tmp_path, "/dev/zram1                              partition\t4194300\t1024\t100"))
+    assert zram[0].ram_backed and zram[0].size_kib == 4194300 and zram[0].used_kib == 1024
+    ok, why = usable_swap(zram, allow_disk=False)
+    assert ok and "/dev/zram1" in why and "RAM-backed" in why
+    mixed = swap_devices(_swaps(tmp_path, "/dev/zram0 partition 1024 0 100", "/swapfile file 2048 0 -2"))
+    ok, why = usable_swap(mixed, allow_disk=False)
+    assert not ok and "/swapfile" in why and "idle_reclaim_disk_swap" in why
+    assert usable_swap(mixed, allow_disk=True)[0]
+    assert not swap_devices(_swaps(tmp_path, "/dev/zram10x partition 1 0 1"))[0].ram_backed
+
+
+def test_pageout_ranges_private_mappings_only() -> None:
+    maps = "\n".join([
+        "55d0c0000000-55d0c0100000 r--p 00000000 fe:00 123   /usr/bin/qemu-system-x86_64",
+        "55d0c2000000-55d0c4000000 rw-p 00000000 00:00 0     [heap]",
+        "7f0000000000-7f0002000000 rwxp 00000000 00:00 0 ",
+        "7f1000000000-7f1020000000 rw-p 00000000 fe:00 99    /var/lib/cube/snap/memory.ram",
+        "7f2000000000-7f2020000000 rw-s 00000000 00:1a 77    /dev/shm/cube/vm.ram",
+        "7f3000000000-7f3000001000 ---p 00000000 00:00 0 ",
+        "7f4000000000-7f4000003000 rw-s 00000000 00:0f 5     anon_inode:kvm-vcpu:0",
+        "7ffd00000000-7ffd00002000 r--p 00000000 00:00 0     [vvar]",
+        "7ffd00002000-7ffd00004000 r-xp 00000000 00:00 0     [vdso]",
+        "ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]",
+    ])
+    assert list(pageout_ranges(maps)) == [
+        (0x55d0c0000000, 0x55d0c0100000), (0x55d0c2000000, 0x55d0c4000000),
+        (0x7f0000000000, 0x7f0002000000), (0x7f1000000000, 0x7f1020000000)]
+
+
+def test_reclaimer_tick_off_without_swap_and_on_with_zram(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node task against a fake /proc: idle VMs are paged out once, gone VMs forgotten."""
+    proc = tmp_path / "proc"
+    cpu = {101: 0, 102: 0}
+
+    def write_stat() -> None:
+        for pid, ticks in cpu.items():
+            (proc / str(pid)).mkdir(parents=True, exist_ok=True)
+            (proc / str(pid) / "stat").write_text(f"{pid} (qemu-system-x86) S 1 {' '.join(['0'] * 9)} {ticks} 0 0")
+
+    paged: list[int] = []
+    monkeypatch.setattr("cube_vmm_kvm.reclaim.pageout", lambda pid, _proc: paged.append(pid) or 0)
+    vms = {"idle": 101, "busy": 102}
+    swaps = _swaps(tmp_path)
+    r = Reclaimer(lambda: dict(vms), window_s=20, cpu_pct=2.0, allow_disk=False, swaps=swaps, proc=proc)
+    write_stat()
+    assert r.tick(0) == [] and r.tick(30) == [] and paged == []  # no swap: off
+    swaps.write_text(HEADER + "/dev/zram1 partition 4194300 0 100\n")
+    assert r.tick(40) == []  # the windows start now
+    cpu[102] += 500  # 5 s (at 100 ticks/s) in 20 s: busy
+    write_stat()
+    assert r.tick(60) == ["idle"] and paged == [101]
+    assert r.tick(70) == []  # busy until 60: not idle for a window yet; idle: done already
+    assert r.tick(80) == ["busy"]  # quiet since 60
+    del vms["idle"]
+    r.tick(90)
+    assert "idle" not in r.tracker.known()
+
+
+def test_doctor_check_reclaim(tmp_path: Path) -> None:
+    assert check_reclaim(KvmConfig(), _swaps(tmp_path)).status == "warn"
+    assert "zram-swap.sh" in check_reclaim(KvmConfig(), _swaps(tmp_path)).hint
+    assert check_reclaim(KvmConfig(idle_reclaim=False), _swaps(tmp_path)).status == "ok"
+    disk = _swaps(tmp_path, "/dev/vda2 partition 1024 0 -2")
+    assert check_reclaim(KvmConfig(), disk).status == "warn"
+    assert check_reclaim(KvmConfig(idle_reclaim_disk_swap=True), disk).status == "ok"
+    zram = _swaps(tmp_path, "/dev/zram3 partition 1024 0 100")
+    assert check_reclaim(KvmConfig(), zram).status == "ok"
