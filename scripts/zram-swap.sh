@@ -10,7 +10,8 @@
 # SIZE is the most uncompressed data the device takes (zram's disksize; what it holds costs RAM
 # only once written, compressed, ~1/3 of it for idle VM memory). The device set up is recorded in
 # $CUBE_ZRAM_STATE (default /run/cube/zram-swap.dev) so teardown removes only ours; a zram device
-# that was there before (zram0 of the module's load) is never touched.
+# that was there before (zram0 of the module's load) is never touched. Setup also sets
+# vm.page-cluster to 0 (no swap readahead: see below); teardown puts the old value back.
 set -euo pipefail
 state=${CUBE_ZRAM_STATE:-/run/cube/zram-swap.dev}
 control=/sys/class/zram-control
@@ -34,6 +35,10 @@ setup() {
   echo "$size" > "/sys/block/$dev/disksize"
   mkswap -q "/dev/$dev" >/dev/null
   swapon -p 100 "/dev/$dev"
+  # no swap readahead: a page faulted back from zram costs a decompression, not a disk seek, and
+  # readahead would bring back 8 neighbours an idle VM does not touch (put back at teardown)
+  cat /proc/sys/vm/page-cluster > "$state.page-cluster"
+  echo 0 > /proc/sys/vm/page-cluster
   echo "/dev/$dev"
 }
 
@@ -46,7 +51,8 @@ teardown() {
     echo 1 > "/sys/block/$dev/reset"
     echo "${dev#zram}" > "$control/hot_remove"
   fi
-  rm -f "$state"
+  if [[ -s $state.page-cluster ]]; then cat "$state.page-cluster" > /proc/sys/vm/page-cluster; fi
+  rm -f "$state" "$state.page-cluster"
 }
 
 status() {
