@@ -94,6 +94,9 @@ class KvmConfig(BaseModel):
     idle_reclaim_cpu_pct: float = Field(default=2.0, gt=0.0)
     """Idle: its QEMU used less than this % of one core over the window (an idle TCG guest uses
     0.1-0.5 %)."""
+    idle_reclaim_repeat_s: float = Field(default=0.0, ge=0.0)
+    """Reclaim a VM that stays idle again after this long (what its idle guest touched since goes
+    back out); 0: once per idle period."""
     idle_reclaim_disk_swap: bool = False
     """Reclaim also when the host's swap is on a disk (a partition or file, not zram). Off: guest
     memory would be written to a disk and outlive the VM there (docs/security.md)."""

@@ -178,7 +178,8 @@ class KvmVmm(VmmDriver):
             self._reclaimer = Reclaimer(lambda: {k: v.record.pid for k, v in self._vms.items()},
                                         window_s=self.config.idle_reclaim_after_s,
                                         cpu_pct=self.config.idle_reclaim_cpu_pct,
-                                        allow_disk=self.config.idle_reclaim_disk_swap)
+                                        allow_disk=self.config.idle_reclaim_disk_swap,
+                                        repeat_s=self.config.idle_reclaim_repeat_s)
             self._reclaimer.start()
         log.info("vmm started", qemu=binary, accel=self.accel.accel, isolation=self.accel.isolation,
                  reason=self.accel.reason, jail=self.config.jail, readonly_template_ram=self._ram_readonly,

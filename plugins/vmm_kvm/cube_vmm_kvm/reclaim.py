@@ -91,7 +91,7 @@ class _VmIdle:
     at: float
     """CPU seconds at the last observation, and when (monotonic s)."""
     idle_since: float
-    reclaimed: bool = False
+    reclaimed_at: float | None = None
 
 
 @dataclass
@@ -100,11 +100,13 @@ class IdleTracker:
 
     ``observe`` is called once per tick per VM with the process's CPU seconds so far. Between two
     observations a VM is busy if it used at least ``cpu_pct`` % of a core; it is reclaimed once it
-    has not been busy for ``window_s``, and not again until it has been busy since.
+    has not been busy for ``window_s``, then again every ``repeat_s`` while it stays idle (what an
+    idle guest touched once, after its reclaim, goes back out; 0: once per idle period).
     """
 
     window_s: float
     cpu_pct: float
+    repeat_s: float = 0.0
     _vms: dict[str, _VmIdle] = field(default_factory=dict)
 
     def observe(self, vm_id: str, cpu_s: float, now: float) -> bool:
@@ -116,16 +118,18 @@ class IdleTracker:
         state.cpu_s, state.at = cpu_s, now
         # at least half a window: two ticks close together do not make a blip look busy
         if used >= self.cpu_pct / 100 * max(interval, self.window_s / 2):
-            state.idle_since, state.reclaimed = now, False
+            state.idle_since, state.reclaimed_at = now, None
             return False
-        if now - state.idle_since < self.window_s or state.reclaimed:
+        if now - state.idle_since < self.window_s:
             return False
-        state.reclaimed = True
+        if state.reclaimed_at is not None and (not self.repeat_s or now - state.reclaimed_at < self.repeat_s):
+            return False
+        state.reclaimed_at = now
         return True
 
     def mark_reclaimed(self, vm_id: str, cpu_s: float, now: float) -> None:
         """A VM reclaimed outside the ticks (right after a pause)."""
-        self._vms[vm_id] = _VmIdle(cpu_s, now, now, reclaimed=True)
+        self._vms[vm_id] = _VmIdle(cpu_s, now, now, reclaimed_at=now)
 
     def mark_busy(self, vm_id: str) -> None:
         """A VM resumed: forget it, so it gets a whole window before the next reclaim."""
@@ -213,10 +217,11 @@ class Reclaimer:
     pages out those idle for a window; :meth:`paused` pages out a VM right after its pause."""
 
     def __init__(self, vms: Callable[[], dict[str, int]], *, window_s: float, cpu_pct: float,
-                 allow_disk: bool, swaps: Path = Path("/proc/swaps"), proc: Path = Path("/proc")) -> None:
+                 allow_disk: bool, repeat_s: float = 0.0, swaps: Path = Path("/proc/swaps"),
+                 proc: Path = Path("/proc")) -> None:
         self._vms = vms
         """vm_id -> QEMU pid of the VMs running now (the driver's)."""
-        self.tracker = IdleTracker(window_s, cpu_pct)
+        self.tracker = IdleTracker(window_s, cpu_pct, repeat_s)
         self._allow_disk = allow_disk
         self._swaps = swaps
         self._proc = proc

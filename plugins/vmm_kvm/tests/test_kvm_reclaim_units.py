@@ -32,6 +32,17 @@ def test_idle_after_a_whole_quiet_window_then_once_until_busy() -> None:
     assert t.observe("a", 2.55, 430)  # idle for a window since it was busy: reclaim again
 
 
+def test_repeat_while_idle() -> None:
+    t = IdleTracker(window_s=20, cpu_pct=2.0, repeat_s=60)
+    assert not t.observe("a", 1.0, 0)
+    assert t.observe("a", 1.0, 20)
+    assert not t.observe("a", 1.0, 60)
+    assert t.observe("a", 1.0, 80)  # idle 60 s since its reclaim: again
+    assert not t.observe("a", 1.0, 100)
+    t.mark_reclaimed("a", 1.0, 100)
+    assert not t.observe("a", 1.0, 150) and t.observe("a", 1.0, 160)
+
+
 def test_busy_vm_is_never_reclaimed_and_resume_restarts_the_window() -> None:
     t = IdleTracker(window_s=20, cpu_pct=2.0)
     cpu = 0.0
