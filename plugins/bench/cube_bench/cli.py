@@ -172,6 +172,8 @@ def bench_density(
                                                       "(idle reclaim)")] = 0.0,
         out_dir: Annotated[Path, typer.Option("--out", help="where the JSON and the serve log go")] = Path(
             "bench-results"),
+        idle_window: Annotated[float, typer.Option(help="seconds over which the idle CPU is attributed")] = 30.0,
+        idle_profile: Annotated[bool, typer.Option(help="py-spy cube serve over the idle window")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line")] = False) -> None:
     """Fill this host with idle sandboxes through the E2B SDK (own cube serve): how many fit, memory
     per sandbox and where it is, command p50 at 25/50/75/100 % of the count; all killed at the end."""
@@ -197,7 +199,8 @@ def bench_density(
                    pool_size=pool, pool_warm_up=warm_up, vmm_options=options,
                    ksm=None if ksm == "keep" else ksm == "on",
                    ksm_pages_to_scan=ksm_pages_to_scan, probe_every=probe_every, probe_runs=probe_runs,
-                   zram=zram, idle_wait_s=idle_wait, out=out_dir)
+                   zram=zram, idle_wait_s=idle_wait, out=out_dir, idle_window_s=idle_window,
+                   idle_profile=idle_profile)
     result = guard(lambda: run(opts, lambda message: err.print(message, highlight=False)))
     table = Table("measure", "value")
     for key in ("count", "bound", "mib_per_sandbox", "pss_mib_median", "uss_mib_median", "swap_pss_mib_median",

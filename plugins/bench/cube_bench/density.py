@@ -15,7 +15,9 @@ Memory per sandbox is the drop of ``MemAvailable`` from the baseline (server up,
 divided by the count; for a sample of the sandboxes' QEMU processes the report adds where their
 memory is (``/proc/<pid>/smaps`` by mapping: guest RAM, TCG code buffer, heap and other
 anonymous memory, QEMU's binary and libraries; page tables from ``/proc/<pid>/status``).
-Every sandbox is killed at the end.
+Then, over a fixed idle window (``idle_window_s``), where the host's CPU goes: ``cube serve``,
+the QEMU processes (per sandbox, by thread, wake-ups per second), ksmd, kernel threads, the rest
+(:mod:`cube_bench.idlecpu`). Every sandbox is killed at the end.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from cube_core.state import SandboxState
 from cube_core.store import SqliteStore
 
 from cube_bench import create as bench_create
-from cube_bench.restore import cpu_ticks, meminfo_kib, percentile, smaps_rollup_kib
+from cube_bench import idlecpu
+from cube_bench import profile as bench_profile
+from cube_bench.restore import meminfo_kib, percentile, smaps_rollup_kib
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +88,10 @@ class Options:
     out: Path = Path("bench-results")
     template: str = "base"
     settle_s: float = 3.0
+    idle_window_s: float = 30.0
+    """The window over which the idle sandboxes' CPU is attributed (``idle_cpu`` in the report)."""
+    idle_profile: bool = False
+    """Sample ``cube serve`` with py-spy over that window (``idle_cpu.serve_profile``)."""
     boot_timeout_s: float = 1500.0
     lock: Path = bench_create.HOST_LOCK
 
@@ -302,24 +310,25 @@ async def _probe(sbx: Any, runs: int) -> float | None:
     return round(percentile(times, 50), 1) if times else None
 
 
-async def _idle_cpu(pids: list[int], window_s: float) -> dict[str, Any]:
-    """Over ``window_s`` with nothing but the sandboxes running: the host's busy % and the
-    sandboxes' QEMU CPU per sandbox, in % of one core."""
-
-    def ticks() -> int:
-        total = 0
-        for pid in pids:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                total += cpu_ticks(pid)
-        return total
-
-    before, (busy0, all0) = ticks(), bench_create._host_busy_ticks()
-    await asyncio.sleep(window_s)
-    after, (busy1, all1) = ticks(), bench_create._host_busy_ticks()
-    return {"host_busy_pct": round(100 * (busy1 - busy0) / max(1, all1 - all0), 1),
-            "qemu_cpu_pct_per_sandbox": round(100 * (after - before) / os.sysconf("SC_CLK_TCK") / window_s
-                                              / max(1, len(pids)), 3),
-            "window_s": window_s, "sandboxes": len(pids)}
+async def _idle_window(target: bench_create.Target, pids: list[int], opts: Options, note: Note) -> dict[str, Any]:
+    """Over ``opts.idle_window_s`` with nothing but the sandboxes running: where the host's CPU
+    went (:mod:`cube_bench.idlecpu`), and with ``opts.idle_profile`` what ``cube serve``'s Python
+    threads ran meanwhile (py-spy)."""
+    note(f"idle CPU: {opts.idle_window_s:.0f} s window over {len(pids)} sandboxes")
+    profile_path = opts.out / f"idle-profile-{target.pid}.txt"
+    with contextlib.ExitStack() as stack:
+        profiling = (stack.enter_context(bench_profile.recording(target.pid, profile_path))
+                     if opts.idle_profile and target.pid else None)
+        before, host_before = idlecpu.snapshot(pids), idlecpu.host_ticks()
+        started = time.monotonic()
+        await asyncio.sleep(opts.idle_window_s)
+        after, host_after = idlecpu.snapshot(pids), idlecpu.host_ticks()
+        window = time.monotonic() - started
+    result = idlecpu.attribute(before, after, host_before, host_after, serve_pid=target.pid, qemu_pids=pids,
+                               window_s=round(window, 2))
+    if profiling is not None:
+        result["serve_profile"] = bench_profile.summary(profiling, top=15)
+    return result
 
 
 async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, note: Note) -> dict[str, Any]:
@@ -366,7 +375,7 @@ async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, not
         elapsed = time.monotonic() - began
         assert target.state_dir is not None
         all_pids = _pids(target.state_dir, {s.sandbox_id for s in alive})
-        cpu = await _idle_cpu(all_pids, opts.settle_s)
+        cpu = await _idle_window(target, all_pids, opts, note)
         ksm_after, ksmd_after = ksm_counters(), ksmd_cpu_s()
         # where an idle sandbox's memory is: prefer sandboxes no probe ran commands in
         idle_ids = {s.sandbox_id for s in alive} - probed
@@ -481,7 +490,7 @@ def _serve_and_measure(opts: Options, state: Path, credentials: bench_create.Cre
     try:
         bench_create._wait_healthy(proc, url, log_path, opts.boot_timeout_s)
         target = bench_create.Target(url=url, api_key=credentials.secret, admin_url=f"http://127.0.0.1:{admin_port}",
-                                     state_dir=state, log=log_path, team_id=credentials.team_id)
+                                     state_dir=state, log=log_path, team_id=credentials.team_id, pid=proc.pid)
         note(f"cube serve up ({url}); filling up to {opts.max_sandboxes} sandboxes")
         result = asyncio.run(measure(opts, target, mem_dir, note))
         result["serve_log"] = str(log_path)
