@@ -149,6 +149,21 @@ def bench_cluster(
         print(json.dumps(result))
 
 
+def _key_values(flag: str, items: list[str] | None) -> dict[str, Any]:
+    """``key=value`` items (a JSON value, else the text) as a dict; exit 2 on one without ``=``."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            err.print(f"error: {flag} wants key=value, not {item!r}")
+            raise typer.Exit(2)
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
 @app.command("density")
 def bench_density(
         max_sandboxes: Annotated[int, typer.Option("--max", help="stop at this many sandboxes alive")] = 400,
@@ -160,6 +175,8 @@ def bench_density(
         warm_up: Annotated[bool, typer.Option(help="\\[core] pool.warm_up of the server")] = True,
         vmm: Annotated[list[str] | None, typer.Option("--vmm", help="extra \\[vmm.options] key=value (JSON "
                                                                      "value), repeatable")] = None,
+        core: Annotated[list[str] | None, typer.Option("--core", help="extra \\[core] key=value (JSON value), "
+                                                                       "repeatable")] = None,
         ksm: Annotated[str, typer.Option(help="on | off | keep: /sys/kernel/mm/ksm/run for the run")] = "keep",
         probe_every: Annotated[int, typer.Option(help="probe command latency every this many sandboxes "
                                                       "(0: --max // 20)")] = 0,
@@ -182,21 +199,12 @@ def bench_density(
     from cube_bench.density import Options, run
 
     configure_logging()
-    options: dict[str, Any] = {}
-    for item in vmm or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            err.print(f"error: --vmm wants key=value, not {item!r}")
-            raise typer.Exit(2)
-        try:
-            options[key.strip()] = json.loads(value)
-        except ValueError:
-            options[key.strip()] = value
+    options, core_options = _key_values("--vmm", vmm), _key_values("--core", core)
     if ksm not in ("on", "off", "keep"):
         err.print(f"error: --ksm is on, off or keep, not {ksm!r}")
         raise typer.Exit(2)
     opts = Options(max_sandboxes=max_sandboxes, min_available_pct=min_available_pct, concurrency=concurrency,
-                   pool_size=pool, pool_warm_up=warm_up, vmm_options=options,
+                   pool_size=pool, pool_warm_up=warm_up, vmm_options=options, core_options=core_options,
                    ksm=None if ksm == "keep" else ksm == "on",
                    ksm_pages_to_scan=ksm_pages_to_scan, probe_every=probe_every, probe_runs=probe_runs,
                    zram=zram, idle_wait_s=idle_wait, out=out_dir, idle_window_s=idle_window,

@@ -46,6 +46,7 @@ from cube_bench import create as bench_create
 from cube_bench import idlecpu
 from cube_bench import profile as bench_profile
 from cube_bench.restore import meminfo_kib, percentile, smaps_rollup_kib
+from cube_bench.servertoml import toml_value
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +72,8 @@ class Options:
     breakdown_sample: int = 10
     vmm_options: dict[str, Any] = field(default_factory=dict)
     """Extra ``[vmm.options]`` of the server (``tb_size_mb``, ``mem_merge``...)."""
+    core_options: dict[str, Any] = field(default_factory=dict)
+    """Extra ``[core]`` keys of the server (``sample_interval_s``...)."""
     ksm: bool | None = None
     """Set ``/sys/kernel/mm/ksm/run`` to 1 (True) or 2 (False: unmerge) for the run and put the
     old value back afterwards; None leaves it as it is."""
@@ -246,8 +249,16 @@ def _server_config(opts: Options, state: Path, port: int, admin_port: int, mem_d
     plan = bench_create.ModePlan("density", (opts.concurrency,), opts.max_sandboxes, 0, pool_size=opts.pool_size,
                                  warm_up=opts.pool_warm_up, vmm_options=tuple(opts.vmm_options.items()),
                                  max_sandboxes=opts.max_sandboxes + opts.pool_size + 10)
-    return bench_create.server_toml(plan, state, port=port, admin_port=admin_port, template=opts.template,
+    text = bench_create.server_toml(plan, state, port=port, admin_port=admin_port, template=opts.template,
                                     mem_dir=mem_dir)
+    return _with_core_options(text, opts.core_options)
+
+
+def _with_core_options(text: str, options: dict[str, Any]) -> str:
+    """``text`` with ``options`` added to its ``[core]`` table (keys the bench does not set itself:
+    ``sample_interval_s``...)."""
+    lines = "".join(f"{k} = {toml_value(v)}\n" for k, v in options.items())
+    return text.replace("[core]\n", "[core]\n" + lines, 1)
 
 
 def ksm_counters() -> dict[str, int]:
@@ -466,8 +477,8 @@ def run(opts: Options, note: Note) -> dict[str, Any]:
     result.update({"options": {"max": opts.max_sandboxes, "min_available_pct": opts.min_available_pct,
                                "concurrency": opts.concurrency, "pool_size": opts.pool_size,
                                "pool_warm_up": opts.pool_warm_up,
-                               "vmm_options": opts.vmm_options, "ksm": opts.ksm,
-                               "ksm_pages_to_scan": opts.ksm_pages_to_scan, "zram": opts.zram,
+                               "vmm_options": opts.vmm_options, "core_options": opts.core_options,
+                               "ksm": opts.ksm, "ksm_pages_to_scan": opts.ksm_pages_to_scan, "zram": opts.zram,
                                "idle_wait_s": opts.idle_wait_s},
                    "host": {"cpus": os.cpu_count(), "mem_total_mib": meminfo_kib("MemTotal") // MIB}})
     path = opts.out / f"bench-density-{stamp}.json"

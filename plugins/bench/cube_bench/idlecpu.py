@@ -38,6 +38,11 @@ class ProcSample:
     """Ticks by thread name (digits folded: ``CPU 0/TCG`` -> ``CPU N/TCG``), when asked."""
 
 
+def _fold_digits(name: str) -> str:
+    """``CPU 0/TCG`` -> ``CPU N/TCG``, ``kworker/1:2`` -> ``kworker/N:N`` (``x86`` stays)."""
+    return re.sub(r"\b\d+\b", "N", name)
+
+
 def _stat_fields(text: str) -> tuple[str, list[str]]:
     head, _, tail = text.rpartition(")")
     return head.partition("(")[2], tail.split()
@@ -59,7 +64,7 @@ def read_process(pid: int, *, detail: bool = False, proc: Path = PROC) -> ProcSa
         for task in (proc / str(pid) / "task").iterdir():
             with contextlib.suppress(OSError, ValueError, IndexError):
                 name, tf = _stat_fields((task / "stat").read_text())
-                threads[re.sub(r"\d+", "N", name)] += int(tf[11]) + int(tf[12])
+                threads[_fold_digits(name)] += int(tf[11]) + int(tf[12])
                 switches += _switches((task / "status").read_text())
         return ProcSample(comm=comm, ppid=sample.ppid, ticks=sample.ticks, switches=switches, threads=dict(threads))
     except (OSError, ValueError, IndexError):
@@ -119,7 +124,7 @@ def attribute(before: Mapping[int, ProcSample], after: Mapping[int, ProcSample],
             groups["ksmd"] += ticks
         elif sample.ppid == KERNEL_THREADS_PPID or pid == KERNEL_THREADS_PPID:
             groups["kernel_threads"] += ticks
-            others[f"[{re.sub(r'[0-9]+', 'N', sample.comm)}]"] += ticks
+            others["[" + _fold_digits(sample.comm) + "]"] += ticks
         else:
             groups["other_processes"] += ticks
             others[sample.comm] += ticks
