@@ -5,9 +5,10 @@ process's user + system ticks with the context switches of all its threads. The 
 attributed to ``cube serve`` (the node agent and the API), the sandboxes' QEMU processes (by
 thread name too: vCPU, main loop, workers), ``ksmd``, the other kernel threads, the other
 processes (named, the busiest first) and the rest nobody holds at the second reading (processes
-that started and ended inside the window, interrupts). In % of one core; per sandbox where it
-scales with them. A QEMU's context switches per second are its wake-ups (an idle one sleeps in
-``ppoll`` until a timer or a file descriptor wakes it).
+that started and ended inside the window and were not waited for by a process alive at both
+readings, interrupts; a process's children that ended inside the window count for it). In % of
+one core; per sandbox where it scales with them. A QEMU's context switches per second are its
+wake-ups (an idle one sleeps in ``ppoll`` until a timer or a file descriptor wakes it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,11 @@ class ProcSample:
     switches: int = 0
     """Voluntary + involuntary context switches of all its threads so far (read only when asked)."""
     threads: Mapping[str, int] | None = None
-    """Ticks by thread name (digits folded: ``CPU 0/TCG`` -> ``CPU N/TCG``), when asked."""
+    """Ticks by thread, when asked: ``main`` (the process's first thread: QEMU's main loop),
+    others by name (digits folded: ``CPU 0/TCG`` -> ``CPU N/TCG``; QEMU names its threads only
+    with ``debug-threads=on``, else ``other threads``)."""
+    children: int = 0
+    """User + system ticks of its children that ended and were waited for."""
 
 
 def _fold_digits(name: str) -> str:
@@ -57,16 +62,18 @@ def read_process(pid: int, *, detail: bool = False, proc: Path = PROC) -> ProcSa
     """One process's sample; ``detail``: also its threads' context switches and ticks by name."""
     try:
         comm, fields = _stat_fields((proc / str(pid) / "stat").read_text())
-        sample = ProcSample(comm=comm, ppid=int(fields[1]), ticks=int(fields[11]) + int(fields[12]))
+        sample = ProcSample(comm=comm, ppid=int(fields[1]), ticks=int(fields[11]) + int(fields[12]),
+                            children=int(fields[13]) + int(fields[14]))
         if not detail:
             return sample
         switches, threads = 0, Counter[str]()
         for task in (proc / str(pid) / "task").iterdir():
             with contextlib.suppress(OSError, ValueError, IndexError):
                 name, tf = _stat_fields((task / "stat").read_text())
-                threads[_fold_digits(name)] += int(tf[11]) + int(tf[12])
+                key = "main" if task.name == str(pid) else "other threads" if name == comm else _fold_digits(name)
+                threads[key] += int(tf[11]) + int(tf[12])
                 switches += _switches((task / "status").read_text())
-        return ProcSample(comm=comm, ppid=sample.ppid, ticks=sample.ticks, switches=switches, threads=dict(threads))
+        return replace(sample, switches=switches, threads=dict(threads))
     except (OSError, ValueError, IndexError):
         return None
 
@@ -109,11 +116,21 @@ def attribute(before: Mapping[int, ProcSample], after: Mapping[int, ProcSample],
         start = before.get(pid)
         return max(0, end.ticks - (start.ticks if start is not None and start.comm == end.comm else 0))
 
+    def reaped(pid: int) -> int:
+        """What children that ended inside the window used (all their life: an upper bound)."""
+        end, start = after.get(pid), before.get(pid)
+        return max(0, end.children - start.children) if end and start and start.comm == end.comm else 0
+
     qemu = {p for p in qemu_pids if p in after}
     groups: Counter[str] = Counter()
     others: Counter[str] = Counter()
     for pid, sample in after.items():
-        ticks = used(pid)
+        ticks, children = used(pid), reaped(pid)
+        if pid == serve_pid:
+            groups["cube_serve_children"] += children
+        elif children:
+            groups["other_processes"] += children
+            others[f"{sample.comm} (ended children)"] += children
         if not ticks:
             continue
         if pid == serve_pid:
@@ -144,6 +161,7 @@ def attribute(before: Mapping[int, ProcSample], after: Mapping[int, ProcSample],
         "host_busy_pct_of_one_core": pct(busy),
         "host_busy_pct": round(100 * busy / max(1, host_after[1] - host_before[1]), 1),
         "cube_serve_pct": pct(groups["cube_serve"]),
+        "cube_serve_children_pct": pct(groups["cube_serve_children"]),
         "qemu_total_pct": pct(groups["qemu"]),
         "qemu_pct_per_sandbox": round(pct(groups["qemu"]) / n, 4),
         "qemu_by_thread_pct": {name: pct(t) for name, t in threads.most_common() if t > 0},
