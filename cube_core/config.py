@@ -91,6 +91,14 @@ class CoreSettings(_Model):
     sample_interval_s: float = Field(default=5.0, gt=0, le=3600)
     """How often each node reads its running sandboxes' metrics and new log entries from their guest
     agents (``/sandboxes/{id}/metrics`` history, ``/sandboxes/{id}/logs``)."""
+    sample_idle_interval_s: float = Field(default=60.0, ge=0, le=3600)
+    """A running sandbox whose VM used less than 1 % of one core (host CPU, read without waking the
+    guest) since the last round is asked again only once this long has passed since its last
+    sample: an idle guest's figures do not change, and each ask wakes it (under TCG a few ms of
+    emulated CPU, which is most of what an idle sandbox costs the host). Its metric samples are then
+    this far apart, and its new log entries arrive up to this late; any CPU use brings it back to
+    every ``sample_interval_s``. ``0``: every running sandbox every round. Only with a VMM that
+    reports a VM's CPU time (``kvm`` does)."""
     observations_keep_s: int = Field(default=7 * 86400, ge=60)
     """How long those metric samples and log entries are kept, also after their sandbox ended."""
     pause_to_disk_after_s: float = Field(default=600.0, ge=0)

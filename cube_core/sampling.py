@@ -1,6 +1,9 @@
 """The node agent's sampler: every ``[core] sample_interval_s`` it asks each running sandbox's guest
 agent (control op ``observe``) for a metrics sample and the log entries after its cursor, and writes
 both to the state store; once a minute it drops what is older than ``[core] observations_keep_s``.
+A sandbox whose VM has been idle since the last round (the VMM's CPU count, read on the host) is
+asked only every ``[core] sample_idle_interval_s``: each ask wakes the guest, which is most of what
+an idle sandbox costs the host.
 
 It runs beside a :class:`~cube_core.node.NodeAgent` (``attach`` in its ``start``, ``detach`` in its
 ``stop``) and needs nothing of it but its id, store and VMM driver: the sandboxes are the store's
@@ -36,6 +39,10 @@ OBSERVE_TIMEOUT_S = 3.0
 LOG_BATCH = 500
 PRUNE_EVERY_S = 60.0
 STARTED_SLACK = timedelta(seconds=2)  # the guest's clock against the host's
+IDLE_CPU_PCT = 1.0
+"""A sandbox whose VM used less than this much of one core (host CPU) since the last round is idle:
+its guest is asked only every ``[core] sample_idle_interval_s``. An idle guest's VM uses ~0.2 % under
+TCG with the asks included (docs/bench.md, "Idle CPU per sandbox"); a command or a file write is more."""
 
 
 class Sampler:
@@ -46,6 +53,11 @@ class Sampler:
         self.keep = timedelta(seconds=settings.observations_keep_s)
         self.cursors: dict[str, int] = {}
         """The last log sequence number stored, by sandbox."""
+        self.idle_interval_s = settings.sample_idle_interval_s
+        self._cpu: dict[str, tuple[float, float]] = {}
+        """By sandbox: its VM's CPU seconds and the monotonic time they were read, at the last round."""
+        self._observed: dict[str, float] = {}
+        """By sandbox: when its guest last answered (monotonic)."""
         self._task: asyncio.Task[None] | None = None
         self._pruned_at = -PRUNE_EVERY_S  # the first round prunes
 
@@ -74,11 +86,15 @@ class Sampler:
                 and not self.agent.starting(sb.sandbox_id)]  # a sandbox still starting: the next round
 
     async def tick(self) -> int:
-        """One round: observe every running sandbox of this node at once; how many answered."""
+        """One round: observe every running sandbox of this node that is :meth:`due`, at once; how many
+        answered."""
         live = self.sandboxes()
-        for gone in set(self.cursors) - {sb.sandbox_id for sb in live}:
-            del self.cursors[gone]
-        answered = sum(await asyncio.gather(*(self.observe(sb) for sb in live)))
+        ids = {sb.sandbox_id for sb in live}
+        for table in (self.cursors, self._cpu, self._observed):
+            for gone in set(table) - ids:
+                del table[gone]
+        due = [sb for sb in live if await self.due(sb)]
+        answered = sum(await asyncio.gather(*(self.observe(sb) for sb in due)))
         if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
             self.prune()
         return answered
@@ -91,6 +107,24 @@ class Sampler:
             log.debug("old observations dropped", count=dropped)
         return dropped
 
+    async def due(self, sb: Sandbox) -> bool:
+        """Whether to ask ``sb``'s guest this round: always, but when its VM has been idle (less
+        than :data:`IDLE_CPU_PCT` of a core since the last round, by the VMM's count, which wakes
+        nobody) and its guest answered less than ``sample_idle_interval_s`` ago."""
+        if self.idle_interval_s <= 0:
+            return True
+        assert sb.runtime.vm is not None
+        now = time.monotonic()
+        cpu = await self.agent.vmm.cpu_seconds(sb.runtime.vm)
+        before = self._cpu.pop(sb.sandbox_id, None)
+        if cpu is None:
+            return True
+        self._cpu[sb.sandbox_id] = (cpu, now)
+        answered = self._observed.get(sb.sandbox_id)
+        if before is None or answered is None or now - answered >= self.idle_interval_s:
+            return True
+        return 100 * (cpu - before[0]) / max(now - before[1], 1e-3) >= IDLE_CPU_PCT
+
     async def observe(self, sb: Sandbox) -> bool:
         vm = sb.runtime.vm
         assert vm is not None
@@ -101,6 +135,7 @@ class Sampler:
         except CubeError as exc:
             log.debug("no observation", sandbox_id=sb.sandbox_id, error=str(exc))
             return False
+        self._observed[sb.sandbox_id] = time.monotonic()
         self.agent.store.add_metric_samples([reply.sample(sb.sandbox_id, sb.team_id, utcnow())])
         new = [e for e in reply.entries(sb.sandbox_id, sb.team_id) if e.seq > after]
         if new:

@@ -122,6 +122,13 @@ class VmmDriver(abc.ABC):
         normal one again. Only where ``capabilities`` has :data:`CAP_PRIORITY`."""
         raise UnsupportedOperation(driver=type(self).__name__, operation="set_priority")
 
+    async def cpu_seconds(self, vm: VmHandle) -> float | None:
+        """Host CPU time ``vm`` has used so far (user + system seconds of its processes), read on
+        the host without waking the guest; None when the driver cannot tell. The node's sampler
+        asks a guest whose VM used next to no CPU since its last sample less often
+        (``[core] sample_idle_interval_s``)."""
+        return None
+
     async def reattach(self, vm: VmHandle) -> VmHandle:
         """Take over a VM started by an earlier process of the node agent."""
         raise UnsupportedOperation(driver=type(self).__name__, operation="reattach")

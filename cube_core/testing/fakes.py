@@ -68,6 +68,8 @@ class FakeVmm(VmmDriver):
         self.calls: list[tuple[str, str]] = []
         self.aslr = True
         """What :attr:`guest_aslr` answers (tests turn it off)."""
+        self.cpu: dict[str, float] = {}
+        """What :meth:`cpu_seconds` answers, by VM id (tests set it; unset: None, unknown)."""
 
     @property
     def volume_slots(self) -> int:
@@ -115,6 +117,9 @@ class FakeVmm(VmmDriver):
     async def set_priority(self, vm: VmHandle, *, background: bool) -> None:
         self._check(vm)["background"] = background
         self.calls.append(("background" if background else "foreground", vm.vm_id))
+
+    async def cpu_seconds(self, vm: VmHandle) -> float | None:
+        return self.cpu.get(vm.vm_id)
 
     async def wait_ready(self, vm: VmHandle, *, timeout: float) -> dict[str, Any]:
         self._check(vm)

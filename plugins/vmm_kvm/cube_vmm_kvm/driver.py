@@ -464,6 +464,12 @@ class KvmVmm(VmmDriver):
         if live.cgroup is not None:
             live.cgroup.set_cpu_weight(BACKGROUND_CPU_WEIGHT if background else self.config.cpu_weight)
 
+    async def cpu_seconds(self, vm: VmHandle) -> float | None:
+        """The QEMU process's CPU time (its vCPU thread included), from ``/proc``; None for a VM
+        this driver does not hold (its pid could be another process's by now)."""
+        live = self._vms.get(vm.vm_id)
+        return qemu.cpu_seconds(live.record.pid) if live is not None else None
+
     async def is_alive(self, vm: VmHandle) -> bool:
         record = self._vms[vm.vm_id].record if vm.vm_id in self._vms else persist.record_from_data(vm.data)
         return qemu.is_our_qemu(record.pid, record.vm_id, record.workdir)
