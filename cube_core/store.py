@@ -31,6 +31,7 @@ from cube_core.errors import ConfigError
 from cube_core.events import EventChannel
 from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template, Volume
 from cube_core.observations import LogEntry, LogLevel, MetricSample
+from cube_core.recordcache import SandboxRecords
 from cube_core.state import SandboxState
 from cube_core.webhooks import Delivery, DeliveryStatus, Webhook
 
@@ -331,6 +332,8 @@ class SqliteStore(StateStore):
             private_dir(self.path.parent)
             private_file(self.path)  # SQLite gives the -wal and -shm files the database's mode
         self._lock = threading.RLock()
+        self._sandboxes = SandboxRecords()
+        """Parsed sandbox records, by body (:mod:`cube_core.recordcache`)."""
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -369,7 +372,7 @@ class SqliteStore(StateStore):
 
     def get_sandbox(self, sandbox_id: str) -> Sandbox | None:
         rows = self._rows("SELECT body FROM sandboxes WHERE id=?", (sandbox_id,))
-        return Sandbox.model_validate_json(rows[0]) if rows else None
+        return self._sandboxes.parse(rows[0]) if rows else None
 
     def list_sandboxes(self, *, team_id: str | None = None, states: tuple[SandboxState, ...] | None = None,
                        ends_by: datetime | None = None) -> list[Sandbox]:
@@ -383,7 +386,7 @@ class SqliteStore(StateStore):
         if ends_by is not None:  # julianday: ISO 8601 with or without fractions, Z or an offset
             sql += " AND julianday(json_extract(body, '$.end_at')) <= julianday(?)"
             args.append(ends_by.isoformat())
-        return [Sandbox.model_validate_json(b) for b in self._rows(sql + " ORDER BY rowid", tuple(args))]
+        return self._sandboxes.parse_all(self._rows(sql + " ORDER BY rowid", tuple(args)))
 
     def delete_sandbox(self, sandbox_id: str) -> None:
         with self._tx() as db:

@@ -34,6 +34,7 @@ from cube_core.errors import ConfigError
 from cube_core.events import EventChannel
 from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template, Volume
 from cube_core.observations import LogEntry, LogLevel, MetricSample
+from cube_core.recordcache import SandboxRecords
 from cube_core.state import SandboxState
 from cube_core.store import StateStore
 from cube_core.webhooks import Delivery, DeliveryStatus, Webhook
@@ -173,6 +174,8 @@ class PostgresStore(StateStore):
                  connect_timeout: float = 10.0) -> None:
         self.where = describe_dsn(dsn)
         self._dsn = dsn
+        self._sandboxes = SandboxRecords()
+        """Parsed sandbox records, by body (:mod:`cube_core.recordcache`)."""
         try:  # one plain connection first: its error says why (refused, auth, no such database)
             with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, round(connect_timeout))) as conn:
                 migrate(conn)
@@ -230,7 +233,7 @@ class PostgresStore(StateStore):
 
     def get_sandbox(self, sandbox_id: str) -> Sandbox | None:
         rows = self._bodies("SELECT body FROM sandboxes WHERE id = %s", (sandbox_id,))
-        return Sandbox.model_validate_json(rows[0]) if rows else None
+        return self._sandboxes.parse(rows[0]) if rows else None
 
     def list_sandboxes(self, *, team_id: str | None = None, states: tuple[SandboxState, ...] | None = None,
                        ends_by: datetime | None = None) -> list[Sandbox]:
@@ -244,7 +247,7 @@ class PostgresStore(StateStore):
         if ends_by is not None:
             sql += " AND (body::jsonb ->> 'end_at')::timestamptz <= %s"
             args.append(ends_by)
-        return [Sandbox.model_validate_json(b) for b in self._bodies(sql + " ORDER BY put_order", tuple(args))]
+        return self._sandboxes.parse_all(self._bodies(sql + " ORDER BY put_order", tuple(args)))
 
     def delete_sandbox(self, sandbox_id: str) -> None:
         self._write("DELETE FROM sandboxes WHERE id = %s", (sandbox_id,))
