@@ -94,11 +94,12 @@ class CoreSettings(_Model):
     sample_idle_interval_s: float = Field(default=60.0, ge=0, le=3600)
     """A running sandbox whose VM used less than 1 % of one core (host CPU, read without waking the
     guest) since the last round is asked again only once this long has passed since its last
-    sample: an idle guest's figures do not change, and each ask wakes it (under TCG a few ms of
-    emulated CPU, which is most of what an idle sandbox costs the host). Its metric samples are then
-    this far apart, and its new log entries arrive up to this late; any CPU use brings it back to
-    every ``sample_interval_s``. ``0``: every running sandbox every round. Only with a VMM that
-    reports a VM's CPU time (``kvm`` does)."""
+    answer: each ask wakes the guest (under TCG a few ms of emulated CPU, which was most of what an
+    idle sandbox cost the host). In the rounds between, its last answer is stored again with the
+    round's time and the CPU use the host counted, so its metrics keep one sample per
+    ``sample_interval_s``; its new log entries can arrive this much later. Any CPU use above that
+    brings it back to every round. ``0``: every running sandbox is asked every round. Only with a
+    VMM that reports a VM's CPU time (``kvm`` does)."""
     observations_keep_s: int = Field(default=7 * 86400, ge=60)
     """How long those metric samples and log entries are kept, also after their sandbox ended."""
     pause_to_disk_after_s: float = Field(default=600.0, ge=0)

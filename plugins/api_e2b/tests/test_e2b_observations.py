@@ -220,8 +220,9 @@ async def test_events_from_before_the_sandbox_started_are_not_its_log(cube: Cube
 
 async def test_an_idle_sandbox_is_asked_every_idle_interval(cube: Cube, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the VMM's CPU count (FakeVmm.cpu): a sandbox whose VM used under 1 % of a core since the
-    last round is not asked until ``sample_idle_interval_s`` (60 s) after its last answer; any CPU
-    use, or that interval passing, asks it again; a VMM that cannot tell (None) is asked every round."""
+    last round is not asked until ``sample_idle_interval_s`` (60 s) after its last answer, which is
+    stored again each round with the host's CPU count; any CPU use, or that interval passing, asks it
+    again; a VMM that cannot tell (None) is asked every round."""
     import cube_core.sampling as sampling
 
     clock = [1000.0]
@@ -230,29 +231,36 @@ async def test_an_idle_sandbox_is_asked_every_idle_interval(cube: Cube, monkeypa
     sid = await create(cube, key)
     vm = cube.service.store.get_sandbox(sid).runtime.vm
     vmm, s = cube.agent.vmm, sampler(cube)
-    samples = lambda: len(cube.service.store.metric_samples(sid))  # noqa: E731
 
-    assert await s.tick() == 1 and samples() == 1  # unknown CPU count: asked
+    def asks() -> int:
+        return sum(1 for op, vm_id in vmm.calls if op == "observe" and vm_id == vm.vm_id)
+
+    def cpu_pcts() -> list[float]:
+        return [m.cpu_used_pct for m in cube.service.store.metric_samples(sid)]
+
+    assert await s.tick() == 1 and asks() == 1  # unknown CPU count: asked
     vmm.cpu[vm.vm_id] = 10.0
     clock[0] += 5
-    assert await s.tick() == 1  # the first count: nothing to compare with yet
-    for cpu in (10.01, 10.02):  # 0.2 % of a core: idle
+    assert await s.tick() == 1 and asks() == 2  # the first count: nothing to compare with yet
+    for cpu in (10.01, 10.02):  # 0.2 % of a core over 5 s: idle, the last answer carried forward
         clock[0] += 5
         vmm.cpu[vm.vm_id] = cpu
-        assert await s.tick() == 0
+        assert await s.tick() == 1 and asks() == 2
+    assert cpu_pcts() == [12.5, 12.5, 0.1, 0.1]  # the guest's answers, then the host's count / 2 vCPUs
     clock[0] += 5
     vmm.cpu[vm.vm_id] = 10.12  # 2 % of a core over 5 s: busy again
-    assert await s.tick() == 1 and samples() == 3
+    assert await s.tick() == 1 and asks() == 3
     clock[0] += 59
-    assert await s.tick() == 0  # idle, answered 59 s ago
+    assert await s.tick() == 1 and asks() == 3  # idle, answered 59 s ago
     clock[0] += 1
-    assert await s.tick() == 1 and samples() == 4  # 60 s since its last answer
+    assert await s.tick() == 1 and asks() == 4  # 60 s since its last answer
+    assert len(cpu_pcts()) == 7
     del vmm.cpu[vm.vm_id]
     clock[0] += 5
-    assert await s.tick() == 1  # the VMM cannot tell any more: every round
+    assert await s.tick() == 1 and asks() == 5  # the VMM cannot tell any more: every round
 
     s.idle_interval_s = 0  # [core] sample_idle_interval_s = 0: every round, whatever the count
     vmm.cpu[vm.vm_id] = 10.12
-    for _ in range(2):
+    for n in (6, 7):
         clock[0] += 5
-        assert await s.tick() == 1
+        assert await s.tick() == 1 and asks() == n
