@@ -50,7 +50,7 @@ from .control import ControlChannel
 from .guest_kernel import resolve as resolve_guest_kernel
 from .persist import SnapshotRecord, VmRecord
 from .qemu import MachineSpec, Qmp
-from .reclaim import Reclaimer
+from .reclaim import Reclaimer, process_cpu_s
 from .tap import open_tap
 
 log = structlog.get_logger(__name__)
@@ -468,7 +468,7 @@ class KvmVmm(VmmDriver):
         """The QEMU process's CPU time (its vCPU thread included), from ``/proc``; None for a VM
         this driver does not hold (its pid could be another process's by now)."""
         live = self._vms.get(vm.vm_id)
-        return qemu.cpu_seconds(live.record.pid) if live is not None else None
+        return process_cpu_s(live.record.pid) if live is not None else None
 
     async def is_alive(self, vm: VmHandle) -> bool:
         record = self._vms[vm.vm_id].record if vm.vm_id in self._vms else persist.record_from_data(vm.data)

@@ -253,18 +253,6 @@ def process_state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds ``pid`` (all its threads) used so far; None if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
 def is_running(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie (a zombie is reaped when it is our child)."""
     state = process_state(pid)

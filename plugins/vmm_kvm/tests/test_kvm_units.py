@@ -19,7 +19,8 @@ from cube_vmm_kvm.accel import host_tsc_khz, probe_kvm
 from cube_vmm_kvm.cgroup import CgroupLayout, CgroupLimits, VmCgroup, detect_layout
 from cube_vmm_kvm.control import ControlChannel, GuestCallError
 from cube_vmm_kvm.persist import SnapshotRecord, VmRecord, record_from_data, restore, save, snapshot_from_data
-from cube_vmm_kvm.qemu import MachineSpec, build_argv, check_vm_id, cpu_seconds
+from cube_vmm_kvm.qemu import MachineSpec, build_argv, check_vm_id
+from cube_vmm_kvm.reclaim import process_cpu_s
 from cube_vmm_kvm.snapshot import copy_sparse
 
 # -- config and plugin ---------------------------------------------------------------------------
@@ -100,15 +101,14 @@ def test_argv_escapes_commas(tmp_path: Path) -> None:
     assert _opt(argv, "-drive")[0].startswith("if=none,id=root,file=/d/a,,b.qcow2,format=qcow2")
 
 
-def test_cpu_seconds_of_a_process() -> None:
-    """What the sampler compares between rounds (KvmVmm.cpu_seconds): this process's CPU time grows
-    with work; a pid that does not exist has none."""
-    before = cpu_seconds(os.getpid())
+def test_process_cpu_seconds() -> None:
+    """What the sampler (KvmVmm.cpu_seconds) and idle reclaim compare between rounds: this process's
+    CPU time grows with work; a pid that does not exist has none."""
+    before = process_cpu_s(os.getpid())
     assert before is not None
-    deadline = before + 0.05
-    while (cpu_seconds(os.getpid()) or 0) < deadline:
+    while (process_cpu_s(os.getpid()) or 0) < before + 0.05:
         sum(i * i for i in range(10_000))
-    assert cpu_seconds(2 ** 22 + 1) is None  # above pid_max's ceiling: never a process
+    assert process_cpu_s(2 ** 22 + 1) is None  # above pid_max's ceiling: never a process
 
 
 @pytest.mark.parametrize("bad", ["", "../x", "a/b", "a,b", "-x", "x" * 200, "a b"])
