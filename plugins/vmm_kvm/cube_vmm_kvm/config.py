@@ -83,8 +83,9 @@ class KvmConfig(BaseModel):
     """Swap a VM may use on top of its memory limit (v2 ``memory.swap.max``, v1 ``memsw``)."""
     idle_reclaim: bool = True
     """Page idle VMs' private memory (translation cache, QEMU's heap, guest pages written) out to
-    RAM-backed swap (zram), where it is kept compressed: a warm-pool member right after its pause,
-    a running VM once it has been idle for ``idle_reclaim_after_s``. Needs swap on the host
+    RAM-backed swap (zram), where it is kept compressed: a paused sandbox right after its pause, a
+    running VM once it has been idle for ``idle_reclaim_after_s`` (warm-pool members only with
+    ``idle_reclaim_pool``). Needs swap on the host
     (``scripts/zram-swap.sh``); without it this stays off (logged once, ``cube doctor`` says so).
     Costs the first command after a reclaim its page faults back (docs/bench.md). With it on and
     ``swap_mb = 0``, a VM may swap up to its memory limit (cgroup v2 ``memory.swap.max``)."""
@@ -94,6 +95,10 @@ class KvmConfig(BaseModel):
     idle_reclaim_cpu_pct: float = Field(default=2.0, gt=0.0)
     """Idle: its QEMU used less than this % of one core over the window (an idle TCG guest uses
     0.1-0.5 %)."""
+    idle_reclaim_pool: bool = False
+    """Reclaim warm-pool members too (right after their pause). Off: a member's warm-up filled its
+    translation cache so that the first command is fast; paged out, a pool hit's first command
+    faults it back (measured here: p50 120 -> 310 ms at c=1). Pool members are few."""
     idle_reclaim_repeat_s: float = Field(default=0.0, ge=0.0)
     """Reclaim a VM that stays idle again after this long (what its idle guest touched since goes
     back out); 0: once per idle period."""

@@ -1,6 +1,6 @@
 """Idle reclaim on a real guest and a real zram swap device: a paused VM's private memory goes to
-zram, the template's shared pages stay, the VM runs on after it, and the node task reclaims a
-running VM that has been idle for a window. The test sets the zram device up with the project's
+zram (a paused warm-pool member's does not), the template's shared pages stay, the VM runs on
+after it, and the node task reclaims a running VM that has been idle for a window. The test sets the zram device up with the project's
 own script and removes it after (swap off, device gone)."""
 
 from __future__ import annotations
@@ -81,6 +81,14 @@ async def test_idle_reclaim_pages_a_vm_out_to_zram(kvm: KvmVmm, template: Templa
     anon_before = _status_kib(pid, "RssAnon")
     shared_before = _ram_shared_kib(pid, template.state.memory_file)
     zram_before = int(Path(f"/sys/block/{Path(zram).name}/mm_stat").read_text().split()[0])
+
+    # a warm-pool member (prepared in the background, then paused) stays warm
+    await kvm.set_priority(clone, background=True)
+    await kvm.pause(clone)
+    await asyncio.sleep(2)
+    assert _status_kib(pid, "VmSwap") < 1024 and clone.vm_id not in reclaimer._vms()
+    await kvm.set_priority(clone, background=False)  # taken by a create
+    await kvm.resume(clone)
 
     # a pause pages the VM out right away (in the background)
     await kvm.pause(clone)
