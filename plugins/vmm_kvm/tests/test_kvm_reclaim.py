@@ -1,7 +1,7 @@
 """Idle reclaim on a real guest and a real zram swap device: a paused VM's private memory goes to
 zram (a paused warm-pool member's does not), the template's shared pages stay, the VM runs on
-after it, and the node task reclaims a running VM that has been idle for a window. The test sets the zram device up with the project's
-own script and removes it after (swap off, device gone)."""
+after it, and the node task reclaims a running VM that has been idle for a window. The test sets
+the zram device up with the project's own script and removes it after (swap off, device gone)."""
 
 from __future__ import annotations
 
