@@ -444,15 +444,18 @@ class Client:
                                        "sandbox_url": target.url, "request_timeout": request_timeout_s,
                                        "retries": 0}
 
-    async def create(self) -> tuple[Sample, Any]:
+    async def create(self, created: Callable[[], None] = lambda: None) -> tuple[Sample, Any]:
+        """One create and its first command; ``created`` is called when the create returned (or failed)."""
         sample = Sample()
         started = time.perf_counter()
         try:
             sbx = await self.sandbox_cls.create(template=self.template, timeout=1800, **self.params)
         except Exception as exc:
             sample.error = f"create: {type(exc).__name__}: {exc}"[:300]
+            created()
             return sample, None
         sample.create_ms = (time.perf_counter() - started) * 1000
+        created()
         sample.sandbox_id = sbx.sandbox_id
         try:
             await sbx.commands.run("true")
@@ -534,22 +537,71 @@ class PoolWatch:
         return False
 
 
+@dataclass
+class CpuWindow:
+    """CPU seconds the bench client (this process, all threads) and the server used while the
+    creates of the waves were in flight (a wave's start until its last create returned)."""
+
+    client_s: float = 0.0
+    server_s: float = 0.0
+    server_known: bool = False
+
+
+class WaveCpu:
+    """Adds one wave's CPU to ``total``: from now until :meth:`created` was called ``size`` times."""
+
+    def __init__(self, total: CpuWindow, size: int, server_pid: int | None) -> None:
+        self.total, self.left, self.server_pid = total, size, server_pid
+        self.client0, self.server0 = _cpu_now(server_pid)
+
+    def created(self) -> None:
+        self.left -= 1
+        if self.left == 0:  # the wave's last create returned: close its window
+            client1, server1 = _cpu_now(self.server_pid)
+            self.total.client_s += client1 - self.client0
+            if self.server0 is not None and server1 is not None:
+                self.total.server_s += server1 - self.server0
+                self.total.server_known = True
+
+
+def _cpu_now(server_pid: int | None) -> tuple[float, float | None]:
+    """(this process's CPU seconds, the server's CPU seconds or None)."""
+    server: float | None = None
+    if server_pid is not None:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            server = cpu_ticks(server_pid) / os.sysconf("SC_CLK_TCK")
+    return time.process_time(), server
+
+
 async def latency_run(client: Client, pool: PoolWatch, *, concurrency: int, n: int, pool_size: int,
-                      note: Note) -> tuple[list[Sample], float]:
+                      note: Note, server_pid: int | None = None) -> tuple[list[Sample], float, CpuWindow]:
     """``n`` creates in waves of ``concurrency``; every sandbox is killed after its wave. Also the
     seconds the waves' creates took (from a wave's start until its last create returned; the
-    pool refills between waves and the first commands after the last 201 are not counted)."""
+    pool refills between waves and the first commands after the last 201 are not counted), and
+    the CPU the client and the server used in that time."""
     samples: list[Sample] = []
     busy = 0.0
+    cpu = CpuWindow()
     for start in range(0, n, concurrency):
         await pool.wait_full(pool_size)
-        made = await asyncio.gather(*(client.create() for _ in range(min(concurrency, n - start))))
+        size = min(concurrency, n - start)
+        wave = WaveCpu(cpu, size, server_pid)
+        made = await asyncio.gather(*(client.create(wave.created) for _ in range(size)))
         busy += max((s.create_ms or 0.0) for s, _ in made) / 1000  # the creates start together
         samples.extend(s for s, _ in made)
         await client.kill([sbx for _, sbx in made if sbx is not None])
         if concurrency > 1 or (start + 1) % 25 == 0 or start + 1 >= n:
             note(f"  c={concurrency}: {len(samples)}/{n} created")
-    return samples, busy
+    return samples, busy, cpu
+
+
+def cpu_per_create(samples: list[Sample], cpu: CpuWindow) -> dict[str, float | None]:
+    """CPU milliseconds per create answered, of the client and of the server (see :class:`CpuWindow`)."""
+    created = sum(1 for s in samples if s.create_ms is not None)
+    if not created:
+        return {"client_cpu_ms_per_create": None, "server_cpu_ms_per_create": None}
+    return {"client_cpu_ms_per_create": round(1000 * cpu.client_s / created, 1),
+            "server_cpu_ms_per_create": round(1000 * cpu.server_s / created, 1) if cpu.server_known else None}
 
 
 def creates_per_s(samples: list[Sample], busy_s: float) -> float | None:
@@ -725,13 +777,14 @@ async def measure(plan: ModePlan, target: Target, *, template: str, settle_s: fl
     try:
         raw: dict[int, list[Sample]] = {}
         busy: dict[int, float] = {}
+        cpu: dict[int, CpuWindow] = {}
         profiling = (recording(target.pid, profile_to) if profile_to is not None and target.pid is not None
                      else contextlib.nullcontext())
         with profiling as profiled:
             for c in plan.concurrency:
                 note(f"{plan.name}: {plan.n} creates at concurrency {c}")
-                raw[c], busy[c] = await latency_run(client, pool, concurrency=c, n=plan.n, pool_size=pool_size,
-                                                    note=note)
+                raw[c], busy[c], cpu[c] = await latency_run(client, pool, concurrency=c, n=plan.n,
+                                                            pool_size=pool_size, note=note, server_pid=target.pid)
         idle: dict[str, Any] | None = None
         if plan.idle_n > 0:
             note(f"{plan.name}: {plan.idle_n} idle sandboxes")
@@ -744,7 +797,8 @@ async def measure(plan: ModePlan, target: Target, *, template: str, settle_s: fl
     return {
         "note": plan.note, "pool_size": pool_size, "boot_mode": plan.boot_mode,
         "isolation": started.get("isolation"),
-        "by_concurrency": {str(c): {**summarize(s, events), "creates_per_s": creates_per_s(s, busy[c])}
+        "by_concurrency": {str(c): {**summarize(s, events), "creates_per_s": creates_per_s(s, busy[c]),
+                                  **cpu_per_create(s, cpu[c])}
                            for c, s in raw.items()},
         "profile": summary(profiled) if profiled is not None else None,
         "idle_mib_per_sandbox": idle["idle_mib_per_sandbox"] if idle else None,
@@ -902,14 +956,16 @@ def tables(result: dict[str, Any]) -> list[Any]:
         return "-" if value is None else str(value)
 
     latency = Table("mode", "c", "n", "fail", "create p50", "p95", "p99", "first cmd p50", "p95", "p99",
-                    "restore p50", "creates/s", "served by", title="latency (ms)")
+                    "restore p50", "creates/s", "CPU ms/create client", "server", "served by",
+                    title="latency (ms)")
     for name, mode in result["modes"].items():
         for c, s in mode["by_concurrency"].items():
             served = s.get("served_by")
             latency.add_row(name, c, str(s["n"]), str(s["failures"]), fmt(s["create_ms_p50"]),
                             fmt(s["create_ms_p95"]), fmt(s["create_ms_p99"]), fmt(s["first_cmd_ms_p50"]),
                             fmt(s["first_cmd_ms_p95"]), fmt(s["first_cmd_ms_p99"]), fmt(s.get("restore_ms_p50")),
-                            fmt(s.get("creates_per_s")),
+                            fmt(s.get("creates_per_s")), fmt(s.get("client_cpu_ms_per_create")),
+                            fmt(s.get("server_cpu_ms_per_create")),
                             " ".join(f"{k}={v}" for k, v in served.items() if v) if served else "-")
     idle = Table("mode", "N", "MemAvail drop MiB/sbx", "PSS med", "USS med", "CPU %/sbx",
                  "after cmd: MiB/sbx", "PSS med", "paused: CPU %/sbx", "pause p50/p95", "resume p50/p95",
