@@ -17,11 +17,11 @@ import structlog
 from cube_core.config import ClusterSettings
 from cube_core.errors import NodeUnavailableError
 from cube_core.events import EventBus
-from cube_core.models import Node, NodeStatus, Sandbox, utcnow
+from cube_core.models import Node, NodeStatus, utcnow
 from cube_core.nodeclient import NodeClient
 from cube_core.pool import POOL_TEAM
 from cube_core.state import SandboxState
-from cube_core.store import StateStore
+from cube_core.store import SandboxTotals, StateStore
 
 log = structlog.get_logger(__name__)
 
@@ -71,20 +71,21 @@ class NodeDirectory:
             self._clients[node_id] = cached
         return cached[1]
 
-    def placeable(self, live: list[Sandbox] | None = None) -> list[Node]:
+    def placeable(self, live: list[SandboxTotals] | None = None) -> list[Node]:
         """Nodes that take new sandboxes (up, heartbeat fresh), with what the records reserve on
-        each right now (so a sandbox placed a moment ago, before the node's next report, counts)."""
+        each right now (so a sandbox placed a moment ago, before the node's next report, counts).
+        ``live``: the store's :meth:`~cube_core.store.StateStore.sandbox_totals` of the live states."""
         if live is None:
-            live = self.store.list_sandboxes(states=LIVE_STATES)
+            live = self.store.sandbox_totals(states=LIVE_STATES)
         out = []
         for node in self.records():
             if node.status != NodeStatus.UP or self._stale(node):
                 continue
-            mine = [s for s in live if s.node_id == node.node_id]
+            mine = [t for t in live if t.node_id == node.node_id]
             out.append(node.evolve(
-                cpu_used=sum(s.cpu_count for s in mine if s.state != SandboxState.PAUSED),
-                memory_mb_used=sum(s.memory_mb for s in mine),
-                sandboxes=sum(1 for s in mine if s.team_id != POOL_TEAM)))
+                cpu_used=sum(t.cpu_count for t in mine if t.state != SandboxState.PAUSED),
+                memory_mb_used=sum(t.memory_mb for t in mine),
+                sandboxes=sum(t.count for t in mine if t.team_id != POOL_TEAM)))
         return out
 
     def mark_down(self) -> list[Node]:

@@ -38,10 +38,14 @@ class Quotas:
 
     def usage(self, team_id: str) -> dict[str, int]:
         """What the team holds now, by the name of the limit it counts against."""
-        held = self.store.list_sandboxes(team_id=team_id, states=HELD)
-        return {"max_sandboxes": len(held),
-                "max_running": sum(1 for s in held if s.state in RUNNING),
+        held, running = self._sandboxes(team_id)
+        return {"max_sandboxes": held, "max_running": running,
                 "max_snapshots": len(self.store.list_snapshots(team_id=team_id))}
+
+    def _sandboxes(self, team_id: str) -> tuple[int, int]:
+        """(sandboxes held, running) of the team: counted by the store, no record parsed."""
+        held = self.store.sandbox_totals(team_id=team_id, states=HELD)
+        return sum(t.count for t in held), sum(t.count for t in held if t.state in RUNNING)
 
     def _check(self, team_id: str, name: str, limit: int | None, current: int, wanted: int, resource: str,
                hint: str) -> None:
@@ -56,16 +60,20 @@ class Quotas:
         name, limits = self._team(team_id)
         if network is not None:
             self._check_rules(team_id, name, limits, network)
-        used = self.usage(team_id)
-        self._check(team_id, name, limits.max_sandboxes, used["max_sandboxes"], count,
+        if limits.max_sandboxes is None and limits.max_running is None:
+            return  # nothing to count against (every create asks)
+        held, running = self._sandboxes(team_id)
+        self._check(team_id, name, limits.max_sandboxes, held, count,
                     "sandboxes (running + paused)", "kill one first (a paused sandbox counts)")
-        self._check(team_id, name, limits.max_running, used["max_running"], count,
+        self._check(team_id, name, limits.max_running, running, count,
                     "running sandboxes", "pause or kill one first")
 
     def check_resume(self, team_id: str) -> None:
         """A paused sandbox of the team may run again."""
         name, limits = self._team(team_id)
-        self._check(team_id, name, limits.max_running, self.usage(team_id)["max_running"], 1,
+        if limits.max_running is None:
+            return
+        self._check(team_id, name, limits.max_running, self._sandboxes(team_id)[1], 1,
                     "running sandboxes", "pause or kill one first")
 
     def check_snapshot(self, team_id: str) -> None:

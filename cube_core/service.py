@@ -75,7 +75,7 @@ from cube_core.pool import POOL_TEAM
 from cube_core.quotas import Quotas
 from cube_core.scheduler import Scheduler
 from cube_core.state import SandboxState, check_transition, require
-from cube_core.store import StateStore
+from cube_core.store import SandboxTotals, StateStore
 from cube_core.volumes import Volumes
 
 log = structlog.get_logger(__name__)
@@ -251,7 +251,7 @@ class SandboxService:
         found = self.template_builds.tags.resolve(ref)
         return found[1] if found is not None else None
 
-    def _place(self, spec: SandboxSpec, snapshot: SnapshotRef | None, live: builtins.list[Sandbox],
+    def _place(self, spec: SandboxSpec, snapshot: SnapshotRef | None, live: builtins.list[SandboxTotals],
                volume_node: str | None = None) -> Node:
         """The node for a new sandbox: the scheduler's choice among the nodes that are up and
         have the template ready. From a sandbox snapshot: its own node (the files are there) when
@@ -303,11 +303,15 @@ class SandboxService:
             raise AdmissionRejectedError(reason=rejection.reason, retryable=rejection.retryable)
         with self.store.exclusive("placement"):  # among masters: quota, capacity, node, record at once
             self.quotas.check_create(spec.team_id, spec.network)
-            live = self.store.list_sandboxes(states=LIVE_STATES)  # read once: the cap and the nodes' usage
-            if len(live) >= self.settings.max_sandboxes:
+            # counted in the store, not parsed record by record: this runs for every create, and
+            # under the placement lock
+            live = self.store.sandbox_totals(states=LIVE_STATES)  # read once: the cap and the nodes' usage
+            live_count = sum(t.count for t in live)
+            if live_count >= self.settings.max_sandboxes:
                 raise NoCapacityError(cpu=spec.cpu_count, memory_mb=spec.memory_mb)
-            self.volumes.check_mountable(mounts, live)  # a read-write mount is exclusive
-            with telemetry.span("scheduler.place", live_sandboxes=len(live)) as placing:
+            if mounts:  # a read-write mount is exclusive
+                self.volumes.check_mountable(mounts, self.store.list_sandboxes(states=LIVE_STATES))
+            with telemetry.span("scheduler.place", live_sandboxes=live_count) as placing:
                 node = self._place(spec, snap, live, volume_node)
                 if placing is not None:
                     placing.set_attribute("cube.node_id", node.node_id)

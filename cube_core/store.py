@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -61,6 +62,23 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class SandboxTotals:
+    """How many sandboxes of one (node, team, state), and the vCPUs and MiB their records hold."""
+
+    node_id: str
+    team_id: str
+    state: SandboxState
+    count: int
+    cpu_count: int
+    memory_mb: int
+
+
+TOTALS_DEFAULTS: tuple[object, ...] = tuple(Sandbox.model_fields[f].default
+                                            for f in ("node_id", "cpu_count", "memory_mb"))
+"""A record's node, vCPUs and MiB when its JSON lacks them (as parsing it would give)."""
+
+
 class StateStore(abc.ABC):
     """Everything the master records. Implementations must be safe to call from one event loop."""
 
@@ -74,6 +92,20 @@ class StateStore(abc.ABC):
         """In put order; ``ends_by``: only those whose ``end_at`` is at or before it (to the
         millisecond), chosen by the store: the reaper's scan every second parses the expired ones
         only, not every live record."""
+
+    def sandbox_totals(self, *, team_id: str | None = None,
+                       states: tuple[SandboxState, ...] | None = None) -> list[SandboxTotals]:
+        """The sandboxes :meth:`list_sandboxes` would return, summed per (node, team, state):
+        what a create's placement and quota checks count, without parsing every record. This
+        default parses them; the stores compute it in SQL."""
+        sums: dict[tuple[str, str, SandboxState], list[int]] = {}
+        for sb in self.list_sandboxes(team_id=team_id, states=states):
+            row = sums.setdefault((sb.node_id, sb.team_id, sb.state), [0, 0, 0])
+            row[0] += 1
+            row[1] += sb.cpu_count
+            row[2] += sb.memory_mb
+        return [SandboxTotals(node_id=k[0], team_id=k[1], state=k[2], count=v[0], cpu_count=v[1], memory_mb=v[2])
+                for k, v in sums.items()]
 
     @abc.abstractmethod
     def delete_sandbox(self, sandbox_id: str) -> None: ...
@@ -387,6 +419,23 @@ class SqliteStore(StateStore):
             sql += " AND julianday(json_extract(body, '$.end_at')) <= julianday(?)"
             args.append(ends_by.isoformat())
         return self._sandboxes.parse_all(self._rows(sql + " ORDER BY rowid", tuple(args)))
+
+    def sandbox_totals(self, *, team_id: str | None = None,
+                       states: tuple[SandboxState, ...] | None = None) -> list[SandboxTotals]:
+        sql = ("SELECT coalesce(json_extract(body, '$.node_id'), ?), team_id, state, count(*), "
+               "sum(coalesce(json_extract(body, '$.cpu_count'), ?)), "
+               "sum(coalesce(json_extract(body, '$.memory_mb'), ?)) FROM sandboxes WHERE 1=1")
+        args: list[object] = list(TOTALS_DEFAULTS)
+        if team_id is not None:
+            sql += " AND team_id=?"
+            args.append(team_id)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(s.value for s in states)
+        with self._lock:
+            rows = self._db.execute(sql + " GROUP BY 1, 2, 3", tuple(args)).fetchall()
+        return [SandboxTotals(node_id=r[0], team_id=r[1], state=SandboxState(r[2]), count=int(r[3]),
+                              cpu_count=int(r[4]), memory_mb=int(r[5])) for r in rows]
 
     def delete_sandbox(self, sandbox_id: str) -> None:
         with self._tx() as db:

@@ -36,7 +36,7 @@ from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template,
 from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.recordcache import SandboxRecords
 from cube_core.state import SandboxState
-from cube_core.store import StateStore
+from cube_core.store import TOTALS_DEFAULTS, SandboxTotals, StateStore
 from cube_core.webhooks import Delivery, DeliveryStatus, Webhook
 
 MIGRATIONS_TABLE = "cube_schema_migrations"
@@ -248,6 +248,23 @@ class PostgresStore(StateStore):
             sql += " AND (body::jsonb ->> 'end_at')::timestamptz <= %s"
             args.append(ends_by)
         return self._sandboxes.parse_all(self._bodies(sql + " ORDER BY put_order", tuple(args)))
+
+    def sandbox_totals(self, *, team_id: str | None = None,
+                       states: tuple[SandboxState, ...] | None = None) -> list[SandboxTotals]:
+        sql = ("SELECT coalesce(body::jsonb ->> 'node_id', %s), team_id, state, count(*), "
+               "sum(coalesce((body::jsonb ->> 'cpu_count')::bigint, %s)), "
+               "sum(coalesce((body::jsonb ->> 'memory_mb')::bigint, %s)) FROM sandboxes WHERE true")
+        args = list[object](TOTALS_DEFAULTS)
+        if team_id is not None:
+            sql += " AND team_id = %s"
+            args.append(team_id)
+        if states:
+            sql += " AND state = ANY(%s)"
+            args.append([s.value for s in states])
+        with self._conn() as conn:
+            rows = conn.execute(sql + " GROUP BY 1, 2, 3", tuple(args)).fetchall()
+        return [SandboxTotals(node_id=r[0], team_id=r[1], state=SandboxState(r[2]), count=int(r[3]),
+                              cpu_count=int(r[4]), memory_mb=int(r[5])) for r in rows]
 
     def delete_sandbox(self, sandbox_id: str) -> None:
         self._write("DELETE FROM sandboxes WHERE id = %s", (sandbox_id,))

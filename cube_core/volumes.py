@@ -161,7 +161,7 @@ class Volumes:
         size = size_mb or self.settings.volume_size_mb
         if not 1 <= size <= VOLUME_MAX_MB:
             raise VolumePathError(path=name, reason=f"size must be 1..{VOLUME_MAX_MB} MiB")
-        nodes = [n for n in self.nodes.placeable(self.store.list_sandboxes(states=LIVE))]
+        nodes = self.nodes.placeable()
         if not nodes:
             raise NodeUnavailableError(node_id="(any)", detail="no node takes volumes right now")
         node = min(nodes, key=lambda n: len(self.store.list_volumes(node_id=n.node_id)))

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -53,7 +54,7 @@ from cube_core.models import (
 )
 from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.state import SandboxState
-from cube_core.store import StateStore
+from cube_core.store import SandboxTotals, StateStore
 from cube_core.webhooks import Delivery, DeliveryAttempt, DeliveryStatus, Webhook
 
 StoreFactory = Callable[[], StateStore]
@@ -253,6 +254,38 @@ class StoreContract:
         assert store.list_sandboxes(team_id="team-c") == []
         assert store.list_sandboxes(states=(SandboxState.ERROR,)) == []
         assert ids(store.list_sandboxes(team_id="team-b", states=None)) == ["b1"]
+
+    def test_sandbox_totals_sum_per_node_team_and_state(self, store: StateStore) -> None:
+        """The store's sums (in SQL) are what parsing every record gives (the base class's
+        default), with the same filters; a re-put moves a record, a delete drops it."""
+        def put(sid: str, team: str, state: SandboxState, node: str, cpu: int, mem: int) -> None:
+            store.put_sandbox(sandbox(sid, team, state).evolve(node_id=node, cpu_count=cpu, memory_mb=mem))
+
+        put("a1", "team-a", SandboxState.RUNNING, "n1", 2, 1024)
+        put("a2", "team-a", SandboxState.RUNNING, "n1", 1, 512)
+        put("a3", "team-a", SandboxState.PAUSED, "n1", 4, 2048)
+        put("a4", "team-a", SandboxState.RUNNING, "n2", 8, 4096)
+        put("b1", "team-b", SandboxState.CREATING, "n1", 1, 256)
+        put("k1", "team-a", SandboxState.KILLED, "n1", 16, 8192)
+        put("a2", "team-a", SandboxState.PAUSED, "n1", 1, 512)  # re-put: moves to PAUSED
+        store.put_sandbox(sandbox("gone"))
+        store.delete_sandbox("gone")
+
+        def totals(**filters: Any) -> set[SandboxTotals]:
+            return set(store.sandbox_totals(**filters))
+
+        live = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED)
+        assert totals(states=live) == {
+            SandboxTotals("n1", "team-a", SandboxState.RUNNING, 1, 2, 1024),
+            SandboxTotals("n1", "team-a", SandboxState.PAUSED, 2, 5, 2560),
+            SandboxTotals("n2", "team-a", SandboxState.RUNNING, 1, 8, 4096),
+            SandboxTotals("n1", "team-b", SandboxState.CREATING, 1, 1, 256)}
+        assert totals(team_id="team-b") == {SandboxTotals("n1", "team-b", SandboxState.CREATING, 1, 1, 256)}
+        assert totals(team_id="team-a", states=(SandboxState.KILLED,)) == {
+            SandboxTotals("n1", "team-a", SandboxState.KILLED, 1, 16, 8192)}
+        assert totals(team_id="team-c") == set()
+        for filters in ({}, {"states": live}, {"team_id": "team-a"}, {"team_id": "team-a", "states": live}):
+            assert totals(**filters) == set(StateStore.sandbox_totals(store, **filters))  # = parsing them
 
     def test_sandboxes_ending_by(self, store: StateStore) -> None:
         """``ends_by`` compares instants (to the millisecond), not strings: fractions of a second,
