@@ -308,6 +308,18 @@ class StateStore(abc.ABC):
         return None
 
 
+def _sandbox_filter(team_id: str | None, states: tuple[SandboxState, ...] | None) -> tuple[str, list[object]]:
+    """The SQL after ``WHERE 1=1`` and its arguments for a sandbox query's team and states."""
+    where, args = "", list[object]()
+    if team_id is not None:
+        where += " AND team_id=?"
+        args.append(team_id)
+    if states:
+        where += f" AND state IN ({','.join('?' * len(states))})"
+        args.extend(s.value for s in states)
+    return where, args
+
+
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -408,13 +420,8 @@ class SqliteStore(StateStore):
 
     def list_sandboxes(self, *, team_id: str | None = None, states: tuple[SandboxState, ...] | None = None,
                        ends_by: datetime | None = None) -> list[Sandbox]:
-        sql, args = "SELECT body FROM sandboxes WHERE 1=1", []
-        if team_id is not None:
-            sql += " AND team_id=?"
-            args.append(team_id)
-        if states:
-            sql += f" AND state IN ({','.join('?' * len(states))})"
-            args.extend(s.value for s in states)
+        where, args = _sandbox_filter(team_id, states)
+        sql = "SELECT body FROM sandboxes WHERE 1=1" + where
         if ends_by is not None:  # julianday: ISO 8601 with or without fractions, Z or an offset
             sql += " AND julianday(json_extract(body, '$.end_at')) <= julianday(?)"
             args.append(ends_by.isoformat())
@@ -425,13 +432,9 @@ class SqliteStore(StateStore):
         sql = ("SELECT coalesce(json_extract(body, '$.node_id'), ?), team_id, state, count(*), "
                "sum(coalesce(json_extract(body, '$.cpu_count'), ?)), "
                "sum(coalesce(json_extract(body, '$.memory_mb'), ?)) FROM sandboxes WHERE 1=1")
-        args: list[object] = list(TOTALS_DEFAULTS)
-        if team_id is not None:
-            sql += " AND team_id=?"
-            args.append(team_id)
-        if states:
-            sql += f" AND state IN ({','.join('?' * len(states))})"
-            args.extend(s.value for s in states)
+        where, filters = _sandbox_filter(team_id, states)
+        sql += where
+        args = [*TOTALS_DEFAULTS, *filters]
         with self._lock:
             rows = self._db.execute(sql + " GROUP BY 1, 2, 3", tuple(args)).fetchall()
         return [SandboxTotals(node_id=r[0], team_id=r[1], state=SandboxState(r[2]), count=int(r[3]),

@@ -130,6 +130,18 @@ TEAM_NAME_LOCK, KEY_HASH_LOCK, EXCLUSIVE_LOCK = 0x63756201, 0x63756202, 0x637562
 TEMPLATE_ALIASES_LOCK = 0x63756204
 
 
+def _sandbox_filter(team_id: str | None, states: tuple[SandboxState, ...] | None) -> tuple[str, list[object]]:
+    """The SQL after ``WHERE true`` and its arguments for a sandbox query's team and states."""
+    where, args = "", list[object]()
+    if team_id is not None:
+        where += " AND team_id = %s"
+        args.append(team_id)
+    if states:
+        where += " AND state = ANY(%s)"
+        args.append([s.value for s in states])
+    return where, args
+
+
 def describe_dsn(dsn: str) -> str:
     """``dsn`` for messages and logs: user, host, port and database, never the password."""
     try:
@@ -237,13 +249,8 @@ class PostgresStore(StateStore):
 
     def list_sandboxes(self, *, team_id: str | None = None, states: tuple[SandboxState, ...] | None = None,
                        ends_by: datetime | None = None) -> list[Sandbox]:
-        sql, args = "SELECT body FROM sandboxes WHERE true", list[object]()
-        if team_id is not None:
-            sql += " AND team_id = %s"
-            args.append(team_id)
-        if states:
-            sql += " AND state = ANY(%s)"
-            args.append([s.value for s in states])
+        where, args = _sandbox_filter(team_id, states)
+        sql = "SELECT body FROM sandboxes WHERE true" + where
         if ends_by is not None:
             sql += " AND (body::jsonb ->> 'end_at')::timestamptz <= %s"
             args.append(ends_by)
@@ -254,13 +261,9 @@ class PostgresStore(StateStore):
         sql = ("SELECT coalesce(body::jsonb ->> 'node_id', %s), team_id, state, count(*), "
                "sum(coalesce((body::jsonb ->> 'cpu_count')::bigint, %s)), "
                "sum(coalesce((body::jsonb ->> 'memory_mb')::bigint, %s)) FROM sandboxes WHERE true")
-        args = list[object](TOTALS_DEFAULTS)
-        if team_id is not None:
-            sql += " AND team_id = %s"
-            args.append(team_id)
-        if states:
-            sql += " AND state = ANY(%s)"
-            args.append([s.value for s in states])
+        where, filters = _sandbox_filter(team_id, states)
+        sql += where
+        args = [*TOTALS_DEFAULTS, *filters]
         with self._conn() as conn:
             rows = conn.execute(sql + " GROUP BY 1, 2, 3", tuple(args)).fetchall()
         return [SandboxTotals(node_id=r[0], team_id=r[1], state=SandboxState(r[2]), count=int(r[3]),
