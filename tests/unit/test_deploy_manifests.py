@@ -205,19 +205,31 @@ def test_render_config_init_container_substitutes_both_placeholders() -> None:
 
 
 def systemd_problems(units: list[Path], tmp_path: Path) -> str:
-    """``systemd-analyze verify`` on copies whose ExecStart points at this venv's cube (verify
-    checks that the binary exists; /opt/cube/bin/cube is only the documented default)."""
+    """``systemd-analyze verify`` on copies whose ExecStart points at this venv's cube and this
+    checkout's scripts (verify checks that the binary exists; /opt/cube/... are only the
+    documented install paths)."""
     copies = []
     for unit in units:
         copy = tmp_path / unit.name
-        copy.write_text(unit.read_text().replace("/opt/cube/bin/cube", CUBE))
+        copy.write_text(unit.read_text().replace("/opt/cube/bin/cube", CUBE)
+                        .replace("/opt/cube/libexec/", f"{REPO}/scripts/"))
         copies.append(str(copy))
     out = subprocess.run(["systemd-analyze", "verify", *copies], capture_output=True, text=True, timeout=60)
     return (out.stdout + out.stderr).strip() or ("" if out.returncode == 0 else f"exit {out.returncode}")
 
 
 def test_there_are_units() -> None:
-    assert {u.name for u in UNITS} == {"cube.service", "cube-master.service", "cube-node.service"}
+    assert {u.name for u in UNITS} == {"cube.service", "cube-master.service", "cube-node.service",
+                                       "cube-zram-swap.service"}
+
+
+def test_zram_unit_runs_the_script_it_names_before_cube() -> None:
+    unit = unit_settings("cube-zram-swap.service")
+    assert unit["Type"] == ["oneshot"] and unit["RemainAfterExit"] == ["yes"]
+    assert set(unit["Before"][0].split()) == {"cube.service", "cube-node.service"}
+    for key, verb in (("ExecStart", "setup"), ("ExecStop", "teardown")):
+        script, arg = unit[key][0].split()[:2]
+        assert arg == verb and (REPO / "scripts" / Path(script).name).is_file(), unit[key]
 
 
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
