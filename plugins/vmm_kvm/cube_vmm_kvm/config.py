@@ -99,9 +99,11 @@ class KvmConfig(BaseModel):
     """Reclaim warm-pool members too (right after their pause). Off: a member's warm-up filled its
     translation cache so that the first command is fast; paged out, a pool hit's first command
     faults it back (measured here: p50 120 -> 310 ms at c=1). Pool members are few."""
-    idle_reclaim_repeat_s: float = Field(default=0.0, ge=0.0)
-    """Reclaim a VM that stays idle again after this long (what its idle guest touched since goes
-    back out); 0: once per idle period."""
+    idle_reclaim_refault_mib: float = Field(default=4.0, ge=0.0)
+    """Reclaim a VM that stays idle again once this much of what it swapped out has come back
+    (its ``VmSwap`` dropped by it: e.g. the node's metrics ask every ``[core]
+    sample_idle_interval_s`` wakes the guest agent, which faults ~10 MiB of translations and
+    agent memory back in; measured in docs/bench.md); 0: once per idle period."""
     idle_reclaim_disk_swap: bool = False
     """Reclaim also when the host's swap is on a disk (a partition or file, not zram). Off: guest
     memory would be written to a disk and outlive the VM there (docs/security.md)."""

@@ -182,7 +182,7 @@ class KvmVmm(VmmDriver):
                                         window_s=self.config.idle_reclaim_after_s,
                                         cpu_pct=self.config.idle_reclaim_cpu_pct,
                                         allow_disk=self.config.idle_reclaim_disk_swap,
-                                        repeat_s=self.config.idle_reclaim_repeat_s)
+                                        refault_kib=int(self.config.idle_reclaim_refault_mib * 1024))
             self._reclaimer.start()
         log.info("vmm started", qemu=binary, accel=self.accel.accel, isolation=self.accel.isolation,
                  reason=self.accel.reason, jail=self.config.jail, readonly_template_ram=self._ram_readonly,

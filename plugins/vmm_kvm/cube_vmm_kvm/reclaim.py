@@ -12,9 +12,12 @@ on the QEMU process, which
 - costs one ``/proc/<pid>/maps`` read and a few system calls per VM, no scan of anything else.
 
 When a VM is reclaimed: a paused VM (a warm-pool member) right after its pause; a running VM once
-its QEMU process used less than ``idle_reclaim_cpu_pct`` of a core over ``idle_reclaim_after_s``,
-then not again until it has been busy (above the threshold over one window) since. One task per
-driver looks at all VMs every ``idle_reclaim_after_s / 2`` (one ``/proc/<pid>/stat`` read per VM).
+its QEMU process used less than ``idle_reclaim_cpu_pct`` of a core over ``idle_reclaim_after_s``;
+then again while it stays idle only when at least ``idle_reclaim_refault_mib`` of what went out
+came back (its ``VmSwap`` dropped: the node's metrics ask, a cron-like blip), and after it has been
+busy, once it is idle for a window again. One task per driver looks at all VMs every
+``idle_reclaim_after_s / 2`` (one ``/proc/<pid>/stat`` read per VM, and ``/proc/<pid>/status``
+for those reclaimed).
 
 Swap must be RAM-backed (zram: ``scripts/zram-swap.sh``): guest memory is never written to a
 disk unless ``idle_reclaim_disk_swap = true`` (docs/security.md). Without usable swap the
@@ -92,24 +95,27 @@ class _VmIdle:
     """CPU seconds at the last observation, and when (monotonic s)."""
     idle_since: float
     reclaimed_at: float | None = None
+    swapped_kib: int = 0
+    """``VmSwap`` right after the last page-out."""
 
 
 @dataclass
 class IdleTracker:
     """Which VMs to reclaim now, from their QEMU CPU time sampled over time (pure logic).
 
-    ``observe`` is called once per tick per VM with the process's CPU seconds so far. Between two
-    observations a VM is busy if it used at least ``cpu_pct`` % of a core; it is reclaimed once it
-    has not been busy for ``window_s``, then again every ``repeat_s`` while it stays idle (what an
-    idle guest touched once, after its reclaim, goes back out; 0: once per idle period).
+    ``observe`` is called once per tick per VM with the process's CPU seconds so far (and, for a
+    VM reclaimed already, its ``VmSwap``). Between two observations a VM is busy if it used at
+    least ``cpu_pct`` % of a core; it is reclaimed once it has not been busy for ``window_s``,
+    then, while it stays idle, again whenever ``refault_kib`` or more of what it swapped out has
+    come back since (0: once per idle period).
     """
 
     window_s: float
     cpu_pct: float
-    repeat_s: float = 0.0
+    refault_kib: int = 0
     _vms: dict[str, _VmIdle] = field(default_factory=dict)
 
-    def observe(self, vm_id: str, cpu_s: float, now: float) -> bool:
+    def observe(self, vm_id: str, cpu_s: float, now: float, swapped_kib: int | None = None) -> bool:
         state = self._vms.get(vm_id)
         if state is None or cpu_s < state.cpu_s:  # new VM, or a new process under the same id
             self._vms[vm_id] = _VmIdle(cpu_s, now, now)
@@ -122,10 +128,22 @@ class IdleTracker:
             return False
         if now - state.idle_since < self.window_s:
             return False
-        if state.reclaimed_at is not None and (not self.repeat_s or now - state.reclaimed_at < self.repeat_s):
+        if state.reclaimed_at is not None and (
+                not self.refault_kib or swapped_kib is None or state.swapped_kib - swapped_kib < self.refault_kib):
             return False
         state.reclaimed_at = now
         return True
+
+    def reclaimed(self, vm_id: str) -> bool:
+        """Whether ``vm_id`` was paged out and has not been busy since."""
+        state = self._vms.get(vm_id)
+        return state is not None and state.reclaimed_at is not None
+
+    def swapped(self, vm_id: str, kib: int) -> None:
+        """``VmSwap`` of ``vm_id`` right after a page-out (what a refault is counted from)."""
+        state = self._vms.get(vm_id)
+        if state is not None:
+            state.swapped_kib = kib
 
     def mark_reclaimed(self, vm_id: str, cpu_s: float, now: float) -> None:
         """A VM reclaimed outside the ticks (right after a pause)."""
@@ -217,11 +235,11 @@ class Reclaimer:
     pages out those idle for a window; :meth:`paused` pages out a VM right after its pause."""
 
     def __init__(self, vms: Callable[[], dict[str, int]], *, window_s: float, cpu_pct: float,
-                 allow_disk: bool, repeat_s: float = 0.0, swaps: Path = Path("/proc/swaps"),
+                 allow_disk: bool, refault_kib: int = 0, swaps: Path = Path("/proc/swaps"),
                  proc: Path = Path("/proc")) -> None:
         self._vms = vms
         """vm_id -> QEMU pid of the VMs running now (the driver's)."""
-        self.tracker = IdleTracker(window_s, cpu_pct, repeat_s)
+        self.tracker = IdleTracker(window_s, cpu_pct, refault_kib)
         self._allow_disk = allow_disk
         self._swaps = swaps
         self._proc = proc
@@ -270,7 +288,10 @@ class Reclaimer:
         done = []
         for vm_id, pid in vms.items():
             cpu = process_cpu_s(pid, self._proc)
-            if cpu is not None and self.tracker.observe(vm_id, cpu, now) and self._pageout(vm_id, pid, "idle"):
+            if cpu is None:
+                continue
+            swapped = swapped_kib(pid, self._proc) if self.tracker.reclaimed(vm_id) else None
+            if self.tracker.observe(vm_id, cpu, now, swapped) and self._pageout(vm_id, pid, "idle"):
                 done.append(vm_id)
         return done
 
@@ -280,14 +301,15 @@ class Reclaimer:
             return
 
         def run() -> None:
-            if self._pageout(vm_id, pid, "paused"):
+            if self._pageout(vm_id, pid, "paused", mark=False):
                 self.tracker.mark_reclaimed(vm_id, process_cpu_s(pid, self._proc) or 0.0, time.monotonic())
+                self.tracker.swapped(vm_id, swapped_kib(pid, self._proc))
 
         task = asyncio.get_running_loop().create_task(asyncio.to_thread(run))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    def _pageout(self, vm_id: str, pid: int, why: str) -> bool:
+    def _pageout(self, vm_id: str, pid: int, why: str, *, mark: bool = True) -> bool:
         began = time.monotonic()
         before = swapped_kib(pid, self._proc)
         try:
@@ -296,6 +318,9 @@ class Reclaimer:
             log.warning("idle reclaim failed", vm_id=vm_id, pid=pid, error=str(exc))
             return False
         self.reclaimed += 1
+        after = swapped_kib(pid, self._proc)
+        if mark:
+            self.tracker.swapped(vm_id, after)
         log.debug("vm reclaimed", vm_id=vm_id, why=why, ms=round((time.monotonic() - began) * 1000, 1),
-                  swapped_mib=round((swapped_kib(pid, self._proc) - before) / 1024, 1))
+                  swapped_mib=round((after - before) / 1024, 1))
         return True

@@ -32,15 +32,23 @@ def test_idle_after_a_whole_quiet_window_then_once_until_busy() -> None:
     assert t.observe("a", 2.55, 430)  # idle for a window since it was busy: reclaim again
 
 
-def test_repeat_while_idle() -> None:
-    t = IdleTracker(window_s=20, cpu_pct=2.0, repeat_s=60)
+def test_again_while_idle_only_when_enough_came_back() -> None:
+    t = IdleTracker(window_s=20, cpu_pct=2.0, refault_kib=4096)
     assert not t.observe("a", 1.0, 0)
     assert t.observe("a", 1.0, 20)
-    assert not t.observe("a", 1.0, 60)
-    assert t.observe("a", 1.0, 80)  # idle 60 s since its reclaim: again
-    assert not t.observe("a", 1.0, 100)
-    t.mark_reclaimed("a", 1.0, 100)
-    assert not t.observe("a", 1.0, 150) and t.observe("a", 1.0, 160)
+    t.swapped("a", 30_000)  # 29 MiB went out
+    assert not t.observe("a", 1.0, 30, 30_000)  # nothing came back
+    assert not t.observe("a", 1.01, 40, 27_000)  # a blip (not busy) brought back 3 MiB: under 4
+    assert t.observe("a", 1.02, 50, 25_000)  # 5 MiB back in all: out again
+    t.swapped("a", 29_500)
+    assert not t.observe("a", 1.02, 60, 29_500) and not t.observe("a", 1.02, 600, None)  # unknown: no
+    t.mark_reclaimed("p", 1.0, 0)  # paused, paged out
+    t.swapped("p", 10_000)
+    assert not t.observe("p", 1.0, 10, 1_000) and t.observe("p", 1.0, 20, 1_000)  # after a whole window
+    off = IdleTracker(window_s=20, cpu_pct=2.0)  # refault_kib 0: once per idle period
+    assert not off.observe("a", 1.0, 0) and off.observe("a", 1.0, 20)
+    off.swapped("a", 30_000)
+    assert not off.observe("a", 1.0, 30, 0)
 
 
 def test_busy_vm_is_never_reclaimed_and_resume_restarts_the_window() -> None:
@@ -94,17 +102,27 @@ def test_reclaimer_tick_off_without_swap_and_on_with_zram(tmp_path: Path, monkey
     """The node task against a fake /proc: idle VMs are paged out once, gone VMs forgotten."""
     proc = tmp_path / "proc"
     cpu = {101: 0, 102: 0}
+    swap = {101: 0, 102: 0}
 
     def write_stat() -> None:
         for pid, ticks in cpu.items():
             (proc / str(pid)).mkdir(parents=True, exist_ok=True)
             (proc / str(pid) / "stat").write_text(f"{pid} (qemu-system-x86) S 1 {' '.join(['0'] * 9)} {ticks} 0 0")
+            (proc / str(pid) / "status").write_text(f"Name:\tqemu\nVmSwap:\t{swap[pid]} kB\n")
 
     paged: list[int] = []
-    monkeypatch.setattr("cube_vmm_kvm.reclaim.pageout", lambda pid, _proc: paged.append(pid) or 0)
+
+    def pageout(pid: int, _proc: Path) -> int:
+        paged.append(pid)
+        swap[pid] = 20_000  # what the page-out moved
+        write_stat()
+        return 0
+
+    monkeypatch.setattr("cube_vmm_kvm.reclaim.pageout", pageout)
     vms = {"idle": 101, "busy": 102}
     swaps = _swaps(tmp_path)
-    r = Reclaimer(lambda: dict(vms), window_s=20, cpu_pct=2.0, allow_disk=False, swaps=swaps, proc=proc)
+    r = Reclaimer(lambda: dict(vms), window_s=20, cpu_pct=2.0, allow_disk=False, refault_kib=4096, swaps=swaps,
+                  proc=proc)
     write_stat()
     assert r.tick(0) == [] and r.tick(30) == [] and paged == []  # no swap: off
     swaps.write_text(HEADER + "/dev/zram1 partition 4194300 0 100\n")
@@ -114,6 +132,9 @@ def test_reclaimer_tick_off_without_swap_and_on_with_zram(tmp_path: Path, monkey
     assert r.tick(60) == ["idle"] and paged == [101]
     assert r.tick(70) == []  # busy until 60: not idle for a window yet; idle: done already
     assert r.tick(80) == ["busy"]  # quiet since 60
+    swap[101] = 15_000  # 5 MiB of the idle VM came back (a metrics ask): out again
+    write_stat()
+    assert r.tick(85) == ["idle"] and r.tick(86) == []
     del vms["idle"]
     r.tick(90)
     assert "idle" not in r.tracker.known()
