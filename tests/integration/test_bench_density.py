@@ -7,7 +7,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cube_bench.density import MIB, Options, Probe, at_quarters, budget, classify, fill, smaps_breakdown
+from cube_bench.density import (
+    MIB,
+    Options,
+    Probe,
+    at_quarters,
+    budget,
+    classify,
+    fill,
+    meminfo_delta,
+    reclaim_options,
+    settle,
+    smaps_breakdown,
+)
 
 TOTAL = 1000 * MIB
 
@@ -66,6 +78,126 @@ async def test_a_failed_create_is_the_bound() -> None:
     done, alive = await _fill(host, max_sandboxes=50, concurrency=4)
     assert len(alive) == 7 and done.count == 7  # type: ignore[attr-defined]
     assert "max_sandboxes reached" in done.bound and done.failures  # type: ignore[attr-defined]
+
+
+class ReclaimingHost:
+    """A host with idle reclaim, on a fake clock: a sandbox takes ``fresh`` KiB of ``MemAvailable``
+    for ``after_s`` seconds after its create, then ``steady`` (it was paged out); a create takes
+    ``create_s`` of the clock. ``reclaim = False``: sandboxes never get cheaper."""
+
+    def __init__(self, fresh: int, steady: int, after_s: float = 30.0, create_s: float = 0.5,
+                 reclaim: bool = True) -> None:
+        self.fresh, self.steady, self.after_s, self.create_s, self.reclaim = fresh, steady, after_s, create_s, reclaim
+        self.t = 0.0
+        self.born: list[float] = []
+        self.lowest = 900 * MIB
+
+    def clock(self) -> float:
+        return self.t
+
+    async def sleep(self, s: float) -> None:
+        self.t += s
+
+    def available(self) -> int:
+        cost = sum(self.steady if self.reclaim and self.t - b >= self.after_s else self.fresh for b in self.born)
+        self.lowest = min(self.lowest, 900 * MIB - cost)
+        return 900 * MIB - cost
+
+    async def create(self) -> str:
+        self.t += self.create_s
+        self.born.append(self.t)
+        self.available()
+        return f"sbx{len(self.born)}"
+
+    async def probe(self, sbx: str) -> float:
+        return 100.0
+
+
+async def _fill_reclaiming(host: ReclaimingHost, **kw: object) -> tuple[object, list[str]]:
+    alive: list[str] = []
+    done = await fill(create=host.create, probe=host.probe, available_kib=host.available, total_kib=TOTAL,
+                      alive=alive, opts=Options(**kw), note=lambda _: None,  # type: ignore[arg-type]
+                      sleep=host.sleep, clock=host.clock)
+    return done, alive
+
+
+async def test_without_reclaim_wait_the_fill_stops_at_the_first_floor() -> None:
+    # 750 MiB above the floor, 40 MiB per new sandbox: 18 fit while all are fresh
+    host = ReclaimingHost(fresh=40 * MIB, steady=10 * MIB)
+    done, alive = await _fill_reclaiming(host, max_sandboxes=200, concurrency=4, reclaim_wait_s=0)
+    assert len(alive) == 18 and done.bound.startswith("memory")  # type: ignore[attr-defined]
+    assert not done.waits and done.first_floor is None  # type: ignore[attr-defined]
+
+
+async def test_the_fill_waits_for_reclaim_and_reaches_the_steady_bound() -> None:
+    # steady: 10 MiB each, so 750 MiB hold ~75 once all are reclaimed; the new ones cost 40 until
+    # then, so the last few are fresh when the bound is reached
+    host = ReclaimingHost(fresh=40 * MIB, steady=10 * MIB)
+    done, alive = await _fill_reclaiming(host, max_sandboxes=200, concurrency=4, reclaim_wait_s=120,
+                                         reclaim_period_s=10)
+    assert done.first_floor == (18, 40 * MIB)  # type: ignore[attr-defined]
+    assert 70 <= len(alive) <= 75, len(alive)
+    assert done.bound.startswith("memory") and "waits for idle reclaim" in done.bound  # type: ignore[attr-defined]
+    assert done.waits and done.waited_s > 30  # type: ignore[attr-defined]
+    assert done.waits[-1].why == "settled"  # type: ignore[attr-defined]
+    # never more than one batch of new sandboxes under the floor
+    assert host.lowest >= 150 * MIB - 4 * 40 * MIB
+    host.t += 100  # everything reclaimed: at or above the floor, with less than a sandbox left
+    assert 150 * MIB <= host.available() < 150 * MIB + 10 * MIB + 4 * 30 * MIB
+    # fresh cost is what a new sandbox takes, not the average over reclaimed ones
+    assert done.fresh_kib >= 30 * MIB  # type: ignore[attr-defined]
+
+
+async def test_with_reclaim_the_fill_goes_on_to_max() -> None:
+    host = ReclaimingHost(fresh=40 * MIB, steady=5 * MIB)
+    done, alive = await _fill_reclaiming(host, max_sandboxes=60, concurrency=4, reclaim_wait_s=120,
+                                         reclaim_period_s=10)
+    assert len(alive) == 60 and done.bound.startswith("max")  # type: ignore[attr-defined]
+    assert all(w.why == "room" for w in done.waits)  # type: ignore[attr-defined]
+
+
+async def test_when_nothing_is_reclaimed_a_wait_ends_once_the_newest_sandbox_had_its_chance() -> None:
+    # the newest sandbox is reclaimed at most 3 periods after its create; no rise for 2 periods
+    # after that: settled
+    host = ReclaimingHost(fresh=40 * MIB, steady=10 * MIB, reclaim=False)
+    done, alive = await _fill_reclaiming(host, max_sandboxes=200, concurrency=4, reclaim_wait_s=120,
+                                         reclaim_period_s=10)
+    assert len(alive) == 18 and done.bound.startswith("memory")  # type: ignore[attr-defined]
+    assert [w.why for w in done.waits] == ["settled"]  # type: ignore[attr-defined]
+    assert 30 <= done.waits[0].waited_s <= 32  # type: ignore[attr-defined]
+
+
+async def test_settle_is_bounded_by_the_max_wait() -> None:
+    t = [0.0]
+
+    async def sleep(s: float) -> None:
+        t[0] += s
+
+    # rises 20 MiB a second for ever: never settles, never reaches the need
+    level, why = await settle(lambda: int(t[0] * 20 * MIB), need_kib=1e12, period_s=10, max_wait_s=45,
+                              sleep=sleep, clock=lambda: t[0])
+    assert why == "max" and 45 <= t[0] <= 47
+    t[0] = 0.0
+    level, why = await settle(lambda: int(t[0] * 20 * MIB), need_kib=100 * MIB, period_s=10, max_wait_s=45,
+                              sleep=sleep, clock=lambda: t[0])
+    assert why == "room" and level >= 100 * MIB and t[0] <= 6
+
+
+def test_reclaim_options_follow_the_server() -> None:
+    assert reclaim_options(Options(), swap_kib=0).reclaim_wait_s == 0
+    on = reclaim_options(Options(), swap_kib=4 << 20)
+    assert on.reclaim_wait_s == 300 and on.reclaim_period_s == 10
+    off = reclaim_options(Options(vmm_options={"idle_reclaim": False}), swap_kib=4 << 20)
+    assert off.reclaim_wait_s == 0
+    assert reclaim_options(Options(vmm_options={"idle_reclaim_after_s": 6}, reclaim_wait_s=30),
+                           swap_kib=1).reclaim_period_s == 3
+
+
+def test_meminfo_delta_names_the_kernel_share() -> None:
+    before = {"MemAvailable": 1000 * MIB, "SUnreclaim": 100 * MIB, "PageTables": 10 * MIB}
+    after = {"MemAvailable": 800 * MIB, "SUnreclaim": 120 * MIB, "PageTables": 20 * MIB, "KernelStack": 10 * MIB}
+    d = meminfo_delta(before, after, 10)
+    assert d["MemAvailable"] == -20 and d["SUnreclaim"] == 2 and d["kernel"] == 4
 
 
 def test_budget() -> None:

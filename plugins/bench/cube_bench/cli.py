@@ -185,8 +185,15 @@ def bench_density(
                                                                    "wake-up for the run")] = None,
         zram: Annotated[str | None, typer.Option(help="set up a zram swap device of this size (e.g. 8G) "
                                                       "for the run, removed after (scripts/zram-swap.sh)")] = None,
+        zram_algo: Annotated[str, typer.Option(help="the zram device's compressor (this kernel: lzo-rle, "
+                                                    "lzo, lz4)")] = "lzo-rle",
         idle_wait: Annotated[float, typer.Option(help="seconds to wait after the fill before measuring "
                                                       "(idle reclaim)")] = 0.0,
+        reclaim_wait: Annotated[float | None, typer.Option(help="at the memory floor, wait up to this many "
+                                                                "seconds for the server's idle reclaim, then go "
+                                                                "on if a sandbox fits (0: stop at the first "
+                                                                "floor; default: 300 when the server reclaims)")
+                                ] = None,
         out_dir: Annotated[Path, typer.Option("--out", help="where the JSON and the serve log go")] = Path(
             "bench-results"),
         idle_window: Annotated[float, typer.Option(help="seconds over which the idle CPU is attributed")] = 30.0,
@@ -207,11 +214,13 @@ def bench_density(
                    pool_size=pool, pool_warm_up=warm_up, vmm_options=options, core_options=core_options,
                    ksm=None if ksm == "keep" else ksm == "on",
                    ksm_pages_to_scan=ksm_pages_to_scan, probe_every=probe_every, probe_runs=probe_runs,
-                   zram=zram, idle_wait_s=idle_wait, out=out_dir, idle_window_s=idle_window,
+                   zram=zram, zram_algo=zram_algo, idle_wait_s=idle_wait, reclaim_wait_s=reclaim_wait,
+                   out=out_dir, idle_window_s=idle_window,
                    idle_profile=idle_profile)
     result = guard(lambda: run(opts, lambda message: err.print(message, highlight=False)))
     table = Table("measure", "value")
-    for key in ("count", "bound", "mib_per_sandbox", "pss_mib_median", "uss_mib_median", "swap_pss_mib_median",
+    for key in ("count", "bound", "mib_per_sandbox", "per_sandbox_mib", "reclaim_waits", "pss_mib_median",
+                "uss_mib_median", "swap_pss_mib_median",
                 "mem_available_mib", "zram_mib", "cmd_ms_p50_at", "idle_sandbox_cmd_ms", "idle_cpu", "ksm",
                 "fill_s", "file"):
         table.add_row(key, json.dumps(result.get(key)))

@@ -6,15 +6,20 @@ directory, template ``base``, under the host lock) and creates sandboxes through
 
 * ``max`` sandboxes are alive;
 * the next batch would take ``MemAvailable`` under ``min_available_pct`` % of ``MemTotal``
-  (estimated from what each sandbox has cost so far);
+  (estimated from what a new sandbox has cost so far) and, when the server reclaims idle
+  memory into swap, ``MemAvailable`` has stopped rising while the fill waited for that
+  (``reclaim_wait_s``, :func:`settle`): a new sandbox costs more in its first idle window than
+  once it has been reclaimed, so the first time the floor is near is not the steady bound;
 * a create fails (the error is the bound: the server's ``max_sandboxes``, pids, slots...).
 
 Every ``probe_every`` sandboxes the p50 of ``probe_runs`` ``commands.run("true")`` in one random
 live sandbox is taken; the report gives the probe nearest to 25/50/75/100 % of the final count.
 Memory per sandbox is the drop of ``MemAvailable`` from the baseline (server up, pool full)
-divided by the count; for a sample of the sandboxes' QEMU processes the report adds where their
-memory is (``/proc/<pid>/smaps`` by mapping: guest RAM, TCG code buffer, heap and other
-anonymous memory, QEMU's binary and libraries; page tables from ``/proc/<pid>/status``).
+divided by the count, at the end of the fill and at steady state (after reclaim settled), with
+the ``/proc/meminfo`` parts it came from (the kernel's own share per sandbox); for a sample of
+the sandboxes' QEMU processes the report adds where their memory is (``/proc/<pid>/smaps`` by
+mapping: guest RAM, TCG code buffer, heap and other anonymous memory, QEMU's binary and
+libraries; page tables from ``/proc/<pid>/status``).
 Then, over a fixed idle window (``idle_window_s``), where the host's CPU goes: ``cube serve``,
 the QEMU processes (per sandbox, by thread, wake-ups per second), ksmd, kernel threads, the rest
 (:mod:`cube_bench.idlecpu`). Every sandbox is killed at the end.
@@ -86,8 +91,18 @@ class Options:
     zram: str | None = None
     """Set up a zram swap device of this size (``scripts/zram-swap.sh setup``) for the run and
     remove it after (for ``[vmm.options] idle_reclaim``); None leaves the host's swap as it is."""
+    zram_algo: str = "lzo-rle"
+    """The compressor of that device."""
     idle_wait_s: float = 0.0
     """After the fill, wait this long before measuring (so idle reclaim reached every sandbox)."""
+    reclaim_wait_s: float | None = None
+    """At the memory floor, wait up to this long (seconds, per wait) for the server's idle reclaim
+    to free memory, then go on if the next sandbox fits (:func:`settle`); 0: stop at the first
+    time the floor would be crossed. None: 300 when the server reclaims (``idle_reclaim`` not off
+    and the host has swap), else 0."""
+    reclaim_period_s: float | None = None
+    """How often the server's reclaimer looks (``idle_reclaim_after_s / 2``; None: from
+    ``vmm_options``, default 10 s). A wait ends once ``MemAvailable`` has not risen for two."""
     out: Path = Path("bench-results")
     template: str = "base"
     settle_s: float = 3.0
@@ -116,6 +131,41 @@ def budget(available_kib: int, total_kib: int, min_available_pct: float, per_san
     if per_sandbox_kib <= 0:
         return 0 if available_kib <= floor else 1 << 30
     return max(0, int((available_kib - floor) // per_sandbox_kib))
+
+
+def reclaim_options(opts: Options, *, swap_kib: int) -> Options:
+    """``opts`` with ``reclaim_wait_s`` and ``reclaim_period_s`` decided: the server reclaims
+    idle memory when its ``idle_reclaim`` is not off and the host has swap."""
+    period = opts.reclaim_period_s or float(opts.vmm_options.get("idle_reclaim_after_s", 20.0)) / 2
+    wait = opts.reclaim_wait_s
+    if wait is None:
+        wait = 300.0 if opts.vmm_options.get("idle_reclaim", True) is not False and swap_kib > 0 else 0.0
+    return replace(opts, reclaim_wait_s=wait, reclaim_period_s=period)
+
+
+MEMINFO_PARTS = ("MemAvailable", "MemFree", "AnonPages", "Cached", "Shmem", "Mapped", "SwapCached",
+                 "SUnreclaim", "SReclaimable", "KernelStack", "PageTables", "Percpu", "VmallocUsed")
+
+
+def meminfo_all(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
+    """Every ``/proc/meminfo`` field, KiB (``Swap used`` = total - free added)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        name, _, rest = line.partition(":")
+        with contextlib.suppress(ValueError, IndexError):
+            out[name] = int(rest.split()[0])
+    out["SwapUsed"] = out.get("SwapTotal", 0) - out.get("SwapFree", 0)
+    return out
+
+
+def meminfo_delta(before: dict[str, int], after: dict[str, int], n: int) -> dict[str, float]:
+    """Per sandbox, MiB: how ``MEMINFO_PARTS`` (and swap used) changed over the run, and the
+    kernel's own share (unreclaimable slab + kernel stacks + page tables + per-CPU + vmalloc)."""
+    keys = (*MEMINFO_PARTS, "SwapUsed")
+    out = {k: round((after.get(k, 0) - before.get(k, 0)) / MIB / max(1, n), 2) for k in keys}
+    out["kernel"] = round(sum(out[k] for k in ("SUnreclaim", "KernelStack", "PageTables", "Percpu",
+                                                "VmallocUsed")), 2)
+    return out
 
 
 def at_quarters(probes: Sequence[Probe], final: int) -> dict[str, Probe | None]:
@@ -185,6 +235,47 @@ def median_breakdown(samples: Sequence[dict[str, dict[str, int]]]) -> dict[str, 
     return out
 
 
+@dataclass(frozen=True)
+class ReclaimWait:
+    """One wait at the memory floor for the server's idle reclaim (:func:`settle`)."""
+
+    count: int
+    """Sandboxes alive when it began."""
+    waited_s: float
+    before_kib: int
+    after_kib: int
+    """``MemAvailable`` when it began and when it ended."""
+    why: str
+    """``room`` (the next batch fits), ``settled`` (``MemAvailable`` stopped rising) or ``max``
+    (``reclaim_wait_s`` ran out)."""
+
+
+async def settle(available_kib: Callable[[], int], *, need_kib: float, period_s: float, max_wait_s: float,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                 clock: Callable[[], float] = time.monotonic, rise_kib: int = 16 * MIB,
+                 not_before: float = 0.0) -> tuple[int, str]:
+    """Wait while the server's idle reclaim frees memory: until ``MemAvailable`` reaches
+    ``need_kib`` (``room``), or it has not risen by more than ``rise_kib`` over two reclaim
+    periods and ``clock()`` has passed ``not_before`` (``settled``: the newest sandbox had its
+    chance, an idle window and a look of the reclaimer), or ``max_wait_s`` has passed (``max``).
+    Returns the last ``MemAvailable`` and why the wait ended."""
+    began = clock()
+    now_kib = peak = available_kib()
+    peak_at = began
+    step = max(0.2, min(2.0, period_s / 5))
+    while True:
+        if now_kib >= need_kib:
+            return now_kib, "room"
+        if clock() - peak_at >= 2 * period_s and clock() >= not_before:
+            return now_kib, "settled"
+        if clock() - began >= max_wait_s:
+            return now_kib, "max"
+        await sleep(step)
+        now_kib = available_kib()
+        if now_kib > peak + rise_kib:
+            peak, peak_at = now_kib, clock()
+
+
 @dataclass
 class Fill:
     """What :func:`fill` did."""
@@ -193,19 +284,40 @@ class Fill:
     bound: str = ""
     probes: list[Probe] = field(default_factory=list)
     per_sandbox_kib: float = 0.0
+    """``MemAvailable`` drop per sandbox at the end of the fill (after the last wait, if any)."""
+    first_floor: tuple[int, float] | None = None
+    """Sandboxes alive and the drop per sandbox the first time the floor was reached (what the
+    fill stopped at before it waited for reclaim)."""
+    fresh_kib: float = 0.0
+    """What a new sandbox costs until the server reclaims it (median drop per sandbox of the last
+    batches; never less than the average)."""
+    waits: list[ReclaimWait] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+
+    @property
+    def waited_s(self) -> float:
+        return round(sum(w.waited_s for w in self.waits), 1)
 
 
 async def fill(*, create: Callable[[], Awaitable[Any]], probe: Callable[[Any], Awaitable[float | None]],
                available_kib: Callable[[], int], total_kib: int, alive: list[Any], opts: Options,
                note: Note, before_create: Callable[[], Awaitable[None]] | None = None,
-               first_guess_kib: float = 64 * MIB) -> Fill:
+               first_guess_kib: float = 64 * MIB, sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+               clock: Callable[[], float] = time.monotonic) -> Fill:
     """Create sandboxes into ``alive`` until a bound (see the module docstring); ``create``
-    returns a sandbox or raises (the error becomes the bound)."""
+    returns a sandbox or raises (the error becomes the bound).
+
+    The next batch is sized by what a *new* sandbox costs (``Fill.fresh_kib``: with idle reclaim
+    a sandbox costs more in its first idle window than after). When it would cross the floor and
+    ``opts.reclaim_wait_s`` is set, the fill waits for reclaim (:func:`settle`) and goes on if a
+    sandbox fits then; the bound is the floor once ``MemAvailable`` has stopped rising."""
     done = Fill()
     baseline = available_kib()
     every = opts.probe_every or max(1, opts.max_sandboxes // 20)
     next_probe = every
+    marginal: list[float] = []  # drop per sandbox of each recent batch
+    floor = total_kib * opts.min_available_pct / 100
+    last_create = clock()
     while True:
         room = opts.max_sandboxes - len(alive)
         if room <= 0:
@@ -214,17 +326,41 @@ async def fill(*, create: Callable[[], Awaitable[Any]], probe: Callable[[Any], A
         now = available_kib()
         used = baseline - now
         done.per_sandbox_kib = used / len(alive) if alive and used > 0 else done.per_sandbox_kib
-        fits = budget(now, total_kib, opts.min_available_pct, done.per_sandbox_kib or first_guess_kib)
+        recent = statistics.median(marginal[-15:]) if marginal else 0.0
+        done.fresh_kib = max(recent, done.per_sandbox_kib)
+        fits = budget(now, total_kib, opts.min_available_pct, done.fresh_kib or first_guess_kib)
+        if fits <= 0 and opts.reclaim_wait_s:
+            if done.first_floor is None:
+                done.first_floor = (len(alive), done.per_sandbox_kib)
+            want = floor + (done.fresh_kib or first_guess_kib) * min(room, max(1, opts.concurrency))
+            began, period = clock(), opts.reclaim_period_s or 10.0
+            # the newest sandbox is reclaimed an idle window (2 periods) after the reclaimer first saw
+            # it (at most a period after its create)
+            after, why = await settle(available_kib, need_kib=want, period_s=period, max_wait_s=opts.reclaim_wait_s,
+                                      sleep=sleep, clock=clock, not_before=last_create + 3 * period)
+            done.waits.append(ReclaimWait(len(alive), round(clock() - began, 1), now, after, why))
+            if why != "room":
+                note(f"  {len(alive)} alive: waited {done.waits[-1].waited_s:g} s for reclaim ({why}), "
+                     f"MemAvailable {now // MIB} -> {after // MIB} MiB")
+            now = after
+            fits = budget(now, total_kib, opts.min_available_pct, done.fresh_kib or first_guess_kib)
         if fits <= 0:
+            used = baseline - now
+            done.per_sandbox_kib = used / len(alive) if alive and used > 0 else done.per_sandbox_kib
             done.bound = (f"memory: MemAvailable {now // MIB} MiB, the next sandbox would take it under "
-                          f"{opts.min_available_pct:g} % of MemTotal")
+                          f"{opts.min_available_pct:g} % of MemTotal"
+                          + (f" (after {done.waited_s:g} s of waits for idle reclaim)" if done.waits else ""))
             break
         batch = min(room, fits, max(1, opts.concurrency), next_probe - len(alive))
         if before_create is not None:
             await before_create()
+        before_batch = available_kib()
         results = await asyncio.gather(*(create() for _ in range(batch)), return_exceptions=True)
+        last_create = clock()
         errors = [r for r in results if isinstance(r, BaseException)]
         alive.extend(r for r in results if not isinstance(r, BaseException))
+        if len(results) > len(errors):
+            marginal.append((before_batch - available_kib()) / (len(results) - len(errors)))
         if errors:
             done.failures.extend(f"{type(e).__name__}: {e}"[:300] for e in errors)
             done.bound = f"create failed at {len(alive)} alive: {done.failures[0]}"
@@ -351,6 +487,7 @@ async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, not
         await asyncio.sleep(opts.settle_s)
         total = meminfo_kib("MemTotal")
         available_before = meminfo_kib()
+        meminfo_before = meminfo_all()
         ksm_before, ksmd_before, began = ksm_counters(), ksmd_cpu_s(), time.monotonic()
 
         async def create() -> Any:
@@ -366,23 +503,35 @@ async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, not
             probed.add(sbx.sandbox_id)
             return await _probe(sbx, opts.probe_runs)
 
-        done = await fill(create=create, probe=probe, available_kib=meminfo_kib,
-                          total_kib=total, alive=alive, note=note,
-                          # with a pool, a batch is at most the pool, so every create of it is a hit
-                          opts=replace(opts, concurrency=min(opts.concurrency, opts.pool_size or opts.concurrency)),
-                          before_create=wait_pool if opts.pool_size else None)
+        run_opts = reclaim_options(opts, swap_kib=meminfo_kib("SwapTotal"))
+        if run_opts.reclaim_wait_s:
+            note(f"the server reclaims idle memory: at the floor the fill waits up to {run_opts.reclaim_wait_s:g} s "
+                 f"for it (reclaim period {run_opts.reclaim_period_s:g} s)")
+        # with a pool, a batch is at most the pool, so every create of it is a hit
+        run_opts = replace(run_opts, concurrency=min(opts.concurrency, opts.pool_size or opts.concurrency))
+        done = await fill(create=create, probe=probe, available_kib=meminfo_kib, total_kib=total, alive=alive,
+                          note=note, opts=run_opts, before_create=wait_pool if opts.pool_size else None)
+        available_filled, filled_at = meminfo_kib(), time.monotonic()
         await pool.wait_full(opts.pool_size)
         await asyncio.sleep(opts.settle_s)
         if opts.idle_wait_s:
             note(f"waiting {opts.idle_wait_s:g} s (idle reclaim)")
             await asyncio.sleep(opts.idle_wait_s)
+        steady_why = None
+        if run_opts.reclaim_wait_s:
+            note("waiting for idle reclaim to settle (MemAvailable no longer rising)")
+            period = run_opts.reclaim_period_s or 10.0
+            _, steady_why = await settle(meminfo_kib, need_kib=float("inf"), period_s=period,
+                                         max_wait_s=run_opts.reclaim_wait_s, not_before=filled_at + 3 * period)
+        steady_wait_s = round(time.monotonic() - filled_at, 1)
         if ksm_counters().get("run") == 1:
             scans = ksm_counters().get("full_scans", 0) + opts.ksm_scans
             deadline = time.monotonic() + opts.ksm_wait_s
             note(f"waiting for {opts.ksm_scans} KSM full scans")
             while ksm_counters().get("full_scans", 0) < scans and time.monotonic() < deadline:
                 await asyncio.sleep(1.0)
-        available_after = meminfo_kib()
+        meminfo_after = meminfo_all()
+        available_after = meminfo_after["MemAvailable"]
         elapsed = time.monotonic() - began
         assert target.state_dir is not None
         all_pids = _pids(target.state_dir, {s.sandbox_id for s in alive})
@@ -416,9 +565,26 @@ async def measure(opts: Options, target: bench_create.Target, mem_dir: Path, not
 
         quarters = at_quarters(done.probes, done.count)
         zram = zram_mib()
+        n = max(1, done.count)
+        zram_used = sum(d["mem_used_total"] for d in zram.values())
+        pss = med("Pss")
         return {
             "count": done.count, "bound": done.bound, "failures": done.failures[:5],
-            "mib_per_sandbox": round((available_before - available_after) / MIB / max(1, done.count), 1),
+            "mib_per_sandbox": round((available_before - available_after) / MIB / n, 1),
+            "per_sandbox_mib": {
+                "first_floor": ({"count": done.first_floor[0], "mib": round(done.first_floor[1] / MIB, 1)}
+                                if done.first_floor else None),
+                "end_of_fill": round((available_before - available_filled) / MIB / n, 1),
+                "fresh": round(done.fresh_kib / MIB, 1),
+                "steady": round((available_before - available_after) / MIB / n, 1),
+                "pss_median": pss, "zram": round(zram_used / n, 2),
+                "pss_plus_zram": round(pss + zram_used / n, 1) if pss is not None else None,
+                "meminfo_delta": meminfo_delta(meminfo_before, meminfo_after, n)},
+            "reclaim_waits": {"max_s": run_opts.reclaim_wait_s, "period_s": run_opts.reclaim_period_s,
+                              "n": len(done.waits), "waited_s": done.waited_s,
+                              "not_room": [[w.count, w.waited_s, w.before_kib // MIB, w.after_kib // MIB, w.why]
+                                           for w in done.waits if w.why != "room"],
+                              "steady_after_fill_s": steady_wait_s, "steady": steady_why},
             "mem_available_mib": {"before": available_before // MIB, "after": available_after // MIB,
                                   "total": total // MIB},
             "pss_mib_median": med("Pss"), "uss_mib_median": med("Uss"), "rss_mib_median": med("Rss"),
@@ -464,9 +630,9 @@ def run(opts: Options, note: Note) -> dict[str, Any]:
                 ksm_old[path] = path.read_text().strip()
                 path.write_text(value)
             if opts.zram:
-                subprocess.run([str(ZRAM_SCRIPT), "setup", opts.zram], check=True, capture_output=True,
+                subprocess.run([str(ZRAM_SCRIPT), "setup", opts.zram, opts.zram_algo], check=True, capture_output=True,
                                env={**os.environ, "CUBE_ZRAM_STATE": str(zram_state)})
-                note(f"zram swap of {opts.zram} set up for the run")
+                note(f"zram swap of {opts.zram} ({opts.zram_algo}) set up for the run")
             result = _serve_and_measure(opts, state, credentials, stamp, note)
         finally:
             for path, value in ksm_old.items():
@@ -479,7 +645,8 @@ def run(opts: Options, note: Note) -> dict[str, Any]:
                                "pool_warm_up": opts.pool_warm_up,
                                "vmm_options": opts.vmm_options, "core_options": opts.core_options,
                                "ksm": opts.ksm, "ksm_pages_to_scan": opts.ksm_pages_to_scan, "zram": opts.zram,
-                               "idle_wait_s": opts.idle_wait_s},
+                               "zram_algo": opts.zram_algo,
+                               "idle_wait_s": opts.idle_wait_s, "reclaim_wait_s": opts.reclaim_wait_s},
                    "host": {"cpus": os.cpu_count(), "mem_total_mib": meminfo_kib("MemTotal") // MIB}})
     path = opts.out / f"bench-density-{stamp}.json"
     path.write_text(json.dumps(result, indent=1))
