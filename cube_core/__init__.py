@@ -87,7 +87,7 @@ from cube_core.storage import (
     VolumeEntry,
     VolumeStore,
 )
-from cube_core.vmm import CAP_PAUSE, CAP_PRIORITY, CAP_REATTACH, CAP_SNAPSHOT, VmmDriver
+from cube_core.vmm import CAP_PAUSE, CAP_PRIORITY, CAP_REATTACH, CAP_SNAPSHOT, VmActivity, VmmDriver
 
 hookimpl = pluggy.HookimplMarker("cube")
 
@@ -111,7 +111,7 @@ __all__ = [
     "SchedulingError", "SecretSource", "SnapshotInUseError", "SnapshotNotFoundError", "SnapshotRef", "StopReason",
     "StateFile", "StorageDriver", "StorageError", "Team", "Template", "TemplateBuildError", "TemplateError",
     "TemplateNotFoundError", "TemplateStatus", "UnsupportedOperation", "VmHandle", "VmSpec",
-    "VmState", "VmmDriver", "VmmError", "Volume", "VolumeEntry", "VolumeError", "VolumeFullError",
+    "VmActivity", "VmState", "VmmDriver", "VmmError", "Volume", "VolumeEntry", "VolumeError", "VolumeFullError",
     "VolumeInUseError", "VolumeMountedError", "VolumeMount", "VolumeNameTakenError", "VolumeNotFoundError",
     "VolumePathError", "VolumePathNotFoundError", "VolumeStore", "content_key", "hookimpl",
 ]

@@ -91,15 +91,18 @@ class CoreSettings(_Model):
     sample_interval_s: float = Field(default=5.0, gt=0, le=3600)
     """How often each node reads its running sandboxes' metrics and new log entries from their guest
     agents (``/sandboxes/{id}/metrics`` history, ``/sandboxes/{id}/logs``)."""
-    sample_idle_interval_s: float = Field(default=60.0, ge=0, le=3600)
-    """A running sandbox whose VM used less than 1 % of one core (host CPU, read without waking the
-    guest) since the last round is asked again only once this long has passed since its last
-    answer: each ask wakes the guest (under TCG a few ms of emulated CPU, which was most of what an
-    idle sandbox cost the host). In the rounds between, its last answer is stored again with the
-    round's time and the CPU use the host counted, so its metrics keep one sample per
-    ``sample_interval_s``; its new log entries can arrive this much later. Any CPU use above that
-    brings it back to every round. ``0``: every running sandbox is asked every round. Only with a
-    VMM that reports a VM's CPU time (``kvm`` does)."""
+    sample_idle_interval_s: float = Field(default=600.0, ge=0, le=3600)
+    """A running sandbox whose VM the VMM counts idle (``VmmDriver.activity``: for ``kvm``, its QEMU
+    under ``idle_reclaim_cpu_pct`` of a core, read on the host without waking the guest) is asked
+    again only once this long has passed since its last answer: each ask wakes the guest (under
+    TCG a few ms of emulated CPU) and, with idle reclaim, faults ~10 MiB back in that the reclaimer
+    then pages out again; at 60 s (the default until session 22) that cycle was ~90 % of what
+    ``cube serve`` did with 300 idle sandboxes (docs/bench.md). In the rounds between, its last
+    answer is stored again with the round's time and the CPU use the host counted, so its metrics
+    keep one sample per ``sample_interval_s`` (memory and disk as last answered); its new log
+    entries can arrive this much later. The VMM finding it busy brings it back to every round.
+    ``0``: every running sandbox is asked every round. Only with a VMM that reports activity
+    (``kvm`` does)."""
     observations_keep_s: int = Field(default=7 * 86400, ge=60)
     """How long those metric samples and log entries are kept, also after their sandbox ended."""
     pause_to_disk_after_s: float = Field(default=600.0, ge=0)

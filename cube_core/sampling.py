@@ -3,9 +3,11 @@ agent (control op ``observe``) for a metrics sample and the log entries after it
 both to the state store; once a minute it drops what is older than ``[core] observations_keep_s``.
 A sandbox whose VM has been idle since the last round (the VMM's CPU count, read on the host) is
 asked only every ``[core] sample_idle_interval_s``: each ask wakes the guest, which is most of what
-an idle sandbox costs the host. In the rounds between, its last answer is stored again with the
-round's time and the CPU use the host counted, so the history keeps one sample per round (memory
-and disk use barely change in a guest that runs under 1 % of a core).
+an idle sandbox costs the host (and, with idle reclaim, faults back what was paged out). Whether a
+VM is idle is the VMM driver's call (``VmmDriver.activity``: the KVM driver's idle tracker, whose
+readings its reclaimer uses too); the sampler asks for all its VMs at once. In the rounds
+between, its last answer is stored again with the round's time and the CPU use the host counted,
+so the history keeps one sample per round (memory and disk use barely change in an idle guest).
 
 It runs beside a :class:`~cube_core.node.NodeAgent` (``attach`` in its ``start``, ``detach`` in its
 ``stop``) and needs nothing of it but its id, store and VMM driver: the sandboxes are the store's
@@ -31,6 +33,7 @@ from cube_core.models import Sandbox, utcnow
 from cube_core.observations import MetricSample, ObserveReply
 from cube_core.pool import POOL_TEAM
 from cube_core.state import SandboxState
+from cube_core.vmm import VmActivity
 
 if TYPE_CHECKING:
     from cube_core.node import NodeAgent
@@ -41,10 +44,6 @@ OBSERVE_TIMEOUT_S = 3.0
 LOG_BATCH = 500
 PRUNE_EVERY_S = 60.0
 STARTED_SLACK = timedelta(seconds=2)  # the guest's clock against the host's
-IDLE_CPU_PCT = 1.0
-"""A sandbox whose VM used less than this much of one core (host CPU) since the last round is idle:
-its guest is asked only every ``[core] sample_idle_interval_s``. An idle guest's VM uses ~0.2 % under
-TCG with the asks included (docs/bench.md, "Idle CPU per sandbox"); a command or a file write is more."""
 
 
 class Sampler:
@@ -56,8 +55,6 @@ class Sampler:
         self.cursors: dict[str, int] = {}
         """The last log sequence number stored, by sandbox."""
         self.idle_interval_s = settings.sample_idle_interval_s
-        self._cpu: dict[str, tuple[float, float]] = {}
-        """By sandbox: its VM's CPU seconds and the monotonic time they were read, at the last round."""
         self._observed: dict[str, tuple[float, MetricSample]] = {}
         """By sandbox: when its guest last answered (monotonic), and its sample then."""
         self._task: asyncio.Task[None] | None = None
@@ -92,12 +89,13 @@ class Sampler:
         (:meth:`idle_pct`), whose last answer is carried forward; how many samples were stored."""
         live = self.sandboxes()
         ids = {sb.sandbox_id for sb in live}
-        for table in (self.cursors, self._cpu, self._observed):
+        for table in (self.cursors, self._observed):
             for gone in set(table) - ids:
                 del table[gone]
         due, carried, now = [], [], utcnow()
+        activity = await self.activity(live)
         for sb in live:
-            pct = await self.idle_pct(sb)
+            pct = self.idle_pct(sb, activity)
             if pct is None:
                 due.append(sb)
             else:  # what it answered last, its CPU from the host's count (as the guest counts: all its vCPUs)
@@ -118,25 +116,29 @@ class Sampler:
             log.debug("old observations dropped", count=dropped)
         return dropped
 
-    async def idle_pct(self, sb: Sandbox) -> float | None:
-        """None: ask ``sb``'s guest this round. Else its VM has been idle (less than
-        :data:`IDLE_CPU_PCT` of one core since the last round, by the VMM's count, which wakes
-        nobody) and its guest answered less than ``sample_idle_interval_s`` ago: the % of one core
-        its VM used since the last round."""
+    async def activity(self, live: list[Sandbox]) -> dict[str, VmActivity]:
+        """The VMM's count of how busy the VMs of ``live`` have been (by vm_id), in one call."""
+        if self.idle_interval_s <= 0 or not live:
+            return {}
+        vms = [sb.runtime.vm for sb in live if sb.runtime.vm is not None]
+        try:
+            return await self.agent.vmm.activity(vms, max_age_s=self.interval_s / 2)
+        except CubeError as exc:
+            log.debug("no VM activity", error=str(exc))
+            return {}
+
+    def idle_pct(self, sb: Sandbox, activity: dict[str, VmActivity]) -> float | None:
+        """None: ask ``sb``'s guest this round. Else the VMM counts its VM idle (``VmmDriver.activity``,
+        which wakes nobody) and its guest answered less than ``sample_idle_interval_s`` ago: the %
+        of one core its VM used lately, by the VMM's count."""
         if self.idle_interval_s <= 0:
             return None
         assert sb.runtime.vm is not None
-        now = time.monotonic()
-        cpu = await self.agent.vmm.cpu_seconds(sb.runtime.vm)
-        before = self._cpu.pop(sb.sandbox_id, None)
-        if cpu is None:
-            return None
-        self._cpu[sb.sandbox_id] = (cpu, now)
+        act = activity.get(sb.runtime.vm.vm_id)
         answered = self._observed.get(sb.sandbox_id)
-        if before is None or answered is None or now - answered[0] >= self.idle_interval_s:
+        if act is None or act.idle_s <= 0 or answered is None or time.monotonic() - answered[0] >= self.idle_interval_s:
             return None
-        pct = 100 * max(0.0, cpu - before[0]) / max(now - before[1], 1e-3)
-        return pct if pct < IDLE_CPU_PCT else None
+        return act.cpu_pct
 
     async def observe(self, sb: Sandbox) -> bool:
         vm = sb.runtime.vm

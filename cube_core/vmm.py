@@ -8,7 +8,8 @@ the driver lists them in ``capabilities`` and overrides them.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +21,17 @@ CAP_SNAPSHOT = "snapshot"
 CAP_PAUSE = "pause"
 CAP_REATTACH = "reattach"
 CAP_PRIORITY = "priority"
+
+
+@dataclass(frozen=True)
+class VmActivity:
+    """What a VMM counted of one VM's host CPU use (:meth:`VmmDriver.activity`)."""
+
+    cpu_pct: float
+    """% of one core its processes used between the driver's last two readings."""
+    idle_s: float
+    """How long it had been idle at the last reading, by the driver's threshold (e.g. the KVM
+    driver's ``idle_reclaim_cpu_pct``); 0: the last reading found it busy."""
 
 
 class VmmDriver(abc.ABC):
@@ -122,12 +134,14 @@ class VmmDriver(abc.ABC):
         normal one again. Only where ``capabilities`` has :data:`CAP_PRIORITY`."""
         raise UnsupportedOperation(driver=type(self).__name__, operation="set_priority")
 
-    async def cpu_seconds(self, vm: VmHandle) -> float | None:
-        """Host CPU time ``vm`` has used so far (user + system seconds of its processes), read on
-        the host without waking the guest; None when the driver cannot tell. The node's sampler
-        asks a guest whose VM used next to no CPU since its last sample less often
-        (``[core] sample_idle_interval_s``)."""
-        return None
+    async def activity(self, vms: Sequence[VmHandle], *, max_age_s: float) -> dict[str, VmActivity]:
+        """How busy each of ``vms`` has been, by vm_id, from the host's count of its processes' CPU
+        (read without waking the guest; a reading ``max_age_s`` old or more is taken again, all
+        of them in one go). The driver is the one place that decides whether a VM is idle (a VMM
+        that reclaims idle VMs' memory uses the same count); the node's sampler asks an idle
+        sandbox's guest less often (``[core] sample_idle_interval_s``). A VM the driver cannot
+        tell about (yet) is left out; the default tells nothing."""
+        return {}
 
     async def reattach(self, vm: VmHandle) -> VmHandle:
         """Take over a VM started by an earlier process of the node agent."""

@@ -42,6 +42,7 @@ from cube_core import (
     SecretSource,
     StateFile,
     StorageDriver,
+    VmActivity,
     VmHandle,
     VmmDriver,
     VmmError,
@@ -68,8 +69,8 @@ class FakeVmm(VmmDriver):
         self.calls: list[tuple[str, str]] = []
         self.aslr = True
         """What :attr:`guest_aslr` answers (tests turn it off)."""
-        self.cpu: dict[str, float] = {}
-        """What :meth:`cpu_seconds` answers, by VM id (tests set it; unset: None, unknown)."""
+        self.busy: dict[str, VmActivity] = {}
+        """What :meth:`activity` answers, by VM id (tests set it; unset: left out, unknown)."""
 
     @property
     def volume_slots(self) -> int:
@@ -118,8 +119,8 @@ class FakeVmm(VmmDriver):
         self._check(vm)["background"] = background
         self.calls.append(("background" if background else "foreground", vm.vm_id))
 
-    async def cpu_seconds(self, vm: VmHandle) -> float | None:
-        return self.cpu.get(vm.vm_id)
+    async def activity(self, vms: Sequence[VmHandle], *, max_age_s: float) -> dict[str, VmActivity]:
+        return {vm.vm_id: self.busy[vm.vm_id] for vm in vms if vm.vm_id in self.busy}
 
     async def wait_ready(self, vm: VmHandle, *, timeout: float) -> dict[str, Any]:
         self._check(vm)

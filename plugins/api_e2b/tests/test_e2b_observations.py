@@ -17,6 +17,7 @@ from cube_core.app import create_app
 from cube_core.config import parse_config
 from cube_core.observations import MetricSample
 from cube_core.sampling import Sampler, sampler_of
+from cube_core.vmm import VmActivity
 from e2b_helpers import e2b_config_text
 
 
@@ -219,10 +220,10 @@ async def test_events_from_before_the_sandbox_started_are_not_its_log(cube: Cube
 
 
 async def test_an_idle_sandbox_is_asked_every_idle_interval(cube: Cube, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the VMM's CPU count (FakeVmm.cpu): a sandbox whose VM used under 1 % of a core since the
-    last round is not asked until ``sample_idle_interval_s`` (60 s) after its last answer, which is
-    stored again each round with the host's CPU count; any CPU use, or that interval passing, asks it
-    again; a VMM that cannot tell (None) is asked every round."""
+    """With the VMM's count (FakeVmm.busy, ``VmmDriver.activity``): a sandbox whose VM the VMM
+    counts idle is not asked until ``sample_idle_interval_s`` (60 s here) after its last answer,
+    which is stored again each round with the host's CPU count; the VMM finding it busy, or that
+    interval passing, asks it again; a VM the VMM cannot tell about is asked every round."""
     import cube_core.sampling as sampling
 
     clock = [1000.0]
@@ -231,6 +232,7 @@ async def test_an_idle_sandbox_is_asked_every_idle_interval(cube: Cube, monkeypa
     sid = await create(cube, key)
     vm = cube.service.store.get_sandbox(sid).runtime.vm
     vmm, s = cube.agent.vmm, sampler(cube)
+    s.idle_interval_s = 60
 
     def asks() -> int:
         return sum(1 for op, vm_id in vmm.calls if op == "observe" and vm_id == vm.vm_id)
@@ -238,29 +240,27 @@ async def test_an_idle_sandbox_is_asked_every_idle_interval(cube: Cube, monkeypa
     def cpu_pcts() -> list[float]:
         return [m.cpu_used_pct for m in cube.service.store.metric_samples(sid)]
 
-    assert await s.tick() == 1 and asks() == 1  # unknown CPU count: asked
-    vmm.cpu[vm.vm_id] = 10.0
-    clock[0] += 5
-    assert await s.tick() == 1 and asks() == 2  # the first count: nothing to compare with yet
-    for cpu in (10.01, 10.02):  # 0.2 % of a core over 5 s: idle, the last answer carried forward
+    assert await s.tick() == 1 and asks() == 1  # the VMM cannot tell: asked
+    for pct in (0.2, 0.4):  # idle by the VMM's count: the last answer carried forward
         clock[0] += 5
-        vmm.cpu[vm.vm_id] = cpu
-        assert await s.tick() == 1 and asks() == 2
-    assert cpu_pcts() == [12.5, 12.5, 0.1, 0.1]  # the guest's answers, then the host's count / 2 vCPUs
+        vmm.busy[vm.vm_id] = VmActivity(cpu_pct=pct, idle_s=10.0)
+        assert await s.tick() == 1 and asks() == 1
+    assert cpu_pcts() == [12.5, 0.1, 0.2]  # the guest's answer, then the host's count / 2 vCPUs
     clock[0] += 5
-    vmm.cpu[vm.vm_id] = 10.12  # 2 % of a core over 5 s: busy again
-    assert await s.tick() == 1 and asks() == 3
+    vmm.busy[vm.vm_id] = VmActivity(cpu_pct=4.0, idle_s=0.0)  # the VMM found it busy
+    assert await s.tick() == 1 and asks() == 2
+    vmm.busy[vm.vm_id] = VmActivity(cpu_pct=0.1, idle_s=5.0)
     clock[0] += 59
-    assert await s.tick() == 1 and asks() == 3  # idle, answered 59 s ago
+    assert await s.tick() == 1 and asks() == 2  # idle, answered 59 s ago
     clock[0] += 1
-    assert await s.tick() == 1 and asks() == 4  # 60 s since its last answer
-    assert len(cpu_pcts()) == 7
-    del vmm.cpu[vm.vm_id]
+    assert await s.tick() == 1 and asks() == 3  # 60 s since its last answer
+    assert len(cpu_pcts()) == 6
+    del vmm.busy[vm.vm_id]
     clock[0] += 5
-    assert await s.tick() == 1 and asks() == 5  # the VMM cannot tell any more: every round
+    assert await s.tick() == 1 and asks() == 4  # the VMM cannot tell any more: every round
 
     s.idle_interval_s = 0  # [core] sample_idle_interval_s = 0: every round, whatever the count
-    vmm.cpu[vm.vm_id] = 10.12
-    for n in (6, 7):
+    vmm.busy[vm.vm_id] = VmActivity(cpu_pct=0.1, idle_s=100.0)
+    for n in (5, 6):
         clock[0] += 5
         assert await s.tick() == 1 and asks() == n

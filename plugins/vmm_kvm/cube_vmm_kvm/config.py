@@ -93,8 +93,10 @@ class KvmConfig(BaseModel):
     """How long a running VM must be idle before it is reclaimed (one task checks all VMs every
     half of this)."""
     idle_reclaim_cpu_pct: float = Field(default=2.0, gt=0.0)
-    """Idle: its QEMU used less than this % of one core over the window (an idle TCG guest uses
-    0.1-0.5 %)."""
+    """Idle: its QEMU used less than this % of one core (measured over at least half of
+    ``idle_reclaim_after_s``; an idle TCG guest uses 0.1-0.5 %). The driver's one idle threshold:
+    the node's sampler asks it too (``VmmDriver.activity``; with ``idle_reclaim = false`` the
+    readings go on, only the page-outs stop)."""
     idle_reclaim_pool: bool = False
     """Reclaim warm-pool members too (right after their pause). Off: a member's warm-up filled its
     translation cache so that the first command is fast; paged out, a pool hit's first command

@@ -34,6 +34,7 @@ from cube_core import (
     NicHandle,
     Progress,
     StateFile,
+    VmActivity,
     VmHandle,
     VmmDriver,
     VmmError,
@@ -50,7 +51,7 @@ from .control import ControlChannel
 from .guest_kernel import resolve as resolve_guest_kernel
 from .persist import SnapshotRecord, VmRecord
 from .qemu import MachineSpec, Qmp
-from .reclaim import Reclaimer, process_cpu_s
+from .reclaim import Reclaimer
 from .tap import open_tap
 
 log = structlog.get_logger(__name__)
@@ -176,14 +177,15 @@ class KvmVmm(VmmDriver):
             qemu.set_child_subreaper()
             self._spare = jail.Jailer.start()
         self._tsc_khz = host_tsc_khz()
-        if self.config.idle_reclaim:
-            self._reclaimer = Reclaimer(lambda: {k: v.record.pid for k, v in self._vms.items()
-                                                 if self._reclaimable(v)},
-                                        window_s=self.config.idle_reclaim_after_s,
-                                        cpu_pct=self.config.idle_reclaim_cpu_pct,
-                                        allow_disk=self.config.idle_reclaim_disk_swap,
-                                        refault_kib=int(self.config.idle_reclaim_refault_mib * 1024))
-            self._reclaimer.start()
+        # always on: the VMs' CPU readings are also what the node's sampler asks (activity)
+        self._reclaimer = Reclaimer(lambda: {k: v.record.pid for k, v in self._vms.items()},
+                                    reclaimable=lambda vm: vm in self._vms and self._reclaimable(self._vms[vm]),
+                                    window_s=self.config.idle_reclaim_after_s,
+                                    cpu_pct=self.config.idle_reclaim_cpu_pct,
+                                    allow_disk=self.config.idle_reclaim_disk_swap,
+                                    refault_kib=int(self.config.idle_reclaim_refault_mib * 1024),
+                                    pageouts=self.config.idle_reclaim)
+        self._reclaimer.start()
         log.info("vmm started", qemu=binary, accel=self.accel.accel, isolation=self.accel.isolation,
                  reason=self.accel.reason, jail=self.config.jail, readonly_template_ram=self._ram_readonly,
                  cgroup_version=self._cgroups.version if self._cgroups else None)
@@ -463,7 +465,7 @@ class KvmVmm(VmmDriver):
         live = await self._get(vm)
         await live.qmp.execute("cont", timeout=self.config.qmp_timeout_s)
         if self._reclaimer is not None:
-            self._reclaimer.tracker.mark_busy(vm.vm_id)
+            self._reclaimer.mark_busy(vm.vm_id)
 
     async def set_priority(self, vm: VmHandle, *, background: bool) -> None:
         """The VM's cgroup CPU weight: :data:`BACKGROUND_CPU_WEIGHT` or ``cpu_weight`` again
@@ -473,11 +475,12 @@ class KvmVmm(VmmDriver):
         if live.cgroup is not None:
             live.cgroup.set_cpu_weight(BACKGROUND_CPU_WEIGHT if background else self.config.cpu_weight)
 
-    async def cpu_seconds(self, vm: VmHandle) -> float | None:
-        """The QEMU process's CPU time (its vCPU thread included), from ``/proc``; None for a VM
-        this driver does not hold (its pid could be another process's by now)."""
-        live = self._vms.get(vm.vm_id)
-        return process_cpu_s(live.record.pid) if live is not None else None
+    async def activity(self, vms: Sequence[VmHandle], *, max_age_s: float) -> dict[str, VmActivity]:
+        """From the idle tracker (the reclaimer's: one reading of ``/proc/<pid>/stat`` per VM
+        serves both), the readings older than ``max_age_s`` taken again in one worker thread."""
+        if self._reclaimer is None or not vms:
+            return {}
+        return await self._run(self._reclaimer.activity, [vm.vm_id for vm in vms], max_age_s)
 
     async def is_alive(self, vm: VmHandle) -> bool:
         record = self._vms[vm.vm_id].record if vm.vm_id in self._vms else persist.record_from_data(vm.data)

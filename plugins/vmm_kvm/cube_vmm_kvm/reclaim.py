@@ -17,7 +17,8 @@ then again while it stays idle only when at least ``idle_reclaim_refault_mib`` o
 came back (its ``VmSwap`` dropped: the node's metrics ask, a cron-like blip), and after it has been
 busy, once it is idle for a window again. One task per driver looks at all VMs every
 ``idle_reclaim_after_s / 2`` (one ``/proc/<pid>/stat`` read per VM, and ``/proc/<pid>/status``
-for those reclaimed).
+for those reclaimed). Its tracker is the driver's one decision of "idle": the node's sampler asks
+it (``KvmVmm.activity``), and a reading either took recently serves the other.
 
 Swap must be RAM-backed (zram: ``scripts/zram-swap.sh``): guest memory is never written to a
 disk unless ``idle_reclaim_disk_swap = true`` (docs/security.md). Without usable swap the
@@ -30,12 +31,14 @@ import asyncio
 import ctypes
 import os
 import re
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from cube_core import VmActivity
 
 log = structlog.get_logger(__name__)
 
@@ -92,8 +95,13 @@ def usable_swap(devices: list[SwapDevice], *, allow_disk: bool) -> tuple[bool, s
 class _VmIdle:
     cpu_s: float
     at: float
-    """CPU seconds at the last observation, and when (monotonic s)."""
+    """CPU seconds at the last reading, and when (monotonic s)."""
+    span_cpu_s: float
+    span_at: float
+    """The reading where the current span began: busy or not is measured over at least half a window."""
     idle_since: float
+    pct: float | None = None
+    """% of one core used between the last two readings (None: read once only)."""
     reclaimed_at: float | None = None
     swapped_kib: int = 0
     """``VmSwap`` right after the last page-out."""
@@ -101,13 +109,15 @@ class _VmIdle:
 
 @dataclass
 class IdleTracker:
-    """Which VMs to reclaim now, from their QEMU CPU time sampled over time (pure logic).
+    """Which VMs are idle, and which to reclaim now, from their QEMU CPU time read over time (pure
+    logic). The one place that decides "this VM is idle": the node's sampler asks it too
+    (:meth:`activity`, through ``VmmDriver.activity``).
 
-    ``observe`` is called once per tick per VM with the process's CPU seconds so far (and, for a
-    VM reclaimed already, its ``VmSwap``). Between two observations a VM is busy if it used at
-    least ``cpu_pct`` % of a core; it is reclaimed once it has not been busy for ``window_s``,
-    then, while it stays idle, again whenever ``refault_kib`` or more of what it swapped out has
-    come back since (0: once per idle period).
+    ``record`` takes each reading of a VM's CPU seconds so far. A VM is busy if it used at least
+    ``cpu_pct`` % of a core over a span of at least half a window (a burst that big within a
+    shorter span counts at once); ``due`` says to reclaim it once it has not been busy for
+    ``window_s``, then, while it stays idle, again whenever ``refault_kib`` or more of what it
+    swapped out has come back since (0: once per idle period). ``observe`` is both.
     """
 
     window_s: float
@@ -115,24 +125,49 @@ class IdleTracker:
     refault_kib: int = 0
     _vms: dict[str, _VmIdle] = field(default_factory=dict)
 
-    def observe(self, vm_id: str, cpu_s: float, now: float, swapped_kib: int | None = None) -> bool:
+    def record(self, vm_id: str, cpu_s: float, now: float) -> None:
         state = self._vms.get(vm_id)
         if state is None or cpu_s < state.cpu_s:  # new VM, or a new process under the same id
-            self._vms[vm_id] = _VmIdle(cpu_s, now, now)
-            return False
-        used, interval = cpu_s - state.cpu_s, now - state.at
+            self._vms[vm_id] = _VmIdle(cpu_s, now, cpu_s, now, now)
+            return
+        if now > state.at:
+            state.pct = 100 * (cpu_s - state.cpu_s) / (now - state.at)
         state.cpu_s, state.at = cpu_s, now
-        # at least half a window: two ticks close together do not make a blip look busy
-        if used >= self.cpu_pct / 100 * max(interval, self.window_s / 2):
+        used, span = cpu_s - state.span_cpu_s, now - state.span_at
+        # at least half a window: two readings close together do not make a blip look busy
+        if used >= self.cpu_pct / 100 * max(span, self.window_s / 2):
             state.idle_since, state.reclaimed_at = now, None
-            return False
-        if now - state.idle_since < self.window_s:
+            state.span_cpu_s, state.span_at = cpu_s, now
+        elif span >= self.window_s / 2:
+            state.span_cpu_s, state.span_at = cpu_s, now
+
+    def due(self, vm_id: str, now: float, swapped_kib: int | None = None) -> bool:
+        """Whether to page ``vm_id`` out now (and if so, it counts as reclaimed from ``now``)."""
+        state = self._vms.get(vm_id)
+        if state is None or now - state.idle_since < self.window_s:
             return False
         if state.reclaimed_at is not None and (
                 not self.refault_kib or swapped_kib is None or state.swapped_kib - swapped_kib < self.refault_kib):
             return False
         state.reclaimed_at = now
         return True
+
+    def observe(self, vm_id: str, cpu_s: float, now: float, swapped_kib: int | None = None) -> bool:
+        """:meth:`record` then :meth:`due`."""
+        self.record(vm_id, cpu_s, now)
+        return self.due(vm_id, now, swapped_kib)
+
+    def read_at(self, vm_id: str) -> float | None:
+        """When ``vm_id``'s CPU was last read (None: never)."""
+        state = self._vms.get(vm_id)
+        return state.at if state is not None else None
+
+    def activity(self, vm_id: str) -> VmActivity | None:
+        """What the last readings say of ``vm_id`` (None: fewer than two readings)."""
+        state = self._vms.get(vm_id)
+        if state is None or state.pct is None:
+            return None
+        return VmActivity(cpu_pct=state.pct, idle_s=state.at - state.idle_since)
 
     def reclaimed(self, vm_id: str) -> bool:
         """Whether ``vm_id`` was paged out and has not been busy since."""
@@ -147,7 +182,7 @@ class IdleTracker:
 
     def mark_reclaimed(self, vm_id: str, cpu_s: float, now: float) -> None:
         """A VM reclaimed outside the ticks (right after a pause)."""
-        self._vms[vm_id] = _VmIdle(cpu_s, now, now, reclaimed_at=now)
+        self._vms[vm_id] = _VmIdle(cpu_s, now, cpu_s, now, now, reclaimed_at=now)
 
     def mark_busy(self, vm_id: str) -> None:
         """A VM resumed: forget it, so it gets a whole window before the next reclaim."""
@@ -231,23 +266,33 @@ def swapped_kib(pid: int, proc: Path = Path("/proc")) -> int:
 
 
 class Reclaimer:
-    """The node's one reclaim task: every ``window_s / 2`` it samples each VM's QEMU CPU time and
-    pages out those idle for a window; :meth:`paused` pages out a VM right after its pause."""
+    """The node's one idle task: every ``window_s / 2`` it reads each VM's QEMU CPU time (those
+    not read since: :meth:`activity` reads too, for the node's sampler) and, with ``pageouts``,
+    pages out those idle for a window; :meth:`paused` pages out a VM right after its pause.
+    Without ``pageouts`` (``idle_reclaim = false``) it only keeps the readings."""
 
     def __init__(self, vms: Callable[[], dict[str, int]], *, window_s: float, cpu_pct: float,
-                 allow_disk: bool, refault_kib: int = 0, swaps: Path = Path("/proc/swaps"),
+                 allow_disk: bool, refault_kib: int = 0, pageouts: bool = True,
+                 reclaimable: Callable[[str], bool] = lambda vm_id: True, swaps: Path = Path("/proc/swaps"),
                  proc: Path = Path("/proc")) -> None:
         self._vms = vms
         """vm_id -> QEMU pid of the VMs running now (the driver's)."""
+        self._reclaimable = reclaimable
+        """Whether a VM may be paged out (the driver leaves warm-pool members warm)."""
         self.tracker = IdleTracker(window_s, cpu_pct, refault_kib)
+        self.pageouts = pageouts
         self._allow_disk = allow_disk
         self._swaps = swaps
         self._proc = proc
+        self._lock = threading.Lock()
+        """The tracker is read and written from worker threads (ticks, the sampler's reads) and the loop."""
         self._usable: bool | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self.reclaimed = 0
         """VMs paged out so far (for logs and tests)."""
+        self.reads = 0
+        """``/proc/<pid>/stat`` reads so far (for tests)."""
 
     def usable(self) -> bool:
         """Whether there is swap to reclaim into; logs when that changes (once at start)."""
@@ -258,7 +303,8 @@ class Reclaimer:
         return ok
 
     def start(self) -> None:
-        self.usable()
+        if self.pageouts:
+            self.usable()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="idle-reclaim")
 
     async def close(self) -> None:
@@ -277,33 +323,63 @@ class Reclaimer:
             except Exception:  # noqa: BLE001 - a failed tick must not end the task
                 log.exception("idle reclaim tick failed")
 
+    def _read(self, vms: dict[str, int], now: float, max_age_s: float) -> None:
+        """Read the CPU time of those of ``vms`` not read within ``max_age_s`` (hold the lock)."""
+        for vm_id, pid in vms.items():
+            at = self.tracker.read_at(vm_id)
+            if at is not None and now - at < max_age_s:
+                continue
+            cpu = process_cpu_s(pid, self._proc)
+            self.reads += 1
+            if cpu is not None:
+                self.tracker.record(vm_id, cpu, now)
+
+    def activity(self, vm_ids: Collection[str], max_age_s: float, now: float | None = None) -> dict[str, VmActivity]:
+        """What the tracker says of ``vm_ids`` (those it knows), read again where its last reading
+        is ``max_age_s`` old or more (blocking: run it off the event loop)."""
+        now = time.monotonic() if now is None else now
+        vms = self._vms()
+        with self._lock:
+            self._read({v: vms[v] for v in vm_ids if v in vms}, now, max_age_s)
+            found = {v: self.tracker.activity(v) for v in vm_ids}
+        return {v: a for v, a in found.items() if a is not None}
+
     def tick(self, now: float | None = None) -> list[str]:
         """One pass over the VMs (blocking: run it off the event loop); returns those paged out."""
         now = time.monotonic() if now is None else now
         vms = self._vms()
-        for gone in self.tracker.known() - set(vms):
-            self.tracker.forget(gone)
-        if not self.usable():
-            return []
-        done = []
-        for vm_id, pid in vms.items():
-            cpu = process_cpu_s(pid, self._proc)
-            if cpu is None:
-                continue
-            swapped = swapped_kib(pid, self._proc) if self.tracker.reclaimed(vm_id) else None
-            if self.tracker.observe(vm_id, cpu, now, swapped) and self._pageout(vm_id, pid, "idle"):
-                done.append(vm_id)
-        return done
+        due = []
+        with self._lock:
+            for gone in self.tracker.known() - set(vms):
+                self.tracker.forget(gone)
+            # what the sampler read less than a quarter window ago is recent enough
+            self._read(vms, now, self.tracker.window_s / 4)
+            if not self.pageouts or not self.usable():
+                return []
+            for vm_id, pid in vms.items():
+                if not self._reclaimable(vm_id):
+                    continue
+                swapped = swapped_kib(pid, self._proc) if self.tracker.reclaimed(vm_id) else None
+                if self.tracker.due(vm_id, now, swapped):
+                    due.append((vm_id, pid))
+        return [vm_id for vm_id, pid in due if self._pageout(vm_id, pid, "idle")]
+
+    def mark_busy(self, vm_id: str) -> None:
+        """A VM resumed (from the loop)."""
+        with self._lock:
+            self.tracker.mark_busy(vm_id)
 
     def paused(self, vm_id: str, pid: int) -> None:
         """Page out a VM that was just paused (in the background: the pause does not wait)."""
-        if not self.usable():
+        if not self.pageouts or not self.usable():
             return
 
         def run() -> None:
             if self._pageout(vm_id, pid, "paused", mark=False):
-                self.tracker.mark_reclaimed(vm_id, process_cpu_s(pid, self._proc) or 0.0, time.monotonic())
-                self.tracker.swapped(vm_id, swapped_kib(pid, self._proc))
+                cpu, swapped = process_cpu_s(pid, self._proc) or 0.0, swapped_kib(pid, self._proc)
+                with self._lock:
+                    self.tracker.mark_reclaimed(vm_id, cpu, time.monotonic())
+                    self.tracker.swapped(vm_id, swapped)
 
         task = asyncio.get_running_loop().create_task(asyncio.to_thread(run))
         self._pending.add(task)
@@ -320,7 +396,8 @@ class Reclaimer:
         self.reclaimed += 1
         after = swapped_kib(pid, self._proc)
         if mark:
-            self.tracker.swapped(vm_id, after)
+            with self._lock:
+                self.tracker.swapped(vm_id, after)
         log.debug("vm reclaimed", vm_id=vm_id, why=why, ms=round((time.monotonic() - began) * 1000, 1),
                   swapped_mib=round((after - before) / 1024, 1))
         return True

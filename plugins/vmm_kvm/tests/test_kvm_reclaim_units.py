@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cube_core import VmActivity
 
 from cube_vmm_kvm import KvmConfig
 from cube_vmm_kvm.checks import check_reclaim
@@ -124,20 +125,50 @@ def test_reclaimer_tick_off_without_swap_and_on_with_zram(tmp_path: Path, monkey
     r = Reclaimer(lambda: dict(vms), window_s=20, cpu_pct=2.0, allow_disk=False, refault_kib=4096, swaps=swaps,
                   proc=proc)
     write_stat()
-    assert r.tick(0) == [] and r.tick(30) == [] and paged == []  # no swap: off
+    assert r.tick(0) == [] and paged == []  # no swap: off (the CPU is read all the same)
     swaps.write_text(HEADER + "/dev/zram1 partition 4194300 0 100\n")
-    assert r.tick(40) == []  # the windows start now
-    cpu[102] += 500  # 5 s (at 100 ticks/s) in 20 s: busy
+    assert r.tick(10) == []  # not idle for a window yet
+    cpu[102] += 500  # 5 s (at 100 ticks/s) in 10 s: busy
     write_stat()
-    assert r.tick(60) == ["idle"] and paged == [101]
-    assert r.tick(70) == []  # busy until 60: not idle for a window yet; idle: done already
-    assert r.tick(80) == ["busy"]  # quiet since 60
+    assert r.tick(20) == ["idle"] and paged == [101]
+    assert r.tick(30) == []  # busy until 20: not idle for a window yet; idle: done already
+    assert r.tick(40) == ["busy"]  # quiet since 20
     swap[101] = 15_000  # 5 MiB of the idle VM came back (a metrics ask): out again
     write_stat()
-    assert r.tick(85) == ["idle"] and r.tick(86) == []
+    assert r.tick(45) == ["idle"] and r.tick(46) == []
     del vms["idle"]
-    r.tick(90)
+    r.tick(50)
     assert "idle" not in r.tracker.known()
+
+
+def test_one_reading_serves_the_sampler_and_the_reclaimer(tmp_path: Path) -> None:
+    """``activity`` (what the node's sampler asks through the driver) and the ticks share one
+    tracker: a reading younger than the asker's ``max_age_s`` is not taken again, so each QEMU's
+    ``/proc/<pid>/stat`` is read once per period; idle or busy is the tracker's call for both;
+    without page-outs (``idle_reclaim = false``) the readings go on."""
+    proc = tmp_path / "proc"
+    cpu = {101: 0, 102: 0}
+
+    def write_stat() -> None:
+        for pid, ticks in cpu.items():
+            (proc / str(pid)).mkdir(parents=True, exist_ok=True)
+            (proc / str(pid) / "stat").write_text(f"{pid} (qemu-system-x86) S 1 {' '.join(['0'] * 9)} {ticks} 0 0")
+
+    write_stat()
+    r = Reclaimer(lambda: {"idle": 101, "busy": 102}, window_s=20, cpu_pct=2.0, allow_disk=False, pageouts=False,
+                  swaps=_swaps(tmp_path), proc=proc)
+    assert r.activity(["idle", "busy", "gone"], max_age_s=2.5, now=0) == {}  # one reading: nothing to tell yet
+    assert r.reads == 2
+    cpu[102] += 300  # 3 s in 5 s
+    write_stat()
+    found = r.activity(["idle", "busy"], max_age_s=2.5, now=5)
+    assert found["idle"] == VmActivity(cpu_pct=0.0, idle_s=5.0)
+    assert found["busy"] == VmActivity(cpu_pct=60.0, idle_s=0.0)  # a burst: busy at once
+    assert r.reads == 4
+    assert r.tick(6) == [] and r.reads == 4  # read 1 s ago: the tick takes no reading of its own
+    assert r.activity(["idle"], max_age_s=2.5, now=7) == {"idle": found["idle"]} and r.reads == 4
+    assert r.tick(15) == [] and r.reads == 6  # 10 s old: read again; no page-outs without them
+    assert r.activity(["busy"], max_age_s=2.5, now=15)["busy"].idle_s == 10.0
 
 
 def test_doctor_check_reclaim(tmp_path: Path) -> None:

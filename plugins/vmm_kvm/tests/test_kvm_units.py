@@ -102,7 +102,7 @@ def test_argv_escapes_commas(tmp_path: Path) -> None:
 
 
 def test_process_cpu_seconds() -> None:
-    """What the sampler (KvmVmm.cpu_seconds) and idle reclaim compare between rounds: this process's
+    """What the idle tracker (KvmVmm.activity, idle reclaim) compares between readings: this process's
     CPU time grows with work; a pid that does not exist has none."""
     before = process_cpu_s(os.getpid())
     assert before is not None
