@@ -100,7 +100,8 @@ class CoreSettings(_Model):
     ``cube serve`` did with 300 idle sandboxes (docs/bench.md). In the rounds between, its last
     answer is stored again with the round's time and the CPU use the host counted, so its metrics
     keep one sample per ``sample_interval_s`` (memory and disk as last answered); its new log
-    entries can arrive this much later. The VMM finding it busy brings it back to every round.
+    entries can arrive this much later. The VMM finding it busy brings it back to every round
+    until an answer taken two rounds after that.
     ``0``: every running sandbox is asked every round. Only with a VMM that reports activity
     (``kvm`` does)."""
     observations_keep_s: int = Field(default=7 * 86400, ge=60)

@@ -44,6 +44,10 @@ OBSERVE_TIMEOUT_S = 3.0
 LOG_BATCH = 500
 PRUNE_EVERY_S = 60.0
 STARTED_SLACK = timedelta(seconds=2)  # the guest's clock against the host's
+SETTLE_ROUNDS = 2
+"""After the VMM last found a VM busy, its guest is asked until an answer taken this many rounds
+later: the end of what it did (a process's exit, its last log lines) can use less CPU than the
+VMM's idle threshold, and is then in that answer rather than ``sample_idle_interval_s`` late."""
 
 
 class Sampler:
@@ -129,15 +133,18 @@ class Sampler:
 
     def idle_pct(self, sb: Sandbox, activity: dict[str, VmActivity]) -> float | None:
         """None: ask ``sb``'s guest this round. Else the VMM counts its VM idle (``VmmDriver.activity``,
-        which wakes nobody) and its guest answered less than ``sample_idle_interval_s`` ago: the %
-        of one core its VM used lately, by the VMM's count."""
+        which wakes nobody) since at least :data:`SETTLE_ROUNDS` rounds before its guest's last
+        answer, and that answer is less than ``sample_idle_interval_s`` old: the % of one core
+        its VM used lately, by the VMM's count."""
         if self.idle_interval_s <= 0:
             return None
         assert sb.runtime.vm is not None
         act = activity.get(sb.runtime.vm.vm_id)
         answered = self._observed.get(sb.sandbox_id)
-        if act is None or act.idle_s <= 0 or answered is None or time.monotonic() - answered[0] >= self.idle_interval_s:
+        if act is None or answered is None or time.monotonic() - answered[0] >= self.idle_interval_s:
             return None
+        if answered[0] - act.idle_since < SETTLE_ROUNDS * self.interval_s:
+            return None  # busy since, or shortly before, its last answer: what it did last may be unasked
         return act.cpu_pct
 
     async def observe(self, sb: Sandbox) -> bool:

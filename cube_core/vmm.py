@@ -29,9 +29,10 @@ class VmActivity:
 
     cpu_pct: float
     """% of one core its processes used between the driver's last two readings."""
-    idle_s: float
-    """How long it had been idle at the last reading, by the driver's threshold (e.g. the KVM
-    driver's ``idle_reclaim_cpu_pct``); 0: the last reading found it busy."""
+    idle_since: float
+    """Since when (``time.monotonic()`` of this process) it has been idle by the driver's threshold
+    (e.g. the KVM driver's ``idle_reclaim_cpu_pct``): the reading that last found it busy, or its
+    first reading."""
 
 
 class VmmDriver(abc.ABC):

@@ -221,9 +221,10 @@ async def test_events_from_before_the_sandbox_started_are_not_its_log(cube: Cube
 
 async def test_an_idle_sandbox_is_asked_every_idle_interval(cube: Cube, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the VMM's count (FakeVmm.busy, ``VmmDriver.activity``): a sandbox whose VM the VMM
-    counts idle is not asked until ``sample_idle_interval_s`` (60 s here) after its last answer,
-    which is stored again each round with the host's CPU count; the VMM finding it busy, or that
-    interval passing, asks it again; a VM the VMM cannot tell about is asked every round."""
+    counts idle since two rounds before its guest's last answer is not asked until
+    ``sample_idle_interval_s`` (60 s here) after that answer, which is stored again each round with
+    the host's CPU count; the VMM finding it busy asks it again until an answer two rounds after
+    that, and so does that interval passing; a VM the VMM cannot tell about is asked every round."""
     import cube_core.sampling as sampling
 
     clock = [1000.0]
@@ -232,7 +233,7 @@ async def test_an_idle_sandbox_is_asked_every_idle_interval(cube: Cube, monkeypa
     sid = await create(cube, key)
     vm = cube.service.store.get_sandbox(sid).runtime.vm
     vmm, s = cube.agent.vmm, sampler(cube)
-    s.idle_interval_s = 60
+    s.interval_s, s.idle_interval_s = 5, 60  # rounds by hand, as if every 5 s
 
     def asks() -> int:
         return sum(1 for op, vm_id in vmm.calls if op == "observe" and vm_id == vm.vm_id)
@@ -240,27 +241,33 @@ async def test_an_idle_sandbox_is_asked_every_idle_interval(cube: Cube, monkeypa
     def cpu_pcts() -> list[float]:
         return [m.cpu_used_pct for m in cube.service.store.metric_samples(sid)]
 
-    assert await s.tick() == 1 and asks() == 1  # the VMM cannot tell: asked
-    for pct in (0.2, 0.4):  # idle by the VMM's count: the last answer carried forward
+    assert await s.tick() == 1 and asks() == 1  # the VMM cannot tell: asked (at 1000)
+    for pct in (0.2, 0.4):  # idle by the VMM's count since 990: the last answer carried forward
         clock[0] += 5
-        vmm.busy[vm.vm_id] = VmActivity(cpu_pct=pct, idle_s=10.0)
+        vmm.busy[vm.vm_id] = VmActivity(cpu_pct=pct, idle_since=990.0)
         assert await s.tick() == 1 and asks() == 1
     assert cpu_pcts() == [12.5, 0.1, 0.2]  # the guest's answer, then the host's count / 2 vCPUs
-    clock[0] += 5
-    vmm.busy[vm.vm_id] = VmActivity(cpu_pct=4.0, idle_s=0.0)  # the VMM found it busy
+    clock[0] += 5  # 1015
+    vmm.busy[vm.vm_id] = VmActivity(cpu_pct=4.0, idle_since=1015.0)  # the VMM found it busy
     assert await s.tick() == 1 and asks() == 2
-    vmm.busy[vm.vm_id] = VmActivity(cpu_pct=0.1, idle_s=5.0)
-    clock[0] += 59
-    assert await s.tick() == 1 and asks() == 2  # idle, answered 59 s ago
+    vmm.busy[vm.vm_id] = VmActivity(cpu_pct=0.1, idle_since=1015.0)
+    clock[0] += 5
+    assert await s.tick() == 1 and asks() == 3  # idle again, but its last answer was taken 0 s after
+    clock[0] += 5
+    assert await s.tick() == 1 and asks() == 4  # ... 5 s after: one round more
+    clock[0] += 5
+    assert await s.tick() == 1 and asks() == 4  # answered 10 s after: carried
+    clock[0] += 54
+    assert await s.tick() == 1 and asks() == 4  # idle, answered 59 s ago
     clock[0] += 1
-    assert await s.tick() == 1 and asks() == 3  # 60 s since its last answer
-    assert len(cpu_pcts()) == 6
+    assert await s.tick() == 1 and asks() == 5  # 60 s since its last answer
+    assert len(cpu_pcts()) == 9
     del vmm.busy[vm.vm_id]
     clock[0] += 5
-    assert await s.tick() == 1 and asks() == 4  # the VMM cannot tell any more: every round
+    assert await s.tick() == 1 and asks() == 6  # the VMM cannot tell any more: every round
 
     s.idle_interval_s = 0  # [core] sample_idle_interval_s = 0: every round, whatever the count
-    vmm.busy[vm.vm_id] = VmActivity(cpu_pct=0.1, idle_s=100.0)
-    for n in (5, 6):
+    vmm.busy[vm.vm_id] = VmActivity(cpu_pct=0.1, idle_since=0.0)
+    for n in (7, 8):
         clock[0] += 5
         assert await s.tick() == 1 and asks() == n

@@ -167,7 +167,7 @@ class IdleTracker:
         state = self._vms.get(vm_id)
         if state is None or state.pct is None:
             return None
-        return VmActivity(cpu_pct=state.pct, idle_s=state.at - state.idle_since)
+        return VmActivity(cpu_pct=state.pct, idle_since=state.idle_since)
 
     def reclaimed(self, vm_id: str) -> bool:
         """Whether ``vm_id`` was paged out and has not been busy since."""

@@ -162,13 +162,13 @@ def test_one_reading_serves_the_sampler_and_the_reclaimer(tmp_path: Path) -> Non
     cpu[102] += 300  # 3 s in 5 s
     write_stat()
     found = r.activity(["idle", "busy"], max_age_s=2.5, now=5)
-    assert found["idle"] == VmActivity(cpu_pct=0.0, idle_s=5.0)
-    assert found["busy"] == VmActivity(cpu_pct=60.0, idle_s=0.0)  # a burst: busy at once
+    assert found["idle"] == VmActivity(cpu_pct=0.0, idle_since=0)
+    assert found["busy"] == VmActivity(cpu_pct=60.0, idle_since=5)  # a burst: busy at once
     assert r.reads == 4
     assert r.tick(6) == [] and r.reads == 4  # read 1 s ago: the tick takes no reading of its own
     assert r.activity(["idle"], max_age_s=2.5, now=7) == {"idle": found["idle"]} and r.reads == 4
     assert r.tick(15) == [] and r.reads == 6  # 10 s old: read again; no page-outs without them
-    assert r.activity(["busy"], max_age_s=2.5, now=15)["busy"].idle_s == 10.0
+    assert r.activity(["busy"], max_age_s=2.5, now=15)["busy"] == VmActivity(cpu_pct=0.0, idle_since=5)
 
 
 def test_doctor_check_reclaim(tmp_path: Path) -> None:
