@@ -178,8 +178,9 @@ class KvmVmm(VmmDriver):
             self._spare = jail.Jailer.start()
         self._tsc_khz = host_tsc_khz()
         # always on: the VMs' CPU readings are also what the node's sampler asks (activity)
-        self._reclaimer = Reclaimer(lambda: {k: v.record.pid for k, v in self._vms.items()},
-                                    reclaimable=lambda vm: vm in self._vms and self._reclaimable(self._vms[vm]),
+        # called from worker threads: dict() copies at once, where iterating could meet a change
+        self._reclaimer = Reclaimer(lambda: {k: v.record.pid for k, v in dict(self._vms).items()},
+                                    reclaimable=self._reclaimable_id,
                                     window_s=self.config.idle_reclaim_after_s,
                                     cpu_pct=self.config.idle_reclaim_cpu_pct,
                                     allow_disk=self.config.idle_reclaim_disk_swap,
@@ -455,6 +456,10 @@ class KvmVmm(VmmDriver):
         await live.qmp.execute("stop", timeout=self.config.qmp_timeout_s)
         if self._reclaimer is not None and self._reclaimable(live):
             self._reclaimer.paused(vm.vm_id, live.record.pid)
+
+    def _reclaimable_id(self, vm_id: str) -> bool:
+        live = self._vms.get(vm_id)
+        return live is not None and self._reclaimable(live)
 
     def _reclaimable(self, live: _LiveVm) -> bool:
         """Idle reclaim leaves warm-pool members warm (their first command would fault back what
