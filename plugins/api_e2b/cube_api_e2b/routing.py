@@ -75,20 +75,29 @@ def context_of(request: Request) -> E2bContext:
 # -- dependencies ----------------------------------------------------------------------------------
 
 
-def get_context(request: Request) -> E2bContext:
+# The dependencies are coroutines although they do not wait for anything: FastAPI runs a plain
+# ``def`` dependency in its thread pool, and three thread round trips per request cost a create
+# at c=50 more than the route itself (docs/bench.md, "Session 22: the c=50 wave").
+
+
+async def get_context(request: Request) -> E2bContext:
     return context_of(request)
 
 
-def get_service(ctx: Annotated[E2bContext, Depends(get_context)]) -> ControlPlane:
+async def get_service(ctx: Annotated[E2bContext, Depends(get_context)]) -> ControlPlane:
     return ctx.service
 
 
-def current_team(request: Request) -> Team:
+def team_of(request: Request) -> Team:
     """The team :class:`E2bRoute` authenticated (never a default: no team, no answer)."""
     team = getattr(request.state, "cube_team", None)
     if not isinstance(team, Team):
         raise AuthError("invalid API key")
     return team
+
+
+async def current_team(request: Request) -> Team:
+    return team_of(request)
 
 
 Context = Annotated[E2bContext, Depends(get_context)]
@@ -180,11 +189,11 @@ class TeamOrOperatorRoute(E2bRoute):
         return authenticate(ctx.service, request.headers)
 
 
-def current_caller(request: Request) -> Team | None:
+async def current_caller(request: Request) -> Team | None:
     """The team :class:`TeamOrOperatorRoute` authenticated, or None for the operator."""
     if getattr(request.state, "cube_operator", False) is True:
         return None
-    return current_team(request)
+    return team_of(request)
 
 
 Caller = Annotated[Team | None, Depends(current_caller)]

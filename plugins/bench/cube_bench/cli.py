@@ -88,7 +88,9 @@ def bench_create(
         admin_url: Annotated[str | None, typer.Option(help="with --url: its metrics server, to wait "
                                                            "for the warm pool")] = None,
         profile: Annotated[bool, typer.Option(help="sample each server's Python stacks with py-spy during "
-                                                   "the latency runs (profile-<mode>-<time>.txt in --out)")] = False
+                                                   "the waves' creates (profile-<mode>-<time>.txt in --out)")] = False,
+        clients: Annotated[int, typer.Option(help="client processes making each wave's creates between them "
+                                                  "(1: the bench's one event loop, the reference)")] = 1,
 ) -> None:
     """Create sandboxes through the E2B SDK: create→201 and create→first command p50/p95/p99 at each
     concurrency, memory and CPU per idle sandbox; pool hit vs pool miss vs cold boot, side by side."""
@@ -103,7 +105,7 @@ def bench_create(
         err.print(f"error: --concurrency wants numbers like 1,10,50, not {concurrency!r}")
         raise typer.Exit(2) from None
     opts = Options(concurrency=levels, n=n, idle=idle, cold_n=cold_n, url=url, api_key=api_key,
-                   admin_url=admin_url, out=out_dir, profile=profile,
+                   admin_url=admin_url, out=out_dir, profile=profile, clients=max(1, clients),
                    modes=tuple(m.strip().replace("-", "_") for m in modes.split(",") if m.strip()))
     result = guard(lambda: run(opts, lambda message: err.print(message, highlight=False)))
     for table in tables(result):

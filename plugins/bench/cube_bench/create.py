@@ -43,6 +43,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from cube_core.pool import POOL_TEAM
 from cube_core.state import SandboxState
 from cube_core.store import SqliteStore
 
-from cube_bench.profile import recording, summary
+from cube_bench.profile import Windows, summary
 from cube_bench.restore import cpu_ticks, meminfo_kib, percentile, smaps_rollup_kib
 from cube_bench.servertoml import UNLIMITED_PLACEMENT, plugins_toml
 
@@ -140,6 +141,10 @@ class Sample:
     first_cmd_ms: float | None = None
     sandbox_id: str | None = None
     error: str | None = None
+    started_at: float | None = None
+    """Wall clock (``time.time()``) when the create was called, and when it returned: the server's
+    log lines of the same create (same host, same clock) split its latency (:func:`phases`)."""
+    created_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,10 @@ class Options:
     boot_timeout_s: float = 1500.0
     lock: Path = HOST_LOCK
     profile: bool = False
-    """Sample the server's Python stacks with py-spy during the latency runs (our own servers)."""
+    """Sample the server's Python stacks with py-spy during the waves' creates (our own servers)."""
+    clients: int = 1
+    """Client processes that make each wave's creates between them (each its own event loop and
+    SDK); 1: the bench's own event loop makes them all (the reference numbers)."""
 
 
 def plans(opts: Options) -> list[ModePlan]:
@@ -446,7 +454,7 @@ class Client:
 
     async def create(self, created: Callable[[], None] = lambda: None) -> tuple[Sample, Any]:
         """One create and its first command; ``created`` is called when the create returned (or failed)."""
-        sample = Sample()
+        sample = Sample(started_at=time.time())
         started = time.perf_counter()
         try:
             sbx = await self.sandbox_cls.create(template=self.template, timeout=1800, **self.params)
@@ -455,6 +463,7 @@ class Client:
             created()
             return sample, None
         sample.create_ms = (time.perf_counter() - started) * 1000
+        sample.created_at = time.time()
         created()
         sample.sandbox_id = sbx.sandbox_id
         try:
@@ -547,18 +556,111 @@ class CpuWindow:
     server_known: bool = False
 
 
-class WaveCpu:
-    """Adds one wave's CPU to ``total``: from now until :meth:`created` was called ``size`` times."""
+class ClientProcesses:
+    """``count`` client processes (``spawn``: each a fresh interpreter with its own event loop and
+    SDK) that make a wave's creates between them, as that many agents on the host would: each
+    gets its share of the wave, all start at the same wall-clock moment, each kills its own
+    sandboxes after the wave's first commands. The client CPU of a wave is the sum of theirs,
+    each up to its own last create answered; the server's window closes when the last create of
+    any of them returned (a shared counter, read every 2 ms)."""
 
-    def __init__(self, total: CpuWindow, size: int, server_pid: int | None) -> None:
-        self.total, self.left, self.server_pid = total, size, server_pid
+    def __init__(self, count: int, target: Target, template: str) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.left = context.Value("i", 0)
+        self.pipes: list[Any] = []
+        self.procs: list[Any] = []
+        for _ in range(count):
+            parent, child = context.Pipe()
+            proc = context.Process(target=_client_process, args=(child, target.url, target.api_key, template,
+                                                                  self.left), daemon=True)
+            proc.start()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+        for pipe in self.pipes:  # each has imported the SDK
+            if pipe.recv() != "ready":
+                raise CubeError("a bench client process failed to start")
+
+    async def wave(self, size: int, wave: WaveCpu) -> list[Sample]:
+        shares = [size // len(self.pipes) + (1 if i < size % len(self.pipes) else 0) for i in range(len(self.pipes))]
+        with self.left.get_lock():
+            self.left.value = size
+        go_at = time.time() + 0.2  # every process sleeping until the same moment
+        busy = [pipe for pipe, k in zip(self.pipes, shares, strict=True) if k]
+        for pipe, k in zip(self.pipes, shares, strict=True):
+            if k:
+                pipe.send(("wave", k, go_at))
+        wave.own_client = False  # the client's CPU is the processes' own (reported below)
+        while wave.left > 0:
+            await asyncio.sleep(0.002)
+            done = size - self.left.value
+            while wave.left > size - done:
+                wave.created()
+        results = await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe in busy))
+        samples: list[Sample] = []
+        for made, cpu_s in results:
+            samples.extend(Sample(*fields) for fields in made)
+            wave.total.client_s += cpu_s
+        return samples
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("stop",))
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
+def _client_process(pipe: Any, url: str, api_key: str, template: str, left: Any) -> None:
+    """One client process of :class:`ClientProcesses`: waves on request, until ``stop``."""
+    client = Client(Target(url=url, api_key=api_key), template)
+    pipe.send("ready")
+
+    async def one_wave(k: int, go_at: float) -> tuple[list[tuple[Any, ...]], float]:
+        await asyncio.sleep(max(0.0, go_at - time.time()))
+        cpu0, cpu_last = time.process_time(), [0.0]
+
+        def created() -> None:
+            cpu_last[0] = time.process_time()
+            with left.get_lock():
+                left.value -= 1
+
+        made = await asyncio.gather(*(client.create(created) for _ in range(k)))
+        await client.kill([sbx for _, sbx in made if sbx is not None])
+        return ([(s.create_ms, s.first_cmd_ms, s.sandbox_id, s.error, s.started_at, s.created_at) for s, _ in made],
+                cpu_last[0] - cpu0)
+
+    async def serve() -> None:
+        while True:
+            command = await asyncio.to_thread(pipe.recv)
+            if command[0] != "wave":
+                return
+            pipe.send(await one_wave(command[1], command[2]))
+
+    asyncio.run(serve())
+
+
+class WaveCpu:
+    """Adds one wave's CPU to ``total``: from now until :meth:`created` was called ``size`` times
+    (and ends the profile's window then, if any)."""
+
+    def __init__(self, total: CpuWindow, size: int, server_pid: int | None, profile: Windows | None = None) -> None:
+        self.total, self.left, self.server_pid, self.profile = total, size, server_pid, profile
+        self.own_client = True
+        """Whether the creates are this process's (else :class:`ClientProcesses` adds theirs)."""
         self.client0, self.server0 = _cpu_now(server_pid)
 
     def created(self) -> None:
         self.left -= 1
         if self.left == 0:  # the wave's last create returned: close its window
+            if self.profile is not None:
+                self.profile.stop()
             client1, server1 = _cpu_now(self.server_pid)
-            self.total.client_s += client1 - self.client0
+            if self.own_client:
+                self.total.client_s += client1 - self.client0
             if self.server0 is not None and server1 is not None:
                 self.total.server_s += server1 - self.server0
                 self.total.server_known = True
@@ -574,22 +676,31 @@ def _cpu_now(server_pid: int | None) -> tuple[float, float | None]:
 
 
 async def latency_run(client: Client, pool: PoolWatch, *, concurrency: int, n: int, pool_size: int,
-                      note: Note, server_pid: int | None = None) -> tuple[list[Sample], float, CpuWindow]:
+                      note: Note, server_pid: int | None = None, profile: Windows | None = None,
+                      procs: ClientProcesses | None = None) -> tuple[list[Sample], float, CpuWindow]:
     """``n`` creates in waves of ``concurrency``; every sandbox is killed after its wave. Also the
     seconds the waves' creates took (from a wave's start until its last create returned; the
     pool refills between waves and the first commands after the last 201 are not counted), and
-    the CPU the client and the server used in that time."""
+    the CPU the client and the server used in that time; ``profile`` samples the server in those
+    same windows."""
     samples: list[Sample] = []
     busy = 0.0
     cpu = CpuWindow()
     for start in range(0, n, concurrency):
         await pool.wait_full(pool_size)
         size = min(concurrency, n - start)
-        wave = WaveCpu(cpu, size, server_pid)
-        made = await asyncio.gather(*(client.create(wave.created) for _ in range(size)))
-        busy += max((s.create_ms or 0.0) for s, _ in made) / 1000  # the creates start together
-        samples.extend(s for s, _ in made)
-        await client.kill([sbx for _, sbx in made if sbx is not None])
+        if profile is not None:
+            await asyncio.sleep(profile.start())
+        wave = WaveCpu(cpu, size, server_pid, profile)
+        if procs is not None:
+            made_by_procs = await procs.wave(size, wave)
+            busy += max((s.create_ms or 0.0) for s in made_by_procs) / 1000
+            samples.extend(made_by_procs)
+        else:
+            made = await asyncio.gather(*(client.create(wave.created) for _ in range(size)))
+            busy += max((s.create_ms or 0.0) for s, _ in made) / 1000  # the creates start together
+            samples.extend(s for s, _ in made)
+            await client.kill([sbx for _, sbx in made if sbx is not None])
         if concurrency > 1 or (start + 1) % 25 == 0 or start + 1 >= n:
             note(f"  c={concurrency}: {len(samples)}/{n} created")
     return samples, busy, cpu
@@ -634,6 +745,54 @@ def summarize(samples: list[Sample], events: list[dict[str, Any]] | None = None)
                    if e.get("event") == "vm restored" and e.get("vm_id") in wanted and "restore_ms" in e]
         # The driver's own restore time (spawn -> QMP RESUME) of the sandboxes restored for a create.
         out["restore_ms_p50"], out["restore_ms_p95"] = pct(restore, 50), pct(restore, 95)
+        out["phases_ms"] = phases(samples, events)
+    return out
+
+
+PHASES = ("to_server", "before_service", "service", "answer", "to_client")
+"""A create's latency split by the server's log lines (:func:`phases`)."""
+
+
+def _log_time(event: dict[str, Any]) -> float | None:
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+    return None
+
+
+def phases(samples: list[Sample], events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Where each create's time went, from the client's clock and the server's log lines (one
+    host, one clock), ms: ``to_server`` (the call until the request entered the server's app: the
+    client building and sending it, the server's loop reading it), ``before_service`` (in the app
+    until the route called the service: body, auth, routing), ``service`` (``service.create``),
+    ``answer`` (the service's return until the answer's status line was sent), ``to_client`` (the
+    answer sent until the SDK call returned: the client's loop reading it, the SDK's work). p50,
+    p95, and the mean over the slowest 10 % of creates (what the tail waited on)."""
+    created = {e.get("sandbox_id"): e for e in events if e.get("event") == "sandbox created" and "request_ms" in e}
+    answered = {e.get("request_id"): e for e in events
+                if e.get("logger") == "uvicorn.access" and "POST /v2/sandboxes" in str(e.get("event"))}
+    rows: list[tuple[float, dict[str, float]]] = []
+    for s in samples:
+        made = created.get(s.sandbox_id)
+        if made is None or s.started_at is None or s.created_at is None or s.create_ms is None:
+            continue
+        access = answered.get(made.get("request_id"))
+        route_end, sent = _log_time(made), _log_time(access) if access else None
+        if route_end is None or sent is None:
+            continue
+        request_ms, create_ms = float(made["request_ms"]), float(made["create_ms"])
+        arrived = route_end - request_ms / 1000
+        rows.append((s.create_ms, {
+            "to_server": (arrived - s.started_at) * 1000, "before_service": request_ms - create_ms,
+            "service": create_ms, "answer": (sent - route_end) * 1000, "to_client": (s.created_at - sent) * 1000}))
+    if not rows:
+        return None
+    rows.sort(key=lambda r: r[0])
+    tail = [r for _, r in rows[-max(1, len(rows) // 10):]]
+    out: dict[str, Any] = {"n": len(rows)}
+    for name in PHASES:
+        values = [r[name] for _, r in rows]
+        out[name] = {"p50": round(percentile(values, 50), 1), "p95": round(percentile(values, 95), 1),
+                     "slowest_10pct_mean": round(statistics.fmean(r[name] for r in tail), 1)}
     return out
 
 
@@ -765,9 +924,10 @@ async def _run_true(sbx: Any) -> bool:
 
 
 async def measure(plan: ModePlan, target: Target, *, template: str, settle_s: float, note: Note,
-                  profile_to: Path | None = None) -> dict[str, Any]:
+                  profile_to: Path | None = None, clients: int = 1) -> dict[str, Any]:
     """Every measurement of one mode against ``target``; with ``profile_to`` (and a server of
-    ours), py-spy samples the server during the latency runs into that file."""
+    ours), py-spy samples the server during the waves' creates into that file; ``clients`` > 1:
+    that many client processes make each wave's creates (:class:`ClientProcesses`)."""
     client = Client(target, template)
     pool = PoolWatch(target)
     pool_size = plan.pool_size
@@ -778,13 +938,18 @@ async def measure(plan: ModePlan, target: Target, *, template: str, settle_s: fl
         raw: dict[int, list[Sample]] = {}
         busy: dict[int, float] = {}
         cpu: dict[int, CpuWindow] = {}
-        profiling = (recording(target.pid, profile_to) if profile_to is not None and target.pid is not None
-                     else contextlib.nullcontext())
-        with profiling as profiled:
+        profile = Windows(target.pid, profile_to) if profile_to is not None and target.pid is not None else None
+        procs = ClientProcesses(clients, target, template) if clients > 1 else None
+        try:
             for c in plan.concurrency:
                 note(f"{plan.name}: {plan.n} creates at concurrency {c}")
                 raw[c], busy[c], cpu[c] = await latency_run(client, pool, concurrency=c, n=plan.n,
-                                                            pool_size=pool_size, note=note, server_pid=target.pid)
+                                                            pool_size=pool_size, note=note, server_pid=target.pid,
+                                                            profile=profile, procs=procs)
+        finally:
+            profiled = profile.merge() if profile is not None else None
+            if procs is not None:
+                procs.close()
         idle: dict[str, Any] | None = None
         if plan.idle_n > 0:
             note(f"{plan.name}: {plan.idle_n} idle sandboxes")
@@ -795,7 +960,7 @@ async def measure(plan: ModePlan, target: Target, *, template: str, settle_s: fl
     events = serve_log_events(target.log)
     started = next((e for e in events if e.get("event") == "vmm started"), {})
     return {
-        "note": plan.note, "pool_size": pool_size, "boot_mode": plan.boot_mode,
+        "note": plan.note, "pool_size": pool_size, "boot_mode": plan.boot_mode, "clients": clients,
         "isolation": started.get("isolation"),
         "by_concurrency": {str(c): {**summarize(s, events), "creates_per_s": creates_per_s(s, busy[c]),
                                   **cpu_per_create(s, cpu[c])}
@@ -803,7 +968,9 @@ async def measure(plan: ModePlan, target: Target, *, template: str, settle_s: fl
         "profile": summary(profiled) if profiled is not None else None,
         "idle_mib_per_sandbox": idle["idle_mib_per_sandbox"] if idle else None,
         "idle": idle,
-        "samples": {str(c): [[s.create_ms, s.first_cmd_ms] for s in samples] for c, samples in raw.items()},
+        # [create ms, first command ms, called at, returned at (wall clock), sandbox id]
+        "samples": {str(c): [[s.create_ms, s.first_cmd_ms, s.started_at, s.created_at, s.sandbox_id] for s in samples]
+                    for c, samples in raw.items()},
     }
 
 
@@ -824,7 +991,7 @@ def run(opts: Options, note: Note) -> dict[str, Any]:
         target = Target(url=opts.url.rstrip("/"), api_key=key, admin_url=opts.admin_url)
         for plan in plans(opts):
             modes[plan.name] = asyncio.run(measure(plan, target, template=opts.template, settle_s=opts.settle_s,
-                                                   note=note))
+                                                   note=note, clients=opts.clients))
     else:
         with tempfile.TemporaryDirectory(prefix="cube-bench-") as tmp:
             state = Path(tmp)
@@ -838,14 +1005,14 @@ def run(opts: Options, note: Note) -> dict[str, Any]:
                         profile_to = opts.out / f"profile-{plan.name}-{stamp}.txt" if opts.profile else None
                         modes[plan.name] = asyncio.run(measure(plan, target, template=opts.template,
                                                                settle_s=opts.settle_s, note=note,
-                                                               profile_to=profile_to))
+                                                               profile_to=profile_to, clients=opts.clients))
                 partial.write_text(json.dumps(modes))  # what is measured survives a later failure
     reference = modes.get("pool_hit") or next(iter(modes.values()))
     result: dict[str, Any] = {
         "by_concurrency": reference["by_concurrency"],
         "idle_mib_per_sandbox": reference["idle_mib_per_sandbox"],
         "host": {"cpus": os.cpu_count(), "mem_total_mib": meminfo_kib("MemTotal") // 1024},
-        "n": opts.n, "concurrency": list(opts.concurrency),
+        "n": opts.n, "concurrency": list(opts.concurrency), "clients": opts.clients,
         "modes": {name: {k: v for k, v in m.items() if k != "samples"} for name, m in modes.items()},
         "ratios": ratios(modes),
         "targets": targets(modes),
@@ -980,6 +1147,13 @@ def tables(result: dict[str, Any]) -> list[Any]:
                          fmt(p.get("paused_cpu_pct_per_sandbox")),
                          f"{fmt(p.get('pause_ms_p50'))} / {fmt(p.get('pause_ms_p95'))}",
                          f"{fmt(p.get('resume_ms_p50'))} / {fmt(p.get('resume_ms_p95'))}")
+    split = Table("mode", "c", *PHASES, title="where a create's time went (ms: p50 / p95 / slowest 10 % mean)")
+    for name, mode in result["modes"].items():
+        for c, s in mode["by_concurrency"].items():
+            ph = s.get("phases_ms")
+            if ph:
+                split.add_row(name, c, *(f"{ph[k]['p50']} / {ph[k]['p95']} / {ph[k]['slowest_10pct_mean']}"
+                                         for k in PHASES))
     ratio = Table("metric", "ratio", "value", title="ratios")
     for metric, values in result["ratios"].items():
         for pair, value in values.items():
@@ -990,7 +1164,8 @@ def tables(result: dict[str, Any]) -> list[Any]:
                       "[green]yes[/]" if t["met"] else "[red]no[/]")
     notes = Table("mode", "note", title="modes")
     for name, mode in result["modes"].items():
-        notes.add_row(name, mode["note"])
+        clients = mode.get("clients", 1)
+        notes.add_row(name, mode["note"] + (f"; {clients} client processes" if clients > 1 else "; one client loop"))
     profiles = Table("mode", "function (module)", "% inclusive", "function (module)", "% self",
                      title="server profile (py-spy, latency runs)")
     for name, mode in result["modes"].items():
@@ -998,4 +1173,5 @@ def tables(result: dict[str, Any]) -> list[Any]:
         for (inc, inc_pct), (own, own_pct) in zip(prof.get("inclusive_pct", [])[:15], prof.get("self_pct", [])[:15],
                                                   strict=False):
             profiles.add_row(name, inc, str(inc_pct), own, str(own_pct))
-    return [notes, latency, idle, ratio, goals, *([profiles] if profiles.row_count else [])]
+    return [notes, latency, *([split] if split.row_count else []), idle, ratio, goals,
+            *([profiles] if profiles.row_count else [])]

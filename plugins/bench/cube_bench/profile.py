@@ -55,6 +55,59 @@ def recording(pid: int, path: Path, *, rate_hz: int = RATE_HZ) -> Iterator[Path 
             proc.wait()
 
 
+class Windows:
+    """Sample ``pid`` only in windows (``start()`` .. ``stop()``, e.g. from a wave's first create to
+    its last answer), each into a file of its own, then :meth:`merge` them into ``path`` (collapsed
+    stacks add up). Both calls return at once (py-spy is stopped by a signal and waited for
+    later), so they can run in the middle of the measured work; ``lead_s`` after each start lets
+    py-spy attach before the work begins."""
+
+    def __init__(self, pid: int, path: Path, *, rate_hz: int = RATE_HZ, lead_s: float = 0.5) -> None:
+        self.pid, self.path, self.rate_hz, self.lead_s = pid, path, rate_hz, lead_s
+        self.exe = py_spy()
+        self.parts: list[Path] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stopped: list[subprocess.Popen[bytes]] = []
+        if self.exe is None:
+            log.warning("bench: py-spy is not installed; no profile (pip install cube-bench)")
+
+    def start(self) -> float:
+        """Start a window; the seconds to wait before the work (py-spy attaching)."""
+        if self.exe is None:
+            return 0.0
+        part = self.path.with_name(f"{self.path.stem}-w{len(self.parts)}{self.path.suffix}")
+        self.parts.append(part)
+        with part.with_suffix(".log").open("w") as out:
+            self._proc = subprocess.Popen([self.exe, "record", "--pid", str(self.pid), "--format", "raw", "--rate",
+                                           str(self.rate_hz), "--nonblocking", "--output", str(part)],
+                                          stdout=out, stderr=subprocess.STDOUT)
+        return self.lead_s
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
+            self._stopped.append(self._proc)
+            self._proc = None
+
+    def merge(self) -> Path | None:
+        """Wait for every window's py-spy; their stacks in ``path`` (None: nothing recorded)."""
+        self.stop()
+        for proc in self._stopped:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._stopped.clear()
+        if not self.parts:
+            return None
+        with self.path.open("w") as merged:
+            for part in self.parts:
+                with contextlib.suppress(OSError):
+                    merged.write(part.read_text(errors="replace"))
+        return self.path
+
+
 def _function(frame: str) -> str:
     """``name (path/to/module.py:line)`` -> ``name (module.py)``: one entry per function."""
     name, _, where = frame.partition(" (")
