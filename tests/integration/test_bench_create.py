@@ -12,10 +12,11 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from cube_bench.create import Options, Sample, held_by_ancestor, host_lock, plans, served_by, summarize
+from cube_bench.create import Options, Sample, held_by_ancestor, host_lock, phases, plans, served_by, summarize
 
 vm_slow = [pytest.mark.vm, pytest.mark.slow]
 
@@ -119,6 +120,35 @@ def test_summarize_uses_nearest_rank_and_counts_failures() -> None:
     assert stats["failures"] == 2 and stats["n"] == 102
     assert stats["served_by"] == {"pool": 99, "restore": 1, "cold": 1}
     assert summarize([Sample(error="x")])["create_ms_p50"] is None
+
+
+def test_phases_split_a_create_by_the_servers_log_lines() -> None:
+    """Client clock + the route's ``sandbox created`` (request_ms, create_ms) + uvicorn's access line
+    (same request id): to_server, before_service, service, answer, to_client; the slowest 10 %."""
+    samples, events = [], []
+    for i in range(20):
+        t0 = 1000.0 + i  # each create: called at t0, entered the app 10 ms (+i) later, ...
+        slow = 100.0 if i == 19 else 0.0
+        arrived = t0 + (10 + i + slow) / 1000
+        route_end = arrived + 3 / 1000
+        sent = route_end + 0.5 / 1000
+        samples.append(Sample(create_ms=(sent + 0.002 - t0) * 1000, sandbox_id=f"s{i}", started_at=t0,
+                              created_at=sent + 0.002))
+        stamp = lambda t: datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")  # noqa: E731
+        events.append({"event": "sandbox created", "sandbox_id": f"s{i}", "request_id": f"r{i}", "request_ms": 3.0,
+                       "create_ms": 2.0, "timestamp": stamp(route_end)})
+        events.append({"event": '127.0.0.1:1 - "POST /v2/sandboxes HTTP/1.1" 201', "logger": "uvicorn.access",
+                       "request_id": f"r{i}", "timestamp": stamp(sent)})
+    samples.append(Sample(error="create: boom"))  # no times: left out
+    split = phases(samples, events)
+    assert split is not None and split["n"] == 20
+    assert split["to_server"]["p50"] == pytest.approx(19, abs=0.2)  # 10 + i, nearest rank of 20
+    assert split["to_server"]["slowest_10pct_mean"] == pytest.approx((28 + 129) / 2, abs=0.2)
+    assert split["before_service"]["p95"] == pytest.approx(1.0, abs=0.01)
+    assert split["service"]["p50"] == 2.0
+    assert split["answer"]["p50"] == pytest.approx(0.5, abs=0.05)
+    assert split["to_client"]["p95"] == pytest.approx(2.0, abs=0.05)
+    assert phases(samples, []) is None
 
 
 def test_served_by_ignores_pool_refills() -> None:

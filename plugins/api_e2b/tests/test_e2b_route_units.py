@@ -179,6 +179,32 @@ def mount(router: APIRouter, service: Double, **config: object) -> httpx.AsyncCl
                              headers={"X-API-Key": KEY})
 
 
+def test_no_route_dependency_runs_in_the_thread_pool() -> None:
+    """FastAPI runs a plain ``def`` dependency in its thread pool: three such per request made a
+    create at c=50 wait ~250 ms for thread round trips (docs/bench.md, "Session 22"). Every
+    dependency of every E2B route (and every route itself) is a coroutine."""
+    import inspect
+
+    def is_coroutine_callable(call: object) -> bool:  # a function, or an object with async __call__
+        return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(type(call).__call__)
+
+    def calls(dependant: object) -> list[object]:
+        found = []
+        for sub in getattr(dependant, "dependencies", []):
+            found.append(sub.call)
+            found.extend(calls(sub))
+        return found
+
+    checked = 0
+    for router in ROUTERS:
+        for route in router.routes:
+            dependant = route.dependant  # type: ignore[attr-defined]
+            for call in [dependant.call, *calls(dependant)]:
+                assert is_coroutine_callable(call), (route.path, call)
+                checked += 1
+    assert checked > 3 * len(ROUTERS)
+
+
 async def test_auth_comes_first_on_every_router(double: Double) -> None:
     """A bad key is a 401 before the body is parsed (a bad body with a good key is a 400)."""
     for router in ROUTERS:
