@@ -117,8 +117,12 @@ class WebhookDelivery:
 
     async def stop(self) -> None:
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+            # cancelled again until it ends: Python 3.11's wait_for can swallow a cancel that
+            # lands as the event it waits for is set (record() during the stop), and the loop
+            # would go on
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
