@@ -279,6 +279,36 @@ async def test_events_are_delivered_signed_and_filtered(store: SqliteStore, secr
     await w.stop()
 
 
+async def test_stop_ends_a_task_that_swallowed_its_cancel(store: SqliteStore, secrets_key: CoreSettings) -> None:
+    """Python 3.11's ``asyncio.wait_for`` can swallow a cancel that lands as the event it waits for
+    is set (it returns the result instead), and the worker's loop goes on: ``stop`` cancels again
+    until the task has ended (one cancel hung the app's stop in the E2B webhook test)."""
+    w = worker(store, secrets_key, Clock())
+    swallowed = 0
+
+    async def swallows_one_cancel() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1
+
+    task = asyncio.create_task(swallows_one_cancel())
+    w._tasks.append(task)
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(w.stop())
+    await asyncio.wait({stopping}, timeout=5)
+    try:
+        assert stopping.done(), "stop() still waits for a task that swallowed its cancel"
+        assert swallowed == 1 and task.cancelled() and not w._tasks
+    finally:
+        task.cancel()
+        stopping.cancel()
+
+
 async def test_failures_are_retried_with_backoff_then_given_up(store: SqliteStore, secrets_key: CoreSettings,
                                                                receiver: Receiver) -> None:
     clock = Clock()
