@@ -1,6 +1,6 @@
 """What ``cube doctor`` checks for the ``kvm`` VMM: QEMU and its TCG, KVM (the same decision
-:func:`accel.detect` makes for every VM), cgroups, ``/dev/net/tun`` and the swap idle reclaim
-pages into."""
+:func:`accel.detect` makes for every VM), cgroups, ``/dev/net/tun``, the swap idle reclaim
+pages into, and KSM merging guest pages across tenants."""
 
 from __future__ import annotations
 
@@ -79,6 +79,25 @@ def check_reclaim(config: KvmConfig, swaps: Path = Path("/proc/swaps")) -> Check
                  "scripts/zram-swap.sh setup 8G (RAM-backed swap; see plugins/vmm_kvm/README.md, \"Idle reclaim\")")
 
 
+def check_ksm(config: KvmConfig, run: Path = Path("/sys/kernel/mm/ksm/run")) -> Check:
+    """Whether the host's KSM merges guest RAM (``[vmm.options] mem_merge`` marks it mergeable):
+    it merges identical pages of every VM on the host, also different teams', and memory
+    deduplication is a cross-VM side channel (docs/security.md, "Memory shared between VMs")."""
+    try:
+        running = run.read_text().strip() == "1"
+    except OSError:
+        running = False
+    if not config.mem_merge:
+        return Check("ksm", "ok", "guest RAM is not mergeable ([vmm.options] mem_merge = false)")
+    if not running:
+        return Check("ksm", "ok", "KSM is not running: no guest page is merged")
+    return Check("ksm", "warn", "KSM runs and merges guest pages across all VMs, also different teams' "
+                 "(a cross-VM side channel)",
+                 "on a host shared by tenants that do not trust each other set [vmm.options] mem_merge = "
+                 "false, or echo 0 > /sys/kernel/mm/ksm/run")
+
+
 def doctor_checks(config: KvmConfig) -> list[Check]:
     qemu, tcg = check_qemu(config.qemu_binary)
-    return [qemu, check_kvm(config), tcg, check_cgroups(config), check_tun(), check_reclaim(config)]
+    return [qemu, check_kvm(config), tcg, check_cgroups(config), check_tun(), check_reclaim(config),
+            check_ksm(config)]

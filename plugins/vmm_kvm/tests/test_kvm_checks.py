@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cube_vmm_kvm import KvmConfig, KvmPlugin
-from cube_vmm_kvm.checks import check_cgroups, check_kvm, check_qemu, check_tun
+from cube_vmm_kvm.checks import check_cgroups, check_ksm, check_kvm, check_qemu, check_tun
 
 
 def _fake_sys(tmp_path: Path, *modules: str) -> Path:
@@ -30,4 +30,17 @@ def test_doctor_checks(tmp_path: Path) -> None:
     assert check_tun(tmp_path / "no-tun").status == "fail"
     plugin = KvmPlugin(KvmConfig())
     names = [c.name for c in plugin.cube_doctor_checks()]
-    assert names == ["qemu", "kvm", "tcg", "cgroups", "tun", "idle_reclaim"]
+    assert names == ["qemu", "kvm", "tcg", "cgroups", "tun", "idle_reclaim", "ksm"]
+
+
+def test_ksm_check_warns_when_guest_pages_of_all_tenants_are_merged(tmp_path: Path) -> None:
+    """KSM on and guest RAM mergeable (QEMU's default) merges pages across teams: a warning with
+    the two ways out; KSM off, unreadable, or ``mem_merge = false``: nothing is merged."""
+    run = tmp_path / "run"
+    run.write_text("1\n")
+    merged = check_ksm(KvmConfig(), run)
+    assert merged.status == "warn" and "mem_merge = false" in merged.hint and "side channel" in merged.detail
+    assert check_ksm(KvmConfig(mem_merge=False), run).status == "ok"
+    run.write_text("0\n")
+    assert check_ksm(KvmConfig(), run).status == "ok"
+    assert check_ksm(KvmConfig(), tmp_path / "no-ksm").status == "ok"
