@@ -117,7 +117,7 @@ class IdleTracker:
     ``cpu_pct`` % of a core over a span of at least half a window (a burst that big within a
     shorter span counts at once); ``due`` says to reclaim it once it has not been busy for
     ``window_s``, then, while it stays idle, again whenever ``refault_kib`` or more of what it
-    swapped out has come back since (0: once per idle period). ``observe`` is both.
+    swapped out has come back since (0: once per idle period).
     """
 
     window_s: float
@@ -151,11 +151,6 @@ class IdleTracker:
             return False
         state.reclaimed_at = now
         return True
-
-    def observe(self, vm_id: str, cpu_s: float, now: float, swapped_kib: int | None = None) -> bool:
-        """:meth:`record` then :meth:`due`."""
-        self.record(vm_id, cpu_s, now)
-        return self.due(vm_id, now, swapped_kib)
 
     def read_at(self, vm_id: str) -> float | None:
         """When ``vm_id``'s CPU was last read (None: never)."""

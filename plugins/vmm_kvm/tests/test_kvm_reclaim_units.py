@@ -21,35 +21,41 @@ def _swaps(tmp_path: Path, *lines: str) -> Path:
     return path
 
 
+def observe(t: IdleTracker, vm_id: str, cpu_s: float, now: float, swapped_kib: int | None = None) -> bool:
+    """One tick of the reclaimer for one VM: a reading, then whether to page it out."""
+    t.record(vm_id, cpu_s, now)
+    return t.due(vm_id, now, swapped_kib)
+
+
 def test_idle_after_a_whole_quiet_window_then_once_until_busy() -> None:
     t = IdleTracker(window_s=20, cpu_pct=2.0)
-    assert not t.observe("a", 1.0, 0)  # first sight: a window starts
-    assert not t.observe("a", 1.1, 10)  # quiet, but only half a window
-    assert t.observe("a", 1.2, 20)  # 0.2 s of CPU in 20 s = 1 % < 2 %: reclaim
-    assert not t.observe("a", 1.2, 40)  # still idle: not again
-    assert not t.observe("a", 1.25, 400)
-    assert not t.observe("a", 2.5, 410)  # 1.25 s in 10 s: busy, the idle window starts again
-    assert not t.observe("a", 2.5, 420)
-    assert t.observe("a", 2.55, 430)  # idle for a window since it was busy: reclaim again
+    assert not observe(t, "a", 1.0, 0)  # first sight: a window starts
+    assert not observe(t, "a", 1.1, 10)  # quiet, but only half a window
+    assert observe(t, "a", 1.2, 20)  # 0.2 s of CPU in 20 s = 1 % < 2 %: reclaim
+    assert not observe(t, "a", 1.2, 40)  # still idle: not again
+    assert not observe(t, "a", 1.25, 400)
+    assert not observe(t, "a", 2.5, 410)  # 1.25 s in 10 s: busy, the idle window starts again
+    assert not observe(t, "a", 2.5, 420)
+    assert observe(t, "a", 2.55, 430)  # idle for a window since it was busy: reclaim again
 
 
 def test_again_while_idle_only_when_enough_came_back() -> None:
     t = IdleTracker(window_s=20, cpu_pct=2.0, refault_kib=4096)
-    assert not t.observe("a", 1.0, 0)
-    assert t.observe("a", 1.0, 20)
+    assert not observe(t, "a", 1.0, 0)
+    assert observe(t, "a", 1.0, 20)
     t.swapped("a", 30_000)  # 29 MiB went out
-    assert not t.observe("a", 1.0, 30, 30_000)  # nothing came back
-    assert not t.observe("a", 1.01, 40, 27_000)  # a blip (not busy) brought back 3 MiB: under 4
-    assert t.observe("a", 1.02, 50, 25_000)  # 5 MiB back in all: out again
+    assert not observe(t, "a", 1.0, 30, 30_000)  # nothing came back
+    assert not observe(t, "a", 1.01, 40, 27_000)  # a blip (not busy) brought back 3 MiB: under 4
+    assert observe(t, "a", 1.02, 50, 25_000)  # 5 MiB back in all: out again
     t.swapped("a", 29_500)
-    assert not t.observe("a", 1.02, 60, 29_500) and not t.observe("a", 1.02, 600, None)  # unknown: no
+    assert not observe(t, "a", 1.02, 60, 29_500) and not observe(t, "a", 1.02, 600, None)  # unknown: no
     t.mark_reclaimed("p", 1.0, 0)  # paused, paged out
     t.swapped("p", 10_000)
-    assert not t.observe("p", 1.0, 10, 1_000) and t.observe("p", 1.0, 20, 1_000)  # after a whole window
+    assert not observe(t, "p", 1.0, 10, 1_000) and observe(t, "p", 1.0, 20, 1_000)  # after a whole window
     off = IdleTracker(window_s=20, cpu_pct=2.0)  # refault_kib 0: once per idle period
-    assert not off.observe("a", 1.0, 0) and off.observe("a", 1.0, 20)
+    assert not observe(off, "a", 1.0, 0) and observe(off, "a", 1.0, 20)
     off.swapped("a", 30_000)
-    assert not off.observe("a", 1.0, 30, 0)
+    assert not observe(off, "a", 1.0, 30, 0)
 
 
 def test_busy_vm_is_never_reclaimed_and_resume_restarts_the_window() -> None:
@@ -57,13 +63,13 @@ def test_busy_vm_is_never_reclaimed_and_resume_restarts_the_window() -> None:
     cpu = 0.0
     for now in range(0, 200, 10):
         cpu += 0.5  # 5 % of a core
-        assert not t.observe("busy", cpu, now)
+        assert not observe(t, "busy", cpu, now)
     t.mark_reclaimed("p", 3.0, 0)  # paged out at its pause
-    assert not t.observe("p", 3.0, 30)  # paused, idle: already reclaimed
+    assert not observe(t, "p", 3.0, 30)  # paused, idle: already reclaimed
     t.mark_busy("p")  # resumed
-    assert not t.observe("p", 3.0, 40)
-    assert t.observe("p", 3.1, 60)
-    assert not t.observe("p", 0.1, 70)  # CPU went down: a new process under that id, a new window
+    assert not observe(t, "p", 3.0, 40)
+    assert observe(t, "p", 3.1, 60)
+    assert not observe(t, "p", 0.1, 70)  # CPU went down: a new process under that id, a new window
     assert t.known() == {"busy", "p"}
 
 
