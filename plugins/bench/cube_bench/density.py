@@ -50,7 +50,7 @@ from cube_core.store import SqliteStore
 from cube_bench import create as bench_create
 from cube_bench import idlecpu
 from cube_bench import profile as bench_profile
-from cube_bench.restore import meminfo_kib, percentile, smaps_rollup_kib
+from cube_bench.restore import meminfo_all, meminfo_kib, percentile, smaps_rollup_kib
 from cube_bench.servertoml import toml_value
 
 log = structlog.get_logger(__name__)
@@ -145,17 +145,6 @@ def reclaim_options(opts: Options, *, swap_kib: int) -> Options:
 
 MEMINFO_PARTS = ("MemAvailable", "MemFree", "AnonPages", "Cached", "Shmem", "Mapped", "SwapCached",
                  "SUnreclaim", "SReclaimable", "KernelStack", "PageTables", "Percpu", "VmallocUsed")
-
-
-def meminfo_all(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
-    """Every ``/proc/meminfo`` field, KiB (``Swap used`` = total - free added)."""
-    out = {}
-    for line in path.read_text().splitlines():
-        name, _, rest = line.partition(":")
-        with contextlib.suppress(ValueError, IndexError):
-            out[name] = int(rest.split()[0])
-    out["SwapUsed"] = out.get("SwapTotal", 0) - out.get("SwapFree", 0)
-    return out
 
 
 def meminfo_delta(before: dict[str, int], after: dict[str, int], n: int) -> dict[str, float]:

@@ -10,6 +10,7 @@ is shut down before this returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
 import os
@@ -30,11 +31,19 @@ NicFactory = Callable[[str], Awaitable[NicHandle | None]]
 Cleanup = Callable[[str], Awaitable[None]]
 
 
-def meminfo_kib(field: str = "MemAvailable", path: Path = Path("/proc/meminfo")) -> int:
+def meminfo_all(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
+    """Every ``/proc/meminfo`` field, KiB (``SwapUsed`` = total - free added)."""
+    out = {}
     for line in path.read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+        name, _, rest = line.partition(":")
+        with contextlib.suppress(ValueError, IndexError):
+            out[name] = int(rest.split()[0])
+    out["SwapUsed"] = out.get("SwapTotal", 0) - out.get("SwapFree", 0)
+    return out
+
+
+def meminfo_kib(field: str = "MemAvailable", path: Path = Path("/proc/meminfo")) -> int:
+    return meminfo_all(path)[field]
 
 
 def smaps_rollup_kib(pid: int) -> dict[str, int]:
