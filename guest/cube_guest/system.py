@@ -91,27 +91,21 @@ def install_trust(pem: str | None, *, system_root: str) -> bool:
     """Make the guest trust exactly ``pem`` (the CA of the node that made it a sandbox) besides
     the system's CAs: its block in the system bundle replaces any earlier node's, ``None``
     removes it. Idempotent and spawns nothing (no ``update-ca-certificates``); writes only
-    what changes. Returns whether a file changed."""
+    what changes. Returns whether a file changed.
+
+    Every clone of a template runs this once (a template never gets a node's CA), so it touches
+    as little of the ~220 KB bundle as it can: each page it reads or writes becomes guest RAM the
+    clone owns (a private copy of its template's page, base64 that compresses poorly). Our block
+    is always the bundle's end, and ``CA_FILE`` exists exactly while a block is in: without it
+    the block is appended in place; with it the bundle's tail is compared; only a bundle whose
+    block is elsewhere (rewritten by something else since) is read whole."""
     bundle = _under(system_root, CA_BUNDLE)
-    try:
-        with open(bundle) as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        text = ""
-    kept = text
-    start = kept.find(_BEGIN)
-    if start >= 0:
-        end = kept.find(_END, start)
-        kept = kept[:start] + (kept[end + len(_END):] if end >= 0 else "")
-    block = f"{_BEGIN}{pem.strip()}\n{_END}" if pem else ""
-    if kept and not kept.endswith("\n"):
-        kept += "\n"
-    changed = False
-    if kept + block != text:
-        os.makedirs(os.path.dirname(bundle), exist_ok=True)
-        _atomic_write(bundle, kept + block)
-        changed = True
     local = _under(system_root, CA_FILE)
+    block = f"{_BEGIN}{pem.strip()}\n{_END}" if pem else ""
+    if os.path.exists(local):
+        changed = _replace_block(bundle, block)
+    else:
+        changed = bool(block) and _append_block(bundle, block)
     if pem:
         try:
             with open(local) as fh:
@@ -126,6 +120,57 @@ def install_trust(pem: str | None, *, system_root: str) -> bool:
         os.unlink(local)
         changed = True
     return changed
+
+
+_TAIL = 16 << 10
+"""Bytes of the bundle's end read to find our block (a CA's PEM is 1-3 KB)."""
+
+
+def _append_block(bundle: str, block: str) -> bool:
+    """Add ``block`` at the end of a bundle that has none (only its last page is read)."""
+    try:
+        with open(bundle, "rb+") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            newline = b""
+            if end:
+                fh.seek(end - 1)
+                newline = b"" if fh.read(1) == b"\n" else b"\n"
+            fh.write(newline + block.encode())
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(bundle), exist_ok=True)
+        _atomic_write(bundle, block)
+    return True
+
+
+def _replace_block(bundle: str, block: str) -> bool:
+    """Put ``block`` in place of the bundle's block (none: remove it)."""
+    try:
+        with open(bundle, "rb") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, end - _TAIL))
+            tail = fh.read().decode(errors="replace")
+    except FileNotFoundError:
+        tail = ""
+    at = tail.find(_BEGIN)
+    if at >= 0 and tail.endswith(_END) and tail[at:] == block:
+        return False  # ours already, at the end: the common case after a snapshot of a sandbox
+    try:
+        with open(bundle) as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        text = ""
+    kept = text
+    start = kept.find(_BEGIN)
+    if start >= 0:
+        stop = kept.find(_END, start)
+        kept = kept[:start] + (kept[stop + len(_END):] if stop >= 0 else "")
+    if kept and not kept.endswith("\n"):
+        kept += "\n"
+    if kept + block == text:
+        return False
+    os.makedirs(os.path.dirname(bundle), exist_ok=True)
+    _atomic_write(bundle, kept + block)
+    return True
 
 
 def _under(root: str, path: str) -> str:

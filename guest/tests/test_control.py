@@ -166,6 +166,40 @@ def test_install_trust_replaces_the_block_and_keeps_the_rest(tmp_path: Path) -> 
     assert not (tmp_path / "usr/local/share/ca-certificates/cube-egress.crt").exists()
 
 
+def test_install_trust_appends_in_place_to_a_bundle_without_it(tmp_path: Path) -> None:
+    """A clone's first install (its template never had a node's CA) appends to the bundle in
+    place instead of rewriting the whole ~220 KB file (each page written is guest RAM the clone
+    owns): same inode, the system's CAs untouched, our block at the end."""
+    from cube_guest.system import install_trust
+
+    bundle = tmp_path / "etc/ssl/certs/ca-certificates.crt"
+    bundle.parent.mkdir(parents=True)
+    system = "-----BEGIN CERTIFICATE-----\nU1lTVEVN\n-----END CERTIFICATE-----\n" * 100
+    bundle.write_text(system)
+    inode = bundle.stat().st_ino
+    assert install_trust(NODE_CA, system_root=str(tmp_path))
+    assert bundle.stat().st_ino == inode
+    text = bundle.read_text()
+    assert text.startswith(system) and text.endswith(NODE_CA + "# cube: end of the node's egress CA\n")
+    assert not install_trust(NODE_CA, system_root=str(tmp_path))
+
+
+def test_install_trust_finds_a_block_that_is_no_longer_at_the_end(tmp_path: Path) -> None:
+    from cube_guest.system import install_trust
+
+    bundle = tmp_path / "etc/ssl/certs/ca-certificates.crt"
+    bundle.parent.mkdir(parents=True)
+    bundle.write_text("-----BEGIN CERTIFICATE-----\nU1lTVEVN\n-----END CERTIFICATE-----\n")
+    assert install_trust(NODE_CA, system_root=str(tmp_path))
+    later = "-----BEGIN CERTIFICATE-----\nTEFURVI=\n-----END CERTIFICATE-----\n" * 1000  # > the tail read
+    with bundle.open("a") as fh:
+        fh.write(later)
+    other = NODE_CA.replace("Tk9ERSBDQQ==", "T1RIRVI=")
+    assert install_trust(other, system_root=str(tmp_path))
+    text = bundle.read_text()
+    assert NODE_CA not in text and text.count(other) == 1 and later in text
+
+
 def test_apply_after_identity_at_join(ctl_agent: tuple[AgentProc, Port]) -> None:
     """A pool member personalized as its future sandbox (token included) warms up through envd
     with its own token; at create, ``apply`` sets the env vars and, for a non-secure sandbox,
