@@ -10,7 +10,7 @@ from cube_core import VmActivity
 
 from cube_vmm_kvm import KvmConfig
 from cube_vmm_kvm.checks import check_reclaim
-from cube_vmm_kvm.reclaim import IdleTracker, Reclaimer, pageout_ranges, swap_devices, usable_swap
+from cube_vmm_kvm.reclaim import COMPACT_EVERY_S, IdleTracker, Reclaimer, pageout_ranges, swap_devices, usable_swap
 
 HEADER = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
 
@@ -145,6 +145,29 @@ def test_reclaimer_tick_off_without_swap_and_on_with_zram(tmp_path: Path, monkey
     del vms["idle"]
     r.tick(50)
     assert "idle" not in r.tracker.known()
+
+
+def test_reclaimer_compacts_its_zram_pools_once_a_minute(tmp_path: Path) -> None:
+    """The zram swap devices' pools are compacted from the ticks, at most every COMPACT_EVERY_S;
+    a disk swap is not touched, and nothing is compacted while the reclaimer is off."""
+    sys_block = tmp_path / "block"
+    for name in ("zram1", "sda2"):
+        (sys_block / name).mkdir(parents=True)
+        (sys_block / name / "compact").write_text("")
+    swaps = _swaps(tmp_path, "/dev/zram1 partition 4194300 0 100", "/dev/sda2 partition 4194300 0 -2")
+    off = Reclaimer(dict, window_s=20, cpu_pct=2.0, allow_disk=True, pageouts=False, swaps=swaps,
+                    proc=tmp_path, sys_block=sys_block)
+    off.tick(0)
+    assert off.compactions == 0 and (sys_block / "zram1" / "compact").read_text() == ""
+    r = Reclaimer(dict, window_s=20, cpu_pct=2.0, allow_disk=True, swaps=swaps, proc=tmp_path, sys_block=sys_block)
+    r.tick(0)
+    assert r.compactions == 1 and (sys_block / "zram1" / "compact").read_text() == "1"
+    assert (sys_block / "sda2" / "compact").read_text() == ""
+    r.tick(10)
+    r.tick(COMPACT_EVERY_S - 1)
+    assert r.compactions == 1
+    r.tick(COMPACT_EVERY_S)
+    assert r.compactions == 2
 
 
 def test_one_reading_serves_the_sampler_and_the_reclaimer(tmp_path: Path) -> None:
