@@ -143,6 +143,7 @@ def test_exec_and_prepare_snapshot(ctl_agent: tuple[AgentProc, Port]) -> None:
     assert r["stdout"] == "out\n" and r["stderr"] == "err\n"
     r = port.call("prepare_snapshot")
     assert r["ok"] and isinstance(r["closed_idle"], int)
+    assert r["frozen"] > 1000, r  # the agent's objects left the collected generations
 
 
 NODE_CA = "-----BEGIN CERTIFICATE-----\nTk9ERSBDQQ==\n-----END CERTIFICATE-----\n"
