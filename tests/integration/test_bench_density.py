@@ -19,6 +19,7 @@ from cube_bench.density import (
     reclaim_options,
     settle,
     smaps_breakdown,
+    zram_mib,
 )
 
 TOTAL = 1000 * MIB
@@ -291,3 +292,15 @@ def test_leftover_qemus_of_this_state_are_stopped_and_no_others(tmp_path: Path) 
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+def test_zram_mib_reports_the_pages_kept_uncompressed(tmp_path: Path) -> None:
+    """``mm_stat``'s same (zero) and huge (incompressible) page counts are in the report (the CA
+    bundle's base64 in every clone showed up as ~200 huge pages per sandbox, docs/bench.md)."""
+    (tmp_path / "zram1").mkdir()
+    (tmp_path / "zram1" / "mm_stat").write_text(
+        f"{100 << 20} {30 << 20} {32 << 20} 0 {40 << 20} 1234 0 567 600\n")
+    (tmp_path / "zram0").mkdir()
+    (tmp_path / "zram0" / "mm_stat").write_text("0 0 0 0 0 0 0 0 0\n")  # unused: left out
+    assert zram_mib(tmp_path) == {"zram1": {"orig_data": 100.0, "compressed": 30.0, "mem_used_total": 32.0,
+                                            "same_pages": 1234, "huge_pages": 567}}

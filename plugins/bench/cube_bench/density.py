@@ -412,15 +412,18 @@ def ksmd_cpu_s() -> float | None:
 ZRAM_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "zram-swap.sh"
 
 
-def zram_mib() -> dict[str, dict[str, float]]:
-    """Per zram device (``/sys/block/zramN/mm_stat``): data stored, compressed, RAM used (MiB)."""
+def zram_mib(sys_block: Path = Path("/sys/block")) -> dict[str, dict[str, float]]:
+    """Per zram device (``/sys/block/zramN/mm_stat``): data stored, compressed, RAM used (MiB),
+    and the pages it keeps without compressing them: ``same_pages`` (filled with one value: zero
+    pages, no RAM) and ``huge_pages`` (incompressible: a whole page of RAM each)."""
     out = {}
-    for dev in sorted(Path("/sys/block").glob("zram*")):
-        with contextlib.suppress(OSError, ValueError):
-            f = [int(x) for x in (dev / "mm_stat").read_text().split()[:3]]
+    for dev in sorted(sys_block.glob("zram*")):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            f = [int(x) for x in (dev / "mm_stat").read_text().split()]
             if f[0]:
                 out[dev.name] = {"orig_data": round(f[0] / 2**20, 1), "compressed": round(f[1] / 2**20, 1),
-                                 "mem_used_total": round(f[2] / 2**20, 1)}
+                                 "mem_used_total": round(f[2] / 2**20, 1), "same_pages": f[5],
+                                 "huge_pages": f[7]}
     return out
 
 
