@@ -36,7 +36,7 @@ from cube_core.recordcache import SandboxRecords
 from cube_core.state import SandboxState
 from cube_core.webhooks import Delivery, DeliveryStatus, Webhook
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def private_dir(path: Path) -> None:
@@ -320,10 +320,18 @@ def _sandbox_filter(team_id: str | None, states: tuple[SandboxState, ...] | None
     return where, args
 
 
+# A sandbox's node, vCPUs and MiB as columns SQLite computes from the record on every write: what
+# a create's placement sums (sandbox_totals), without parsing every record on each create.
+_SANDBOX_COLUMNS = (
+    "id TEXT PRIMARY KEY, team_id TEXT NOT NULL, state TEXT NOT NULL, "
+    "node_id TEXT GENERATED ALWAYS AS (coalesce(json_extract(body, '$.node_id'), {!r})) STORED, "
+    "cpu_count INTEGER GENERATED ALWAYS AS (coalesce(json_extract(body, '$.cpu_count'), {})) STORED, "
+    "memory_mb INTEGER GENERATED ALWAYS AS (coalesce(json_extract(body, '$.memory_mb'), {})) STORED, "
+    "body TEXT NOT NULL").format(*TOTALS_DEFAULTS)
+
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS sandboxes (
-  id TEXT PRIMARY KEY, team_id TEXT NOT NULL, state TEXT NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sandboxes ({sandbox_columns});
 CREATE INDEX IF NOT EXISTS sandboxes_team ON sandboxes(team_id, state);
 CREATE TABLE IF NOT EXISTS templates (id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS template_aliases (alias TEXT PRIMARY KEY, template_id TEXT NOT NULL);
@@ -363,7 +371,26 @@ CREATE TABLE IF NOT EXISTS sandbox_logs (
   message TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (sandbox_id, seq));
 CREATE INDEX IF NOT EXISTS sandbox_logs_sandbox ON sandbox_logs(sandbox_id, at_ms);
 CREATE INDEX IF NOT EXISTS sandbox_logs_at ON sandbox_logs(at_ms);
-"""
+""".replace("{sandbox_columns}", _SANDBOX_COLUMNS)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a database made by an older Cube to :data:`SCHEMA_VERSION` (in a transaction).
+
+    2: the sandboxes' generated columns and the index over them. SQLite adds a stored generated
+    column only with a new table, so the table is copied (rowids kept: they are the list order)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_xinfo(sandboxes)")}
+    if "node_id" not in columns:
+        db.execute("ALTER TABLE sandboxes RENAME TO sandboxes_v1")
+        db.execute(f"CREATE TABLE sandboxes ({_SANDBOX_COLUMNS})")
+        db.execute("INSERT INTO sandboxes(rowid, id, team_id, state, body) "
+                   "SELECT rowid, id, team_id, state, body FROM sandboxes_v1")
+        db.execute("DROP TABLE sandboxes_v1")  # its index goes with it
+        db.execute("CREATE INDEX IF NOT EXISTS sandboxes_team ON sandboxes(team_id, state)")
+    # sandbox_totals' filter and groups (1000 records: 0.27 ms with it, 1.4 without, 4.8 parsing JSON)
+    db.execute("CREATE INDEX IF NOT EXISTS sandboxes_totals "
+               "ON sandboxes(state, team_id, node_id, cpu_count, memory_mb)")
+    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
 class SqliteStore(StateStore):
@@ -389,8 +416,7 @@ class SqliteStore(StateStore):
         with self._lock:
             self._db.executescript(_DDL)
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-                       (str(SCHEMA_VERSION),))
+            _migrate(db)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -429,14 +455,11 @@ class SqliteStore(StateStore):
 
     def sandbox_totals(self, *, team_id: str | None = None,
                        states: tuple[SandboxState, ...] | None = None) -> list[SandboxTotals]:
-        sql = ("SELECT coalesce(json_extract(body, '$.node_id'), ?), team_id, state, count(*), "
-               "sum(coalesce(json_extract(body, '$.cpu_count'), ?)), "
-               "sum(coalesce(json_extract(body, '$.memory_mb'), ?)) FROM sandboxes WHERE 1=1")
         where, filters = _sandbox_filter(team_id, states)
-        sql += where
-        args = [*TOTALS_DEFAULTS, *filters]
+        sql = ("SELECT node_id, team_id, state, count(*), sum(cpu_count), sum(memory_mb) "
+               "FROM sandboxes WHERE 1=1" + where + " GROUP BY 1, 2, 3")
         with self._lock:
-            rows = self._db.execute(sql + " GROUP BY 1, 2, 3", tuple(args)).fetchall()
+            rows = self._db.execute(sql, tuple(filters)).fetchall()
         return [SandboxTotals(node_id=r[0], team_id=r[1], state=SandboxState(r[2]), count=int(r[3]),
                               cpu_count=int(r[4]), memory_mb=int(r[5])) for r in rows]
 

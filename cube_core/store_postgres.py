@@ -36,7 +36,7 @@ from cube_core.models import ApiKey, Node, Sandbox, SnapshotRef, Team, Template,
 from cube_core.observations import LogEntry, LogLevel, MetricSample
 from cube_core.recordcache import SandboxRecords
 from cube_core.state import SandboxState
-from cube_core.store import TOTALS_DEFAULTS, SandboxTotals, StateStore
+from cube_core.store import SandboxTotals, StateStore
 from cube_core.webhooks import Delivery, DeliveryStatus, Webhook
 
 MIGRATIONS_TABLE = "cube_schema_migrations"
@@ -116,6 +116,19 @@ CREATE TABLE volumes (
   put_order bigint NOT NULL DEFAULT nextval('records_put_order'), body text NOT NULL,
   UNIQUE (team_id, name));
 CREATE INDEX volumes_node ON volumes (node_id);
+"""),
+    # PostgreSQL's JSON functions refuse a "\u0000" anywhere in the text (a record's metadata or env
+    # vars may hold one), so it is read as "\u0020": valid JSON either way ("\\u0000", an escaped
+    # backslash then "u0000", becomes "\\u0020"), and the three fields read hold neither.
+    (8, "sandboxes: node, vCPUs and MiB as columns computed on write (the placement's sums)", """
+ALTER TABLE sandboxes
+  ADD COLUMN node_id text
+    GENERATED ALWAYS AS (coalesce(replace(body, '\\u0000', '\\u0020')::json ->> 'node_id', 'local')) STORED,
+  ADD COLUMN cpu_count bigint
+    GENERATED ALWAYS AS (coalesce((replace(body, '\\u0000', '\\u0020')::json ->> 'cpu_count')::bigint, 1)) STORED,
+  ADD COLUMN memory_mb bigint
+    GENERATED ALWAYS AS (coalesce((replace(body, '\\u0000', '\\u0020')::json ->> 'memory_mb')::bigint, 512)) STORED;
+CREATE INDEX sandboxes_totals ON sandboxes (state, team_id, node_id, cpu_count, memory_mb);
 """),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -258,14 +271,11 @@ class PostgresStore(StateStore):
 
     def sandbox_totals(self, *, team_id: str | None = None,
                        states: tuple[SandboxState, ...] | None = None) -> list[SandboxTotals]:
-        sql = ("SELECT coalesce(body::jsonb ->> 'node_id', %s), team_id, state, count(*), "
-               "sum(coalesce((body::jsonb ->> 'cpu_count')::bigint, %s)), "
-               "sum(coalesce((body::jsonb ->> 'memory_mb')::bigint, %s)) FROM sandboxes WHERE true")
         where, filters = _sandbox_filter(team_id, states)
-        sql += where
-        args = [*TOTALS_DEFAULTS, *filters]
+        sql = ("SELECT node_id, team_id, state, count(*), sum(cpu_count), sum(memory_mb) "
+               "FROM sandboxes WHERE true" + where + " GROUP BY 1, 2, 3")
         with self._conn() as conn:
-            rows = conn.execute(sql + " GROUP BY 1, 2, 3", tuple(args)).fetchall()
+            rows = conn.execute(sql, tuple(filters)).fetchall()
         return [SandboxTotals(node_id=r[0], team_id=r[1], state=SandboxState(r[2]), count=int(r[3]),
                               cpu_count=int(r[4]), memory_mb=int(r[5])) for r in rows]
 

@@ -91,6 +91,38 @@ def test_a_failing_migration_leaves_nothing_behind(postgres_url: str, monkeypatc
         assert conn.execute("SELECT to_regclass('half_done')").fetchone() == (None,)
 
 
+def test_sandbox_sums_count_records_written_without_the_columns(postgres_url: str) -> None:
+    """Records from before migration 8, and rows an older Cube inserts with (id, team_id, state,
+    body) only (a rolling upgrade of control planes sharing the database), are summed as parsing
+    them would: the columns are computed by PostgreSQL on write, from the body."""
+    from cube_core import store_postgres
+    from cube_core.state import SandboxState
+
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        old = [m for m in MIGRATIONS if m[0] < 8]
+        real = store_postgres.MIGRATIONS, store_postgres.SCHEMA_VERSION
+        store_postgres.MIGRATIONS, store_postgres.SCHEMA_VERSION = tuple(old), old[-1][0]
+        try:
+            store_postgres.migrate(conn)
+        finally:
+            store_postgres.MIGRATIONS, store_postgres.SCHEMA_VERSION = real
+        before = full_sandbox("old").evolve(node_id="n1", cpu_count=4, memory_mb=2048)
+        conn.execute("INSERT INTO sandboxes (id, team_id, state, body) VALUES (%s, %s, %s, %s)",
+                     (before.sandbox_id, before.team_id, before.state.value, before.model_dump_json()))
+    store = PostgresStore(postgres_url)
+    try:
+        later = full_sandbox("later").evolve(node_id="n2", cpu_count=2, memory_mb=512, state=SandboxState.PAUSED,
+                                             metadata={"nul": "a\x00b", "escaped": "\\u0000"})
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO sandboxes (id, team_id, state, body) VALUES (%s, %s, %s, %s)",
+                         (later.sandbox_id, later.team_id, later.state.value, later.model_dump_json()))
+        totals = {(t.node_id, t.state, t.count, t.cpu_count, t.memory_mb) for t in store.sandbox_totals()}
+        assert totals == {("n1", before.state, 1, 4, 2048), ("n2", SandboxState.PAUSED, 1, 2, 512)}
+        assert set(store.sandbox_totals()) == set(StateStore.sandbox_totals(store))  # = parsing them
+    finally:
+        store.close()
+
+
 def test_a_newer_schema_is_refused(postgres_url: str) -> None:
     store = PostgresStore(postgres_url)
     store.put_sandbox(full_sandbox())
