@@ -438,7 +438,9 @@ class Build:
             status=TemplateStatus.READY, kernel=parent.kernel, initrd=parent.initrd, rootfs=str(last_layer),
             interpreter=parent.interpreter, cpu_count=self.record.cpu_count, memory_mb=self.record.memory_mb,
             envd_version=envd_version, team_id=self.record.team_id, build_id=self.record.build_id,
-            build_log="\n".join(line.message for line in self.record.logs)[-20_000:], snapshot=snapshot)
+            build_log="\n".join(line.message for line in self.record.logs)[-20_000:], snapshot=snapshot,
+            created_at=old.created_at if old else utcnow(), updated_at=utcnow(),
+            published=old.published if old else False)  # a rebuild keeps what PATCH set
         self.agent.store.put_template(template)
         self.agent.template_ready(template)  # first: a member being restored from the old snapshot is dropped
         if old is not None and old.snapshot is not None:  # warm members of the previous build go

@@ -196,9 +196,20 @@ class Template(Frozen):
     created_at: datetime = Field(default_factory=utcnow)
     snapshot: SnapshotRef | None = None
     team_id: str | None = None
-    """The team a template built with the SDK belongs to (only it sees and uses it); None: public."""
+    """The team a template built with the SDK belongs to (only it changes, rebuilds and deletes it;
+    other teams see and use it only when :attr:`published`); None: built in, public."""
     build_id: str | None = None
     """The build (``cube_core.buildspec.TemplateBuild``) this template's files come from."""
+    published: bool = False
+    """The owner team made it public (``PATCH /templates/{id}``): every team lists it and starts
+    sandboxes from it (or builds on it); unpublishing stops new ones, not the ones started."""
+    updated_at: datetime | None = None
+    """The last rebuild or publish/unpublish; None: not changed since :attr:`created_at`."""
+
+    @property
+    def public(self) -> bool:
+        """Every team sees and uses it: built in, or published by its team."""
+        return self.team_id is None or self.published
 
 
 class NodeStatus(enum.StrEnum):

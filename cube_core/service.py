@@ -184,9 +184,10 @@ class SandboxService:
         return self.nodes.records()
 
     def list_builds(self, template_id: str, team_id: str | None = None) -> builtins.list[TemplateBuild]:
-        """The builds of a template the team may see (``team_id`` None: the operator), newest first."""
-        self.get_template(template_id, team_id)
-        return self.store.list_builds(template_id)
+        """The builds of the team's own template (``team_id`` None: the operator, any template's),
+        newest first; a public template's builds are its owner's only
+        (:meth:`~cube_core.templatebuilds.TemplateBuilds.owned`)."""
+        return self.store.list_builds(self.template_builds.owned(team_id, template_id).template_id)
 
     # -- sandboxes -----------------------------------------------------------------------------
 
@@ -287,7 +288,8 @@ class SandboxService:
             spec = spec.evolve(from_snapshot=snap.snapshot_id, template_id=snap.template_id)
         else:
             snap = None
-        template = self.get_template(spec.template_id, spec.team_id)
+        # the team's own snapshot starts even when its template is another team's, unpublished since
+        template = self.get_template(spec.template_id, None if snap is not None else spec.team_id)
         if template.status != TemplateStatus.READY:
             raise TemplateError(f"template {spec.template_id!r} is {template.status.value}, not ready")
         build = self._older_build(spec.template_id) if snap is None else None

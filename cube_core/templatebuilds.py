@@ -8,8 +8,10 @@ that hash before, else a signed upload URL the SDK PUTs the tar archive to), ``P
 parent template ready) and ``GET .../status`` until ``ready`` or ``error`` (:meth:`get`).
 
 Templates built here belong to the team that built them (``Template.team_id``): another team
-does not see them, cannot use them and cannot take their name. Uploaded files are kept per team
-under ``<state_dir>/build-files/<team>/<hash>.tar``.
+does not see them, cannot use them and cannot take their name, unless the owner published the
+template (:meth:`TemplateBuilds.update`): then every team lists it and starts sandboxes from it,
+and still only the owner rebuilds, updates or deletes it. Uploaded files are kept per team under
+``<state_dir>/build-files/<team>/<hash>.tar``.
 """
 
 from __future__ import annotations
@@ -74,6 +76,13 @@ class TemplateProtectedError(TemplateError):
     msg_fmt = "template {template!r} is built in; remove it from plugins.toml (or with the cube CLI) instead"
 
 
+class TemplateNotOwnedError(TemplateError):
+    """A template the team sees (built in, or another team published it) but does not own: its
+    builds and its settings are its owner's (HTTP 403)."""
+
+    msg_fmt = "template {template!r} {owner}: only its own team reads its builds or changes it"
+
+
 class TagNotServedError(TemplateError):
     """``name:tag`` names an older build whose snapshot was not kept: one built before Cube kept
     the snapshots of tagged builds (HTTP 400)."""
@@ -118,8 +127,8 @@ async def save_upload(path: Path, chunks: AsyncIterator[bytes]) -> int:
 
 
 def visible(template: Template, team_id: str) -> bool:
-    """Public templates (the built-in ones) and the team's own."""
-    return template.team_id is None or template.team_id == team_id
+    """Public templates (the built-in ones and the published ones) and the team's own."""
+    return template.public or template.team_id == team_id
 
 
 class TemplateBuilds:
@@ -162,6 +171,33 @@ class TemplateBuilds:
         template = self.store.get_template(template_id)
         if template is None or not visible(template, team_id):
             raise TemplateNotFoundError(template=template_id)
+        return template
+
+    def owned(self, team_id: str | None, template_ref: str) -> Template:
+        """The team's own template (by id or name; ``team_id`` None: the operator, any one):
+        :class:`TemplateNotFoundError` when the team cannot see it, :class:`TemplateNotOwnedError`
+        when it sees it (built in, or published) without owning it."""
+        template = self.store.get_template(template_ref.partition(":")[0])
+        if template is None or (team_id is not None and not visible(template, team_id)):
+            raise TemplateNotFoundError(template=template_ref)
+        if team_id is not None and template.team_id != team_id:
+            owner = "is built in" if template.team_id is None else "belongs to another team"
+            raise TemplateNotOwnedError(template=template_ref, owner=owner)
+        return template
+
+    def update(self, team_id: str | None, template_ref: str, *, public: bool | None = None) -> Template:
+        """``PATCH /templates/{id}``: publish or unpublish the team's template (``public`` None:
+        nothing changes). A built-in template is public by plugins.toml: 403. Unpublishing stops
+        other teams' new sandboxes from it; the ones they started keep running (and pause, resume
+        and snapshot), and their own snapshots still start sandboxes, as with E2B."""
+        template = self._team_owned(team_id, template_ref)
+        if public is None or public == template.published:
+            return template
+        current = self.store.get_template(template.template_id) or template  # a build may have finished since
+        template = current.model_copy(update={"published": public, "updated_at": utcnow()})
+        self.store.put_template(template)
+        log.info("template published" if public else "template unpublished", template_id=template.template_id,
+                 team_id=template.team_id)
         return template
 
     def get(self, team_id: str, template_id: str, build_id: str) -> TemplateBuild:
@@ -241,28 +277,25 @@ class TemplateBuilds:
         too), snapshots or a build use it; then its record, aliases and builds go, and every node
         that serves it drops its warm members and frees its snapshot and the build layers only it
         used. ``team_id`` None: the operator (any team's template)."""
-        template = self.store.get_template(template_ref.partition(":")[0])
-        if template is None or (team_id is not None and not visible(template, team_id)):
-            raise TemplateNotFoundError(template=template_ref)
-        if template.team_id is None:
-            raise TemplateProtectedError(template=template_ref)
+        template = self._team_owned(team_id, template_ref)
         tid = template.template_id
         names = {tid, *template.aliases}
         snapshot_id = template.snapshot.snapshot_id if template.snapshot else None
         older = [b for b in self.store.list_builds(tid)  # kept for their tags: freed too
                  if b.snapshot is not None and b.snapshot.snapshot_id != snapshot_id]
-        users = [s.sandbox_id for s in self.store.list_sandboxes(states=LIVE_STATES)
+        owner = template.team_id
+        # a published template's users of other teams are counted, never named to its owner
+        users = [(s.sandbox_id, s.team_id == owner) for s in self.store.list_sandboxes(states=LIVE_STATES)
                  if s.template_id == tid and s.team_id != POOL_TEAM]
-        snaps = [s.snapshot_id for s in self.store.list_snapshots()
+        snaps = [(s.snapshot_id, s.team_id == owner) for s in self.store.list_snapshots()
                  if s.template_id == tid or (snapshot_id and snapshot_id in (s.base_state_id, s.parent_id))]
-        building = [b.build_id for b in self.store.list_builds(tid) if b.status == BuildStatus.BUILDING]
-        building += [b.build_id for t in self.store.list_templates() if t.template_id != tid
+        building = [(b.build_id, True) for b in self.store.list_builds(tid) if b.status == BuildStatus.BUILDING]
+        building += [(b.build_id, b.team_id == owner) for t in self.store.list_templates() if t.template_id != tid
                      for b in self.store.list_builds(t.template_id)
                      if b.status == BuildStatus.BUILDING and b.plan is not None and b.plan.from_template in names]
         for what, found in (("sandboxes", users), ("snapshots", snaps), ("builds", building)):
             if found:
-                raise TemplateInUseError(template=template_ref, detail=f"{what} {', '.join(found[:10])}"
-                                         + (f" and {len(found) - 10} more" if len(found) > 10 else ""))
+                raise TemplateInUseError(template=template_ref, detail=in_use(what, found))
         self.store.delete_template(tid)
         for build in older:  # first: then the build layers under them are not kept for them
             await self._free_files(build)
@@ -278,6 +311,13 @@ class TemplateBuilds:
             self.events.emit("template.deleted", team_id=template.team_id, template_id=tid,
                              name=template.aliases[0] if template.aliases else tid)
         return template
+
+    def _team_owned(self, team_id: str | None, template_ref: str) -> Template:
+        """:meth:`owned`, but a built-in template (every team sees it) is :class:`TemplateProtectedError`."""
+        found = self.store.get_template(template_ref.partition(":")[0])
+        if found is not None and found.team_id is None:
+            raise TemplateProtectedError(template=template_ref)
+        return self.owned(team_id, template_ref)
 
     # -- older builds: kept while a tag names them ------------------------------------------------
 
@@ -386,6 +426,16 @@ class TemplateBuilds:
         if template.status != TemplateStatus.READY:
             raise TemplateError(f"parent template {name!r} is {template.status.value}, not ready")
         return template
+
+
+def in_use(what: str, found: list[tuple[str, bool]]) -> str:
+    """``sandboxes a, b and 3 more`` from (id, the owner's) pairs: ids of other teams' are only counted."""
+    mine = [i for i, own in found if own]
+    others = len(found) - len(mine)
+    text = f"{what} {', '.join(mine[:10])}" if mine else what
+    more = [f"{len(mine) - 10} more"] if len(mine) > 10 else []
+    more += [f"{others} of other teams"] if others else []
+    return text + (" and " if mine else " ") + ", ".join(more) if more else text
 
 
 def named_builds(builds: list[TemplateBuild]) -> list[tuple[str, TemplateBuild]]:

@@ -105,7 +105,7 @@ def full_template(template_id: str = "tpl-code", aliases: tuple[str, ...] = ("co
         initrd="/k/initrd", rootfs="/r/rootfs.img", rootfs_bytes=3 << 30, interpreter=True, cpu_count=2,
         memory_mb=1024, envd_version="0.5.1", build_log="step 1\nstep 2 ✓\n", created_at=T0,
         snapshot=full_snapshot("snap-tpl", team_id=None, sandbox_id=None), team_id="team-a",
-        build_id="0b5e6c1e-0000-4000-8000-00000000b001")
+        build_id="0b5e6c1e-0000-4000-8000-00000000b001", published=True, updated_at=T0 + timedelta(hours=1))
 
 
 def full_build(build_id: str = "0b5e6c1e-0000-4000-8000-00000000b001", template_id: str = "tpl-code",

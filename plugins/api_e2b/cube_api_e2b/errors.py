@@ -57,6 +57,7 @@ from cube_core.templatebuilds import (
     TagNotServedError,
     TemplateInUseError,
     TemplateNameTakenError,
+    TemplateNotOwnedError,
     TemplateProtectedError,
     UploadRefusedError,
 )
@@ -75,6 +76,13 @@ class ForbiddenError(CubeError):
     msg_fmt = "{reason}"
 
 
+class GoneError(CubeError):
+    """A route of the E2B API that Cube answers but does not serve, e.g. the deprecated Docker
+    registry build flow (HTTP 410): the message says what to use instead."""
+
+    msg_fmt = "{reason}"
+
+
 @dataclass(frozen=True)
 class HttpError:
     """How one error is answered."""
@@ -88,6 +96,7 @@ class HttpError:
 ERROR_TABLE: dict[type[CubeError], HttpError] = {
     InvalidRequestError: HttpError(400),
     ForbiddenError: HttpError(403),
+    GoneError: HttpError(410),
     SecretRequestError: HttpError(400),
     CredentialNotFoundError: HttpError(404),  # another team's secret, key or token too
     SecretExistsError: HttpError(409),
@@ -105,6 +114,7 @@ ERROR_TABLE: dict[type[CubeError], HttpError] = {
     TemplateNameTakenError: HttpError(409),
     TemplateInUseError: HttpError(409),
     TemplateProtectedError: HttpError(403),
+    TemplateNotOwnedError: HttpError(403),  # built in or another team's published one: it sees it, not its builds
     TagNotServedError: HttpError(400),
     UploadRefusedError: HttpError(403),
     SnapshotNotFoundError: HttpError(404),

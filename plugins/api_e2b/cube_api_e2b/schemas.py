@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from pydantic.alias_generators import to_camel
 
 E2bState = Literal["running", "paused"]
@@ -263,6 +263,38 @@ class TemplateOut(Response):
     build_count: int
     envd_version: str
     build_status: BuildStatus
+
+
+class TemplateBuildOut(Response):
+    build_id: str
+    status: BuildStatus
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    cpu_count: int
+    memory_mb: int
+    disk_size_mb: int | None = None
+    envd_version: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Unset optional fields left out (the spec's are non-nullable), in a template answer
+        that keeps its own ``null`` fields (``createdBy``, ``lastSpawnedAt``)."""
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class TemplateWithBuildsOut(TemplateOut):
+    """The spec's ``TemplateWithBuilds``; e2b 2.63.0's client also requires every ``Template`` field."""
+
+    builds: list[TemplateBuildOut]
+
+
+class TemplateUpdateIn(Request):
+    public: bool | None = None
+
+
+class TemplateUpdateOut(Response):
+    names: list[str]
 
 
 class TemplateAliasOut(Response):

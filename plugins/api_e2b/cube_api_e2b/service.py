@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from cube_core import CoreSettings, NetworkPolicy, Sandbox, SandboxSpec, SandboxState, SnapshotRef, Team, Template
+from cube_core.buildspec import TemplateBuild
 from cube_core.credentials import AccessToken, KeyLabel, SecretRecord
 from cube_core.events import EventBus
 from cube_core.models import ApiKey, Node
@@ -74,6 +75,7 @@ class ControlPlane(Protocol):
     async def rollback(self, team_id: str, sandbox_id: str, snapshot_id: str) -> Sandbox: ...
     def list_templates(self, team_id: str | None = None) -> builtins.list[Template]: ...
     def get_template(self, template_id_or_alias: str, team_id: str | None = None) -> Template: ...
+    def list_builds(self, template_id: str, team_id: str | None = None) -> builtins.list[TemplateBuild]: ...
     @property
     def template_builds(self) -> TemplateBuilds:
         """The SDK's ``Template.build``: records, uploaded files, the node that builds."""

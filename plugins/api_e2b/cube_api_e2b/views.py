@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cube_core import CubeError, HttpRule, Sandbox, SandboxState, SnapshotRef, Template, TemplateStatus
+from cube_core.buildspec import TemplateBuild
 
 from cube_api_e2b.context import E2bContext
 from cube_api_e2b.schemas import (
@@ -16,7 +17,9 @@ from cube_api_e2b.schemas import (
     SandboxDetailOut,
     SandboxOut,
     SnapshotInfoOut,
+    TemplateBuildOut,
     TemplateOut,
+    TemplateWithBuildsOut,
     VolumeMountOut,
 )
 
@@ -103,11 +106,30 @@ def template_out(ctx: E2bContext, template: Template) -> TemplateOut:
         template_id=template.template_id,
         build_id=template.build_id or (template.snapshot.snapshot_id if template.snapshot else template.template_id),
         cpu_count=template.cpu_count, memory_mb=template.memory_mb,
-        disk_size_mb=(template.rootfs_bytes + MIB - 1) // MIB, public=template.team_id is None,
+        disk_size_mb=(template.rootfs_bytes + MIB - 1) // MIB, public=template.public,
         aliases=list(template.aliases),
-        names=names, created_at=template.created_at, updated_at=template.created_at, created_by=None,
+        names=names, created_at=template.created_at, updated_at=template.updated_at or template.created_at,
+        created_by=None,
         last_spawned_at=None, spawn_count=0, build_count=1,
         envd_version=ctx.envd_version(template.envd_version), build_status=BUILD_STATUS[template.status])
+
+
+def template_builds_out(ctx: E2bContext, template: Template, page: list[TemplateBuild],
+                        build_count: int) -> TemplateWithBuildsOut:
+    """``GET /templates/{id}``: the template and a page of its builds (newest first); the build it
+    serves carries its disk size and envd version."""
+    listed = template_out(ctx, template).model_copy(update={"build_count": build_count})
+    return TemplateWithBuildsOut(**dict(listed), builds=[build_out(ctx, template, b) for b in page])
+
+
+def build_out(ctx: E2bContext, template: Template, build: TemplateBuild) -> TemplateBuildOut:
+    serving = build.build_id == template.build_id
+    return TemplateBuildOut(
+        build_id=build.build_id, status=build.status.value, created_at=build.created_at,
+        updated_at=build.finished_at or build.created_at, finished_at=build.finished_at,
+        cpu_count=build.cpu_count, memory_mb=build.memory_mb,
+        disk_size_mb=(template.rootfs_bytes + MIB - 1) // MIB if serving else None,
+        envd_version=ctx.envd_version(template.envd_version) if serving else None)
 
 
 def snapshot_out(ref: SnapshotRef) -> SnapshotInfoOut:

@@ -117,3 +117,21 @@ async def upstream() -> AsyncIterator[tuple[Upstream, int]]:
     up = Upstream()
     async with serve(up.app, lifespan="off") as port:
         yield up, port
+
+
+@pytest.fixture
+async def build_env(cube: Cube, monkeypatch: pytest.MonkeyPatch,
+                    tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
+    """The app served on a loopback port for the e2b SDK (``E2B_API_URL``, ``E2B_API_KEY``: team-a),
+    and ``app.txt``, ``dir/a.txt`` in ``tmp_path`` for COPY steps: (url, key)."""
+    async with serve(cube.app, lifespan="off") as port:
+        key = cube.key()
+        for name in ("E2B_DOMAIN", "E2B_DEBUG", "E2B_ACCESS_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("E2B_API_KEY", key)
+        monkeypatch.setenv("E2B_API_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{port}")
+        (tmp_path / "app.txt").write_text("hello from the host\n")
+        (tmp_path / "dir").mkdir()
+        (tmp_path / "dir" / "a.txt").write_text("a\n")
+        yield f"http://127.0.0.1:{port}", key

@@ -10,22 +10,6 @@ import uuid
 import httpx
 import pytest
 from e2b import AsyncTemplate, BuildException
-from e2b_helpers import serve
-
-
-@pytest.fixture
-async def build_env(cube, monkeypatch, tmp_path):
-    async with serve(cube.app, lifespan="off") as port:
-        key = cube.key()
-        for name in ("E2B_DOMAIN", "E2B_DEBUG", "E2B_ACCESS_TOKEN"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("E2B_API_KEY", key)
-        monkeypatch.setenv("E2B_API_URL", f"http://127.0.0.1:{port}")
-        monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{port}")
-        (tmp_path / "app.txt").write_text("hello from the host\n")
-        (tmp_path / "dir").mkdir()
-        (tmp_path / "dir" / "a.txt").write_text("a\n")
-        yield f"http://127.0.0.1:{port}", key
 
 
 def template(context, last: str = "echo two") -> AsyncTemplate:

@@ -4,6 +4,7 @@ and kept under ``<cache>/npm/`` by its content hash: no JavaScript build step, n
 ``npm pack`` downloads the pinned tarball; its sha512 must equal :data:`INTEGRITY` (the registry's
 ``dist.integrity``) or it is refused. The two files the dashboard serves are unpacked into
 ``<cache>/npm/uplot-<sha512 prefix>/``; a later start finds them there and fetches nothing.
+:func:`fetch` does the same for any pinned package (the e2e tests' e2b CLI).
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ class AssetError(RuntimeError):
 
 
 def asset_dir(cache: Path) -> Path:
-    digest = base64.b64decode(INTEGRITY.removeprefix("sha512-")).hex()
-    return cache / "npm" / f"uplot-{digest[:24]}"
+    return package_dir(cache, PACKAGE, INTEGRITY)
+
+
+def package_dir(cache: Path, package: str, integrity: str) -> Path:
+    digest = base64.b64decode(integrity.removeprefix("sha512-")).hex()
+    return cache / "npm" / f"{package.rpartition('@')[0].replace('/', '-').lstrip('@')}-{digest[:24]}"
 
 
 _lock = threading.Lock()
@@ -44,44 +49,51 @@ _lock = threading.Lock()
 
 def ensure(cache: Path) -> Path:
     """The directory holding :data:`FILES` (fetched first when missing); blocking."""
-    target = asset_dir(cache)
-    if all((target / name).is_file() for name in FILES):
+    return fetch(cache, PACKAGE, INTEGRITY, FILES, why="the dashboard's charts")
+
+
+def fetch(cache: Path, package: str, integrity: str, files: dict[str, str], *, why: str) -> Path:
+    """The directory holding ``files`` (name -> path in the tarball) of the npm ``package``
+    (``name@version``) whose tarball has the sha512 ``integrity``, fetched first when missing;
+    blocking. ``why``: what needs it, for the error without npm."""
+    target = package_dir(cache, package, integrity)
+    if all((target / name).is_file() for name in files):
         return target
     with _lock:
-        if all((target / name).is_file() for name in FILES):
+        if all((target / name).is_file() for name in files):
             return target
         npm = shutil.which("npm")
         if npm is None:
-            raise AssetError("npm is not installed (scripts/apt-packages.txt names it): the dashboard's charts need it "
-                             "once, to fetch " + PACKAGE)
+            raise AssetError(f"npm is not installed (scripts/apt-packages.txt names it): {why} need it "
+                             "once, to fetch " + package)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".uplot-") as tmp:
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
             env = {**os.environ, "HOME": tmp, "npm_config_update_notifier": "false"}
-            out = subprocess.run([npm, "pack", PACKAGE, "--pack-destination", tmp, "--silent"], cwd=tmp, env=env,
+            out = subprocess.run([npm, "pack", package, "--pack-destination", tmp, "--silent"], cwd=tmp, env=env,
                                  capture_output=True, text=True, timeout=120)
             if out.returncode != 0:
-                raise AssetError(f"npm pack {PACKAGE} failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+                raise AssetError(f"npm pack {package} failed ({out.returncode}): {out.stderr.strip()[-500:]}")
             tgz = next(Path(tmp).glob("*.tgz"), None)
             if tgz is None:
-                raise AssetError(f"npm pack {PACKAGE} wrote no tarball")
+                raise AssetError(f"npm pack {package} wrote no tarball")
             got = "sha512-" + base64.b64encode(hashlib.sha512(tgz.read_bytes()).digest()).decode()
-            if got != INTEGRITY:
-                raise AssetError(f"{PACKAGE}: sha512 {got} is not the pinned {INTEGRITY}")
+            if got != integrity:
+                raise AssetError(f"{package}: sha512 {got} is not the pinned {integrity}")
             staging = Path(tmp) / "out"
             staging.mkdir()
             with tarfile.open(tgz) as tar:
-                for name, member in FILES.items():
+                for name, member in files.items():
                     source = tar.extractfile(member)
                     if source is None:
-                        raise AssetError(f"{PACKAGE} has no {member}")
+                        raise AssetError(f"{package} has no {member}")
                     (staging / name).write_bytes(source.read())
             staging.chmod(0o755)
             try:
                 staging.rename(target)
             except OSError:  # another process put it there meanwhile
-                if not all((target / name).is_file() for name in FILES):
+                if not all((target / name).is_file() for name in files):
                     raise
-        log.info("chart library cached", package=PACKAGE, path=str(target))
+        log.info("npm package cached", package=package, path=str(target))
     return target
 
 

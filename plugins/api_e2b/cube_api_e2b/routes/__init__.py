@@ -20,6 +20,7 @@ from cube_api_e2b.routes import (
     logs,
     metrics,
     network,
+    registrybuilds,
     sandboxes,
     secrets,
     snapshots,
@@ -35,6 +36,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     builds.tags_router,  # before snapshots: DELETE /templates/tags vs DELETE /templates/{snapshotID}
     snapshots.router, templates.router,
     builds.router,
+    registrybuilds.router,  # after builds.tags_router: POST /templates/tags vs POST /templates/{templateID}
     secrets.router, webhooks.router, apikeys.router, accesstokens.router, logs.router, teams.router,
     events.router,
     volumes.router,
