@@ -15,6 +15,7 @@ import httpx
 import pytest
 from cube_core import SandboxSpec, SandboxState
 from cube_core.app import create_app
+from cube_core.buildspec import BuildStatus
 from cube_core.config import parse_config
 from cube_core.testing.fakes import FAKE_CONFIG
 
@@ -325,3 +326,22 @@ async def test_templates_show_their_size_on_disk(cube: tuple[Any, httpx.AsyncCli
     remote = [n.evolve(url="http://node-b:9000") for n in service.list_nodes()]
     assert sizes.template_size(tpl, remote).snapshot is None
     assert sizes.human(3 << 30) == "3.0 GiB" and sizes.human(512) == "512 B"
+
+
+async def test_a_published_template_is_shown_to_another_team_without_its_builds(
+        cube: tuple[Any, httpx.AsyncClient]) -> None:
+    service, client = cube
+    _, key_a = service.create_api_key("team-a")
+    template, build = service.template_builds.request(service.authenticate(key_a).team_id, "pub-tpl")
+    service.store.put_template(template.model_copy(update={"status": service.get_template("base").status,
+                                                           "published": True}))
+    service.store.put_build(build.model_copy(update={"status": BuildStatus.READY}))
+    await sign_in(client, key_a)
+    mine = (await client.get("/dashboard/templates")).text
+    assert "pub-tpl" in mine and "published" in mine and build.build_id[:8] in mine
+    _, key_b = service.create_api_key("team-b")
+    await client.post("/dashboard/logout", data={"csrf": hidden(mine)})
+    await sign_in(client, key_b)
+    theirs = (await client.get("/dashboard/templates")).text
+    assert "pub-tpl" in theirs and "another team" in theirs
+    assert build.build_id[:8] not in theirs  # its builds are team-a's
