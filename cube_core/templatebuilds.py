@@ -283,14 +283,16 @@ class TemplateBuilds:
         snapshot_id = template.snapshot.snapshot_id if template.snapshot else None
         older = [b for b in self.store.list_builds(tid)  # kept for their tags: freed too
                  if b.snapshot is not None and b.snapshot.snapshot_id != snapshot_id]
-        owner = template.team_id
-        # a published template's users of other teams are counted, never named to its owner
-        users = [(s.sandbox_id, s.team_id == owner) for s in self.store.list_sandboxes(states=LIVE_STATES)
+
+        def named(team: str | None) -> bool:  # other teams' users of a published template: counted, not named
+            return team_id is None or team == team_id
+
+        users = [(s.sandbox_id, named(s.team_id)) for s in self.store.list_sandboxes(states=LIVE_STATES)
                  if s.template_id == tid and s.team_id != POOL_TEAM]
-        snaps = [(s.snapshot_id, s.team_id == owner) for s in self.store.list_snapshots()
+        snaps = [(s.snapshot_id, named(s.team_id)) for s in self.store.list_snapshots()
                  if s.template_id == tid or (snapshot_id and snapshot_id in (s.base_state_id, s.parent_id))]
         building = [(b.build_id, True) for b in self.store.list_builds(tid) if b.status == BuildStatus.BUILDING]
-        building += [(b.build_id, b.team_id == owner) for t in self.store.list_templates() if t.template_id != tid
+        building += [(b.build_id, named(b.team_id)) for t in self.store.list_templates() if t.template_id != tid
                      for b in self.store.list_builds(t.template_id)
                      if b.status == BuildStatus.BUILDING and b.plan is not None and b.plan.from_template in names]
         for what, found in (("sandboxes", users), ("snapshots", snaps), ("builds", building)):

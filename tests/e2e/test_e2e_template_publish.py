@@ -22,7 +22,7 @@ from e2b import ConnectionConfig, Sandbox, Template
 from e2b.api.client.api.templates import get_templates_template_id, get_v2_templates, patch_v_2_templates_template_id
 from e2b.api.client.models import TemplateUpdateRequest, TemplateWithBuilds
 from e2b.api.client_sync import get_api_client
-from e2b.exceptions import NotFoundException
+from e2b.exceptions import SandboxException
 
 pytestmark = pytest.mark.e2e
 
@@ -82,7 +82,7 @@ def test_publish_unpublish_and_delete_with_the_cli(e2b_env: CubeServer, e2b_cli:
         out = cli(e2b_cli, e2b_env, e2b_env.key_a, "template", "unpublish", tid, "-y")
         assert out.returncode == 0, out.stdout + out.stderr
         assert tid not in listed(e2b_cli, e2b_env, e2b_env.key_b)
-        with pytest.raises(NotFoundException):
+        with pytest.raises(SandboxException, match="404: template .* not found"):
             Sandbox.create(template=name, api_key=e2b_env.key_b, timeout=60)
         assert sbx.commands.run("cat /home/user/who").stdout.strip() == "published"  # B's own keeps running
 
