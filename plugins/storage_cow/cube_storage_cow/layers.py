@@ -147,13 +147,16 @@ class DiskLayers:
             "method": "reflink" if self.reflink else "qcow2-overlay"})
 
     def delete(self, disk: DiskHandle) -> None:
-        """Free a sandbox's writable disk; idempotent. Frozen layers go with their snapshot."""
+        """Free a sandbox's writable disk; idempotent. Frozen layers go with their snapshot; a
+        deleted snapshot's layer that was kept only for this disk goes with it."""
         if not _inside(disk.path, self.disks):
             raise StorageError(f"refusing to delete {disk.path}: not a writable disk of this driver "
                                "(frozen layers are freed by delete_snapshot)")
         with self._lock:
+            parent = backing_file(disk.path)
             with contextlib.suppress(FileNotFoundError):
                 disk.path.unlink()
+            self._free_kept_layers(parent)
             owner = DISK_RE.fullmatch(disk.path.name)
             if owner is not None:
                 for tmp in self.disks.glob(f".{owner['owner']}.*.tmp-*"):
@@ -205,7 +208,8 @@ class DiskLayers:
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Free a snapshot's files; idempotent. A disk layer that still backs another disk or
-        layer is kept (with a tombstone) until :meth:`gc` finds it unreferenced."""
+        layer is kept (with a tombstone) until its last user is deleted (or :meth:`gc` finds it
+        unreferenced, after a crash)."""
         check_id("snapshot id", snapshot_id)
         directory = self.snapshots / snapshot_id
         with self._lock:
@@ -213,7 +217,9 @@ class DiskLayers:
                 return
             users = self._dependents(directory)
             if not users:
+                parent = next((backing_file(layer) for layer in _layers(directory)), None)
                 shutil.rmtree(directory)
+                self._free_kept_layers(parent)
                 return
             _trim(directory)
         log.info("snapshot deleted; disk layer kept while other layers use it", snapshot_id=snapshot_id,
@@ -343,6 +349,19 @@ class DiskLayers:
         if freed:
             log.info("storage gc", freed=freed)
         return freed
+
+    def _free_kept_layers(self, parent: Path | None) -> None:
+        """Up the backing chain from a layer just deleted (``parent``: the file it was backed
+        by): every deleted snapshot (tombstone) whose disk layer nothing uses any more goes now,
+        not at the next :meth:`gc` (a warm member restored while its template was deleted, a
+        sandbox of a deleted snapshot). Called with the lock held."""
+        while parent is not None and _inside(parent, self.snapshots):
+            directory = self.snapshots / parent.resolve().relative_to(self.snapshots.resolve()).parts[0]
+            if not (directory / TOMBSTONE).exists() or self._dependents(directory):
+                return
+            parent = next((backing_file(layer) for layer in _layers(directory)), None)
+            shutil.rmtree(directory)
+            log.info("deleted snapshot's disk layer freed: its last user went", snapshot_id=directory.name)
 
     def _dependents(self, directory: Path) -> list[Path]:
         """Disks and other snapshots' layers whose backing file lies in ``directory``."""

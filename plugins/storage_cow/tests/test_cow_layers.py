@@ -131,7 +131,7 @@ async def test_delete_disk_and_snapshot_free_everything(driver, base: Path):
     assert base.exists()
 
 
-async def test_deleting_a_snapshot_that_backs_a_disk_keeps_its_layer_until_gc(driver, base: Path):
+async def test_deleting_a_snapshot_that_backs_a_disk_keeps_its_layer_until_its_last_user_goes(driver, base: Path):
     disk = await driver.create_disk("sbx-1", base)
     snap_dir = driver.snapshot_dir("snap-1")
     (snap_dir / "memory.ram").write_bytes(b"r" * 4096)
@@ -146,8 +146,41 @@ async def test_deleting_a_snapshot_that_backs_a_disk_keeps_its_layer_until_gc(dr
 
     assert await driver.gc(["sbx-2"], []) == 1  # sbx-1's disk; snap-1 still backs sbx-2
     assert frozen.path.exists()
+    await driver.delete_disk(child)  # its last user: the kept layer goes with it, not at the next gc
+    assert listing(driver.root / "snapshots") == [] and listing(driver.root / "disks") == []
+    assert await driver.gc([], []) == 0
+
+
+async def test_a_chain_of_deleted_snapshots_goes_with_the_last_disk_on_it(driver, base: Path):
+    disk = await driver.create_disk("sbx-1", base)
+    first = await driver.freeze_disk(disk, "snap-1")
+    middle = await driver.create_disk("sbx-2", first.path)
+    second = await driver.freeze_disk(middle, "snap-2")
+    top = await driver.create_disk("sbx-3", second.path)
+    kept = await driver.create_disk("sbx-4", first.path)
+    await driver.delete_disk(disk)
+    await driver.delete_disk(middle)
+    await driver.delete_snapshot("snap-1")
+    await driver.delete_snapshot("snap-2")
+    assert {p.name for p in (driver.root / "snapshots").iterdir()} == {"snap-1", "snap-2"}
+
+    await driver.delete_disk(top)  # snap-2 goes; snap-1 still backs sbx-4
+    assert [p.name for p in (driver.root / "snapshots").iterdir()] == ["snap-1"]
+    assert pattern_at(kept.path, "qcow2", 0x11, 0)
+    await driver.delete_disk(kept)
+    assert listing(driver.root / "snapshots") == [] and listing(driver.root / "disks") == []
+
+
+async def test_a_snapshot_deleted_after_the_one_it_was_taken_from_frees_both(driver, base: Path):
+    disk = await driver.create_disk("sbx-1", base)
+    first = await driver.freeze_disk(disk, "snap-1")
+    child = await driver.create_disk("sbx-2", first.path)
+    await driver.freeze_disk(child, "snap-2")
+    await driver.delete_disk(disk)
     await driver.delete_disk(child)
-    assert await driver.gc([], []) == 1
+    await driver.delete_snapshot("snap-1")  # kept: snap-2's layer is backed by it
+    assert (driver.root / "snapshots" / "snap-1" / ".deleted").exists()
+    await driver.delete_snapshot("snap-2")
     assert listing(driver.root / "snapshots") == [] and listing(driver.root / "disks") == []
 
 
