@@ -30,6 +30,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 MAX_EXAMPLES = 50
+# HTTP framing, not API parameters: a generated one (e.g. `content-length: e`, seen in two runs,
+# not reproduced since) is refused by the HTTP server (uvicorn's text/plain 400) before the app sees it
+FRAMING_HEADERS = {"content-length", "transfer-encoding", "host", "connection", "expect", "upgrade"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -110,4 +113,7 @@ schema = schemathesis.pytest.from_fixture("api_schema").exclude(path="/events", 
 @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 def test_no_5xx_and_answers_match_the_served_schema(case: Any, served_api: ServedApi) -> None:
+    for name in list(case.headers or {}):
+        if name.lower() in FRAMING_HEADERS:
+            del case.headers[name]
     case.call_and_validate(headers={"X-API-Key": served_api.key}, checks=CHECKS, timeout=30)
