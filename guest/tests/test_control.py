@@ -181,7 +181,8 @@ def test_install_trust_appends_in_place_to_a_bundle_without_it(tmp_path: Path) -
     assert install_trust(NODE_CA, system_root=str(tmp_path))
     assert bundle.stat().st_ino == inode
     text = bundle.read_text()
-    assert text.startswith(system) and text.endswith(NODE_CA + "# cube: end of the node's egress CA\n")
+    assert text.startswith(system)
+    assert text.endswith(NODE_CA + "# cube: end of the node's egress CA\n")
     assert not install_trust(NODE_CA, system_root=str(tmp_path))
 
 
@@ -192,7 +193,8 @@ def test_install_trust_finds_a_block_that_is_no_longer_at_the_end(tmp_path: Path
     bundle.parent.mkdir(parents=True)
     bundle.write_text("-----BEGIN CERTIFICATE-----\nU1lTVEVN\n-----END CERTIFICATE-----\n")
     assert install_trust(NODE_CA, system_root=str(tmp_path))
-    later = "-----BEGIN CERTIFICATE-----\nTEFURVI=\n-----END CERTIFICATE-----\n" * 1000  # > the tail read
+    # more than the tail it reads
+    later = "-----BEGIN CERTIFICATE-----\nTEFURVI=\n-----END CERTIFICATE-----\n" * 1000
     with bundle.open("a") as fh:
         fh.write(later)
     other = NODE_CA.replace("Tk9ERSBDQQ==", "T1RIRVI=")
