@@ -13,7 +13,7 @@ import httpx
 import pytest
 from cube_core.app import create_app
 from cube_core.config import parse_config
-from e2b_helpers import SECRETS_KEY_ENV, OpenApi, Upstream, e2b_config_text, serve
+from e2b_helpers import SECRETS_KEY_ENV, OpenApi, Upstream, e2b_config_text, point_sdk_at, serve
 
 from cube_api_e2b.plugin import E2bApiPlugin
 
@@ -126,11 +126,7 @@ async def build_env(cube: Cube, monkeypatch: pytest.MonkeyPatch,
     and ``app.txt``, ``dir/a.txt`` in ``tmp_path`` for COPY steps: (url, key)."""
     async with serve(cube.app, lifespan="off") as port:
         key = cube.key()
-        for name in ("E2B_DOMAIN", "E2B_DEBUG", "E2B_ACCESS_TOKEN"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("E2B_API_KEY", key)
-        monkeypatch.setenv("E2B_API_URL", f"http://127.0.0.1:{port}")
-        monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{port}")
+        point_sdk_at(monkeypatch, port, key)
         (tmp_path / "app.txt").write_text("hello from the host\n")
         (tmp_path / "dir").mkdir()
         (tmp_path / "dir" / "a.txt").write_text("a\n")

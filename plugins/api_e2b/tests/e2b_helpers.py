@@ -58,6 +58,15 @@ def e2b_config_text(state_dir: Path, options: dict[str, Any] | None = None, *, m
     return text + ("\n" + extra if extra else "")
 
 
+def point_sdk_at(monkeypatch: Any, port: int, key: str) -> None:
+    """The e2b SDK's environment for an app served on loopback ``port``, as ``key``'s team."""
+    for name in ("E2B_DOMAIN", "E2B_DEBUG", "E2B_ACCESS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("E2B_API_KEY", key)
+    monkeypatch.setenv("E2B_API_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{port}")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -24,7 +24,7 @@ from e2b import (
     SandboxQuery,
     SandboxState,
 )
-from e2b_helpers import Upstream, serve
+from e2b_helpers import Upstream, point_sdk_at, serve
 
 SANDBOX_ID = re.compile(r"^[a-z0-9]+$")
 ENVD_HOST = "127.0.0.2"
@@ -46,11 +46,7 @@ async def sdk_env(cube, monkeypatch):
         await stack.enter_async_context(serve(envd.app, host=ENVD_HOST, port=49983, lifespan="off"))
         port = await stack.enter_async_context(serve(cube.app, lifespan="off"))
         key = cube.key()
-        for name in ("E2B_DOMAIN", "E2B_DEBUG", "E2B_ACCESS_TOKEN"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("E2B_API_KEY", key)
-        monkeypatch.setenv("E2B_API_URL", f"http://127.0.0.1:{port}")
-        monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{port}")
+        point_sdk_at(monkeypatch, port, key)
         yield key
 
 
