@@ -177,7 +177,10 @@ class TemplateBuilds:
         """The team's own template (by id or name; ``team_id`` None: the operator, any one):
         :class:`TemplateNotFoundError` when the team cannot see it, :class:`TemplateNotOwnedError`
         when it sees it (built in, or published) without owning it."""
-        template = self.store.get_template(template_ref.partition(":")[0])
+        return self._owned(team_id, template_ref, self.store.get_template(template_ref.partition(":")[0]))
+
+    @staticmethod
+    def _owned(team_id: str | None, template_ref: str, template: Template | None) -> Template:
         if template is None or (team_id is not None and not visible(template, team_id)):
             raise TemplateNotFoundError(template=template_ref)
         if team_id is not None and template.team_id != team_id:
@@ -193,8 +196,7 @@ class TemplateBuilds:
         template = self._team_owned(team_id, template_ref)
         if public is None or public == template.published:
             return template
-        current = self.store.get_template(template.template_id) or template  # a build may have finished since
-        template = current.model_copy(update={"published": public, "updated_at": utcnow()})
+        template = template.model_copy(update={"published": public, "updated_at": utcnow()})
         self.store.put_template(template)
         log.info("template published" if public else "template unpublished", template_id=template.template_id,
                  team_id=template.team_id)
@@ -319,7 +321,7 @@ class TemplateBuilds:
         found = self.store.get_template(template_ref.partition(":")[0])
         if found is not None and found.team_id is None:
             raise TemplateProtectedError(template=template_ref)
-        return self.owned(team_id, template_ref)
+        return self._owned(team_id, template_ref, found)
 
     # -- older builds: kept while a tag names them ------------------------------------------------
 
